@@ -1,0 +1,72 @@
+"""Save and load a trained network with its config and its cached prompt embeddings.
+
+`<name>.safetensors` holds the network tensors plus `text_cache.tokens.<i>` (T_i x 384) and
+`text_cache.pooled` (P x 384); `<name>.json` holds {"config": ..., "prompts": [...], ...}.
+Training checkpoints (optimizer state, step) are separate torch files written by train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import weights as weights_mod
+from .errors import WeightsError
+from .io import atomic_output
+from .network.boltzformer import BoltzFormer
+from .network.config import BoltzFormerConfig
+from .network.text import PromptEmbedding
+
+
+def save_model(
+    model: BoltzFormer,
+    path: str | os.PathLike,
+    prompt_bank: dict[str, PromptEmbedding],
+    info: dict | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write `path` (.safetensors) and its `.json` twin atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    prompts = sorted(prompt_bank)
+    for i, p in enumerate(prompts):
+        tensors[f"text_cache.tokens.{i}"] = torch.from_numpy(np.ascontiguousarray(prompt_bank[p].tokens))
+    if prompts:
+        tensors["text_cache.pooled"] = torch.from_numpy(np.stack([prompt_bank[p].pooled for p in prompts]))
+    meta = {"format": "boltzformer/1", "config": model.cfg.to_dict(), "prompts": prompts, **(info or {})}
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "boltzformer/1"})
+    with atomic_output(path.with_suffix(".json"), overwrite=overwrite) as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=2, default=str))
+    return path
+
+
+def load_model(source=None, map_location="cpu"):
+    """Returns (model in eval mode, prompt_bank, meta, WeightsSource)."""
+    src = weights_mod.resolve(source)
+    meta = weights_mod.read_config(src.config_path)
+    if "config" not in meta:
+        raise WeightsError(f"{src.config_path}: not a boltzformer weights config (no 'config' entry)")
+    cfg = BoltzFormerConfig.from_dict(meta["config"])
+    try:
+        tensors = load_file(str(src.weights_path), device=str(map_location))
+    except Exception as exc:
+        raise WeightsError(f"{src.weights_path}: unreadable safetensors file ({exc})".splitlines()[0]) from exc
+    prompts = meta.get("prompts", [])
+    bank = {}
+    if prompts and "text_cache.pooled" in tensors:
+        pooled = tensors.pop("text_cache.pooled").numpy()
+        for i, p in enumerate(prompts):
+            bank[p] = PromptEmbedding(tensors.pop(f"text_cache.tokens.{i}").numpy(), pooled[i])
+    model = BoltzFormer(cfg)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{src.weights_path}: weights do not match their config ({str(exc).splitlines()[0]})") from exc
+    model.eval()
+    return model, bank, meta, src

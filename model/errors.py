@@ -1,0 +1,40 @@
+"""User-facing errors.
+
+Everything a user can cause (a bad file, an empty prompt, an existing output) raises
+:class:`BoltzformerError` with a one-line message naming the file and the problem. The CLI
+prints that line and exits with status 2; the napari plugin shows it as a notification.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class BoltzformerError(Exception):
+    """An error caused by the user's input, with a message fit to show as is."""
+
+
+class InputError(BoltzformerError):
+    """A file or folder that cannot be used: ``"<path>: <problem>"``."""
+
+    def __init__(self, path: "str | os.PathLike[str] | None", problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        super().__init__(problem if path is None else f"{self.path}: {problem}")
+
+
+class OutputError(BoltzformerError):
+    """An output that must not or cannot be written: ``"<path>: <problem>"``."""
+
+    def __init__(self, path: "str | os.PathLike[str]", problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class PromptError(BoltzformerError):
+    """An empty prompt, or one the model cannot read."""
+
+
+class WeightsError(BoltzformerError):
+    """Weights that cannot be found or loaded."""

@@ -1,0 +1,87 @@
+"""Network configuration: one dataclass and a registry of named configurations.
+
+The same weights load in every sampling mode (`boltzmann`, `uniform`, `mask2former`, `dense`),
+so ablations at inference time only change `sampling` / `token_ratio` / `tau0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SAMPLING_MODES = ("boltzmann", "uniform", "mask2former", "dense")
+ATTENTION_IMPLS = ("auto", "gather", "dense")
+
+
+@dataclass
+class BoltzFormerConfig:
+    # Input
+    image_size: int = 256  # slices are resized to image_size x image_size
+    in_channels: int = 1  # windowed intensity in [0, 1]
+    # Image encoder: channels of the stages at strides 2, 4, 8, 16
+    encoder_channels: tuple[int, int, int, int] = (16, 32, 64, 128)
+    hidden_dim: int = 128  # decoder width (queries, tokens)
+    pixel_dim: int = 64  # per-pixel embedding ("semantic map") width
+    # Text
+    text_dim: int = 384  # MiniLM sentence-encoder width
+    max_text_tokens: int = 16  # word-piece tokens kept per prompt (plus the pooled token)
+    # Decoder
+    num_queries: int = 10
+    num_layers: int = 6
+    num_heads: int = 4
+    ffn_dim: int = 256
+    attention_strides: tuple[int, ...] = (16, 8, 4)  # attended round robin, coarse to fine
+    text_query_init: bool = True  # initialise queries by self-attention with the text tokens
+    # Boltzmann sampling
+    sampling: str = "boltzmann"
+    token_ratio: float = 0.10  # K = max(min_tokens, round(ratio * H * W))
+    min_tokens: int = 16
+    tau0: float = 1.0  # tau_l = tau0 / (1 + l)
+    attention_impl: str = "auto"  # gather (sparse, fixed K) | dense (SDPA + mask) | auto
+    # Aggregation
+    pigma: bool = True  # False: the final mask is the mean of the query masks only
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, not {self.sampling!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}")
+        if not 0.0 < self.token_ratio <= 1.0:
+            raise ValueError("token_ratio must be in (0, 1]")
+        if self.image_size % max(self.attention_strides) != 0:
+            raise ValueError("image_size must be a multiple of the coarsest attention stride")
+        self.encoder_channels = tuple(self.encoder_channels)
+        self.attention_strides = tuple(self.attention_strides)
+
+    @property
+    def mask_stride(self) -> int:
+        """Stride of the per-pixel embedding map and of the query masks (finest attention)."""
+        return min(self.attention_strides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BoltzFormerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes) -> "BoltzFormerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+CONFIGS: dict[str, BoltzFormerConfig] = {
+    # The bundled model: ~1 M parameters, fast on a laptop CPU.
+    "boltzformer-s": BoltzFormerConfig(),
+    # A tiny variant for unit tests.
+    "boltzformer-test": BoltzFormerConfig(
+        image_size=64, encoder_channels=(8, 8, 16, 16), hidden_dim=32, pixel_dim=16,
+        num_queries=4, num_layers=3, num_heads=2, ffn_dim=32, max_text_tokens=4,
+    ),
+}
+
+
+def get_config(name: str = "boltzformer-s", **overrides) -> BoltzFormerConfig:
+    if name not in CONFIGS:
+        raise KeyError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+    return CONFIGS[name].replace(**overrides)

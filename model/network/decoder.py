@@ -1,0 +1,206 @@
+"""BoltzFormer decoder: text-conditioned latent queries refined by Boltzmann-sampled attention.
+
+    queries (m learnable) --self-attn with text--> initial masks (layer -1)
+    for l in 0..L-1 (token maps attended round robin, coarse to fine):
+        U = sigmoid(previous masks at this layer's token resolution)
+        tokens ~ softmax(U / tau_l), K per query      (sampling.py)
+        queries <- cross-attn(queries, sampled tokens) (attention.py)
+        queries <- self-attn(queries, queries + text)
+        queries <- FFN(queries)
+        masks <- MLP(queries) . pixel embeddings, at the next layer's resolution
+Intermediate masks are predicted at the attention resolution only; the final ones at the
+pixel-map resolution (stride 4), so no layer pays for full-resolution masks it does not need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import sampling
+from .attention import TokenCrossAttention
+from .config import BoltzFormerConfig
+
+
+def sine_positions(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
+    """2D sine-cosine position embeddings for an h x w token map -> (h*w) x dim."""
+    quarter = dim // 4
+    freq = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(10000.0) / quarter))
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * math.pi
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * math.pi
+    py = ys[:, None] * freq[None] * 16
+    px = xs[:, None] * freq[None] * 16
+    pos = torch.cat(
+        [
+            py.sin()[:, None].expand(h, w, quarter), py.cos()[:, None].expand(h, w, quarter),
+            px.sin()[None].expand(h, w, quarter), px.cos()[None].expand(h, w, quarter),
+        ],
+        dim=-1,
+    )
+    return pos.reshape(h * w, 4 * quarter).to(dtype)
+
+
+class MLP(nn.Sequential):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, layers: int = 3):
+        dims = [d_in] + [d_hidden] * (layers - 1) + [d_out]
+        mods: list[nn.Module] = []
+        for i in range(layers):
+            mods.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < layers - 1:
+                mods.append(nn.GELU())
+        super().__init__(*mods)
+
+
+class QueryTextSelfAttention(nn.Module):
+    """Queries attend to themselves and to the text tokens (keys/values = queries + text).
+
+    forward(queries: B x Q x D, query_pos: Q x D, text: B x T x D | None, text_padding: B x T)
+    -> B x Q x D
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, queries, query_pos, text=None, text_padding=None):
+        q = queries + query_pos
+        if text is None:
+            kv, k_in, pad = queries, q, None
+        else:
+            kv = torch.cat([queries, text], dim=1)
+            k_in = torch.cat([q, text], dim=1)
+            no_pad = torch.zeros(queries.shape[:2], dtype=torch.bool, device=queries.device)
+            pad = torch.cat([no_pad, text_padding], dim=1)
+        out, _ = self.attn(q, k_in, kv, key_padding_mask=pad, need_weights=False)
+        return self.norm(queries + out)
+
+
+class DecoderBlock(nn.Module):
+    """Sparse cross-attention -> self-attention (queries + text) -> FFN (post-norm)."""
+
+    def __init__(self, cfg: BoltzFormerConfig):
+        super().__init__()
+        d = cfg.hidden_dim
+        self.cross = TokenCrossAttention(d, cfg.num_heads)
+        self.cross_norm = nn.LayerNorm(d)
+        self.self_attn = QueryTextSelfAttention(d, cfg.num_heads)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, d))
+        self.ffn_norm = nn.LayerNorm(d)
+
+    def forward(self, queries, query_pos, keys_in, values_in, text, text_padding, indices, mask, impl):
+        queries = self.cross_norm(
+            queries + self.cross(queries + query_pos, keys_in, values_in, indices=indices, mask=mask, impl=impl)
+        )
+        queries = self.self_attn(queries, query_pos, text, text_padding)
+        return self.ffn_norm(queries + self.ffn(queries))
+
+
+class BoltzDecoder(nn.Module):
+    """forward(features, pixel_map, text, text_padding, generator, return_attention) -> dict
+
+    features: stride -> B x D x h x w token maps; pixel_map: B x P x H4 x W4;
+    text: B x T x D, text_padding: B x T (True = pad).
+    Returns {"query_masks": B x Q x H4 x W4 logits, "attention": list per layer (if asked)}.
+    """
+
+    def __init__(self, cfg: BoltzFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_dim
+        self.query_feat = nn.Parameter(torch.randn(cfg.num_queries, d) * 0.02)
+        self.query_pos = nn.Parameter(torch.randn(cfg.num_queries, d) * 0.02)
+        self.level_embed = nn.Parameter(torch.zeros(len(cfg.attention_strides), d))
+        self.init_attn = QueryTextSelfAttention(d, cfg.num_heads)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
+        self.mask_norm = nn.LayerNorm(d)
+        self.mask_mlp = MLP(d, d, cfg.pixel_dim)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def layer_stride(self, layer: int) -> int:
+        strides = self.cfg.attention_strides
+        return strides[layer % len(strides)]
+
+    def predict_masks(self, queries: torch.Tensor, pixel_map: torch.Tensor) -> torch.Tensor:
+        """Mask logits: B x Q x h x w = MLP(queries) . pixel embeddings (at pixel_map's size)."""
+        emb = self.mask_mlp(self.mask_norm(queries))
+        return torch.einsum("bqc,bchw->bqhw", emb, pixel_map)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, features, pixel_map, text, text_padding, generator=None, return_attention=False):
+        cfg = self.cfg
+        b = pixel_map.shape[0]
+        mask_stride = cfg.mask_stride
+        # Pixel maps pooled once to every attention resolution (intermediate masks live there).
+        pixel_at = {mask_stride: pixel_map}
+        for s in set(cfg.attention_strides):
+            if s not in pixel_at:
+                pixel_at[s] = F.avg_pool2d(pixel_map, kernel_size=s // mask_stride)
+        # Token maps flattened once: keys carry positions + level embedding, values do not.
+        tokens = {}
+        for i, s in enumerate(cfg.attention_strides):
+            if s in tokens:
+                continue
+            fmap = features[s]
+            h, w = fmap.shape[-2:]
+            values_in = fmap.flatten(2).transpose(1, 2)  # B x N x D
+            pos = sine_positions(h, w, fmap.shape[1], fmap.device, fmap.dtype)
+            keys_in = values_in + pos + self.level_embed[i]
+            tokens[s] = (keys_in, values_in, (h, w))
+
+        query_pos = self.query_pos
+        queries = self.query_feat[None].expand(b, -1, -1)
+        if cfg.text_query_init:
+            queries = self.init_attn(queries, query_pos, text, text_padding)
+        else:
+            queries = self.init_attn(queries, query_pos, None, None)
+        masks = self.predict_masks(queries, pixel_at[self.layer_stride(0)])  # layer "-1"
+
+        impl = cfg.attention_impl
+        if impl == "auto":
+            impl = "gather" if pixel_map.device.type == "cpu" else "dense"
+        attention = []
+        for layer, block in enumerate(self.blocks):
+            s = self.layer_stride(layer)
+            keys_in, values_in, (h, w) = tokens[s]
+            n = h * w
+            confidence = torch.sigmoid(masks.detach().float()).flatten(2)  # U: B x Q x N
+            tau = sampling.temperature(layer, cfg.tau0)
+            indices = mask = None
+            k = n
+            if cfg.sampling in ("boltzmann", "uniform"):
+                k = sampling.num_sampled_tokens(n, cfg.token_ratio, cfg.min_tokens)
+                if k < n:
+                    t = tau if cfg.sampling == "boltzmann" else math.inf
+                    indices = sampling.sample_tokens(confidence, k, t, generator)
+            elif cfg.sampling == "mask2former":
+                mask = sampling.threshold_mask(confidence)
+            if return_attention:
+                attention.append(self._attention_record(layer, s, (h, w), confidence, tau, indices, mask))
+            queries = block(queries, query_pos, keys_in, values_in, text, text_padding, indices, mask, impl)
+            last = layer == len(self.blocks) - 1
+            next_stride = mask_stride if last else self.layer_stride(layer + 1)
+            masks = self.predict_masks(queries, pixel_at[next_stride])
+        out = {"query_masks": masks}
+        if return_attention:
+            out["attention"] = attention
+        return out
+
+    def _attention_record(self, layer, stride, hw, confidence, tau, indices, mask):
+        """Per-layer sampling record at token resolution (for the heatmaps)."""
+        b, q, n = confidence.shape
+        probs = sampling.boltzmann_probabilities(confidence, tau if self.cfg.sampling == "boltzmann" else math.inf)
+        if indices is not None:
+            counts = sampling.token_counts(indices, n)
+        elif mask is not None:
+            counts = mask.float().sum(1)
+        else:
+            counts = torch.full((b, n), float(q), device=confidence.device)
+        return {
+            "layer": layer, "stride": stride, "tau": tau,
+            "probabilities": probs.mean(1).reshape(b, *hw),  # B x h x w, mean over queries
+            "counts": counts.reshape(b, *hw),  # B x h x w, queries that sampled each token
+        }

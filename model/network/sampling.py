@@ -1,0 +1,81 @@
+"""Boltzmann attention sampling (and the ablation samplers).
+
+For each query and decoder layer l, the previous layer's mask prediction gives a confidence
+U = sigmoid(logits) per token; tokens are drawn from p = softmax(U / tau_l) with the annealed
+temperature tau_l = tau0 / (1 + l): near-uniform exploration in early layers, concentrated
+exploitation later.
+
+We draw K *distinct* tokens per query, shared across heads, with the Gumbel-top-k trick:
+topk(U / tau + Gumbel noise, K) is an exact sample without replacement from softmax(U / tau).
+A fixed K gives fixed tensor shapes, so attention can `gather` K tokens instead of masking a
+dense H*W matrix: that is where the compute saving comes from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def temperature(layer: int, tau0: float = 1.0) -> float:
+    """tau_l = tau0 / (1 + l), l = 0 for the first decoder block."""
+    return tau0 / (1.0 + layer)
+
+
+def num_sampled_tokens(num_tokens: int, ratio: float, min_tokens: int = 16) -> int:
+    """K = max(min_tokens, round(ratio * num_tokens)), never more than num_tokens."""
+    return int(min(num_tokens, max(min_tokens, round(ratio * num_tokens))))
+
+
+def gumbel_noise(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard Gumbel noise, drawn from `generator` (reproducible) on its own device."""
+    gen_device = generator.device if generator is not None else torch.device(device)
+    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    # Clamp away from 0 and 1 so the double log stays finite.
+    u = u.clamp_(1e-10, 1.0 - 1e-7)
+    g = -torch.log(-torch.log(u))
+    return g.to(device=device, dtype=dtype)
+
+
+def boltzmann_probabilities(confidence: torch.Tensor, tau: float) -> torch.Tensor:
+    """p = softmax(U / tau) over tokens. confidence U: B x Q x N in [0, 1] -> B x Q x N."""
+    return torch.softmax(confidence.float() / tau, dim=-1)
+
+
+def sample_tokens(
+    confidence: torch.Tensor,
+    k: int,
+    tau: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw k distinct token indices per query from softmax(U / tau) (Gumbel-top-k).
+
+    confidence: B x Q x N (U in [0, 1]); tau = math.inf gives uniform random sampling.
+    Returns indices: B x Q x k (int64).
+    """
+    noise = gumbel_noise(confidence.shape, generator, confidence.device)
+    if math.isinf(tau):
+        scores = noise
+    else:
+        scores = confidence.float() / tau + noise
+    return torch.topk(scores, k, dim=-1, sorted=False).indices
+
+
+def threshold_mask(confidence: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Mask2Former-style masked attention: attend where U > threshold.
+
+    confidence: B x Q x N -> bool B x Q x N (True = attend). A query whose mask is empty attends
+    everywhere (as in Mask2Former), so no row of the attention is all -inf.
+    """
+    attend = confidence > threshold
+    empty = ~attend.any(dim=-1, keepdim=True)
+    return attend | empty
+
+
+def token_counts(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """How many queries sampled each token. indices: B x Q x K -> B x N (float)."""
+    b = indices.shape[0]
+    counts = torch.zeros(b, num_tokens, device=indices.device, dtype=torch.float32)
+    ones = torch.ones(indices.shape[0], indices.shape[1] * indices.shape[2], device=indices.device)
+    return counts.scatter_add_(1, indices.reshape(b, -1), ones)

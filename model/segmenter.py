@@ -1,0 +1,368 @@
+"""Segmenter: the thin predictor users call (CLI, napari plugin, Python).
+
+    seg = Segmenter.from_pretrained()            # bundled weights, best local device
+    result = seg.segment_volume(volume, "lung nodule")
+    result.mask, result.probabilities, result.lesions
+
+`iter_segment` is the same work as a generator that yields `Progress` after every batch of
+slices and returns the `SegmentationResult`: GUIs run it in a worker thread and can stop it
+between batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Generator
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import intensity, postprocess
+from .checkpoint import load_model
+from .errors import BoltzformerError, PromptError
+from .io import Volume
+from .network.boltzformer import BoltzFormer
+from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_LESION_MM3 = 5.0
+FAR_PROMPT_SIMILARITY = 0.55  # below this cosine to every known prompt, warn the user
+
+
+def available_devices() -> dict[str, bool]:
+    mps = getattr(torch.backends, "mps", None)
+    return {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(mps is not None and mps.is_available()),
+    }
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then CPU; an unavailable device is a clear error."""
+    name = str(device)
+    avail = available_devices()
+    if name == "auto":
+        return torch.device("cuda" if avail["cuda"] else "mps" if avail["mps"] else "cpu")
+    kind = name.split(":")[0]
+    if kind not in avail:
+        raise BoltzformerError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    if not avail[kind]:
+        raise BoltzformerError(f"device {name!r} is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class Progress:
+    slices_done: int
+    slices_total: int  # slices x runs
+    elapsed_s: float
+
+    @property
+    def fraction(self) -> float:
+        return self.slices_done / max(1, self.slices_total)
+
+    @property
+    def eta_s(self) -> float:
+        if self.slices_done == 0:
+            return math.nan
+        return self.elapsed_s / self.slices_done * (self.slices_total - self.slices_done)
+
+
+@dataclass
+class AttentionMaps:
+    """Per decoder layer, where the queries sampled, on the model's mask grid.
+
+    counts: L x Z x G x G float16, queries (of m) that attended each token, nearest-upsampled
+      from each layer's token map (16/32/64 at 256 input) to the finest grid G (64);
+    probabilities: L x Z x G x G float16, the Boltzmann probabilities averaged over queries,
+      scaled so a uniform distribution is 1 (readable across layers of different sizes);
+    grid_scale_yx: size of one grid cell in source voxels (y, x): place the maps in a viewer
+      with scale = voxel spacing * grid_scale_yx and the first processed slice as z offset.
+    """
+
+    counts: np.ndarray
+    probabilities: np.ndarray
+    strides: list[int]
+    temperatures: list[float]
+    tokens_per_query: list[int]
+    slice_start: int
+    grid_scale_yx: tuple[float, float]
+
+    @property
+    def num_layers(self) -> int:
+        return self.counts.shape[0]
+
+
+@dataclass
+class SegmentationResult:
+    volume: Volume  # the input (geometry source for every output)
+    prompt: str
+    probabilities: np.ndarray  # float32 (z, y, x), mean over runs; 0 outside processed slices
+    mask: np.ndarray  # uint8 (z, y, x)
+    threshold: float
+    min_lesion_mm3: float
+    slices: tuple[int, int]  # processed [start, stop)
+    runs: int
+    uncertainty: np.ndarray | None = None  # float32 (z, y, x), variance over sampling seeds
+    attention: AttentionMaps | None = None
+    lesions: list[dict] = field(default_factory=list)
+    window: str | None = None
+    modality: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    timings_s: dict = field(default_factory=dict)
+    complete: bool = True  # False when stopped early (only slices before `slices_done` are valid)
+    slices_done: int = 0
+
+    def mask_volume(self) -> Volume:
+        return self.volume.with_array(self.mask)
+
+    def probability_volume(self) -> Volume:
+        return self.volume.with_array(self.probabilities.astype(np.float32))
+
+    def rethreshold(self, threshold: float, min_lesion_mm3: float | None = None) -> "SegmentationResult":
+        """Re-threshold the stored probabilities (no inference); updates mask and lesion table."""
+        self.threshold = float(threshold)
+        if min_lesion_mm3 is not None:
+            self.min_lesion_mm3 = float(min_lesion_mm3)
+        self.mask, self.lesions = _mask_and_lesions(self.probabilities, self.volume, self.threshold, self.min_lesion_mm3)
+        return self
+
+
+def _mask_and_lesions(probabilities, volume: Volume, threshold: float, min_lesion_mm3: float):
+    raw = probabilities >= threshold
+    labels, _ = postprocess.label_components(raw, volume.spacing_mm, min_lesion_mm3=min_lesion_mm3)
+    mask = (labels > 0).astype(np.uint8)
+    return mask, postprocess.lesion_table(labels, volume)
+
+
+class Segmenter:
+    """A trained BoltzFormer on a device, with its known prompts."""
+
+    def __init__(self, model: BoltzFormer, prompt_bank: dict[str, PromptEmbedding], device="auto", info=None):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.prompt_bank = dict(prompt_bank)
+        self.info = info or {}
+        self._encoder = SentenceEncoder(model.cfg.max_text_tokens)
+        self._encoder.cache.update(self.prompt_bank)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source=None, device="auto", **inference_options) -> "Segmenter":
+        """source: None (bundled), a .safetensors file, a folder, or a Hugging Face repo id.
+
+        inference_options: sampling ('boltzmann', 'uniform', 'mask2former', 'dense'),
+        token_ratio, tau0, attention_impl ('auto', 'gather', 'dense').
+        """
+        model, bank, meta, src = load_model(source)
+        if inference_options:
+            model.set_inference_options(**inference_options)
+        info = {k: v for k, v in meta.items() if k != "prompts"}
+        info["weights_path"] = str(src.weights_path)
+        info["weights_source"] = src.description
+        return cls(model, bank, device=device, info=info)
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    @property
+    def known_prompts(self) -> list[str]:
+        return sorted(self.prompt_bank)
+
+    # -- prompts --------------------------------------------------------------------------
+    def embed(self, prompts: list[str]) -> list[PromptEmbedding]:
+        return self._encoder.encode([normalise_prompt(p) for p in prompts])
+
+    def nearest_prompts(self, prompt: str, n: int = 3) -> list[tuple[str, float]]:
+        """Known prompts closest to `prompt` by cosine similarity of sentence embeddings."""
+        if not self.prompt_bank:
+            return []
+        query = self.embed([prompt])[0].pooled
+        names = self.known_prompts
+        sims = np.stack([self.prompt_bank[p].pooled for p in names]) @ query
+        order = np.argsort(-sims)[:n]
+        return [(names[i], float(sims[i])) for i in order]
+
+    def check_prompt(self, prompt: str) -> tuple[str, list[str]]:
+        """Normalise a prompt; raise on empty; warn when it is far from everything known."""
+        if prompt is None or not str(prompt).strip():
+            raise PromptError("the prompt is empty; type what to segment, e.g. \"lung nodule\"")
+        text = normalise_prompt(str(prompt))
+        warnings = []
+        if self.prompt_bank and text not in self.prompt_bank:
+            near = self.nearest_prompts(text)
+            if near and near[0][1] < FAR_PROMPT_SIMILARITY:
+                listed = ", ".join(f"'{p}' ({s:.2f})" for p, s in near)
+                warnings.append(
+                    f"prompt '{text}' is far from everything the model was trained on; nearest known "
+                    f"prompts (cosine similarity): {listed}. Results may be meaningless."
+                )
+        return text, warnings
+
+    # -- 2D core --------------------------------------------------------------------------
+    def _generator(self, seed: int) -> torch.Generator:
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        return torch.Generator(device=dev).manual_seed(int(seed))
+
+    @torch.inference_mode()
+    def predict_batch(self, slices01: np.ndarray, embedding: PromptEmbedding, generator: torch.Generator,
+                      return_attention: bool = False):
+        """slices01: n x H x W float32 in [0, 1] -> (probabilities n x H x W float32, attention).
+
+        Slices are resized to the network size and the probabilities resized back.
+        attention: list per layer of (counts, probabilities) as n x G x G tensors on CPU, or None.
+        """
+        n, h, w = slices01.shape
+        size = self.model.cfg.image_size
+        x = torch.from_numpy(np.ascontiguousarray(slices01, dtype=np.float32)).to(self.device, non_blocking=True)
+        x = x[:, None]
+        if (h, w) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=(h > size or w > size))
+        tokens, valid, pooled = batch_embeddings([embedding] * n, self.model.cfg.max_text_tokens, self.device)
+        use_bf16 = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = self.model(x, tokens, valid, pooled, generator=generator, return_attention=return_attention)
+        prob = torch.sigmoid(out["logits"].float())
+        if (h, w) != (size, size):
+            prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
+        attention = None
+        if return_attention:
+            grid = size // self.model.cfg.mask_stride
+            attention = []
+            for rec in out["attention"]:
+                c = F.interpolate(rec["counts"][:, None].float(), size=(grid, grid), mode="nearest")[:, 0]
+                p = rec["probabilities"].float() * rec["probabilities"][0].numel()  # uniform == 1
+                p = F.interpolate(p[:, None], size=(grid, grid), mode="nearest")[:, 0]
+                attention.append((c.cpu(), p.cpu(), rec["stride"], rec["tau"]))
+        return prob[:, 0].cpu().numpy(), attention
+
+    # -- volumes --------------------------------------------------------------------------
+    def default_batch_size(self) -> int:
+        return 32 if self.device.type in ("cuda", "mps") else 8
+
+    def segment_volume(self, volume: Volume, prompt: str, **kwargs) -> SegmentationResult:
+        gen = self.iter_segment(volume, prompt, **kwargs)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    def iter_segment(
+        self,
+        volume: Volume,
+        prompt: str,
+        *,
+        window: str | None = None,
+        modality: str | None = None,
+        slices: tuple[int, int] | None = None,
+        runs: int = 1,
+        seed: int = 0,
+        threshold: float = 0.5,
+        min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
+        batch_size: int | None = None,
+        return_attention: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Generator[Progress, None, SegmentationResult]:
+        """Segment every slice (or slices [start, stop)) of `volume` for `prompt`.
+
+        runs > 1 repeats inference with seeds seed, seed+1, ... and returns the mean probability
+        and the per-voxel variance (uncertainty). should_stop is polled between batches; when it
+        returns True the result comes back with complete=False.
+        """
+        t_start = time.perf_counter()
+        timings = {}
+        text, warnings = self.check_prompt(prompt)
+        if runs < 1:
+            raise BoltzformerError("runs must be at least 1")
+        if not 0.0 <= threshold <= 1.0:
+            raise BoltzformerError("threshold must be between 0 and 1")
+        z = volume.shape[0]
+        start, stop = (0, z) if slices is None else (max(0, slices[0]), min(z, slices[1]))
+        if start >= stop:
+            raise BoltzformerError(f"slice range {slices} selects no slice of a volume with {z} slices")
+        modality = (modality or intensity.detect_modality(volume)).upper()
+        if modality in ("MRI", "MR"):
+            modality = "MR"
+        if window is None and modality == "CT":
+            window = intensity.window_for_prompt(text)
+        t = time.perf_counter()
+        prepared, info = intensity.prepare_slices(volume.array[start:stop], modality=modality, window=window, prompt=text)
+        warnings += info.get("warnings", [])
+        timings["preprocess"] = time.perf_counter() - t
+        embedding = self.embed([text])[0]
+        n = stop - start
+        bs = batch_size or self.default_batch_size()
+        shape = volume.shape
+        mean = np.zeros(shape, np.float32)
+        m2 = np.zeros(shape, np.float32) if runs > 1 else None  # Welford's sum of squares
+        att = None
+        total = n * runs
+        done = 0
+        timings["inference"] = 0.0
+        complete = True
+        for run in range(runs):
+            generator = self._generator(seed + run)
+            want_att = return_attention and run == 0
+            for b0 in range(0, n, bs):
+                if should_stop is not None and should_stop():
+                    complete = False
+                    break
+                b1 = min(n, b0 + bs)
+                t = time.perf_counter()
+                prob, layers = self.predict_batch(prepared[b0:b1], embedding, generator, want_att)
+                timings["inference"] += time.perf_counter() - t
+                sl = slice(start + b0, start + b1)
+                if runs == 1:
+                    mean[sl] = prob
+                else:  # running mean and variance across sampling seeds
+                    delta = prob - mean[sl]
+                    mean[sl] += delta / (run + 1)
+                    m2[sl] += delta * (prob - mean[sl])
+                if want_att:
+                    att = self._store_attention(att, layers, b0, n, start, volume.shape[1:])
+                done += b1 - b0
+                yield Progress(done, total, time.perf_counter() - t_start)
+            if not complete:
+                break
+        t = time.perf_counter()
+        uncertainty = None if m2 is None else m2 / runs
+        mask, lesions = _mask_and_lesions(mean, volume, threshold, min_lesion_mm3)
+        timings["postprocess"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        return SegmentationResult(
+            volume=volume, prompt=text, probabilities=mean, mask=mask, threshold=threshold,
+            min_lesion_mm3=min_lesion_mm3, slices=(start, stop), runs=runs, uncertainty=uncertainty,
+            attention=att, lesions=lesions, window=window, modality=modality, warnings=warnings,
+            timings_s=timings, complete=complete, slices_done=start + min(done, n),
+        )
+
+    def _store_attention(self, att, layers, b0, n, start, hw):
+        if att is None:
+            num_layers = len(layers)
+            g = layers[0][0].shape[-1]
+            att = AttentionMaps(
+                counts=np.zeros((num_layers, n, g, g), np.float16),
+                probabilities=np.zeros((num_layers, n, g, g), np.float16),
+                strides=[rec[2] for rec in layers], temperatures=[rec[3] for rec in layers],
+                tokens_per_query=[], slice_start=start,
+                grid_scale_yx=(hw[0] / g, hw[1] / g),
+            )
+            cfg = self.model.cfg
+            from .network.sampling import num_sampled_tokens
+
+            for s in att.strides:
+                tokens = (cfg.image_size // s) ** 2
+                k = tokens if cfg.sampling in ("dense", "mask2former") else num_sampled_tokens(tokens, cfg.token_ratio, cfg.min_tokens)
+                att.tokens_per_query.append(k)
+        for i, (c, p, _, _) in enumerate(layers):
+            att.counts[i, b0 : b0 + c.shape[0]] = c.numpy().astype(np.float16)
+            att.probabilities[i, b0 : b0 + p.shape[0]] = p.numpy().astype(np.float16)
+        return att

@@ -1,0 +1,117 @@
+"""Where weights come from: the bundled file, a local file or folder, or a Hugging Face repo.
+
+A checkpoint is two files side by side: `<name>.safetensors` (tensors; also the cached frozen
+text embeddings of the prompts seen in training, under `text_cache.*`) and `<name>.json`
+(network config, prompt list, training provenance). Nothing is downloaded unless the user names
+a Hugging Face repo id, and then the local cache is honoured (`HF_HUB_OFFLINE=1` never
+touches the network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import WeightsError
+
+BUNDLED_NAME = "boltzformer-s"
+
+
+@dataclass
+class WeightsSource:
+    weights_path: Path
+    config_path: Path
+    description: str  # "bundled", a path, or "hf:<repo>"
+
+
+def bundled_dir() -> Path:
+    return Path(str(resources.files("boltzformer.resources")))
+
+
+def bundled_weights() -> WeightsSource | None:
+    d = bundled_dir()
+    w, c = d / f"{BUNDLED_NAME}.safetensors", d / f"{BUNDLED_NAME}.json"
+    return WeightsSource(w, c, "bundled") if w.is_file() and c.is_file() else None
+
+
+def _pair_in_folder(folder: Path) -> WeightsSource:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder}: no .safetensors weights file in this folder")
+    if len(files) > 1:
+        preferred = [f for f in files if f.stem in (BUNDLED_NAME, "model", "best")]
+        if not preferred:
+            raise WeightsError(f"{folder}: several .safetensors files; name one of them")
+        files = preferred
+    return _pair_for_file(files[0])
+
+
+def _pair_for_file(path: Path) -> WeightsSource:
+    config = path.with_suffix(".json")
+    if not config.is_file():
+        config = path.parent / "config.json"
+    if not config.is_file():
+        raise WeightsError(f"{path}: its config {path.with_suffix('.json').name} is missing beside it")
+    return WeightsSource(path, config, str(path))
+
+
+def resolve(source: str | os.PathLike | None = None) -> WeightsSource:
+    """Find weights: None = bundled; a file or folder; or a Hugging Face repo id 'owner/name'."""
+    if source is None:
+        found = bundled_weights()
+        if found is None:
+            raise WeightsError(
+                "no trained weights are bundled with this installation; pass weights explicitly "
+                "(--weights FILE.safetensors, a folder, or a Hugging Face repo id)"
+            )
+        return found
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _pair_in_folder(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise WeightsError(f"{path}: not a .safetensors weights file")
+        return _pair_for_file(path)
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix:
+        return _from_hub(text)
+    raise WeightsError(f"{source}: no such weights file or folder")
+
+
+def _from_hub(repo_id: str) -> WeightsSource:
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - declared dependency
+        raise WeightsError("huggingface_hub is not installed; cannot load weights from the Hub") from exc
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        w = hf_hub_download(repo_id, f"{BUNDLED_NAME}.safetensors", local_files_only=offline)
+        c = hf_hub_download(repo_id, f"{BUNDLED_NAME}.json", local_files_only=offline)
+    except LocalEntryNotFoundError as exc:
+        raise WeightsError(
+            f"hf:{repo_id}: not in the local Hugging Face cache and offline mode is on "
+            "(HF_HUB_OFFLINE=1); download it once with network access or pass a local file"
+        ) from exc
+    except Exception as exc:  # network errors, missing repo, auth: one clear line
+        raise WeightsError(f"hf:{repo_id}: could not fetch weights ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    return WeightsSource(Path(w), Path(c), f"hf:{repo_id}")
+
+
+def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: unreadable weights config ({exc})") from exc
