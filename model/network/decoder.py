@@ -24,15 +24,19 @@ from . import sampling
 from .attention import TokenCrossAttention
 from .config import BoltzFormerConfig
 
+POS_DIM = 32  # Fourier position features per token (8 frequencies x sin/cos x y/x)
+
 
 def sine_positions(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
-    """2D sine-cosine position embeddings for an h x w token map -> (h*w) x dim."""
+    """2D sine-cosine position features for an h x w token map -> (h*w) x dim (dim % 4 == 0).
+
+    Frequencies are relative to the map, so every token map shares one feature basis."""
     quarter = dim // 4
-    freq = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(10000.0) / quarter))
+    freq = 2.0 ** torch.arange(quarter, device=device, dtype=torch.float32)  # 1, 2, 4, ... cycles per map
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * math.pi
     xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * math.pi
-    py = ys[:, None] * freq[None] * 16
-    px = xs[:, None] * freq[None] * 16
+    py = ys[:, None] * freq[None] / 2
+    px = xs[:, None] * freq[None] / 2
     pos = torch.cat(
         [
             py.sin()[:, None].expand(h, w, quarter), py.cos()[:, None].expand(h, w, quarter),
@@ -91,9 +95,9 @@ class DecoderBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, d))
         self.ffn_norm = nn.LayerNorm(d)
 
-    def forward(self, queries, query_pos, keys_in, values_in, text, text_padding, indices, mask, impl):
+    def forward(self, queries, query_pos, tokens, pos, text, text_padding, indices, mask, impl):
         queries = self.cross_norm(
-            queries + self.cross(queries + query_pos, keys_in, values_in, indices=indices, mask=mask, impl=impl)
+            queries + self.cross(queries + query_pos, tokens, pos, indices=indices, mask=mask, impl=impl)
         )
         queries = self.self_attn(queries, query_pos, text, text_padding)
         return self.ffn_norm(queries + self.ffn(queries))
@@ -113,7 +117,6 @@ class BoltzDecoder(nn.Module):
         d = cfg.hidden_dim
         self.query_feat = nn.Parameter(torch.randn(cfg.num_queries, d) * 0.02)
         self.query_pos = nn.Parameter(torch.randn(cfg.num_queries, d) * 0.02)
-        self.level_embed = nn.Parameter(torch.zeros(len(cfg.attention_strides), d))
         self.init_attn = QueryTextSelfAttention(d, cfg.num_heads)
         self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
         self.mask_norm = nn.LayerNorm(d)
@@ -139,17 +142,14 @@ class BoltzDecoder(nn.Module):
         for s in set(cfg.attention_strides):
             if s not in pixel_at:
                 pixel_at[s] = F.avg_pool2d(pixel_map, kernel_size=s // mask_stride)
-        # Token maps flattened once: keys carry positions + level embedding, values do not.
+        # Token maps flattened once (B x N x D, contiguous for fast row gathers), with their
+        # position features (N x POS_DIM; each block projects them into its keys).
         tokens = {}
-        for i, s in enumerate(cfg.attention_strides):
-            if s in tokens:
-                continue
+        for s in set(cfg.attention_strides):
             fmap = features[s]
             h, w = fmap.shape[-2:]
-            values_in = fmap.flatten(2).transpose(1, 2)  # B x N x D
-            pos = sine_positions(h, w, fmap.shape[1], fmap.device, fmap.dtype)
-            keys_in = values_in + pos + self.level_embed[i]
-            tokens[s] = (keys_in, values_in, (h, w))
+            flat = fmap.flatten(2).transpose(1, 2).contiguous()
+            tokens[s] = (flat, sine_positions(h, w, POS_DIM, fmap.device, fmap.dtype), (h, w))
 
         query_pos = self.query_pos
         queries = self.query_feat[None].expand(b, -1, -1)
@@ -165,7 +165,7 @@ class BoltzDecoder(nn.Module):
         attention = []
         for layer, block in enumerate(self.blocks):
             s = self.layer_stride(layer)
-            keys_in, values_in, (h, w) = tokens[s]
+            flat, pos, (h, w) = tokens[s]
             n = h * w
             confidence = torch.sigmoid(masks.detach().float()).flatten(2)  # U: B x Q x N
             tau = sampling.temperature(layer, cfg.tau0)
@@ -180,7 +180,7 @@ class BoltzDecoder(nn.Module):
                 mask = sampling.threshold_mask(confidence)
             if return_attention:
                 attention.append(self._attention_record(layer, s, (h, w), confidence, tau, indices, mask))
-            queries = block(queries, query_pos, keys_in, values_in, text, text_padding, indices, mask, impl)
+            queries = block(queries, query_pos, flat, pos, text, text_padding, indices, mask, impl)
             last = layer == len(self.blocks) - 1
             next_stride = mask_stride if last else self.layer_stride(layer + 1)
             masks = self.predict_masks(queries, pixel_at[next_stride])
