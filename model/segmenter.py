@@ -26,6 +26,7 @@ from .checkpoint import load_model
 from .errors import BoltzformerError, PromptError
 from .io import Volume
 from .network.boltzformer import BoltzFormer
+from .runtime import tune_allocator
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Segmenter:
     """A trained BoltzFormer on a device, with its known prompts."""
 
     def __init__(self, model: BoltzFormer, prompt_bank: dict[str, PromptEmbedding], device="auto", info=None):
+        tune_allocator()
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.prompt_bank = dict(prompt_bank)
@@ -213,7 +215,7 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict_batch(self, slices01: np.ndarray, embedding: PromptEmbedding, generator: torch.Generator,
-                      return_attention: bool = False):
+                      return_attention: bool = False, stage_times: dict | None = None):
         """slices01: n x H x W float32 in [0, 1] -> (probabilities n x H x W float32, attention).
 
         Slices are resized to the network size and the probabilities resized back.
@@ -228,7 +230,8 @@ class Segmenter:
         tokens, valid, pooled = batch_embeddings([embedding] * n, self.model.cfg.max_text_tokens, self.device)
         use_bf16 = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = self.model(x, tokens, valid, pooled, generator=generator, return_attention=return_attention)
+            out = self.model(x, tokens, valid, pooled, generator=generator, return_attention=return_attention,
+                             stage_times=stage_times)
         prob = torch.sigmoid(out["logits"].float())
         if (h, w) != (size, size):
             prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
@@ -270,6 +273,7 @@ class Segmenter:
         batch_size: int | None = None,
         return_attention: bool = False,
         should_stop: Callable[[], bool] | None = None,
+        stage_times: dict | None = None,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Segment every slice (or slices [start, stop)) of `volume` for `prompt`.
 
@@ -317,7 +321,7 @@ class Segmenter:
                     break
                 b1 = min(n, b0 + bs)
                 t = time.perf_counter()
-                prob, layers = self.predict_batch(prepared[b0:b1], embedding, generator, want_att)
+                prob, layers = self.predict_batch(prepared[b0:b1], embedding, generator, want_att, stage_times)
                 timings["inference"] += time.perf_counter() - t
                 sl = slice(start + b0, start + b1)
                 if runs == 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -40,12 +42,34 @@ class BoltzFormer(nn.Module):
         self.cfg = self.cfg.replace(**changes)
         self.decoder.cfg = self.cfg
 
-    def forward(self, image, text_tokens, text_valid, text_pooled, generator=None, return_attention=False):
+    def forward(self, image, text_tokens, text_valid, text_pooled, generator=None, return_attention=False,
+                stage_times: dict | None = None):
+        """stage_times: if a dict is given, seconds spent in encoder / decoder / pigma are added
+        to it (with a device synchronisation per stage, so only for benchmarks)."""
+        clock = _StageClock(stage_times, image.device)
         features, pixel_map = self.encoder(image)
+        clock.lap("encoder")
         text, text_padding = self.text(text_tokens, text_valid, text_pooled)
         out = self.decoder(features, pixel_map, text, text_padding, generator, return_attention)
+        clock.lap("decoder")
         out["logits"] = self.pigma(out["query_masks"], image)
+        clock.lap("pigma")
         return out
+
+
+class _StageClock:
+    def __init__(self, times: dict | None, device: torch.device):
+        self.times, self.device = times, device
+        self.t = time.perf_counter() if times is not None else 0.0
+
+    def lap(self, name: str) -> None:
+        if self.times is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.t
+        self.t = now
 
 
 def count_parameters(model: nn.Module) -> int:

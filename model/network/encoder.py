@@ -23,6 +23,19 @@ class ConvNormAct(nn.Sequential):
         )
 
 
+class SeparableConv(nn.Sequential):
+    """Depthwise 3x3 + pointwise 1x1: a 3x3 receptive field at ~1/9 of the cost, used on the
+    wide pyramid maps where a full 3x3 convolution dominated the encoder's time."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.GroupNorm(min(8, c_out), c_out),
+            nn.GELU(),
+        )
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -59,11 +72,11 @@ class ImageEncoder(nn.Module):
         self.pyramid_strides = pyramid
         self.lateral = nn.ModuleDict({str(s): nn.Conv2d(channels[s], cfg.hidden_dim, 1) for s in pyramid})
         self.smooth = nn.ModuleDict(
-            {str(s): nn.Sequential(ConvNormAct(cfg.hidden_dim, cfg.hidden_dim)) for s in pyramid[:-1]}
+            {str(s): SeparableConv(cfg.hidden_dim, cfg.hidden_dim) for s in pyramid[:-1]}
         )
         self.mask_stride = cfg.mask_stride
         self.pixel_head = nn.Sequential(
-            ConvNormAct(cfg.hidden_dim + channels[2], cfg.pixel_dim),
+            SeparableConv(cfg.hidden_dim + channels[2], cfg.pixel_dim),
             nn.Conv2d(cfg.pixel_dim, cfg.pixel_dim, 1),
         )
 

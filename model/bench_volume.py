@@ -1,0 +1,119 @@
+"""`boltzformer bench volume`: end-to-end segmentation of a synthetic CT, stages timed.
+
+The synthetic CT (default 300 slices of 512 x 512, int16 HU, gzip NIfTI) is written first; the
+measurement then runs in a fresh subprocess so that peak RSS is that of a user's `segment`
+run: read -> preprocess -> encoder -> decoder -> PiGMA -> post-process -> write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_ct(path: Path, slices: int, size: int = 512, seed: int = 0) -> Path:
+    """A synthetic chest CT of `slices` x size x size at 0.7 x 0.7 x 1.0 mm (anatomy from the
+    phantom generator, upsampled in plane)."""
+    import torch
+    from torch.nn import functional as F
+
+    from .io import Volume, write_volume
+    from .synth import ct
+
+    base = ct.ct_volume(seed, shape_zyx=(min(slices, 60), 256, 256), spacing_mm=(1.4, 1.4, 5.0))
+    img = torch.from_numpy(base.image.astype(np.float32))[None]
+    img = F.interpolate(img[None], size=(slices, size, size), mode="trilinear", align_corners=False)[0, 0]
+    vol = Volume(np.round(img.numpy()).astype(np.int16), (0.7, 0.7, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT", None, {})
+    write_volume(vol, path, overwrite=True)
+    return path
+
+
+def measure(input_path: str, output_path: str, device: str, prompt: str = "lung nodule") -> dict:
+    """One `segment` run with stage times; meant to run in its own process."""
+    t0 = time.perf_counter()
+    import torch
+
+    from .io import read_volume, write_volume
+    from .segmenter import Segmenter
+
+    t_import = time.perf_counter() - t0
+    seg = Segmenter.from_pretrained(device=device)
+    t_load = time.perf_counter() - t0 - t_import
+    if seg.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stages: dict = {}
+    t = time.perf_counter()
+    vol = read_volume(input_path)
+    stages["read"] = time.perf_counter() - t
+    result = seg.segment_volume(vol, prompt, stage_times=stages)
+    stages["preprocess"] = result.timings_s["preprocess"]
+    stages["postprocess"] = result.timings_s["postprocess"]
+    other = result.timings_s["inference"] - sum(stages.get(k, 0.0) for k in ("encoder", "decoder", "pigma"))
+    stages["resize_and_copy"] = max(0.0, other)
+    t = time.perf_counter()
+    write_volume(result.mask_volume(), output_path, overwrite=True)
+    stages["write"] = time.perf_counter() - t
+    end_to_end = sum(stages.values())
+    out = {
+        "slices": vol.shape[0], "shape_zyx": list(vol.shape), "device": str(seg.device),
+        "seconds_end_to_end": end_to_end, "slices_per_s": vol.shape[0] / end_to_end, "stages_s": stages,
+        "import_s": t_import, "model_load_s": t_load,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "lesions_found": len(result.lesions), "sampling": seg.config.sampling,
+        "attention_impl": seg.config.attention_impl, "batch_size": seg.default_batch_size(),
+    }
+    if seg.device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_volume_benchmark(args) -> int:
+    from .bench import machine_description
+
+    slices_list = [int(s) for s in str(getattr(args, "slices", None) or "100,300").split(",")]
+    device = getattr(args, "device", None) or "auto"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in slices_list:
+            src = make_ct(Path(tmp) / f"ct_{n}.nii.gz", n)
+            cmd = [sys.executable, "-m", "boltzformer.bench_volume", "--measure", str(src),
+                   str(Path(tmp) / f"mask_{n}.nii.gz"), device]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                return 1
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = results[-1]
+            print(f"{n} slices on {r['device']}: {r['seconds_end_to_end']:.1f} s end to end "
+                  f"({r['slices_per_s']:.1f} slices/s), peak RSS {r['peak_rss_mb']:.0f} MB")
+    if len(results) >= 2:
+        a, b = results[0], results[-1]
+        slope = (b["seconds_end_to_end"] - a["seconds_end_to_end"]) / (b["slices"] - a["slices"])
+        print(f"scaling: {1000 * slope:.1f} ms per additional slice")
+    report = {"benchmark": "volume", "machine": machine_description(), "results": results}
+    if getattr(args, "json", None):
+        from .bench import _write_text
+
+        _write_text(args.json, json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--measure":
+        print(json.dumps(measure(sys.argv[2], sys.argv[3], sys.argv[4])))
+    else:
+        import argparse
+
+        p = argparse.ArgumentParser()
+        p.add_argument("--slices", default="100,300")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json")
+        raise SystemExit(run_volume_benchmark(p.parse_args()))
