@@ -1,0 +1,74 @@
+"""Weights lookup and checkpoint round trip."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from boltzformer import weights
+from boltzformer.checkpoint import load_model, save_model
+from boltzformer.errors import WeightsError
+from boltzformer.network.boltzformer import build_model
+from boltzformer.network.config import get_config
+from boltzformer.network.text import PromptEmbedding
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = build_model(get_config("boltzformer-test"), seed=0)
+    bank = {"lung nodule": PromptEmbedding(np.ones((2, 384), np.float32), np.full(384, 0.05, np.float32))}
+    path = save_model(model, tmp_path / "w.safetensors", bank, {"note": "test"})
+    return model, bank, path
+
+
+def test_checkpoint_round_trip_restores_weights_config_and_prompt_cache(saved):
+    model, bank, path = saved
+    loaded, bank2, meta, src = load_model(path)
+    assert meta["note"] == "test" and meta["prompts"] == ["lung nodule"]
+    assert loaded.cfg == model.cfg
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    np.testing.assert_array_equal(bank2["lung nodule"].tokens, bank["lung nodule"].tokens)
+
+
+def test_folder_source_and_sha256(saved):
+    _, _, path = saved
+    src = weights.resolve(path.parent)
+    assert src.weights_path == path
+    assert len(weights.sha256(path)) == 64
+
+
+def test_missing_or_wrong_sources_are_clear_errors(tmp_path, saved):
+    with pytest.raises(WeightsError, match="no such weights"):
+        weights.resolve(tmp_path / "nope.safetensors")
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(WeightsError, match="not a .safetensors"):
+        weights.resolve(tmp_path / "x.txt")
+    _, _, path = saved
+    path.with_suffix(".json").unlink()
+    with pytest.raises(WeightsError, match="config"):
+        weights.resolve(path)
+
+
+def test_mismatched_config_is_reported(saved):
+    _, _, path = saved
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["config"]["hidden_dim"] = 48
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="do not match"):
+        load_model(path)
+
+
+def test_hub_source_offline_without_cache_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(WeightsError, match="offline"):
+        weights.resolve("someone/boltzformer-weights")
+
+
+def test_bundled_weights_ship_inside_the_package():
+    src = weights.bundled_weights()
+    if src is None:
+        pytest.skip("no trained weights bundled in this checkout")
+    assert "boltzformer" in str(src.weights_path) and src.weights_path.stat().st_size < 40 * 2**20
