@@ -1,0 +1,242 @@
+"""Intensities for the network: CT windows, window choice from a prompt, MRI normalisation.
+
+The network sees float32 slices in [0, 1]. For CT in Hounsfield units (HU) that is a display
+window (clip to [center - width/2, center + width/2], scale to [0, 1]) chosen from the prompt;
+for MRI, whose intensities have no absolute scale, it is a percentile normalisation.
+Pure numpy; written to handle a 300×512×512 volume in well under a second per step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BoltzformerError
+
+__all__ = [
+    "Window", "WINDOWS", "DEFAULT_WINDOW", "window_for_prompt", "detect_modality", "classify_units",
+    "prepare_slices",
+]
+
+
+@dataclass(frozen=True)
+class Window:
+    """A CT display window in Hounsfield units."""
+
+    center_hu: float
+    width_hu: float
+
+    @property
+    def lower_hu(self) -> float:
+        return self.center_hu - self.width_hu / 2
+
+    @property
+    def upper_hu(self) -> float:
+        return self.center_hu + self.width_hu / 2
+
+
+WINDOWS: dict[str, Window] = {
+    "lung": Window(-600, 1500),
+    "mediastinum": Window(50, 350),
+    "soft_tissue": Window(40, 400),
+    "liver": Window(60, 160),
+    "bone": Window(400, 1800),
+    "brain": Window(40, 80),
+}
+DEFAULT_WINDOW = "soft_tissue"
+
+# Prompt keyword → window, first match wins. Organ words come before the generic "nodule" so that
+# "liver nodule" gets a soft-tissue window while "nodule" alone means a lung nodule. Liver lesions
+# use the soft-tissue window (wider than "liver", so lesions with a different density stay visible).
+_PROMPT_RULES: list[tuple[str, str]] = [
+    (r"lung|pulmon|airway|bronch", "lung"),
+    (r"liver|hepat", "soft_tissue"),
+    (r"kidney|renal|spleen|splenic|pancrea|abdom|adrenal", "soft_tissue"),
+    (r"bone|\bosse|vertebra|\bribs?\b|spine|spinal|skelet", "bone"),
+    (r"heart|cardi|aort|vena\s*cava|mediastin|lymph", "mediastinum"),
+    (r"brain|cerebr|intracranial|ha?emorrh", "brain"),
+    (r"nodul", "lung"),
+]
+_PROMPT_PATTERNS = [(re.compile(pattern, re.IGNORECASE), name) for pattern, name in _PROMPT_RULES]
+
+_SAMPLE_VOXELS = 1_000_000  # statistics are computed on a strided subsample of about this size
+
+
+def window_for_prompt(prompt: str) -> str:
+    """Name of the CT window suited to a text prompt (a key of WINDOWS; default soft_tissue).
+
+    Rules, first match wins: lung/pulmonary/airway/bronch → lung; liver/hepatic and
+    kidney/renal/spleen/pancreas/abdomen/adrenal → soft_tissue; bone/vertebra/rib/spine/skeleton
+    → bone; heart/aorta/vena cava/mediastinum/lymph → mediastinum; brain/cerebral/intracranial/
+    hemorrhage → brain; nodule (no organ named) → lung.
+    """
+    for pattern, name in _PROMPT_PATTERNS:
+        if pattern.search(prompt or ""):
+            return name
+    return DEFAULT_WINDOW
+
+
+def detect_modality(volume) -> str:
+    """"CT" or "MR" for a :class:`~boltzformer.io.Volume`.
+
+    The DICOM modality (``volume.modality`` or ``metadata["Modality"]``) wins when known.
+    Otherwise a heuristic on a subsample of the values: CT in HU has air at about -1000, so the
+    volume is called CT when at least 5 % of voxels lie in [-1100, -900], or when its minimum
+    is ≤ -500 and the values are integers (CT is stored as integers; MRI is never that
+    negative). Everything else is MR. Limits: CT stored without its rescale intercept (0..4095)
+    looks like MR; pass the modality explicitly for such files.
+    """
+    for value in (volume.modality, volume.metadata.get("Modality")):
+        value = str(value or "").upper()
+        if value in ("CT", "MR", "MRI"):
+            return "MR" if value == "MRI" else value
+    sample = _subsample(volume.array).astype(np.float32, copy=False)
+    if sample.size == 0:
+        return "MR"
+    near_air = np.count_nonzero((sample >= -1100) & (sample <= -900)) / sample.size
+    if near_air >= 0.05:
+        return "CT"
+    if float(sample.min()) <= -500 and _integer_valued(sample):
+        return "CT"
+    return "MR"
+
+
+def classify_units(array: np.ndarray) -> str:
+    """What the values of a CT array look like.
+
+    - "HU": Hounsfield units: minimum below -200 (only HU go that negative), or maximum above
+      1500 with integer values (dense bone / metal in a stored CT).
+    - "normalized": all values in [0, 1] (± 1e-3).
+    - "8bit": integer values within 0..255 (an exported screenshot or PNG stack).
+    - "raw": anything else.
+
+    Min and max use every voxel; the integer test uses a subsample.
+    """
+    if array.size == 0:
+        return "raw"
+    lo, hi = float(np.min(array)), float(np.max(array))
+    integer = _integer_valued(_subsample(array))
+    if lo < -200 or (hi > 1500 and integer):
+        return "HU"
+    if lo >= -1e-3 and hi <= 1 + 1e-3:
+        return "normalized"
+    if integer and lo >= 0 and hi <= 255:
+        return "8bit"
+    return "raw"
+
+
+def prepare_slices(
+    array: np.ndarray, *, modality: str, window: "str | Window | None" = None, prompt: str | None = None
+) -> tuple[np.ndarray, dict]:
+    """Network input: float32 in [0, 1], same shape as ``array`` ((z, y, x) or (y, x)).
+
+    Args:
+        array: voxel values, any numeric dtype.
+        modality: "CT" or "MR" ("MRI" accepted).
+        window: CT window name (key of WINDOWS) or a Window; default: from ``prompt``, else
+            soft_tissue.
+        prompt: the text prompt, used to pick the CT window when ``window`` is None.
+
+    Returns:
+        (prepared, info) with info ``{"window": name or None, "units": classify_units result,
+        "warnings": [str, ...]}``.
+
+    CT in HU is windowed. CT whose values are not HU is rescaled instead, with a warning:
+    8-bit values / 255, normalised values as they are, anything else by percentiles 0.5–99.5.
+
+    MR is normalised per volume (not per slice): 0.5th percentile → 0, 99.5th → 1, clipped,
+    percentiles taken over voxels above the 1st percentile (i.e. without the background).
+    MRI has no absolute intensity scale (it depends on scanner, coil, sequence and gain), so
+    a fixed window cannot work; one normalisation for the whole volume keeps the contrast
+    between slices consistent, so a lesion looks the same on every slice and slices with
+    little tissue are not stretched into noise.
+    """
+    modality = (modality or "").upper()
+    modality = "MR" if modality == "MRI" else modality
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
+    array = np.asarray(array)
+    units = classify_units(array)
+    info: dict = {"window": None, "units": units, "warnings": []}
+
+    if modality == "MR":
+        lo, hi = _percentile_range(array, foreground=True)
+        return _rescale(array, lo, hi), info
+
+    if units == "HU":
+        if window is None:
+            window = window_for_prompt(prompt) if prompt else DEFAULT_WINDOW
+        if isinstance(window, Window):
+            win, info["window"] = window, f"custom (center {window.center_hu:g} HU, width {window.width_hu:g} HU)"
+        elif window in WINDOWS:
+            win, info["window"] = WINDOWS[window], window
+        else:
+            raise BoltzformerError(f"unknown CT window {window!r}; choose one of {', '.join(WINDOWS)}")
+        return _rescale(array, win.lower_hu, win.upper_hu), info
+
+    described = {
+        "8bit": "8-bit grey levels (0-255)",
+        "normalized": "normalised intensities (0-1)",
+        "raw": f"raw intensities ({float(np.min(array)):g} to {float(np.max(array)):g})",
+    }[units]
+    ignored = f"; the requested window {window!r} is not applied" if window is not None else ""
+    info["warnings"].append(
+        f"values look like {described}, not Hounsfield units; windowing is skipped and intensities are rescaled{ignored}"
+    )
+    if units == "8bit":
+        return _rescale(array, 0.0, 255.0), info
+    if units == "normalized":
+        return _rescale(array, 0.0, 1.0), info
+    lo, hi = _percentile_range(array, foreground=False)
+    return _rescale(array, lo, hi), info
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _subsample(array: np.ndarray, n: int = _SAMPLE_VOXELS) -> np.ndarray:
+    """About ``n`` voxels of ``array`` taken at a regular (odd) stride; a view when possible."""
+    flat = array.reshape(-1)
+    step = max(1, flat.size // n)
+    if step > 1:
+        step |= 1  # an odd stride does not keep hitting the same image columns
+    return flat[::step]
+
+
+def _integer_valued(sample: np.ndarray) -> bool:
+    if sample.dtype.kind in "iub":
+        return True
+    return bool(np.all(sample == np.round(sample)))
+
+
+def _percentile_range(array: np.ndarray, *, foreground: bool) -> tuple[float, float]:
+    """(0.5th, 99.5th) percentiles of a subsample; with ``foreground``, of voxels above the 1st."""
+    sample = _subsample(array).astype(np.float32)
+    if foreground:
+        above = sample[sample > np.percentile(sample, 1.0)]
+        if above.size:
+            sample = above
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    return float(lo), float(hi)
+
+
+def _rescale(array: np.ndarray, lo: float, hi: float, chunk_voxels: int = 1 << 20) -> np.ndarray:
+    """float32 (array - lo) / (hi - lo) clipped to [0, 1]; all zeros when hi <= lo.
+
+    Works in chunks of slices so the temporaries stay in cache and no float64 copy is made.
+    """
+    out = np.empty(array.shape, dtype=np.float32)
+    if hi <= lo:
+        out.fill(0.0)
+        return out
+    scale = np.float32(1.0 / (hi - lo))
+    offset = np.float32(lo)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, chunk_voxels):
+        part = flat_out[start:start + chunk_voxels]
+        np.subtract(flat_in[start:start + chunk_voxels], offset, out=part, dtype=np.float32, casting="unsafe")
+        np.multiply(part, scale, out=part)
+        np.clip(part, 0.0, 1.0, out=part)
+    return out

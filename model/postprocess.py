@@ -1,0 +1,258 @@
+"""From a binary mask to lesions: 3D connected components, minimum size in mm³, lesion table.
+
+Also the overlap measures used by evaluation (Dice, per-lesion detection).
+All arrays are (z, y, x); spacings are (x, y, z) mm, as everywhere in boltzformer.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import OutputError
+from .io import Volume, atomic_output
+
+__all__ = [
+    "label_components", "remove_small_lesions", "lesion_table", "write_lesion_table", "dice",
+    "lesion_detection", "CSV_COLUMNS",
+]
+
+# Column order of the CSV lesion table (the JSON rows keep the centroids as 3-element lists).
+CSV_COLUMNS = (
+    "lesion_id", "voxels", "volume_mm3", "longest_axial_diameter_mm",
+    "centroid_z", "centroid_y", "centroid_x", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+    "slice_start", "slice_end", "mean_intensity",
+)
+
+_STRUCTURES = {6: 1, 18: 2, 26: 3}  # connectivity → rank of ndimage.generate_binary_structure
+_HULL_ABOVE = 64  # more boundary pixels than this in a slice: reduce them to the convex hull first
+
+
+def label_components(
+    mask: np.ndarray, spacing_mm, *, min_lesion_mm3: float = 0.0, connectivity: int = 26
+) -> tuple[np.ndarray, int]:
+    """3D connected components of a mask, small ones removed, largest first.
+
+    Args:
+        mask: (z, y, x) bool or integer array; non-zero is foreground.
+        spacing_mm: voxel size (x, y, z) in mm.
+        min_lesion_mm3: components with a smaller volume (mm³) are dropped.
+        connectivity: 26 (default: faces, edges and corners, so a lesion continues across
+            slices even when it shifts diagonally), 18 or 6.
+
+    Returns:
+        (labels, n): int32 (z, y, x) with 0 for background and 1..n in descending volume order
+        (ties: the component met first in z, y, x scan order comes first), and n.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be 3D (z, y, x), got shape {mask.shape}")
+    if connectivity not in _STRUCTURES:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    structure = ndimage.generate_binary_structure(3, _STRUCTURES[connectivity])
+    foreground = mask if mask.dtype == bool else mask != 0
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    n = ndimage.label(foreground, structure=structure, output=labels)
+    if n == 0:
+        return labels, 0
+    voxel_mm3 = float(np.prod(spacing_mm))
+    counts = np.bincount(labels[foreground], minlength=n + 1)[1:]  # foreground only: lesions are sparse
+    order = np.argsort(-counts, kind="stable")  # old label - 1, largest first
+    order = order[counts[order] * voxel_mm3 >= min_lesion_mm3]
+    if len(order) == n and np.array_equal(order, np.arange(n)):
+        return labels, n  # already in order, nothing dropped
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
+    return lut[labels], len(order)
+
+
+def remove_small_lesions(mask: np.ndarray, spacing_mm, min_lesion_mm3: float) -> np.ndarray:
+    """uint8 (z, y, x) copy of ``mask`` without 3D components smaller than ``min_lesion_mm3``."""
+    labels, _ = label_components(mask, spacing_mm, min_lesion_mm3=min_lesion_mm3)
+    return (labels > 0).astype(np.uint8)
+
+
+def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | None = None) -> list[dict]:
+    """One row (dict) per labelled component, in label order.
+
+    Args:
+        labels: int (z, y, x), 0 = background, same shape as ``volume``.
+        volume: gives the geometry (and the intensities when ``intensity`` is None).
+        intensity: optional (z, y, x) array for ``mean_intensity`` (e.g. probabilities).
+
+    Row keys:
+        lesion_id (label value), voxels, volume_mm3,
+        longest_axial_diameter_mm: the largest in-plane extent over the lesion's slices: the
+            longest distance between two voxel centres in one slice, plus one pixel (half a
+            pixel at each end, so a single voxel measures one pixel),
+        centroid_voxel_zyx: (z, y, x) fractional voxel index,
+        centroid_world_mm: (x, y, z) LPS mm,
+        slice_start, slice_end: first and last z index (inclusive),
+        mean_intensity.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != volume.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from the volume's {volume.shape}")
+    values = volume.array if intensity is None else np.asarray(intensity)
+    if values.shape != labels.shape:
+        raise ValueError(f"intensity shape {values.shape} differs from the labels' {labels.shape}")
+    sx, sy, _ = volume.spacing_mm
+    voxel_mm3 = float(np.prod(volume.spacing_mm))
+    rows = []
+    for index, box in enumerate(ndimage.find_objects(labels)):
+        if box is None:
+            continue
+        lesion_id = index + 1
+        region = labels[box] == lesion_id
+        voxels = int(np.count_nonzero(region))
+        # centroid from the voxel counts along each axis (no big index arrays)
+        centroid = tuple(
+            float(np.dot(region.sum(axis=others, dtype=np.int64), np.arange(region.shape[axis])) / voxels) + box[axis].start
+            for axis, others in ((0, (1, 2)), (1, (0, 2)), (2, (0, 1)))
+        )
+        rows.append({
+            "lesion_id": lesion_id,
+            "voxels": voxels,
+            "volume_mm3": float(voxels * voxel_mm3),
+            "longest_axial_diameter_mm": _longest_axial_diameter_mm(region, sy, sx),
+            "centroid_voxel_zyx": tuple(float(c) for c in centroid),
+            "centroid_world_mm": tuple(float(c) for c in volume.index_to_world(centroid)),
+            "slice_start": int(box[0].start),
+            "slice_end": int(box[0].stop - 1),
+            "mean_intensity": float(values[box][region].mean(dtype=np.float64)),
+        })
+    return rows
+
+
+def _longest_axial_diameter_mm(region: np.ndarray, sy: float, sx: float) -> float:
+    """Max over slices of the longest in-plane voxel-centre distance (mm), plus one pixel.
+
+    Only boundary pixels can be the ends of the longest chord, and only those on the convex
+    hull; large slices are reduced to their hull before the pairwise distances.
+    """
+    cross = ndimage.generate_binary_structure(2, 1)[None]  # in-plane 4-neighbourhood
+    boundary = region & ~ndimage.binary_erosion(region, structure=cross)
+    zs, ys, xs = np.nonzero(boundary)  # sorted by z
+    points_mm = np.column_stack([ys * sy, xs * sx])
+    best = 0.0
+    for points in np.split(points_mm, np.flatnonzero(np.diff(zs)) + 1):  # one slice at a time
+        if len(points) == 0:
+            continue
+        if len(points) > _HULL_ABOVE:
+            points = _hull_points(points)
+        diff = points[:, None, :] - points[None, :, :]
+        d2 = np.einsum("ijk,ijk->ij", diff, diff)
+        i, j = np.unravel_index(np.argmax(d2), d2.shape)
+        dy, dx = np.abs(diff[i, j])
+        if dy == 0 and dx == 0:
+            pixel = max(sx, sy)  # a single pixel
+        else:
+            pixel = sx if dx >= dy else sy  # pixel size along the axis closest to the chord
+        best = max(best, float(np.sqrt(d2[i, j])) + pixel)
+    return best
+
+
+def _hull_points(points: np.ndarray) -> np.ndarray:
+    """Convex hull vertices of 2D points; the two end points when they are collinear."""
+    from scipy.spatial import ConvexHull
+
+    try:
+        return points[ConvexHull(points).vertices]
+    except Exception:  # noqa: BLE001 - Qhull refuses collinear input: the ends are the extremes
+        order = np.lexsort((points[:, 1], points[:, 0]))
+        return points[[order[0], order[-1]]]
+
+
+def write_lesion_table(rows: list[dict], path, *, overwrite: bool = False) -> Path:
+    """Write lesion rows to ``.csv`` (flat columns, see CSV_COLUMNS) or ``.json`` (a list), atomically.
+
+    Raises OutputError for another extension, an existing file without ``overwrite``, or a
+    folder that is missing or not writable.
+    """
+    p = Path(os.fspath(path))
+    ext = p.suffix.lower()
+    if ext == ".json":
+        text = json.dumps([_jsonable(row) for row in rows], indent=2) + "\n"
+    elif ext == ".csv":
+        text = _csv_text(rows)
+    else:
+        raise OutputError(p, "unsupported table format; use .csv or .json")
+    with atomic_output(p, overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return p
+
+
+def _csv_text(rows: list[dict]) -> str:
+    flat_rows = []
+    for row in rows:
+        flat = {k: v for k, v in row.items() if k not in ("centroid_voxel_zyx", "centroid_world_mm")}
+        if "centroid_voxel_zyx" in row:
+            flat["centroid_z"], flat["centroid_y"], flat["centroid_x"] = row["centroid_voxel_zyx"]
+        if "centroid_world_mm" in row:
+            flat["centroid_x_mm"], flat["centroid_y_mm"], flat["centroid_z_mm"] = row["centroid_world_mm"]
+        flat_rows.append({k: (round(float(v), 4) if isinstance(v, (float, np.floating)) else v) for k, v in flat.items()})
+    extra = [k for r in flat_rows for k in r if k not in CSV_COLUMNS]
+    columns = list(CSV_COLUMNS) + list(dict.fromkeys(extra))
+    buffer = _stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat_rows)
+    return buffer.getvalue()
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation measures
+# ----------------------------------------------------------------------------------------------
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice overlap 2|P∩T| / (|P| + |T|) of two masks of the same shape; 1.0 when both are empty."""
+    pred, truth = np.asarray(pred) != 0, np.asarray(truth) != 0
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {truth.shape}")
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(truth))
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(pred & truth)) / total
+
+
+def lesion_detection(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing_mm, *, min_lesion_mm3: float = 0.0) -> dict:
+    """Per-lesion detection counts (3D components, 26-connectivity).
+
+    A true lesion (component of ``truth_mask``) is detected when any predicted voxel overlaps
+    it; a predicted component (of at least ``min_lesion_mm3``) overlapping no true lesion is a
+    false positive.
+
+    Returns:
+        {"true_lesions": int, "detected": int, "sensitivity": detected / true_lesions (NaN when
+        there is no true lesion), "false_positive_components": int}
+    """
+    pred, truth = np.asarray(pred_mask) != 0, np.asarray(truth_mask) != 0
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {truth.shape}")
+    truth_labels, n_true = label_components(truth, spacing_mm)
+    pred_labels, n_pred = label_components(pred, spacing_mm, min_lesion_mm3=min_lesion_mm3)
+    detected = int(np.count_nonzero(np.unique(truth_labels[pred_labels > 0])))
+    pred_hitting_truth = int(np.count_nonzero(np.unique(pred_labels[truth])))
+    return {
+        "true_lesions": n_true,
+        "detected": detected,
+        "sensitivity": detected / n_true if n_true else float("nan"),
+        "false_positive_components": n_pred - pred_hitting_truth,
+    }
