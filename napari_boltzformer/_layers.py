@@ -1,0 +1,367 @@
+"""Volumes <-> napari layer data: physical placement, display defaults, the result layers.
+
+boltzformer keeps ITK geometry: `spacing_mm` and `origin_mm` are (x, y, z) in LPS world
+coordinates and `direction` is the 3 x 3 ITK matrix whose columns are the image axes. napari
+orders everything (z, y, x), so every vector is reversed, and the direction becomes
+R = P D P (P the axis reversal). A layer is placed as
+
+    world_zyx = affine_R @ (scale * index_zyx + translate) + affine_origin
+
+napari applies `scale`/`translate` first and `affine` after. Axis-aligned volumes (identity
+direction) get scale = spacing reversed, translate = origin reversed and no affine. Oblique (or
+flipped) volumes keep scale = spacing reversed and get a 4 x 4 `affine` holding the rotation and
+the origin, so `layer.scale` is the voxel size in mm in both cases and result layers on a
+coarser grid (the attention maps) reuse the same affine with their own scale and offset.
+
+`layer.metadata[GEOMETRY_KEY]` holds the volume's geometry as plain lists (spacing, origin,
+direction, source path, modality, shape, ndim) so the writer and the panel restore it exactly.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+GEOMETRY_KEY = "boltzformer_volume"  # geometry of the source volume (see geometry_of)
+ROLE_KEY = "boltzformer_role"  # image | mask | probability | uncertainty | attention
+PROMPT_KEY = "boltzformer_prompt"  # the (normalised) prompt of a result layer
+SOURCE_KEY = "boltzformer_source"  # name of the image layer a result layer was computed from
+WINDOW_KEY = "boltzformer_window"  # (name, lower, upper) of the display window the plugin set
+
+# Mask colours: one per prompt (stable across sessions), readable on a grey CT/MR slice.
+MASK_COLORS = ("#ff3b30", "#30d5ff", "#ffd60a", "#32d74b", "#bf5af2", "#ff9f0a", "#ff6bd6")
+ATTENTION_COLORMAP = "inferno"
+ATTENTION_OPACITY = 0.6
+_IDENTITY_ATOL = 1e-6
+MR_PERCENTILES = (0.5, 99.5)
+_PERCENTILE_SAMPLES = 2_000_000  # voxels looked at for MR contrast limits (memory bound)
+
+
+# -- geometry -------------------------------------------------------------------------------
+def geometry_of(volume, ndim: int = 3) -> dict:
+    """Plain-data geometry of a boltzformer Volume (what the writer needs to restore it)."""
+    return {
+        "spacing_mm": [float(v) for v in volume.spacing_mm],
+        "origin_mm": [float(v) for v in volume.origin_mm],
+        "direction": np.asarray(volume.direction, dtype=float).reshape(3, 3).tolist(),
+        "path": None if getattr(volume, "path", None) is None else str(volume.path),
+        "modality": getattr(volume, "modality", None),
+        "shape": [int(v) for v in np.shape(volume.array)],
+        "ndim": int(ndim),  # dimensions of the layer (3; 2 for a single-slice layer)
+        "file_ndim": int((getattr(volume, "metadata", None) or {}).get("ndim", 3)),  # of the source file
+    }
+
+
+def _zyx(geom: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(spacing_zyx, origin_zyx, R_zyx) of a geometry dict."""
+    spacing = np.asarray(geom["spacing_mm"], float)[::-1]
+    origin = np.asarray(geom["origin_mm"], float)[::-1]
+    rotation = np.asarray(geom["direction"], float).reshape(3, 3)[::-1, ::-1]
+    return spacing, origin, rotation
+
+
+def is_axis_aligned(geom: dict) -> bool:
+    return bool(np.allclose(np.asarray(geom["direction"], float).reshape(3, 3), np.eye(3), atol=_IDENTITY_ATOL))
+
+
+def transform_kwargs(geom: dict, cell_voxels=(1.0, 1.0, 1.0), offset_voxels=(0.0, 0.0, 0.0), leading_axes: int = 0) -> dict:
+    """napari scale/translate/(affine) placing data on the volume `geom` describes.
+
+    cell_voxels: size of one data element in source voxels (z, y, x): 1 for full-resolution
+    layers, the grid scale for the attention maps. offset_voxels: where the centre of data
+    element 0 lies, in source voxels (z, y, x) from the centre of voxel 0. leading_axes:
+    extra non-spatial axes in front (scale 1, no offset), e.g. the decoder layer axis.
+    """
+    spacing, origin, rotation = _zyx(geom)
+    scale = spacing * np.asarray(cell_voxels, float)
+    offset = spacing * np.asarray(offset_voxels, float)  # mm, before the rotation
+    axis_aligned = is_axis_aligned(geom)
+    translate = origin + offset if axis_aligned else offset
+    affine = None
+    if not axis_aligned:
+        affine = np.eye(4)
+        affine[:3, :3] = rotation
+        affine[:3, 3] = origin
+    if int(geom.get("ndim", 3)) == 2:  # a single slice shown as a 2D layer: drop z
+        scale, translate = scale[1:], translate[1:]
+        if affine is not None:
+            affine = np.delete(np.delete(affine, 0, axis=0), 0, axis=1)
+    n = leading_axes
+    out = {
+        "scale": tuple([1.0] * n + scale.tolist()),
+        "translate": tuple([0.0] * n + translate.tolist()),
+    }
+    if affine is not None:
+        full = np.eye(affine.shape[0] + n)
+        full[n:, n:] = affine
+        out["affine"] = full
+    return out
+
+
+def geometry_from_layer(layer) -> dict:
+    """The source geometry of an image or labels layer.
+
+    From `metadata[GEOMETRY_KEY]` when it matches the layer's shape; otherwise derived from the
+    layer's own transform (scale, translate, rotate, shear, affine), e.g. for layers opened by
+    another reader or drawn by hand.
+    """
+    data_shape = tuple(int(v) for v in layer_array(layer).shape)
+    geom = (layer.metadata or {}).get(GEOMETRY_KEY)
+    if geom is not None:
+        shape = tuple(geom.get("shape", ()))
+        if int(geom.get("ndim", 3)) == 2:
+            shape = shape[-2:]
+        if shape == data_shape:
+            return dict(geom)
+    ndim = layer.ndim
+    if ndim not in (2, 3):
+        raise ValueError(f"layer '{layer.name}' has {ndim} dimensions; BoltzFormer needs a 2D slice or a 3D volume")
+    origin = np.asarray(layer.data_to_world(np.zeros(ndim)), float)
+    matrix = np.eye(ndim + 1)
+    matrix[:ndim, ndim] = origin
+    for i in range(ndim):
+        matrix[:ndim, i] = np.asarray(layer.data_to_world(np.eye(ndim)[i]), float) - origin
+    return _geometry_from_matrix(matrix, data_shape)
+
+
+def _geometry_from_matrix(matrix: np.ndarray, shape: tuple) -> dict:
+    """Geometry dict from a homogeneous data(zyx) -> world(zyx) matrix of a 2D or 3D layer."""
+    ndim = len(shape)
+    matrix = np.asarray(matrix, float)
+    columns, origin = matrix[:ndim, :ndim], matrix[:ndim, ndim]
+    if ndim == 2:  # embed in 3D: one slice of thickness 1 mm at z = 0
+        columns = np.block([[np.ones((1, 1)), np.zeros((1, 2))], [np.zeros((2, 1)), columns]])
+        origin = np.concatenate([[0.0], origin])
+    spacing_zyx = np.linalg.norm(columns, axis=0)
+    rotation = columns / spacing_zyx
+    shape3 = tuple(shape) if ndim == 3 else (1, *shape)
+    return {
+        "spacing_mm": spacing_zyx[::-1].tolist(),
+        "origin_mm": origin[::-1].tolist(),
+        "direction": rotation[::-1, ::-1].tolist(),
+        "path": None,
+        "modality": None,
+        "shape": [int(v) for v in shape3],
+        "ndim": ndim,
+        "file_ndim": ndim,
+    }
+
+
+def layer_array(layer) -> np.ndarray:
+    """The full-resolution data of a layer as an array (level 0 of a multiscale layer)."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return data
+
+
+def volume_from_layer(layer, modality: str | None = None):
+    """A boltzformer Volume (z, y, x) from an image layer; a 2D layer becomes one slice."""
+    geom = geometry_from_layer(layer)
+    array = np.asarray(layer_array(layer))
+    if array.ndim == 2:
+        array = array[None]
+    return make_volume(array, geom, modality=modality or geom.get("modality"))
+
+
+def make_volume(array_zyx: np.ndarray, geom: dict, modality: str | None = None):
+    """A boltzformer Volume with `geom`'s geometry around `array_zyx` (3D)."""
+    from boltzformer.io import Volume
+
+    return Volume(
+        array=array_zyx,
+        spacing_mm=tuple(float(v) for v in geom["spacing_mm"]),
+        origin_mm=tuple(float(v) for v in geom["origin_mm"]),
+        direction=np.asarray(geom["direction"], float).reshape(3, 3),
+        modality=modality if modality is not None else geom.get("modality"),
+        path=geom.get("path"),
+        metadata={"ndim": int(geom.get("file_ndim", geom.get("ndim", 3)))},
+    )
+
+
+def to_layer_shape(array_zyx: np.ndarray, geom: dict) -> np.ndarray:
+    """A (z, y, x) result as the source layer's data: the one slice of a 2D source."""
+    return array_zyx[0] if int(geom.get("ndim", 3)) == 2 else array_zyx
+
+
+# -- display --------------------------------------------------------------------------------
+def display_window(volume, window: str | None = None) -> tuple[str | None, tuple[float, float]]:
+    """(window name, contrast limits) to show `volume` with; the data themselves stay as read.
+
+    CT in Hounsfield units: a named window of boltzformer.intensity.WINDOWS (`window`, else the
+    module's default, soft tissue). MR, and CT whose values are not HU: the 0.5-99.5
+    percentiles of a strided sample of the voxels (display only).
+    """
+    from boltzformer import intensity
+
+    modality = modality_of(volume)
+    if modality == "CT" and intensity.classify_units(np.asarray(volume.array)) == "HU":
+        name = resolve_window_name(window or intensity.DEFAULT_WINDOW)
+        w = intensity.WINDOWS[name]
+        return name, (float(w.lower_hu), float(w.upper_hu))
+    flat = np.asarray(volume.array).reshape(-1)
+    step = max(1, flat.size // _PERCENTILE_SAMPLES)
+    lo, hi = np.percentile(flat[::step].astype(np.float32), MR_PERCENTILES)
+    if not hi > lo:
+        hi = lo + 1.0
+    return None, (float(lo), float(hi))
+
+
+def resolve_window_name(name: str) -> str:
+    """The key of boltzformer.intensity.WINDOWS matching `name` ('soft tissue' ~ 'soft_tissue')."""
+    from boltzformer import intensity
+
+    if name in intensity.WINDOWS:
+        return name
+    key = _window_key(name)
+    for k in intensity.WINDOWS:
+        if _window_key(k) == key:
+            return k
+    raise KeyError(f"unknown window {name!r}; known: {', '.join(intensity.WINDOWS)}")
+
+
+def _window_key(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def modality_of(volume) -> str:
+    from boltzformer import intensity
+
+    modality = str(intensity.detect_modality(volume)).upper()  # the file's own modality wins
+    return "MR" if modality in ("MR", "MRI") else modality
+
+
+def layer_name_for(volume, fallback: str = "volume") -> str:
+    path = getattr(volume, "path", None)
+    if not path:
+        return fallback
+    name = Path(str(path)).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or fallback
+    return name or fallback
+
+
+# -- layer data tuples (data, kwargs, layer_type) --------------------------------------------
+def image_layer_data(volume, name: str | None = None, window: str | None = None) -> tuple:
+    """An Image layer at the volume's physical position; HU kept, contrast from a window."""
+    geom = geometry_of(volume)
+    modality = modality_of(volume)
+    geom["modality"] = modality
+    window_name, limits = display_window(volume, window)
+    kwargs = {
+        "name": name or layer_name_for(volume),
+        "colormap": "gray",
+        "contrast_limits": limits,
+        "metadata": {GEOMETRY_KEY: geom, ROLE_KEY: "image", WINDOW_KEY: [window_name, *limits]},
+        "axis_labels": ("z", "y", "x"),
+        "units": "mm",
+        **transform_kwargs(geom),
+    }
+    return volume.array, kwargs, "image"
+
+
+def mask_color(prompt: str) -> str:
+    return MASK_COLORS[zlib.crc32(prompt.encode("utf-8")) % len(MASK_COLORS)]
+
+
+def mask_colormap(color: str):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: color})
+
+
+def labels_layer_data(mask: np.ndarray, geom: dict, name: str, prompt: str | None = None, source: str | None = None) -> tuple:
+    """A Labels layer (0/1) on the geometry `geom`, one colour per prompt."""
+    metadata = {GEOMETRY_KEY: dict(geom), ROLE_KEY: "mask"}
+    if prompt is not None:
+        metadata[PROMPT_KEY] = prompt
+    if source is not None:
+        metadata[SOURCE_KEY] = source
+    kwargs = {
+        "name": name,
+        "metadata": metadata,
+        "colormap": mask_colormap(mask_color(prompt or name)),
+        "opacity": 0.7,
+        "axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):],
+        "units": "mm",
+        **transform_kwargs(geom),
+    }
+    return to_layer_shape(mask, geom), kwargs, "labels"
+
+
+def probability_layer_data(probabilities: np.ndarray, geom: dict, name: str, prompt: str, source: str | None = None) -> tuple:
+    kwargs = {
+        "name": name,
+        "colormap": "magma",
+        "contrast_limits": (0.0, 1.0),
+        "blending": "additive",
+        "opacity": 0.5,
+        "metadata": {GEOMETRY_KEY: dict(geom), ROLE_KEY: "probability", PROMPT_KEY: prompt, SOURCE_KEY: source},
+        "axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):],
+        "units": "mm",
+        **transform_kwargs(geom),
+    }
+    return to_layer_shape(probabilities, geom), kwargs, "image"
+
+
+def uncertainty_layer_data(variance: np.ndarray, geom: dict, name: str, prompt: str, source: str | None = None) -> tuple:
+    """Per-voxel variance over sampling seeds (at most 0.25 for probabilities in [0, 1])."""
+    kwargs = {
+        "name": name,
+        "colormap": "viridis",
+        "blending": "additive",
+        "opacity": 0.6,
+        "metadata": {GEOMETRY_KEY: dict(geom), ROLE_KEY: "uncertainty", PROMPT_KEY: prompt, SOURCE_KEY: source},
+        "axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):],
+        "units": "mm",
+        **transform_kwargs(geom),
+    }
+    return to_layer_shape(variance, geom), kwargs, "image"
+
+
+def attention_layer_data(attention, geom: dict, name: str, prompt: str, source: str | None = None, values: str = "counts") -> tuple:
+    """The decoder's sampling heatmaps as one Image layer (L, Z, G, G) on the source volume.
+
+    `attention` is a boltzformer.segmenter.AttentionMaps; `values` picks `counts` (how many
+    queries sampled each token) or `probabilities` (Boltzmann probabilities, uniform = 1). Data
+    stay at grid resolution (float16); one grid cell covers grid_scale_yx source voxels, so its
+    centre lies (grid_scale - 1) / 2 voxels from the centre of the first voxel it covers, and
+    the first map is slice `attention.slice_start`.
+    """
+    data = getattr(attention, values)  # L x Z x G x G
+    gy, gx = (float(v) for v in attention.grid_scale_yx)
+    placement = transform_kwargs(
+        geom,
+        cell_voxels=(1.0, gy, gx),
+        offset_voxels=(float(attention.slice_start), (gy - 1.0) / 2.0, (gx - 1.0) / 2.0),
+        leading_axes=1,
+    )
+    if int(geom.get("ndim", 3)) == 2:
+        data = data[:, 0]
+    spatial = ("z", "y", "x")[-int(geom.get("ndim", 3)):]
+    kwargs = {
+        "name": name,
+        "colormap": ATTENTION_COLORMAP,
+        "blending": "additive",
+        "opacity": ATTENTION_OPACITY,
+        "interpolation2d": "nearest",
+        "metadata": {
+            GEOMETRY_KEY: dict(geom),
+            ROLE_KEY: "attention",
+            PROMPT_KEY: prompt,
+            SOURCE_KEY: source,
+            "values": values,
+            "strides": list(attention.strides),
+            "temperatures": [float(t) for t in attention.temperatures],
+            "tokens_per_query": list(attention.tokens_per_query),
+        },
+        "axis_labels": ("decoder layer", *spatial),
+        "units": ("pixel", *(["mm"] * len(spatial))),
+        **placement,
+    }
+    return data, kwargs, "image"

@@ -1,0 +1,86 @@
+"""napari reader: NIfTI, NRRD, MetaImage files and DICOM series folders via boltzformer.io.
+
+`napari_get_reader` only looks at the path (and, for a folder, at the first bytes of a few
+files), so it is cheap and never imports torch. A file that cannot be read becomes a napari
+notification naming the file and the problem, not a traceback dialog.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_FILES_TO_PROBE = 20  # files of a folder whose DICOM preamble is checked
+
+
+def napari_get_reader(path):
+    """The reader function for `path`, or None when this plugin does not handle it."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return read_layers if looks_like_dicom_folder(p) else None
+    if p.name.lower().endswith(SUFFIXES):
+        return read_layers
+    return None
+
+
+def looks_like_dicom_folder(folder: Path) -> bool:
+    """True when the folder directly holds a .dcm/.ima file or a file with the DICOM preamble."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return False
+    probed = 0
+    for entry in entries:
+        if not entry.is_file():
+            continue
+        if entry.name.lower().endswith(DICOM_SUFFIXES):
+            return True
+        if probed < _FILES_TO_PROBE:
+            probed += 1
+            try:
+                with open(entry, "rb") as f:
+                    f.seek(128)
+                    if f.read(4) == b"DICM":
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def read_layers(path):
+    """[(array, kwargs, 'image')] for one volume; [(None,)] (napari's 'nothing here') on error."""
+    from napari.utils.notifications import show_error, show_info
+
+    from boltzformer.errors import BoltzformerError
+
+    from ._layers import image_layer_data
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    try:
+        from boltzformer.io import read_volume
+
+        volume = read_volume(path)
+        layer = image_layer_data(volume)
+    except BoltzformerError as exc:
+        show_error(str(exc))
+        return [(None,)]
+    except Exception as exc:  # noqa: BLE001 - a reader must not crash napari; say what failed
+        log.exception("reading %s failed", path)
+        show_error(f"{path}: could not be read ({type(exc).__name__}: {exc})".splitlines()[0])
+        return [(None,)]
+    note = volume.metadata.get("series_note")
+    if note:
+        show_info(f"{path}: {note}")
+    return [layer]

@@ -1,0 +1,75 @@
+"""napari writer: a Labels layer -> NIfTI (.nii.gz / .nii) with the source volume's geometry.
+
+The geometry comes from `metadata["boltzformer_volume"]` (set by this plugin's reader, sample
+data and panel) and otherwise from the layer's scale/translate/rotate/shear/affine. Files are
+written atomically by boltzformer.io (temporary file in the same folder, then rename). napari's
+save dialog has already asked before replacing a file, so an existing file is overwritten.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._layers import GEOMETRY_KEY, _geometry_from_matrix
+
+
+def write_labels(path: str, data, meta: dict) -> list[str]:
+    """npe2 single-layer writer: returns [path] written, or [] after a notification."""
+    from napari.utils.notifications import show_error
+
+    from boltzformer.errors import BoltzformerError
+
+    try:
+        volume = labels_volume(np.asarray(data), meta)
+        from boltzformer.io import write_volume
+
+        written = write_volume(volume, path, overwrite=True)
+    except BoltzformerError as exc:
+        show_error(str(exc))
+        return []
+    except ValueError as exc:  # a layer that is not 2D/3D, or other geometry trouble
+        show_error(f"{path}: not written ({exc})")
+        return []
+    return [str(written)]
+
+
+def labels_volume(data: np.ndarray, meta: dict):
+    """A boltzformer Volume of `data` (a labels layer's data) with its source geometry."""
+    from ._layers import make_volume
+
+    geom = (meta.get("metadata") or {}).get(GEOMETRY_KEY)
+    if geom is not None and _shape_of(geom) != tuple(data.shape):
+        geom = None  # the layer was resized or cropped: its own transform is the truth now
+    if geom is None:
+        geom = geometry_from_meta(data.shape, meta)
+    array = data[None] if data.ndim == 2 else data
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return make_volume(array, geom, modality=None)
+
+
+def _shape_of(geom: dict) -> tuple:
+    shape = tuple(int(v) for v in geom.get("shape", ()))
+    return shape[-2:] if int(geom.get("ndim", 3)) == 2 else shape
+
+
+def geometry_from_meta(shape, meta: dict) -> dict:
+    """Geometry from a layer's state (scale, translate, rotate, shear, affine)."""
+    from napari.utils.transforms import Affine
+
+    ndim = len(shape)
+    if ndim not in (2, 3):
+        raise ValueError(f"labels with {ndim} dimensions; a 2D slice or a 3D volume is needed")
+    data2physical = Affine(
+        scale=meta.get("scale", [1.0] * ndim),
+        translate=meta.get("translate", [0.0] * ndim),
+        rotate=meta.get("rotate"),
+        shear=meta.get("shear"),
+        ndim=ndim,
+    )
+    physical2world = meta.get("affine")
+    matrix = data2physical.affine_matrix
+    if physical2world is not None:
+        matrix = np.asarray(getattr(physical2world, "affine_matrix", physical2world), float) @ matrix
+    return _geometry_from_matrix(matrix, tuple(shape))
+

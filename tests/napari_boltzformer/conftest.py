@@ -1,0 +1,106 @@
+"""Fixtures of the napari plugin tests: a tiny untrained model, small volumes, a panel.
+
+The napari tests run a real viewer under Xvfb (pytest-xvfb starts it; never the `offscreen`
+platform, which has no OpenGL).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROMPT = "lung nodule"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """An untrained 'boltzformer-test' network that knows one prompt (no sentence encoder needed)."""
+    from boltzformer.checkpoint import save_model
+    from boltzformer.network.boltzformer import build_model
+    from boltzformer.network.config import get_config
+    from boltzformer.network.text import PromptEmbedding
+
+    rng = np.random.default_rng(0)
+    pooled = rng.standard_normal(384).astype(np.float32)
+    bank = {
+        PROMPT: PromptEmbedding(rng.standard_normal((2, 384)).astype(np.float32), pooled / np.linalg.norm(pooled)),
+    }
+    path = tmp_path_factory.mktemp("weights") / "w.safetensors"
+    save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank=bank)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tiny_weights):
+    from boltzformer.segmenter import Segmenter
+
+    return Segmenter.from_pretrained(tiny_weights, device="cpu")
+
+
+def ct_volume(shape=(12, 48, 40), spacing=(0.8, 0.7, 2.5), origin=(-20.0, 35.0, 100.0), direction=None):
+    """A small CT-like volume in HU: air, a body ellipse, two dense nodules; (z, y, x) array."""
+    from boltzformer.io import Volume
+
+    z, y, x = np.indices(shape)
+    hu = np.full(shape, -1000, np.int16)
+    body = ((y - shape[1] / 2) / (0.45 * shape[1])) ** 2 + ((x - shape[2] / 2) / (0.45 * shape[2])) ** 2 < 1
+    hu[body] = -800  # lung
+    for cz, cy, cx, r in ((shape[0] // 3, shape[1] // 3, shape[2] // 3, 4), (2 * shape[0] // 3, 2 * shape[1] // 3, shape[2] // 2, 3)):
+        hu[((y - cy) ** 2 + (x - cx) ** 2 < r * r) & (np.abs(z - cz) <= 1)] = 40
+    return Volume(hu, spacing, origin, np.eye(3) if direction is None else direction, modality="CT")
+
+
+def oblique_direction():
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_euler("xyz", [12, -25, 40], degrees=True).as_matrix()
+
+
+@pytest.fixture
+def notifications():
+    """Messages of the napari notifications dispatched during the test: [(severity, message)]."""
+    from napari.utils.notifications import notification_manager
+
+    got = []
+
+    def record(notification):
+        got.append((str(notification.severity), str(notification.message)))
+
+    notification_manager.notification_ready.connect(record)
+    yield got
+    notification_manager.notification_ready.disconnect(record)
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+def add_volume(viewer, volume, name="ct"):
+    from napari_boltzformer._layers import image_layer_data
+
+    data, kwargs, _ = image_layer_data(volume, name=name)
+    return viewer.add_image(data, **kwargs)
+
+
+@pytest.fixture
+def panel(viewer, tiny_segmenter, qtbot):
+    """The panel on a viewer holding a small CT volume, with the tiny model injected."""
+    from napari_boltzformer._widget import BoltzFormerWidget
+
+    add_volume(viewer, ct_volume())
+    widget = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
+    viewer.window.add_dock_widget(widget, name="BoltzFormer", area="right")
+    widget.prompt_edit.setText(PROMPT)
+    yield widget
+    if widget.running:
+        widget.cancel()
+        widget.wait(30)
+
+
+def run_and_wait(widget, qtbot, timeout_ms=60_000):
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)

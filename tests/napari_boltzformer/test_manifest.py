@@ -1,0 +1,54 @@
+"""The npe2 manifest: valid, installed, its commands importable, and cheap to import."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import napari_boltzformer
+
+PACKAGE = Path(napari_boltzformer.__file__).parent
+TOP = PACKAGE.parent
+
+
+def test_manifest_is_a_relative_symlink_to_the_top_level_one():
+    link = PACKAGE / "napari.yaml"
+    assert link.is_symlink()
+    assert os.readlink(link) == "../napari.yaml"
+    assert link.resolve() == (TOP / "napari.yaml").resolve()
+
+
+def test_manifest_validates_with_its_imports():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(TOP / "napari.yaml")
+    manifest.validate_imports()  # every python_name resolves
+    contrib = manifest.contributions
+    assert [w.display_name for w in contrib.widgets] == ["BoltzFormer"]
+    assert {s.display_name for s in contrib.sample_data} == {
+        "Synthetic chest CT (nodules)", "Synthetic brain MRI (MS lesions)",
+    }
+    reader = contrib.readers[0]
+    assert reader.accepts_directories
+    assert {"*.nii", "*.nii.gz", "*.nrrd", "*.mha", "*.mhd"} <= set(reader.filename_patterns)
+    assert contrib.writers[0].layer_types == ["labels"]
+
+
+def test_npe2_validate_command_accepts_the_installed_plugin():
+    npe2 = Path(sys.executable).with_name("npe2")
+    out = subprocess.run([str(npe2), "validate", "napari-boltzformer"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "valid" in out.stdout
+
+
+def test_reader_writer_and_sample_modules_do_not_import_torch():
+    code = (
+        "import sys; import napari_boltzformer._reader, napari_boltzformer._writer, "
+        "napari_boltzformer._sample_data, napari_boltzformer._layers, napari_boltzformer._widget; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
