@@ -1,0 +1,95 @@
+"""Segmenter on volumes: geometry, slice ranges, seeds, runs/uncertainty, attention, stopping."""
+
+import numpy as np
+import pytest
+
+from boltzformer.checkpoint import save_model
+from boltzformer.errors import BoltzformerError, PromptError
+from boltzformer.io import Volume
+from boltzformer.network.boltzformer import build_model
+from boltzformer.network.config import get_config
+from boltzformer.segmenter import Segmenter, resolve_device
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank={})
+    return Segmenter.from_pretrained(path, device="cpu")
+
+
+@pytest.fixture
+def volume():
+    rng = np.random.default_rng(0)
+    arr = rng.normal(-700, 100, size=(5, 40, 48)).astype(np.int16)
+    direction = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]], float)
+    return Volume(arr, (0.7, 0.8, 2.5), (10.0, -5.0, 3.0), direction, "CT", None, {})
+
+
+def test_result_matches_input_geometry(segmenter, volume):
+    r = segmenter.segment_volume(volume, "lung nodule")
+    assert r.mask.shape == r.probabilities.shape == volume.shape
+    assert r.mask.dtype == np.uint8 and set(np.unique(r.mask)) <= {0, 1}
+    mv = r.mask_volume()
+    assert mv.same_geometry(volume)
+    assert r.window == "lung" and r.modality == "CT"
+
+
+def test_slice_range_only_touches_those_slices(segmenter, volume):
+    r = segmenter.segment_volume(volume, "lung nodule", slices=(1, 3), threshold=0.0)
+    assert r.slices == (1, 3)
+    assert r.probabilities[[0, 3, 4]].max() == 0 and r.probabilities[1:3].min() > 0
+
+
+def test_same_seed_reproduces_and_runs_give_uncertainty(segmenter, volume):
+    a = segmenter.segment_volume(volume, "lung nodule", seed=3).probabilities
+    b = segmenter.segment_volume(volume, "lung nodule", seed=3).probabilities
+    c = segmenter.segment_volume(volume, "lung nodule", seed=4).probabilities
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    r = segmenter.segment_volume(volume, "lung nodule", runs=3, seed=3)
+    assert r.uncertainty is not None and r.uncertainty.shape == volume.shape and r.uncertainty.max() > 0
+
+
+def test_attention_maps_have_one_entry_per_decoder_layer(segmenter, volume):
+    r = segmenter.segment_volume(volume, "lung nodule", return_attention=True, slices=(1, 4))
+    att = r.attention
+    cfg = segmenter.config
+    grid = cfg.image_size // cfg.mask_stride
+    assert att.counts.shape == (cfg.num_layers, 3, grid, grid)
+    assert att.slice_start == 1
+    assert att.grid_scale_yx == pytest.approx((40 / grid, 48 / grid))
+    # Every layer's counts add up to K tokens x m queries per slice.
+    for layer, k in enumerate(att.tokens_per_query):
+        stride = att.strides[layer]
+        cell = (stride // cfg.mask_stride) ** 2  # nearest upsampling repeats each token
+        assert att.counts[layer, 0].astype(np.float64).sum() == pytest.approx(k * cfg.num_queries * cell)
+
+
+def test_rethreshold_changes_mask_without_inference(segmenter, volume):
+    r = segmenter.segment_volume(volume, "lung nodule")
+    r.rethreshold(0.0, min_lesion_mm3=0)
+    assert r.mask.all()
+    r.rethreshold(1.0)
+    assert not r.mask.any()
+
+
+def test_should_stop_returns_a_partial_result(segmenter, volume):
+    calls = iter([False, True])
+    r = segmenter.segment_volume(volume, "lung nodule", batch_size=2, should_stop=lambda: next(calls))
+    assert not r.complete and r.slices_done == 2
+
+
+def test_progress_is_reported_per_batch(segmenter, volume):
+    gen = segmenter.iter_segment(volume, "lung nodule", batch_size=2)
+    done = [p.slices_done for p in gen]
+    assert done == [2, 4, 5]
+
+
+def test_bad_arguments_are_user_errors(segmenter, volume):
+    with pytest.raises(PromptError):
+        segmenter.segment_volume(volume, "   ")
+    with pytest.raises(BoltzformerError):
+        segmenter.segment_volume(volume, "x", slices=(4, 2))
+    with pytest.raises(BoltzformerError):
+        resolve_device("tpu")
