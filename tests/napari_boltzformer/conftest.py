@@ -12,22 +12,23 @@ import numpy as np
 import pytest
 
 PROMPT = "lung nodule"
+OTHER_PROMPT = "brain lesion"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
-    """An untrained 'boltzformer-test' network that knows one prompt (no sentence encoder needed)."""
+    """An untrained 'boltzformer-test' network that knows two prompts (no sentence encoder needed)."""
     from boltzformer.checkpoint import save_model
     from boltzformer.network.boltzformer import build_model
     from boltzformer.network.config import get_config
     from boltzformer.network.text import PromptEmbedding
 
     rng = np.random.default_rng(0)
-    pooled = rng.standard_normal(384).astype(np.float32)
-    bank = {
-        PROMPT: PromptEmbedding(rng.standard_normal((2, 384)).astype(np.float32), pooled / np.linalg.norm(pooled)),
-    }
+    bank = {}
+    for prompt in (PROMPT, OTHER_PROMPT):
+        pooled = rng.standard_normal(384).astype(np.float32)
+        bank[prompt] = PromptEmbedding(rng.standard_normal((2, 384)).astype(np.float32), pooled / np.linalg.norm(pooled))
     path = tmp_path_factory.mktemp("weights") / "w.safetensors"
     save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank=bank)
     return path

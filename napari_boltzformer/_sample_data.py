@@ -1,0 +1,54 @@
+"""napari sample data: the procedural phantoms of boltzformer.synth.sample with their ground truth.
+
+Each sample is an image layer (HU for CT, arbitrary units for MR, physical geometry) and a
+labels layer with the lesions the phantom was built with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._layers import GEOMETRY_KEY, ROLE_KEY, geometry_of, image_layer_data, mask_colormap, transform_kwargs
+
+GROUND_TRUTH_COLOR = "#34c759"
+# Display window of each CT sample (lesions are easiest to see in it); None: percentiles (MR).
+SAMPLE_WINDOWS = {"chest_ct": "lung", "brain_mri": None}
+SAMPLE_NAMES = {"chest_ct": "synthetic chest CT", "brain_mri": "synthetic brain MRI"}
+
+
+def chest_ct():
+    return sample_layers("chest_ct")
+
+
+def brain_mri():
+    return sample_layers("brain_mri")
+
+
+def sample_layers(key: str) -> list[tuple]:
+    """[image layer data, ground-truth labels layer data] of sample `key`."""
+    from boltzformer.synth.sample import SAMPLES
+
+    case = SAMPLES[key]()
+    volume = case.volume()
+    image = image_layer_data(volume, name=SAMPLE_NAMES.get(key, key), window=SAMPLE_WINDOWS.get(key))
+    truth = np.asarray(ground_truth(case))
+    geom = geometry_of(volume)
+    labels = (
+        truth.astype(np.uint8, copy=False) if truth.dtype == bool else truth,
+        {
+            "name": f"{SAMPLE_NAMES.get(key, key)} ground truth",
+            "metadata": {GEOMETRY_KEY: geom, ROLE_KEY: "ground truth"},
+            "colormap": mask_colormap(GROUND_TRUTH_COLOR),
+            "opacity": 0.5,
+            "axis_labels": ("z", "y", "x"),
+            "units": "mm",
+            **transform_kwargs(geom),
+        },
+        "labels",
+    )
+    return [image, labels]
+
+
+def ground_truth(case) -> np.ndarray:
+    """The lesion mask (z, y, x) of a SampleCase."""
+    return case.lesion_mask

@@ -1,0 +1,270 @@
+"""The BoltzFormer panel on a real viewer (Xvfb), with a tiny untrained model injected."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_boltzformer._layers import ROLE_KEY
+from napari_boltzformer._widget import BoltzFormerWidget, _camera
+
+from .conftest import PROMPT, add_volume, ct_volume, oblique_direction, run_and_wait
+
+
+def _count_batches(monkeypatch, segmenter, delay_s: float = 0.0) -> list:
+    """Count (and optionally slow down) the network calls of `segmenter`."""
+    calls = []
+    original = segmenter.predict_batch
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        if delay_s:
+            time.sleep(delay_s)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter, "predict_batch", counted)
+    return calls
+
+
+def _roles(viewer) -> dict:
+    return {layer.metadata.get(ROLE_KEY): layer for layer in viewer.layers if layer.metadata.get(ROLE_KEY)}
+
+
+def test_a_run_makes_the_result_layers(panel, viewer, qtbot, notifications):
+    panel.runs_spin.setValue(2)
+    run_and_wait(panel, qtbot)
+    assert not [m for s, m in notifications if s == "error"]
+    roles = _roles(viewer)
+    assert {"image", "mask", "probability", "uncertainty", "attention"} <= set(roles)
+    image, mask = roles["image"], roles["mask"]
+    assert mask.name == PROMPT and mask.data.shape == image.data.shape
+    assert set(np.unique(mask.data)) <= {0, 1}
+    for role in ("mask", "probability", "uncertainty"):  # same placement as the image
+        assert np.allclose(roles[role].scale, image.scale) and np.allclose(roles[role].translate, image.translate)
+    prob = roles["probability"].data
+    assert prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
+    assert roles["uncertainty"].data.shape == image.data.shape
+    assert viewer.layers[-1] is mask  # the mask is drawn on top
+    assert panel.progress_bar.value() == panel.progress_bar.maximum() == 2 * image.data.shape[0]
+    assert panel.table.rowCount() == len(panel.active_result().lesions)
+
+
+def test_rerunning_a_prompt_updates_its_layers_and_prompts_coexist(panel, viewer, qtbot):
+    run_and_wait(panel, qtbot)
+    n_layers = len(viewer.layers)
+    first = viewer.layers[PROMPT]
+    panel.seed_spin.setValue(5)
+    run_and_wait(panel, qtbot)
+    assert len(viewer.layers) == n_layers and viewer.layers[PROMPT] is first
+    panel.prompt_edit.setText("Brain  Lesion")
+    run_and_wait(panel, qtbot)
+    assert {PROMPT, "brain lesion"} <= {layer.name for layer in viewer.layers}
+    assert panel.recent_prompts[:2] == ["brain lesion", PROMPT]
+    assert "brain lesion" in panel._prompt_model.stringList()
+
+
+@pytest.mark.parametrize("direction", ["axis-aligned", "oblique"])
+def test_attention_heatmaps_one_per_decoder_layer_and_aligned_with_the_image(make_napari_viewer, qtbot, tiny_segmenter, direction):
+    viewer = make_napari_viewer()
+    volume = ct_volume(shape=(10, 48, 40), direction=oblique_direction() if direction == "oblique" else None)
+    image = add_volume(viewer, volume)
+    panel = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
+    panel.prompt_edit.setText(PROMPT)
+    panel.scope_combo.setCurrentText("slice range")
+    panel.range_start.setValue(3)
+    panel.range_stop.setValue(7)
+    run_and_wait(panel, qtbot)
+    heat = _roles(viewer)["attention"]
+    num_layers = tiny_segmenter.config.num_layers
+    grid = tiny_segmenter.config.image_size // tiny_segmenter.config.mask_stride
+    assert heat.data.shape == (num_layers, 5, grid, grid)  # decoder layer, processed slices, grid
+    assert heat.data.dtype == np.float16  # kept at grid resolution
+    assert viewer.dims.axis_labels[0] == "decoder layer" and viewer.dims.nsteps[0] == num_layers
+    assert heat.blending == "additive" and heat.colormap.name == "inferno"
+    # Outer corners (voxel edges) of the heatmap grid land on those of the processed slab.
+    for corner in ([0, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]):
+        c = np.asarray(corner, float)
+        heat_index = np.concatenate([[0.0], c * ([5, grid, grid]) - 0.5])
+        image_index = c * ([5, 48, 40]) - 0.5 + [3, 0, 0]
+        heat_world = np.asarray(heat.data_to_world(heat_index))[1:]
+        image_world = np.asarray(image.data_to_world(image_index))
+        assert np.allclose(heat_world, image_world, atol=1e-6), corner
+    # A cell centre sits on the centre of the source voxels it covers.
+    gy, gx = 48 / grid, 40 / grid
+    cell_centre = np.asarray(heat.data_to_world([2.0, 1.0, 4.0, 5.0]))[1:]
+    voxel = np.asarray(image.data_to_world([4.0, 4 * gy + (gy - 1) / 2, 5 * gx + (gx - 1) / 2]))
+    assert np.allclose(cell_centre, voxel, atol=1e-6)
+
+
+def test_threshold_slider_rethresholds_without_running_the_model(panel, viewer, qtbot, tiny_segmenter, monkeypatch):
+    calls = _count_batches(monkeypatch, tiny_segmenter)
+    panel.min_lesion_spin.setValue(0.0)
+    run_and_wait(panel, qtbot)
+    batches = len(calls)
+    assert batches > 0 and panel.model_calls == 1
+    mask = viewer.layers[PROMPT]
+    result = panel.active_result()
+    low, high = 0.05, 0.95
+    panel.threshold_slider.setValue(int(low * 100))
+    qtbot.waitUntil(lambda: result.threshold == pytest.approx(low), timeout=2000)
+    n_low = int(mask.data.sum())
+    assert np.array_equal(mask.data, (result.probabilities >= low).astype(np.uint8))
+    panel.threshold_slider.setValue(int(high * 100))
+    qtbot.waitUntil(lambda: result.threshold == pytest.approx(high), timeout=2000)
+    assert np.array_equal(mask.data, (result.probabilities >= high).astype(np.uint8))
+    assert int(mask.data.sum()) < n_low
+    assert len(calls) == batches and panel.model_calls == 1  # no inference
+    assert panel.table.rowCount() == len(result.lesions)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_cancel_stops_within_a_batch(panel, viewer, qtbot, tiny_segmenter, monkeypatch, notifications, keep):
+    calls = _count_batches(monkeypatch, tiny_segmenter, delay_s=0.3)
+    panel.batch_size = 2
+    panel.keep_partial_check.setChecked(keep)
+    n_slices = viewer.layers["ct"].data.shape[0]
+    panel.run()
+    qtbot.waitUntil(lambda: len(calls) >= 1, timeout=30_000)
+    panel.cancel()
+    qtbot.waitUntil(lambda: not panel.running, timeout=30_000)
+    assert len(calls) <= 2 < n_slices // 2  # stopped after at most the batch in flight
+    roles = _roles(viewer)
+    if not keep:
+        assert set(roles) == {"image"}  # no partial layer
+        assert any("cancelled" in m for _, m in notifications)
+    else:
+        done = 2 * len(calls)
+        prob = roles["probability"].data
+        assert (prob[:done] > 0).all() and not prob[done:].any()
+        assert "attention" in roles and roles["attention"].data.shape[1] == n_slices
+
+
+def test_current_slice_scope_runs_one_slice(panel, viewer, qtbot, tiny_segmenter, monkeypatch):
+    calls = _count_batches(monkeypatch, tiny_segmenter)
+    panel.scope_combo.setCurrentText("current slice")
+    viewer.dims.set_current_step(0, 7)
+    run_and_wait(panel, qtbot)
+    assert calls == [1]
+    result = panel.active_result()
+    assert result.slices == (7, 8)
+    assert _roles(viewer)["attention"].data.shape[1] == 1
+
+
+def test_errors_become_notifications(panel, viewer, qtbot, notifications, tmp_path):
+    panel.prompt_edit.setText("   ")
+    panel.run()
+    assert not panel.running
+    viewer.layers.clear()
+    panel.prompt_edit.setText(PROMPT)
+    panel.run()
+    assert not panel.running
+    errors = [m for s, m in notifications if s == "error"]
+    assert len(errors) == 2 and "prompt is empty" in errors[0] and "no image layer" in errors[1]
+    # Missing weights: a notification from the worker, the viewer still works.
+    add_volume(viewer, ct_volume())
+    broken = BoltzFormerWidget(viewer, weights=tmp_path / "missing.safetensors")
+    broken.prompt_edit.setText(PROMPT)
+    run_and_wait(broken, qtbot)
+    errors = [m for s, m in notifications if s == "error"]
+    assert len(errors) == 3 and "missing.safetensors" in errors[-1]
+    assert {layer.name for layer in viewer.layers} == {"ct"}
+
+
+def test_out_of_memory_on_the_accelerator_retries_on_the_cpu(panel, viewer, qtbot, tiny_segmenter, monkeypatch, notifications):
+    import torch
+
+    class FakeGpu:  # a segmenter on a "cuda" device that runs out of memory
+        device = torch.device("cuda")
+
+        def iter_segment(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            yield  # a generator
+
+    devices = []
+
+    def load(device):
+        devices.append(device)
+        return FakeGpu() if device == "cuda" else tiny_segmenter
+
+    monkeypatch.setattr(panel, "load_segmenter", load)
+    panel.device_combo.model().item(1).setEnabled(True)
+    panel.device_combo.setCurrentIndex(1)  # CUDA
+    run_and_wait(panel, qtbot)
+    assert devices == ["cuda", "cpu"]
+    assert any(s == "warning" and "out of memory" in m and "CPU" in m for s, m in notifications)
+    assert PROMPT in viewer.layers
+
+
+def test_lesion_table_click_moves_the_viewer_to_the_lesion(panel, viewer, qtbot):
+    from qtpy.QtCore import Qt
+
+    panel.min_lesion_spin.setValue(0.0)
+    run_and_wait(panel, qtbot)
+    result = panel.active_result()
+    # A threshold that leaves at least two components of the untrained model's output.
+    for t in range(50, 100, 5):
+        panel.threshold_slider.setValue(t)
+        panel.apply_threshold()
+        if len(result.lesions) >= 2:
+            break
+    assert panel.table.rowCount() == len(result.lesions) >= 1
+    panel.table.sortItems(1)  # by volume, ascending
+    row = 0
+    index = panel.table.item(row, 0).data(Qt.ItemDataRole.UserRole + 1)
+    lesion = result.lesions[int(index)]
+    panel.table.cellClicked.emit(row, 1)
+    mask = viewer.layers[PROMPT]
+    z = int(round(lesion["centroid_voxel_zyx"][0]))
+    assert viewer.dims.current_step[-3] == z
+    world = np.asarray(mask.data_to_world(lesion["centroid_voxel_zyx"]))
+    assert np.allclose(_camera(viewer).center[-2:], world[-2:], atol=1e-6)
+
+
+def test_exports_round_trip(panel, viewer, qtbot, tmp_path, monkeypatch):
+    import csv
+
+    from qtpy.QtWidgets import QFileDialog, QMessageBox
+
+    from boltzformer.io import read_volume, write_volume
+
+    volume = ct_volume(direction=oblique_direction())
+    write_volume(volume, tmp_path / "oblique.mha")
+    viewer.layers.clear()
+    viewer.open(tmp_path / "oblique.mha", plugin="napari-boltzformer")
+    panel.image_combo.setCurrentText("oblique")
+    panel.min_lesion_spin.setValue(0.0)
+    run_and_wait(panel, qtbot)
+    result = panel.active_result()
+
+    answers = iter([str(tmp_path / "mask.nii.gz"), str(tmp_path / "table.csv"), str(tmp_path / "view.png")])
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (next(answers), ""))
+    panel.export_mask_button.click()
+    back = read_volume(tmp_path / "mask.nii.gz")
+    assert back.same_geometry(volume, atol=1e-4) and np.array_equal(back.array, result.mask)
+    panel.export_table_button.click()
+    with open(tmp_path / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(result.lesions)
+    panel.export_png_button.click()
+    assert (tmp_path / "view.png").stat().st_size > 0
+
+    # A name without extension that exists with it: the panel asks, "No" keeps the file.
+    before = (tmp_path / "mask.nii.gz").read_bytes()
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "mask"), ""))
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a) or QMessageBox.StandardButton.No)
+    assert panel.export_mask() is None
+    assert asked and (tmp_path / "mask.nii.gz").read_bytes() == before
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_panel_opens_from_the_plugin_menu(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    add_volume(viewer, ct_volume())
+    _, widget = viewer.window.add_plugin_dock_widget("napari-boltzformer", "BoltzFormer")
+    assert isinstance(widget, BoltzFormerWidget)
+    assert widget.image_combo.currentText() == "ct"
+    devices = widget.device_combo.model()
+    assert devices.item(3).isEnabled()  # CPU always
