@@ -1,0 +1,53 @@
+"""The prompt vocabulary: segmentation targets, their phrasings and their CT window.
+
+Synonyms and phrasings teach the text projection that "pulmonary nodule" and "nodule in the
+lung" mean the same target; the frozen sentence encoder then carries unseen phrasings nearby.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    key: str
+    modality: str  # "CT" or "MR"
+    prompts: tuple[str, ...]
+    window: str  # CT window the target is best seen in (see intensity.WINDOWS)
+
+
+_SPECS = [
+    TargetSpec("lung_nodule", "CT", ("lung nodule", "pulmonary nodule", "nodule in the lung", "lung nodules",
+                                     "solitary pulmonary nodule", "ground-glass nodule", "small lung lesion"), "lung"),
+    TargetSpec("lung_tumor", "CT", ("lung tumor", "lung tumour", "lung cancer", "lung mass", "pulmonary mass",
+                                    "tumor in the lung"), "lung"),
+    TargetSpec("liver_lesion", "CT", ("liver lesion", "liver tumor", "hepatic lesion", "liver metastasis",
+                                      "liver mass"), "soft_tissue"),
+    TargetSpec("kidney_lesion", "CT", ("kidney lesion", "renal mass", "kidney tumor", "renal cyst"), "soft_tissue"),
+    TargetSpec("liver", "CT", ("liver", "the liver", "hepatic parenchyma"), "soft_tissue"),
+    TargetSpec("kidney", "CT", ("kidney", "kidneys", "renal"), "soft_tissue"),
+    TargetSpec("spleen", "CT", ("spleen", "the spleen", "splenic"), "soft_tissue"),
+    TargetSpec("aorta", "CT", ("aorta", "the aorta", "aortic lumen"), "mediastinum"),
+    TargetSpec("inferior_vena_cava", "CT", ("inferior vena cava", "ivc", "vena cava"), "soft_tissue"),
+    TargetSpec("heart", "CT", ("heart", "the heart", "cardiac"), "mediastinum"),
+    TargetSpec("lung", "CT", ("lung", "lungs", "lung field"), "lung"),
+    TargetSpec("left_lung", "CT", ("left lung",), "lung"),
+    TargetSpec("right_lung", "CT", ("right lung",), "lung"),
+    TargetSpec("vertebra", "CT", ("vertebra", "vertebral body", "spine"), "bone"),
+    TargetSpec("ms_lesion", "MR", ("multiple sclerosis lesion", "ms lesion", "white matter lesion",
+                                   "demyelinating lesion", "ms plaque"), "brain"),
+    TargetSpec("brain_tumor", "MR", ("brain tumor", "brain tumour", "glioma", "brain mass", "enhancing tumor"), "brain"),
+]
+
+TARGETS: dict[str, TargetSpec] = {s.key: s for s in _SPECS}
+_BY_PROMPT = {p.lower(): s.key for s in _SPECS for p in s.prompts}
+
+
+def all_prompts() -> list[str]:
+    return [p for s in _SPECS for p in s.prompts]
+
+
+def target_of_prompt(prompt: str) -> str | None:
+    """The target a known phrasing names (exact match, case-insensitive), else None."""
+    return _BY_PROMPT.get(" ".join(prompt.lower().split()))
