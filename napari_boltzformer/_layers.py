@@ -21,7 +21,6 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +29,14 @@ GEOMETRY_KEY = "boltzformer_volume"  # geometry of the source volume (see geomet
 ROLE_KEY = "boltzformer_role"  # image | mask | probability | uncertainty | attention
 PROMPT_KEY = "boltzformer_prompt"  # the (normalised) prompt of a result layer
 SOURCE_KEY = "boltzformer_source"  # name of the image layer a result layer was computed from
+COLOR_KEY = "boltzformer_color"  # the colour of a mask layer
 WINDOW_KEY = "boltzformer_window"  # (name, lower, upper) of the display window the plugin set
 
-# Mask colours: one per prompt (stable across sessions), readable on a grey CT/MR slice.
-MASK_COLORS = ("#ff3b30", "#30d5ff", "#ffd60a", "#32d74b", "#bf5af2", "#ff9f0a", "#ff6bd6")
+# Mask colours, in the order prompts get them: readable on a grey CT/MR slice and away from the
+# hues of the inferno heatmap (black-purple-red-orange). Green is kept for the ground truth of
+# the sample data.
+MASK_COLORS = ("#30d5ff", "#ff2fd0", "#b4ff3a", "#4d7cff", "#00ffc8", "#ffe14d")
+GROUND_TRUTH_COLOR = "#34c759"
 ATTENTION_COLORMAP = "inferno"
 ATTENTION_OPACITY = 0.6
 _IDENTITY_ATOL = 1e-6
@@ -265,8 +268,13 @@ def image_layer_data(volume, name: str | None = None, window: str | None = None)
     return volume.array, kwargs, "image"
 
 
-def mask_color(prompt: str) -> str:
-    return MASK_COLORS[zlib.crc32(prompt.encode("utf-8")) % len(MASK_COLORS)]
+def next_mask_color(used) -> str:
+    """The first palette colour not in `used` (cycling when all are taken)."""
+    used = [str(c).lower() for c in used]
+    for color in MASK_COLORS:
+        if color.lower() not in used:
+            return color
+    return MASK_COLORS[len(used) % len(MASK_COLORS)]
 
 
 def mask_colormap(color: str):
@@ -275,9 +283,10 @@ def mask_colormap(color: str):
     return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: color})
 
 
-def labels_layer_data(mask: np.ndarray, geom: dict, name: str, prompt: str | None = None, source: str | None = None) -> tuple:
-    """A Labels layer (0/1) on the geometry `geom`, one colour per prompt."""
-    metadata = {GEOMETRY_KEY: dict(geom), ROLE_KEY: "mask"}
+def labels_layer_data(mask: np.ndarray, geom: dict, name: str, prompt: str | None = None, source: str | None = None,
+                      color: str = MASK_COLORS[0]) -> tuple:
+    """A Labels layer (0/1) on the geometry `geom`, drawn in `color`."""
+    metadata = {GEOMETRY_KEY: dict(geom), ROLE_KEY: "mask", COLOR_KEY: color}
     if prompt is not None:
         metadata[PROMPT_KEY] = prompt
     if source is not None:
@@ -285,7 +294,7 @@ def labels_layer_data(mask: np.ndarray, geom: dict, name: str, prompt: str | Non
     kwargs = {
         "name": name,
         "metadata": metadata,
-        "colormap": mask_colormap(mask_color(prompt or name)),
+        "colormap": mask_colormap(color),
         "opacity": 0.7,
         "axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):],
         "units": "mm",
@@ -324,14 +333,17 @@ def uncertainty_layer_data(variance: np.ndarray, geom: dict, name: str, prompt: 
     return to_layer_shape(variance, geom), kwargs, "image"
 
 
-def attention_layer_data(attention, geom: dict, name: str, prompt: str, source: str | None = None, values: str = "counts") -> tuple:
+def attention_layer_data(attention, geom: dict, name: str, prompt: str, source: str | None = None,
+                         values: str = "counts", num_queries: int | None = None) -> tuple:
     """The decoder's sampling heatmaps as one Image layer (L, Z, G, G) on the source volume.
 
     `attention` is a boltzformer.segmenter.AttentionMaps; `values` picks `counts` (how many
     queries sampled each token) or `probabilities` (Boltzmann probabilities, uniform = 1). Data
     stay at grid resolution (float16); one grid cell covers grid_scale_yx source voxels, so its
     centre lies (grid_scale - 1) / 2 voxels from the centre of the first voxel it covers, and
-    the first map is slice `attention.slice_start`.
+    the first map is slice `attention.slice_start`. With `num_queries`, counts are shown on the
+    fixed scale 0 (no query sampled the token) .. num_queries (every query did), the same for
+    every decoder layer and every run.
     """
     data = getattr(attention, values)  # L x Z x G x G
     gy, gx = (float(v) for v in attention.grid_scale_yx)
@@ -350,6 +362,7 @@ def attention_layer_data(attention, geom: dict, name: str, prompt: str, source: 
         "blending": "additive",
         "opacity": ATTENTION_OPACITY,
         "interpolation2d": "nearest",
+        **({"contrast_limits": (0.0, float(num_queries))} if values == "counts" and num_queries else {}),
         "metadata": {
             GEOMETRY_KEY: dict(geom),
             ROLE_KEY: "attention",

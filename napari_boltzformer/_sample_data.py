@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._layers import GEOMETRY_KEY, ROLE_KEY, geometry_of, image_layer_data, mask_colormap, transform_kwargs
+from ._layers import GEOMETRY_KEY, GROUND_TRUTH_COLOR, ROLE_KEY, geometry_of, image_layer_data, mask_colormap, transform_kwargs
 
-GROUND_TRUTH_COLOR = "#34c759"
 # Display window of each CT sample (lesions are easiest to see in it); None: percentiles (MR).
 SAMPLE_WINDOWS = {"chest_ct": "lung", "brain_mri": None}
 SAMPLE_NAMES = {"chest_ct": "synthetic chest CT", "brain_mri": "synthetic brain MRI"}
@@ -39,7 +38,8 @@ def sample_layers(key: str) -> list[tuple]:
             "name": f"{SAMPLE_NAMES.get(key, key)} ground truth",
             "metadata": {GEOMETRY_KEY: geom, ROLE_KEY: "ground truth"},
             "colormap": mask_colormap(GROUND_TRUTH_COLOR),
-            "opacity": 0.5,
+            "opacity": 0.9,
+            "contour": 1,  # outlines: the model's filled masks stay visible under it
             "axis_labels": ("z", "y", "x"),
             "units": "mm",
             **transform_kwargs(geom),

@@ -48,7 +48,9 @@ from qtpy.QtWidgets import (
 )
 
 from ._layers import (
+    COLOR_KEY,
     GEOMETRY_KEY,
+    MASK_COLORS,
     PROMPT_KEY,
     ROLE_KEY,
     SOURCE_KEY,
@@ -58,6 +60,7 @@ from ._layers import (
     labels_layer_data,
     layer_array,
     make_volume,
+    next_mask_color,
     probability_layer_data,
     resolve_window_name,
     to_layer_shape,
@@ -77,7 +80,11 @@ THRESHOLD_STEPS = 100  # slider resolution: thresholds 0.01 .. 0.99
 RETHRESHOLD_DELAY_MS = 120  # slider moves closer together than this are merged
 EMPTY_PROMPT = 'the prompt is empty; type what to segment, e.g. "lung nodule"'
 NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File > Open Sample > napari-boltzformer)"
-TABLE_COLUMNS = ("id", "volume mm³", "longest axial Ø mm", "slices", "mean HU")
+TABLE_COLUMNS = ("id", "mm³", "Ø mm", "slices", "mean HU")
+TABLE_TIPS = (
+    "lesion id (1 = largest)", "volume in mm³", "longest axial diameter in mm",
+    "first–last slice (z index)", "mean intensity (HU for CT)",
+)
 
 
 # -- the model, loaded once per (weights, device) ------------------------------------------------
@@ -133,6 +140,7 @@ class JobOutcome:
     result: object | None = None  # SegmentationResult
     error: str | None = None
     device: str | None = None
+    num_queries: int | None = None  # of the network: the largest possible attention count
     notes: list[str] = field(default_factory=list)
 
 
@@ -159,6 +167,7 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
         yield JobStatus(f"loading the model ({request.device})")
         segmenter = load_segmenter(request.device)
         outcome.device = str(segmenter.device)
+        outcome.num_queries = int(segmenter.config.num_queries)
         yield JobStatus(f"segmenting on {outcome.device}")
         try:
             outcome.result = yield from segmenter.iter_segment(
@@ -371,11 +380,14 @@ class BoltzFormerWidget(QWidget):
         rlay.addWidget(self.result_label)
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)
+        for col, tip in enumerate(TABLE_TIPS):
+            self.table.horizontalHeaderItem(col).setToolTip(tip)
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setSortingEnabled(True)
+        self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)  # ids: largest lesion first
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.setMinimumHeight(120)
@@ -431,6 +443,13 @@ class BoltzFormerWidget(QWidget):
                 self.model_label.setText(f"model: {source.description} ({Path(source.weights_path).name}); loads on first run")
             except BoltzformerError as exc:
                 self.model_label.setText(f"model: {exc}")
+        if not known:  # no weights to ask: offer the training vocabulary
+            try:
+                from boltzformer.synth.prompts import all_prompts
+
+                known = list(all_prompts())
+            except ImportError:
+                pass
         self._known_prompts = known
         self._update_completer()
 
@@ -683,7 +702,7 @@ class BoltzFormerWidget(QWidget):
             self.status_label.setText(
                 f"done in {_format_seconds(elapsed)} on {outcome.device}: {len(result.lesions)} lesion(s)"
             )
-        self.show_result(result, request)
+        self.show_result(result, request, num_queries=outcome.num_queries)
 
     def _on_finished(self):
         self._worker = None
@@ -710,8 +729,11 @@ class BoltzFormerWidget(QWidget):
                 out.setdefault(md[ROLE_KEY], layer)
         return out
 
-    def show_result(self, result, request: RunRequest):
-        """Create or update the layers of `result`: mask, probability, uncertainty, attention."""
+    def show_result(self, result, request: RunRequest, num_queries: int | None = None):
+        """Create or update the layers of `result`: mask, probability, uncertainty, attention.
+
+        A new heatmap layer opens on the last decoder layer (the one nearest the output).
+        """
         run_id = uuid.uuid4().hex
         prompt, source, geom = result.prompt, request.image_name, request.geometry
         wanted = {}
@@ -720,9 +742,15 @@ class BoltzFormerWidget(QWidget):
         if result.uncertainty is not None:
             wanted["uncertainty"] = uncertainty_layer_data(result.uncertainty, geom, f"{prompt} uncertainty", prompt, source)
         if request.want_attention and result.attention is not None:
-            wanted["attention"] = attention_layer_data(result.attention, geom, f"{prompt} attention", prompt, source)
-        wanted["mask"] = labels_layer_data(result.mask, geom, name=prompt, prompt=prompt, source=source)  # on top
+            wanted["attention"] = attention_layer_data(
+                result.attention, geom, f"{prompt} attention", prompt, source, num_queries=num_queries
+            )
         existing = self.result_layers(prompt, source)
+        if "mask" in existing:
+            color = existing["mask"].metadata.get(COLOR_KEY, MASK_COLORS[0])
+        else:
+            color = next_mask_color(layer.metadata.get(COLOR_KEY) for layer in self.viewer.layers)
+        wanted["mask"] = labels_layer_data(result.mask, geom, name=prompt, prompt=prompt, source=source, color=color)
         for role, layer in existing.items():
             if role not in wanted:  # e.g. an uncertainty layer from an earlier run with runs > 1
                 self.viewer.layers.remove(layer)
@@ -731,7 +759,10 @@ class BoltzFormerWidget(QWidget):
             kwargs["metadata"][RUN_KEY] = run_id
             layer = existing.get(role)
             if layer is None:
-                getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+                layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+                if role == "attention":
+                    axis = self.viewer.dims.ndim - layer.ndim  # the "decoder layer" axis
+                    self.viewer.dims.set_current_step(axis, layer.data.shape[0] - 1)
             else:
                 _update_layer(layer, data, kwargs)
         self._apply_result_window(result, request)

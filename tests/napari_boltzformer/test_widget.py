@@ -177,6 +177,7 @@ def test_out_of_memory_on_the_accelerator_retries_on_the_cpu(panel, viewer, qtbo
 
     class FakeGpu:  # a segmenter on a "cuda" device that runs out of memory
         device = torch.device("cuda")
+        config = tiny_segmenter.config
 
         def iter_segment(self, *args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
