@@ -1,0 +1,238 @@
+"""Training and validation examples: synthetic phantoms and the real cases in ../shared.
+
+An example is one 2D slice at the network size, windowed/normalised exactly as inference
+prepares it, a prompt, and the target mask for that prompt (empty when the prompt's target is
+absent: the model must learn to say "nothing here").
+
+Real data is read from its folder at run time and never copied into the repository. It is split
+by patient/case (`real_split`); the held-out part is never trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import intensity
+from .synth import prompts as vocab
+
+LESION_TARGETS = ("lung_nodule", "lung_tumor", "liver_lesion", "kidney_lesion", "ms_lesion", "brain_tumor")
+# Windows a CT slice is shown in during training, besides the target's own: the model must not
+# depend on one window, because exported 8-bit images come in whatever window the exporter used.
+TRAIN_WINDOWS = ("lung", "mediastinum", "soft_tissue")
+DEFAULT_REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+def default_real_dir() -> Path | None:
+    """$BOLTZFORMER_REAL_DATA, else ../shared/data/real beside the checkout, else None."""
+    env = os.environ.get("BOLTZFORMER_REAL_DATA")
+    for cand in ([Path(env)] if env else []) + [DEFAULT_REAL_DIR]:
+        if (cand / "cases.csv").is_file():
+            return cand
+    return None
+
+
+# -- real-data split (by patient / source image, never by slice) --------------------------------
+_HELDOUT_PATIENTS = {
+    "msd_lung_slice": {"10006", "10008", "10010"},
+    "ms_flair": {"105", "111", "116", "125", "135", "143"},
+}
+
+
+def real_split(case_id: str) -> str:
+    """'train' or 'heldout' for a case of ../shared/data/real.
+
+    MSD lung patches: the `test` patches are held out, `val` patches train. MSD lung slices:
+    by patient id. MS FLAIR slices: by the first three digits (the patient). SAM-Med2D: the
+    amos_0006 image (3 prompts) is held out. pyradiomics: brain2 held out.
+    """
+    if case_id.startswith("msd_lung_patch_"):
+        return "heldout" if "_test_" in case_id else "train"
+    if case_id.startswith("msd_lung_slice_"):
+        return "heldout" if case_id.split("_")[3] in _HELDOUT_PATIENTS["msd_lung_slice"] else "train"
+    if case_id.startswith("ms_flair_"):
+        return "heldout" if case_id.split("_")[2][:3] in _HELDOUT_PATIENTS["ms_flair"] else "train"
+    if case_id.startswith("sammed2d_amos_0006"):
+        return "heldout"
+    if case_id == "pyradiomics_brain2":
+        return "heldout"
+    return "train"
+
+
+def read_cases_csv(folder: Path) -> list[dict]:
+    with open(Path(folder) / "cases.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def modality_of(text: str | None) -> str | None:
+    if not text:
+        return None
+    t = text.upper()
+    return "MR" if t.startswith("MR") else "CT" if t.startswith("CT") else None
+
+
+# -- examples ----------------------------------------------------------------------------------
+@dataclass
+class ExampleSet:
+    """A stack of examples at the network size.
+
+    images: N x S x S uint8 (intensity in [0,1] quantised to 1/255), masks: N x S x S bool,
+    prompts: N prompt strings, targets: N target keys, area: N mask area fractions.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    prompts: list[str]
+    targets: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def area(self) -> np.ndarray:
+        return self.masks.reshape(len(self), -1).mean(1)
+
+    @staticmethod
+    def concat(sets: list["ExampleSet"]) -> "ExampleSet":
+        return ExampleSet(
+            np.concatenate([s.images for s in sets]), np.concatenate([s.masks for s in sets]),
+            sum((s.prompts for s in sets), []), sum((s.targets for s in sets), []),
+        )
+
+    def save(self, path: Path) -> None:
+        np.savez(path, images=self.images, masks=np.packbits(self.masks, axis=-1), prompts=np.array(self.prompts),
+                 targets=np.array(self.targets), size=self.images.shape[-1])
+
+    @classmethod
+    def load(cls, path: Path) -> "ExampleSet":
+        z = np.load(path)
+        size = int(z["size"])
+        masks = np.unpackbits(z["masks"], axis=-1, count=size).astype(bool)
+        return cls(z["images"], masks, [str(p) for p in z["prompts"]], [str(t) for t in z["targets"]])
+
+
+def window_ct(hu: np.ndarray, center_hu: float, width_hu: float) -> np.ndarray:
+    lower = center_hu - width_hu / 2.0
+    return np.clip((hu.astype(np.float32) - lower) / width_hu, 0.0, 1.0)
+
+
+def _target_mask(masks: dict, target: str, shape) -> np.ndarray:
+    m = masks.get(target)
+    m = np.zeros(shape, bool) if m is None else m.astype(bool)
+    if target == "lung_tumor" and "lung_nodule" in masks:  # "lung tumour" asks for every lung lesion
+        m = m | masks["lung_nodule"].astype(bool)
+    return m
+
+
+def synthetic_example(rng: np.random.Generator, size: int = 256, negative_fraction: float = 0.15):
+    """One synthetic example -> (image01 S x S float32, prompt, mask S x S bool, target)."""
+    from .synth import ct, mri
+
+    if rng.random() < 0.72:
+        sl = ct.ct_slice(rng, size=size)
+    else:
+        sl = mri.brain_slice(rng, size=size)
+    modality = sl.modality
+    present = [k for k, m in sl.masks.items() if k in vocab.TARGETS and np.any(m)]
+    same_modality = [k for k, t in vocab.TARGETS.items() if t.modality == modality]
+    absent = [k for k in same_modality if k not in present and not (k == "lung_tumor" and "lung_nodule" in present)]
+    if present and (rng.random() >= negative_fraction or not absent):
+        weights = np.array([4.0 if k in LESION_TARGETS else 1.0 for k in present])
+        target = present[rng.choice(len(present), p=weights / weights.sum())]
+    else:
+        lesion_absent = [k for k in absent if k in LESION_TARGETS] or absent
+        target = lesion_absent[rng.integers(len(lesion_absent))]
+    spec = vocab.TARGETS[target]
+    prompt = spec.prompts[rng.integers(len(spec.prompts))]
+    mask = _target_mask(sl.masks, target, sl.image.shape)
+    if modality == "CT":
+        name = spec.window if rng.random() < 0.5 else TRAIN_WINDOWS[rng.integers(len(TRAIN_WINDOWS))]
+        w = intensity.WINDOWS[name]
+        image = window_ct(sl.image, w.center_hu + rng.normal(0, 30), w.width_hu * rng.uniform(0.8, 1.25))
+    else:
+        image, _ = intensity.prepare_slices(sl.image[None].astype(np.float32), modality="MR")
+        image = image[0]
+    return image.astype(np.float32), prompt, mask, target
+
+
+def _generate_chunk(args):
+    seed, count, size, negative_fraction = args
+    rng = np.random.default_rng(seed)
+    images = np.zeros((count, size, size), np.uint8)
+    masks = np.zeros((count, size, size), bool)
+    prompts, targets = [], []
+    for i in range(count):
+        img, prompt, mask, target = synthetic_example(rng, size, negative_fraction)
+        images[i] = np.round(img * 255)
+        masks[i] = mask
+        prompts.append(prompt)
+        targets.append(target)
+    return ExampleSet(images, masks, prompts, targets)
+
+
+def generate_synthetic(count: int, seed: int, size: int = 256, workers: int = 1, negative_fraction: float = 0.15,
+                       chunk: int = 250) -> ExampleSet:
+    """`count` synthetic examples, deterministic in (seed, chunk) whatever the number of workers."""
+    jobs = [(seed * 100_003 + i, min(chunk, count - i * chunk), size, negative_fraction)
+            for i in range((count + chunk - 1) // chunk)]
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            sets = pool.map(_generate_chunk, jobs)
+    else:
+        sets = [_generate_chunk(j) for j in jobs]
+    return ExampleSet.concat(sets)
+
+
+def _resize(a: np.ndarray, size: int) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
+    big = a.shape[0] > size or a.shape[1] > size
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=big)[0, 0].numpy()
+
+
+def real_examples(folder: Path, split: str, size: int = 256, negatives: bool = True,
+                  rng: np.random.Generator | None = None) -> ExampleSet:
+    """Slices of the real cases of one split, prepared exactly as inference prepares them.
+
+    Each lesion-bearing slice gives one positive example; volumes also give their lesion-free
+    slices as negatives, and with `negatives` every slice is also paired with a prompt of a
+    target that is absent (e.g. a lung CT asked for "multiple sclerosis lesion").
+    """
+    from .io import read_volume
+
+    rng = rng or np.random.default_rng(0)
+    images, masks, prompts, targets = [], [], [], []
+    for row in read_cases_csv(folder):
+        if real_split(row["case_id"]) != split:
+            continue
+        vol = read_volume(Path(folder) / f"{row['case_id']}_image.nii.gz")
+        truth = read_volume(Path(folder) / f"{row['case_id']}_mask.nii.gz").array > 0
+        modality = modality_of(row.get("modality")) or intensity.detect_modality(vol)
+        prepared, _ = intensity.prepare_slices(vol.array, modality=modality, prompt=row["prompt"])
+        target = vocab.target_of_prompt(row["prompt"]) or row["prompt"]
+        for z in range(vol.shape[0]):
+            if not truth[z].any() and truth.shape[0] > 1 and rng.random() > 0.3:
+                continue
+            images.append(_resize(prepared[z], size))
+            masks.append(_resize(truth[z].astype(np.float32), size) > 0.5)
+            prompts.append(row["prompt"])
+            targets.append(target)
+            if negatives:
+                others = [k for k, t in vocab.TARGETS.items() if t.modality == modality and k in LESION_TARGETS
+                          and k != target and not (target == "lung_tumor" and k == "lung_nodule")
+                          and not (target == "lung_nodule" and k == "lung_tumor")]
+                if others:
+                    k = others[rng.integers(len(others))]
+                    images.append(images[-1])
+                    masks.append(np.zeros_like(masks[-1]))
+                    prompts.append(vocab.TARGETS[k].prompts[0])
+                    targets.append(k)
+    if not images:
+        return ExampleSet(np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), bool), [], [])
+    return ExampleSet(np.round(np.stack(images) * 255).astype(np.uint8), np.stack(masks), prompts, targets)

@@ -1,0 +1,371 @@
+"""`boltzformer train`: Dice + BCE, AdamW, cosine schedule, checkpoint + resume, logs and a plot.
+
+    boltzformer train --config configs/bundled.json --out runs/bundled
+
+The config (JSON) records everything needed to retrain the bundled weights: network config
+name and overrides, data sizes and seeds, optimiser settings. Training resumes from
+`<out>/last.pt` when it exists, so long runs can go in chunks (e.g. 10-minute GPU leases).
+Outputs: `<out>/log.csv` (one row per epoch: losses, held-out Dice), `<out>/curves.png`,
+`<out>/best.safetensors` + `.json` (best held-out Dice) and `<out>/last.safetensors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import data as data_mod
+from .checkpoint import save_model
+from .network.boltzformer import BoltzFormer, build_model, count_parameters
+from .network.config import get_config
+from .network.text import SentenceEncoder, batch_embeddings, normalise_prompt
+from .synth import prompts as vocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "boltzformer-s"
+    model_overrides: dict = field(default_factory=dict)
+    seed: int = 0
+    synth_train: int = 8000  # synthetic training examples (generated once, cached)
+    synth_val: int = 400  # held-out synthetic examples (a different seed)
+    real_weight: float = 0.15  # probability that a batch item is a real training case
+    negative_fraction: float = 0.15
+    batch_size: int = 16
+    steps: int = 6000
+    steps_per_epoch: int = 250
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    amp: bool = True  # bf16 autocast on CUDA only
+    threads: int = 0  # torch threads on CPU (0 = torch default)
+    workers: int = 2  # processes generating synthetic data
+    cache_dir: str = ".devdata"  # synthetic example caches (git-ignored)
+    real_dir: str | None = None  # default: $BOLTZFORMER_REAL_DATA or ../shared/data/real
+    use_real: bool = True  # False: synthetic data only
+    device: str = "auto"
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        d = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
+        return cls(**d)
+
+
+# -- losses ------------------------------------------------------------------------------------
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice per example, averaged. logits/target: B x 1 x H x W. An empty target is
+    matched by an empty prediction (loss -> 0 as probabilities -> 0)."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    return (1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Dice + BCE on the final (PiGMA) output only, as in the paper."""
+    d = dice_loss(logits, target)
+    b = F.binary_cross_entropy_with_logits(logits, target)
+    return d + b, {"dice_loss": float(d), "bce": float(b)}
+
+
+def hard_dice(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
+    p = prob >= threshold
+    t = truth.astype(bool)
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
+
+
+# -- data -----------------------------------------------------------------------------------------
+def synthetic_cache(cfg: TrainConfig, count: int, seed: int, size: int) -> data_mod.ExampleSet:
+    cache = Path(cfg.cache_dir) / f"synth_s{seed}_n{count}_{size}_neg{cfg.negative_fraction}.npz"
+    if cache.is_file():
+        return data_mod.ExampleSet.load(cache)
+    t = time.perf_counter()
+    examples = data_mod.generate_synthetic(count, seed, size, workers=cfg.workers, negative_fraction=cfg.negative_fraction)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    examples.save(tmp)
+    tmp.replace(cache)
+    log.info("generated %d synthetic examples in %.0f s -> %s", count, time.perf_counter() - t, cache)
+    return examples
+
+
+def prompt_vocabulary(extra: list[str]) -> list[str]:
+    return sorted({normalise_prompt(p) for p in vocab.all_prompts()} | {normalise_prompt(p) for p in extra})
+
+
+class BatchSampler:
+    """Random batches mixing synthetic and real training examples, with light augmentation
+    (flips, gamma) and prompt synonyms for real cases."""
+
+    def __init__(self, synth, real, cfg: TrainConfig, rng: np.random.Generator):
+        self.synth, self.real, self.cfg, self.rng = synth, real, cfg, rng
+
+    def _synonym(self, prompt: str, target: str) -> str:
+        spec = vocab.TARGETS.get(target)
+        if spec is None or self.rng.random() < 0.5:
+            return prompt
+        return spec.prompts[self.rng.integers(len(spec.prompts))]
+
+    def sample(self, n: int):
+        images, masks, prompts = [], [], []
+        for _ in range(n):
+            use_real = len(self.real) > 0 and self.rng.random() < self.cfg.real_weight
+            src = self.real if use_real else self.synth
+            i = int(self.rng.integers(len(src)))
+            img = src.images[i].astype(np.float32) / 255.0
+            m = src.masks[i]
+            if self.rng.random() < 0.5:
+                img, m = img[:, ::-1], m[:, ::-1]
+            if self.rng.random() < 0.3:
+                img = img ** self.rng.uniform(0.7, 1.4)
+            images.append(np.ascontiguousarray(img))
+            masks.append(np.ascontiguousarray(m))
+            prompts.append(self._synonym(src.prompts[i], src.targets[i]) if use_real else src.prompts[i])
+        return np.stack(images), np.stack(masks).astype(np.float32), prompts
+
+
+# -- evaluation during training -------------------------------------------------------------------
+@torch.inference_mode()
+def evaluate_examples(model: BoltzFormer, examples: data_mod.ExampleSet, bank, device, batch_size=32, seed=0) -> dict:
+    """Dice on examples at the network size: mean over positives, false-positive rate on negatives,
+    and Dice per area band (< 0.1 %, 0.1-1 %, >= 1 % of the slice)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    dices, areas, fp = [], [], []
+    for b0 in range(0, len(examples), batch_size):
+        sl = slice(b0, b0 + batch_size)
+        x = torch.from_numpy(examples.images[sl].astype(np.float32) / 255.0)[:, None].to(device)
+        embs = [bank[normalise_prompt(p)] for p in examples.prompts[sl]]
+        tokens, valid, pooled = batch_embeddings(embs, model.cfg.max_text_tokens, device)
+        prob = torch.sigmoid(model(x, tokens, valid, pooled, generator=gen)["logits"].float())[:, 0].cpu().numpy()
+        for p, t in zip(prob, examples.masks[sl]):
+            if t.any():
+                dices.append(hard_dice(p, t))
+                areas.append(t.mean())
+            else:
+                fp.append(bool((p >= 0.5).any()))
+    dices, areas = np.array(dices), np.array(areas)
+    bands = {"small": areas < 0.001, "medium": (areas >= 0.001) & (areas < 0.01), "large": areas >= 0.01}
+    out = {"dice": float(dices.mean()) if len(dices) else math.nan,
+           "negative_fp_rate": float(np.mean(fp)) if fp else math.nan, "positives": len(dices)}
+    for name, sel in bands.items():
+        out[f"dice_{name}"] = float(dices[sel].mean()) if sel.any() else math.nan
+    model.train()
+    return out
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot(ep, [r["loss"] for r in rows], label="train loss (Dice + BCE)")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    ax[0].grid(alpha=0.3)
+    for key, label in (("val_synth_dice", "held-out synthetic"), ("val_synth_dice_small", "held-out synthetic, < 0.1 % area"),
+                       ("val_real_dice", "held-out real")):
+        ys = [r.get(key, math.nan) for r in rows]
+        if not all(math.isnan(y) for y in ys):
+            ax[1].plot(ep, ys, marker="o", ms=3, label=label)
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel("Dice")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend()
+    ax[1].grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# -- training ---------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
+    """Train (or resume) into out_dir; stop after cfg.steps or max_minutes. Returns best weights path."""
+    from .segmenter import resolve_device
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    net_cfg = get_config(cfg.model, **cfg.model_overrides)
+    size = net_cfg.image_size
+    t0 = time.perf_counter()
+
+    synth_train = synthetic_cache(cfg, cfg.synth_train, cfg.seed, size)
+    synth_val = synthetic_cache(cfg, cfg.synth_val, cfg.seed + 10_000, size)
+    real_dir = Path(cfg.real_dir) if cfg.real_dir else data_mod.default_real_dir()
+    if not cfg.use_real:
+        real_dir = None
+    elif real_dir is not None and not (real_dir / "cases.csv").is_file():
+        from .errors import BoltzformerError
+
+        raise BoltzformerError(f"{real_dir}: no cases.csv; set real_dir or use_real=false")
+    empty = data_mod.ExampleSet(np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), bool), [], [])
+    real_train = data_mod.real_examples(real_dir, "train", size) if real_dir else empty
+    real_val = data_mod.real_examples(real_dir, "heldout", size, negatives=False) if real_dir else empty
+    log.info("data: %d synthetic train, %d synthetic val, %d real train, %d real held-out (%s) [%.0f s]",
+             len(synth_train), len(synth_val), len(real_train), len(real_val), real_dir, time.perf_counter() - t0)
+
+    prompts = prompt_vocabulary(real_train.prompts + real_val.prompts)
+    encoder = SentenceEncoder(net_cfg.max_text_tokens)
+    bank = dict(zip(prompts, encoder.encode(prompts)))
+
+    model = build_model(net_cfg, seed=cfg.seed).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n and "query" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n and "query" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr)
+
+    def lr_at(step):
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    step, best, rows = 0, -1.0, []
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt = out / "last.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, best, rows = state["step"], state["best"], state["rows"]
+        rng = np.random.default_rng([cfg.seed, step])
+        gen.manual_seed(cfg.seed + step)
+        log.info("resumed from %s at step %d", ckpt, step)
+    sampler = BatchSampler(synth_train, real_train, cfg, rng)
+    info = {"training": {"config": dataclasses.asdict(cfg), "parameters": count_parameters(model)}}
+    use_amp = cfg.amp and device.type == "cuda"
+
+    model.train()
+    started = time.perf_counter()
+    running = []
+    while step < cfg.steps:
+        if max_minutes is not None and (time.perf_counter() - started) > 60 * max_minutes:
+            log.info("time budget reached at step %d; resume later", step)
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        images, masks, batch_prompts = sampler.sample(cfg.batch_size)
+        x = torch.from_numpy(images)[:, None].to(device)
+        y = torch.from_numpy(masks)[:, None].to(device)
+        tokens, valid, pooled = batch_embeddings([bank[normalise_prompt(p)] for p in batch_prompts],
+                                                 net_cfg.max_text_tokens, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out_ = model(x, tokens, valid, pooled, generator=gen)
+        loss, parts = segmentation_loss(out_["logits"].float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        running.append(float(loss))
+        step += 1
+        if step % cfg.steps_per_epoch == 0 or step == cfg.steps:
+            row = {"epoch": len(rows) + 1, "step": step, "loss": float(np.mean(running)), "lr": lr_at(step),
+                   "minutes": (time.perf_counter() - started) / 60}
+            running = []
+            v = evaluate_examples(model, synth_val, bank, device)
+            row.update({f"val_synth_{k}": v_ for k, v_ in v.items()})
+            if len(real_val):
+                r = evaluate_examples(model, real_val, bank, device)
+                row["val_real_dice"] = r["dice"]
+            rows.append(row)
+            log.info("epoch %d step %d loss %.4f synth Dice %.3f (small %.3f) real Dice %.3f fp-neg %.3f",
+                     row["epoch"], step, row["loss"], row["val_synth_dice"], row["val_synth_dice_small"],
+                     row.get("val_real_dice", math.nan), row["val_synth_negative_fp_rate"])
+            score = row["val_synth_dice"] + row.get("val_real_dice", 0.0)
+            meta = {**info, "trained_steps": step, "validation": row}
+            if score > best:
+                best = score
+                save_model(model, out / "best.safetensors", bank, meta)
+            save_model(model, out / "last.safetensors", bank, meta)
+            _write_log(rows, out / "log.csv")
+            plot_curves(rows, out / "curves.png")
+            tmp = out / "last.pt.tmp"
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
+                        "rows": rows}, tmp)
+            tmp.replace(ckpt)
+    return out / "best.safetensors"
+
+
+def _write_log(rows: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a BoltzFormer (Dice + BCE) on synthetic + real data")
+    p.add_argument("--config", required=True, help="training config JSON (see configs/)")
+    p.add_argument("--out", required=True, help="output folder (resumes from its last.pt)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes (resume later)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry, e.g. --set steps=200 (JSON values)")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    from .errors import BoltzformerError
+
+    try:
+        cfg = TrainConfig.load(args.config)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BoltzformerError(f"{args.config}: unreadable training config ({exc})") from exc
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not hasattr(cfg, key):
+            raise BoltzformerError(f"--set {item}: unknown training option {key!r}")
+        try:
+            setattr(cfg, key, json.loads(value))
+        except ValueError:
+            setattr(cfg, key, value)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    best = train(cfg, args.out, max_minutes=args.max_minutes)
+    print(f"best weights: {best}")
+    return 0
+
+
+def main(argv=None) -> int:  # python -m boltzformer.train
+    parser = argparse.ArgumentParser(prog="boltzformer")
+    sub = parser.add_subparsers()
+    add_train_parser(sub)
+    import sys
+
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return run_train(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""A short CPU training run: logs, plot, checkpoints, resume, and the loss."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from boltzformer.checkpoint import load_model
+from boltzformer.train import TrainConfig, dice_loss, segmentation_loss, train
+
+
+def test_dice_loss_rewards_overlap_and_empty_predictions_for_empty_targets():
+    t = torch.zeros(1, 1, 8, 8)
+    t[..., 2:5, 2:5] = 1
+    good = torch.where(t > 0, 10.0, -10.0)
+    bad = -good
+    assert dice_loss(good, t) < 0.05 < 0.9 < dice_loss(bad, t)
+    empty = torch.zeros_like(t)
+    assert dice_loss(torch.full_like(t, -10.0), empty) < 0.01
+    loss, parts = segmentation_loss(good, t)
+    assert set(parts) == {"dice_loss", "bce"} and float(loss) < 0.1
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return TrainConfig(model="boltzformer-test", synth_train=24, synth_val=12, steps=4, steps_per_epoch=2,
+                       batch_size=4, workers=1, cache_dir=str(tmp_path / "cache"), use_real=False,
+                       warmup_steps=1, device="cpu", real_weight=0.0)
+
+
+def test_short_run_writes_log_plot_weights_and_resumes(cfg, tmp_path):
+    out = tmp_path / "run"
+    best = train(cfg, out)
+    assert best.is_file() and (out / "curves.png").stat().st_size > 1000
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    model, bank, meta, _ = load_model(best)
+    assert "lung nodule" in bank and meta["trained_steps"] in (2, 4)
+    # resume: two more steps continue from step 4
+    cfg.steps = 6
+    train(cfg, out)
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 6
+
+
+def test_config_rejects_unknown_options(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ValueError, match="stepz"):
+        TrainConfig.load(p)
