@@ -310,6 +310,7 @@ def probability_layer_data(probabilities: np.ndarray, geom: dict, name: str, pro
         "contrast_limits": (0.0, 1.0),
         "blending": "additive",
         "opacity": 0.5,
+        "visible": False,  # additive layers stacked on the heatmap wash the slice out; one click shows it
         "metadata": {GEOMETRY_KEY: dict(geom), ROLE_KEY: "probability", PROMPT_KEY: prompt, SOURCE_KEY: source},
         "axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):],
         "units": "mm",
@@ -325,6 +326,7 @@ def uncertainty_layer_data(variance: np.ndarray, geom: dict, name: str, prompt: 
         "colormap": "viridis",
         "blending": "additive",
         "opacity": 0.6,
+        "visible": False,
         "metadata": {GEOMETRY_KEY: dict(geom), ROLE_KEY: "uncertainty", PROMPT_KEY: prompt, SOURCE_KEY: source},
         "axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):],
         "units": "mm",

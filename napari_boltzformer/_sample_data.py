@@ -24,22 +24,25 @@ def brain_mri():
 
 
 def sample_layers(key: str) -> list[tuple]:
-    """[image layer data, ground-truth labels layer data] of sample `key`."""
+    """[image layer data, ground-truth labels layer data] of sample `key`.
+
+    The labels layer is named after the sample's prompt and drawn in green (masks made by the
+    panel never are).
+    """
     from boltzformer.synth.sample import SAMPLES
 
     case = SAMPLES[key]()
     volume = case.volume()
     image = image_layer_data(volume, name=SAMPLE_NAMES.get(key, key), window=SAMPLE_WINDOWS.get(key))
-    truth = np.asarray(ground_truth(case))
+    truth = ground_truth(case)
     geom = geometry_of(volume)
     labels = (
-        truth.astype(np.uint8, copy=False) if truth.dtype == bool else truth,
+        truth,
         {
-            "name": f"{SAMPLE_NAMES.get(key, key)} ground truth",
+            "name": f"ground truth: {case.prompt}",
             "metadata": {GEOMETRY_KEY: geom, ROLE_KEY: "ground truth"},
             "colormap": mask_colormap(GROUND_TRUTH_COLOR),
-            "opacity": 0.9,
-            "contour": 1,  # outlines: the model's filled masks stay visible under it
+            "opacity": 0.45,
             "axis_labels": ("z", "y", "x"),
             "units": "mm",
             **transform_kwargs(geom),
@@ -50,5 +53,5 @@ def sample_layers(key: str) -> list[tuple]:
 
 
 def ground_truth(case) -> np.ndarray:
-    """The lesion mask (z, y, x) of a SampleCase."""
-    return case.lesion_mask
+    """uint8 (z, y, x) mask of what the sample's prompt asks for (its target)."""
+    return np.asarray(case.mask_volume().array, dtype=np.uint8)

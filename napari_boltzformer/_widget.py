@@ -432,7 +432,10 @@ class BoltzFormerWidget(QWidget):
         known: list[str] = []
         if self._segmenter is not None:
             known = list(self._segmenter.known_prompts)
-            self.model_label.setText(f"model: {self._segmenter.info.get('weights_source', 'injected')} on {self._segmenter.device}")
+            source = self._segmenter.info.get("weights_path")
+            name = Path(source).stem if source else "injected"
+            self.model_label.setText(f"model: {name} on {self._segmenter.device}")
+            self.model_label.setToolTip(str(source or ""))
         else:
             from boltzformer import weights as weights_mod
             from boltzformer.errors import BoltzformerError
@@ -440,7 +443,9 @@ class BoltzFormerWidget(QWidget):
             try:
                 source = weights_mod.resolve(self._weights)
                 known = list(weights_mod.read_config(source.config_path).get("prompts", []))
-                self.model_label.setText(f"model: {source.description} ({Path(source.weights_path).name}); loads on first run")
+                where = "bundled" if source.description == "bundled" else str(Path(source.weights_path).parent)
+                self.model_label.setText(f"model: {Path(source.weights_path).stem} ({where}); loads on first run")
+                self.model_label.setToolTip(str(source.weights_path))
             except BoltzformerError as exc:
                 self.model_label.setText(f"model: {exc}")
         if not known:  # no weights to ask: offer the training vocabulary
@@ -774,8 +779,8 @@ class BoltzFormerWidget(QWidget):
             return
         layer = self.viewer.layers[request.image_name]
         stored = (layer.metadata or {}).get(WINDOW_KEY)
-        if not stored or stored[1] is None:
-            return
+        if not stored or stored[0] is None:
+            return  # shown with percentiles (MR, or CT not in HU): a HU window would be wrong
         if not np.allclose(layer.contrast_limits, stored[1:3]):
             return  # the user chose another contrast; leave it
         try:

@@ -1,0 +1,64 @@
+"""Sample data (the synthetic phantoms) and, once trained weights are bundled, accuracy on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_boltzformer._layers import GEOMETRY_KEY, ROLE_KEY
+
+pytest.importorskip(
+    "boltzformer.synth.sample", reason="boltzformer.synth.sample (the sample phantoms) is not in the core yet"
+)
+
+PLUGIN = "napari-boltzformer"
+# sample key -> minimum Dice of the panel's mask (for the sample's own prompt) against its ground truth
+MIN_DICE = {"chest_ct": 0.5, "brain_mri": 0.5}
+
+
+def _bundled_weights():
+    from boltzformer.weights import bundled_weights
+
+    return bundled_weights()
+
+
+@pytest.mark.parametrize("key", ["chest_ct", "brain_mri"])
+def test_sample_opens_an_image_and_its_ground_truth(viewer, key):
+    layers = viewer.open_sample(PLUGIN, key)
+    assert [layer._type_string for layer in layers] == ["image", "labels"]
+    image, truth = layers
+    assert image.metadata[ROLE_KEY] == "image" and truth.metadata[ROLE_KEY] == "ground truth"
+    assert truth.name.startswith("ground truth: ")
+    assert truth.data.shape == image.data.shape and truth.data.any()
+    assert np.allclose(truth.scale, image.scale) and np.allclose(truth.translate, image.translate)
+    assert np.allclose(image.scale, image.metadata[GEOMETRY_KEY]["spacing_mm"][::-1])
+    modality = image.metadata[GEOMETRY_KEY]["modality"]
+    assert modality == ("CT" if key == "chest_ct" else "MR")
+    if modality == "CT":
+        assert image.data.min() < -500  # Hounsfield units, not rescaled
+
+
+@pytest.mark.skipif(
+    _bundled_weights() is None,
+    reason="trained bundled weights (resources/boltzformer-s.safetensors + .json) are not there yet; "
+    "this accuracy test runs once they are",
+)
+@pytest.mark.parametrize("key", sorted(MIN_DICE))
+def test_bundled_model_segments_the_sample_lesions(viewer, qtbot, key):
+    from boltzformer.postprocess import dice
+    from boltzformer.synth.sample import SAMPLES
+
+    from napari_boltzformer._widget import BoltzFormerWidget
+
+    from .conftest import run_and_wait
+
+    prompt, min_dice = SAMPLES[key]().prompt, MIN_DICE[key]
+    image, truth = viewer.open_sample(PLUGIN, key)
+    panel = BoltzFormerWidget(viewer)  # the bundled weights, best local device
+    panel.image_combo.setCurrentText(image.name)
+    panel.prompt_edit.setText(prompt)
+    panel.attention_check.setChecked(False)
+    run_and_wait(panel, qtbot, timeout_ms=600_000)
+    mask = viewer.layers[prompt]
+    score = dice(mask.data, truth.data)
+    assert score >= min_dice, f"Dice {score:.3f} of '{prompt}' on the {key} sample is below {min_dice}"
