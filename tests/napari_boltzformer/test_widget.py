@@ -269,3 +269,31 @@ def test_panel_opens_from_the_plugin_menu(make_napari_viewer, qtbot):
     assert widget.image_combo.currentText() == "ct"
     devices = widget.device_combo.model()
     assert devices.item(3).isEnabled()  # CPU always
+
+
+def test_prompt_warnings_become_notifications(panel, qtbot, tiny_segmenter, monkeypatch, notifications):
+    original = tiny_segmenter.check_prompt
+
+    def far(prompt):
+        text, warnings = original(prompt)
+        return text, [*warnings, f"prompt '{text}' is far from everything the model was trained on"]
+
+    monkeypatch.setattr(tiny_segmenter, "check_prompt", far)
+    run_and_wait(panel, qtbot)
+    assert any(s == "warning" and "far from everything" in m for s, m in notifications)
+
+
+def test_a_2d_image_layer_gives_2d_result_layers(make_napari_viewer, qtbot, tiny_segmenter):
+    viewer = make_napari_viewer()
+    image = viewer.add_image(ct_volume().array[4], name="slice", scale=(0.6, 0.9), translate=(10.0, -5.0))
+    panel = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
+    panel.prompt_edit.setText(PROMPT)
+    panel.modality_combo.setCurrentText("CT")
+    run_and_wait(panel, qtbot)
+    roles = _roles(viewer)
+    mask, heat = roles["mask"], roles["attention"]
+    assert mask.data.shape == image.data.shape
+    assert np.allclose(mask.scale, image.scale) and np.allclose(mask.translate, image.translate)
+    assert heat.data.ndim == 3 and heat.data.shape[0] == tiny_segmenter.config.num_layers
+    corner = np.asarray(heat.data_to_world([0.0, -0.5, -0.5]))[1:]
+    assert np.allclose(corner, image.data_to_world([-0.5, -0.5]))
