@@ -94,6 +94,7 @@ class AttentionMaps:
     tokens_per_query: list[int]
     slice_start: int
     grid_scale_yx: tuple[float, float]
+    num_queries: int = 10  # the largest possible count
 
     @property
     def num_layers(self) -> int:
@@ -119,6 +120,7 @@ class SegmentationResult:
     timings_s: dict = field(default_factory=dict)
     complete: bool = True  # False when stopped early (only slices before `slices_done` are valid)
     slices_done: int = 0
+    labels: np.ndarray | None = None  # uint16/int32 (z, y, x): lesion ids as in `lesions` (0 = none)
 
     def mask_volume(self) -> Volume:
         return self.volume.with_array(self.mask)
@@ -131,15 +133,18 @@ class SegmentationResult:
         self.threshold = float(threshold)
         if min_lesion_mm3 is not None:
             self.min_lesion_mm3 = float(min_lesion_mm3)
-        self.mask, self.lesions = _mask_and_lesions(self.probabilities, self.volume, self.threshold, self.min_lesion_mm3)
+        self.mask, self.labels, self.lesions = _mask_and_lesions(
+            self.probabilities, self.volume, self.threshold, self.min_lesion_mm3)
         return self
 
 
 def _mask_and_lesions(probabilities, volume: Volume, threshold: float, min_lesion_mm3: float):
+    """-> (uint8 mask, lesion ids (uint16 when they fit), lesion table rows)."""
     raw = probabilities >= threshold
-    labels, _ = postprocess.label_components(raw, volume.spacing_mm, min_lesion_mm3=min_lesion_mm3)
+    labels, n = postprocess.label_components(raw, volume.spacing_mm, min_lesion_mm3=min_lesion_mm3)
     mask = (labels > 0).astype(np.uint8)
-    return mask, postprocess.lesion_table(labels, volume)
+    rows = postprocess.lesion_table(labels, volume)
+    return mask, labels.astype(np.uint16) if n < 65535 else labels, rows
 
 
 class Segmenter:
@@ -300,6 +305,7 @@ class Segmenter:
         t = time.perf_counter()
         prepared, info = intensity.prepare_slices(volume.array[start:stop], modality=modality, window=window, prompt=text)
         warnings += info.get("warnings", [])
+        window = info.get("window", window)  # None when the CT was not in HU and windowing was skipped
         timings["preprocess"] = time.perf_counter() - t
         embedding = self.embed([text])[0]
         n = stop - start
@@ -338,14 +344,14 @@ class Segmenter:
                 break
         t = time.perf_counter()
         uncertainty = None if m2 is None else m2 / runs
-        mask, lesions = _mask_and_lesions(mean, volume, threshold, min_lesion_mm3)
+        mask, labels, lesions = _mask_and_lesions(mean, volume, threshold, min_lesion_mm3)
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         return SegmentationResult(
             volume=volume, prompt=text, probabilities=mean, mask=mask, threshold=threshold,
             min_lesion_mm3=min_lesion_mm3, slices=(start, stop), runs=runs, uncertainty=uncertainty,
             attention=att, lesions=lesions, window=window, modality=modality, warnings=warnings,
-            timings_s=timings, complete=complete, slices_done=start + min(done, n),
+            timings_s=timings, complete=complete, slices_done=start + min(done, n), labels=labels,
         )
 
     def _store_attention(self, att, layers, b0, n, start, hw):
@@ -357,7 +363,7 @@ class Segmenter:
                 probabilities=np.zeros((num_layers, n, g, g), np.float16),
                 strides=[rec[2] for rec in layers], temperatures=[rec[3] for rec in layers],
                 tokens_per_query=[], slice_start=start,
-                grid_scale_yx=(hw[0] / g, hw[1] / g),
+                grid_scale_yx=(hw[0] / g, hw[1] / g), num_queries=self.model.cfg.num_queries,
             )
             cfg = self.model.cfg
             from .network.sampling import num_sampled_tokens

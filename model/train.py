@@ -83,7 +83,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch
     """Dice + BCE on the final (PiGMA) output only, as in the paper."""
     d = dice_loss(logits, target)
     b = F.binary_cross_entropy_with_logits(logits, target)
-    return d + b, {"dice_loss": float(d), "bce": float(b)}
+    return d + b, {"dice_loss": float(d.detach()), "bce": float(b.detach())}
 
 
 def hard_dice(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
