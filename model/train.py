@@ -44,6 +44,7 @@ class TrainConfig:
     synth_val: int = 400  # held-out synthetic examples (a different seed)
     real_weight: float = 0.15  # probability that a batch item is a real training case
     negative_fraction: float = 0.15
+    lesion_fraction: float = 0.75  # share of synthetic batch items whose prompt asks for a lesion (or its absence)
     batch_size: int = 16
     steps: int = 6000
     steps_per_epoch: int = 250
@@ -118,6 +119,9 @@ class BatchSampler:
 
     def __init__(self, synth, real, cfg: TrainConfig, rng: np.random.Generator):
         self.synth, self.real, self.cfg, self.rng = synth, real, cfg, rng
+        # Lesions are the product's job; organs are easy and would dominate the batches otherwise.
+        is_lesion = np.array([t in data_mod.LESION_TARGETS for t in synth.targets])
+        self.lesion_idx, self.organ_idx = np.flatnonzero(is_lesion), np.flatnonzero(~is_lesion)
 
     def _synonym(self, prompt: str, target: str) -> str:
         spec = vocab.TARGETS.get(target)
@@ -130,7 +134,11 @@ class BatchSampler:
         for _ in range(n):
             use_real = len(self.real) > 0 and self.rng.random() < self.cfg.real_weight
             src = self.real if use_real else self.synth
-            i = int(self.rng.integers(len(src)))
+            if use_real:
+                i = int(self.rng.integers(len(src)))
+            else:
+                pool = self.lesion_idx if (self.rng.random() < self.cfg.lesion_fraction or not len(self.organ_idx)) else self.organ_idx
+                i = int(pool[self.rng.integers(len(pool))]) if len(pool) else int(self.rng.integers(len(src)))
             img = src.images[i].astype(np.float32) / 255.0
             m = src.masks[i]
             if self.rng.random() < 0.5:
