@@ -1,0 +1,115 @@
+"""`boltzformer evaluate DIR`: Dice and lesion-wise detection on a folder of cases.
+
+DIR holds `cases.csv` (columns at least `case_id,prompt`; optional `modality` and any extra
+columns, e.g. `target`, `size_band`, which are carried into the per-case results for grouping)
+and `<case_id>_image.nii.gz` / `<case_id>_mask.nii.gz`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import postprocess
+from .data import modality_of, real_split
+from .errors import InputError
+from .io import read_volume
+
+
+def read_cases(folder: Path) -> list[dict]:
+    path = Path(folder) / "cases.csv"
+    if not Path(folder).is_dir():
+        raise InputError(folder, "not a folder")
+    if not path.is_file():
+        raise InputError(path, "missing; an evaluation folder needs cases.csv with columns case_id,prompt")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"case_id", "prompt"} <= set(rows[0]):
+        raise InputError(path, "needs at least the columns case_id,prompt and one row")
+    return rows
+
+
+def evaluate_dir(folder, segmenter, case_ids=None, split: str | None = None, progress: bool = True,
+                 seed: int = 0, threshold: float = 0.5) -> dict:
+    """Segment every case and compare with its mask. Returns {"cases": [...], means...}."""
+    folder = Path(folder)
+    rows = read_cases(folder)
+    if case_ids:
+        wanted = set(case_ids)
+        rows = [r for r in rows if r["case_id"] in wanted]
+    if split:
+        rows = [r for r in rows if real_split(r["case_id"]) == split]
+    results = []
+    for n, row in enumerate(rows, 1):
+        cid = row["case_id"]
+        image = read_volume(folder / f"{cid}_image.nii.gz")
+        truth = read_volume(folder / f"{cid}_mask.nii.gz").array > 0
+        if truth.shape != image.shape:
+            raise InputError(folder / f"{cid}_mask.nii.gz", f"shape {truth.shape} differs from its image {image.shape}")
+        t = time.perf_counter()
+        res = segmenter.segment_volume(image, row["prompt"], modality=modality_of(row.get("modality")), seed=seed,
+                                       threshold=threshold)
+        seconds = time.perf_counter() - t
+        det = postprocess.lesion_detection(res.mask > 0, truth, image.spacing_mm, min_lesion_mm3=res.min_lesion_mm3)
+        extra = {k: v for k, v in row.items() if k not in ("case_id", "prompt", "source_repo_or_package", "license", "notes")}
+        results.append({
+            "case_id": cid, "prompt": row["prompt"], **extra,
+            "dice": postprocess.dice(res.mask > 0, truth), "true_lesions": det["true_lesions"],
+            "detected": det["detected"], "sensitivity": det["sensitivity"],
+            "false_positive_components": det["false_positive_components"], "seconds": seconds,
+        })
+        if progress:
+            r = results[-1]
+            print(f"[{n}/{len(rows)}] {cid:<42} Dice {r['dice']:.3f}  lesions {r['detected']}/{r['true_lesions']}  "
+                  f"FP {r['false_positive_components']}  {seconds:.2f} s", file=sys.stderr)
+    return summarise(results)
+
+
+def _mean(values) -> float:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarise(cases: list[dict]) -> dict:
+    positives = [c for c in cases if c["true_lesions"] > 0]
+    negatives = [c for c in cases if c["true_lesions"] == 0]
+    out = {
+        "cases": cases,
+        "n_cases": len(cases),
+        "mean_dice": _mean(c["dice"] for c in positives),
+        "mean_sensitivity": _mean(c["sensitivity"] for c in positives),
+        "false_positives_per_case": _mean(c["false_positive_components"] for c in cases),
+        "false_positives_per_lesion_free_case": _mean(c["false_positive_components"] for c in negatives),
+        "n_lesion_free": len(negatives),
+        "mean_seconds": _mean(c["seconds"] for c in cases),
+    }
+    for key in ("target", "size_band", "prompt"):
+        if cases and key in cases[0]:
+            groups = {}
+            for c in positives:
+                groups.setdefault(c[key], []).append(c["dice"])
+            out[f"dice_by_{key}"] = {k: {"mean_dice": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())}
+    return out
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'case':<44}{'prompt':<28}{'Dice':>7}{'found':>8}{'sens':>7}{'FP':>5}{'s':>7}"]
+    for c in summary["cases"]:
+        sens = "" if c["sensitivity"] is None or (isinstance(c["sensitivity"], float) and math.isnan(c["sensitivity"])) \
+            else f"{c['sensitivity']:.2f}"
+        lines.append(f"{c['case_id'][:43]:<44}{c['prompt'][:27]:<28}{c['dice']:7.3f}{c['detected']:>4}/{c['true_lesions']:<3}"
+                     f"{sens:>7}{c['false_positive_components']:>5}{c['seconds']:7.2f}")
+    lines.append(f"mean Dice (cases with lesions) {summary['mean_dice']:.3f} | lesion-wise sensitivity "
+                 f"{summary['mean_sensitivity']:.3f} | false-positive components per lesion-free case "
+                 f"{summary['false_positives_per_lesion_free_case']:.3f} (n={summary['n_lesion_free']}) | "
+                 f"{summary['n_cases']} cases")
+    for key in ("target", "size_band"):
+        if f"dice_by_{key}" in summary:
+            parts = ", ".join(f"{k} {v['mean_dice']:.3f} (n={v['n']})" for k, v in summary[f"dice_by_{key}"].items())
+            lines.append(f"Dice by {key}: {parts}")
+    return "\n".join(lines)
