@@ -58,6 +58,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def sampling_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The seeded generator for Boltzmann sampling on `device`.
+
+    CUDA draws its own noise; MPS and CPU draw on the CPU (MPS generators are not available on
+    every torch build) and the noise is moved to the device, so a seed gives the same tokens on
+    CPU and MPS.
+    """
+    dev = device if device.type == "cuda" else torch.device("cpu")
+    return torch.Generator(device=dev).manual_seed(int(seed))
+
+
 @dataclass
 class Progress:
     slices_done: int
@@ -215,8 +226,7 @@ class Segmenter:
 
     # -- 2D core --------------------------------------------------------------------------
     def _generator(self, seed: int) -> torch.Generator:
-        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-        return torch.Generator(device=dev).manual_seed(int(seed))
+        return sampling_generator(self.device, seed)
 
     @torch.inference_mode()
     def predict_batch(self, slices01: np.ndarray, embedding: PromptEmbedding, generator: torch.Generator,
