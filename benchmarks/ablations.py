@@ -25,17 +25,25 @@ from boltzformer.train import TrainConfig, evaluate_examples, prompt_vocabulary,
 
 RESULTS = Path(__file__).parent / "results"
 BASE = {"image_size": 128, "min_tokens": 4}
+# Rows trained separately (same data, steps, seed).
 ROWS = {
     "boltzmann (τ0=1, 10 %, m=10)": {},
     "uniform random": {"sampling": "uniform"},
     "mask2former threshold": {"sampling": "mask2former"},
     "dense attention (100 %)": {"sampling": "dense"},
-    "τ0 = 0.5": {"tau0": 0.5},
-    "τ0 = 2": {"tau0": 2.0},
-    "5 % tokens": {"token_ratio": 0.05},
     "m = 1 query": {"num_queries": 1},
     "no text query init": {"text_query_init": False},
     "PiGMA off (mean only)": {"pigma": False},
+    "τ0 = 0.5": {"tau0": 0.5},
+    "τ0 = 2": {"tau0": 2.0},
+    "5 % tokens": {"token_ratio": 0.05},
+}
+# Rows that change only inference options of the first row's weights (cheap; labelled as such).
+INFERENCE_ROWS = {
+    "τ0 = 0.5 (inference only)": {"tau0": 0.5},
+    "τ0 = 2 (inference only)": {"tau0": 2.0},
+    "5 % tokens (inference only)": {"token_ratio": 0.05},
+    "100 % tokens (inference only)": {"token_ratio": 1.0},
 }
 
 
@@ -61,6 +69,7 @@ def main():
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--rows", default=None, help="comma-separated subset of row numbers")
+    p.add_argument("--inference-only", action="store_true", help="only the inference-time rows (needs row 0 trained)")
     args = p.parse_args()
     torch.set_num_threads(2)
     rows = list(ROWS.items())
@@ -72,13 +81,7 @@ def main():
                   batch_size=16, warmup_steps=50, workers=2, threads=2, seed=0, lr=1e-3)
     real_dir = data_mod.default_real_dir()
     real_val = data_mod.real_examples(real_dir, "heldout", size, negatives=False) if real_dir else None
-    for name, overrides in rows:
-        out = Path(args.out) / name.replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace(",", "")
-        cfg = TrainConfig(model_overrides={**BASE, **overrides}, **common)
-        t = time.perf_counter()
-        best = train(cfg, out)
-        minutes = (time.perf_counter() - t) / 60
-        model, bank, meta, _ = load_model(out / "last.safetensors")
+    def evaluate_row(name, overrides, model, bank, minutes):
         synth_val = synthetic_cache(cfg, cfg.synth_val, cfg.seed + 10_000, size)
         v = evaluate_examples(model, synth_val, bank, "cpu")
         r = evaluate_examples(model, real_val, bank, "cpu") if real_val is not None and len(real_val) else {"dice": float("nan")}
@@ -87,9 +90,27 @@ def main():
                "negative_fp_rate": v["negative_fp_rate"], "real_dice": r["dice"],
                "decoder_ms_per_slice": decoder_ms_per_slice(model), "train_minutes": minutes}
         results.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "ablations.json").write_text(json.dumps({"steps": args.steps, "input": size, "rows": results}, indent=2))
+
+    if args.inference_only:
+        rows = []
+    for name, overrides in rows:
+        out = Path(args.out) / name.replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace(",", "")
+        cfg = TrainConfig(model_overrides={**BASE, **overrides}, **common)
+        t = time.perf_counter()
+        best = train(cfg, out)
+        minutes = (time.perf_counter() - t) / 60
+        model, bank, meta, _ = load_model(out / "last.safetensors")
+        evaluate_row(name, overrides, model, bank, minutes)
+    base_dir = Path(args.out) / list(ROWS)[0].replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace(",", "")
+    if (base_dir / "last.safetensors").is_file():
+        cfg = TrainConfig(model_overrides=dict(BASE), **common)
+        for name, options in INFERENCE_ROWS.items():
+            model, bank, _, _ = load_model(base_dir / "last.safetensors")
+            model.set_inference_options(**options)
+            evaluate_row(name, options, model, bank, 0.0)
     write_markdown_and_plot(results, args.steps)
 
 

@@ -196,6 +196,13 @@ def prepare_slices(
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+def display_range(array: np.ndarray, *, foreground: bool = True) -> tuple[float, float]:
+    """Contrast limits for showing MR (or non-HU CT): the same percentiles the network's
+    normalisation uses, so what a viewer shows matches what the model sees."""
+    lo, hi = _percentile_range(np.asarray(array), foreground=foreground)
+    return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1.0)
+
+
 def _subsample(array: np.ndarray, n: int = _SAMPLE_VOXELS) -> np.ndarray:
     """About ``n`` voxels of ``array`` taken at a regular (odd) stride; a view when possible."""
     flat = array.reshape(-1)

@@ -186,6 +186,13 @@ class Segmenter:
         info["weights_source"] = src.description
         return cls(model, bank, device=device, info=info)
 
+    def release_memory(self) -> None:
+        """Give cached accelerator memory back (after an out-of-memory error, say)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps" and hasattr(torch, "mps"):
+            torch.mps.empty_cache()
+
     @property
     def config(self):
         return self.model.cfg

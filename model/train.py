@@ -293,7 +293,7 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         step += 1
         if step % cfg.steps_per_epoch == 0 or step == cfg.steps:
             row = {"epoch": len(rows) + 1, "step": step, "loss": float(np.mean(running)), "lr": lr_at(step),

@@ -40,8 +40,6 @@ GROUND_TRUTH_COLOR = "#34c759"
 ATTENTION_COLORMAP = "inferno"
 ATTENTION_OPACITY = 0.6
 _IDENTITY_ATOL = 1e-6
-MR_PERCENTILES = (0.5, 99.5)
-_PERCENTILE_SAMPLES = 2_000_000  # voxels looked at for MR contrast limits (memory bound)
 
 
 # -- geometry -------------------------------------------------------------------------------
@@ -206,12 +204,7 @@ def display_window(volume, window: str | None = None) -> tuple[str | None, tuple
         name = resolve_window_name(window or intensity.DEFAULT_WINDOW)
         w = intensity.WINDOWS[name]
         return name, (float(w.lower_hu), float(w.upper_hu))
-    flat = np.asarray(volume.array).reshape(-1)
-    step = max(1, flat.size // _PERCENTILE_SAMPLES)
-    lo, hi = np.percentile(flat[::step].astype(np.float32), MR_PERCENTILES)
-    if not hi > lo:
-        hi = lo + 1.0
-    return None, (float(lo), float(hi))
+    return None, intensity.display_range(np.asarray(volume.array), foreground=modality == "MR")
 
 
 def resolve_window_name(name: str) -> str:

@@ -148,13 +148,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
-def _release_accelerator_memory():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def segmentation_job(request: RunRequest, load_segmenter, should_stop):
     """Generator: yields JobStatus and boltzformer Progress; returns a JobOutcome (never raises).
 
@@ -176,7 +169,7 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
         except Exception as exc:  # noqa: BLE001 - only out-of-memory on an accelerator is retried
             if not is_out_of_memory(exc) or segmenter.device.type == "cpu":
                 raise
-            _release_accelerator_memory()
+            segmenter.release_memory()
             note = f"{outcome.device.upper()} ran out of memory; running again on the CPU (slower)"
             outcome.notes.append(note)
             yield JobStatus(note, level="warning")

@@ -183,7 +183,10 @@ def test_out_of_memory_on_the_accelerator_retries_on_the_cpu(panel, viewer, qtbo
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             yield  # a generator
 
-    devices = []
+        def release_memory(self):
+            released.append(True)
+
+    devices, released = [], []
 
     def load(device):
         devices.append(device)
@@ -194,6 +197,7 @@ def test_out_of_memory_on_the_accelerator_retries_on_the_cpu(panel, viewer, qtbo
     panel.device_combo.setCurrentIndex(1)  # CUDA
     run_and_wait(panel, qtbot)
     assert devices == ["cuda", "cpu"]
+    assert released == [True]
     assert any(s == "warning" and "out of memory" in m and "CPU" in m for s, m in notifications)
     assert PROMPT in viewer.layers
 
