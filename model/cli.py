@@ -18,6 +18,7 @@ from ._version import __version__
 from .errors import BoltzformerError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
 
 
 def _err(msg: str) -> None:
@@ -343,6 +344,14 @@ def main(argv=None) -> int:
             raise
         _err("out of memory; try --slices to process part of the volume, or a smaller --batch-size")
         return EXIT_USER_ERROR
+    except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen failure: still no traceback by default
+        if args.debug:
+            raise
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError on an accelerator
+            _err(f"{args.device} ran out of memory; try --batch-size 4 or --device cpu")
+            return EXIT_USER_ERROR
+        _err(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

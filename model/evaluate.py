@@ -44,6 +44,8 @@ def evaluate_dir(folder, segmenter, case_ids=None, split: str | None = None, pro
         rows = [r for r in rows if r["case_id"] in wanted]
     if split:
         rows = [r for r in rows if real_split(r["case_id"]) == split]
+    if not rows:
+        raise InputError(folder / "cases.csv", f"no cases selected (cases={case_ids}, split={split})")
     results = []
     for n, row in enumerate(rows, 1):
         cid = row["case_id"]

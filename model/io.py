@@ -305,6 +305,7 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         raise InputError(p, f"is {len(size)}D ({size[3]} volumes, a time series?); a single 3D volume is needed")
     if format_name == "NIfTI":
         _check_nifti_complete(p)  # ITK silently reads truncated NIfTI files as zeros
+        _check_nifti_finite(p)  # ... and NaN voxels as zeros
     missing = _missing_data_file(p)
     if missing:
         raise InputError(p, f"its data file {missing} is missing (a .mhd/.nhdr header needs it beside it)")
@@ -477,6 +478,22 @@ def _check_nifti_complete(p: Path) -> None:
         actual = p.stat().st_size
     if expected is not None and actual < expected:
         raise InputError(p, f"is truncated: the header promises {expected} bytes, the file holds {actual}")
+
+
+def _check_nifti_finite(p: Path) -> None:
+    """Float NIfTI voxels must be finite (ITK's reader turns NaN into 0 without a word)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+    except Exception:  # noqa: BLE001 - nibabel is stricter than ITK about some headers; ITK decides
+        return
+    if np.dtype(img.get_data_dtype()).kind != "f":
+        return
+    data = np.asarray(img.dataobj)
+    bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise InputError(p, f"has {bad} NaN or infinite voxels (of {data.size}); fix or mask them first")
 
 
 def _gzip_payload_size(p: Path) -> int | None:

@@ -151,7 +151,7 @@ class SegmentationResult:
 
 def _mask_and_lesions(probabilities, volume: Volume, threshold: float, min_lesion_mm3: float):
     """-> (uint8 mask, lesion ids (uint16 when they fit), lesion table rows)."""
-    raw = probabilities >= threshold
+    raw = probabilities > threshold  # strictly: slices left out (probability 0) stay empty at any threshold
     labels, n = postprocess.label_components(raw, volume.spacing_mm, min_lesion_mm3=min_lesion_mm3)
     mask = (labels > 0).astype(np.uint8)
     rows = postprocess.lesion_table(labels, volume)

@@ -1,0 +1,265 @@
+"""The `boltzformer` command line: happy paths keep geometry; every bad input is one line + exit 2.
+
+A tiny untrained network (saved to a temporary folder and passed with --weights) keeps these
+tests fast and independent of the bundled weights.
+"""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from boltzformer import cli, weights
+from boltzformer.checkpoint import save_model
+from boltzformer.io import Volume, read_volume, write_volume
+from boltzformer.network.boltzformer import build_model
+from boltzformer.network.config import get_config
+from boltzformer.network.text import PromptEmbedding
+
+PROMPT = "lung nodule"
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    model = build_model(get_config("boltzformer-test"), seed=0)
+    rng = np.random.default_rng(0)
+    bank = {PROMPT: PromptEmbedding(rng.normal(size=(3, 384)).astype(np.float32), rng.normal(size=384).astype(np.float32))}
+    return str(save_model(model, folder / "tiny.safetensors", bank, {"note": "untrained, for CLI tests"}))
+
+
+@pytest.fixture
+def ct_path(tmp_path):
+    """A small oblique CT (HU) with an anisotropic grid and a non-zero origin."""
+    rng = np.random.default_rng(1)
+    hu = rng.normal(-700, 60, size=(6, 40, 48)).astype(np.int16)
+    hu[2:4, 15:22, 20:27] = 30  # a 'nodule'
+    c, s = np.cos(0.3), np.sin(0.3)
+    direction = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    vol = Volume(hu, (0.7, 0.8, 2.5), (-12.5, 30.0, 101.0), direction, "CT")
+    return write_volume(vol, tmp_path / "ct.nii.gz")
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def segment_args(inp, out, weights_path, *extra):
+    return ["segment", inp, "-p", PROMPT, "-o", out, "--weights", weights_path, "--device", "cpu", "--quiet", *extra]
+
+
+# -- happy paths ------------------------------------------------------------------------------------
+def test_segment_writes_mask_with_the_input_geometry(ct_path, tmp_path, tiny_weights, capsys):
+    out, prob, att, les = (tmp_path / n for n in ("m.nii.gz", "p.nii.gz", "a.npz", "l.csv"))
+    code, stdout, err = run(segment_args(ct_path, out, tiny_weights, "--probabilities", prob, "--attention", att,
+                                         "--lesions", les, "--threshold", "0.0"), capsys)
+    assert code == 0, err
+    assert "lesion(s) for 'lung nodule'" in stdout
+    image, mask = read_volume(ct_path), read_volume(out)
+    assert mask.shape == image.shape and mask.array.dtype == np.uint8
+    assert set(np.unique(mask.array)) <= {0, 1}
+    assert mask.same_geometry(image, atol=1e-5)
+    affine = nib.load(str(out)).affine
+    np.testing.assert_allclose(affine, nib.load(str(ct_path)).affine, atol=1e-5)
+    np.testing.assert_allclose(affine, image.affine_ras(), atol=1e-5)
+    p = read_volume(prob)
+    assert p.same_geometry(image) and 0.0 <= p.array.min() and p.array.max() <= 1.0
+    with np.load(att) as a:
+        cfg = get_config("boltzformer-test")
+        assert a["counts"].shape[:2] == (cfg.num_layers, image.shape[0])
+        assert int(a["num_queries"]) == cfg.num_queries
+    rows = list(csv.DictReader(open(les)))
+    assert rows and {"volume_mm3", "longest_axial_diameter_mm"} <= set(rows[0])
+
+
+def test_same_seed_gives_the_same_mask_and_slices_limit_the_work(ct_path, tmp_path, tiny_weights, capsys):
+    a, b, c = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "c.nii.gz"
+    for out in (a, b):
+        assert run(segment_args(ct_path, out, tiny_weights, "--seed", "3", "--threshold", "0.3"), capsys)[0] == 0
+    np.testing.assert_array_equal(read_volume(a).array, read_volume(b).array)
+    assert run(segment_args(ct_path, c, tiny_weights, "--slices", "1:3", "--threshold", "0.0"), capsys)[0] == 0
+    m = read_volume(c).array
+    assert m[[0, 3, 4, 5]].sum() == 0 and m.shape == read_volume(ct_path).shape
+
+
+def test_sample_then_evaluate_writes_a_json_summary(tmp_path, tiny_weights, capsys):
+    code, out, err = run(["sample", tmp_path / "demo", "--name", "brain_mri"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "demo" / "cases.csv")))
+    assert [r["case_id"] for r in rows] == ["brain_mri"]
+    with open(tmp_path / "demo" / "cases.csv", "w", newline="") as f:  # the tiny bank only knows PROMPT
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**rows[0], "prompt": PROMPT}])
+    js = tmp_path / "eval.json"
+    code, out, err = run(["evaluate", tmp_path / "demo", "--json", js, "--weights", tiny_weights, "--device", "cpu",
+                          "--quiet"], capsys)
+    assert code == 0, err
+    summary = json.loads(js.read_text())
+    assert summary["n_cases"] == 1 and 0.0 <= summary["mean_dice"] <= 1.0
+    assert summary["cases"][0]["case_id"] == "brain_mri" and summary["weights_sha256"] == weights.sha256(tiny_weights)
+    assert "mean Dice" in out
+
+
+def test_info_names_the_weights_and_their_prompts(tiny_weights, capsys):
+    code, out, _ = run(["info", "--weights", tiny_weights], capsys)
+    assert code == 0
+    assert weights.sha256(tiny_weights) in out and "lung nodule" in out and "torch" in out
+
+
+# -- bad input: one line naming the problem, exit 2, nothing written ----------------------------------
+def _corrupt(tmp_path):
+    p = tmp_path / "corrupt.nii.gz"
+    p.write_bytes(b"\x1f\x8b\x08\x00" + b"not really gzip" * 10)
+    return p
+
+
+def _four_d(tmp_path):
+    p = tmp_path / "fmri.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)), str(p))
+    return p
+
+
+def _rgb(tmp_path):
+    p = tmp_path / "rgb.nii.gz"
+    img = sitk.GetImageFromArray(np.zeros((4, 8, 8, 3), np.uint8), isVector=True)
+    sitk.WriteImage(img, str(p))
+    return p
+
+
+def _nan(tmp_path):
+    p = tmp_path / "nan.nii.gz"
+    a = np.zeros((4, 8, 8), np.float32)
+    a[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(a, np.eye(4)), str(p))
+    return p
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda t: t / "missing.nii.gz", "does not exist"),
+    (_corrupt, "corrupt.nii.gz"),
+    (_four_d, "fmri.nii.gz"),
+    (_rgb, "rgb.nii.gz"),
+    (_nan, "nan.nii.gz"),
+    (lambda t: (t / "notes.txt").write_text("hello") and t / "notes.txt", "not a supported format"),
+])
+def test_unreadable_inputs_are_one_line_errors(make, expected, tmp_path, tiny_weights, capsys):
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run(segment_args(make(tmp_path), out, tiny_weights), capsys)
+    assert code == 2
+    assert err.startswith("boltzformer: error:") and expected in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--slices", "9:3"], "--slices"),
+    (["--slices", "a:b"], "--slices"),
+    (["--slices", "50:60"], "slice"),
+    (["--window", "disco"], "--window"),
+    (["--threshold", "1.5"], "--threshold"),
+    (["--runs", "0"], "--runs"),
+    (["--lesions", "x.txt"], ".csv or .json"),
+    (["--attention", "x.png"], ".npz"),
+])
+def test_bad_options_are_refused_before_any_output(extra, expected, ct_path, tmp_path, tiny_weights, capsys):
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run(segment_args(ct_path, out, tiny_weights, *extra), capsys)
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_empty_prompt(ct_path, tmp_path, tiny_weights, capsys):
+    code, _, err = run(["segment", ct_path, "-p", "  ", "-o", tmp_path / "o.nii.gz", "--weights", tiny_weights], capsys)
+    assert code == 2 and "prompt is empty" in err
+
+
+def test_existing_output_is_kept_without_overwrite(ct_path, tmp_path, tiny_weights, capsys):
+    out = tmp_path / "out.nii.gz"
+    out.write_bytes(b"precious")
+    code, _, err = run(segment_args(ct_path, out, tiny_weights), capsys)
+    assert code == 2 and "out.nii.gz" in err and "--overwrite" in err
+    assert out.read_bytes() == b"precious"
+    assert run(segment_args(ct_path, out, tiny_weights, "--overwrite"), capsys)[0] == 0
+    assert read_volume(out).shape == read_volume(ct_path).shape
+
+
+def test_output_in_a_missing_folder_or_on_the_input(ct_path, tmp_path, tiny_weights, capsys):
+    code, _, err = run(segment_args(ct_path, tmp_path / "nope" / "o.nii.gz", tiny_weights), capsys)
+    assert code == 2 and "nope" in err
+    code, _, err = run(segment_args(ct_path, ct_path, tiny_weights, "--overwrite"), capsys)
+    assert code == 2 and "input" in err
+    code, _, err = run(segment_args(ct_path, tmp_path / "o.txt", tiny_weights), capsys)
+    assert code == 2 and "o.txt" in err
+
+
+def test_no_bundled_weights_is_a_clear_error(ct_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(weights, "bundled_weights", lambda: None)
+    code, _, err = run(["segment", ct_path, "-p", PROMPT, "-o", tmp_path / "o.nii.gz", "--device", "cpu"], capsys)
+    assert code == 2 and "weights" in err and "Traceback" not in err
+
+
+def test_missing_weights_file(ct_path, tmp_path, capsys):
+    code, _, err = run(segment_args(ct_path, tmp_path / "o.nii.gz", tmp_path / "none.safetensors"), capsys)
+    assert code == 2 and "none.safetensors" in err
+
+
+def test_interrupt_leaves_no_output(ct_path, tmp_path, tiny_weights, monkeypatch, capsys):
+    from boltzformer import segmenter
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(segmenter.Segmenter, "iter_segment", interrupted)
+    outs = [tmp_path / "m.nii.gz", tmp_path / "l.csv"]
+    code, _, err = run(segment_args(ct_path, outs[0], tiny_weights, "--lesions", outs[1]), capsys)
+    assert code == 2 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == [ct_path]  # no outputs, no temporary files
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_weights):
+    from boltzformer.errors import InputError
+
+    with pytest.raises(InputError):
+        cli.main(["--debug", "segment", str(tmp_path / "missing.nii.gz"), "-p", PROMPT, "-o", str(tmp_path / "o.nii.gz"),
+                  "--weights", tiny_weights])
+
+
+def test_unexpected_failure_is_reported_without_a_traceback(ct_path, tmp_path, tiny_weights, monkeypatch, capsys):
+    from boltzformer import segmenter
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+        yield
+
+    monkeypatch.setattr(segmenter.Segmenter, "iter_segment", broken)
+    code, _, err = run(segment_args(ct_path, tmp_path / "o.nii.gz", tiny_weights), capsys)
+    assert code == 1 and "boom" in err and "--debug" in err and "Traceback" not in err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_evaluate_bad_folders(tmp_path, tiny_weights, capsys):
+    code, _, err = run(["evaluate", tmp_path / "nope", "--weights", tiny_weights], capsys)
+    assert code == 2 and "nope" in err
+    (tmp_path / "d").mkdir()
+    code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights], capsys)
+    assert code == 2 and "cases.csv" in err
+    (tmp_path / "d" / "cases.csv").write_text("case_id,prompt\nc1,lung nodule\n")
+    code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--quiet"], capsys)
+    assert code == 2 and "c1_image.nii.gz" in err and "does not exist" in err
+    code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--cases", "zz", "--quiet"], capsys)
+    assert code == 2 and "no cases" in err
+
+
+def test_sample_refuses_to_overwrite(tmp_path, capsys):
+    assert run(["sample", tmp_path, "--name", "brain_mri"], capsys)[0] == 0
+    before = (tmp_path / "brain_mri_image.nii.gz").read_bytes()
+    code, _, err = run(["sample", tmp_path, "--name", "brain_mri"], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert (tmp_path / "brain_mri_image.nii.gz").read_bytes() == before
