@@ -30,8 +30,35 @@ def main():
     stem = RESULTS / f"decoder_{device.type}_batch{args.batch}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(md)
+    plot(result, stem.with_suffix(".png"))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def plot(result: dict, path: Path) -> None:
+    """Time per call against the number of tokens (log-log), one line per attention variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [r["tokens"] for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"dense": "dense (all tokens)", "mask2former": "Mask2Former (thresholded mask)",
+              "sparse_as_dense_mask": "sampled, as a dense mask", "sparse_gather+sampling": "Boltzmann sampling + gather",
+              "sparse_gather": "gather only (K tokens)"}
+    for key, label in labels.items():
+        ax.plot(tokens, [r["time_ms"][key] for r in result["rows"]], "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(tokens, [f"{r['side']}²" for r in result["rows"]])
+    ax.set_xlabel("token map")
+    ax.set_ylabel("ms per call")
+    machine = result["machine"].get("gpu") or result["machine"]["cpu"]
+    ax.set_title(f"Decoder cross-attention, m={result['num_queries']}, {result['ratio']:.0%} tokens\n{machine}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 200
     grad_clip: float = 1.0
+    # BCE weight on lesion pixels: min(background/foreground pixels, this cap) per slice. 1 = plain
+    # BCE. Plain BCE lets small-lesion logits saturate at about -20, where neither BCE (diluted
+    # over 65k pixels) nor Dice (sigmoid' ~ 0) moves them any more.
+    positive_weight_max: float = 1.0
+    positive_weight_from_step: int = 0  # step at which the weighting starts (the bundled run: 1000)
     amp: bool = True  # bf16 autocast on CUDA only
     threads: int = 0  # torch threads on CPU (0 = torch default)
     workers: int = 2  # processes generating synthetic data
@@ -80,10 +85,20 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return (1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Dice + BCE on the final (PiGMA) output only, as in the paper."""
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, positive_weight_max: float = 1.0
+                      ) -> tuple[torch.Tensor, dict]:
+    """Dice + BCE on the final (PiGMA) output only, as in the paper.
+
+    logits/target: B x 1 x H x W. With ``positive_weight_max`` > 1 the lesion pixels of each slice
+    weigh min(#background / #foreground, positive_weight_max) in the BCE (class balancing).
+    """
     d = dice_loss(logits, target)
-    b = F.binary_cross_entropy_with_logits(logits, target)
+    weight = None
+    if positive_weight_max > 1.0:
+        fg = target.flatten(1).sum(1)
+        ratio = ((target[0].numel() - fg) / fg.clamp_min(1.0)).clamp(1.0, positive_weight_max)
+        weight = 1.0 + (ratio.view(-1, 1, 1, 1) - 1.0) * target
+    b = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
     return d + b, {"dice_loss": float(d.detach()), "bce": float(b.detach())}
 
 
@@ -288,7 +303,8 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
                                                  net_cfg.max_text_tokens, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out_ = model(x, tokens, valid, pooled, generator=gen)
-        loss, parts = segmentation_loss(out_["logits"].float(), y)
+        pos_w = cfg.positive_weight_max if step >= cfg.positive_weight_from_step else 1.0
+        loss, parts = segmentation_loss(out_["logits"].float(), y, pos_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -23,6 +23,21 @@ def test_dice_loss_rewards_overlap_and_empty_predictions_for_empty_targets():
     assert set(parts) == {"dice_loss", "bce"} and float(loss) < 0.1
 
 
+def test_positive_weighting_revives_saturated_small_lesions():
+    """Logits stuck at -20 on a 9-pixel lesion: plain BCE barely pulls them up, balanced BCE does,
+    and empty slices are unaffected by the weighting."""
+    t = torch.zeros(2, 1, 64, 64)
+    t[0, 0, 5:8, 5:8] = 1
+    grads = []
+    for cap in (1.0, 20.0):
+        logits = torch.full_like(t, -20.0, requires_grad=True)
+        segmentation_loss(logits, t, positive_weight_max=cap)[0].backward()
+        grads.append(logits.grad)
+    assert float(grads[1][0, 0, 6, 6]) == pytest.approx(20 * float(grads[0][0, 0, 6, 6]), rel=1e-2)
+    assert torch.allclose(grads[1][1], grads[0][1])  # lesion-free slice
+    assert torch.allclose(grads[1][0][t[0] == 0], grads[0][0][t[0] == 0])  # background pixels
+
+
 @pytest.fixture
 def cfg(tmp_path):
     return TrainConfig(model="boltzformer-test", synth_train=24, synth_val=12, steps=4, steps_per_epoch=2,
