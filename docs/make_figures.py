@@ -54,13 +54,13 @@ def decoder_figures(seg, case):
         frames.append(Image.fromarray(np.asarray(f2.canvas.buffer_rgba())[..., :3]))
         plt.close(f2)
     axes[-1].imshow(img, cmap="gray")
-    axes[-1].contour(res.mask[z], colors="red", linewidths=0.8)
+    axes[-1].contour(res.mask[z], colors="red", linewidths=1.8)  # wider: visible under the truth line
     axes[-1].contour(truth[z], colors="lime", linewidths=0.7)
     axes[-1].set_title("output (red) vs truth (green)", fontsize=8)
     axes[-1].axis("off")
     fig.suptitle(f"'{case.prompt}': where the {att.num_queries} queries sampled, layer by layer "
                  "(colour = number of queries attending to a token)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(OUT / "decoder_layers.png", dpi=80)
     frames[0].save(OUT / "decoder_layers.gif", save_all=True, append_images=frames[1:], duration=700, loop=0)
 

@@ -66,6 +66,7 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
         "slices": vol.shape[0], "shape_zyx": list(vol.shape), "device": str(seg.device),
         "seconds_end_to_end": end_to_end, "slices_per_s": vol.shape[0] / end_to_end, "stages_s": stages,
         "import_s": t_import, "model_load_s": t_load,
+        "seconds_with_start_up": end_to_end + t_import + t_load,  # what `boltzformer segment` costs in all
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "lesions_found": len(result.lesions), "sampling": seg.config.sampling,
         "attention_impl": seg.config.attention_impl, "batch_size": seg.default_batch_size(),
@@ -99,11 +100,31 @@ def run_volume_benchmark(args) -> int:
         slope = (b["seconds_end_to_end"] - a["seconds_end_to_end"]) / (b["slices"] - a["slices"])
         print(f"scaling: {1000 * slope:.1f} ms per additional slice")
     report = {"benchmark": "volume", "machine": machine_description(), "results": results}
+    if len(results) >= 2:
+        report["seconds_per_additional_slice"] = slope
     if getattr(args, "json", None):
         from .bench import _write_text
 
         _write_text(args.json, json.dumps(report, indent=2))
+        _write_text(Path(args.json).with_suffix(".md"), volume_markdown(report))
     return 0
+
+
+def volume_markdown(report: dict) -> str:
+    m = report["machine"]
+    stages = list(report["results"][0]["stages_s"])
+    lines = [f"End-to-end `segment` of a synthetic 512 x 512 CT; {m.get('gpu') or m['cpu']}, "
+             f"{m['torch_threads']} torch threads, torch {m.get('torch', '?')}", "",
+             "| slices | device | s (read→write) | s incl. start-up | slices/s | peak RSS MB | peak GPU MB | "
+             + " | ".join(f"{s} s" for s in stages) + " |",
+             "|---" * (7 + len(stages)) + "|"]
+    for r in report["results"]:
+        lines.append(f"| {r['slices']} | {r['device']} | {r['seconds_end_to_end']:.1f} | {r['seconds_with_start_up']:.1f} | "
+                     f"{r['slices_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('peak_gpu_mb', float('nan')):.0f} | "
+                     + " | ".join(f"{r['stages_s'].get(s, 0.0):.2f}" for s in stages) + " |")
+    if "seconds_per_additional_slice" in report:
+        lines += ["", f"Scaling: {1000 * report['seconds_per_additional_slice']:.1f} ms per additional slice."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
