@@ -11,7 +11,6 @@ Outputs: `<out>/log.csv` (one row per epoch: losses, held-out Dice), `<out>/curv
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -349,17 +348,7 @@ def _write_log(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-# -- CLI ----------------------------------------------------------------------------------------------
-def add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a BoltzFormer (Dice + BCE) on synthetic + real data")
-    p.add_argument("--config", required=True, help="training config JSON (see configs/)")
-    p.add_argument("--out", required=True, help="output folder (resumes from its last.pt)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes (resume later)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config entry, e.g. --set steps=200 (JSON values)")
-    p.set_defaults(func=run_train)
-
-
+# -- CLI (`boltzformer train`, parser in cli.py) ----------------------------------------------------
 def run_train(args) -> int:
     from .errors import BoltzformerError
 
@@ -381,14 +370,12 @@ def run_train(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:  # python -m boltzformer.train
-    parser = argparse.ArgumentParser(prog="boltzformer")
-    sub = parser.add_subparsers()
-    add_train_parser(sub)
+def main(argv=None) -> int:  # python -m boltzformer.train ...  ==  boltzformer train ...
     import sys
 
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return run_train(args)
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -289,11 +289,14 @@ def labels_layer_data(mask: np.ndarray, geom: dict, name: str, prompt: str | Non
         "metadata": metadata,
         "colormap": mask_colormap(color),
         "opacity": 0.7,
-        "axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):],
-        "units": "mm",
-        **transform_kwargs(geom),
+        **placement_kwargs(geom),
     }
     return to_layer_shape(mask, geom), kwargs, "labels"
+
+
+def placement_kwargs(geom: dict) -> dict:
+    """Axis names, units and the world transform shared by every layer laid over the image."""
+    return {"axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):], "units": "mm", **transform_kwargs(geom)}
 
 
 def probability_layer_data(probabilities: np.ndarray, geom: dict, name: str, prompt: str, source: str | None = None) -> tuple:
@@ -305,9 +308,7 @@ def probability_layer_data(probabilities: np.ndarray, geom: dict, name: str, pro
         "opacity": 0.5,
         "visible": False,  # additive layers stacked on the heatmap wash the slice out; one click shows it
         "metadata": {GEOMETRY_KEY: dict(geom), ROLE_KEY: "probability", PROMPT_KEY: prompt, SOURCE_KEY: source},
-        "axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):],
-        "units": "mm",
-        **transform_kwargs(geom),
+        **placement_kwargs(geom),
     }
     return to_layer_shape(probabilities, geom), kwargs, "image"
 
@@ -321,9 +322,7 @@ def uncertainty_layer_data(variance: np.ndarray, geom: dict, name: str, prompt: 
         "opacity": 0.6,
         "visible": False,
         "metadata": {GEOMETRY_KEY: dict(geom), ROLE_KEY: "uncertainty", PROMPT_KEY: prompt, SOURCE_KEY: source},
-        "axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):],
-        "units": "mm",
-        **transform_kwargs(geom),
+        **placement_kwargs(geom),
     }
     return to_layer_shape(variance, geom), kwargs, "image"
 
