@@ -106,9 +106,10 @@ def format_table(summary: dict) -> str:
             else f"{c['sensitivity']:.2f}"
         lines.append(f"{c['case_id'][:43]:<44}{c['prompt'][:27]:<28}{c['dice']:7.3f}{c['detected']:>4}/{c['true_lesions']:<3}"
                      f"{sens:>7}{c['false_positive_components']:>5}{c['seconds']:7.2f}")
+    fp_free = (f"{summary['false_positives_per_lesion_free_case']:.3f} (n={summary['n_lesion_free']})"
+               if summary["n_lesion_free"] else "– (no lesion-free case)")
     lines.append(f"mean Dice (cases with lesions) {summary['mean_dice']:.3f} | lesion-wise sensitivity "
-                 f"{summary['mean_sensitivity']:.3f} | false-positive components per lesion-free case "
-                 f"{summary['false_positives_per_lesion_free_case']:.3f} (n={summary['n_lesion_free']}) | "
+                 f"{summary['mean_sensitivity']:.3f} | false-positive components per lesion-free case {fp_free} | "
                  f"{summary['n_cases']} cases")
     for key in ("target", "size_band"):
         if f"dice_by_{key}" in summary:
