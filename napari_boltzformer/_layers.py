@@ -112,12 +112,8 @@ def geometry_from_layer(layer) -> dict:
     """
     data_shape = tuple(int(v) for v in layer_array(layer).shape)
     geom = (layer.metadata or {}).get(GEOMETRY_KEY)
-    if geom is not None:
-        shape = tuple(geom.get("shape", ()))
-        if int(geom.get("ndim", 3)) == 2:
-            shape = shape[-2:]
-        if shape == data_shape:
-            return dict(geom)
+    if geom is not None and geometry_shape(geom) == data_shape:
+        return dict(geom)
     ndim = layer.ndim
     if ndim not in (2, 3):
         raise ValueError(f"layer '{layer.name}' has {ndim} dimensions; BoltzFormer needs a 2D slice or a 3D volume")
@@ -127,6 +123,12 @@ def geometry_from_layer(layer) -> dict:
     for i in range(ndim):
         matrix[:ndim, i] = np.asarray(layer.data_to_world(np.eye(ndim)[i]), float) - origin
     return _geometry_from_matrix(matrix, data_shape)
+
+
+def geometry_shape(geom: dict) -> tuple:
+    """The layer data shape a geometry describes: (z, y, x), or (y, x) for a 2D source."""
+    shape = tuple(int(v) for v in geom.get("shape", ()))
+    return shape[-2:] if int(geom.get("ndim", 3)) == 2 else shape
 
 
 def _geometry_from_matrix(matrix: np.ndarray, shape: tuple) -> dict:
@@ -167,6 +169,14 @@ def volume_from_layer(layer, modality: str | None = None):
     if array.ndim == 2:
         array = array[None]
     return make_volume(array, geom, modality=modality or geom.get("modality"))
+
+
+def mask_volume(array: np.ndarray, geom: dict):
+    """A uint8 mask Volume (z, y, x) of a labels layer's data (2D or 3D) with `geom`'s geometry."""
+    array = array[None] if array.ndim == 2 else array
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return make_volume(array, geom, modality=None)
 
 
 def make_volume(array_zyx: np.ndarray, geom: dict, modality: str | None = None):

@@ -59,7 +59,7 @@ from ._layers import (
     geometry_from_layer,
     labels_layer_data,
     layer_array,
-    make_volume,
+    mask_volume,
     next_mask_color,
     probability_layer_data,
     resolve_window_name,
@@ -958,12 +958,8 @@ class BoltzFormerWidget(QWidget):
             if path is None:
                 return None
         try:
-            array = np.asarray(layer_array(layer))
-            geom = geometry_from_layer(layer)
-            array = array[None] if array.ndim == 2 else array
-            if array.dtype == bool:
-                array = array.astype(np.uint8)
-            written = write_volume(make_volume(array, geom, modality=None), path, overwrite=True)
+            volume = mask_volume(np.asarray(layer_array(layer)), geometry_from_layer(layer))
+            written = write_volume(volume, path, overwrite=True)
         except (BoltzformerError, ValueError) as exc:
             show_error(str(exc))
             return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._layers import GEOMETRY_KEY, _geometry_from_matrix
+from ._layers import GEOMETRY_KEY, _geometry_from_matrix, geometry_shape, mask_volume
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
@@ -35,22 +35,12 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
 
 def labels_volume(data: np.ndarray, meta: dict):
     """A boltzformer Volume of `data` (a labels layer's data) with its source geometry."""
-    from ._layers import make_volume
-
     geom = (meta.get("metadata") or {}).get(GEOMETRY_KEY)
-    if geom is not None and _shape_of(geom) != tuple(data.shape):
+    if geom is not None and geometry_shape(geom) != tuple(data.shape):
         geom = None  # the layer was resized or cropped: its own transform is the truth now
     if geom is None:
         geom = geometry_from_meta(data.shape, meta)
-    array = data[None] if data.ndim == 2 else data
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    return make_volume(array, geom, modality=None)
-
-
-def _shape_of(geom: dict) -> tuple:
-    shape = tuple(int(v) for v in geom.get("shape", ()))
-    return shape[-2:] if int(geom.get("ndim", 3)) == 2 else shape
+    return mask_volume(data, geom)
 
 
 def geometry_from_meta(shape, meta: dict) -> dict:
