@@ -29,6 +29,7 @@ from .checkpoint import save_model
 from .network.boltzformer import BoltzFormer, build_model, count_parameters
 from .network.config import get_config
 from .network.text import SentenceEncoder, batch_embeddings, normalise_prompt
+from .postprocess import dice
 from .synth import prompts as vocab
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,6 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, positive_weigh
         weight = 1.0 + (ratio.view(-1, 1, 1, 1) - 1.0) * target
     b = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
     return d + b, {"dice_loss": float(d.detach()), "bce": float(b.detach())}
-
-
-def hard_dice(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
-    p = prob >= threshold
-    t = truth.astype(bool)
-    denom = p.sum() + t.sum()
-    return 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -181,7 +175,7 @@ def evaluate_examples(model: BoltzFormer, examples: data_mod.ExampleSet, bank, d
         prob = torch.sigmoid(model(x, tokens, valid, pooled, generator=gen)["logits"].float())[:, 0].cpu().numpy()
         for p, t in zip(prob, examples.masks[sl]):
             if t.any():
-                dices.append(hard_dice(p, t))
+                dices.append(dice(p >= 0.5, t))
                 areas.append(t.mean())
             else:
                 fp.append(bool((p >= 0.5).any()))
