@@ -16,38 +16,28 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from boltzformer.evaluate import summarise
+
 
 def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-def _mean(values):
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
 def group_rows(cases: list[dict], key: str) -> list[tuple[str, dict]]:
-    """Per value of `key`: n with a target, mean Dice, mean sensitivity, FP per lesion-free case."""
+    """Per value of `key`: boltzformer.evaluate.summarise of that group's cases."""
     groups = defaultdict(list)
     for c in cases:
         groups[c.get(key, "all")].append(c)
-    out = []
-    for name, cs in sorted(groups.items()):
-        pos = [c for c in cs if c["true_lesions"] > 0]
-        neg = [c for c in cs if c["true_lesions"] == 0]
-        out.append((name, {"n": len(pos), "n_free": len(neg), "dice": _mean(c["dice"] for c in pos),
-                           "sensitivity": _mean(c["sensitivity"] for c in pos),
-                           "fp_free": _mean(c["false_positive_components"] for c in neg)}))
-    return out
+    return [(name, summarise(cs)) for name, cs in sorted(groups.items())]
 
 
 def table(summary: dict, key: str | None) -> str:
-    cases = summary["cases"]
-    rows = group_rows(cases, key) if key else group_rows([{**c, "all": "all"} for c in cases], "all")
+    rows = group_rows(summary["cases"], key or "all")  # no key: one group, "all"
     lines = [f"| {key or 'set'} | cases with target | Dice | lesion sensitivity | lesion-free cases | FP components / lesion-free slice |",
              "|---|---|---|---|---|---|"]
     for name, r in rows:
-        lines.append(f"| {name} | {r['n']} | {_fmt(r['dice'])} | {_fmt(r['sensitivity'])} | {r['n_free']} | {_fmt(r['fp_free'])} |")
+        lines.append(f"| {name} | {r['n_cases'] - r['n_lesion_free']} | {_fmt(r['mean_dice'])} | {_fmt(r['mean_sensitivity'])} | "
+                     f"{r['n_lesion_free']} | {_fmt(r['false_positives_per_lesion_free_case'])} |")
     return "\n".join(lines)
 
 
