@@ -70,3 +70,28 @@ def load_model(source=None, map_location="cpu"):
         raise WeightsError(f"{src.weights_path}: weights do not match their config ({str(exc).splitlines()[0]})") from exc
     model.eval()
     return model, bank, meta, src
+
+
+def load_matching(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Warm start: copy every tensor whose name and shape match `model`, keep the rest as built.
+
+    For fine-tuning a changed architecture (e.g. mask_stride 4 -> 2) from trained weights.
+    Prompt-cache entries are ignored. Returns {"loaded", "reinitialised" (name matches, shape
+    differs), "new" (only in the model), "unused" (only in the file)}: lists of names.
+    """
+    own = model.state_dict()
+    report: dict[str, list[str]] = {"loaded": [], "reinitialised": [], "new": [], "unused": []}
+    keep = {}
+    for name, value in tensors.items():
+        if name.startswith("text_cache."):
+            continue
+        if name not in own:
+            report["unused"].append(name)
+        elif own[name].shape != value.shape:
+            report["reinitialised"].append(name)
+        else:
+            keep[name] = value
+            report["loaded"].append(name)
+    report["new"] = [n for n in own if n not in tensors]
+    model.load_state_dict(keep, strict=False)
+    return report

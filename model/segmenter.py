@@ -259,7 +259,7 @@ class Segmenter:
             prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
         attention = None
         if return_attention:
-            grid = size // self.model.cfg.mask_stride
+            grid = size // self.model.cfg.finest_stride  # heatmaps at the finest token resolution
             attention = []
             for rec in out["attention"]:
                 c = F.interpolate(rec["counts"][:, None].float(), size=(grid, grid), mode="nearest")[:, 0]

@@ -6,7 +6,7 @@ The config (JSON) records everything needed to retrain the bundled weights: netw
 name and overrides, data sizes and seeds, optimiser settings. Training resumes from
 `<out>/last.pt` when it exists, so long runs can go in chunks (e.g. 10-minute GPU leases).
 Outputs: `<out>/log.csv` (one row per epoch: losses, held-out Dice), `<out>/curves.png`,
-`<out>/best.safetensors` + `.json` (best held-out Dice) and `<out>/last.safetensors`.
+`<out>/best.safetensors` + `.json` (best Dice on the synthetic validation split) and `<out>/last.safetensors`.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class TrainConfig:
     cache_dir: str = ".devdata"  # synthetic example caches (git-ignored)
     real_dir: str | None = None  # default: $BOLTZFORMER_REAL_DATA or ../shared/data/real
     use_real: bool = True  # False: synthetic data only
+    # Warm start: a .safetensors file whose matching tensors initialise the network (fine-tuning
+    # after an architecture change). Ignored when resuming from <out>/last.pt.
+    init_weights: str | None = None
     device: str = "auto"
 
     @classmethod
@@ -265,6 +268,14 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
         return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     step, best, rows = 0, -1.0, []
+    if cfg.init_weights and not (out / "last.pt").is_file():
+        from safetensors.torch import load_file
+
+        from .checkpoint import load_matching
+
+        report = load_matching(model, load_file(cfg.init_weights, device=str(device)))
+        log.info("warm start from %s: %d tensors loaded, re-initialised %s, new %s", cfg.init_weights,
+                 len(report["loaded"]), report["reinitialised"], report["new"])
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = out / "last.pt"
@@ -317,7 +328,8 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
             log.info("epoch %d step %d loss %.4f synth Dice %.3f (small %.3f) real Dice %.3f fp-neg %.3f",
                      row["epoch"], step, row["loss"], row["val_synth_dice"], row["val_synth_dice_small"],
                      row.get("val_real_dice", math.nan), row["val_synth_negative_fp_rate"])
-            score = row["val_synth_dice"] + row.get("val_real_dice", 0.0)
+            # Selection on synthetic validation only: the real held-out split is reported, never tuned on.
+            score = row["val_synth_dice"]
             meta = {**info, "trained_steps": step, "validation": row}
             if score > best:
                 best = score

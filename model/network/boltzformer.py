@@ -20,7 +20,7 @@ class BoltzFormer(nn.Module):
     image: B x C x S x S windowed intensities in [0, 1] (S = cfg.image_size)
     text_tokens: B x T x E frozen word-piece embeddings, text_valid: B x T bool,
     text_pooled: B x E pooled sentence embeddings (see text.py)
-    Returns {"logits": B x 1 x S x S, "query_masks": B x Q x S/4 x S/4,
+    Returns {"logits": B x 1 x S x S, "query_masks": B x Q x S/m x S/m (m = cfg.mask_stride),
              "attention": [per layer {"probabilities", "counts": B x h x w, ...}] (if asked)}.
     """
 

@@ -31,6 +31,10 @@ class BoltzFormerConfig:
     num_heads: int = 4
     ffn_dim: int = 256
     attention_strides: tuple[int, ...] = (16, 8, 4)  # attended round robin, coarse to fine
+    # Stride of the per-pixel embedding map and of the final query masks. 0 = the finest
+    # attention stride (the paper's layout); 2 adds a stride-2 detail branch so that nodules of
+    # 2-4 pixels at network size cover whole mask cells.
+    mask_stride: int = 0
     text_query_init: bool = True  # initialise queries by self-attention with the text tokens
     # Boltzmann sampling
     sampling: str = "boltzmann"
@@ -52,10 +56,14 @@ class BoltzFormerConfig:
             raise ValueError("image_size must be a multiple of the coarsest attention stride")
         self.encoder_channels = tuple(self.encoder_channels)
         self.attention_strides = tuple(self.attention_strides)
+        if self.mask_stride == 0:
+            self.mask_stride = self.finest_stride
+        if self.mask_stride not in (2, self.finest_stride):
+            raise ValueError(f"mask_stride must be 2 or the finest attention stride ({self.finest_stride})")
 
     @property
-    def mask_stride(self) -> int:
-        """Stride of the per-pixel embedding map and of the query masks (finest attention)."""
+    def finest_stride(self) -> int:
+        """Stride of the finest token map the decoder attends to."""
         return min(self.attention_strides)
 
     def to_dict(self) -> dict:
@@ -67,6 +75,8 @@ class BoltzFormerConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def replace(self, **changes) -> "BoltzFormerConfig":
+        if "attention_strides" in changes and "mask_stride" not in changes and self.mask_stride == self.finest_stride:
+            changes["mask_stride"] = 0  # follow the new finest stride
         return dataclasses.replace(self, **changes)
 
 

@@ -9,7 +9,8 @@
         queries <- FFN(queries)
         masks <- MLP(queries) . pixel embeddings, at the next layer's resolution
 Intermediate masks are predicted at the attention resolution only; the final ones at the
-pixel-map resolution (stride 4), so no layer pays for full-resolution masks it does not need.
+pixel-map resolution (cfg.mask_stride: 4, or 2 with the detail branch), so no layer pays for
+full-resolution masks it does not need.
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ class DecoderBlock(nn.Module):
 class BoltzDecoder(nn.Module):
     """forward(features, pixel_map, text, text_padding, generator, return_attention) -> dict
 
-    features: stride -> B x D x h x w token maps; pixel_map: B x P x H4 x W4;
+    features: stride -> B x D x h x w token maps; pixel_map: B x P x Hm x Wm (Hm = H / mask_stride);
     text: B x T x D, text_padding: B x T (True = pad).
-    Returns {"query_masks": B x Q x H4 x W4 logits, "attention": list per layer (if asked)}.
+    Returns {"query_masks": B x Q x Hm x Wm logits, "attention": list per layer (if asked)}.
     """
 
     def __init__(self, cfg: BoltzFormerConfig):

@@ -47,6 +47,31 @@ class ResidualBlock(nn.Module):
         return F.gelu(x + self.norm2(self.conv2(self.conv1(x))))
 
 
+class DetailBranch(nn.Module):
+    """Lifts the stride-4 pixel embeddings to stride 2 with edge detail from the stem.
+
+    forward(coarse: B x P x h x w, stem: B x C1 x 2h x 2w) -> B x P x 2h x 2w
+    = bilinear(coarse) + a small correction from [bilinear(coarse), stem]. The last convolution
+    starts at zero, so a checkpoint trained at stride 4 loads and predicts as before.
+    """
+
+    def __init__(self, pixel_dim: int, stem_channels: int, hidden: int = 32):
+        super().__init__()
+        self.mix = nn.Sequential(
+            nn.Conv2d(pixel_dim + stem_channels, hidden, 1),
+            nn.GELU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden),  # 3x3 context, depthwise (cheap at 128^2)
+            nn.GELU(),
+            nn.Conv2d(hidden, pixel_dim, 1),
+        )
+        nn.init.zeros_(self.mix[-1].weight)
+        nn.init.zeros_(self.mix[-1].bias)
+
+    def forward(self, coarse: torch.Tensor, stem: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(coarse, size=stem.shape[-2:], mode="bilinear", align_corners=False)
+        return up + self.mix(torch.cat([up, stem], dim=1))
+
+
 class ImageEncoder(nn.Module):
     """CNN backbone (strides 2, 4, 8, 16) + top-down pyramid.
 
@@ -68,17 +93,19 @@ class ImageEncoder(nn.Module):
         )
         self.attention_strides = cfg.attention_strides
         channels = dict(zip(self.strides, cfg.encoder_channels))
-        pyramid = sorted(set(cfg.attention_strides) | {cfg.mask_stride})
+        pyramid = sorted(set(cfg.attention_strides))
         self.pyramid_strides = pyramid
         self.lateral = nn.ModuleDict({str(s): nn.Conv2d(channels[s], cfg.hidden_dim, 1) for s in pyramid})
         self.smooth = nn.ModuleDict(
             {str(s): SeparableConv(cfg.hidden_dim, cfg.hidden_dim) for s in pyramid[:-1]}
         )
+        self.finest_stride = cfg.finest_stride
         self.mask_stride = cfg.mask_stride
         self.pixel_head = nn.Sequential(
             SeparableConv(cfg.hidden_dim + channels[2], cfg.pixel_dim),
             nn.Conv2d(cfg.pixel_dim, cfg.pixel_dim, 1),
         )
+        self.detail = DetailBranch(cfg.pixel_dim, channels[2]) if self.mask_stride < self.finest_stride else None
 
     def forward(self, image: torch.Tensor):
         x = self.stem(image)
@@ -95,8 +122,11 @@ class ImageEncoder(nn.Module):
                 lat = self.smooth[str(s)](lat + F.interpolate(top, size=lat.shape[-2:], mode="nearest"))
             features[s] = lat
             top = lat
-        fine = features[self.mask_stride]
+        fine = features[self.finest_stride]
         # The stride-2 stem features add edge detail the stride-4 map lacks (small nodules).
-        stem = F.avg_pool2d(maps[2], kernel_size=self.mask_stride // 2) if self.mask_stride > 2 else maps[2]
+        k = self.finest_stride // 2
+        stem = F.avg_pool2d(maps[2], kernel_size=k) if k > 1 else maps[2]
         pixel_map = self.pixel_head(torch.cat([fine, stem], dim=1))
+        if self.detail is not None:
+            pixel_map = self.detail(pixel_map, maps[self.mask_stride])
         return {s: features[s] for s in self.attention_strides}, pixel_map

@@ -55,14 +55,14 @@ def test_attention_maps_have_one_entry_per_decoder_layer(segmenter, volume):
     r = segmenter.segment_volume(volume, "lung nodule", return_attention=True, slices=(1, 4))
     att = r.attention
     cfg = segmenter.config
-    grid = cfg.image_size // cfg.mask_stride
+    grid = cfg.image_size // cfg.finest_stride
     assert att.counts.shape == (cfg.num_layers, 3, grid, grid)
     assert att.slice_start == 1
     assert att.grid_scale_yx == pytest.approx((40 / grid, 48 / grid))
     # Every layer's counts add up to K tokens x m queries per slice.
     for layer, k in enumerate(att.tokens_per_query):
         stride = att.strides[layer]
-        cell = (stride // cfg.mask_stride) ** 2  # nearest upsampling repeats each token
+        cell = (stride // cfg.finest_stride) ** 2  # nearest upsampling repeats each token
         assert att.counts[layer, 0].astype(np.float64).sum() == pytest.approx(k * cfg.num_queries * cell)
 
 

@@ -67,3 +67,31 @@ def test_config_rejects_unknown_options(tmp_path):
     p.write_text(json.dumps({"stepz": 3}))
     with pytest.raises(ValueError, match="stepz"):
         TrainConfig.load(p)
+
+
+@pytest.mark.parametrize("name", ["boltzformer-s.train.json", "boltzformer-s.finetune.json"])
+def test_recorded_training_configs_load(name):
+    """The configs that produced the bundled weights stay readable by `boltzformer train`."""
+    from pathlib import Path
+
+    from boltzformer.network.config import get_config
+
+    cfg = TrainConfig.load(Path(__file__).parents[2] / "resources" / name)
+    get_config(cfg.model, **cfg.model_overrides)  # valid network overrides
+
+
+def test_warm_start_loads_matching_weights_into_a_changed_network(cfg, tmp_path):
+    """Stage 2 of the bundled recipe: a stride-4 run's weights initialise a stride-2 network."""
+    from safetensors.torch import load_file
+
+    first = train(cfg, tmp_path / "stride4")
+    cfg.model_overrides = {"mask_stride": 2}
+    cfg.init_weights = str(first)
+    cfg.steps_per_epoch = 1
+    cfg.steps = 1
+    cfg.lr = 0.0
+    best = train(cfg, tmp_path / "stride2")
+    old, new = load_file(str(first)), load_file(str(best))
+    assert new["pigma.up.weight"].shape != old["pigma.up.weight"].shape
+    assert torch.equal(new["encoder.stem.0.weight"], old["encoder.stem.0.weight"])
+    assert float(new["encoder.detail.mix.4.weight"].abs().sum()) == 0.0  # starts as "no detail"

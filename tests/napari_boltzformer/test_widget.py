@@ -78,7 +78,7 @@ def test_attention_heatmaps_one_per_decoder_layer_and_aligned_with_the_image(mak
     run_and_wait(panel, qtbot)
     heat = _roles(viewer)["attention"]
     num_layers = tiny_segmenter.config.num_layers
-    grid = tiny_segmenter.config.image_size // tiny_segmenter.config.mask_stride
+    grid = tiny_segmenter.config.image_size // tiny_segmenter.config.finest_stride
     assert heat.data.shape == (num_layers, 5, grid, grid)  # decoder layer, processed slices, grid
     assert heat.data.dtype == np.float16  # kept at grid resolution
     assert viewer.dims.axis_labels[0] == "decoder layer" and viewer.dims.nsteps[0] == num_layers

@@ -88,3 +88,46 @@ def test_ablation_structures_build():
         cfg = get_config("boltzformer-test", **overrides)
         out = build_model(cfg, seed=0)(*_batch(cfg), generator=torch.Generator().manual_seed(0))
         assert out["logits"].shape[1] == 1
+
+
+def test_stride2_masks_have_twice_the_resolution_and_train_the_detail_branch():
+    cfg = get_config("boltzformer-test", mask_stride=2)
+    model = build_model(cfg, seed=0)
+    out = model(*_batch(cfg), generator=torch.Generator().manual_seed(0), return_attention=True)
+    s = cfg.image_size
+    assert out["query_masks"].shape == (2, cfg.num_queries, s // 2, s // 2)
+    assert out["logits"].shape == (2, 1, s, s)
+    # Attention records stay at the token resolutions.
+    assert out["attention"][-1]["counts"].shape[-1] == s // cfg.finest_stride
+    out["logits"].mean().backward()
+    grad = dict(model.named_parameters())["encoder.detail.mix.4.weight"].grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_stride2_model_starts_from_stride4_weights_with_the_same_coarse_masks():
+    """The detail branch starts at zero: a stride-4 checkpoint loaded into the stride-2 network
+    predicts the same masks, upsampled (bilinear), before any fine-tuning."""
+    from torch.nn import functional as F
+
+    from boltzformer.checkpoint import load_matching
+
+    cfg4 = get_config("boltzformer-test")
+    cfg2 = cfg4.replace(mask_stride=2)
+    m4, m2 = build_model(cfg4, seed=0).eval(), build_model(cfg2, seed=1).eval()
+    report = load_matching(m2, m4.state_dict())
+    assert report["reinitialised"] == ["pigma.up.weight"]  # kernel = mask stride
+    assert any(k.startswith("encoder.detail") for k in report["new"])
+    batch = _batch(cfg4)
+    q4 = m4(*batch, generator=torch.Generator().manual_seed(0))["query_masks"]
+    q2 = m2(*batch, generator=torch.Generator().manual_seed(0))["query_masks"]
+    # Intermediate masks use the stride-2 map pooled back to stride 4: equal up to the blur of
+    # bilinear-up then average-pool, so compare with a tolerance relative to the logit scale.
+    up = F.interpolate(q4, size=q2.shape[-2:], mode="bilinear", align_corners=False)
+    assert (up - q2).abs().mean() < 0.25 * q4.abs().mean()
+
+
+def test_mask_stride_is_validated():
+    with pytest.raises(ValueError, match="mask_stride"):
+        get_config("boltzformer-test", mask_stride=8)
+    assert get_config("boltzformer-test").mask_stride == 4
+    assert get_config("boltzformer-test").replace(attention_strides=(16, 8)).mask_stride == 8
