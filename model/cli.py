@@ -153,11 +153,16 @@ def cmd_evaluate(args) -> int:
     from .segmenter import Segmenter
     from .weights import sha256
 
+    if not 0.0 <= args.threshold <= 1.0:
+        raise BoltzformerError(f"--threshold {args.threshold}: must be between 0 and 1")
+    if args.runs < 1:
+        raise BoltzformerError(f"--runs {args.runs}: must be at least 1")
     if args.json:
         check_output_path(args.json, overwrite=True)
     seg = Segmenter.from_pretrained(args.weights, device=args.device)
     cases = [c for c in args.cases.split(",") if c] if args.cases else None
-    summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, progress=not args.quiet, seed=args.seed)
+    summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, progress=not args.quiet, seed=args.seed,
+                           threshold=args.threshold, runs=args.runs)
     print(format_table(summary))
     if args.json:
         summary["command"] = "boltzformer " + " ".join(sys.argv[1:]) if args.argv is None else "boltzformer " + " ".join(args.argv)
@@ -285,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cases", default=None, help="comma-separated case ids")
     e.add_argument("--split", default=None, choices=("train", "heldout"), help="only this split of ../shared/data/real")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threshold", type=float, default=0.5, help="probability threshold, as in segment")
+    e.add_argument("--runs", type=int, default=1, help="sampling runs averaged per slice, as in segment")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 

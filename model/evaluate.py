@@ -35,7 +35,7 @@ def read_cases(folder: Path) -> list[dict]:
 
 
 def evaluate_dir(folder, segmenter, case_ids=None, split: str | None = None, progress: bool = True,
-                 seed: int = 0, threshold: float = 0.5) -> dict:
+                 seed: int = 0, threshold: float = 0.5, runs: int = 1) -> dict:
     """Segment every case and compare with its mask. Returns {"cases": [...], means...}."""
     folder = Path(folder)
     rows = read_cases(folder)
@@ -55,7 +55,7 @@ def evaluate_dir(folder, segmenter, case_ids=None, split: str | None = None, pro
             raise InputError(folder / f"{cid}_mask.nii.gz", f"shape {truth.shape} differs from its image {image.shape}")
         t = time.perf_counter()
         res = segmenter.segment_volume(image, row["prompt"], modality=modality_of(row.get("modality")), seed=seed,
-                                       threshold=threshold)
+                                       threshold=threshold, runs=runs)
         seconds = time.perf_counter() - t
         det = postprocess.lesion_detection(res.mask > 0, truth, image.spacing_mm, min_lesion_mm3=res.min_lesion_mm3)
         extra = {k: v for k, v in row.items() if k not in ("case_id", "prompt", "source_repo_or_package", "license", "notes")}

@@ -104,6 +104,12 @@ def test_sample_then_evaluate_writes_a_json_summary(tmp_path, tiny_weights, caps
     assert summary["n_cases"] == 1 and 0.0 <= summary["mean_dice"] <= 1.0
     assert summary["cases"][0]["case_id"] == "brain_mri" and summary["weights_sha256"] == weights.sha256(tiny_weights)
     assert "mean Dice" in out
+    # Threshold and runs reach the segmenter: at threshold 1 nothing is marked, so Dice is 0.
+    code, out, err = run(["evaluate", tmp_path / "demo", "--json", js, "--weights", tiny_weights, "--device", "cpu",
+                          "--quiet", "--runs", "2", "--threshold", "1"], capsys)
+    assert code == 0, err
+    summary = json.loads(js.read_text())
+    assert summary["mean_dice"] == 0.0 and "--runs 2 --threshold 1" in summary["command"]
 
 
 def test_info_names_the_weights_and_their_prompts(tiny_weights, capsys):
@@ -255,6 +261,10 @@ def test_evaluate_bad_folders(tmp_path, tiny_weights, capsys):
     assert code == 2 and "c1_image.nii.gz" in err and "does not exist" in err
     code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--cases", "zz", "--quiet"], capsys)
     assert code == 2 and "no cases" in err
+    code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--runs", "0"], capsys)
+    assert code == 2 and "--runs 0" in err
+    code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--threshold", "1.5"], capsys)
+    assert code == 2 and "--threshold 1.5" in err
 
 
 def test_sample_refuses_to_overwrite(tmp_path, capsys):
