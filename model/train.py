@@ -31,6 +31,7 @@ from .network.config import get_config
 from .network.text import SentenceEncoder, batch_embeddings, normalise_prompt
 from .postprocess import dice
 from .synth import prompts as vocab
+from .synth.testset import LARGE_AREA, SMALL_AREA
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class TrainConfig:
     real_weight: float = 0.15  # probability that a batch item is a real training case
     negative_fraction: float = 0.15
     lesion_fraction: float = 0.75  # share of synthetic batch items whose prompt asks for a lesion (or its absence)
+    # Share of positive synthetic lesion items swapped for one whose lesion covers < 0.1 % of the
+    # slice (the band the model learns last); negative items are left alone. 0 = uniform draws.
+    small_lesion_fraction: float = 0.0
     batch_size: int = 16
     steps: int = 6000
     steps_per_epoch: int = 250
@@ -133,6 +137,9 @@ class BatchSampler:
         # Lesions are the product's job; organs are easy and would dominate the batches otherwise.
         is_lesion = np.array([t in data_mod.LESION_TARGETS for t in synth.targets])
         self.lesion_idx, self.organ_idx = np.flatnonzero(is_lesion), np.flatnonzero(~is_lesion)
+        area = synth.area
+        self.small_idx = np.flatnonzero(is_lesion & (area > 0) & (area < SMALL_AREA))
+        self.area = area
 
     def _synonym(self, prompt: str, target: str) -> str:
         spec = vocab.TARGETS.get(target)
@@ -150,6 +157,9 @@ class BatchSampler:
             else:
                 pool = self.lesion_idx if (self.rng.random() < self.cfg.lesion_fraction or not len(self.organ_idx)) else self.organ_idx
                 i = int(pool[self.rng.integers(len(pool))]) if len(pool) else int(self.rng.integers(len(src)))
+                if (self.cfg.small_lesion_fraction > 0 and len(self.small_idx) and self.area[i] > 0
+                        and src.targets[i] in data_mod.LESION_TARGETS and self.rng.random() < self.cfg.small_lesion_fraction):
+                    i = int(self.small_idx[self.rng.integers(len(self.small_idx))])
             img = src.images[i].astype(np.float32) / 255.0
             m = src.masks[i]
             if self.rng.random() < 0.5:
@@ -183,7 +193,7 @@ def evaluate_examples(model: BoltzFormer, examples: data_mod.ExampleSet, bank, d
             else:
                 fp.append(bool((p >= 0.5).any()))
     dices, areas = np.array(dices), np.array(areas)
-    bands = {"small": areas < 0.001, "medium": (areas >= 0.001) & (areas < 0.01), "large": areas >= 0.01}
+    bands = {"small": areas < SMALL_AREA, "medium": (areas >= SMALL_AREA) & (areas < LARGE_AREA), "large": areas >= LARGE_AREA}
     out = {"dice": float(dices.mean()) if len(dices) else math.nan,
            "negative_fp_rate": float(np.mean(fp)) if fp else math.nan, "positives": len(dices)}
     for name, sel in bands.items():

@@ -20,12 +20,14 @@ from . import ct, mri
 from .prompts import TARGETS
 
 LESIONS = ("lung_nodule", "lung_tumor", "liver_lesion", "kidney_lesion", "ms_lesion", "brain_tumor")
+# Lesion size bands, as fractions of the slice area (the model card's tables).
+SMALL_AREA, LARGE_AREA = 0.001, 0.01
 
 
 def size_band(area_fraction: float) -> str:
     if area_fraction <= 0:
         return "none"
-    return "<0.1%" if area_fraction < 0.001 else "0.1-1%" if area_fraction < 0.01 else ">=1%"
+    return "<0.1%" if area_fraction < SMALL_AREA else "0.1-1%" if area_fraction < LARGE_AREA else ">=1%"
 
 
 def write_testset(out_dir, count: int = 300, seed: int = 777, size: int = 256, overwrite: bool = False) -> Path:

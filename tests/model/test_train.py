@@ -95,3 +95,31 @@ def test_warm_start_loads_matching_weights_into_a_changed_network(cfg, tmp_path)
     assert new["pigma.up.weight"].shape != old["pigma.up.weight"].shape
     assert torch.equal(new["encoder.stem.0.weight"], old["encoder.stem.0.weight"])
     assert float(new["encoder.detail.mix.4.weight"].abs().sum()) == 0.0  # starts as "no detail"
+
+
+def test_small_lesion_fraction_swaps_positive_lesion_items_for_small_ones():
+    """With the option on, positive lesion items come from the < 0.1 % band; negatives stay."""
+    from boltzformer.data import ExampleSet
+    from boltzformer.train import BatchSampler, TrainConfig
+
+    n, s = 40, 32
+    masks = np.zeros((n, s, s), bool)
+    for i in range(30):  # 10 small (1 px of 32² = 0.098 % of the slice), 20 large
+        if i < 10:
+            masks[i, 5, 5] = True
+        else:
+            masks[i, 4:20, 4:20] = True
+    # items 30-39: lesion prompts with an empty mask (negative pairs)
+    synth = ExampleSet(np.zeros((n, s, s), np.uint8), masks, ["lung nodule"] * n, ["lung_nodule"] * n)
+    empty = ExampleSet(np.zeros((0, s, s), np.uint8), np.zeros((0, s, s), bool), [], [])
+
+    def draw(fraction):
+        cfg = TrainConfig(real_weight=0.0, lesion_fraction=1.0, small_lesion_fraction=fraction)
+        _, m, _ = BatchSampler(synth, empty, cfg, np.random.default_rng(0)).sample(400)
+        area = m.reshape(len(m), -1).mean(1)
+        return (area > 0).mean(), ((area > 0) & (area < 0.001)).sum() / max((area > 0).sum(), 1)
+
+    pos_share_0, small_share_0 = draw(0.0)
+    pos_share_1, small_share_1 = draw(1.0)
+    assert small_share_0 < 0.5 and small_share_1 == 1.0
+    assert abs(pos_share_0 - pos_share_1) < 0.1  # the share of negative items is unchanged (~25 %)
