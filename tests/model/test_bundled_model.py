@@ -9,7 +9,7 @@ from boltzformer.synth.sample import SAMPLES
 
 # Thresholds sit below the values measured when the weights were bundled (see MODEL_CARD.md),
 # with a margin for platform differences in floating point.
-MIN_DICE = {"chest_ct": 0.72, "brain_mri": 0.78}  # measured 0.813 and 0.862 (2 CPU cores)
+MIN_DICE = {"chest_ct": 0.76, "brain_mri": 0.80}  # measured 0.848 and 0.876 (2 CPU cores)
 
 pytestmark = pytest.mark.skipif(weights.bundled_weights() is None, reason="no trained weights bundled in this checkout")
 
