@@ -69,7 +69,7 @@ def test_config_rejects_unknown_options(tmp_path):
         TrainConfig.load(p)
 
 
-@pytest.mark.parametrize("name", ["boltzformer-s.train.json", "boltzformer-s.finetune.json"])
+@pytest.mark.parametrize("name", ["boltzformer-s.train.json", "boltzformer-s.finetune.json", "boltzformer-s.stage3.json"])
 def test_recorded_training_configs_load(name):
     """The configs that produced the bundled weights stay readable by `boltzformer train`."""
     from pathlib import Path
