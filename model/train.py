@@ -137,9 +137,8 @@ class BatchSampler:
         # Lesions are the product's job; organs are easy and would dominate the batches otherwise.
         is_lesion = np.array([t in data_mod.LESION_TARGETS for t in synth.targets])
         self.lesion_idx, self.organ_idx = np.flatnonzero(is_lesion), np.flatnonzero(~is_lesion)
-        area = synth.area
-        self.small_idx = np.flatnonzero(is_lesion & (area > 0) & (area < SMALL_AREA))
-        self.area = area
+        self.area = synth.area
+        self.small_idx = np.flatnonzero(is_lesion & (self.area > 0) & (self.area < SMALL_AREA))
 
     def _synonym(self, prompt: str, target: str) -> str:
         spec = vocab.TARGETS.get(target)
@@ -157,8 +156,8 @@ class BatchSampler:
             else:
                 pool = self.lesion_idx if (self.rng.random() < self.cfg.lesion_fraction or not len(self.organ_idx)) else self.organ_idx
                 i = int(pool[self.rng.integers(len(pool))]) if len(pool) else int(self.rng.integers(len(src)))
-                if (self.cfg.small_lesion_fraction > 0 and len(self.small_idx) and self.area[i] > 0
-                        and src.targets[i] in data_mod.LESION_TARGETS and self.rng.random() < self.cfg.small_lesion_fraction):
+                if (self.cfg.small_lesion_fraction > 0 and pool is self.lesion_idx and len(self.small_idx)
+                        and self.area[i] > 0 and self.rng.random() < self.cfg.small_lesion_fraction):
                     i = int(self.small_idx[self.rng.integers(len(self.small_idx))])
             img = src.images[i].astype(np.float32) / 255.0
             m = src.masks[i]
@@ -278,14 +277,6 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
         return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     step, best, rows = 0, -1.0, []
-    if cfg.init_weights and not (out / "last.pt").is_file():
-        from safetensors.torch import load_file
-
-        from .checkpoint import load_matching
-
-        report = load_matching(model, load_file(cfg.init_weights, device=str(device)))
-        log.info("warm start from %s: %d tensors loaded, re-initialised %s, new %s", cfg.init_weights,
-                 len(report["loaded"]), report["reinitialised"], report["new"])
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = out / "last.pt"
@@ -297,6 +288,14 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
         rng = np.random.default_rng([cfg.seed, step])
         gen.manual_seed(cfg.seed + step)
         log.info("resumed from %s at step %d", ckpt, step)
+    elif cfg.init_weights:
+        from safetensors.torch import load_file
+
+        from .checkpoint import load_matching
+
+        report = load_matching(model, load_file(cfg.init_weights, device=str(device)))
+        log.info("warm start from %s: %d tensors loaded, re-initialised %s, new %s", cfg.init_weights,
+                 len(report["loaded"]), report["reinitialised"], report["new"])
     sampler = BatchSampler(synth_train, real_train, cfg, rng)
     info = {"training": {"config": dataclasses.asdict(cfg), "parameters": count_parameters(model)}}
     use_amp = cfg.amp and device.type == "cuda"

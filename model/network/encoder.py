@@ -52,7 +52,8 @@ class DetailBranch(nn.Module):
 
     forward(coarse: B x P x h x w, stem: B x C1 x 2h x 2w) -> B x P x 2h x 2w
     = bilinear(coarse) + a small correction from [bilinear(coarse), stem]. The last convolution
-    starts at zero, so a checkpoint trained at stride 4 loads and predicts as before.
+    starts at zero, so a checkpoint trained at stride 4 loads and gives its own pixel
+    embeddings, upsampled.
     """
 
     def __init__(self, pixel_dim: int, stem_channels: int, hidden: int = 32):

@@ -100,7 +100,8 @@ def test_warm_start_loads_matching_weights_into_a_changed_network(cfg, tmp_path)
 def test_small_lesion_fraction_swaps_positive_lesion_items_for_small_ones():
     """With the option on, positive lesion items come from the < 0.1 % band; negatives stay."""
     from boltzformer.data import ExampleSet
-    from boltzformer.train import BatchSampler, TrainConfig
+    from boltzformer.synth.testset import SMALL_AREA
+    from boltzformer.train import BatchSampler
 
     n, s = 40, 32
     masks = np.zeros((n, s, s), bool)
@@ -117,7 +118,7 @@ def test_small_lesion_fraction_swaps_positive_lesion_items_for_small_ones():
         cfg = TrainConfig(real_weight=0.0, lesion_fraction=1.0, small_lesion_fraction=fraction)
         _, m, _ = BatchSampler(synth, empty, cfg, np.random.default_rng(0)).sample(400)
         area = m.reshape(len(m), -1).mean(1)
-        return (area > 0).mean(), ((area > 0) & (area < 0.001)).sum() / max((area > 0).sum(), 1)
+        return (area > 0).mean(), ((area > 0) & (area < SMALL_AREA)).sum() / max((area > 0).sum(), 1)
 
     pos_share_0, small_share_0 = draw(0.0)
     pos_share_1, small_share_1 = draw(1.0)
