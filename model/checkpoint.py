@@ -76,17 +76,25 @@ def load_matching(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> d
     """Warm start: copy every tensor whose name and shape match `model`, keep the rest as built.
 
     For fine-tuning a changed architecture (e.g. mask_stride 4 -> 2) from trained weights.
-    Prompt-cache entries are ignored. Returns {"loaded", "reinitialised" (name matches, shape
-    differs), "new" (only in the model), "unused" (only in the file)}: lists of names.
+    Convolution kernels that gained input channels (2.5D context: 1 -> 5 image channels) are
+    "widened": the trained kernel fills the leading channels and the new ones start at zero, so
+    the widened network computes exactly what the trained one did until training moves them.
+    Prompt-cache entries are ignored. Returns {"loaded", "widened", "reinitialised" (name
+    matches, shape differs otherwise), "new" (only in the model), "unused" (only in the file)}.
     """
     own = model.state_dict()
-    report: dict[str, list[str]] = {"loaded": [], "reinitialised": [], "new": [], "unused": []}
+    report: dict[str, list[str]] = {"loaded": [], "widened": [], "reinitialised": [], "new": [], "unused": []}
     keep = {}
     for name, value in tensors.items():
         if name.startswith("text_cache."):
             continue
         if name not in own:
             report["unused"].append(name)
+        elif _widens(own[name].shape, value.shape):
+            wide = torch.zeros(own[name].shape, dtype=value.dtype)
+            wide[tuple(slice(0, n) for n in value.shape)] = value
+            keep[name] = wide
+            report["widened"].append(name)
         elif own[name].shape != value.shape:
             report["reinitialised"].append(name)
         else:
@@ -95,3 +103,11 @@ def load_matching(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> d
     report["new"] = [n for n in own if n not in tensors]
     model.load_state_dict(keep, strict=False)
     return report
+
+
+def _widens(new_shape, old_shape) -> bool:
+    """A conv kernel (4D) that grew along exactly one channel axis (in: 1, or 0 for transposed)."""
+    if len(new_shape) != 4 or len(old_shape) != 4 or tuple(new_shape) == tuple(old_shape):
+        return False
+    grown = [i for i in range(4) if new_shape[i] != old_shape[i]]
+    return len(grown) == 1 and grown[0] in (0, 1) and new_shape[grown[0]] > old_shape[grown[0]]

@@ -19,13 +19,17 @@ from typing import Callable, Generator
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch.nn import functional as F
 
 from . import intensity, postprocess
 from .checkpoint import load_model
 from .errors import BoltzformerError, PromptError
+from . import fp_filter
+from .context import context_margin, context_stack
 from .io import Volume
 from .network.boltzformer import BoltzFormer
+from .orientation import Reorientation, to_canonical
 from .runtime import tune_allocator
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
 
@@ -106,6 +110,9 @@ class AttentionMaps:
     slice_start: int
     grid_scale_yx: tuple[float, float]
     num_queries: int = 10  # the largest possible count
+    # None: the maps lie on the input volume's slices. Else the canonical axial Volume whose
+    # slices they lie on (a sagittal or coronal input has no axial slices of its own).
+    frame: Volume | None = None
 
     @property
     def num_layers(self) -> int:
@@ -114,13 +121,15 @@ class AttentionMaps:
 
 @dataclass
 class SegmentationResult:
+    """Every array is on the input volume's grid (z, y, x), whatever its orientation."""
+
     volume: Volume  # the input (geometry source for every output)
     prompt: str
     probabilities: np.ndarray  # float32 (z, y, x), mean over runs; 0 outside processed slices
-    mask: np.ndarray  # uint8 (z, y, x)
+    mask: np.ndarray | None  # uint8 (z, y, x)
     threshold: float
     min_lesion_mm3: float
-    slices: tuple[int, int]  # processed [start, stop)
+    slices: tuple[int, int]  # processed [start, stop) in input slice indices
     runs: int
     uncertainty: np.ndarray | None = None  # float32 (z, y, x), variance over sampling seeds
     attention: AttentionMaps | None = None
@@ -132,6 +141,12 @@ class SegmentationResult:
     complete: bool = True  # False when stopped early (only slices before `slices_done` are valid)
     slices_done: int = 0
     labels: np.ndarray | None = None  # uint16/int32 (z, y, x): lesion ids as in `lesions` (0 = none)
+    # The canonical axial volume the network saw (same world geometry, see boltzformer.orientation)
+    # and the mapping back to the input grid; None = the input itself.
+    frame: Volume | None = None
+    reorientation: Reorientation | None = None
+    fp_reduction: bool = True  # drop candidates the false-positive filter rejects (lung prompts on HU CT)
+    rejected: list[dict] = field(default_factory=list)  # candidates the filter dropped, with their scores
 
     def mask_volume(self) -> Volume:
         return self.volume.with_array(self.mask)
@@ -139,23 +154,72 @@ class SegmentationResult:
     def probability_volume(self) -> Volume:
         return self.volume.with_array(self.probabilities.astype(np.float32))
 
-    def rethreshold(self, threshold: float, min_lesion_mm3: float | None = None) -> "SegmentationResult":
+    def rethreshold(self, threshold: float, min_lesion_mm3: float | None = None,
+                    fp_reduction: bool | None = None) -> "SegmentationResult":
         """Re-threshold the stored probabilities (no inference); updates mask and lesion table."""
         self.threshold = float(threshold)
         if min_lesion_mm3 is not None:
             self.min_lesion_mm3 = float(min_lesion_mm3)
-        self.mask, self.labels, self.lesions = _mask_and_lesions(
-            self.probabilities, self.volume, self.threshold, self.min_lesion_mm3)
+        if fp_reduction is not None:
+            self.fp_reduction = bool(fp_reduction)
+        frame = self.frame if self.frame is not None else self.volume
+        reo = self.reorientation or IDENTITY
+        probabilities = reo.to_canonical(self.probabilities)
+        raw = probabilities > self.threshold  # strictly: slices left out (probability 0) stay empty at any threshold
+        labels, n = postprocess.label_components(raw, frame.spacing_mm, min_lesion_mm3=self.min_lesion_mm3)
+        rows = postprocess.lesion_table(labels, frame)
+        self.rejected = []
+        if self.fp_reduction and n and fp_filter.applies(self.prompt, self.modality, self.window):
+            labels, rows, self.rejected = fp_filter.filter_candidates(labels, rows, frame, probabilities)
+        labels = np.ascontiguousarray(reo.from_canonical(labels))
+        _rows_to_input(rows, labels, reo, frame.shape)
+        self.mask = (labels > 0).astype(np.uint8)
+        self.labels = labels.astype(np.uint16) if len(rows) < 65535 else labels
+        self.lesions = rows
         return self
 
 
-def _mask_and_lesions(probabilities, volume: Volume, threshold: float, min_lesion_mm3: float):
-    """-> (uint8 mask, lesion ids (uint16 when they fit), lesion table rows)."""
-    raw = probabilities > threshold  # strictly: slices left out (probability 0) stay empty at any threshold
-    labels, n = postprocess.label_components(raw, volume.spacing_mm, min_lesion_mm3=min_lesion_mm3)
-    mask = (labels > 0).astype(np.uint8)
-    rows = postprocess.lesion_table(labels, volume)
-    return mask, labels.astype(np.uint16) if n < 65535 else labels, rows
+IDENTITY = Reorientation((0, 1, 2), (False, False, False))
+
+
+def _to_input(reo: Reorientation, array: np.ndarray) -> np.ndarray:
+    return array if reo.is_identity else np.ascontiguousarray(reo.from_canonical(array))
+
+
+def _rows_to_input(rows: list[dict], labels: np.ndarray, reo: Reorientation, frame_shape) -> None:
+    """Lesion-table voxel indices (centroid, slice range) from the canonical grid to the input's."""
+    if reo.is_identity:
+        return
+    boxes = ndimage.find_objects(labels)
+    for row in rows:
+        row["centroid_voxel_zyx"] = reo.index_to_input(row["centroid_voxel_zyx"], frame_shape)
+        box = boxes[row["lesion_id"] - 1]
+        row["slice_start"], row["slice_end"] = int(box[0].start), int(box[0].stop - 1)
+
+
+def _attention_to_input(att: "AttentionMaps | None", reo: Reorientation, frame: Volume) -> "AttentionMaps | None":
+    """Heatmaps back on the input's slices where its slices are axial (flips, in-plane swaps).
+
+    A sagittal or coronal acquisition has no axial slices of its own: its heatmaps stay on the
+    canonical axial grid and `att.frame` says where that grid lies.
+    """
+    if att is None or reo.is_identity:
+        return att
+    if not reo.keeps_slices:
+        att.frame = frame
+        return att
+    a_counts, a_prob = att.counts, att.probabilities
+    maps = []
+    for a in (a_counts, a_prob):  # L x Z x G x G on the canonical grid
+        a = reo.from_canonical(a)  # in-plane flips/swap and the z flip, as for full-size arrays
+        maps.append(np.ascontiguousarray(a))
+    att.counts, att.probabilities = maps
+    if reo.source_axis[0] == 1:  # canonical x came from input y: the grid's cells swap too
+        att.grid_scale_yx = tuple(att.grid_scale_yx[::-1])
+    if reo.flip[2]:
+        z = frame.shape[0]
+        att.slice_start = z - att.slice_start - att.counts.shape[1]
+    return att
 
 
 class Segmenter:
@@ -238,15 +302,24 @@ class Segmenter:
     @torch.inference_mode()
     def predict_batch(self, slices01: np.ndarray, embedding: PromptEmbedding, generator: torch.Generator,
                       return_attention: bool = False, stage_times: dict | None = None):
-        """slices01: n x H x W float32 in [0, 1] -> (probabilities n x H x W float32, attention).
+        """slices01: n x H x W, or n x C x H x W with 2.5D context, float32 in [0, 1]
+        -> (probabilities n x H x W float32, attention).
 
-        Slices are resized to the network size and the probabilities resized back.
-        attention: list per layer of (counts, probabilities) as n x G x G tensors on CPU, or None.
+        A 2D batch given to a context model has its neighbours replicated from the slice (what a
+        single-slice image gives). Slices are resized to the network size and the probabilities
+        resized back. attention: list per layer of (counts, probabilities) as n x G x G tensors
+        on CPU, or None.
         """
-        n, h, w = slices01.shape
+        channels = self.model.cfg.in_channels
+        if slices01.ndim == 3:
+            slices01 = slices01[:, None]
+        if slices01.shape[1] != channels:
+            if slices01.shape[1] != 1:
+                raise BoltzformerError(f"the model takes {channels} input channels, got {slices01.shape[1]}")
+            slices01 = np.repeat(slices01, channels, axis=1)
+        n, _, h, w = slices01.shape
         size = self.model.cfg.image_size
         x = torch.from_numpy(np.ascontiguousarray(slices01, dtype=np.float32)).to(self.device, non_blocking=True)
-        x = x[:, None]
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=(h > size or w > size))
         tokens, valid, pooled = batch_embeddings([embedding] * n, self.model.cfg.max_text_tokens, self.device)
@@ -296,6 +369,7 @@ class Segmenter:
         return_attention: bool = False,
         should_stop: Callable[[], bool] | None = None,
         stage_times: dict | None = None,
+        fp_reduction: bool = True,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Segment every slice (or slices [start, stop)) of `volume` for `prompt`.
 
@@ -310,24 +384,41 @@ class Segmenter:
             raise BoltzformerError("runs must be at least 1")
         if not 0.0 <= threshold <= 1.0:
             raise BoltzformerError("threshold must be between 0 and 1")
+        # Work on the canonical axial grid (the orientation the network was trained in); every
+        # output goes back to the input grid at the end.
+        frame, reo, orientation_warnings = to_canonical(volume)
+        warnings += orientation_warnings
         z = volume.shape[0]
         start, stop = (0, z) if slices is None else (max(0, slices[0]), min(z, slices[1]))
         if start >= stop:
             raise BoltzformerError(f"slice range {slices} selects no slice of a volume with {z} slices")
+        if (start, stop) != (0, z) and not reo.keeps_slices:
+            raise BoltzformerError("a slice range needs an axially acquired volume; this one is "
+                                   f"{reo.describe()}: segment all slices instead")
+        input_range = (start, stop)
+        if not reo.keeps_slices:
+            start, stop = 0, frame.shape[0]
+        elif reo.flip[2]:
+            start, stop = z - stop, z - start
         modality = (modality or intensity.detect_modality(volume)).upper()
         if modality in ("MRI", "MR"):
             modality = "MR"
         if window is None and modality == "CT":
             window = intensity.window_for_prompt(text)
+        # 2.5D context: prepare the neighbours a few mm beyond the range too.
+        offsets = self.model.cfg.context_offsets_mm
+        z_mm = frame.spacing_mm[2]
+        margin = context_margin(z_mm, offsets) if frame.shape[0] > 1 else 0
+        lo, hi = max(0, start - margin), min(frame.shape[0], stop + margin)
         t = time.perf_counter()
-        prepared, info = intensity.prepare_slices(volume.array[start:stop], modality=modality, window=window, prompt=text)
+        prepared, info = intensity.prepare_slices(frame.array[lo:hi], modality=modality, window=window, prompt=text)
         warnings += info.get("warnings", [])
         window = info.get("window", window)  # None when the CT was not in HU and windowing was skipped
         timings["preprocess"] = time.perf_counter() - t
         embedding = self.embed([text])[0]
         n = stop - start
         bs = batch_size or self.default_batch_size()
-        shape = volume.shape
+        shape = frame.shape
         mean = np.zeros(shape, np.float32)
         m2 = np.zeros(shape, np.float32) if runs > 1 else None  # Welford's sum of squares
         att = None
@@ -344,7 +435,9 @@ class Segmenter:
                     break
                 b1 = min(n, b0 + bs)
                 t = time.perf_counter()
-                prob, layers = self.predict_batch(prepared[b0:b1], embedding, generator, want_att, stage_times)
+                index = np.arange(start + b0, start + b1) - lo
+                batch = context_stack(prepared, index, z_mm, offsets) if offsets else prepared[index]
+                prob, layers = self.predict_batch(batch, embedding, generator, want_att, stage_times)
                 timings["inference"] += time.perf_counter() - t
                 sl = slice(start + b0, start + b1)
                 if runs == 1:
@@ -354,22 +447,26 @@ class Segmenter:
                     mean[sl] += delta / (run + 1)
                     m2[sl] += delta * (prob - mean[sl])
                 if want_att:
-                    att = self._store_attention(att, layers, b0, n, start, volume.shape[1:])
+                    att = self._store_attention(att, layers, b0, n, start, frame.shape[1:])
                 done += b1 - b0
                 yield Progress(done, total, time.perf_counter() - t_start)
             if not complete:
                 break
         t = time.perf_counter()
         uncertainty = None if m2 is None else m2 / runs
-        mask, labels, lesions = _mask_and_lesions(mean, volume, threshold, min_lesion_mm3)
+        result = SegmentationResult(
+            volume=volume, prompt=text, probabilities=_to_input(reo, mean), mask=None, threshold=threshold,
+            min_lesion_mm3=min_lesion_mm3, slices=input_range, runs=runs,
+            uncertainty=None if uncertainty is None else _to_input(reo, uncertainty),
+            attention=_attention_to_input(att, reo, frame), window=window, modality=modality, warnings=warnings,
+            # slices_done - slices[0] = slices finished (on a z-flipped input they are the last ones)
+            timings_s=timings, complete=complete, slices_done=input_range[0] + min(done, n), frame=frame,
+            reorientation=reo, fp_reduction=fp_reduction,
+        )
+        result.rethreshold(threshold)
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        return SegmentationResult(
-            volume=volume, prompt=text, probabilities=mean, mask=mask, threshold=threshold,
-            min_lesion_mm3=min_lesion_mm3, slices=(start, stop), runs=runs, uncertainty=uncertainty,
-            attention=att, lesions=lesions, window=window, modality=modality, warnings=warnings,
-            timings_s=timings, complete=complete, slices_done=start + min(done, n), labels=labels,
-        )
+        return result
 
     def _store_attention(self, att, layers, b0, n, start, hw):
         if att is None:

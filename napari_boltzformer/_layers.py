@@ -350,6 +350,9 @@ def attention_layer_data(attention, geom: dict, name: str, prompt: str, source: 
     every decoder layer and every run.
     """
     data = getattr(attention, values)  # L x Z x G x G
+    if getattr(attention, "frame", None) is not None:
+        # a sagittal/coronal input: the maps lie on the canonical axial slices the model saw
+        geom = {**geometry_of(attention.frame), "ndim": 3}
     gy, gx = (float(v) for v in attention.grid_scale_yx)
     placement = transform_kwargs(
         geom,

@@ -17,7 +17,10 @@ ATTENTION_IMPLS = ("auto", "gather", "dense")
 class BoltzFormerConfig:
     # Input
     image_size: int = 256  # slices are resized to image_size x image_size
-    in_channels: int = 1  # windowed intensity in [0, 1]
+    in_channels: int = 1  # the slice + one channel per context offset (set from context_offsets_mm)
+    # 2.5D context: neighbouring slices at these offsets along z (mm), channels 1.. after the
+    # slice itself (see boltzformer.context). () = a 2D model.
+    context_offsets_mm: tuple[float, ...] = ()
     # Image encoder: channels of the stages at strides 2, 4, 8, 16
     encoder_channels: tuple[int, int, int, int] = (16, 32, 64, 128)
     hidden_dim: int = 128  # decoder width (queries, tokens)
@@ -55,6 +58,10 @@ class BoltzFormerConfig:
         if self.image_size % max(self.attention_strides) != 0:
             raise ValueError("image_size must be a multiple of the coarsest attention stride")
         self.encoder_channels = tuple(self.encoder_channels)
+        self.context_offsets_mm = tuple(float(o) for o in self.context_offsets_mm)
+        if self.in_channels != 1 + len(self.context_offsets_mm):
+            raise ValueError(f"in_channels ({self.in_channels}) must be 1 + the number of context offsets "
+                             f"{self.context_offsets_mm}")
         self.attention_strides = tuple(self.attention_strides)
         if self.mask_stride == 0:
             self.mask_stride = self.finest_stride
@@ -77,6 +84,8 @@ class BoltzFormerConfig:
     def replace(self, **changes) -> "BoltzFormerConfig":
         if "attention_strides" in changes and "mask_stride" not in changes and self.mask_stride == self.finest_stride:
             changes["mask_stride"] = 0  # follow the new finest stride
+        if "context_offsets_mm" in changes and "in_channels" not in changes:
+            changes["in_channels"] = 1 + len(changes["context_offsets_mm"])
         return dataclasses.replace(self, **changes)
 
 

@@ -1,0 +1,163 @@
+"""3D false-positive reduction for lung lesion prompts on CT in Hounsfield units.
+
+A slice-wise model sees a vessel's cross-section and a nodule alike: both are small, round and
+bright in the lung. In 3D they differ, which is how nodule-detection systems keep false
+positives down, and so does this filter. Each thresholded 3D component (a candidate) gets:
+
+- ``lung_shell``: the share of a shell around it (``SHELL_MM`` wide) that is aerated lung
+  (HU < -400). Nodules, juxta-pleural ones included, sit at least partly in air; pericardial
+  fat, contrast in the aorta or the heart and bone sit in soft tissue.
+- ``blobness``: from the Hessian of the CT smoothed at the candidate's own scale, the median of
+  λ3/λ1 (eigenvalues with λ1 ≤ λ2 ≤ λ3 < 0 inside a bright structure) over the candidate:
+  near 1 for a bright blob (a nodule), near 0 for a bright tube (a vessel, an airway wall)
+  (the "dot" measure of Li et al., Med. Phys. 2003).
+- ``z_continuation``: the share of its footprint, one ``CONTINUATION_MM`` beyond its first and
+  last slice, that is still bright (HU > -500): a vessel running through the slices goes on
+  where a nodule has ended.
+
+A candidate is kept when it lies in the lung (``lung_shell >= MIN_LUNG_SHELL``) and is not a
+tube that goes on (``blobness >= MIN_BLOBNESS`` or ``z_continuation <= MAX_CONTINUATION``).
+The thresholds were chosen on phantom validation volumes only (boltzformer.synth.lung3d, see
+the model card); the real chest CTs used to measure false positives were never used to choose
+them. The lesion table gets every feature and the rule's verdict.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .io import Volume
+from .synth import prompts as vocab
+
+LUNG_TARGETS = ("lung_nodule", "lung_tumor")
+AERATED_HU = -400.0  # lung parenchyma (about -850) and air are below this; soft tissue is above
+BRIGHT_HU = -500.0  # vessels, nodules and walls in the lung are above this
+SHELL_MM = 3.0
+CONTINUATION_MM = 3.0
+
+# Chosen on phantom validation volumes (see the model card for the sweep).
+MIN_LUNG_SHELL = 0.2
+MIN_BLOBNESS = 0.25
+MAX_CONTINUATION = 0.5
+
+FEATURES = ("lung_shell", "blobness", "z_continuation", "mean_hu", "max_probability")
+
+
+def applies(prompt: str, modality: str | None, window: str | None) -> bool:
+    """The filter runs for lung lesion prompts on CT whose values are Hounsfield units.
+
+    `window` is None when the CT was not in HU (an 8-bit export, say): HU thresholds would be
+    meaningless there.
+    """
+    if (modality or "").upper() != "CT" or window is None:
+        return False
+    target = vocab.target_of_prompt(prompt)
+    if target is not None:
+        return target in LUNG_TARGETS
+    text = prompt.lower()
+    return any(w in text for w in ("nodul", "lung tum", "lung mass", "pulmonary mass", "lung cancer", "lung lesion"))
+
+
+def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: np.ndarray) -> list[dict]:
+    """One dict of FEATURES per candidate (row order). labels: int (z, y, x) on `volume`'s grid."""
+    hu = volume.array
+    sx, sy, sz = volume.spacing_mm
+    boxes = ndimage.find_objects(labels)
+    shell_vox = (max(1, round(SHELL_MM / sz)), max(1, round(SHELL_MM / sy)), max(1, round(SHELL_MM / sx)))
+    out = []
+    for row in rows:
+        lid = row["lesion_id"]
+        box = boxes[lid - 1]
+        pad = [max(shell_vox[a], 2) + 1 for a in range(3)]
+        big = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, hu.shape))
+        region = labels[big] == lid
+        local = hu[big].astype(np.float32)
+        grown = _dilate(region, shell_vox)
+        shell = grown & ~region
+        lung_shell = float(np.mean(local[shell] < AERATED_HU)) if shell.any() else 1.0  # no shell: no evidence
+        out.append({
+            "lung_shell": lung_shell,
+            "blobness": _blobness(hu, labels, lid, box, volume.spacing_mm, row["longest_axial_diameter_mm"]),
+            "z_continuation": _z_continuation(hu, labels, lid, box, sz),
+            "mean_hu": float(local[region].mean()),
+            "max_probability": float(probabilities[box][labels[box] == lid].max()),
+        })
+    return out
+
+
+def verdict(features: dict) -> str:
+    """'kept', or why the candidate is dropped."""
+    if features["lung_shell"] < MIN_LUNG_SHELL:
+        return "outside the lungs"
+    if features["blobness"] < MIN_BLOBNESS and features["z_continuation"] > MAX_CONTINUATION:
+        return "vessel-like (tubular, continues across slices)"
+    return "kept"
+
+
+def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: np.ndarray):
+    """-> (labels with dropped candidates removed and the rest renumbered 1..n, kept rows,
+    rejected rows). Rows gain the FEATURES and ``fp_verdict``."""
+    feats = candidate_features(labels, rows, volume, probabilities)
+    kept, rejected = [], []
+    for row, f in zip(rows, feats):
+        row.update({k: round(float(v), 4) for k, v in f.items()})
+        row["fp_verdict"] = verdict(f)
+        (kept if row["fp_verdict"] == "kept" else rejected).append(row)
+    if not rejected:
+        return labels, rows, []
+    lut = np.zeros(len(rows) + 1, dtype=labels.dtype)
+    for new_id, row in enumerate(kept, start=1):
+        lut[row["lesion_id"]] = new_id
+        row["lesion_id"] = new_id
+    return lut[labels], kept, rejected
+
+
+# -- features -----------------------------------------------------------------------------------
+def _dilate(region: np.ndarray, radius_vox) -> np.ndarray:
+    """Dilation by an axis-aligned ellipsoid of the given radii (voxels, z y x)."""
+    rz, ry, rx = radius_vox
+    z, y, x = np.ogrid[-rz : rz + 1, -ry : ry + 1, -rx : rx + 1]
+    ball = (z / max(rz, 1e-6)) ** 2 + (y / max(ry, 1e-6)) ** 2 + (x / max(rx, 1e-6)) ** 2 <= 1.0
+    return ndimage.binary_dilation(region, structure=ball)
+
+
+def _blobness(hu, labels, lid, box, spacing_xyz, diameter_mm: float) -> float:
+    """Median λ3/λ1 of the Hessian at the candidate's scale over its voxels (0 = tube, 1 = blob)."""
+    sx, sy, sz = spacing_xyz
+    sigma_mm = float(np.clip(diameter_mm / 3.5, 0.75, 6.0))  # r/sqrt(3): a sphere of radius r responds most
+    sig_vox = np.array([sigma_mm / sz, sigma_mm / sy, sigma_mm / sx])
+    pad = np.ceil(3 * sig_vox).astype(int) + 1
+    big = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, hu.shape))
+    local = hu[big].astype(np.float32)
+    inside = labels[big] == lid
+    spacing_zyx = (sz, sy, sx)
+    h = np.empty(inside.shape + (3, 3), np.float32)
+    for i in range(3):
+        for j in range(i, 3):
+            order = [0, 0, 0]
+            order[i] += 1
+            order[j] += 1
+            d = ndimage.gaussian_filter(local, sig_vox, order=order, mode="nearest")
+            d *= sigma_mm ** 2 / (spacing_zyx[i] * spacing_zyx[j])  # scale-normalised, per mm
+            h[..., i, j] = h[..., j, i] = d
+    # The shape shows at the structure's centre line, not at its rim: use the brightest fifth
+    # of the candidate after smoothing at the same scale.
+    smooth = ndimage.gaussian_filter(local, sig_vox, mode="nearest")[inside]
+    core = smooth >= np.quantile(smooth, 0.8)
+    ev = np.linalg.eigvalsh(h[inside][core])  # ascending: λ1 <= λ2 <= λ3
+    bright = ev[:, 2] < 0
+    ratio = np.where(bright, ev[:, 2] / np.minimum(ev[:, 0], -1e-6), 0.0)
+    return float(np.median(ratio)) if len(ratio) else 0.0
+
+
+def _z_continuation(hu, labels, lid, box, sz: float) -> float:
+    """Share of the candidate's footprint that is still bright CONTINUATION_MM past each end."""
+    step = max(1, int(round(CONTINUATION_MM / sz)))
+    footprint = (labels[box] == lid).any(axis=0)
+    ys, xs = box[1], box[2]
+    shares = []
+    for k in (box[0].start - step, box[0].stop - 1 + step):
+        if 0 <= k < hu.shape[0]:
+            shares.append(float(np.mean(hu[k, ys, xs][footprint] > BRIGHT_HU)))
+    return max(shares) if shares else 0.0

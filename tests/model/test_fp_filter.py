@@ -1,0 +1,42 @@
+"""3D false-positive reduction: a nodule is kept, a vessel and a candidate outside the lung go."""
+
+import numpy as np
+
+from boltzformer import fp_filter, postprocess
+from boltzformer.io import Volume
+
+
+def _lung_with_nodule_vessel_and_fat():
+    z, y, x = np.mgrid[0:40, 0:64, 0:64].astype(np.float32)
+    hu = np.full((40, 64, 64), -850.0, np.float32)
+    nodule = (z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 <= 4.0 ** 2  # 8 mm sphere at 1 mm
+    vessel = (y - 44) ** 2 + (x - 44) ** 2 <= 2.5 ** 2  # a 5 mm tube through every slice
+    hu[nodule | vessel] = 30.0
+    hu[:, :, 56:] = -100.0  # a slab of soft tissue (fat) at the side
+    fat_blob = (z - 20) ** 2 + (y - 50) ** 2 + (x - 60) ** 2 <= 3.0 ** 2
+    candidates = nodule | (vessel & (z >= 15) & (z < 25)) | fat_blob  # what a slice-wise model might mark
+    vol = Volume(hu.astype(np.int16), (1.0, 1.0, 1.0), modality="CT")
+    return vol, candidates, nodule
+
+
+def test_filter_keeps_the_nodule_and_drops_vessel_and_fat():
+    vol, candidates, nodule = _lung_with_nodule_vessel_and_fat()
+    labels, n = postprocess.label_components(candidates, vol.spacing_mm)
+    assert n == 3
+    rows = postprocess.lesion_table(labels, vol)
+    prob = candidates.astype(np.float32)
+    kept_labels, kept, rejected = fp_filter.filter_candidates(labels, rows, vol, prob)
+    assert len(kept) == 1 and len(rejected) == 2
+    assert np.array_equal(kept_labels > 0, nodule)
+    verdicts = sorted(r["fp_verdict"] for r in rejected)
+    assert verdicts[0] == "outside the lungs" and verdicts[1].startswith("vessel-like")
+    assert kept[0]["blobness"] > 0.5 and kept[0]["lung_shell"] > 0.9
+    assert all(k in kept[0] for k in fp_filter.FEATURES)
+
+
+def test_filter_applies_to_lung_prompts_on_hu_ct_only():
+    assert fp_filter.applies("lung nodule", "CT", "lung")
+    assert fp_filter.applies("pulmonary nodules in the left lung", "CT", "lung")
+    assert not fp_filter.applies("lung nodule", "CT", None)  # not HU: thresholds mean nothing
+    assert not fp_filter.applies("aorta", "CT", "mediastinum")
+    assert not fp_filter.applies("multiple sclerosis lesion", "MR", None)
