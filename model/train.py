@@ -67,6 +67,14 @@ class TrainConfig:
     cache_dir: str = ".devdata"  # synthetic example caches (git-ignored)
     real_dir: str | None = None  # default: $BOLTZFORMER_REAL_DATA or ../shared/data/real
     use_real: bool = True  # False: synthetic data only
+    # 3D phantom chests with 2.5D context (boltzformer.synth.lung3d): volumes generated, slices
+    # drawn per volume, and the share of synthetic batch items taken from them.
+    phantom_volumes: int = 0
+    phantom_val_volumes: int = 0
+    phantom_slices_per_volume: int = 40
+    phantom_weight: float = 0.0
+    # Share of items whose context channels are replaced by the slice itself (a 2D input).
+    context_dropout: float = 0.15
     # Warm start: a .safetensors file whose matching tensors initialise the network (fine-tuning
     # after an architecture change). Ignored when resuming from <out>/last.pt.
     init_weights: str | None = None
@@ -128,12 +136,39 @@ def prompt_vocabulary(extra: list[str]) -> list[str]:
     return sorted({normalise_prompt(p) for p in vocab.all_prompts()} | {normalise_prompt(p) for p in extra})
 
 
-class BatchSampler:
-    """Random batches mixing synthetic and real training examples, with light augmentation
-    (flips, gamma) and prompt synonyms for real cases."""
+def phantom_cache(cfg: TrainConfig, volumes: int, seed: int, size: int, offsets) -> data_mod.ExampleSet:
+    tag = "_".join(f"{o:g}" for o in offsets)
+    cache = Path(cfg.cache_dir) / f"phantom_s{seed}_v{volumes}_k{cfg.phantom_slices_per_volume}_{size}_ctx{tag}.npz"
+    if cache.is_file():
+        return data_mod.ExampleSet.load(cache)
+    t = time.perf_counter()
+    examples = data_mod.phantom_examples(seed, volumes, cfg.phantom_slices_per_volume, size, offsets)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    examples.save(tmp)
+    tmp.replace(cache)
+    log.info("generated %d phantom examples from %d volumes in %.0f s -> %s", len(examples), volumes,
+             time.perf_counter() - t, cache)
+    return examples
 
-    def __init__(self, synth, real, cfg: TrainConfig, rng: np.random.Generator):
+
+def as_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """N x S x S or N x C x S x S -> N x channels x S x S (a 2D slice repeats as its own context)."""
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.shape[1] == channels:
+        return images
+    return np.repeat(images[:, :1], channels, axis=1)
+
+
+class BatchSampler:
+    """Random batches mixing synthetic (2D slices and 3D phantoms with context) and real training
+    examples, with light augmentation (flips, gamma), context dropout and prompt synonyms for
+    real cases. Batches are B x C x S x S float32 (C = 1 + context offsets)."""
+
+    def __init__(self, synth, real, cfg: TrainConfig, rng: np.random.Generator, phantom=None, channels: int = 1):
         self.synth, self.real, self.cfg, self.rng = synth, real, cfg, rng
+        self.phantom, self.channels = phantom, channels
         # Lesions are the product's job; organs are easy and would dominate the batches otherwise.
         is_lesion = np.array([t in data_mod.LESION_TARGETS for t in synth.targets])
         self.lesion_idx, self.organ_idx = np.flatnonzero(is_lesion), np.flatnonzero(~is_lesion)
@@ -150,8 +185,10 @@ class BatchSampler:
         images, masks, prompts = [], [], []
         for _ in range(n):
             use_real = len(self.real) > 0 and self.rng.random() < self.cfg.real_weight
-            src = self.real if use_real else self.synth
-            if use_real:
+            use_phantom = (not use_real and self.phantom is not None and len(self.phantom) > 0
+                           and self.rng.random() < self.cfg.phantom_weight)
+            src = self.real if use_real else self.phantom if use_phantom else self.synth
+            if use_real or use_phantom:
                 i = int(self.rng.integers(len(src)))
             else:
                 pool = self.lesion_idx if (self.rng.random() < self.cfg.lesion_fraction or not len(self.organ_idx)) else self.organ_idx
@@ -159,10 +196,12 @@ class BatchSampler:
                 if (self.cfg.small_lesion_fraction > 0 and pool is self.lesion_idx and len(self.small_idx)
                         and self.area[i] > 0 and self.rng.random() < self.cfg.small_lesion_fraction):
                     i = int(self.small_idx[self.rng.integers(len(self.small_idx))])
-            img = src.images[i].astype(np.float32) / 255.0
+            img = as_channels(src.images[i : i + 1], self.channels)[0].astype(np.float32) / 255.0
             m = src.masks[i]
+            if self.channels > 1 and self.rng.random() < self.cfg.context_dropout:
+                img = np.repeat(img[:1], self.channels, axis=0)
             if self.rng.random() < 0.5:
-                img, m = img[:, ::-1], m[:, ::-1]
+                img, m = img[..., ::-1], m[:, ::-1]
             if self.rng.random() < 0.3:
                 img = img ** self.rng.uniform(0.7, 1.4)
             images.append(np.ascontiguousarray(img))
@@ -181,7 +220,7 @@ def evaluate_examples(model: BoltzFormer, examples: data_mod.ExampleSet, bank, d
     dices, areas, fp = [], [], []
     for b0 in range(0, len(examples), batch_size):
         sl = slice(b0, b0 + batch_size)
-        x = torch.from_numpy(examples.images[sl].astype(np.float32) / 255.0)[:, None].to(device)
+        x = torch.from_numpy(as_channels(examples.images[sl], model.cfg.in_channels).astype(np.float32) / 255.0).to(device)
         embs = [bank[normalise_prompt(p)] for p in examples.prompts[sl]]
         tokens, valid, pooled = batch_embeddings(embs, model.cfg.max_text_tokens, device)
         prob = torch.sigmoid(model(x, tokens, valid, pooled, generator=gen)["logits"].float())[:, 0].cpu().numpy()
@@ -255,14 +294,20 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
 
         raise BoltzformerError(f"{real_dir}: no cases.csv; set real_dir or use_real=false")
     empty = data_mod.ExampleSet(np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), bool), [], [])
-    real_train = data_mod.real_examples(real_dir, "train", size) if real_dir else empty
-    real_val = data_mod.real_examples(real_dir, "heldout", size, negatives=False) if real_dir else empty
+    offsets = net_cfg.context_offsets_mm
+    real_train = data_mod.real_examples(real_dir, "train", size, offsets_mm=offsets) if real_dir else empty
+    real_val = data_mod.real_examples(real_dir, "heldout", size, negatives=False, offsets_mm=offsets) if real_dir else empty
+    phantom_train = phantom_cache(cfg, cfg.phantom_volumes, cfg.seed, size, offsets) if cfg.phantom_volumes else None
+    phantom_val = (phantom_cache(cfg, cfg.phantom_val_volumes, cfg.seed + 10_000, size, offsets)
+                   if cfg.phantom_val_volumes else None)
     log.info("data: %d synthetic train, %d synthetic val, %d real train, %d real held-out (%s) [%.0f s]",
              len(synth_train), len(synth_val), len(real_train), len(real_val), real_dir, time.perf_counter() - t0)
 
     prompts = prompt_vocabulary(real_train.prompts + real_val.prompts)
     encoder = SentenceEncoder(net_cfg.max_text_tokens)
     bank = dict(zip(prompts, encoder.encode(prompts)))
+    # Prompts that name nothing are trained on (-> empty) but never become known prompts.
+    train_bank = {**bank, **dict(zip(data_mod.UNRELATED_PROMPTS, encoder.encode(list(data_mod.UNRELATED_PROMPTS))))}
 
     model = build_model(net_cfg, seed=cfg.seed).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n and "query" not in n]
@@ -281,7 +326,7 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = out / "last.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)  # plain tensors and numbers
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, best, rows = state["step"], state["best"], state["rows"]
@@ -296,7 +341,7 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
         report = load_matching(model, load_file(cfg.init_weights, device=str(device)))
         log.info("warm start from %s: %d tensors loaded, re-initialised %s, new %s", cfg.init_weights,
                  len(report["loaded"]), report["reinitialised"], report["new"])
-    sampler = BatchSampler(synth_train, real_train, cfg, rng)
+    sampler = BatchSampler(synth_train, real_train, cfg, rng, phantom=phantom_train, channels=net_cfg.in_channels)
     info = {"training": {"config": dataclasses.asdict(cfg), "parameters": count_parameters(model)}}
     use_amp = cfg.amp and device.type == "cuda"
 
@@ -310,9 +355,9 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         images, masks, batch_prompts = sampler.sample(cfg.batch_size)
-        x = torch.from_numpy(images)[:, None].to(device)
+        x = torch.from_numpy(images).to(device)
         y = torch.from_numpy(masks)[:, None].to(device)
-        tokens, valid, pooled = batch_embeddings([bank[normalise_prompt(p)] for p in batch_prompts],
+        tokens, valid, pooled = batch_embeddings([train_bank[normalise_prompt(p)] for p in batch_prompts],
                                                  net_cfg.max_text_tokens, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out_ = model(x, tokens, valid, pooled, generator=gen)
@@ -333,12 +378,22 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
             if len(real_val):
                 r = evaluate_examples(model, real_val, bank, device)
                 row["val_real_dice"] = r["dice"]
+            if phantom_val is not None:
+                pv = evaluate_examples(model, phantom_val, train_bank, device)
+                row.update({f"val_phantom_{k}": v_ for k, v_ in pv.items()})
             rows.append(row)
             log.info("epoch %d step %d loss %.4f synth Dice %.3f (small %.3f) real Dice %.3f fp-neg %.3f",
                      row["epoch"], step, row["loss"], row["val_synth_dice"], row["val_synth_dice_small"],
                      row.get("val_real_dice", math.nan), row["val_synth_negative_fp_rate"])
+            if phantom_val is not None:
+                log.info("   phantom Dice %.3f (small %.3f) fp-neg %.3f", row["val_phantom_dice"],
+                         row["val_phantom_dice_small"], row["val_phantom_negative_fp_rate"])
             # Selection on synthetic validation only: the real held-out split is reported, never tuned on.
+            # With phantom chests, their Dice counts as much as the 2D slices' and each false
+            # positive on a lesion-free phantom slice costs as much as a missed lesion.
             score = row["val_synth_dice"]
+            if phantom_val is not None:
+                score = 0.5 * (score + row["val_phantom_dice"]) - 0.5 * row["val_phantom_negative_fp_rate"]
             meta = {**info, "trained_steps": step, "validation": row}
             if score > best:
                 best = score

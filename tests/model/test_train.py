@@ -124,3 +124,18 @@ def test_small_lesion_fraction_swaps_positive_lesion_items_for_small_ones():
     pos_share_1, small_share_1 = draw(1.0)
     assert small_share_0 < 0.5 and small_share_1 == 1.0
     assert abs(pos_share_0 - pos_share_1) < 0.1  # the share of negative items is unchanged (~25 %)
+
+
+def test_context_model_trains_on_phantom_chests_and_keeps_unrelated_prompts_out_of_its_bank(cfg, tmp_path):
+    """2.5D: 3D phantom chests with context, 2D slices repeated as their own context."""
+    from boltzformer.data import UNRELATED_PROMPTS
+
+    cfg.model_overrides = {"context_offsets_mm": [-2.5, 2.5]}
+    cfg.phantom_volumes, cfg.phantom_val_volumes, cfg.phantom_slices_per_volume = 1, 1, 6
+    cfg.phantom_weight = 0.5
+    best = train(cfg, tmp_path / "ctx")
+    model, bank, meta, _ = load_model(best)
+    assert model.cfg.in_channels == 3
+    rows = list(csv.DictReader(open(tmp_path / "ctx" / "log.csv")))
+    assert "val_phantom_dice" in rows[-1] and "val_phantom_negative_fp_rate" in rows[-1]
+    assert not set(UNRELATED_PROMPTS) & set(bank)
