@@ -36,7 +36,11 @@ from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, no
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_LESION_MM3 = 5.0
-FAR_PROMPT_SIMILARITY = 0.55  # below this cosine to every known prompt, warn the user
+# A prompt whose sentence embedding has a lower cosine similarity than this to every known prompt
+# names nothing the model was trained for, and is refused unless forced. Measured on the bundled
+# model (benchmarks/prompt_similarity.py): phrasings of known targets score >= 0.59, unrelated
+# words and sentences <= 0.49.
+MIN_PROMPT_SIMILARITY = 0.54
 
 
 def available_devices() -> dict[str, bool]:
@@ -279,18 +283,28 @@ class Segmenter:
         order = np.argsort(-sims)[:n]
         return [(names[i], float(sims[i])) for i in order]
 
-    def check_prompt(self, prompt: str) -> tuple[str, list[str]]:
-        """Normalise a prompt; raise on empty; warn when it is far from everything known."""
+    def check_prompt(self, prompt: str, force: bool = False) -> tuple[str, list[str]]:
+        """Normalise a prompt -> (text, warnings).
+
+        Raises PromptError when it is empty, or when it names nothing the model knows (cosine
+        similarity to every known prompt below MIN_PROMPT_SIMILARITY) unless `force`: a model
+        asked for "banana" would otherwise return whatever its nearest target looks like.
+        """
         if prompt is None or not str(prompt).strip():
             raise PromptError("the prompt is empty; type what to segment, e.g. \"lung nodule\"")
         text = normalise_prompt(str(prompt))
         warnings = []
         if self.prompt_bank and text not in self.prompt_bank:
             near = self.nearest_prompts(text)
-            if near and near[0][1] < FAR_PROMPT_SIMILARITY:
+            if near and near[0][1] < MIN_PROMPT_SIMILARITY:
                 listed = ", ".join(f"'{p}' ({s:.2f})" for p, s in near)
+                if not force:
+                    raise PromptError(
+                        f"prompt '{text}' names nothing this model was trained to find (nearest known prompts, "
+                        f"cosine similarity: {listed}; at least {MIN_PROMPT_SIMILARITY:.2f} is needed); "
+                        "rephrase it, or force it (--force-prompt, or 'force prompt' in the panel)")
                 warnings.append(
-                    f"prompt '{text}' is far from everything the model was trained on; nearest known "
+                    f"prompt '{text}' is far from everything the model was trained on (forced); nearest known "
                     f"prompts (cosine similarity): {listed}. Results may be meaningless."
                 )
         return text, warnings
@@ -370,16 +384,20 @@ class Segmenter:
         should_stop: Callable[[], bool] | None = None,
         stage_times: dict | None = None,
         fp_reduction: bool = True,
+        force_prompt: bool = False,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Segment every slice (or slices [start, stop)) of `volume` for `prompt`.
 
         runs > 1 repeats inference with seeds seed, seed+1, ... and returns the mean probability
         and the per-voxel variance (uncertainty). should_stop is polled between batches; when it
-        returns True the result comes back with complete=False.
+        returns True the result comes back with complete=False. The volume is segmented in its
+        canonical axial orientation (boltzformer.orientation) and every output is mapped back
+        to its grid. fp_reduction: the 3D false-positive filter for lung prompts on HU CT
+        (boltzformer.fp_filter). force_prompt: run a prompt that names nothing known.
         """
         t_start = time.perf_counter()
         timings = {}
-        text, warnings = self.check_prompt(prompt)
+        text, warnings = self.check_prompt(prompt, force=force_prompt)
         if runs < 1:
             raise BoltzformerError("runs must be at least 1")
         if not 0.0 <= threshold <= 1.0:

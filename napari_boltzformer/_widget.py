@@ -340,11 +340,20 @@ class BoltzFormerWidget(QWidget):
         self.attention_check.setChecked(True)
         self.attention_check.setToolTip("Where each decoder layer sampled its tokens (one layer, a 'decoder layer' slider)")
         self.keep_partial_check = QCheckBox("keep finished slices on cancel")
+        self.fp_check = QCheckBox("3D false-positive filter")
+        self.fp_check.setChecked(True)
+        self.fp_check.setToolTip("Lung prompts on CT in HU: drop candidates outside the lungs and vessel-like "
+                                 "tubes that continue across slices (scores in the lesion table)")
+        self.fp_check.toggled.connect(lambda _=None: self.apply_threshold(force=True))
+        self.force_prompt_check = QCheckBox("force prompt")
+        self.force_prompt_check.setToolTip("Run a prompt even when it names nothing the model was trained to find")
         checks = QVBoxLayout()
         checks.setSpacing(2)
         checks.addWidget(self.probability_check)
         checks.addWidget(self.attention_check)
         checks.addWidget(self.keep_partial_check)
+        checks.addWidget(self.fp_check)
+        checks.addWidget(self.force_prompt_check)
         rform.addRow("Outputs", checks)
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
@@ -590,6 +599,8 @@ class BoltzFormerWidget(QWidget):
             "min_lesion_mm3": self.min_lesion_spin.value(),
             "return_attention": self.attention_check.isChecked(),
             "batch_size": self.batch_size,
+            "fp_reduction": self.fp_check.isChecked(),
+            "force_prompt": self.force_prompt_check.isChecked(),
         }
         return RunRequest(
             volume=volume,
@@ -816,17 +827,18 @@ class BoltzFormerWidget(QWidget):
         if schedule:
             self._rethreshold_timer.start()
 
-    def apply_threshold(self):
+    def apply_threshold(self, force: bool = False):
         """Re-threshold the active result's stored probabilities (no inference) and redraw."""
         self._rethreshold_timer.stop()
         entry = self._results.get(self._active_run)
         if entry is None:
             return
         result, request = entry
-        threshold, min_mm3 = self.threshold(), self.min_lesion_spin.value()
-        if threshold == result.threshold and min_mm3 == result.min_lesion_mm3:
+        threshold, min_mm3, fp_on = self.threshold(), self.min_lesion_spin.value(), self.fp_check.isChecked()
+        if (not force and threshold == result.threshold and min_mm3 == result.min_lesion_mm3
+                and fp_on == result.fp_reduction):
             return
-        result.rethreshold(threshold, min_mm3)
+        result.rethreshold(threshold, min_mm3, fp_reduction=fp_on)
         layer = self._mask_layer_of(self._active_run)
         if layer is not None:
             layer.data = to_layer_shape(result.mask, request.geometry)

@@ -93,3 +93,28 @@ def test_bad_arguments_are_user_errors(segmenter, volume):
         segmenter.segment_volume(volume, "x", slices=(4, 2))
     with pytest.raises(BoltzformerError):
         resolve_device("tpu")
+
+
+@pytest.fixture(scope="module")
+def segmenter_with_prompts(tmp_path_factory):
+    from boltzformer.network.text import SentenceEncoder
+
+    prompts = ["lung nodule", "pulmonary nodule", "liver lesion", "heart", "multiple sclerosis lesion"]
+    bank = dict(zip(prompts, SentenceEncoder(4).encode(prompts)))
+    path = tmp_path_factory.mktemp("wp") / "w.safetensors"
+    save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank=bank)
+    return Segmenter.from_pretrained(path, device="cpu")
+
+
+@pytest.mark.parametrize("prompt", ["banana", "a red sports car", "what is the weather today"])
+def test_prompts_that_name_nothing_known_are_refused_unless_forced(segmenter_with_prompts, volume, prompt):
+    with pytest.raises(PromptError, match="names nothing this model was trained to find.*'lung nodule'|names nothing"):
+        segmenter_with_prompts.segment_volume(volume, prompt)
+    forced = segmenter_with_prompts.segment_volume(volume, prompt, force_prompt=True)
+    assert any("forced" in w for w in forced.warnings)
+
+
+@pytest.mark.parametrize("prompt", ["pulmonary nodules", "small nodule in the right lung", "liver lesions"])
+def test_phrasings_of_known_targets_are_accepted(segmenter_with_prompts, prompt):
+    text, warnings = segmenter_with_prompts.check_prompt(prompt)
+    assert text == prompt and not warnings

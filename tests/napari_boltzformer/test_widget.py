@@ -278,8 +278,8 @@ def test_panel_opens_from_the_plugin_menu(make_napari_viewer, qtbot):
 def test_prompt_warnings_become_notifications(panel, qtbot, tiny_segmenter, monkeypatch, notifications):
     original = tiny_segmenter.check_prompt
 
-    def far(prompt):
-        text, warnings = original(prompt)
+    def far(prompt, **kwargs):
+        text, warnings = original(prompt, **kwargs)
         return text, [*warnings, f"prompt '{text}' is far from everything the model was trained on"]
 
     monkeypatch.setattr(tiny_segmenter, "check_prompt", far)

@@ -1,0 +1,146 @@
+"""Nodule detection on 3D phantom chest CTs with vessel trees (boltzformer.synth.lung3d).
+
+    python benchmarks/phantom_chest.py --set test --json benchmarks/results/phantom_chest_test.json
+    python benchmarks/phantom_chest.py --set val --candidates runs/phantom_val_candidates.json
+
+Two fixed sets, never trained on (training phantoms use other seeds, see data.phantom_examples):
+`val` (seeds 80000+, for choosing the false-positive filter's thresholds) and `test` (seeds
+90000+, for reporting). Per set: nodule sensitivity by diameter band (3-4 mm, >= 4 mm), false-
+positive components per volume, with the false-positive filter on and off, and how much of the
+last decoder layer's sampling lands on the nodule (tokens on the nodule dilated by one token /
+all sampled tokens, on slices that hold a nodule). `--candidates` also writes every candidate's
+filter features with whether it hit a nodule (for the threshold sweep in fp_threshold_sweep.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from boltzformer import fp_filter, postprocess
+from boltzformer.io import Volume
+from boltzformer.segmenter import Segmenter
+from boltzformer.synth.lung3d import chest_phantom
+
+SETS = {"val": 80_000, "test": 90_000}
+SPACINGS = ((0.8, 0.8, 1.25), (1.4, 1.4, 2.5), (0.7, 0.7, 1.0), (1.2, 1.2, 2.0))
+
+
+def phantom_case(set_name: str, index: int):
+    """The index-th volume of a set: 256 x 256 in-plane, about 150 mm of chest."""
+    seed = SETS[set_name] + index
+    spacing = SPACINGS[index % len(SPACINGS)]
+    depth = int(round(150 / spacing[2]))
+    px = spacing[0] * 1.75  # 256 pixels over 300-400 mm
+    ph = chest_phantom(seed, shape_zyx=(depth, 256, 256), spacing_mm=(px, px, spacing[2]), n_nodules=(2, 5))
+    origin = tuple(-(n - 1) / 2 * s for n, s in zip((256, 256, depth), ph.spacing_mm))
+    volume = Volume(ph.image, ph.spacing_mm, origin, np.eye(3), "CT", None, {"phantom_seed": seed})
+    return ph, volume
+
+
+def attention_on_target(result, nodules: np.ndarray) -> tuple[float, int]:
+    """(sampled tokens on nodule slices that lie on a nodule dilated by one token / all, slices)."""
+    att = result.attention
+    counts = att.counts[-1].astype(np.float64)  # Z x G x G, last decoder layer
+    g = counts.shape[-1]
+    on, total, n = 0.0, 0.0, 0
+    for k in range(counts.shape[0]):
+        z = att.slice_start + k
+        if not nodules[z].any():
+            continue
+        h, w = nodules.shape[1:]
+        # the nodule on the token grid: any voxel of the cell, then one token of margin
+        ys, xs = np.nonzero(nodules[z])
+        cells = np.zeros((g, g), bool)
+        cells[(ys * g // h).clip(0, g - 1), (xs * g // w).clip(0, g - 1)] = True
+        cells = ndimage.binary_dilation(cells, iterations=1)
+        on += counts[k][cells].sum()
+        total += counts[k].sum()
+        n += 1
+    return (on / total if total else float("nan")), n
+
+
+def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool):
+    cases, candidates = [], []
+    for i in range(count):
+        ph, vol = phantom_case(set_name, i)
+        t = time.perf_counter()
+        res = seg.segment_volume(vol, "lung nodule", return_attention=True, fp_reduction=False)
+        seconds = time.perf_counter() - t
+        frac, nslices = attention_on_target(res, ph.nodule_labels > 0)
+        row = {"case": i, "seed": SETS[set_name] + i, "spacing_mm": list(ph.spacing_mm), "seconds": seconds,
+               "attention_on_target": frac, "attention_slices": nslices,
+               "nodules": [{"diameter_mm": n.diameter_mm, "kind": n.kind, "label": n.label} for n in ph.nodules]}
+        for fp_on in (False, True):
+            if fp_on:
+                res.rethreshold(res.threshold, fp_reduction=True)
+            labels = res.labels
+            hit = set(np.unique(ph.nodule_labels[labels > 0]).tolist()) - {0}
+            pred_on_nodule = set(np.unique(labels[ph.nodule_labels > 0]).tolist()) - {0}
+            key = "fp_on" if fp_on else "fp_off"
+            row[key] = {"detected_labels": sorted(hit), "components": len(res.lesions),
+                        "false_positives": len(res.lesions) - len(pred_on_nodule)}
+            if want_candidates and not fp_on:  # every candidate, before the filter
+                feats = fp_filter.candidate_features(labels, res.lesions, vol, res.probabilities)
+                for r, f in zip(res.lesions, feats):
+                    candidates.append({"case": i, **f, "diameter_mm": r["longest_axial_diameter_mm"],
+                                       "volume_mm3": r["volume_mm3"],
+                                       "true": bool((ph.nodule_labels[labels == r["lesion_id"]] > 0).any())})
+        cases.append(row)
+        print(f"{set_name} {i}: {len(ph.nodules)} nodules, detected {len(row['fp_off']['detected_labels'])} -> "
+              f"{len(row['fp_on']['detected_labels'])}, FP {row['fp_off']['false_positives']} -> "
+              f"{row['fp_on']['false_positives']}, attention on target {frac:.3f}, {seconds:.1f} s", flush=True)
+    return cases, candidates
+
+
+def summarise(cases):
+    out = {}
+    for key in ("fp_off", "fp_on"):
+        small_hit = small_n = big_hit = big_n = 0
+        for c in cases:
+            hit = set(c[key]["detected_labels"])
+            for n in c["nodules"]:
+                if n["diameter_mm"] < 4.0:
+                    small_n += 1
+                    small_hit += n["label"] in hit
+                else:
+                    big_n += 1
+                    big_hit += n["label"] in hit
+        fps = [c[key]["false_positives"] for c in cases]
+        out[key] = {"sensitivity_3_4mm": small_hit / small_n if small_n else None, "nodules_3_4mm": small_n,
+                    "sensitivity_ge4mm": big_hit / big_n if big_n else None, "nodules_ge4mm": big_n,
+                    "fp_per_volume": float(np.mean(fps)), "fp_max": int(np.max(fps))}
+    att = [c["attention_on_target"] for c in cases if c["attention_slices"]]
+    out["attention_on_target_mean"] = float(np.mean(att)) if att else None
+    out["seconds_per_volume"] = float(np.mean([c["seconds"] for c in cases]))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", choices=tuple(SETS), default="test")
+    ap.add_argument("--count", type=int, default=20)
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--candidates", type=Path, default=None)
+    args = ap.parse_args()
+    seg = Segmenter.from_pretrained(args.weights, device="cpu")
+    cases, candidates = run(args.set, args.count, seg, args.candidates is not None)
+    summary = {"set": args.set, "count": args.count, "weights_sha256": seg.info.get("sha256"),
+               "weights": seg.info.get("weights_path"), **summarise(cases)}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"summary": summary, "cases": cases}, indent=2))
+    if args.candidates:
+        args.candidates.parent.mkdir(parents=True, exist_ok=True)
+        args.candidates.write_text(json.dumps(candidates, indent=1))
+
+
+if __name__ == "__main__":
+    main()
