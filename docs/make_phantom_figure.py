@@ -44,7 +44,7 @@ def read_real(name: str):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if not (REAL / "ts_chest01b_aorta_image.nii.gz").exists():
@@ -72,7 +72,7 @@ def main(argv=None):
     x0 = int(round((bx + 12 - 90) / sp[0] + (nx - 1) / 2))
     y0 = int(round((by - 105) / sp[1] + (ny - 1) / 2))
     crop = (slice(max(y0, 0), max(y0, 0) + 126), slice(max(x0, 0), max(x0, 0) + 120))
-    levels = [("liver dome", lm["right_dome"] - 5), ("heart", lm["heart_centre"] + 5),
+    levels = [("liver dome", lm["right_dome"] - 25), ("heart", lm["heart_centre"] + 5),
               ("below the carina", lm["carina"] - 15), ("aortic arch", lm["carina"] + 25)]
     heart, _ = read_real("ts_chest01_heart")
     aorta, _ = read_real("ts_chest01b_aorta")

@@ -138,7 +138,7 @@ def _random_anatomy(rng: np.random.Generator) -> _Anatomy:
         rvb=rvb, z_dome_r=0.0, z_dome_l=-rng.uniform(8, 20), z_apex=rng.uniform(225, 255), z_car=z_car,
         heart_c=heart_c, heart_ax=heart_ax, heart_rot=_rot_from_axis(long_axis),
         w_ant=rng.uniform(8, 22), w_mid=rng.uniform(40, 56), w_post=rng.uniform(34, 44), xm=rng.uniform(0, 6),
-        contrast=contrast, hu=hu, rib_p=rng.uniform(23, 27), rib_z0=0.0, rib_drop=rng.uniform(45, 75),
+        contrast=contrast, hu=hu, rib_p=rng.uniform(23, 27), rib_z0=0.0, rib_drop=rng.uniform(85, 115),
         sternum_w=rng.uniform(14, 20), m_pect=rng.uniform(6, 22), m_lat=rng.uniform(4, 14),
     )
     a.rib_z0 = a.z_apex + rng.uniform(5, 15)  # the first rib's head sits just above the apex
@@ -174,14 +174,14 @@ def _add_tubes(a: _Anatomy, rng):
     # aorta: root in the heart's base, ascending, arch, descending beside the spine
     av = hc + np.array([-22, 8, 30])
     at = np.array([-12 + rng.normal(0, 3), a.cyc - rng.uniform(0.25, 0.4) * a.ayc, a.z_car + rng.uniform(5, 15)])
-    ad = np.array([rng.uniform(18, 26), y_front_spine + rng.uniform(0, 8), a.z_car + rng.uniform(0, 8)])
+    ad = np.array([a.rvb + rng.uniform(6, 10), y_front_spine + rng.uniform(0, 6), a.z_car + rng.uniform(0, 8)])
     z_arch = a.z_car + rng.uniform(30, 45)
     arch = _bezier(at, np.array([(at[0] + ad[0]) / 2, (at[1] + ad[1]) / 2, 2 * z_arch - (at[2] + ad[2]) / 2]), ad, 10)
     r_asc, r_arch, r_desc = rng.uniform(14, 17), rng.uniform(12, 14), rng.uniform(10.5, 12.5)
-    dlow = np.array([rng.uniform(6, 12), y_front_spine - 4, -120])
-    dmid = np.array([(ad[0] + dlow[0]) / 2 + 4, y_front_spine + 2, 50])
+    desc = [ad, [a.rvb + rng.uniform(7, 11), a.ys - 0.35 * a.rvb, 60], [a.rvb + rng.uniform(2, 6), a.ys - 0.6 * a.rvb, -30],
+            [rng.uniform(4, 10), y_front_spine - 10, -120]]
     a.tubes["aorta"] = (_polyline([av, (av + at) / 2, at], r_asc, r_asc) + _polyline(arch, r_asc, r_arch)
-                        + _polyline(_bezier(ad, dmid, dlow, 10), r_arch * 0.95, r_desc))
+                        + _polyline(desc, r_arch * 0.95, r_desc))
     # arch branches
     br = []
     for f, dx, dy, r in ((0.25, -22, -10, 6.5), (0.45, 2, -4, 4.5), (0.62, 22, 10, 5)):
@@ -212,8 +212,9 @@ def _squircle(X, Y, cx, cy, ax, ay, k):
 
 
 def _cavity_axes(a: _Anatomy, Z):
-    up = _sstep(a.z_car - 40, a.z_apex + 10, Z)
-    return a.axc * (1 - 0.2 * up), a.ayc * (1 - 0.12 * up), a.cyc - 0.1 * a.ayc * up
+    # the thorax narrows from the diaphragm to the apex (a rounded cone in coronal view)
+    up = np.clip((np.asarray(Z, np.float32) - a.z_dome_r + 30) / (a.z_apex + 40 - a.z_dome_r), 0, 1) ** 1.6
+    return a.axc * (1.05 - 0.3 * up), a.ayc * (1.02 - 0.15 * up), a.cyc - 0.1 * a.ayc * up
 
 
 def _dome_z(a: _Anatomy, X, Y):
@@ -267,7 +268,7 @@ def _lung_region(a: _Anatomy, X, Y, Z):
     axc, ayc, cyc = _cavity_axes(a, Z)
     cav = _squircle(X, Y, 0.0, cyc, axc, ayc, 0.12) <= 1
     return (cav & ~_mediastinum_strip(a, X, Y, Z) & ~_spine_region(a, X, Y) & (Z > _dome_z(a, X, Y))
-            & (_heart_u(a, X, Y, Z, grow=6.0) > 1) & _apex_ok(a, X, Y, Z))
+            & (_heart_u(a, X, Y, Z, grow=4.0) > 1) & _apex_ok(a, X, Y, Z))
 
 
 def _capsule_dist(P, segs):
@@ -318,63 +319,136 @@ def _hilum_root(a: _Anatomy, side: int, y: float, z: float):
     return np.array([xs[i] + side * 4.0, y, z])
 
 
-def _grow_tree(a: _Anatomy, rng, root, direction, pts, r_root, r_leaf_min=0.45, max_angle=np.deg2rad(65)):
-    """Volume-filling bifurcating tree (after Tawhai et al. 2000). Returns segments
-    (p0, p1, r0, r1, generation, start node, end node) and node positions."""
+def _grow_tree(a: _Anatomy, root, direction, pts, r_root, r_leaf_min=0.5, max_angle=np.deg2rad(65)):
+    """Volume-filling bifurcating tree after Tawhai et al. (2000), grown one generation at a time
+    with all branches of a generation vectorised. Each branch heads for the centre of mass of the
+    points (lung volume) it supplies and stops 40 % of the way there (a leaf, with one or two
+    points, goes all the way); its points are then split by a plane through their centre of mass
+    that contains the branch, across their widest spread. Radii follow Murray's law with flow
+    proportional to the points supplied: r = r_root (n / N)^(1/3).
+
+    Returns segments (p0, p1, r0, r1, generation, start node, end node) and node positions."""
     N = len(pts)
-    nodes = [np.asarray(root, float)]
+    order = np.arange(N)
+    nodes = [np.asarray(root, float)[None]]
+    n_nodes = 1
     segs = []
-    stack = [(0, np.asarray(direction, float) / np.linalg.norm(direction), np.arange(N), 0)]
-    inv3 = 1.0 / 3.0
-    while stack:
-        ni, d, idx, g = stack.pop()
-        p = nodes[ni]
-        q = pts[idx]
-        n = len(idx)
-        c = q.mean(axis=0)
-        r = max(r_root * (n / N) ** inv3, r_leaf_min)
-        v = c - p
-        dist = float(np.sqrt(v @ v))
-        if dist < 1.0:
-            continue
-        u = v / dist
-        cosang = float(u @ d)
-        if cosang < np.cos(max_angle):  # keep branching angles plausible
-            w = u - cosang * d
-            w /= np.linalg.norm(w) + 1e-9
-            u = np.cos(max_angle) * d + np.sin(max_angle) * w
-        if n <= 2:
-            e = p + u * dist
-            nodes.append(e)
-            segs.append((p, e, r, max(r * 0.7, r_leaf_min), g, ni, len(nodes) - 1))
-            continue
-        e = p + u * max(0.4 * dist, 2.0 * r)
-        r_end = r * 0.95
-        # stay inside the lung: shorten to the last inside sample
-        ts = np.linspace(0.25, 1.0, 4)
-        sp = p + ts[:, None] * (e - p)
-        ok = _lung_region(a, sp[:, 0], sp[:, 1], sp[:, 2])
-        if g > 0 and not ok.all():
-            bad = int(np.argmin(ok))
-            if bad == 0:
-                continue
-            e = p + ts[bad - 1] * (e - p)
-        nodes.append(e)
-        ei = len(nodes) - 1
-        segs.append((p, e, r, r_end, g, ni, ei))
-        if n <= 2:
-            continue
-        Q = q - c
-        Qp = Q - np.outer(Q @ u, u)
-        ev = np.linalg.eigh(Qp.T @ Qp)[1][:, -1]
-        s = Qp @ ev
-        left = s < 0
-        nl = int(left.sum())
-        if nl == 0 or nl == n:
-            continue
-        stack.append((ei, u, idx[left], g + 1))
-        stack.append((ei, u, idx[~left], g + 1))
-    return segs, np.array(nodes)
+    # active branches: start node id, start point, parent direction, point range [lo, hi), generation
+    ni = np.array([0])
+    P = np.asarray(root, float)[None]
+    D = (np.asarray(direction, float) / np.linalg.norm(direction))[None]
+    lo, hi = np.array([0]), np.array([N])
+    gen = 0
+    cos_max, sin_max = np.cos(max_angle), np.sin(max_angle)
+    ts = np.linspace(0.25, 1.0, 4)
+    while len(ni):
+        po = pts[order]
+        cs = np.concatenate([np.zeros((1, 3)), np.cumsum(po, axis=0)])
+        n = hi - lo
+        C = (cs[hi] - cs[lo]) / n[:, None]
+        r = np.maximum(r_root * (n / N) ** (1 / 3), r_leaf_min)
+        V = C - P
+        dist = np.linalg.norm(V, axis=1)
+        U = V / np.maximum(dist, 1e-9)[:, None]
+        cosang = (U * D).sum(1)
+        bend = cosang < cos_max  # keep branching angles plausible
+        if bend.any():
+            W = U[bend] - cosang[bend, None] * D[bend]
+            W /= np.linalg.norm(W, axis=1, keepdims=True) + 1e-9
+            U[bend] = cos_max * D[bend] + sin_max * W
+        leaf = n <= 2
+        L = np.where(leaf, dist, np.maximum(0.4 * dist, 2.0 * r))
+        E = P + U * L[:, None]
+        alive = dist >= 1.0
+        if gen > 0:  # stay inside the lung: shorten to the last inside sample, drop if none
+            S = P[:, None, :] + ts[None, :, None] * (E - P)[:, None, :]
+            ok = _lung_region(a, S[..., 0], S[..., 1], S[..., 2]) | leaf[:, None]
+            first_bad = np.where(ok.all(1), len(ts), np.argmin(ok, axis=1))
+            alive &= first_bad > 0
+            cut = alive & (first_bad < len(ts))
+            E[cut] = P[cut] + ts[first_bad[cut] - 1, None] * (E - P)[cut]
+        idx = np.flatnonzero(alive)
+        ei = n_nodes + np.arange(len(idx))
+        n_nodes += len(idx)
+        nodes.append(E[idx])
+        r_end = np.where(leaf, np.maximum(0.7 * r, r_leaf_min), 0.95 * r)
+        segs += [(P[i], E[i], r[i], r_end[i], gen, ni[i], e) for i, e in zip(idx, ei)]
+        # split the points of the surviving non-leaf branches
+        split = alive & ~leaf
+        sidx = np.flatnonzero(split)
+        if not len(sidx):
+            break
+        end_id = np.full(len(ni), -1)
+        end_id[idx] = ei
+        ns = n[sidx]
+        owner = np.repeat(np.arange(len(sidx)), ns)
+        pos = np.repeat(lo[sidx] - np.cumsum(np.concatenate([[0], ns[:-1]])), ns) + np.arange(ns.sum())
+        Q = po[pos] - C[sidx][owner]
+        Uo = U[sidx][owner]
+        Qp = Q - (Q * Uo).sum(1, keepdims=True) * Uo
+        cov = np.zeros((len(sidx), 3, 3))
+        for i in range(3):
+            for j in range(i, 3):
+                cov[:, i, j] = cov[:, j, i] = np.bincount(owner, Qp[:, i] * Qp[:, j], len(sidx))
+        ev = np.linalg.eigh(cov)[1][:, :, -1]
+        right = (Qp * ev[owner]).sum(1) >= 0
+        perm = np.lexsort((right, owner))
+        order[pos] = order[pos][perm]
+        nl = ns - np.bincount(owner, right, len(sidx)).astype(int)
+        ok = (nl > 0) & (nl < ns)
+        s2 = sidx[ok]
+        mid = lo[s2] + nl[ok]
+        ni = np.concatenate([end_id[s2], end_id[s2]])
+        P = np.concatenate([E[s2], E[s2]])
+        D = np.concatenate([U[s2], U[s2]])
+        lo = np.concatenate([lo[s2], mid])
+        hi = np.concatenate([mid, hi[s2]])
+        gen += 1
+    return segs, np.concatenate(nodes)
+
+
+def _random_perp(rng, U):
+    """Random unit vectors perpendicular to the rows of U (unit vectors)."""
+    w = rng.normal(size=U.shape)
+    w -= (w * U).sum(1, keepdims=True) * U
+    return w / (np.linalg.norm(w, axis=1, keepdims=True) + 1e-9)
+
+
+def _twigs(a: _Anatomy, rng, segs):
+    """Small vessels a tree of a thousand leaves lacks: side branches along the larger vessels
+    (like supernumerary arteries) and a fork at the tip of every leaf."""
+    if not segs:
+        return []
+    P0 = np.array([s[0] for s in segs])
+    P1 = np.array([s[1] for s in segs])
+    R = np.array([s[3] for s in segs])
+    starts = {s[5] for s in segs}
+    leaf = np.array([s[6] not in starts for s in segs])
+    V = P1 - P0
+    L = np.linalg.norm(V, axis=1) + 1e-9
+    U = V / L[:, None]
+    # side branches
+    k = rng.poisson(L / 6.0) * ((R >= 0.8) & (L > 5))
+    j = np.repeat(np.arange(len(segs)), k)
+    base = P0[j] + rng.uniform(0.15, 0.9, len(j))[:, None] * V[j]
+    th = np.deg2rad(rng.uniform(45, 85, len(j)))[:, None]
+    d1 = np.cos(th) * U[j] + np.sin(th) * _random_perp(rng, U[j])
+    l1 = rng.uniform(5, 14, len(j))
+    r1 = np.minimum(rng.uniform(0.45, 0.8, len(j)), 0.45 * R[j])
+    # forks at leaf tips
+    jl = np.repeat(np.flatnonzero(leaf), 3)
+    th = np.deg2rad(rng.uniform(15, 50, len(jl)))[:, None]
+    d2 = np.cos(th) * U[jl] + np.sin(th) * _random_perp(rng, U[jl])
+    l2 = rng.uniform(4, 12, len(jl))
+    r2 = np.maximum(0.85 * R[jl], 0.45)
+    B = np.concatenate([base, P1[jl]])
+    D = np.concatenate([d1, d2])
+    Ln = np.concatenate([l1, l2])
+    Rt = np.maximum(np.concatenate([r1, r2]), 0.4)
+    E = B + D * Ln[:, None]
+    M = B + D * (0.5 * Ln)[:, None]
+    ok = _lung_points(a, E[:, 0], E[:, 1], E[:, 2]) & _lung_region(a, M[:, 0], M[:, 1], M[:, 2])
+    return [(B[i], E[i], Rt[i], Rt[i] * 0.8) for i in np.flatnonzero(ok)]
 
 
 def _build_trees(a: _Anatomy, rng, detail: float = 1.0):
@@ -385,16 +459,16 @@ def _build_trees(a: _Anatomy, rng, detail: float = 1.0):
     rt = a.r_trachea
     airways.append(("trachea", a.tubes["trachea"]))
     for side in (-1, 1):
-        n_art = int(detail * rng.integers(900, 1200))
-        n_vein = int(detail * rng.integers(700, 1000))
+        n_art = int(detail * rng.integers(2000, 2600))
+        n_vein = int(detail * rng.integers(1600, 2200))
         pts = _sample_lung(a, rng, side, n_art)
         root = _hilum_root(a, side, y_hil, z_hil[side])
         # pulmonary artery from the bifurcation to the hilum
         r_pa = rng.uniform(9.5, 11.5)
         mid = (a.pa_bif + root) / 2 + np.array([0, 8 if side < 0 else 4, 6 if side > 0 else 0])
         arteries += _polyline(_bezier(a.pa_bif, mid, root, 5), r_pa, r_pa * 0.85)
-        segs, nodes = _grow_tree(a, rng, root, root - mid, pts, r_root=r_pa * 0.8)
-        arteries += [s[:4] for s in segs]
+        segs, nodes = _grow_tree(a, root, root - mid, pts, r_root=r_pa * 0.8)
+        arteries += [s[:4] for s in segs] + _twigs(a, rng, segs)
         # bronchi beside the arteries (bronchovascular bundles) down to ~1.3 mm outer radius
         w = np.array([0.0, 1.0, 0.3 * side])
         off = {}
@@ -407,8 +481,8 @@ def _build_trees(a: _Anatomy, rng, detail: float = 1.0):
             off[k] = o / (np.linalg.norm(o) + 1e-9)
         aw = []
         for p0, p1, r0, r1, g, i0, i1 in segs:
-            ro = r0 * rng.uniform(0.9, 1.1)
-            if ro < 1.8 or g > 7:
+            ro = r0 * rng.uniform(0.75, 0.95)
+            if ro < 1.6 or g > 7:
                 continue
             gap = r0 + ro + 0.6
             aw.append((p0 + gap * off[i0], p1 + gap * off[i1], ro, ro))
@@ -422,8 +496,8 @@ def _build_trees(a: _Anatomy, rng, detail: float = 1.0):
         r_pv = rng.uniform(7, 8.5)
         la = a.la + np.array([side * 15, 0, 0])
         veins += _polyline([la, (la + vroot) / 2, vroot], r_pv, r_pv)
-        vsegs, _ = _grow_tree(a, rng, vroot, vroot - la, vpts, r_root=r_pv * 0.9)
-        veins += [s[:4] for s in vsegs]
+        vsegs, _ = _grow_tree(a, vroot, vroot - la, vpts, r_root=r_pv * 0.9)
+        veins += [s[:4] for s in vsegs] + _twigs(a, rng, vsegs)
     return arteries, veins, airways
 
 
@@ -479,41 +553,81 @@ def _seg_boxes(grid: _Grid, segs, pad):
     return boxes
 
 
-def _render_tubes(vol: np.ndarray, grid: _Grid, segs, grow: float = 0.0, min_r: float = 0.0):
-    """Max-composite the partial-volume occupancy of tapered capsules into vol (float32, z y x).
-
-    Thin tubes keep their cross-sectional integral: a radius below half a pixel is drawn at half
-    a pixel with a proportionally lower peak. Occupancy is averaged over the slice thickness."""
-    h = grid.h
+def _occupancy(d, r, h):
+    """Partial-volume occupancy at distance d from the axis of a tube of radius r (pixel size h).
+    Thin tubes keep their cross-sectional integral: a radius below half a pixel is drawn at half a
+    pixel with a proportionally lower peak."""
     half = 0.5 * h
-    boxes = _seg_boxes(grid, segs, grow + h)
-    for s, box in zip(segs, boxes):
-        if box is None:
-            continue
-        z0, z1, y0, y1, x0, x1 = box
-        p0 = np.asarray(s[0], np.float32)
-        v = np.asarray(s[1], np.float32) - p0
+    re = np.maximum(r, half)
+    return np.clip((re - d) * (1.0 / h) + 0.5, 0.0, 1.0) * np.minimum(1.0, (r / re) ** 2)
+
+
+def _render_tubes(vol: np.ndarray, grid: _Grid, segs, grow: float = 0.0, min_r: float = 0.0):
+    """Max-composite the partial-volume occupancy of tapered capsules into vol (float32, z y x),
+    averaged over each slice's thickness. Small boxes are rendered in vectorised batches."""
+    if not segs:
+        return vol
+    h = grid.h
+    P0 = np.array([s[0] for s in segs], np.float32)
+    V = np.array([s[1] for s in segs], np.float32) - P0
+    R0 = np.maximum(np.array([s[2] for s in segs], np.float32) + grow, min_r)
+    R1 = np.maximum(np.array([s[3] for s in segs], np.float32) + grow, min_r)
+    boxes = _seg_boxes(grid, [(P0[i], P0[i] + V[i], R0[i], R1[i]) for i in range(len(segs))], h)
+    keep = np.array([b is not None for b in boxes])
+    if not keep.any():
+        return vol
+    B = np.array([b for b in boxes if b is not None])
+    P0, V, R0, R1 = P0[keep], V[keep], R0[keep], R1[keep]
+    dims = B[:, 1::2] - B[:, 0::2]  # (bz, by, bx)
+    small = (dims[:, 0] <= 10) & (dims[:, 1] <= 20) & (dims[:, 2] <= 20)
+    for i in np.flatnonzero(~small):
+        z0, z1, y0, y1, x0, x1 = B[i]
+        p0, v = P0[i], V[i]
         L2 = float(v @ v) + 1e-6
-        r0, r1 = max(s[2] + grow, min_r), max(s[3] + grow, min_r)
         dx = (grid.X[x0:x1] - p0[0])[None, None, None, :]
         dy = (grid.Y[y0:y1] - p0[1])[None, None, :, None]
         dz = (grid.Zsub[z0:z1] - p0[2])[:, :, None, None]
         t = np.clip((dx * v[0] + dy * v[1] + dz * v[2]) * (1.0 / L2), 0.0, 1.0)
         ex, ey, ez = dx - t * v[0], dy - t * v[1], dz - t * v[2]
         d = np.sqrt(ex * ex + ey * ey + ez * ez)
-        if r0 == r1:
-            re = max(r0, half)
-            occ = np.clip((re - d) * (1.0 / h) + 0.5, 0.0, 1.0)
-            if r0 < half:
-                occ *= (r0 / half) ** 2
-        else:
-            r = r0 + t * (r1 - r0)
-            re = np.maximum(r, half)
-            occ = np.clip((re - d) * (1.0 / h) + 0.5, 0.0, 1.0) * np.minimum(1.0, (r / re) ** 2)
-        occ = occ.mean(axis=1)
+        occ = _occupancy(d, R0[i] + t * (R1[i] - R0[i]), h).mean(axis=1)
         sub = vol[z0:z1, y0:y1, x0:x1]
         np.maximum(sub, occ, out=sub)
+    idx = np.flatnonzero(small)
+    if len(idx):
+        _render_batch(vol, grid, B[idx], P0[idx], V[idx], R0[idx], R1[idx])
     return vol
+
+
+def _render_batch(vol, grid, B, P0, V, R0, R1, chunk=256):
+    nz, ny, nx = vol.shape
+    flat = vol.reshape(-1)
+    h = grid.h
+    order = np.argsort((B[:, 1] - B[:, 0]) * (B[:, 3] - B[:, 2]) * (B[:, 5] - B[:, 4]))
+    for c0 in range(0, len(order), chunk):
+        sel = order[c0:c0 + chunk]
+        b = B[sel]
+        bz, by, bx = (int((b[:, 2 * k + 1] - b[:, 2 * k]).max()) for k in range(3))
+        kz = b[:, 0, None] + np.arange(bz)
+        ky = b[:, 2, None] + np.arange(by)
+        kx = b[:, 4, None] + np.arange(bx)
+        vz, vy, vx = kz < b[:, 1, None], ky < b[:, 3, None], kx < b[:, 5, None]
+        kz, ky, kx = np.minimum(kz, nz - 1), np.minimum(ky, ny - 1), np.minimum(kx, nx - 1)
+        p0, v = P0[sel], V[sel]
+        L2 = (v * v).sum(1) + 1e-6
+        dx = (grid.X[kx] - p0[:, 0, None])[:, None, None, None, :]
+        dy = (grid.Y[ky] - p0[:, 1, None])[:, None, None, :, None]
+        dz = (grid.Zsub[kz] - p0[:, 2, None, None])[:, :, :, None, None]
+        vx_, vy_, vz_ = (v[:, k, None, None, None, None] for k in range(3))
+        t = np.clip((dx * vx_ + dy * vy_ + dz * vz_) / L2[:, None, None, None, None], 0.0, 1.0)
+        ex, ey, ez = dx - t * vx_, dy - t * vy_, dz - t * vz_
+        d = np.sqrt(ex * ex + ey * ey + ez * ez)
+        r = R0[sel, None, None, None, None] + t * (R1 - R0)[sel, None, None, None, None]
+        occ = _occupancy(d, r, h).mean(axis=2)  # (n, bz, by, bx)
+        occ *= vz[:, :, None, None] & vy[:, None, :, None] & vx[:, None, None, :]
+        lin = (kz[:, :, None, None] * ny + ky[:, None, :, None]) * nx + kx[:, None, None, :]
+        m = occ > 0
+        np.maximum.at(flat, lin[m], occ[m])
 
 
 def _blend(img: np.ndarray, idx: np.ndarray, occ: np.ndarray, value):
@@ -594,7 +708,7 @@ def _render_slice(a: _Anatomy, X, Y, z: float, zthick: float, h: float):
     img[cavity] = hu["fat"] + 15
     masks = {}
     # lungs
-    lung = (cavity & ~_mediastinum_strip(a, X, Y, z) & ~_spine_region(a, X, Y) & (_heart_u(a, X, Y, z, 6.0) > 1)
+    lung = (cavity & ~_mediastinum_strip(a, X, Y, z) & ~_spine_region(a, X, Y) & (_heart_u(a, X, Y, z, 4.0) > 1)
             & _apex_ok(a, X, Y, z))
     lung_f = lung * (1 - below)
     img = np.where(lung, img * (1 - lung_f) + lung_f * hu["lung"], img)
@@ -612,7 +726,7 @@ def _render_slice(a: _Anatomy, X, Y, z: float, zthick: float, h: float):
     img[gas] = AIR + 30
     # heart: pericardial fat, myocardium, right and left blood pools split by the septum
     hu_u = _heart_u(a, X, Y, z)
-    peri = (_heart_u(a, X, Y, z, 6.0) <= 1) & cavity & (below < 0.5)
+    peri = (_heart_u(a, X, Y, z, 4.0) <= 1) & cavity & (below < 0.5)
     img[peri] = hu["fat"]
     heart = (hu_u <= 1) & cavity & (below < 0.5)
     img[heart] = hu["myo"]
@@ -648,7 +762,7 @@ def _render_slice(a: _Anatomy, X, Y, z: float, zthick: float, h: float):
     k = np.round(zr / a.rib_p)
     dz = zr - k * a.rib_p
     rib_len = np.where(k < 7, 0.93 * np.pi, np.where(k < 10, 0.8 * np.pi, 0.55 * np.pi))
-    rib_u = (dz / 6.0) ** 2 + ((rho - 5.0) / 3.6) ** 2
+    rib_u = (dz / 5.5) ** 2 + ((rho - 5.0) / 3.6) ** 2
     rib = ring & (rib_u <= 1) & (k >= 0) & (k < 12) & (phi > 0.12) & (phi < rib_len) & (np.abs(X) > a.rvb + 10)
     cart = rib & (phi > 0.72 * np.pi)
     img[rib] = hu["bone"]
@@ -804,7 +918,7 @@ def _place_nodules(rng, a, grid, lung_region, vessel_segs, n, dlo, dhi):
 # scanner
 
 
-def _scanner(img: np.ndarray, rng, grid: _Grid, a: _Anatomy, info: dict):
+def _scanner(img: np.ndarray, rng, grid: _Grid, a: _Anatomy, info: dict, lung_region: np.ndarray):
     sx, sy, sz = grid.spacing
     blur_mm = rng.uniform(0.5, 1.1)
     # slice sensitivity profile: thick slices are already averaged over their thickness; a small
@@ -816,15 +930,17 @@ def _scanner(img: np.ndarray, rng, grid: _Grid, a: _Anatomy, info: dict):
         amount = rng.uniform(0.3, 0.8)
         img = img + amount * (img - ndi.gaussian_filter(img, (0, 1.2 / sy, 1.2 / sx), truncate=3.0))
     # breathing: blur along z and y over the lower lungs and the diaphragm
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         zlo, zhi = min(a.z_dome_l, a.z_dome_r) - 30, a.z_dome_r + 50
         wz = np.clip(1 - np.abs(grid.Z - (zlo + zhi) / 2) / ((zhi - zlo) / 2), 0, 1).astype(np.float32)
         if wz.any():
             k = np.flatnonzero(wz)
             sl = slice(k[0], k[-1] + 1)
-            s = rng.uniform(1.0, 2.5)
+            s = rng.uniform(0.6, 1.6)
             blurred = ndi.gaussian_filter(img[sl], (s * 1.5 / sz, s / sy, 0.3), truncate=2.5)
-            w = wz[sl, None, None]
+            # only the lungs and the diaphragm under them move
+            near = ndi.gaussian_filter(lung_region[sl].astype(np.float32), (0, 6 / sy, 6 / sx))
+            w = wz[sl, None, None] * np.clip(2 * near, 0, 1)
             img[sl] = img[sl] * (1 - w) + blurred * w
             info["motion_blur_mm"] = round(s, 2)
     noise_hu = rng.uniform(8, 30) * (1.6 if sharp else 1.0) * np.sqrt(max(0.5, 2.5 / sz)) ** 0.5
@@ -912,13 +1028,13 @@ def chest_phantom(seed: int, shape_zyx=(64, 256, 256), spacing_mm=(1.4, 1.4, 2.5
             dist = (zl - zf - slope * (yl - a.cyc + lat * ax_) - curv * ax_ ** 2) / np.sqrt(1 + slope ** 2 * (1 + lat ** 2))
             nzc = 1 / np.sqrt(1 + slope ** 2 * (1 + lat ** 2))
             sig = np.sqrt(0.3 ** 2 + (sz * nzc) ** 2 / 12 + (grid.h * slope * nzc) ** 2 / 12)
-            sheet = (0.2 / sig) * np.exp(-0.5 * (dist / sig) ** 2) * (side_l == side)
+            sheet = (0.1 / sig) * np.exp(-0.5 * (dist / sig) ** 2) * (side_l == side)
             fis = np.maximum(fis, sheet)
             if side < 0:  # minor fissure: a gently domed sheet in front of the oblique one
                 zm = a.z_car - trng.uniform(20, 35)
                 d2 = zl - zm - 0.004 * ((xl + 0.5 * a.axc) ** 2 + (yl - a.cyc) ** 2) * trng.uniform(0.5, 1.5)
                 sig2 = np.sqrt(0.3 ** 2 + sz ** 2 / 12 + (grid.h * 0.4) ** 2)
-                fis = np.maximum(fis, (0.2 / sig2) * np.exp(-0.5 * (d2 / sig2) ** 2) * (side_l < 0) * (dist > 0))
+                fis = np.maximum(fis, (0.1 / sig2) * np.exp(-0.5 * (d2 / sig2) ** 2) * (side_l < 0) * (dist > 0))
         fis = np.clip(fis, 0, 0.6)
         paren = paren * (1 - fis) + fis * 0.0
         info["fissures"] = True
@@ -952,7 +1068,7 @@ def chest_phantom(seed: int, shape_zyx=(64, 256, 256), spacing_mm=(1.4, 1.4, 2.5
     occ[:] = 0
     for _name, segs in airway_groups:
         _render_tubes(airway, grid, segs)
-        inner = [(p0, p1, r0 - (0.6 + 0.15 * r0), r1 - (0.6 + 0.15 * r1)) for p0, p1, r0, r1 in segs]
+        inner = [(p0, p1, r0 - (0.45 + 0.1 * r0), r1 - (0.45 + 0.1 * r1)) for p0, p1, r0, r1 in segs]
         _render_tubes(occ, grid, [s for s in inner if s[2] > 0.3])
     wi = np.flatnonzero(airway)
     _blend(img, wi, airway.ravel()[wi], trng.uniform(0, 60))
@@ -1001,7 +1117,7 @@ def chest_phantom(seed: int, shape_zyx=(64, 256, 256), spacing_mm=(1.4, 1.4, 2.5
         nodules.append(Nodule(tuple(round(v, 2) for v in world), round(2 * R, 2), kind, lab))
 
     # 7. scanner
-    img = _scanner(img, trng, grid, a, info)
+    img = _scanner(img, trng, grid, a, info, lung_region)
     image = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
 
     nod = labels > 0
