@@ -85,8 +85,8 @@ def detect_modality(volume) -> str:
     Otherwise a heuristic on a subsample of the values: CT in HU has air at about -1000, so the
     volume is called CT when at least 5 % of voxels lie in [-1100, -900], or when its minimum
     is ≤ -500 and the values are integers (CT is stored as integers; MRI is never that
-    negative). Everything else is MR. Limits: CT stored without its rescale intercept (0..4095)
-    looks like MR; pass the modality explicitly for such files.
+    negative), or when it looks like CT stored as HU + 1024 (see `shifted_hu_offset`).
+    Everything else is MR.
     """
     for value in (volume.modality, volume.metadata.get("Modality")):
         value = str(value or "").upper()
@@ -96,11 +96,37 @@ def detect_modality(volume) -> str:
     if sample.size == 0:
         return "MR"
     near_air = np.count_nonzero((sample >= -1100) & (sample <= -900)) / sample.size
-    if near_air >= 0.05:
+    if near_air >= 0.05 or shifted_hu_offset(sample):
         return "CT"
     if float(sample.min()) <= -500 and _integer_valued(sample):
         return "CT"
     return "MR"
+
+
+SHIFTED_HU_OFFSET = 1024
+
+
+def shifted_hu_offset(array: np.ndarray) -> int:
+    """1024 when a CT looks stored as HU + 1024 (unsigned, no rescale intercept), else 0.
+
+    The signature: non-negative integers; air at 0..~100 (HU -1024..-924) on at least 5 % of
+    the voxels; and a sharp soft-tissue peak whose mode lies at 1000..1100 (HU -24..76) holding
+    most of the values between 800 and 1300. MR has no air peak at zero with a narrow tissue
+    peak right at 1024 + soft tissue.
+    """
+    sample = _subsample(np.asarray(array))
+    if sample.size == 0 or not _integer_valued(sample) or float(sample.min()) < 0:
+        return 0
+    sample = sample.astype(np.float32, copy=False)
+    if np.count_nonzero(sample < 100) / sample.size < 0.05:
+        return 0
+    tissue = sample[(sample >= 800) & (sample < 1300)]
+    if tissue.size < 0.1 * sample.size:
+        return 0
+    counts, edges = np.histogram(tissue, bins=50, range=(800, 1300))
+    mode = edges[int(np.argmax(counts))] + 5
+    near_mode = np.count_nonzero(np.abs(tissue - mode) <= 60) / tissue.size
+    return SHIFTED_HU_OFFSET if 1000 <= mode <= 1100 and near_mode >= 0.5 else 0
 
 
 def classify_units(array: np.ndarray) -> str:

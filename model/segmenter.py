@@ -421,6 +421,11 @@ class Segmenter:
         modality = (modality or intensity.detect_modality(volume)).upper()
         if modality in ("MRI", "MR"):
             modality = "MR"
+        offset = intensity.shifted_hu_offset(frame.array) if modality == "CT" else 0
+        if offset:  # unsigned CT without its rescale intercept: bring it back to HU
+            frame = frame.with_array(frame.array.astype(np.float32) - offset)
+            warnings.append(f"the values look like Hounsfield units + {offset} (air near 0, soft tissue near "
+                            f"{offset + 40}); {offset} was subtracted. Check the file's rescale intercept.")
         if window is None and modality == "CT":
             window = intensity.window_for_prompt(text)
         # 2.5D context: prepare the neighbours a few mm beyond the range too.

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from boltzformer import intensity
 from boltzformer.errors import BoltzformerError
 from boltzformer.intensity import (
     WINDOWS, Window, classify_units, detect_modality, prepare_slices, window_for_prompt,
@@ -139,3 +140,16 @@ def test_prepare_is_fast():
     prepare_slices(hu, modality="MR")
     assert time.perf_counter() - start < 2.0
     assert out.dtype == np.float32
+
+
+def test_ct_stored_as_hu_plus_1024_is_recognised_and_shifted_back():
+    from boltzformer.synth.sample import SAMPLES
+
+    ct = SAMPLES["chest_ct"]().volume()
+    shifted = (ct.array.astype(np.int32) + 1024).clip(0).astype(np.uint16)
+    assert intensity.shifted_hu_offset(shifted) == 1024
+    assert intensity.detect_modality(Volume(shifted, ct.spacing_mm)) == "CT"
+    assert intensity.shifted_hu_offset(ct.array) == 0  # real HU: nothing to shift
+    mr = SAMPLES["brain_mri"]().volume().array
+    for scale in (1.0, 1000.0 / mr.max(), 4000.0 / mr.max()):  # MR at any gain is not taken for it
+        assert intensity.shifted_hu_offset(np.round(mr * scale).astype(np.uint16)) == 0
