@@ -241,7 +241,7 @@ class Segmenter:
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, source=None, device="auto", **inference_options) -> "Segmenter":
-        """source: None (bundled), a .safetensors file, a folder, or a Hugging Face repo id.
+        """source: None (bundled), a .safetensors file, a folder, or "hf:owner/name" (Hugging Face).
 
         inference_options: sampling ('boltzmann', 'uniform', 'mask2former', 'dense'),
         token_ratio, tau0, attention_impl ('auto', 'gather', 'dense').

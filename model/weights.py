@@ -3,8 +3,9 @@
 A checkpoint is two files side by side: `<name>.safetensors` (tensors; also the cached frozen
 text embeddings of the prompts seen in training, under `text_cache.*`) and `<name>.json`
 (network config, prompt list, training provenance). Nothing is downloaded unless the user names
-a Hugging Face repo id, and then the local cache is honoured (`HF_HUB_OFFLINE=1` never
-touches the network).
+a Hugging Face repo explicitly as `hf:owner/name`, and then the local cache is honoured
+(`HF_HUB_OFFLINE=1` never touches the network). Anything else is a local path: a mistyped
+folder such as `runs/v4` fails at once naming the path, never turns into a network lookup.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from .errors import WeightsError
 
 BUNDLED_NAME = "boltzformer-s"
+HUB_PREFIX = "hf:"
 
 
 @dataclass
@@ -60,15 +62,21 @@ def _pair_for_file(path: Path) -> WeightsSource:
 
 
 def resolve(source: str | os.PathLike | None = None) -> WeightsSource:
-    """Find weights: None = bundled; a file or folder; or a Hugging Face repo id 'owner/name'."""
+    """Find weights: None = bundled; a file or folder; or a Hugging Face repo 'hf:owner/name'."""
     if source is None:
         found = bundled_weights()
         if found is None:
             raise WeightsError(
                 "no trained weights are bundled with this installation; pass weights explicitly "
-                "(--weights FILE.safetensors, a folder, or a Hugging Face repo id)"
+                "(--weights FILE.safetensors, a folder, or hf:owner/name for a Hugging Face repo)"
             )
         return found
+    text = str(source)
+    if text.startswith(HUB_PREFIX):
+        repo_id = text[len(HUB_PREFIX):]
+        if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise WeightsError(f"{text}: a Hugging Face source is hf:owner/name")
+        return _from_hub(repo_id)
     path = Path(source).expanduser()
     if path.is_dir():
         return _pair_in_folder(path)
@@ -76,10 +84,8 @@ def resolve(source: str | os.PathLike | None = None) -> WeightsSource:
         if path.suffix != ".safetensors":
             raise WeightsError(f"{path}: not a .safetensors weights file")
         return _pair_for_file(path)
-    text = str(source)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix:
-        return _from_hub(text)
-    raise WeightsError(f"{source}: no such weights file or folder")
+    hint = f" (for a Hugging Face repo write hf:{text})" if text.count("/") == 1 and not path.suffix else ""
+    raise WeightsError(f"{source}: no such weights file or folder{hint}")
 
 
 def _from_hub(repo_id: str) -> WeightsSource:
@@ -93,9 +99,11 @@ def _from_hub(repo_id: str) -> WeightsSource:
         w = hf_hub_download(repo_id, f"{BUNDLED_NAME}.safetensors", local_files_only=offline)
         c = hf_hub_download(repo_id, f"{BUNDLED_NAME}.json", local_files_only=offline)
     except LocalEntryNotFoundError as exc:
+        why = ("offline mode is on (HF_HUB_OFFLINE=1)" if offline
+               else "it could not be downloaded (no network?)")
         raise WeightsError(
-            f"hf:{repo_id}: not in the local Hugging Face cache and offline mode is on "
-            "(HF_HUB_OFFLINE=1); download it once with network access or pass a local file"
+            f"hf:{repo_id}: not in the local Hugging Face cache and {why}; download it once with network "
+            "access or pass a local file"
         ) from exc
     except Exception as exc:  # network errors, missing repo, auth: one clear line
         raise WeightsError(f"hf:{repo_id}: could not fetch weights ({type(exc).__name__}: {exc})".splitlines()[0]) from exc

@@ -64,7 +64,20 @@ def test_hub_source_offline_without_cache_is_a_clear_error(monkeypatch, tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsError, match="offline"):
-        weights.resolve("someone/boltzformer-weights")
+        weights.resolve("hf:someone/boltzformer-weights")
+
+
+def test_a_mistyped_local_folder_fails_at_once_without_a_network_lookup(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    t = time.perf_counter()
+    with pytest.raises(WeightsError, match=r"runs/v4: no such weights file or folder \(for a Hugging Face repo write hf:runs/v4\)"):
+        weights.resolve("runs/v4")
+    assert time.perf_counter() - t < 1.0
+    with pytest.raises(WeightsError, match="hf:owner/name"):
+        weights.resolve("hf:not-a-repo")
 
 
 def test_bundled_weights_ship_inside_the_package():
