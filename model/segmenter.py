@@ -30,7 +30,6 @@ from .context import context_margin, context_stack
 from .io import Volume
 from .network.boltzformer import BoltzFormer
 from .orientation import Reorientation, to_canonical
-from .runtime import tune_allocator
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
 
 log = logging.getLogger(__name__)
@@ -230,7 +229,6 @@ class Segmenter:
     """A trained BoltzFormer on a device, with its known prompts."""
 
     def __init__(self, model: BoltzFormer, prompt_bank: dict[str, PromptEmbedding], device="auto", info=None):
-        tune_allocator()
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.prompt_bank = dict(prompt_bank)
