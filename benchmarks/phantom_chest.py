@@ -28,16 +28,16 @@ from boltzformer.segmenter import Segmenter
 from boltzformer.synth.lung3d import chest_phantom
 
 SETS = {"val": 80_000, "test": 90_000}
-SPACINGS = ((0.8, 0.8, 1.25), (1.4, 1.4, 2.5), (0.7, 0.7, 1.0), (1.2, 1.2, 2.0))
+# (in-plane pixel at 256 x 256, slice spacing) in mm: fields of view of 307-384 mm
+SPACINGS = ((1.2, 1.25), (1.5, 2.5), (1.3, 1.0), (1.4, 2.0))
 
 
 def phantom_case(set_name: str, index: int):
     """The index-th volume of a set: 256 x 256 in-plane, about 150 mm of chest."""
     seed = SETS[set_name] + index
-    spacing = SPACINGS[index % len(SPACINGS)]
-    depth = int(round(150 / spacing[2]))
-    px = spacing[0] * 1.75  # 256 pixels over 300-400 mm
-    ph = chest_phantom(seed, shape_zyx=(depth, 256, 256), spacing_mm=(px, px, spacing[2]), n_nodules=(2, 5))
+    px, z_mm = SPACINGS[index % len(SPACINGS)]
+    depth = int(round(150 / z_mm))
+    ph = chest_phantom(seed, shape_zyx=(depth, 256, 256), spacing_mm=(px, px, z_mm), n_nodules=(2, 5))
     origin = tuple(-(n - 1) / 2 * s for n, s in zip((256, 256, depth), ph.spacing_mm))
     volume = Volume(ph.image, ph.spacing_mm, origin, np.eye(3), "CT", None, {"phantom_seed": seed})
     return ph, volume

@@ -279,6 +279,11 @@ UNRELATED_PROMPTS = ("kitchen table", "guitar", "mountain lake", "football match
                      "bicycle", "coffee cup", "sunset over the sea", "tax return")
 
 
+# Phantom seeds of the evaluation sets (benchmarks/phantom_chest.py: validation 80000+, test
+# 90000+): never drawn for training.
+RESERVED_PHANTOM_SEEDS = (80_000, 100_000)
+
+
 def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, offsets_mm=(-5.0, -2.5, 2.5, 5.0),
                      negative_fraction: float = 0.35, unrelated_fraction: float = 0.05) -> ExampleSet:
     """Examples from 3D phantom chest CTs (continuous vessel trees, 3D nodules), with context.
@@ -295,6 +300,8 @@ def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, 
     images, masks, prompts, targets = [], [], [], []
     for v in range(volumes):
         vseed = int(rng.integers(1 << 31))
+        while RESERVED_PHANTOM_SEEDS[0] <= vseed < RESERVED_PHANTOM_SEEDS[1]:  # the evaluation phantoms
+            vseed = int(rng.integers(1 << 31))
         z_mm = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0]))
         px = float(rng.uniform(1.1, 1.6)) * 256 / size
         depth = int(min(96, max(24, round(120 / z_mm))))
