@@ -29,7 +29,23 @@ def test_gather_equals_dense_with_the_same_sampled_mask():
     )
 
 
-def test_sparse_flops_are_an_order_of_magnitude_below_dense():
-    dense = cross_attention_macs(10, 4096, 128, 4, None)
-    sparse = cross_attention_macs(10, 4096, 128, 4, 410)
+def _counted_macs(fn) -> int:
+    """Multiply-accumulates of the matrix products `fn` actually runs (from their tensor shapes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def test_sparse_flops_counted_from_the_real_ops_are_an_order_of_magnitude_below_dense():
+    q_, n, d, h, k = 10, 4096, 128, 4, 410
+    attn = TokenCrossAttention(d, h).eval()
+    q, tokens, pos = torch.randn(1, q_, d), torch.randn(1, n, d), torch.randn(n, 32)
+    idx = torch.stack([torch.randperm(n)[:k] for _ in range(q_)]).view(1, q_, k)
+    sparse = _counted_macs(lambda: attn(q, tokens, pos, indices=idx, impl="gather"))
+    dense = _counted_macs(lambda: attn(q, tokens, pos))
+    assert sparse == cross_attention_macs(q_, n, d, h, k)  # the formula in the docs is what runs
+    # The counter may not see inside CPU scaled_dot_product_attention (2 q n d MACs).
+    assert cross_attention_macs(q_, n, d, h, None) - 2 * q_ * n * d <= dense <= cross_attention_macs(q_, n, d, h, None)
     assert dense / sparse >= 8

@@ -72,6 +72,20 @@ def test_every_ablation_mode_runs_with_the_same_weights(mode, impl):
     assert torch.isfinite(out["logits"]).all()
 
 
+def test_ablation_modes_compute_different_things_with_the_same_weights_and_seed():
+    cfg = get_config("boltzformer-test")
+    model = build_model(cfg, seed=0).eval()
+    batch = _batch(cfg)
+    outputs = {}
+    for mode in ("boltzmann", "uniform", "mask2former", "dense"):
+        model.set_inference_options(sampling=mode, attention_impl="gather")
+        outputs[mode] = model(*batch, generator=torch.Generator().manual_seed(0))["logits"]
+    modes = sorted(outputs)
+    for i, a in enumerate(modes):
+        for b in modes[i + 1:]:
+            assert not torch.allclose(outputs[a], outputs[b], atol=1e-5), (a, b)
+
+
 def test_ratio_one_equals_dense_attention_numerically():
     cfg = get_config("boltzformer-test")
     model = build_model(cfg, seed=0).eval()
