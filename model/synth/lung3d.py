@@ -89,6 +89,7 @@ class _Anatomy:
     sternum_w: float
     m_pect: float = 15.0
     m_lat: float = 8.0
+    gas_level: float = 10.0
     tubes: dict = field(default_factory=dict)  # name -> list of (p0, p1, r0, r1)
 
 
@@ -140,6 +141,7 @@ def _random_anatomy(rng: np.random.Generator) -> _Anatomy:
         w_ant=rng.uniform(8, 22), w_mid=rng.uniform(40, 56), w_post=rng.uniform(34, 44), xm=rng.uniform(0, 6),
         contrast=contrast, hu=hu, rib_p=rng.uniform(23, 27), rib_z0=0.0, rib_drop=rng.uniform(85, 115),
         sternum_w=rng.uniform(14, 20), m_pect=rng.uniform(6, 22), m_lat=rng.uniform(4, 14),
+        gas_level=rng.uniform(-15, 30),
     )
     a.rib_z0 = a.z_apex + rng.uniform(5, 15)  # the first rib's head sits just above the apex
     _add_tubes(a, rng)
@@ -599,11 +601,12 @@ def _render_tubes(vol: np.ndarray, grid: _Grid, segs, grow: float = 0.0, min_r: 
     return vol
 
 
-def _render_batch(vol, grid, B, P0, V, R0, R1, chunk=256):
+def _render_batch(vol, grid, B, P0, V, R0, R1, chunk=192):
     nz, ny, nx = vol.shape
     flat = vol.reshape(-1)
     h = grid.h
-    order = np.argsort((B[:, 1] - B[:, 0]) * (B[:, 3] - B[:, 2]) * (B[:, 5] - B[:, 4]))
+    dz, dyx = B[:, 1] - B[:, 0], np.maximum(B[:, 3] - B[:, 2], B[:, 5] - B[:, 4])
+    order = np.lexsort((dyx, dz))  # similar boxes share a chunk: little padding
     for c0 in range(0, len(order), chunk):
         sel = order[c0:c0 + chunk]
         b = B[sel]
@@ -643,6 +646,17 @@ def _composite_tubes(img, scratch, grid, segs, value):
     o = scratch.ravel()[idx]
     _blend(img, idx, o, value)
     return idx, o
+
+
+def _fine_field(rng, shape, spacing, scale_mm=1.2):
+    """Unit-std random texture correlated over about scale_mm, made at half resolution in-plane."""
+    nz, ny, nx = shape
+    sx, sy, sz = spacing
+    small = rng.standard_normal((nz, (ny + 1) // 2, (nx + 1) // 2), dtype=np.float32)
+    small = ndi.gaussian_filter(small, (scale_mm / sz, scale_mm / (2 * sy), scale_mm / (2 * sx)), truncate=2.5)
+    small /= small.std() + 1e-6
+    out = np.repeat(np.repeat(small, 2, axis=1), 2, axis=2)[:, :ny, :nx]
+    return out
 
 
 def _smooth_field(rng, grid: _Grid, scale_mm: float, dtype=np.float32):
@@ -722,7 +736,7 @@ def _render_slice(a: _Anatomy, X, Y, z: float, zthick: float, h: float):
     for m, v in ((liver, hu["liver"]), (spleen, hu["spleen"]), (stomach, 20.0)):
         f = below * m
         img = img * (1 - f) + f * v
-    gas = stomach & (z > st_c[2] + 8)
+    gas = stomach & (Y < st_c[1] - a.gas_level) & (below > 0.5)  # supine: gas rises to the front
     img[gas] = AIR + 30
     # heart: pericardial fat, myocardium, right and left blood pools split by the septum
     hu_u = _heart_u(a, X, Y, z)
@@ -1004,6 +1018,9 @@ def chest_phantom(seed: int, shape_zyx=(64, 256, 256), spacing_mm=(1.4, 1.4, 2.5
     yfrac = np.clip((yl - (a.cyc - a.ayc)) / (2 * a.ayc), 0, 1)
     paren = hu["lung"] + trng.uniform(15, 70) * yfrac ** 2
     paren += _smooth_field(trng, grid, trng.uniform(18, 30)).ravel()[li] * trng.uniform(8, 20)
+    # fine mottling from unresolved small vessels and lobules: faint, sparse specks ~1-2 mm
+    fine = _fine_field(trng, (nz, ny, nx), (sx, sy, sz)).ravel()[li]
+    paren += trng.uniform(3, 8) * fine + trng.uniform(20, 50) * np.maximum(fine - 1.6, 0)
     if trng.random() < 0.25:  # centrilobular / paraseptal emphysema, upper zones
         f = _smooth_field(trng, grid, trng.uniform(3.0, 5.0)).ravel()[li]
         upper = _sstep(a.z_car - 60, a.z_apex - 20, grid.Z[kz])

@@ -168,7 +168,7 @@ def test_tissue_hounsfield_units(phantoms):
         assert -900 <= np.median(ph.image[paren]) <= -750
         assert np.median(ph.image[ph.masks["vertebra"].astype(bool)]) > 150
         assert np.median(ph.image[ph.masks["vessels"].astype(bool)]) > -300
-        assert ph.image[0, 0, 0] < -900  # air in the corner
+        assert np.median(ph.image[:, :6, :6]) < -900  # air in the corners
         heart = ph.masks["heart"].astype(bool)
         if heart.any():
             assert 0 < np.median(ph.image[heart]) < 600
