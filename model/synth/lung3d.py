@@ -321,7 +321,7 @@ def _hilum_root(a: _Anatomy, side: int, y: float, z: float):
     return np.array([xs[i] + side * 4.0, y, z])
 
 
-def _grow_tree(a: _Anatomy, root, direction, pts, r_root, r_leaf_min=0.5, max_angle=np.deg2rad(65)):
+def _grow_tree(a: _Anatomy, root, direction, pts, r_root, r_leaf_min=0.55, max_angle=np.deg2rad(65)):
     """Volume-filling bifurcating tree after Tawhai et al. (2000), grown one generation at a time
     with all branches of a generation vectorised. Each branch heads for the centre of mass of the
     points (lung volume) it supplies and stops 40 % of the way there (a leaf, with one or two
@@ -373,7 +373,7 @@ def _grow_tree(a: _Anatomy, root, direction, pts, r_root, r_leaf_min=0.5, max_an
         ei = n_nodes + np.arange(len(idx))
         n_nodes += len(idx)
         nodes.append(E[idx])
-        r_end = np.where(leaf, np.maximum(0.7 * r, r_leaf_min), 0.95 * r)
+        r_end = np.where(leaf, np.maximum(0.8 * r, r_leaf_min), 0.95 * r)
         segs += [(P[i], E[i], r[i], r_end[i], gen, ni[i], e) for i, e in zip(idx, ei)]
         # split the points of the surviving non-leaf branches
         split = alive & ~leaf
@@ -978,8 +978,9 @@ def chest_phantom(seed: int, shape_zyx=(64, 256, 256), spacing_mm=(1.4, 1.4, 2.5
                   nodule_diameter_mm=(3.0, 30.0)) -> ChestPhantom:
     """A chest CT volume (int16 HU, z y x, LPS) with continuous vessels and airways and 3D nodules.
 
-    Deterministic in its arguments. n_nodules is an inclusive (min, max) range; diameters are drawn
-    from nodule_diameter_mm with small ones most common (they are shortened to fit thin volumes)."""
+    Deterministic in its arguments. n_nodules is an inclusive (min, max) range (or one number);
+    fewer are placed when the lungs in view have no room. Diameters are drawn from
+    nodule_diameter_mm with small ones most common (shortened to fit thin volumes)."""
     rng = np.random.default_rng(seed)
     a = _random_anatomy(rng)
     nz, ny, nx = (int(s) for s in shape_zyx)
@@ -1092,7 +1093,7 @@ def chest_phantom(seed: int, shape_zyx=(64, 256, 256), spacing_mm=(1.4, 1.4, 2.5
     _blend(img, wi, occ.ravel()[wi], AIR + 10)
 
     # 6. nodules
-    lo_n, hi_n = n_nodules
+    lo_n, hi_n = (n_nodules, n_nodules) if np.isscalar(n_nodules) else n_nodules
     n_nod = int(rng.integers(lo_n, hi_n + 1))
     placed = _place_nodules(rng, a, grid, lung_region, arteries + veins, n_nod, *nodule_diameter_mm)
     labels = np.zeros((nz, ny, nx), np.uint16)
