@@ -313,14 +313,14 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict_batch(self, slices01: np.ndarray, embedding: PromptEmbedding, generator: torch.Generator,
-                      return_attention: bool = False, stage_times: dict | None = None):
+                      return_attention: bool = False, stage_times: dict | None = None, out_hw=None):
         """slices01: n x H x W, or n x C x H x W with 2.5D context, float32 in [0, 1]
-        -> (probabilities n x H x W float32, attention).
+        -> (probabilities n x out_h x out_w float32, attention).
 
         A 2D batch given to a context model has its neighbours replicated from the slice (what a
         single-slice image gives). Slices are resized to the network size and the probabilities
-        resized back. attention: list per layer of (counts, probabilities) as n x G x G tensors
-        on CPU, or None.
+        resized to out_hw (default: the input's H x W). attention: list per layer of (counts,
+        probabilities) as n x G x G tensors on CPU, or None.
         """
         channels = self.model.cfg.in_channels
         if slices01.ndim == 3:
@@ -340,8 +340,9 @@ class Segmenter:
             out = self.model(x, tokens, valid, pooled, generator=generator, return_attention=return_attention,
                              stage_times=stage_times)
         prob = torch.sigmoid(out["logits"].float())
-        if (h, w) != (size, size):
-            prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
+        out_hw = tuple(out_hw or (h, w))
+        if out_hw != (size, size):
+            prob = F.interpolate(prob, size=out_hw, mode="bilinear", align_corners=False)
         attention = None
         if return_attention:
             grid = size // self.model.cfg.finest_stride  # heatmaps at the finest token resolution
@@ -352,6 +353,19 @@ class Segmenter:
                 p = F.interpolate(p[:, None], size=(grid, grid), mode="nearest")[:, 0]
                 attention.append((c.cpu(), p.cpu(), rec["stride"], rec["tau"]))
         return prob[:, 0].cpu().numpy(), attention
+
+    def _to_network_size(self, slices01: np.ndarray, chunk: int = 32) -> np.ndarray:
+        """Z x H x W -> Z x S x S float32 (S = the network size), resized as predict_batch would."""
+        size = self.model.cfg.image_size
+        z, h, w = slices01.shape
+        if (h, w) == (size, size):
+            return slices01
+        out = np.empty((z, size, size), np.float32)
+        for c0 in range(0, z, chunk):
+            x = torch.from_numpy(np.ascontiguousarray(slices01[c0 : c0 + chunk], dtype=np.float32))[:, None]
+            out[c0 : c0 + chunk] = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                                 antialias=(h > size or w > size))[:, 0].numpy()
+        return out
 
     # -- volumes --------------------------------------------------------------------------
     def default_batch_size(self) -> int:
@@ -435,6 +449,8 @@ class Segmenter:
         prepared, info = intensity.prepare_slices(frame.array[lo:hi], modality=modality, window=window, prompt=text)
         warnings += info.get("warnings", [])
         window = info.get("window", window)  # None when the CT was not in HU and windowing was skipped
+        if offsets:  # resize each slice once, not once per context channel that uses it
+            prepared = self._to_network_size(prepared)
         timings["preprocess"] = time.perf_counter() - t
         embedding = self.embed([text])[0]
         n = stop - start
@@ -458,7 +474,8 @@ class Segmenter:
                 t = time.perf_counter()
                 index = np.arange(start + b0, start + b1) - lo
                 batch = context_stack(prepared, index, z_mm, offsets) if offsets else prepared[index]
-                prob, layers = self.predict_batch(batch, embedding, generator, want_att, stage_times)
+                prob, layers = self.predict_batch(batch, embedding, generator, want_att, stage_times,
+                                                  out_hw=frame.shape[1:])
                 timings["inference"] += time.perf_counter() - t
                 sl = slice(start + b0, start + b1)
                 if runs == 1:
