@@ -16,10 +16,10 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import OutputError
-from .io import Volume, atomic_output
+from .io import OutputSet, Volume
 
 __all__ = [
-    "label_components", "remove_small_lesions", "lesion_table", "write_lesion_table", "dice",
+    "label_components", "remove_small_lesions", "lesion_table", "write_lesion_table", "lesion_table_bytes", "dice",
     "lesion_detection", "CSV_COLUMNS",
 ]
 
@@ -172,9 +172,23 @@ def _hull_points(points: np.ndarray) -> np.ndarray:
 def write_lesion_table(rows: list[dict], path, *, overwrite: bool = False) -> Path:
     """Write lesion rows to ``.csv`` (flat columns, see CSV_COLUMNS) or ``.json`` (a list), atomically.
 
-    Raises OutputError for another extension, an existing file without ``overwrite``, or a
-    folder that is missing or not writable.
+    The file is written through :class:`~boltzformer.io.OutputSet`: flushed, fsynced and its
+    size checked before it replaces anything, so a full disk is an OutputError ("no space left
+    on device") and an existing table is left as it was.
+
+    Raises OutputError for another extension, an existing file without ``overwrite``, a
+    folder that is missing or not writable, or a failed write.
     """
+    p = Path(os.fspath(path))
+    data = lesion_table_bytes(rows, p)
+    with OutputSet(overwrite=overwrite) as outputs:
+        outputs.add(p, kind="table")
+        outputs.write_bytes(p, data)
+    return p
+
+
+def lesion_table_bytes(rows: list[dict], path) -> bytes:
+    """The lesion table as UTF-8 bytes in the format ``path``'s extension names (.csv or .json)."""
     p = Path(os.fspath(path))
     ext = p.suffix.lower()
     if ext == ".json":
@@ -183,9 +197,7 @@ def write_lesion_table(rows: list[dict], path, *, overwrite: bool = False) -> Pa
         text = _csv_text(rows)
     else:
         raise OutputError(p, "unsupported table format; use .csv or .json")
-    with atomic_output(p, overwrite=overwrite) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return p
+    return text.encode("utf-8")
 
 
 def _csv_text(rows: list[dict]) -> str:

@@ -158,14 +158,13 @@ def test_table_refuses_overwrite_and_bad_extension(tmp_path, rows):
 
 
 def test_table_write_failure_leaves_nothing(tmp_path, rows, monkeypatch):
-    from pathlib import Path
+    from boltzformer import io
 
-    def broken(self, *args, **kwargs):
-        Path.write_bytes(self, b"partial")
+    def full(fd):  # the data were handed over; the disk refuses them when they are flushed
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", broken)
-    with pytest.raises(OutputError, match="No space left"):
+    monkeypatch.setattr(io.os, "fsync", full)
+    with pytest.raises(OutputError, match="lesions.json: could not be written: no space left on device"):
         write_lesion_table(rows, tmp_path / "lesions.json")
     assert list(tmp_path.iterdir()) == []
 
