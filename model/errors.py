@@ -23,6 +23,14 @@ class InputError(BoltzformerError):
         super().__init__(problem if path is None else f"{self.path}: {problem}")
 
 
+class SliceSpacingError(InputError):
+    """A DICOM series whose slices have gaps or an uneven step along the slice normal.
+
+    ``read_volume(..., allow_gaps=True)`` (``--allow-gaps``) resamples such a series onto a
+    uniform grid instead; callers that offer that choice add it to the message.
+    """
+
+
 class OutputError(BoltzformerError):
     """An output that must not or cannot be written: ``"<path>: <problem>"``."""
 

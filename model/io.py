@@ -9,7 +9,12 @@ coordinates. A voxel with index (i=x, j=y, k=z) sits at::
 
 Readers: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) through SimpleITK,
 DICOM series folders (SimpleITK/GDCM; Rescale Slope/Intercept are applied so CT comes out in
-Hounsfield units) and single DICOM files.
+Hounsfield units) and single DICOM files. NIfTI geometry follows the NIfTI rule (the sform when
+its code is > 0, else the qform); the slice positions of a DICOM series are checked along the
+slice normal (gaps, uneven steps, duplicates, odd or unreadable files are errors unless
+``allow_gaps`` resamples gaps and uneven steps onto a uniform grid). A single slice keeps its
+3D position and thickness. Problems that do not stop reading are one-line strings in
+``Volume.metadata["warnings"]``.
 
 Writers: .nii.gz, .nii, .nrrd, .mha, through :class:`OutputSet` (one or several files that are
 committed together): each file goes to a hidden temporary file in its folder, is flushed,
@@ -34,6 +39,7 @@ import struct
 import sys
 import threading
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,7 +47,7 @@ from typing import Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, SliceSpacingError
 
 __all__ = [
     "Volume",
@@ -165,14 +171,16 @@ class Volume:
         """A SimpleITK image with this geometry.
 
         A volume read from a 2D file (``metadata["ndim"] == 2``, one slice) becomes a 2D image
-        again. Boolean arrays are stored as uint8, float16 as float32.
+        again, but only when that loses nothing: a slice with a z position, a thickness other
+        than 1 mm or a tilt (a 2D NIfTI whose affine places it in 3D, one DICOM slice) stays a
+        one-slice 3D image. Boolean arrays are stored as uint8, float16 as float32.
         """
         array = self.array
         if array.dtype == bool:
             array = array.astype(np.uint8)
         elif array.dtype == np.float16:
             array = array.astype(np.float32)
-        if self.metadata.get("ndim") == 2 and array.shape[0] == 1:
+        if self.metadata.get("ndim") == 2 and array.shape[0] == 1 and self._is_plain_2d():
             image = sitk.GetImageFromArray(array[0])
             image.SetSpacing(self.spacing_mm[:2])
             image.SetOrigin(self.origin_mm[:2])
@@ -183,6 +191,12 @@ class Volume:
         image.SetOrigin(self.origin_mm)
         image.SetDirection(self.direction.ravel().tolist())  # row-major, as SimpleITK expects
         return image
+
+    def _is_plain_2d(self) -> bool:
+        """True when the geometry is what a 2D image implies in 3D: z origin 0, 1 mm, no tilt."""
+        d = self.direction
+        return (self.origin_mm[2] == 0.0 and self.spacing_mm[2] == 1.0 and d[2, 2] == 1.0
+                and not d[2, :2].any() and not d[:2, 2].any())
 
     @classmethod
     def from_sitk(cls, image: sitk.Image, path=None, modality: str | None = None, metadata: dict | None = None) -> "Volume":
@@ -241,7 +255,7 @@ class SeriesInfo:
         return f"[{index}] {self.description or '(no description)'!r} ({self.n_files} files, {self.modality or '?'})"
 
 
-def read_volume(path, series: str | int | None = None) -> Volume:
+def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = False) -> Volume:
     """Read an image file or a DICOM folder into a :class:`Volume`.
 
     Args:
@@ -249,17 +263,30 @@ def read_volume(path, series: str | int | None = None) -> Volume:
         series: for a DICOM folder with several series: a 0-based index into
             :func:`list_dicom_series`, a SeriesInstanceUID, or a case-insensitive part of the
             series description. Default: the largest series (explained in
-            ``metadata["series_note"]``).
+            ``metadata["series_note"]``, the others in ``metadata["series_others"]``).
+        allow_gaps: a DICOM series with missing slices or an uneven step along the slice
+            normal is resampled onto a uniform grid (linear interpolation between the
+            neighbouring slices; slices that fall on the grid are kept as they are) and a
+            warning says so. Without it such a series raises SliceSpacingError.
+
+    Problems that do not stop reading (a NIfTI qform and sform that disagree, a voxel size of
+    0, a resampled series) are one-line messages in ``metadata["warnings"]``.
 
     Raises:
-        InputError: missing path, unsupported or corrupt file, no or unknown DICOM series,
-            4D or RGB data, NaN/Inf voxels.
+        InputError: missing path, a FIFO or other non-regular file, unsupported or corrupt
+            file, no or unknown DICOM series, duplicate or unreadable DICOM slices, 4D or RGB
+            data, NaN/Inf voxels.
+        SliceSpacingError: gaps or uneven slice spacing in a DICOM series (see allow_gaps).
     """
     p = Path(os.fspath(path))
     if not p.exists():
+        if p.is_symlink():
+            raise InputError(p, f"is a symbolic link to {os.readlink(p)}, which does not exist")
         raise InputError(p, "does not exist")
     if p.is_dir():
-        return _read_dicom_folder(p, series)
+        return _read_dicom_folder(p, series, allow_gaps)
+    if not p.is_file():  # a FIFO would block the readers for ever, a device is not an image
+        raise InputError(p, f"is {_file_kind(p)}, not a regular file; give an image file or a DICOM folder")
     ext = _extension(p.name)
     if ext in _ITK_EXTENSIONS:
         return _read_itk_file(p, _ITK_EXTENSIONS[ext])
@@ -271,9 +298,11 @@ def read_volume(path, series: str | int | None = None) -> Volume:
 def list_dicom_series(folder) -> list[SeriesInfo]:
     """The DICOM series directly inside ``folder`` (not sub-folders), by series number then UID.
 
-    Files of each series are sorted along the slice normal (GDCM's order).
+    Files of each series are sorted along the slice normal (GDCM's order). A folder holding a
+    FIFO, socket or device is refused (GDCM would block opening it).
     """
     folder = os.fspath(folder)
+    _refuse_special_files(Path(folder))
     warnings_on = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" is reported by us
     try:
@@ -314,6 +343,21 @@ def _file_kind(p: Path) -> str:
     return "not a regular file"
 
 
+def _refuse_special_files(folder: Path) -> None:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise InputError(folder, f"cannot be listed ({_os_problem(exc)})") from None
+    for entry in entries:
+        try:
+            regular = entry.is_file() or entry.is_dir()
+        except OSError:
+            regular = False
+        if not regular and os.path.exists(entry.path):
+            raise InputError(entry.path, f"is {_file_kind(Path(entry.path))} inside the DICOM folder {folder}; "
+                                         "move it away (reading it would block)")
+
+
 @contextlib.contextmanager
 def _itk_warnings_off() -> Iterator[None]:
     """Silence ITK's own warnings (e.g. 'Non uniform sampling'): these readers check and report."""
@@ -323,6 +367,124 @@ def _itk_warnings_off() -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings_on)
+
+
+def _read_itk_file(p: Path, format_name: str) -> Volume:
+    if format_name == "NIfTI" and _extension(p.name) == ".nii" and _starts_with(p, b"\x1f\x8b"):
+        raise InputError(p, "is gzip-compressed but named .nii; rename it to .nii.gz")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        with _itk_warnings_off():
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(p, f"cannot be read as {format_name}: not a valid {format_name} file or corrupt"
+                            f"{_detail(exc)}") from None
+    components = reader.GetNumberOfComponents()
+    if components > 1:  # checked before loading the pixels
+        raise InputError(p, f"has {components} components per voxel (RGB?); a greyscale volume is needed")
+    size = reader.GetSize()
+    if len(size) >= 4 and any(s > 1 for s in size[3:]):
+        raise InputError(p, f"is {len(size)}D ({size[3]} volumes, a time series?); a single 3D volume is needed")
+    if format_name == "NIfTI":
+        _check_nifti_complete(p)  # ITK silently reads truncated NIfTI files as zeros
+        _check_nifti_finite(p)  # ... and NaN voxels as zeros
+    missing = _missing_data_file(p)
+    if missing:
+        raise InputError(p, f"its data file {missing} is missing (a .mhd/.nhdr header needs it beside it)")
+    try:
+        with _itk_warnings_off():
+            image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(p, f"cannot be read: corrupt or truncated {format_name} file"
+                            f"{_detail(exc)}") from None
+    volume = Volume.from_sitk(image, path=p)
+    if format_name == "NIfTI":
+        _apply_nifti_geometry(volume, p, image)
+    return volume
+
+
+# -- NIfTI geometry -----------------------------------------------------------------------------
+_AXES = "xyz"
+
+
+def _apply_nifti_geometry(volume: Volume, p: Path, image: sitk.Image) -> None:
+    """Place ``volume`` as the NIfTI standard says: sform if sform_code > 0, else qform.
+
+    ITK prefers the qform when both are set (so a file whose sform differs from its qform came
+    out where the qform put it) and drops the z position of a 2D file; nibabel, FSL and the
+    standard use the sform. Also warns about voxel sizes of 0 (ITK silently uses 1 mm).
+    """
+    import nibabel as nib
+
+    try:
+        with _nibabel_quiet():
+            header = nib.load(str(p)).header
+    except Exception:  # noqa: BLE001 - nibabel cannot parse what ITK accepted: keep ITK's geometry
+        return
+    warnings: list[str] = []
+    _nifti_geometry(volume, p, header, warnings)
+    if warnings:
+        volume.metadata.setdefault("warnings", []).extend(warnings)
+
+
+def _nifti_geometry(volume: Volume, p: Path, header, warnings: list[str]) -> None:
+    file_dims = int(header["dim"][0])
+    spatial = min(max(file_dims, 1), 3)
+    s_code, q_code = int(header["sform_code"]), int(header["qform_code"])
+    if s_code > 0:
+        affine, source = np.asarray(header.get_sform(), float), "sform"
+    elif q_code > 0:
+        affine, source = np.asarray(header.get_qform(), float), "qform"
+    else:
+        affine, source = None, "pixdim"
+    if source != "sform":
+        pixdim = _raw_pixdim(p)  # nibabel's header has already replaced zeros by 1
+        pixdim = np.asarray(header["pixdim"][1:4] if pixdim is None else pixdim, float)
+        zero = [_AXES[k] for k in range(spatial) if not (np.isfinite(pixdim[k]) and pixdim[k] != 0)]
+        if zero:
+            warnings.append(f"{p}: voxel size (pixdim) along {', '.join(zero)} is 0; 1 mm is assumed")
+    if affine is None:
+        return  # neither transform is set (method 1): ITK's pixdim-only geometry
+    if s_code > 0 and q_code > 0:
+        qform = np.asarray(header.get_qform(), float)
+        corners = np.array([[i, j, k, 1.0] for i in (0, max(volume.shape[2] - 1, 0)) for j in (0, max(volume.shape[1] - 1, 0))
+                            for k in (0, max(volume.shape[0] - 1, 0))])
+        apart = float(np.max(np.linalg.norm(((qform - affine) @ corners.T)[:3], axis=0)))
+        if apart > 0.01:
+            warnings.append(f"{p}: its qform and sform disagree (by up to {apart:.1f} mm); the sform is used "
+                            f"(sform_code {s_code} > 0, as the NIfTI standard says)")
+    matrix = _LPS_TO_RAS @ affine[:3, :3]  # RAS -> LPS (the flip is its own inverse)
+    origin = _LPS_TO_RAS @ affine[:3, 3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    itk_direction = volume.direction
+    for k in range(3):
+        if not (np.isfinite(spacing[k]) and spacing[k] > 0):  # pixdim 0 in a qform; already warned about
+            matrix[:, k], spacing[k] = itk_direction[:, k], 1.0
+    direction = matrix / spacing
+    if not (np.all(np.isfinite(direction)) and np.allclose(direction.T @ direction, np.eye(3), atol=1e-4)):
+        warnings.append(f"{p}: its {source} is sheared (not a rotation and scaling); ITK's nearest geometry is used")
+        return
+    volume.spacing_mm = tuple(float(v) for v in spacing)
+    volume.origin_mm = tuple(float(v) for v in origin)
+    volume.direction = direction
+
+
+def _raw_pixdim(p: Path) -> np.ndarray | None:
+    """pixdim[1:4] as stored in a NIfTI-1/-2 header (nibabel turns zeros into 1 as it loads)."""
+    import gzip
+
+    try:
+        with (gzip.open if p.name.lower().endswith(".gz") else open)(p, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            return np.array(struct.unpack(order + "8f", head[76:108])[1:4], float)
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            return np.array(struct.unpack(order + "8d", head[104:168])[1:4], float)
+    return None
 
 
 @contextlib.contextmanager
@@ -341,83 +503,310 @@ def _nibabel_quiet() -> Iterator[None]:
         nib_globals.logger.setLevel(level)
 
 
-def _read_itk_file(p: Path, format_name: str) -> Volume:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
+def _starts_with(p: Path, magic: bytes) -> bool:
     try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(p, f"cannot be read as {format_name}: not a valid {format_name} file or corrupt"
-                            f"{_detail(exc)}") from None
-    components = reader.GetNumberOfComponents()
-    if components > 1:  # checked before loading the pixels
-        raise InputError(p, f"has {components} components per voxel (RGB?); a greyscale volume is needed")
-    size = reader.GetSize()
-    if len(size) >= 4 and any(s > 1 for s in size[3:]):
-        raise InputError(p, f"is {len(size)}D ({size[3]} volumes, a time series?); a single 3D volume is needed")
-    if format_name == "NIfTI":
-        _check_nifti_complete(p)  # ITK silently reads truncated NIfTI files as zeros
-        _check_nifti_finite(p)  # ... and NaN voxels as zeros
-    missing = _missing_data_file(p)
-    if missing:
-        raise InputError(p, f"its data file {missing} is missing (a .mhd/.nhdr header needs it beside it)")
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(p, f"cannot be read: corrupt or truncated {format_name} file"
-                            f"{_detail(exc)}") from None
-    return Volume.from_sitk(image, path=p)
+        with open(p, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
-def _read_dicom_file(p: Path) -> Volume:
+# -- DICOM ----------------------------------------------------------------------------------------
+def _read_dicom_file(p: Path, context: str = "") -> Volume:
+    """One DICOM file (one slice, or a multi-frame image) with its position in 3D.
+
+    A single slice keeps its z position and gets the slice thickness (Spacing Between Slices,
+    else Slice Thickness) as its z voxel size, so a mask written from it lies where the slice is.
+    """
+    _slice_header(str(p), context)  # truncated pixel data: GDCM would read zeros or garbage
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(p))
     try:
-        image = reader.Execute()
+        with _itk_warnings_off():
+            image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(p, f"cannot be read as DICOM: not a DICOM image or corrupt{_detail(exc)}") from None
     tags = _dicom_tags(str(p))
     if image.GetDimension() == 3 and image.GetSize()[2] == 1:
-        image = image[:, :, 0]  # a single slice: treat as the 2D image it is
+        thickness = _slice_thickness(str(p))
+        if thickness:
+            spacing = image.GetSpacing()
+            image.SetSpacing((spacing[0], spacing[1], thickness))
     return Volume.from_sitk(image, path=p, modality=_modality_of(tags.get("Modality")), metadata=tags)
 
 
-def _read_dicom_folder(folder: Path, series: str | int | None) -> Volume:
+def _slice_thickness(file: str) -> float | None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - GDCM read the pixels; the thickness is a bonus
+        return None
+    for name in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            value = float(ds.get(name) or 0)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+def _read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool = False) -> Volume:
     infos = list_dicom_series(folder)
     if not infos:
         problem = "contains no DICOM series"
+        unreadable = [f for f, _ in _unreadable_dicom_files(folder, infos)]
+        if unreadable:
+            problem += f"; {_names(unreadable)} cannot be read as DICOM (corrupt, truncated or not DICOM)"
         subfolders = sorted(d.name for d in folder.iterdir() if d.is_dir())
         if subfolders:
             names = ", ".join(subfolders[:5]) + (", ..." if len(subfolders) > 5 else "")
             problem += f"; it has sub-folders ({names}): point to the folder that holds the DICOM files"
         raise InputError(folder, problem)
-    note = None
+    note = others = None
     if series is None:
         chosen = max(infos, key=lambda s: s.n_files)  # first of the largest
         if len(infos) > 1:
-            listing = ", ".join(s.label(i) for i, s in enumerate(infos))
-            note = (f"Found {len(infos)} DICOM series; read the largest, {chosen.label(infos.index(chosen))}. "
-                    f"Choose another with --series (index, UID or part of the description): {listing}.")
+            others = [s.label(i) for i, s in enumerate(infos) if s is not chosen]
+            note = (f"Found {len(infos)} DICOM series; read the largest, {chosen.label(infos.index(chosen))}; "
+                    f"the others: {', '.join(others)}.")
     else:
         chosen = _select_series(folder, infos, series)
+    label = chosen.label(infos.index(chosen))
+    found = _unreadable_dicom_files(folder, infos, chosen)
+    for file in [f for f, member in found if member][:1]:  # the precise reason, e.g. a truncated slice
+        _slice_header(file, f"; it belongs to DICOM series {label} in {folder}, which is incomplete without it")
+    unreadable = [f for f, _ in found]
+    if unreadable:
+        raise InputError(folder, f"DICOM series {label}: {_names(unreadable)} in the folder cannot be read as DICOM "
+                                 "(corrupt, truncated or not DICOM), so the series may be incomplete; fix or remove "
+                                 f"{'it' if len(unreadable) == 1 else 'them'}")
+    warnings: list[str] = []
     if len(chosen.files) == 1:
-        volume = _read_dicom_file(Path(chosen.files[0]))
+        volume = _read_dicom_file(Path(chosen.files[0]), f"; it is DICOM series {label} in {folder}")
         volume.path = os.fspath(folder)
     else:
+        headers = [_slice_header(f, f"; it is a slice of DICOM series {label} in {folder}") for f in chosen.files]
+        plan = _plan_slices(headers, folder, label, allow_gaps)
+        warnings += plan.warnings
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(list(chosen.files))
+        reader.SetFileNames(list(plan.files))
         try:
-            image = reader.Execute()
+            with _itk_warnings_off():  # "Non uniform sampling": checked (and reported) by _plan_slices
+                image = reader.Execute()
         except RuntimeError as exc:
-            raise InputError(folder, f"DICOM series {chosen.label(infos.index(chosen))} cannot be read"
-                                     f"{_detail(exc)}") from None
-        tags = _dicom_tags(chosen.files[0])
+            raise InputError(folder, f"DICOM series {label} cannot be read{_detail(exc)}") from None
+        tags = _dicom_tags(plan.files[0])
         volume = Volume.from_sitk(image, path=folder, modality=_modality_of(tags.get("Modality")), metadata=tags)
+        if plan.step is not None:
+            if plan.grid is not None:
+                volume = _resample_slices(volume, plan)
+            volume.spacing_mm = (*volume.spacing_mm[:2], plan.step)
     volume.metadata["n_series"] = len(infos)
     if note:
         volume.metadata["series_note"] = note
+        volume.metadata["series_others"] = others
+    if warnings:
+        volume.metadata.setdefault("warnings", []).extend(warnings)
     return volume
+
+
+def _names(files, limit: int = 4) -> str:
+    names = [os.path.basename(f) for f in files]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: SeriesInfo | None = None) -> list[tuple[str, bool]]:
+    """Files that look like DICOM (extension or preamble) but belong to no series GDCM found:
+    those pydicom cannot read either, as (path, False), and those pydicom places in ``chosen``
+    although GDCM left them out (a truncated slice), as (path, True). Other DICOM objects
+    (DICOMDIR, reports, other series) are skipped."""
+    import pydicom
+
+    listed = {os.path.realpath(f) for s in infos for f in s.files}
+    bad = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_file() or os.path.realpath(entry.path) in listed:
+            continue
+        if not (entry.name.lower().endswith(_DICOM_EXTENSIONS) or _has_dicom_preamble(Path(entry.path))):
+            continue
+        try:
+            ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - any parse failure is "cannot be read"
+            bad.append((entry.path, False))
+            continue
+        if chosen is not None and str(ds.get("SeriesInstanceUID", "")) == chosen.uid:
+            bad.append((entry.path, True))
+    return bad
+
+
+@dataclass
+class _SliceHeader:
+    file: str
+    rows: int
+    columns: int
+    position: np.ndarray | None  # ImagePositionPatient (LPS mm)
+    orientation: np.ndarray | None  # ImageOrientationPatient (row, column cosines)
+    pixel_spacing: tuple | None
+
+
+@dataclass
+class _SlicePlan:
+    files: list[str]
+    step: float | None = None  # mm along the normal; None when the slices carry no positions
+    positions: np.ndarray | None = None  # sorted, mm along the normal
+    grid: np.ndarray | None = None  # positions to resample onto (allow_gaps), else None
+    tolerance: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _slice_header(file: str, context: str = "") -> _SliceHeader:
+    """The geometry tags of one slice; InputError naming the file when it is truncated or
+    unreadable (``context``, e.g. "; it is a slice of DICOM series ...", ends the message)."""
+    import pydicom
+
+    try:
+        # large values (the pixels) are not loaded; force: files without the preamble are DICOM too
+        ds = pydicom.dcmread(file, defer_size=1024, force=True)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(file, f"cannot be read as DICOM ({type(exc).__name__}){context}") from None
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(file, f"has no image size (Rows/Columns){context}") from None
+    pixels = ds.get_item(0x7FE00010, keep_deferred=True)
+    if pixels is None:
+        raise InputError(file, f"has no pixel data{context}")
+    length = getattr(pixels, "length", None)
+    tell = getattr(pixels, "value_tell", None)
+    if length is not None and tell is not None and length != 0xFFFFFFFF:  # not encapsulated (compressed)
+        held = os.path.getsize(file) - int(tell)
+        bits = int(ds.get("BitsAllocated") or 16)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        needed = rows * columns * int(ds.get("SamplesPerPixel") or 1) * frames * bits // 8
+        if held < min(length, needed):
+            raise InputError(file, f"is truncated: its pixel data need {needed} bytes, the file holds {max(held, 0)}{context}")
+    position = _floats(ds.get("ImagePositionPatient"), 3)
+    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+    spacing = _floats(ds.get("PixelSpacing"), 2)
+    return _SliceHeader(file, rows, columns, position, orientation, None if spacing is None else tuple(spacing))
+
+
+def _floats(value, n: int) -> np.ndarray | None:
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
+
+
+def _plan_slices(headers: list[_SliceHeader], folder: Path, label: str, allow_gaps: bool) -> _SlicePlan:
+    """Check a series' slices against each other and sort them along the slice normal.
+
+    Errors (naming the files or positions): slices of another size, orientation or pixel
+    spacing; two slices at the same position. Gaps (a step that is a multiple of the series'
+    step) and uneven steps raise SliceSpacingError unless ``allow_gaps``, which plans a uniform
+    grid from the first to the last slice.
+    """
+    where = f"DICOM series {label}"
+    size = Counter((h.columns, h.rows) for h in headers).most_common(1)[0][0]
+    odd = [h for h in headers if (h.columns, h.rows) != size]
+    if odd:
+        sizes = ", ".join(f"{os.path.basename(h.file)} is {h.columns}x{h.rows}" for h in odd[:4])
+        raise InputError(folder, f"{where}: {sizes} pixels, the other slices {size[0]}x{size[1]}; "
+                                 f"remove or fix the odd {'slice' if len(odd) == 1 else 'slices'}")
+    files = [h.file for h in headers]
+    if any(h.position is None or h.orientation is None for h in headers):
+        return _SlicePlan(files, warnings=[f"{folder}: {where}: slices without ImagePositionPatient/"
+                                           "ImageOrientationPatient; stacked in GDCM's order, spacing not checked"])
+    ref = headers[0].orientation
+    tilted = [h for h in headers if np.max(np.abs(h.orientation - ref)) > 1e-4]
+    if tilted:
+        raise InputError(folder, f"{where}: {_names([h.file for h in tilted])} {'has' if len(tilted) == 1 else 'have'} "
+                                 "another orientation (ImageOrientationPatient) than the rest of the series")
+    spacings = {h.pixel_spacing for h in headers if h.pixel_spacing is not None}
+    if len(spacings) > 1 and np.ptp(np.array(sorted(spacings)), axis=0).max() > 1e-4:
+        raise InputError(folder, f"{where}: the slices have different pixel spacings ({', '.join(map(str, sorted(spacings)))})")
+    normal = np.cross(ref[:3], ref[3:])
+    normal /= np.linalg.norm(normal)
+    along = np.array([float(h.position @ normal) for h in headers])
+    order = np.argsort(along, kind="stable")
+    z = along[order]
+    files = [files[i] for i in order]
+    steps = np.diff(z)
+    moving = steps[steps > 1e-3]
+    if len(moving) == 0:
+        raise InputError(folder, f"{where}: all {len(z)} slices lie at the same position ({z[0]:.2f} mm along the "
+                                 "slice normal); is this a series of repeated scans?")
+    step = _usual_step(moving)
+    tol = max(1e-3, 0.02 * step)
+    dup = np.flatnonzero(steps <= max(1e-3, 0.1 * step))
+    if len(dup):
+        pairs = "; ".join(f"{z[i]:.2f} mm ({os.path.basename(files[i])}, {os.path.basename(files[i + 1])})" for i in dup[:3])
+        more = f" and {len(dup) - 3} more" if len(dup) > 3 else ""
+        raise InputError(folder, f"{where}: {len(dup)} duplicate slice position{'s' if len(dup) > 1 else ''} along the "
+                                 f"slice normal: {pairs}{more}; remove the copies")
+    bad = np.flatnonzero(np.abs(steps - step) > tol)
+    plan = _SlicePlan(files, step=step, positions=z, tolerance=tol)
+    if len(bad) == 0:
+        plan.step = float((z[-1] - z[0]) / (len(z) - 1))  # the best uniform step through all of them
+        return plan
+    problems = []
+    for i in bad:
+        ratio = steps[i] / step
+        if round(ratio) >= 2 and abs(steps[i] - round(ratio) * step) <= tol:
+            missing = int(round(ratio)) - 1
+            problems.append(f"gap from {z[i]:.2f} to {z[i + 1]:.2f} mm ({missing} slice{'s' if missing > 1 else ''} missing)")
+        else:
+            problems.append(f"step of {steps[i]:.3g} mm from {z[i]:.2f} to {z[i + 1]:.2f} mm")
+    summary = "; ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+    if not allow_gaps:
+        raise SliceSpacingError(folder, f"{where}: slice positions along the slice normal are not evenly spaced "
+                                        f"(the usual step is {step:.3g} mm): {summary}")
+    n = int(round((z[-1] - z[0]) / step)) + 1
+    plan.step = float((z[-1] - z[0]) / (n - 1))
+    plan.grid = z[0] + plan.step * np.arange(n)
+    kept = sum(1 for g in plan.grid if np.min(np.abs(z - g)) <= tol)
+    plan.warnings.append(f"{folder}: {where}: {summary}; resampled onto a uniform grid of {n} slices {plan.step:.4g} mm "
+                         f"apart ({kept} of {len(z)} slices kept as they are, {n - kept} interpolated linearly "
+                         "between their neighbours)")
+    return plan
+
+
+def _usual_step(steps: np.ndarray) -> float:
+    """The most common step between neighbouring slices (2 % tolerance); ties: the smaller.
+
+    Not the median: with several gaps the median can be a multiple of the step, or between.
+    """
+    tol = np.maximum(1e-3, 0.02 * steps)
+    close = np.abs(steps[:, None] - steps[None, :]) <= tol[:, None]
+    counts = close.sum(axis=1)
+    best = np.flatnonzero(counts == counts.max())
+    seed = best[np.argmin(steps[best])]
+    return float(np.median(steps[close[seed]]))
+
+
+def _resample_slices(volume: Volume, plan: _SlicePlan) -> Volume:
+    """The volume on ``plan.grid``: slices on the grid copied, the others interpolated linearly."""
+    z, grid, src = plan.positions, plan.grid, volume.array
+    out = np.empty((len(grid), *src.shape[1:]), dtype=src.dtype)
+    for j, g in enumerate(grid):
+        i = int(np.clip(np.searchsorted(z, g, side="right") - 1, 0, len(z) - 1))
+        if abs(z[i] - g) <= plan.tolerance:
+            out[j] = src[i]
+        elif i + 1 < len(z) and abs(z[i + 1] - g) <= plan.tolerance:
+            out[j] = src[i + 1]
+        else:
+            w = (g - z[i]) / (z[i + 1] - z[i])
+            mixed = (1.0 - w) * src[i].astype(np.float64) + w * src[i + 1].astype(np.float64)
+            if np.issubdtype(src.dtype, np.integer):
+                info = np.iinfo(src.dtype)
+                mixed = np.clip(np.rint(mixed), info.min, info.max)
+            out[j] = mixed.astype(src.dtype)
+    return Volume(out, volume.spacing_mm, volume.origin_mm, volume.direction, volume.modality, volume.path,
+                  dict(volume.metadata, resampled_from_slices=len(z)))
 
 
 def _select_series(folder: Path, infos: list[SeriesInfo], series: str | int) -> SeriesInfo:

@@ -143,11 +143,13 @@ def test_2d_round_trip(tmp_path):
 # DICOM
 # ----------------------------------------------------------------------------------------------
 def write_ct_series(folder, hu, *, spacing_xy=(0.6, 0.7), thickness=2.0, origin=(-5.0, 8.0, 100.0),
-                    angle_deg=30.0, description="Axial CT", series_number=2, study_uid=None, prefix="s"):
+                    angle_deg=30.0, description="Axial CT", series_number=2, study_uid=None, prefix="s",
+                    offsets_mm=None):
     """Write ``hu`` (z, y, x) as an oblique CT series, stored as uint16 with intercept -1024.
 
-    Files are named in reverse slice order so that the reader has to sort them by position.
-    Returns (series uid, direction (3, 3) with columns row, column, normal).
+    Slice k lies ``offsets_mm[k]`` (default ``k * thickness``) along the slice normal from
+    ``origin``. Files are named in reverse slice order so that the reader has to sort them by
+    position. Returns (series uid, direction (3, 3) with columns row, column, normal).
     """
     folder.mkdir(parents=True, exist_ok=True)
     a = np.radians(angle_deg)
@@ -167,7 +169,8 @@ def write_ct_series(folder, hu, *, spacing_xy=(0.6, 0.7), thickness=2.0, origin=
         ds.Modality, ds.SeriesDescription, ds.SeriesNumber = "CT", description, series_number
         ds.PatientName, ds.PatientID, ds.InstanceNumber = "Test^Phantom", "0", k + 1
         ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
-        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * thickness * normal]
+        offset = k * thickness if offsets_mm is None else offsets_mm[k]
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + offset * normal]
         ds.PixelSpacing = [spacing_xy[1], spacing_xy[0]]  # (between rows = y, between columns = x)
         ds.SliceThickness = thickness
         ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
@@ -216,7 +219,9 @@ def test_dicom_folder_with_two_series(tmp_path, hu):
     default = read_volume(folder)
     assert default.metadata["SeriesInstanceUID"] == big_uid
     note = default.metadata["series_note"]
-    assert "2 DICOM series" in note and "Axial CT" in note and "--series" in note
+    assert "2 DICOM series" in note and "Axial CT" in note and "Scout" in note
+    assert "--series" not in note  # the way to choose is the caller's (CLI option, napari panel)
+    assert default.metadata["series_others"] == ["[0] 'Scout' (2 files, CT)"]
     np.testing.assert_array_equal(default.array, hu)
 
     for choice in ("scout", "SCO", 0, "0", small_uid):
@@ -231,15 +236,44 @@ def test_dicom_folder_with_two_series(tmp_path, hu):
         assert str(folder) in str(err.value) and "Scout" in str(err.value) and "Axial CT" in str(err.value)
 
 
-def test_single_dicom_file_is_2d(tmp_path, hu):
-    write_ct_series(tmp_path / "one", hu[:1])
+def test_single_dicom_file_keeps_its_3d_position_and_thickness(tmp_path, hu):
+    """One slice is still a slice in the patient: z position and thickness survive to the output."""
+    _, direction = write_ct_series(tmp_path / "one", hu[:1], thickness=2.5, origin=(-5.0, 8.0, -82.5))
     (path,) = (tmp_path / "one").iterdir()
-    vol = read_volume(path)
-    assert vol.shape == (1, 16, 16) and vol.metadata["ndim"] == 2 and vol.modality == "CT"
-    np.testing.assert_array_equal(vol.array, hu[:1])
-    np.testing.assert_allclose(vol.spacing_mm[:2], (0.6, 0.7), atol=1e-5)
-    out = write_volume(vol, tmp_path / "slice.nii.gz")
-    assert sitk.ReadImage(str(out)).GetDimension() == 2
+    for source in (path, tmp_path / "one"):  # the file, and the folder holding it
+        vol = read_volume(source)
+        assert vol.shape == (1, 16, 16) and vol.modality == "CT"
+        np.testing.assert_array_equal(vol.array, hu[:1])
+        np.testing.assert_allclose(vol.spacing_mm, (0.6, 0.7, 2.5), atol=1e-5)
+        np.testing.assert_allclose(vol.origin_mm, (-5.0, 8.0, -82.5), atol=1e-5)
+        np.testing.assert_allclose(vol.direction, direction, atol=1e-5)
+        out = write_volume(vol.with_array((vol.array > 0).astype(np.uint8)), tmp_path / "slice.nii.gz", overwrite=True)
+        np.testing.assert_allclose(nib.load(str(out)).affine, vol.affine_ras(), atol=1e-5)
+        assert nib.load(str(out)).affine[2, 3] == pytest.approx(-82.5, abs=1e-4)
+        assert read_volume(out).same_geometry(vol)
+
+
+def test_2d_nifti_keeps_the_z_of_its_affine(tmp_path):
+    """A 2D NIfTI (dim[0] = 2) whose affine places the slice at z = -67.5, 2.5 mm thick."""
+    affine = np.diag([-1.4, -1.4, 2.5, 1.0])
+    affine[:3, 3] = [178.5, 178.5, -67.5]
+    data = np.arange(20 * 30, dtype=np.int16).reshape(20, 30)
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "slice.nii.gz"))
+    vol = read_volume(tmp_path / "slice.nii.gz")
+    assert vol.shape == (1, 30, 20)
+    np.testing.assert_allclose(vol.affine_ras(), affine, atol=1e-5)
+    out = write_volume(vol.with_array(vol.array > 100), tmp_path / "mask.nii.gz")
+    np.testing.assert_allclose(nib.load(str(out)).affine, affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj).reshape(20, 30), data > 100)
+
+
+def test_2d_file_without_3d_geometry_stays_2d(tmp_path):
+    image = sitk.GetImageFromArray(np.arange(20, dtype=np.uint8).reshape(4, 5))
+    image.SetSpacing((0.5, 0.6))
+    sitk.WriteImage(image, str(tmp_path / "plain.mha"))
+    vol = read_volume(tmp_path / "plain.mha")
+    assert vol.metadata["ndim"] == 2
+    assert sitk.ReadImage(str(write_volume(vol, tmp_path / "out.nrrd"))).GetDimension() == 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,22 +1,28 @@
-"""Issue 18 at the io level: nothing lost.
+"""Issue 18 at the io level: nothing lost, nothing misplaced.
 
-Checked writes (full disk, short writes) and outputs committed together (OutputSet).
+Checked writes (full disk, short writes), outputs committed together (OutputSet), DICOM slice
+positions (gaps, uneven steps, duplicates, odd or unreadable files, --allow-gaps), the NIfTI
+qform/sform rule checked against nibabel, and inputs refused at once (FIFO, gzip named .nii).
 """
 
 from __future__ import annotations
 
 import errno
+import gzip
 import os
 import signal
+import threading
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from boltzformer import io
-from boltzformer.errors import OutputError
+from boltzformer.errors import InputError, OutputError, SliceSpacingError
 from boltzformer.io import OutputSet, Volume, atomic_output, read_volume, write_volume
 
 from ._full_disk import fill, tiny_disk  # noqa: F401 - fixture
+from .test_io import write_ct_series
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -231,3 +237,190 @@ def test_dangling_symlink_and_fifo_outputs(tmp_path, small):
         with pytest.raises(OutputError, match="FIFO"):
             write_volume(small, fifo, overwrite=overwrite)
     assert fifo.exists() and not fifo.is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. DICOM slice positions
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def ramp():
+    """Slices whose HU value is 10 per mm along the normal at thickness 2.5: slice k = 25 k."""
+    return np.stack([np.full((12, 14), 25 * k, np.int16) for k in range(8)])
+
+
+def dicom_error(folder, match, cls=InputError, **kwargs) -> str:
+    with pytest.raises(cls, match=match) as err:
+        read_volume(folder, **kwargs)
+    assert str(folder) in str(err.value) and one_line(str(err.value))
+    return str(err.value)
+
+
+def test_a_missing_slice_is_an_error_naming_the_positions(tmp_path, ramp):
+    offsets = [2.5 * k for k in range(8) if k != 3]
+    write_ct_series(tmp_path / "gap", ramp[[k for k in range(8) if k != 3]], thickness=2.5, offsets_mm=offsets,
+                    origin=(0.0, 0.0, -90.0), angle_deg=0.0)
+    msg = dicom_error(tmp_path / "gap", "not evenly spaced", SliceSpacingError)
+    assert "gap from -85.00 to -80.00 mm (1 slice missing)" in msg and "'Axial CT'" in msg
+    assert "--allow-gaps" not in msg  # the option is the command line's; it adds the hint
+
+
+def test_allow_gaps_resamples_onto_a_uniform_grid(tmp_path, ramp):
+    keep = [k for k in range(8) if k not in (3, 5, 6)]
+    write_ct_series(tmp_path / "gap", ramp[keep], thickness=2.5, offsets_mm=[2.5 * k for k in keep],
+                    origin=(10.0, -20.0, -90.0), angle_deg=30.0)
+    vol = read_volume(tmp_path / "gap", allow_gaps=True)
+    assert vol.shape == (8, 12, 14)
+    np.testing.assert_allclose(vol.spacing_mm[2], 2.5, atol=1e-6)
+    np.testing.assert_allclose(vol.origin_mm, (10.0, -20.0, -90.0), atol=1e-4)
+    # kept slices are untouched, the missing ones interpolated along the normal: 25 per slice
+    np.testing.assert_array_equal(vol.array[:, 0, 0], 25 * np.arange(8))
+    assert vol.array.dtype.kind == "i"  # integers stay integers (rounded), as ITK read them
+    (warning,) = vol.metadata["warnings"]
+    assert "resampled onto a uniform grid of 8 slices 2.5 mm apart" in warning and "3 interpolated" in warning
+    # world position of slice k is origin + 2.5 k along the normal, as in the files
+    normal = vol.direction[:, 2]
+    for k in range(8):
+        np.testing.assert_allclose(vol.index_to_world((k, 0, 0)), np.array([10.0, -20.0, -90.0]) + 2.5 * k * normal, atol=1e-4)
+
+
+def test_uneven_spacing(tmp_path, ramp):
+    offsets = [0.0, 2.5, 5.0, 8.3, 10.0, 12.5, 15.0, 17.5]
+    write_ct_series(tmp_path / "uneven", ramp, thickness=2.5, offsets_mm=offsets, origin=(0.0, 0.0, 0.0), angle_deg=0.0)
+    msg = dicom_error(tmp_path / "uneven", "not evenly spaced", SliceSpacingError)
+    assert "step of 3.3 mm from 5.00 to 8.30 mm" in msg
+    vol = read_volume(tmp_path / "uneven", allow_gaps=True)
+    assert vol.shape[0] == 8 and vol.spacing_mm[2] == pytest.approx(2.5)
+    assert vol.array[3, 0, 0] == pytest.approx(75 * (7.5 - 5.0) / 3.3 + 50 * (8.3 - 7.5) / 3.3, abs=0.5)
+
+
+def test_duplicate_slice_is_an_error_even_with_allow_gaps(tmp_path, ramp):
+    offsets = [0.0, 2.5, 5.0, 5.0, 7.5, 10.0, 12.5, 15.0]
+    write_ct_series(tmp_path / "dup", ramp, thickness=2.5, offsets_mm=offsets, origin=(0.0, 0.0, 0.0), angle_deg=0.0)
+    for allow in (False, True):
+        msg = dicom_error(tmp_path / "dup", "duplicate slice position", allow_gaps=allow)
+        assert "5.00 mm (s005.dcm, s006.dcm)" in msg or "5.00 mm (s006.dcm, s005.dcm)" in msg
+
+
+def test_odd_sized_truncated_and_unreadable_files_are_named(tmp_path, ramp):
+    write_ct_series(tmp_path / "odd", ramp, thickness=2.5)
+    odd = np.zeros((1, 6, 6), np.int16)  # the same series, one slice of another size
+    import pydicom
+
+    ds = pydicom.dcmread(tmp_path / "odd" / "s004.dcm")
+    ds.Rows, ds.Columns, ds.PixelData = 6, 6, (odd[0].astype(np.uint16) + 1024).tobytes()
+    ds.save_as(tmp_path / "odd" / "s004.dcm")
+    msg = dicom_error(tmp_path / "odd", "s004.dcm is 6x6 pixels, the other slices 14x12")
+
+    write_ct_series(tmp_path / "cut", ramp, thickness=2.5)
+    data = (tmp_path / "cut" / "s003.dcm").read_bytes()
+    (tmp_path / "cut" / "s003.dcm").write_bytes(data[: len(data) - 100])
+    with pytest.raises(InputError, match="s003.dcm") as err:
+        read_volume(tmp_path / "cut")
+    assert "truncated" in str(err.value) and one_line(str(err.value))
+
+    write_ct_series(tmp_path / "junk", ramp, thickness=2.5)
+    (tmp_path / "junk" / "zz.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
+    msg = dicom_error(tmp_path / "junk", r"zz.dcm in the folder cannot be read as DICOM")
+    assert "fix or remove it" in msg
+    (tmp_path / "junk" / "notes.txt").write_text("not DICOM and not named so: ignored")
+    (tmp_path / "junk" / "zz.dcm").unlink()
+    assert read_volume(tmp_path / "junk").shape == (8, 12, 14)
+
+
+def test_a_fifo_in_a_dicom_folder_is_refused_at_once(tmp_path, ramp):
+    write_ct_series(tmp_path / "ct", ramp[:3], thickness=2.5)
+    os.mkfifo(tmp_path / "ct" / "pipe")
+    done = []
+    worker = threading.Thread(target=lambda: done.append(_error_of(read_volume, tmp_path / "ct")), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert done, "read_volume blocked on the FIFO"
+    assert "pipe" in done[0] and "FIFO" in done[0]
+
+
+def _error_of(fn, *args) -> str:
+    try:
+        fn(*args)
+    except InputError as exc:
+        return str(exc)
+    return "no error"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. NIfTI qform / sform, checked against nibabel
+# ----------------------------------------------------------------------------------------------
+def _affine(shift_x=0.0, angle_deg=0.0):
+    a = np.radians(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([-1.4, 1.2, 2.5])
+    affine[:3, 3] = [178.5 + shift_x, -60.0, -82.5]
+    return affine
+
+
+@pytest.mark.parametrize("case", ["sform only", "qform only", "both agree", "both disagree"])
+def test_nifti_follows_sform_then_qform(tmp_path, case):
+    q, s = _affine(angle_deg=10), _affine(angle_deg=10)
+    if case == "both disagree":
+        s = _affine(shift_x=62.0, angle_deg=10)
+    img = nib.Nifti1Image(np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7), None)
+    img.set_qform(q if case != "sform only" else None, code=0 if case == "sform only" else 1)
+    img.set_sform(s if case != "qform only" else None, code=0 if case == "qform only" else 2)
+    path = tmp_path / "in.nii.gz"
+    nib.save(img, str(path))
+    expected = nib.load(str(path)).affine  # nibabel: sform when sform_code > 0, else qform
+    np.testing.assert_allclose(expected, q if case == "qform only" else s, atol=1e-4)
+
+    vol = read_volume(path)
+    np.testing.assert_allclose(vol.affine_ras(), expected, atol=1e-4)
+    warnings = vol.metadata.get("warnings", [])
+    if case == "both disagree":
+        (w,) = warnings
+        assert "qform and sform disagree (by up to 62.0 mm); the sform is used" in w and str(path) in w
+    else:
+        assert warnings == []
+    out = write_volume(vol.with_array(vol.array > 50), tmp_path / "mask.nii.gz")
+    header = nib.load(str(out)).header
+    assert header["sform_code"] > 0 and header["qform_code"] > 0  # both written, and the same
+    np.testing.assert_allclose(header.get_sform(), expected, atol=1e-4)
+    np.testing.assert_allclose(header.get_qform(), expected, atol=1e-4)
+
+
+def test_pixdim_zero_warns(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), None)
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    img.header["pixdim"][1:4] = [0.8, 0.0, 0.0]
+    nib.save(img, str(tmp_path / "p0.nii"))
+    vol = read_volume(tmp_path / "p0.nii")
+    assert vol.spacing_mm == (pytest.approx(0.8), 1.0, 1.0)
+    assert vol.metadata["warnings"] == [f"{tmp_path / 'p0.nii'}: voxel size (pixdim) along y, z is 0; 1 mm is assumed"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Inputs refused at once, with the right name for the problem
+# ----------------------------------------------------------------------------------------------
+def test_gzip_file_named_nii(tmp_path, small):
+    good = write_volume(small, tmp_path / "a.nii.gz")
+    (tmp_path / "b.nii").write_bytes(good.read_bytes())
+    with pytest.raises(InputError) as err:
+        read_volume(tmp_path / "b.nii")
+    assert str(err.value) == f"{tmp_path / 'b.nii'}: is gzip-compressed but named .nii; rename it to .nii.gz"
+    (tmp_path / "c.nii").write_bytes(gzip.decompress(good.read_bytes()))  # the same, uncompressed: fine
+    assert read_volume(tmp_path / "c.nii").same_geometry(small)
+
+
+def test_fifo_input_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.nii.gz")
+    done = []
+    worker = threading.Thread(target=lambda: done.append(_error_of(read_volume, tmp_path / "pipe.nii.gz")), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert done, "read_volume blocked on the FIFO"
+    assert done[0] == f"{tmp_path / 'pipe.nii.gz'}: is a FIFO (named pipe), not a regular file; give an image file or a DICOM folder"
+
+
+def test_dangling_symlink_input(tmp_path):
+    (tmp_path / "in.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(InputError, match="symbolic link to .*gone.nii.gz, which does not exist"):
+        read_volume(tmp_path / "in.nii.gz")
