@@ -80,10 +80,12 @@ THRESHOLD_STEPS = 100  # slider resolution: thresholds 0.01 .. 0.99
 RETHRESHOLD_DELAY_MS = 120  # slider moves closer together than this are merged
 EMPTY_PROMPT = 'the prompt is empty; type what to segment, e.g. "lung nodule"'
 NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File > Open Sample > napari-boltzformer)"
-TABLE_COLUMNS = ("id", "mm³", "Ø mm", "slices", "mean HU")
+TABLE_COLUMNS = ("id", "mm³", "Ø mm", "slices", "mean HU", "round")
 TABLE_TIPS = (
     "lesion id (1 = largest)", "volume in mm³", "longest axial diameter in mm",
     "first–last slice (z index)", "mean intensity (HU for CT)",
+    "3D false-positive filter: blobness from the Hessian (1 = round like a nodule, 0 = a tube like a vessel); "
+    "– where the filter does not apply (not a lung prompt on CT in HU)",
 )
 
 
@@ -855,7 +857,7 @@ class BoltzFormerWidget(QWidget):
             return
         is_ct = (result.modality or "").upper() == "CT"
         header = list(TABLE_COLUMNS)
-        header[-1] = "mean HU" if is_ct else "mean intensity"
+        header[4] = "mean HU" if is_ct else "mean intensity"
         self.table.setHorizontalHeaderLabels(header)
         lesions = result.lesions
         self.table.setRowCount(len(lesions))
@@ -867,6 +869,8 @@ class BoltzFormerWidget(QWidget):
                 _NumericItem(f"{lesion['longest_axial_diameter_mm']:.1f}", lesion["longest_axial_diameter_mm"]),
                 _NumericItem(f"{start}–{end}" if end > start else f"{start}", start),
                 _NumericItem(f"{lesion['mean_intensity']:.0f}" if is_ct else f"{lesion['mean_intensity']:.3g}", lesion["mean_intensity"]),
+                _NumericItem(f"{lesion['blobness']:.2f}", lesion["blobness"]) if "blobness" in lesion
+                else _NumericItem("–", -1.0),
             )
             cells[0].setData(Qt.ItemDataRole.UserRole + 1, row)  # index into result.lesions
             for col, item in enumerate(cells):
@@ -874,8 +878,10 @@ class BoltzFormerWidget(QWidget):
         self.table.setSortingEnabled(True)
         status = "" if result.complete else " (cancelled: finished slices only)"
         total = sum(lesion["volume_mm3"] for lesion in lesions)
+        dropped = f" · {len(result.rejected)} dropped by the 3D filter" if result.rejected else ""
         self.result_label.setText(
-            f"'{result.prompt}' · threshold {result.threshold:.2f} · {len(lesions)} lesion(s), {total:.0f} mm³{status}"
+            f"'{result.prompt}' · threshold {result.threshold:.2f} · {len(lesions)} lesion(s), {total:.0f} mm³"
+            f"{dropped}{status}"
         )
 
     def _on_table_clicked(self, row: int, _col: int):

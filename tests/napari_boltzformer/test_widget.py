@@ -301,3 +301,26 @@ def test_a_2d_image_layer_gives_2d_result_layers(make_napari_viewer, qtbot, tiny
     assert heat.data.ndim == 3 and heat.data.shape[0] == tiny_segmenter.config.num_layers
     corner = np.asarray(heat.data_to_world([0.0, -0.5, -0.5]))[1:]
     assert np.allclose(corner, image.data_to_world([-0.5, -0.5]))
+
+
+def test_false_positive_filter_switch_reapplies_without_inference(panel, qtbot, monkeypatch):
+    """The 3D filter's verdicts (here: every candidate is a vessel) drop candidates; the switch
+    brings them back and takes them away again without running the network."""
+    from boltzformer import fp_filter
+
+    monkeypatch.setattr(fp_filter, "verdict", lambda features: "vessel-like (test)")
+    panel.min_lesion_spin.setValue(0.0)
+    panel.threshold_slider.setValue(5)  # 0.05 (the slider counts hundredths): candidates for sure
+    run_and_wait(panel, qtbot)
+    result = panel.active_result()
+    calls = _count_batches(monkeypatch, panel.load_segmenter("cpu"))
+    filtered = len(result.lesions)
+    rejected = len(result.rejected)
+    assert result.fp_reduction and rejected > 0
+    assert "dropped by the 3D filter" in panel.result_label.text()
+    assert panel.table.horizontalHeaderItem(5).text() == "round"
+    panel.fp_check.setChecked(False)
+    assert not result.fp_reduction and not result.rejected and len(result.lesions) == filtered + rejected
+    assert panel.table.rowCount() == filtered + rejected
+    panel.fp_check.setChecked(True)
+    assert len(result.lesions) == filtered and calls == []
