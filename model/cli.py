@@ -1,8 +1,10 @@
 """The `boltzformer` command: segment, evaluate, sample, testset, info, train, bench.
 
 Every user error prints one line `boltzformer: error: <file>: <problem>` and exits with status 2
-(`--debug` shows the traceback). Output paths are checked before any inference, and outputs
-are written atomically at the end, so a failed or interrupted run leaves nothing behind.
+(`--debug` shows the traceback); so do bad option values, which are checked as the command line
+is parsed. Output paths are checked before any inference, and the outputs of a run are written
+as one `io.OutputSet` at the end (temporaries, checked, then renamed together), so a failed or
+interrupted run (Ctrl-C, SIGTERM) leaves nothing behind and replaces nothing.
 Heavy imports (torch) happen inside the commands, so `boltzformer --help` is instant.
 """
 
@@ -10,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +25,9 @@ from .errors import BoltzformerError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+MAX_PROMPT_CHARS = 500  # prompts are short phrases ("lung nodule"); a page of text is a mistake
+MAX_RUNS = 100  # each run repeats the whole inference
+MAX_SEED = 2**63 - 1  # seeds travel on as signed 64-bit integers
 
 
 def _err(msg: str) -> None:
@@ -27,6 +36,57 @@ def _err(msg: str) -> None:
 
 def _warn(msg: str) -> None:
     print(f"boltzformer: warning: {msg}", file=sys.stderr)
+
+
+# -- option values, checked as the command line is parsed -----------------------------------------
+def whole(low: int, high: int | None = None, why_high: str = ""):
+    """argparse type: an integer in [low, high]; the message names the value (see _Parser.error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: must be at least {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text}: must be at most {high}{why_high}")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, *, above: bool = False):
+    """argparse type: a finite float in [low, high] (``above``: strictly above low)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+        if low is not None and (value <= low if above else value < low):
+            bound = f"between {low:g} and {high:g}" if high is not None else (f"above {low:g}" if above else f"at least {low:g}")
+            raise argparse.ArgumentTypeError(f"{text}: must be {bound}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text}: must be between {low:g} and {high:g}" if low is not None
+                                             else f"{text}: must be at most {high:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+SEED = whole(0, MAX_SEED, " (a 64-bit seed)")
+RUNS = whole(1, MAX_RUNS, "; each run repeats the whole inference")
+PROBABILITY = number(0.0, 1.0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """One line for every command-line mistake: `boltzformer: error: --runs 0: must be at least 1`."""
+
+    def error(self, message):
+        message = re.sub(r"^argument (\S+): (\S+: (?:must|not) )", r"\1 \2", message)  # "--runs 0: must ..."
+        message = re.sub(r"^argument (\S+): ", r"\1: ", message)
+        self.exit(EXIT_USER_ERROR, f"boltzformer: error: {message} (see '{self.prog} --help')\n")
 
 
 def parse_slices(text: str | None, name: str = "--slices") -> tuple[int, int] | None:
@@ -51,79 +111,90 @@ def parse_slices(text: str | None, name: str = "--slices") -> tuple[int, int] | 
 # -- segment --------------------------------------------------------------------------------------
 def cmd_segment(args) -> int:
     from . import intensity
-    from .io import check_output_path, read_volume, write_volume
-    from .postprocess import write_lesion_table
+    from .errors import InputError, SliceSpacingError
+    from .io import OutputSet, read_volume
+    from .postprocess import lesion_table_bytes
 
     if not args.prompt or not args.prompt.strip():
         raise BoltzformerError("the prompt is empty; give one with -p, e.g. -p \"lung nodule\"")
+    if len(args.prompt) > MAX_PROMPT_CHARS:
+        raise BoltzformerError(f"the prompt is {len(args.prompt)} characters long; at most {MAX_PROMPT_CHARS} "
+                               "(a short phrase such as \"lung nodule\" works best)")
     if args.window and args.window not in intensity.WINDOWS:
         raise BoltzformerError(f"--window {args.window!r}: unknown; choose one of {', '.join(intensity.WINDOWS)}")
-    if not 0.0 <= args.threshold <= 1.0:
-        raise BoltzformerError(f"--threshold {args.threshold}: must be between 0 and 1")
-    if args.runs < 1:
-        raise BoltzformerError(f"--runs {args.runs}: must be at least 1")
+    if args.seed + args.runs - 1 > MAX_SEED:
+        raise BoltzformerError(f"--seed {args.seed} with --runs {args.runs}: run seeds go up to seed + runs - 1, "
+                               f"at most {MAX_SEED}")
     slices = parse_slices(args.slices)
-    outputs = [args.output, args.probabilities, args.uncertainty, args.attention, args.lesions]
-    named = [Path(p) for p in outputs if p]
-    if len({p.resolve() for p in named}) != len(named):
-        raise BoltzformerError("two outputs name the same file")
-    if Path(args.input).resolve() in {p.resolve() for p in named}:
-        raise BoltzformerError(f"{args.output}: would overwrite the input")
-    for p in named:  # before any inference: a long run must not fail at the end
-        check_output_path(p, overwrite=args.overwrite)
-    if args.lesions and Path(args.lesions).suffix.lower() not in (".csv", ".json"):
-        raise BoltzformerError(f"{args.lesions}: lesion table must end in .csv or .json")
-    if args.attention and not str(args.attention).endswith(".npz"):
-        raise BoltzformerError(f"{args.attention}: attention maps are written as .npz")
+    with OutputSet(overwrite=args.overwrite) as outputs:
+        # every output is checked before any inference: a long run must not fail at the end
+        outputs.add(args.output, "-o", kind="volume")
+        for option, path, kind in (("--probabilities", args.probabilities, "volume"), ("--uncertainty", args.uncertainty, "volume"),
+                                   ("--attention", args.attention, "npz"), ("--lesions", args.lesions, "table")):
+            if path:
+                outputs.add(path, option, kind=kind)
+        source = Path(args.input).resolve()
+        for option in ("-o", "--probabilities", "--uncertainty", "--attention", "--lesions"):
+            if option in outputs and outputs.path(option).resolve() == source:
+                raise BoltzformerError(f"{outputs.path(option)}: {option} would overwrite the input")
 
-    volume = read_volume(args.input, series=args.series)
-    if volume.metadata.get("series_note") and not args.quiet:
-        print(volume.metadata["series_note"], file=sys.stderr)
-    from .segmenter import Segmenter
+        try:
+            volume = read_volume(args.input, series=args.series, allow_gaps=args.allow_gaps)
+        except SliceSpacingError as exc:
+            raise InputError(exc.path, f"{exc.problem}; --allow-gaps resamples it onto a uniform grid") from None
+        for w in volume.metadata.get("warnings", []):
+            _warn(w)
+        if volume.metadata.get("series_note") and not args.quiet:
+            print(volume.metadata["series_note"] + " Choose another with --series (index, UID or part of the description).",
+                  file=sys.stderr)
+        from .segmenter import Segmenter
 
-    seg = Segmenter.from_pretrained(args.weights, device=args.device)
-    modality = None if args.modality == "auto" else args.modality
-    gen = seg.iter_segment(
-        volume, args.prompt, window=args.window, modality=modality, slices=slices, runs=args.runs, seed=args.seed,
-        threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, return_attention=bool(args.attention),
-        batch_size=args.batch_size,
-    )
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
+        seg = Segmenter.from_pretrained(args.weights, device=args.device)
+        modality = None if args.modality == "auto" else args.modality
+        gen = seg.iter_segment(
+            volume, args.prompt, window=args.window, modality=modality, slices=slices, runs=args.runs, seed=args.seed,
+            threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, return_attention=bool(args.attention),
+            batch_size=args.batch_size,
+        )
+        bar = None
+        if not args.quiet:
+            from tqdm import tqdm
 
-        bar = tqdm(total=None, unit="slice", desc="segmenting", file=sys.stderr, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    try:
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
+            bar = tqdm(total=None, unit="slice", desc="segmenting", file=sys.stderr, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    p = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                if bar is not None:
+                    bar.total = p.slices_total
+                    bar.update(p.slices_done - bar.n)
+        finally:
             if bar is not None:
-                bar.total = p.slices_total
-                bar.update(p.slices_done - bar.n)
-    finally:
-        if bar is not None:
-            bar.close()
-    for w in result.warnings:
-        _warn(w)
-    write_volume(result.mask_volume(), args.output, overwrite=args.overwrite)
-    if args.probabilities:
-        write_volume(result.probability_volume(), args.probabilities, overwrite=args.overwrite)
-    if args.uncertainty:
-        if result.uncertainty is None:
-            _warn("--uncertainty needs --runs 2 or more; writing zeros")
-            import numpy as np
+                bar.close()
+        for w in result.warnings:
+            _warn(w)
+        # all outputs to temporary files, checked; renamed together when the block ends
+        outputs.write_volume("-o", result.mask_volume())
+        if args.probabilities:
+            outputs.write_volume("--probabilities", result.probability_volume())
+        if args.uncertainty:
+            if result.uncertainty is None:
+                _warn("--uncertainty needs --runs 2 or more; writing zeros")
+                import numpy as np
 
-            write_volume(volume.with_array(np.zeros(volume.shape, np.float32)), args.uncertainty, overwrite=args.overwrite)
-        else:
-            write_volume(volume.with_array(result.uncertainty), args.uncertainty, overwrite=args.overwrite)
-    if args.attention:
-        _write_attention(result, args.attention, args.overwrite)
-    if args.lesions:
-        write_lesion_table(result.lesions, args.lesions, overwrite=args.overwrite)
+                outputs.write_volume("--uncertainty", volume.with_array(np.zeros(volume.shape, np.float32)))
+            else:
+                outputs.write_volume("--uncertainty", volume.with_array(result.uncertainty))
+        if args.attention:
+            with outputs.temporary("--attention") as tmp:
+                _write_attention(result, tmp)
+        if args.lesions:
+            outputs.write_bytes("--lesions", lesion_table_bytes(result.lesions, args.lesions))
+    args.committed = True
     total_ml = sum(r["volume_mm3"] for r in result.lesions) / 1000
     print(f"{len(result.lesions)} lesion(s) for '{result.prompt}', total {total_ml:.2f} mL; "
           f"{result.slices[1] - result.slices[0]} slices in {time.perf_counter() - t0:.1f} s on {seg.device}; "
@@ -131,75 +202,93 @@ def cmd_segment(args) -> int:
     return 0
 
 
-def _write_attention(result, path, overwrite) -> None:
+def _write_attention(result, path) -> None:
+    """The attention maps as .npz at ``path`` (a temporary file of the run's OutputSet)."""
     import numpy as np
 
-    from .io import atomic_output
-
     att = result.attention
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(
-                f, counts=att.counts, probabilities=att.probabilities, strides=np.array(att.strides),
-                temperatures=np.array(att.temperatures), tokens_per_query=np.array(att.tokens_per_query),
-                slice_start=att.slice_start, grid_scale_yx=np.array(att.grid_scale_yx), num_queries=att.num_queries,
-            )
+    with open(path, "wb") as f:
+        np.savez_compressed(
+            f, counts=att.counts, probabilities=att.probabilities, strides=np.array(att.strides),
+            temperatures=np.array(att.temperatures), tokens_per_query=np.array(att.tokens_per_query),
+            slice_start=att.slice_start, grid_scale_yx=np.array(att.grid_scale_yx), num_queries=att.num_queries,
+        )
 
 
 # -- evaluate -------------------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_dir, format_table
-    from .io import atomic_output, check_output_path
+    from .io import OutputSet
     from .segmenter import Segmenter
     from .weights import sha256
 
-    if not 0.0 <= args.threshold <= 1.0:
-        raise BoltzformerError(f"--threshold {args.threshold}: must be between 0 and 1")
-    if args.runs < 1:
-        raise BoltzformerError(f"--runs {args.runs}: must be at least 1")
-    if args.json:
-        check_output_path(args.json, overwrite=True)
-    seg = Segmenter.from_pretrained(args.weights, device=args.device)
-    cases = [c for c in args.cases.split(",") if c] if args.cases else None
-    summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, progress=not args.quiet, seed=args.seed,
-                           threshold=args.threshold, runs=args.runs)
-    print(format_table(summary))
-    if args.json:
-        summary["command"] = "boltzformer " + " ".join(sys.argv[1:]) if args.argv is None else "boltzformer " + " ".join(args.argv)
-        summary["weights"] = seg.info.get("weights_source")
-        summary["weights_sha256"] = sha256(seg.info["weights_path"])
-        with atomic_output(args.json, overwrite=True) as tmp:
-            Path(tmp).write_text(json.dumps(summary, indent=2, default=float))
+    with OutputSet(overwrite=args.overwrite) as outputs:
+        if args.json:
+            outputs.add(args.json, "--json")  # checked before the (long) evaluation
+        seg = Segmenter.from_pretrained(args.weights, device=args.device)
+        cases = [c for c in args.cases.split(",") if c] if args.cases else None
+        summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, progress=not args.quiet, seed=args.seed,
+                               threshold=args.threshold, runs=args.runs)
+        print(format_table(summary))
+        if args.json:
+            summary["command"] = "boltzformer " + " ".join(sys.argv[1:]) if args.argv is None else "boltzformer " + " ".join(args.argv)
+            summary["weights"] = seg.info.get("weights_source")
+            summary["weights_sha256"] = sha256(seg.info["weights_path"])
+            outputs.write_bytes("--json", json.dumps(summary, indent=2, default=float).encode())
+    args.committed = True
     return 0
 
 
 # -- sample / testset -------------------------------------------------------------------------------
 def cmd_sample(args) -> int:
     import csv
+    import io as stdio
 
-    from .io import check_output_path, write_volume
+    from .errors import OutputError
+    from .io import OutputSet
     from .synth.sample import SAMPLES
 
     names = list(SAMPLES) if args.name == "all" else [args.name]
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{n}_{kind}.nii.gz" for n in names for kind in ("image", "mask")] + [out / "cases.csv"]
-    for p in paths:
-        check_output_path(p, overwrite=args.overwrite)
-    rows = []
-    for n in names:
-        case = SAMPLES[n]()
-        write_volume(case.volume(), out / f"{n}_image.nii.gz", overwrite=args.overwrite)
-        write_volume(case.mask_volume(), out / f"{n}_mask.nii.gz", overwrite=args.overwrite)
-        rows.append({"case_id": n, "prompt": case.prompt, "modality": case.modality})
-        print(f"{out / (n + '_image.nii.gz')}  ({case.modality}, {case.image.shape[0]} slices; prompt '{case.prompt}')")
-    from .io import atomic_output
-
-    with atomic_output(out / "cases.csv", overwrite=args.overwrite) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["case_id", "prompt", "modality"])
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "exists and is not a folder; give a folder for the sample cases")
+    created = []  # folders this run makes, removed again if it fails
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(out, f"cannot be created ({exc.strerror or exc})") from None
+    try:
+        with OutputSet(overwrite=args.overwrite) as outputs:
+            for n in names:
+                for kind in ("image", "mask"):
+                    outputs.add(out / f"{n}_{kind}.nii.gz", kind="volume")
+            outputs.add(out / "cases.csv", kind="csv")
+            rows, lines = [], []
+            for n in names:
+                case = SAMPLES[n]()
+                outputs.write_volume(out / f"{n}_image.nii.gz", case.volume())
+                outputs.write_volume(out / f"{n}_mask.nii.gz", case.mask_volume())
+                rows.append({"case_id": n, "prompt": case.prompt, "modality": case.modality})
+                lines.append(f"{out / (n + '_image.nii.gz')}  ({case.modality}, {case.image.shape[0]} slices; prompt '{case.prompt}')")
+            text = stdio.StringIO(newline="")
+            w = csv.DictWriter(text, fieldnames=["case_id", "prompt", "modality"])
             w.writeheader()
             w.writerows(rows)
+            outputs.write_bytes(out / "cases.csv", text.getvalue().encode("utf-8"))
+    except BaseException:
+        for folder in created:  # innermost first; only folders that are still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    args.committed = True
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -253,7 +342,7 @@ def cmd_bench(args) -> int:
 
 # -- parser -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="boltzformer", description="Text-prompted lesion segmentation in CT and MRI (BoltzFormer).")
+    p = _Parser(prog="boltzformer", description="Text-prompted lesion segmentation in CT and MRI (BoltzFormer).")
     p.add_argument("--version", action="version", version=f"boltzformer {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -264,15 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--prompt", required=True, help='what to segment, e.g. "lung nodule"')
     s.add_argument("-o", "--output", required=True, help="mask output (.nii.gz, .nii, .nrrd, .mha)")
     s.add_argument("--device", default="auto", choices=devices)
-    s.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same result)")
-    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--seed", type=SEED, default=0, help="sampling seed, 0 to 2**63-1 (same seed, same result)")
+    s.add_argument("--threshold", type=PROBABILITY, default=0.5, help="probability threshold, 0 to 1")
     s.add_argument("--window", default=None, help="CT window: lung, mediastinum, soft_tissue, liver, bone, brain")
     s.add_argument("--modality", default="auto", choices=("auto", "CT", "MR"))
     s.add_argument("--series", default=None, help="DICOM series (UID, index or description text)")
+    s.add_argument("--allow-gaps", action="store_true",
+                   help="DICOM series with missing slices or uneven spacing: resample onto a uniform grid (warns)")
     s.add_argument("--slices", default=None, help="slice range START:STOP (0-based, stop excluded)")
-    s.add_argument("--runs", type=int, default=1, help="sampling runs; > 1 gives mean probability and uncertainty")
-    s.add_argument("--min-lesion-mm3", type=float, default=5.0, help="drop components smaller than this")
-    s.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
+    s.add_argument("--runs", type=RUNS, default=1,
+                   help=f"sampling runs, 1 to {MAX_RUNS}; > 1 gives mean probability and uncertainty")
+    s.add_argument("--min-lesion-mm3", type=number(0.0), default=5.0, help="drop components smaller than this (mm³, >= 0)")
+    s.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     s.add_argument("--weights", default=None, help="weights file/folder or Hugging Face repo id (default: bundled)")
     s.add_argument("--probabilities", default=None, help="also write the probability volume")
     s.add_argument("--uncertainty", default=None, help="also write the variance across runs")
@@ -285,13 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="Dice and lesion detection on a folder with cases.csv")
     e.add_argument("dir")
     e.add_argument("--json", default=None, help="write the results as JSON")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--device", default="auto", choices=devices)
     e.add_argument("--weights", default=None)
     e.add_argument("--cases", default=None, help="comma-separated case ids")
     e.add_argument("--split", default=None, choices=("train", "heldout"), help="only this split of ../shared/data/real")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threshold", type=float, default=0.5, help="probability threshold, as in segment")
-    e.add_argument("--runs", type=int, default=1, help="sampling runs averaged per slice, as in segment")
+    e.add_argument("--seed", type=SEED, default=0)
+    e.add_argument("--threshold", type=PROBABILITY, default=0.5, help="probability threshold, as in segment")
+    e.add_argument("--runs", type=RUNS, default=1, help="sampling runs averaged per slice, as in segment")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -303,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("testset", help="write a held-out synthetic evaluation set")
     t.add_argument("out_dir")
-    t.add_argument("--count", type=int, default=300)
-    t.add_argument("--seed", type=int, default=777)
+    t.add_argument("--count", type=whole(1, 100_000), default=300)
+    t.add_argument("--seed", type=SEED, default=777)
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd_testset)
 
@@ -315,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a BoltzFormer (Dice + BCE) on synthetic + real data")
     tr.add_argument("--config", required=True, help="training config JSON (e.g. resources/boltzformer-s.train.json)")
     tr.add_argument("--out", required=True, help="output folder (resumes from its last.pt)")
-    tr.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes (resume later)")
+    tr.add_argument("--max-minutes", type=number(0.0, above=True), default=None,
+                    help="stop after this many minutes (resume later)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config entry, e.g. --set steps=200 (JSON values)")
     tr.set_defaults(func=cmd_train)
@@ -324,16 +418,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=("decoder", "volume"))
     b.add_argument("--json", default=None)
     b.add_argument("--device", default="cpu")
-    b.add_argument("--repeats", type=int, default=30)
+    b.add_argument("--repeats", type=whole(1, 100_000), default=30)
     b.add_argument("--slices", default="100,300", help="volume: slice counts to time")
     b.set_defaults(func=cmd_bench)
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's time limit) during a command: handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad command line (already reported in one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     args.argv = argv
+    args.committed = False  # set by a command once its outputs are in place
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up instead of dying mid-write
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except BoltzformerError as exc:
@@ -341,10 +458,11 @@ def main(argv=None) -> int:
             raise
         _err(str(exc))
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        _err("interrupted; no output was written")
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        _err(f"{what}; {'the outputs were already written' if args.committed else 'no output was written'}")
         return EXIT_USER_ERROR
     except MemoryError:
         if args.debug:

@@ -8,6 +8,7 @@ and `<case_id>_image.nii.gz` / `<case_id>_mask.nii.gz`.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 import time
@@ -27,10 +28,16 @@ def read_cases(folder: Path) -> list[dict]:
         raise InputError(folder, "not a folder")
     if not path.is_file():
         raise InputError(path, "missing; an evaluation folder needs cases.csv with columns case_id,prompt")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not part of the first column name
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(path, f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows or not {"case_id", "prompt"} <= set(rows[0]):
-        raise InputError(path, "needs at least the columns case_id,prompt and one row")
+        found = ",".join(str(k) for k in (rows[0] if rows else [])) or "none"
+        raise InputError(path, f"needs at least the columns case_id,prompt and one row (columns found: {found})")
     return rows
 
 

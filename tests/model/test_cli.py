@@ -104,9 +104,15 @@ def test_sample_then_evaluate_writes_a_json_summary(tmp_path, tiny_weights, caps
     assert summary["n_cases"] == 1 and 0.0 <= summary["mean_dice"] <= 1.0
     assert summary["cases"][0]["case_id"] == "brain_mri" and summary["weights_sha256"] == weights.sha256(tiny_weights)
     assert "mean Dice" in out
+    # An existing --json file is kept unless --overwrite (checked before the evaluation runs).
+    before = js.read_bytes()
+    again = ["evaluate", tmp_path / "demo", "--json", js, "--weights", tiny_weights, "--device", "cpu", "--quiet",
+             "--runs", "2", "--threshold", "1"]
+    code, out, err = run(again, capsys)
+    assert code == 2 and str(js) in err and "--overwrite" in err and "mean Dice" not in out
+    assert js.read_bytes() == before
     # Threshold and runs reach the segmenter: at threshold 1 nothing is marked, so Dice is 0.
-    code, out, err = run(["evaluate", tmp_path / "demo", "--json", js, "--weights", tiny_weights, "--device", "cpu",
-                          "--quiet", "--runs", "2", "--threshold", "1"], capsys)
+    code, out, err = run([*again, "--overwrite"], capsys)
     assert code == 0, err
     summary = json.loads(js.read_text())
     assert summary["mean_dice"] == 0.0 and "--runs 2 --threshold 1" in summary["command"]
