@@ -45,7 +45,7 @@ def plot(result: dict, path: Path) -> None:
     tokens = [r["tokens"] for r in result["rows"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = {"dense": "dense (all tokens)", "mask2former": "Mask2Former (thresholded mask)",
-              "sparse_as_dense_mask": "sampled, as a dense mask", "sparse_gather+sampling": "Boltzmann sampling + gather",
+              "sparse_as_dense_mask": "sampled, as a dense mask", "sparse_as_dense_mask+sampling": "Boltzmann sampling + dense mask", "sparse_gather+sampling": "Boltzmann sampling + gather",
               "sparse_gather": "gather only (K tokens)"}
     for key, label in labels.items():
         ax.plot(tokens, [r["time_ms"][key] for r in result["rows"]], "o-", label=label)
