@@ -1,8 +1,11 @@
 """napari reader: NIfTI, NRRD, MetaImage files and DICOM series folders via boltzformer.io.
 
 `napari_get_reader` only looks at the path (and, for a folder, at the first bytes of a few
-files), so it is cheap and never imports torch. A file that cannot be read becomes a napari
-notification naming the file and the problem, not a traceback dialog.
+files), so it is cheap and never imports torch. Reading goes through `boltzformer.io.read_volume`,
+the same reader as the command line (NIfTI sform/qform rule, DICOM slice-position checks, single
+slices kept in place, FIFOs refused). A file that cannot be read becomes a napari error
+notification naming the file and the problem, not a traceback dialog; problems that do not stop
+reading (qform/sform disagreement, a voxel size of 0) become warning notifications.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def looks_like_dicom_folder(folder: Path) -> bool:
 
 def read_layers(path):
     """[(array, kwargs, 'image')] for one volume; [(None,)] (napari's 'nothing here') on error."""
-    from napari.utils.notifications import show_error, show_info
+    from napari.utils.notifications import show_error, show_info, show_warning
 
     from boltzformer.errors import BoltzformerError
 
@@ -80,7 +83,9 @@ def read_layers(path):
         log.exception("reading %s failed", path)
         show_error(f"{path}: could not be read ({type(exc).__name__}: {exc})".splitlines()[0])
         return [(None,)]
+    for warning in volume.metadata.get("warnings", []):
+        show_warning(warning)
     note = volume.metadata.get("series_note")
-    if note:
-        show_info(f"{path}: {note}")
+    if note:  # --series is the command line's; here the user picks by folder
+        show_info(f"{path}: {note} To open another series, put its files in a folder of their own and open that folder.")
     return [layer]

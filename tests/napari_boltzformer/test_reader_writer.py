@@ -92,3 +92,111 @@ def test_a_dicom_folder_that_cannot_be_read_is_a_notification(viewer, tmp_path, 
     assert viewer.open(folder, plugin=PLUGIN) == []
     errors = [m for s, m in notifications if s == "error"]
     assert len(errors) == 1 and str(folder) in errors[0]
+
+
+# -- issue 18: the reader goes through the same checks as the command line ---------------------------
+def _messages(notifications, severity):
+    return [m for s, m in notifications if s == severity]
+
+
+@pytest.mark.parametrize("source", ["2D NIfTI", "one DICOM file"])
+def test_reader_keeps_a_single_slice_in_place(viewer, tmp_path, source):
+    import nibabel as nib
+
+    from ..model.test_io import write_ct_series
+
+    if source == "2D NIfTI":
+        affine = np.diag([-1.4, -1.4, 2.5, 1.0])
+        affine[:3, 3] = [178.5, 178.5, -67.5]
+        path = tmp_path / "slice.nii.gz"
+        nib.save(nib.Nifti1Image(np.full((20, 30), -700, np.int16), affine), str(path))
+        z = -67.5
+    else:
+        write_ct_series(tmp_path / "one", np.full((1, 30, 20), -700, np.int16), thickness=2.5, origin=(0.0, 0.0, -82.5),
+                        angle_deg=0.0)
+        path, z = tmp_path / "one", -82.5
+    [layer] = viewer.open(path, plugin=PLUGIN)
+    assert layer.ndim == 3 and layer.data.shape[0] == 1
+    assert layer.scale[0] == pytest.approx(2.5) and layer.translate[0] == pytest.approx(z)
+    assert _world_of_index(layer, [0, 0, 0])[2] == pytest.approx(z)
+
+
+def test_reader_follows_the_sform_and_warns(viewer, tmp_path, notifications):
+    import nibabel as nib
+
+    q = np.diag([-0.8, -0.7, 2.5, 1.0])
+    q[:3, 3] = [20.0, 35.0, 100.0]
+    s = q.copy()
+    s[0, 3] += 62.0
+    img = nib.Nifti1Image(np.full((40, 48, 6), -700, np.int16), None)
+    img.set_qform(q, code=1)
+    img.set_sform(s, code=2)
+    path = tmp_path / "qs.nii.gz"
+    nib.save(img, str(path))
+    [layer] = viewer.open(path, plugin=PLUGIN)
+    ras = np.diag([-1, -1, 1]) @ _world_of_index(layer, [0, 0, 0])  # napari world is LPS (z, y, x)
+    assert np.allclose(ras, s[:3, 3], atol=1e-3)  # where nibabel/FSL put voxel 0, not the qform's 62 mm off
+    (warning,) = _messages(notifications, "warning")
+    assert str(path) in warning and "qform and sform disagree (by up to 62.0 mm)" in warning
+
+
+def test_reader_refuses_a_series_with_a_gap_without_cli_hints(viewer, tmp_path, notifications):
+    from ..model.test_io import write_ct_series
+
+    keep = [0, 1, 3, 4]
+    write_ct_series(tmp_path / "gap", np.full((4, 30, 20), -700, np.int16), thickness=2.5,
+                    offsets_mm=[2.5 * k for k in keep], origin=(0.0, 0.0, 0.0), angle_deg=0.0)
+    assert viewer.open(tmp_path / "gap", plugin=PLUGIN) == []
+    (error,) = _messages(notifications, "error")
+    assert str(tmp_path / "gap") in error and "gap from 2.50 to 7.50 mm (1 slice missing)" in error
+    assert "--" not in error  # no command-line option offered to a GUI user
+
+
+def test_reader_two_series_note_says_how_to_pick_another(viewer, tmp_path, notifications):
+    from ..model.test_io import write_ct_series
+
+    hu = np.full((3, 30, 20), -700, np.int16)
+    write_ct_series(tmp_path / "two", hu, description="Axial", prefix="a")
+    write_ct_series(tmp_path / "two", hu[:2], description="Scout", series_number=1, prefix="b")
+    [layer] = viewer.open(tmp_path / "two", plugin=PLUGIN)
+    assert layer.data.shape[0] == 3
+    (info,) = _messages(notifications, "info")
+    assert "'Scout' (2 files, CT)" in info and "folder of their own" in info and "--series" not in info
+
+
+def test_reader_refuses_a_fifo_at_once(viewer, tmp_path, notifications):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.nii.gz")
+    assert viewer.open(tmp_path / "pipe.nii.gz", plugin=PLUGIN) == []  # returns: does not block on the FIFO
+    (error,) = _messages(notifications, "error")
+    assert "pipe.nii.gz: is a FIFO (named pipe), not a regular file" in error
+
+
+def test_reader_names_a_gzip_file_named_nii(viewer, tmp_path, notifications):
+    from boltzformer.io import write_volume
+
+    good = write_volume(ct_volume(), tmp_path / "ct.nii.gz")
+    (tmp_path / "ct.nii").write_bytes(good.read_bytes())
+    assert viewer.open(tmp_path / "ct.nii", plugin=PLUGIN) == []
+    (error,) = _messages(notifications, "error")
+    assert error == f"{tmp_path / 'ct.nii'}: is gzip-compressed but named .nii; rename it to .nii.gz"
+
+
+def test_writer_on_a_full_disk_keeps_the_old_file(viewer, tmp_path, notifications, monkeypatch):
+    import errno
+
+    from boltzformer import io
+
+    out = tmp_path / "mask.nii.gz"
+    out.write_bytes(b"the previous mask")
+
+    def full(image, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.sitk, "WriteImage", full)
+    labels = viewer.add_labels(np.zeros((4, 8, 8), np.uint8))
+    assert labels.save(str(out), plugin=PLUGIN) == []
+    (error,) = _messages(notifications, "error")
+    assert error == f"{out}: could not be written: no space left on device"
+    assert out.read_bytes() == b"the previous mask" and sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
