@@ -147,14 +147,16 @@ def cmd_segment(args) -> int:
         if volume.metadata.get("series_note") and not args.quiet:
             print(volume.metadata["series_note"] + " Choose another with --series (index, UID or part of the description).",
                   file=sys.stderr)
+        from .runtime import tune_allocator
         from .segmenter import Segmenter
 
+        tune_allocator()  # a CLI process owns its heap: keeps large temporaries mapped (2.4x faster gathers)
         seg = Segmenter.from_pretrained(args.weights, device=args.device)
         modality = None if args.modality == "auto" else args.modality
         gen = seg.iter_segment(
             volume, args.prompt, window=args.window, modality=modality, slices=slices, runs=args.runs, seed=args.seed,
             threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, return_attention=bool(args.attention),
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, fp_reduction=not args.no_fp_filter, force_prompt=args.force_prompt,
         )
         bar = None
         if not args.quiet:
@@ -225,6 +227,9 @@ def cmd_evaluate(args) -> int:
     with OutputSet(overwrite=args.overwrite) as outputs:
         if args.json:
             outputs.add(args.json, "--json")  # checked before the (long) evaluation
+        from .runtime import tune_allocator
+
+        tune_allocator()
         seg = Segmenter.from_pretrained(args.weights, device=args.device)
         cases = [c for c in args.cases.split(",") if c] if args.cases else None
         summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, progress=not args.quiet, seed=args.seed,
@@ -313,7 +318,10 @@ def cmd_info(args) -> int:
         src = weights.resolve(args.weights)
     except BoltzformerError as exc:
         print(f"weights: none ({exc})")
-        return 0
+        return 2 if args.weights else 0  # asked-for weights that are not there are an error
+    from .checkpoint import load_model
+
+    load_model(src.weights_path)  # raises a one-line WeightsError (exit 2) when they cannot be loaded
     meta = weights.read_config(src.config_path)
     cfg = meta.get("config", {})
     print(f"weights: {src.weights_path} ({src.description})")
@@ -365,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sampling runs, 1 to {MAX_RUNS}; > 1 gives mean probability and uncertainty")
     s.add_argument("--min-lesion-mm3", type=number(0.0), default=5.0, help="drop components smaller than this (mm³, >= 0)")
     s.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
-    s.add_argument("--weights", default=None, help="weights file/folder or Hugging Face repo id (default: bundled)")
+    s.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
+    s.add_argument("--no-fp-filter", action="store_true",
+                   help="keep every candidate: skip the 3D false-positive filter (lung prompts on CT in HU)")
+    s.add_argument("--force-prompt", action="store_true",
+                   help="run a prompt even when it names nothing the model was trained to find")
     s.add_argument("--probabilities", default=None, help="also write the probability volume")
     s.add_argument("--uncertainty", default=None, help="also write the variance across runs")
     s.add_argument("--attention", default=None, help="also write per-layer attention maps (.npz)")
