@@ -324,3 +324,15 @@ def test_false_positive_filter_switch_reapplies_without_inference(panel, qtbot, 
     assert panel.table.rowCount() == filtered + rejected
     panel.fp_check.setChecked(True)
     assert len(result.lesions) == filtered and calls == []
+
+
+def test_a_prompt_that_names_nothing_is_a_notification_and_no_layer_unless_forced(panel, viewer, qtbot, notifications):
+    before = len(viewer.layers)
+    panel.prompt_edit.setText("banana")
+    run_and_wait(panel, qtbot)
+    assert len(viewer.layers) == before
+    assert any(s == "error" and "names nothing this model was trained to find" in m for s, m in notifications)
+    panel.force_prompt_check.setChecked(True)
+    run_and_wait(panel, qtbot)
+    assert "mask" in _roles(viewer)
+    assert any(s == "warning" and "forced" in m for s, m in notifications)
