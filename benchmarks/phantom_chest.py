@@ -43,14 +43,25 @@ def phantom_case(set_name: str, index: int):
     return ph, volume
 
 
-def attention_on_target(result, nodules: np.ndarray) -> tuple[float, int]:
-    """(sampled tokens on nodule slices that lie on a nodule dilated by one token / all, slices)."""
+def attention_on_target(result, nodules: np.ndarray) -> tuple[float, float, float, int]:
+    """On the last decoder layer, over slices that hold a nodule, with the nodule dilated by one
+    token: (share of the sampled tokens that lie on it, share of the Boltzmann probability mass
+    on it, the most a sample of K distinct tokens could put on it, number of slices).
+
+    Sampling K distinct tokens (10 % of them) caps the first share at (target tokens) / K: a
+    5 mm nodule covers a handful of the 4 096 finest tokens, so its share stays small however
+    sharp the search; the probability mass shows how sharp it is.
+    """
     att = result.attention
     counts = att.counts[-1].astype(np.float64)  # Z x G x G, last decoder layer
+    probs = att.probabilities[-1].astype(np.float64)
     g = counts.shape[-1]
-    on, total, n = 0.0, 0.0, 0
-    for k in range(counts.shape[0]):
-        z = att.slice_start + k
+    cell = (att.strides[-1] // min(att.strides)) ** 2  # grid cells per token of the last layer
+    k_tokens = att.tokens_per_query[-1]
+    on = total = mass_on = mass = cap_on = cap = 0.0
+    n = 0
+    for j in range(counts.shape[0]):
+        z = att.slice_start + j
         if not nodules[z].any():
             continue
         h, w = nodules.shape[1:]
@@ -59,10 +70,15 @@ def attention_on_target(result, nodules: np.ndarray) -> tuple[float, int]:
         cells = np.zeros((g, g), bool)
         cells[(ys * g // h).clip(0, g - 1), (xs * g // w).clip(0, g - 1)] = True
         cells = ndimage.binary_dilation(cells, iterations=1)
-        on += counts[k][cells].sum()
-        total += counts[k].sum()
+        on += counts[j][cells].sum()
+        total += counts[j].sum()
+        mass_on += probs[j][cells].sum()
+        mass += probs[j].sum()
+        cap_on += min(cells.sum() / cell, k_tokens)
+        cap += k_tokens
         n += 1
-    return (on / total if total else float("nan")), n
+    nan = float("nan")
+    return (on / total if total else nan), (mass_on / mass if mass else nan), (cap_on / cap if cap else nan), n
 
 
 def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool):
@@ -72,9 +88,10 @@ def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool):
         t = time.perf_counter()
         res = seg.segment_volume(vol, "lung nodule", return_attention=True, fp_reduction=False)
         seconds = time.perf_counter() - t
-        frac, nslices = attention_on_target(res, ph.nodule_labels > 0)
+        frac, mass, cap, nslices = attention_on_target(res, ph.nodule_labels > 0)
         row = {"case": i, "seed": SETS[set_name] + i, "spacing_mm": list(ph.spacing_mm), "seconds": seconds,
-               "attention_on_target": frac, "attention_slices": nslices,
+               "attention_on_target": frac, "attention_mass_on_target": mass, "attention_cap": cap,
+               "attention_slices": nslices,
                "nodules": [{"diameter_mm": n.diameter_mm, "kind": n.kind, "label": n.label} for n in ph.nodules]}
         for fp_on in (False, True):
             if fp_on:
@@ -94,7 +111,8 @@ def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool):
         cases.append(row)
         print(f"{set_name} {i}: {len(ph.nodules)} nodules, detected {len(row['fp_off']['detected_labels'])} -> "
               f"{len(row['fp_on']['detected_labels'])}, FP {row['fp_off']['false_positives']} -> "
-              f"{row['fp_on']['false_positives']}, attention on target {frac:.3f}, {seconds:.1f} s", flush=True)
+              f"{row['fp_on']['false_positives']}, sampled tokens on target {frac:.3f} (cap {cap:.3f}), probability mass "
+              f"on target {mass:.3f}, {seconds:.1f} s", flush=True)
     return cases, candidates
 
 
@@ -115,8 +133,9 @@ def summarise(cases):
         out[key] = {"sensitivity_3_4mm": small_hit / small_n if small_n else None, "nodules_3_4mm": small_n,
                     "sensitivity_ge4mm": big_hit / big_n if big_n else None, "nodules_ge4mm": big_n,
                     "fp_per_volume": float(np.mean(fps)), "fp_max": int(np.max(fps))}
-    att = [c["attention_on_target"] for c in cases if c["attention_slices"]]
-    out["attention_on_target_mean"] = float(np.mean(att)) if att else None
+    for key in ("attention_on_target", "attention_mass_on_target", "attention_cap"):
+        vals = [c[key] for c in cases if c["attention_slices"]]
+        out[key + "_mean"] = float(np.mean(vals)) if vals else None
     out["seconds_per_volume"] = float(np.mean([c["seconds"] for c in cases]))
     return out
 
