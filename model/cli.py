@@ -25,7 +25,6 @@ from .errors import BoltzformerError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
-MAX_PROMPT_CHARS = 500  # prompts are short phrases ("lung nodule"); a page of text is a mistake
 MAX_RUNS = 100  # each run repeats the whole inference
 MAX_SEED = 2**63 - 1  # seeds travel on as signed 64-bit integers
 
@@ -117,6 +116,8 @@ def cmd_segment(args) -> int:
 
     if not args.prompt or not args.prompt.strip():
         raise BoltzformerError("the prompt is empty; give one with -p, e.g. -p \"lung nodule\"")
+    from .segmenter import MAX_PROMPT_CHARS
+
     if len(args.prompt) > MAX_PROMPT_CHARS:
         raise BoltzformerError(f"the prompt is {len(args.prompt)} characters long; at most {MAX_PROMPT_CHARS} "
                                "(a short phrase such as \"lung nodule\" works best)")

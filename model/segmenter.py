@@ -40,6 +40,7 @@ DEFAULT_MIN_LESION_MM3 = 5.0
 # model (benchmarks/prompt_similarity.py): phrasings of known targets score >= 0.59, unrelated
 # words and sentences <= 0.49.
 MIN_PROMPT_SIMILARITY = 0.54
+MAX_PROMPT_CHARS = 500  # prompts are short phrases ("lung nodule"); a page of text is a mistake
 
 
 def available_devices() -> dict[str, bool]:
@@ -290,6 +291,9 @@ class Segmenter:
         """
         if prompt is None or not str(prompt).strip():
             raise PromptError("the prompt is empty; type what to segment, e.g. \"lung nodule\"")
+        if len(str(prompt)) > MAX_PROMPT_CHARS:
+            raise PromptError(f"the prompt is {len(str(prompt))} characters long; at most {MAX_PROMPT_CHARS} "
+                              "(a short phrase such as \"lung nodule\" works best)")
         text = normalise_prompt(str(prompt))
         warnings = []
         if self.prompt_bank and text not in self.prompt_bank:

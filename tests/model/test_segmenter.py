@@ -118,3 +118,8 @@ def test_prompts_that_name_nothing_known_are_refused_unless_forced(segmenter_wit
 def test_phrasings_of_known_targets_are_accepted(segmenter_with_prompts, prompt):
     text, warnings = segmenter_with_prompts.check_prompt(prompt)
     assert text == prompt and not warnings
+
+
+def test_a_page_of_text_is_not_a_prompt(segmenter, volume):
+    with pytest.raises(PromptError, match="10000 characters long; at most 500"):
+        segmenter.segment_volume(volume, "nodule " * 1428 + "lung")
