@@ -81,12 +81,12 @@ def attention_on_target(result, nodules: np.ndarray) -> tuple[float, float, floa
     return (on / total if total else nan), (mass_on / mass if mass else nan), (cap_on / cap if cap else nan), n
 
 
-def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool):
+def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool, threshold: float = 0.5):
     cases, candidates = [], []
     for i in range(count):
         ph, vol = phantom_case(set_name, i)
         t = time.perf_counter()
-        res = seg.segment_volume(vol, "lung nodule", return_attention=True, fp_reduction=False)
+        res = seg.segment_volume(vol, "lung nodule", return_attention=True, fp_reduction=False, threshold=threshold)
         seconds = time.perf_counter() - t
         frac, mass, cap, nslices = attention_on_target(res, ph.nodule_labels > 0)
         row = {"case": i, "seed": SETS[set_name] + i, "spacing_mm": list(ph.spacing_mm), "seconds": seconds,
@@ -145,12 +145,13 @@ def main():
     ap.add_argument("--set", choices=tuple(SETS), default="test")
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--weights", default=None)
+    ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--candidates", type=Path, default=None)
     args = ap.parse_args()
     seg = Segmenter.from_pretrained(args.weights, device="cpu")
-    cases, candidates = run(args.set, args.count, seg, args.candidates is not None)
-    summary = {"set": args.set, "count": args.count, "weights_sha256": seg.info.get("sha256"),
+    cases, candidates = run(args.set, args.count, seg, args.candidates is not None, args.threshold)
+    summary = {"set": args.set, "count": args.count, "threshold": args.threshold, "weights_sha256": seg.info.get("sha256"),
                "weights": seg.info.get("weights_path"), **summarise(cases)}
     print(json.dumps(summary, indent=2))
     if args.json:

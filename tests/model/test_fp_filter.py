@@ -19,7 +19,26 @@ def _lung_with_nodule_vessel_and_fat():
     return vol, candidates, nodule
 
 
-def test_filter_keeps_the_nodule_and_drops_vessel_and_fat():
+def test_features_tell_a_nodule_from_a_vessel_and_from_fat():
+    vol, candidates, nodule = _lung_with_nodule_vessel_and_fat()
+    labels, n = postprocess.label_components(candidates, vol.spacing_mm)
+    rows = postprocess.lesion_table(labels, vol)
+    feats = fp_filter.candidate_features(labels, rows, vol, candidates.astype(np.float32))
+    by_kind = {}
+    for row, f in zip(rows, feats):
+        region = labels == row["lesion_id"]
+        kind = "nodule" if (region & nodule).any() else "fat" if row["centroid_voxel_zyx"][2] > 55 else "vessel"
+        by_kind[kind] = f
+    assert by_kind["nodule"]["blobness"] > 0.5 > by_kind["vessel"]["blobness"]
+    assert by_kind["vessel"]["z_continuation"] > 0.9 > 0.1 > by_kind["nodule"]["z_continuation"]
+    assert by_kind["nodule"]["lung_shell"] > 0.9 and by_kind["vessel"]["lung_shell"] > 0.8  # its own continuation is not air
+    assert by_kind["fat"]["lung_shell"] < fp_filter.MIN_LUNG_SHELL
+
+
+def test_filter_keeps_the_nodule_and_drops_vessel_and_fat(monkeypatch):
+    # the vessel rule with thresholds that switch it on (the bundled ones leave it off, see fp_filter)
+    monkeypatch.setattr(fp_filter, "MIN_BLOBNESS", 0.25)
+    monkeypatch.setattr(fp_filter, "MAX_CONTINUATION", 0.5)
     vol, candidates, nodule = _lung_with_nodule_vessel_and_fat()
     labels, n = postprocess.label_components(candidates, vol.spacing_mm)
     assert n == 3
