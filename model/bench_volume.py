@@ -36,7 +36,7 @@ def make_ct(path: Path, slices: int, size: int = 512, seed: int = 0) -> Path:
     return path
 
 
-def measure(input_path: str, output_path: str, device: str, prompt: str = "lung nodule") -> dict:
+def measure(input_path: str, output_path: str, device: str, prompt: str = "lung nodule", weights: str | None = None) -> dict:
     """One `segment` run with stage times; meant to run in its own process."""
     t0 = time.perf_counter()
     import torch
@@ -45,7 +45,7 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
     from .segmenter import Segmenter
 
     t_import = time.perf_counter() - t0
-    seg = Segmenter.from_pretrained(device=device)
+    seg = Segmenter.from_pretrained(weights, device=device)
     t_load = time.perf_counter() - t0 - t_import
     if seg.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -70,6 +70,8 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "lesions_found": len(result.lesions), "sampling": seg.config.sampling,
         "attention_impl": seg.config.attention_impl, "batch_size": seg.default_batch_size(),
+        "context_offsets_mm": list(seg.config.context_offsets_mm), "fp_filter_rejected": len(result.rejected),
+        "weights": seg.info.get("weights_source"),
     }
     if seg.device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -87,6 +89,8 @@ def run_volume_benchmark(args) -> int:
             src = make_ct(Path(tmp) / f"ct_{n}.nii.gz", n)
             cmd = [sys.executable, "-m", "boltzformer.bench_volume", "--measure", str(src),
                    str(Path(tmp) / f"mask_{n}.nii.gz"), device]
+            if getattr(args, "weights", None):
+                cmd.append(str(args.weights))
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)
@@ -128,8 +132,8 @@ def volume_markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--measure":
-        print(json.dumps(measure(sys.argv[2], sys.argv[3], sys.argv[4])))
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--measure":
+        print(json.dumps(measure(sys.argv[2], sys.argv[3], sys.argv[4], weights=(sys.argv[5:] or [None])[0])))
     else:
         import argparse
 

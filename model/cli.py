@@ -433,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--repeats", type=whole(1, 100_000), default=30)
     b.add_argument("--slices", default="100,300", help="volume: slice counts to time")
+    b.add_argument("--weights", default=None, help="volume: weights to time (default: bundled)")
     b.set_defaults(func=cmd_bench)
     return p
 
