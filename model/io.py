@@ -1333,11 +1333,7 @@ def _fsync_file(path: Path) -> None:
 def _fsync_folder(folder: Path) -> None:
     """Make the renames durable; not every file system can fsync a folder, which is fine."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(folder)
 
 
 def _remove(path: Path) -> None:
