@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from boltzformer import fp_filter, postprocess
+from boltzformer import fp_filter
 from boltzformer.io import Volume
 from boltzformer.segmenter import Segmenter
 from boltzformer.synth.lung3d import chest_phantom

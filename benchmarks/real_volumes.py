@@ -19,7 +19,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 from boltzformer import postprocess

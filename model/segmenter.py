@@ -212,12 +212,9 @@ def _attention_to_input(att: "AttentionMaps | None", reo: Reorientation, frame: 
     if not reo.keeps_slices:
         att.frame = frame
         return att
-    a_counts, a_prob = att.counts, att.probabilities
-    maps = []
-    for a in (a_counts, a_prob):  # L x Z x G x G on the canonical grid
-        a = reo.from_canonical(a)  # in-plane flips/swap and the z flip, as for full-size arrays
-        maps.append(np.ascontiguousarray(a))
-    att.counts, att.probabilities = maps
+    # L x Z x G x G on the canonical grid: the same in-plane flips/swap and z flip as full-size arrays
+    att.counts = np.ascontiguousarray(reo.from_canonical(att.counts))
+    att.probabilities = np.ascontiguousarray(reo.from_canonical(att.probabilities))
     if reo.source_axis[0] == 1:  # canonical x came from input y: the grid's cells swap too
         att.grid_scale_yx = tuple(att.grid_scale_yx[::-1])
     if reo.flip[2]:
