@@ -395,6 +395,7 @@ class BoltzFormerWidget(QWidget):
         # six columns share the panel width: no horizontal scrolling to reach the last one
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.table.horizontalHeader().setMinimumSectionSize(30)
+        self.table.horizontalHeader().setDefaultSectionSize(56)  # a small natural width: the panel decides
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.setMinimumHeight(120)
         self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
