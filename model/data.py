@@ -293,6 +293,8 @@ def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, 
     and airway walls that must stay empty), organ prompts (lung, heart, aorta), and now and
     then a prompt that names nothing (empty). images: N x (1 + len(offsets_mm)) x S x S uint8.
     """
+    from scipy import ndimage
+
     from .context import context_stack
     from .synth.lung3d import chest_phantom
 
@@ -309,22 +311,22 @@ def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, 
         nod = ph.masks["lung_nodule"] > 0
         lung_slices = np.flatnonzero(ph.masks["lung"].reshape(depth, -1).any(1))
         pos = np.flatnonzero(nod.reshape(depth, -1).any(1))
-        neg = np.setdiff1d(lung_slices, np.flatnonzero(ndi_dilate_1d(nod.reshape(depth, -1).any(1), 2)))
+        near_nodule = ndimage.binary_dilation(nod.reshape(depth, -1).any(1), iterations=2)  # not negatives
+        neg = np.setdiff1d(lung_slices, np.flatnonzero(near_nodule))
         for _ in range(per_volume):
             u = rng.random()
             if u < unrelated_fraction:
-                z, target, prompt = int(rng.integers(depth)), "none", UNRELATED_PROMPTS[rng.integers(len(UNRELATED_PROMPTS))]
+                z, target = int(rng.integers(depth)), "none"
             elif u < unrelated_fraction + negative_fraction and len(neg):
                 z, target = int(rng.choice(neg)), "lung_nodule"
-                prompt = vocab.TARGETS[target].prompts[rng.integers(len(vocab.TARGETS[target].prompts))]
             elif u < 0.85 and len(pos):
                 z, target = int(rng.choice(pos)), "lung_nodule"
-                prompt = vocab.TARGETS[target].prompts[rng.integers(len(vocab.TARGETS[target].prompts))]
             else:
                 target = ("lung", "heart", "aorta")[rng.integers(3)]
                 present = np.flatnonzero(ph.masks[target].reshape(depth, -1).any(1))
                 z = int(rng.choice(present)) if len(present) else int(rng.integers(depth))
-                prompt = vocab.TARGETS[target].prompts[rng.integers(len(vocab.TARGETS[target].prompts))]
+            phrasings = UNRELATED_PROMPTS if target == "none" else vocab.TARGETS[target].prompts
+            prompt = phrasings[rng.integers(len(phrasings))]
             name = "lung" if rng.random() < 0.6 else TRAIN_WINDOWS[rng.integers(len(TRAIN_WINDOWS))]
             if target in ("heart", "aorta") and rng.random() < 0.6:
                 name = "mediastinum"
@@ -340,9 +342,3 @@ def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, 
             targets.append(target)
     return ExampleSet(np.stack(images), np.stack(masks), prompts, targets)
 
-
-def ndi_dilate_1d(flags: np.ndarray, n: int) -> np.ndarray:
-    """Boolean flags along z grown by n on each side (slices near a nodule are not negatives)."""
-    from scipy import ndimage
-
-    return ndimage.binary_dilation(flags, iterations=n) if n > 0 else flags

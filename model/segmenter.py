@@ -22,10 +22,9 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
-from . import intensity, postprocess
+from . import fp_filter, intensity, postprocess
 from .checkpoint import load_model
 from .errors import BoltzformerError, PromptError
-from . import fp_filter
 from .context import context_margin, context_stack
 from .io import Volume
 from .network.boltzformer import BoltzFormer
