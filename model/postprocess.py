@@ -25,9 +25,10 @@ __all__ = [
 
 # Column order of the CSV lesion table (the JSON rows keep the centroids as 3-element lists).
 CSV_COLUMNS = (
-    "lesion_id", "voxels", "volume_mm3", "longest_axial_diameter_mm",
+    "lesion_id", "voxels", "volume_mm3", "longest_axial_diameter_mm", "short_axis_diameter_mm",
+    "mean_axial_diameter_mm",
     "centroid_z", "centroid_y", "centroid_x", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-    "slice_start", "slice_end", "mean_intensity",
+    "slice_start", "slice_end", "mean_intensity", "mean_probability", "max_probability",
 )
 
 _STRUCTURES = {6: 1, 18: 2, 26: 3}  # connectivity → rank of ndimage.generate_binary_structure
@@ -78,23 +79,31 @@ def remove_small_lesions(mask: np.ndarray, spacing_mm, min_lesion_mm3: float) ->
     return (labels > 0).astype(np.uint8)
 
 
-def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | None = None) -> list[dict]:
+def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | None = None,
+                 probabilities: np.ndarray | None = None) -> list[dict]:
     """One row (dict) per labelled component, in label order.
 
     Args:
         labels: int (z, y, x), 0 = background, same shape as ``volume``.
         volume: gives the geometry (and the intensities when ``intensity`` is None).
         intensity: optional (z, y, x) array for ``mean_intensity`` (e.g. probabilities).
+        probabilities: optional (z, y, x) model probabilities: the rows get their mean and
+            maximum over the lesion (how sure the model is of it).
 
     Row keys:
         lesion_id (label value), voxels, volume_mm3,
         longest_axial_diameter_mm: the largest in-plane extent over the lesion's slices: the
             longest distance between two voxel centres in one slice, plus one pixel (half a
             pixel at each end, so a single voxel measures one pixel),
+        short_axis_diameter_mm: in the slice of the longest diameter, the longest chord
+            perpendicular to it (RECIST / Lung-RADS short axis), plus one pixel,
+        mean_axial_diameter_mm: (longest + short axis) / 2, the "mean diameter" that
+            Fleischner and Lung-RADS size categories use,
         centroid_voxel_zyx: (z, y, x) fractional voxel index,
         centroid_world_mm: (x, y, z) LPS mm,
         slice_start, slice_end: first and last z index (inclusive),
-        mean_intensity.
+        mean_intensity,
+        mean_probability, max_probability (only with ``probabilities``).
     """
     labels = np.asarray(labels)
     if labels.shape != volume.shape:
@@ -102,6 +111,8 @@ def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | Non
     values = volume.array if intensity is None else np.asarray(intensity)
     if values.shape != labels.shape:
         raise ValueError(f"intensity shape {values.shape} differs from the labels' {labels.shape}")
+    if probabilities is not None and np.shape(probabilities) != labels.shape:
+        raise ValueError(f"probabilities shape {np.shape(probabilities)} differs from the labels' {labels.shape}")
     sx, sy, _ = volume.spacing_mm
     voxel_mm3 = float(np.prod(volume.spacing_mm))
     rows = []
@@ -116,32 +127,48 @@ def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | Non
             float(np.dot(region.sum(axis=others, dtype=np.int64), np.arange(region.shape[axis])) / voxels) + box[axis].start
             for axis, others in ((0, (1, 2)), (1, (0, 2)), (2, (0, 1)))
         )
-        rows.append({
+        longest, short = _axial_diameters_mm(region, sy, sx)
+        row = {
             "lesion_id": lesion_id,
             "voxels": voxels,
             "volume_mm3": float(voxels * voxel_mm3),
-            "longest_axial_diameter_mm": _longest_axial_diameter_mm(region, sy, sx),
+            "longest_axial_diameter_mm": longest,
+            "short_axis_diameter_mm": short,
+            "mean_axial_diameter_mm": (longest + short) / 2.0,
             "centroid_voxel_zyx": tuple(float(c) for c in centroid),
             "centroid_world_mm": tuple(float(c) for c in volume.index_to_world(centroid)),
             "slice_start": int(box[0].start),
             "slice_end": int(box[0].stop - 1),
             "mean_intensity": float(values[box][region].mean(dtype=np.float64)),
-        })
+        }
+        if probabilities is not None:
+            inside = np.asarray(probabilities[box])[region]
+            row["mean_probability"] = float(inside.mean(dtype=np.float64))
+            row["max_probability"] = float(inside.max())
+        rows.append(row)
     return rows
 
 
 def _longest_axial_diameter_mm(region: np.ndarray, sy: float, sx: float) -> float:
-    """Max over slices of the longest in-plane voxel-centre distance (mm), plus one pixel.
+    """Max over slices of the longest in-plane voxel-centre distance (mm), plus one pixel."""
+    return _axial_diameters_mm(region, sy, sx)[0]
 
-    Only boundary pixels can be the ends of the longest chord, and only those on the convex
-    hull; large slices are reduced to their hull before the pairwise distances.
+
+def _axial_diameters_mm(region: np.ndarray, sy: float, sx: float) -> tuple[float, float]:
+    """(longest, short axis) in-plane diameters (mm) of a (z, y, x) region.
+
+    longest: max over slices of the longest voxel-centre distance, plus one pixel. Only
+    boundary pixels can be the ends of the longest chord, and only those on the convex hull;
+    large slices are reduced to their hull before the pairwise distances.
+    short: in that slice, the longest chord perpendicular to the longest one, plus one pixel.
     """
     cross = ndimage.generate_binary_structure(2, 1)[None]  # in-plane 4-neighbourhood
     boundary = region & ~ndimage.binary_erosion(region, structure=cross)
     zs, ys, xs = np.nonzero(boundary)  # sorted by z
     points_mm = np.column_stack([ys * sy, xs * sx])
-    best = 0.0
-    for points in np.split(points_mm, np.flatnonzero(np.diff(zs)) + 1):  # one slice at a time
+    best, best_z, best_axis = 0.0, None, None
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(zs)) + 1])
+    for start, points in zip(starts, np.split(points_mm, starts[1:])):  # one slice at a time
         if len(points) == 0:
             continue
         if len(points) > _HULL_ABOVE:
@@ -154,8 +181,36 @@ def _longest_axial_diameter_mm(region: np.ndarray, sy: float, sx: float) -> floa
             pixel = max(sx, sy)  # a single pixel
         else:
             pixel = sx if dx >= dy else sy  # pixel size along the axis closest to the chord
-        best = max(best, float(np.sqrt(d2[i, j])) + pixel)
-    return best
+        length = float(np.sqrt(d2[i, j])) + pixel
+        if length > best:
+            best, best_z, best_axis = length, int(zs[start]), diff[i, j]
+    if best_z is None:
+        return 0.0, 0.0
+    return best, min(best, _short_axis_mm(region[best_z], sy, sx, best_axis))
+
+
+def _short_axis_mm(section: np.ndarray, sy: float, sx: float, axis_mm) -> float:
+    """The longest chord of a 2D region perpendicular to `axis_mm` (dy, dx), plus one pixel.
+
+    Pixels are grouped into strips one pixel wide across the long axis; a strip's extent
+    along the perpendicular is the chord there (its two ends)."""
+    norm = float(np.hypot(*axis_mm))
+    if norm == 0:
+        return min(sx, sy)  # a single pixel: its shorter side
+    uy, ux = float(axis_mm[0]) / norm, float(axis_mm[1]) / norm
+    ys, xs = np.nonzero(section)
+    y_mm, x_mm = ys * sy, xs * sx
+    along = y_mm * uy + x_mm * ux
+    across = -y_mm * ux + x_mm * uy
+    step = sx * abs(ux) + sy * abs(uy)  # about one pixel along the long axis
+    strips = np.round(along / step).astype(np.int64)
+    strips -= strips.min()
+    lo = np.full(strips.max() + 1, np.inf)
+    hi = np.full(strips.max() + 1, -np.inf)
+    np.minimum.at(lo, strips, across)
+    np.maximum.at(hi, strips, across)
+    pixel = sx if abs(uy) >= abs(ux) else sy  # the perpendicular runs closest to the other axis
+    return float(np.max(hi - lo)) + pixel
 
 
 def _hull_points(points: np.ndarray) -> np.ndarray:
@@ -167,6 +222,100 @@ def _hull_points(points: np.ndarray) -> np.ndarray:
     except Exception:  # noqa: BLE001 - Qhull refuses collinear input: the ends are the extremes
         order = np.lexsort((points[:, 1], points[:, 0]))
         return points[[order[0], order[-1]]]
+
+
+def select_labels(labels: np.ndarray, ids) -> np.ndarray:
+    """uint8 (z, y, x) mask of the components whose label is in `ids` (what a view shows)."""
+    ids = np.asarray(sorted(int(i) for i in ids), dtype=np.int64)
+    labels = np.asarray(labels)
+    if ids.size == 0:
+        return np.zeros(labels.shape, np.uint8)
+    lut = np.zeros(int(max(ids.max(), labels.max(initial=0))) + 1, np.uint8)
+    lut[ids] = 1
+    return lut[labels]
+
+
+# Organ measures: what "the size" of a structure means to a reader. Vessels: the calibre, the
+# largest short-axis diameter of any axial cross-section (axial cuts of the aorta and the cava
+# are near-perpendicular to them; on the arch the short axis is still its width). Solid organs
+# with a reference length (splenomegaly, hepatomegaly, kidney size): the craniocaudal extent.
+# Others (heart, lungs, vertebrae): none, a diameter would not mean anything.
+ORGAN_MEASURES = {
+    "aorta": "max axial calibre", "inferior_vena_cava": "max axial calibre",
+    "spleen": "craniocaudal length", "liver": "craniocaudal length", "kidney": "craniocaudal length",
+}
+
+
+def organ_summary(labels: np.ndarray, volume: Volume, target: str | None = None,
+                  probabilities: np.ndarray | None = None) -> dict | None:
+    """One structure from labelled components (1 = largest, as label_components numbers them).
+
+    The largest component is the structure (the two largest for paired organs, see
+    boltzformer.synth.prompts.PAIRED_TARGETS); the rest are left out as stray islands. `labels`
+    must lie on an axial grid (z = slices), e.g. the canonical frame, for the axial measures.
+
+    Returns None when nothing is labelled, else {structure, lesion_ids (the kept labels),
+    components_found, volume_mm3, volume_ml, measure (its name or None), measure_mm,
+    longest_axial_diameter_mm, slice_start, slice_end, centroid_voxel_zyx, centroid_world_mm,
+    mean_intensity, and mean_probability / max_probability with ``probabilities``}.
+    """
+    from .synth.prompts import PAIRED_TARGETS
+
+    labels = np.asarray(labels)
+    found = int(labels.max(initial=0))
+    if found == 0:
+        return None
+    kept = list(range(1, min(found, 2 if target in PAIRED_TARGETS else 1) + 1))
+    region_mask = select_labels(labels, kept).astype(bool)
+    (row,) = lesion_table(region_mask.astype(np.int32), volume, probabilities=probabilities)
+    sx, sy, sz = volume.spacing_mm
+    measure = ORGAN_MEASURES.get(target or "")
+    value = None
+    if measure == "max axial calibre":
+        value = _max_axial_calibre_mm(region_mask, sy, sx)
+    elif measure == "craniocaudal length":
+        value = (row["slice_end"] - row["slice_start"] + 1) * sz
+    return {
+        "structure": (target or "structure").replace("_", " "),
+        "lesion_ids": kept,
+        "components_found": found,
+        "volume_mm3": row["volume_mm3"],
+        "volume_ml": row["volume_mm3"] / 1000.0,
+        "measure": measure,
+        "measure_mm": value,
+        **{k: row[k] for k in ("longest_axial_diameter_mm", "slice_start", "slice_end", "centroid_voxel_zyx",
+                               "centroid_world_mm", "mean_intensity", "mean_probability", "max_probability")
+           if k in row},
+    }
+
+
+def organ_summary_of(result, target: str | None = None) -> dict | None:
+    """organ_summary of a boltzformer SegmentationResult: measured on its canonical axial frame,
+    slice range and centroid given on the input grid (as in its lesion table)."""
+    frame = result.frame if result.frame is not None else result.volume
+    reo = result.reorientation
+    labels, probabilities = result.labels, result.probabilities
+    if labels is None:
+        return None
+    if reo is not None and not reo.is_identity:
+        labels, probabilities = reo.to_canonical(labels), reo.to_canonical(probabilities)
+    summary = organ_summary(labels, frame, target, probabilities=probabilities)
+    if summary is not None and reo is not None and not reo.is_identity:
+        summary["centroid_voxel_zyx"] = reo.index_to_input(summary["centroid_voxel_zyx"], frame.shape)
+        z = np.flatnonzero(np.isin(result.labels, summary["lesion_ids"]).any(axis=(1, 2)))
+        summary["slice_start"], summary["slice_end"] = int(z[0]), int(z[-1])
+    return summary
+
+
+def _max_axial_calibre_mm(mask: np.ndarray, sy: float, sx: float) -> float:
+    """Largest short-axis diameter over the axial cross-sections (2D components) of a mask."""
+    best = 0.0
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        sections, n = ndimage.label(mask[z])
+        for box, index in zip(ndimage.find_objects(sections), range(1, n + 1)):
+            section = (sections[box] == index)[None]
+            best = max(best, _axial_diameters_mm(section, sy, sx)[1])
+    return best
 
 
 def write_lesion_table(rows: list[dict], path, *, overwrite: bool = False) -> Path:

@@ -102,7 +102,9 @@ class AttentionMaps:
     probabilities: L x Z x G x G float16, the Boltzmann probabilities averaged over queries,
       scaled so a uniform distribution is 1 (readable across layers of different sizes);
     grid_scale_yx: size of one grid cell in source voxels (y, x): place the maps in a viewer
-      with scale = voxel spacing * grid_scale_yx and the first processed slice as z offset.
+      with scale = voxel spacing * grid_scale_yx and the first processed slice as z offset;
+    query_bits: L x Z x G x G unsigned integers, bit q set when query q sampled the token (None
+      when the network has more queries than bits): `query_samples(q)` is one query's map.
     """
 
     counts: np.ndarray
@@ -116,10 +118,51 @@ class AttentionMaps:
     # None: the maps lie on the input volume's slices. Else the canonical axial Volume whose
     # slices they lie on (a sagittal or coronal input has no axial slices of its own).
     frame: Volume | None = None
+    query_bits: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
         return self.counts.shape[0]
+
+    def query_samples(self, query: int) -> np.ndarray:
+        """L x Z x G x G float16: 1 where query `query` (0-based) sampled the token, else 0."""
+        if self.query_bits is None:
+            raise ValueError("these attention maps hold no per-query record")
+        if not 0 <= int(query) < self.num_queries:
+            raise ValueError(f"query {query} out of range: the network has {self.num_queries} queries")
+        return ((self.query_bits >> self.query_bits.dtype.type(query)) & 1).astype(np.float16)
+
+    def top_mass(self, fraction: float = 0.5) -> np.ndarray:
+        """L x Z x G x G bool: per layer and slice, the fewest cells that together hold `fraction`
+        of the Boltzmann sampling probability (mean over queries); ties at the cut are all in.
+
+        A flat distribution (early layers, tau near 1) selects most of the frame; a sharp one a
+        few cells: the size of this set is how concentrated the search is.
+        """
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError("fraction must be in (0, 1]")
+        p = self.probabilities.astype(np.float32)
+        flat = p.reshape(*p.shape[:2], -1)
+        ordered = -np.sort(-flat, axis=-1)
+        cumulative = np.cumsum(ordered, axis=-1)
+        total = cumulative[..., -1:]
+        # index of the last cell needed to reach the fraction, then its value is the cut
+        last = np.minimum((cumulative < fraction * total).sum(-1, keepdims=True), flat.shape[-1] - 1)
+        cut = np.take_along_axis(ordered, last, axis=-1)
+        return ((flat >= cut) & (total > 0)).reshape(p.shape)
+
+    def top_mass_area(self, fraction: float = 0.5) -> np.ndarray:
+        """Per layer, the share of the frame (0..1, mean over the processed slices) that the
+        top-`fraction` cells cover: small = a concentrated search."""
+        top = self.top_mass(fraction)
+        done = self.probabilities.reshape(*self.probabilities.shape[:2], -1).astype(np.float32).sum(-1) > 0
+        share = top.reshape(*top.shape[:2], -1).mean(-1)
+        counted = np.maximum(done.sum(1), 1)
+        return (share * done).sum(1) / counted
+
+    def sharpest_layer(self, fraction: float = 0.5) -> int:
+        """The decoder layer whose top-`fraction` sampling mass covers the least of the frame."""
+        return int(np.argmin(self.top_mass_area(fraction)))
 
 
 @dataclass
@@ -170,7 +213,7 @@ class SegmentationResult:
         probabilities = reo.to_canonical(self.probabilities)
         raw = probabilities > self.threshold  # strictly: slices left out (probability 0) stay empty at any threshold
         labels, n = postprocess.label_components(raw, frame.spacing_mm, min_lesion_mm3=self.min_lesion_mm3)
-        rows = postprocess.lesion_table(labels, frame)
+        rows = postprocess.lesion_table(labels, frame, probabilities=probabilities)
         self.rejected = []
         if self.fp_reduction and n and fp_filter.applies(self.prompt, self.modality, self.window):
             labels, rows, self.rejected = fp_filter.filter_candidates(labels, rows, frame, probabilities)
@@ -214,6 +257,8 @@ def _attention_to_input(att: "AttentionMaps | None", reo: Reorientation, frame: 
     # L x Z x G x G on the canonical grid: the same in-plane flips/swap and z flip as full-size arrays
     att.counts = np.ascontiguousarray(reo.from_canonical(att.counts))
     att.probabilities = np.ascontiguousarray(reo.from_canonical(att.probabilities))
+    if att.query_bits is not None:
+        att.query_bits = np.ascontiguousarray(reo.from_canonical(att.query_bits))
     if reo.source_axis[0] == 1:  # canonical x came from input y: the grid's cells swap too
         att.grid_scale_yx = tuple(att.grid_scale_yx[::-1])
     if reo.flip[2]:
@@ -320,7 +365,7 @@ class Segmenter:
         A 2D batch given to a context model has its neighbours replicated from the slice (what a
         single-slice image gives). Slices are resized to the network size and the probabilities
         resized to out_hw (default: the input's H x W). attention: list per layer of (counts,
-        probabilities) as n x G x G tensors on CPU, or None.
+        probabilities, stride, tau, query bits or None) with n x G x G tensors on CPU, or None.
         """
         channels = self.model.cfg.in_channels
         if slices01.ndim == 3:
@@ -351,7 +396,11 @@ class Segmenter:
                 c = F.interpolate(rec["counts"][:, None].float(), size=(grid, grid), mode="nearest")[:, 0]
                 p = rec["probabilities"].float() * rec["probabilities"][0].numel()  # uniform == 1
                 p = F.interpolate(p[:, None], size=(grid, grid), mode="nearest")[:, 0]
-                attention.append((c.cpu(), p.cpu(), rec["stride"], rec["tau"]))
+                bits = rec.get("query_bits")
+                if bits is not None:  # integer nearest upsampling: each token repeated over its cells
+                    f = grid // bits.shape[-1]
+                    bits = bits.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu()
+                attention.append((c.cpu(), p.cpu(), rec["stride"], rec["tau"], bits))
         return prob[:, 0].cpu().numpy(), attention
 
     def _to_network_size(self, slices01: np.ndarray, chunk: int = 32) -> np.ndarray:
@@ -510,12 +559,16 @@ class Segmenter:
         if att is None:
             num_layers = len(layers)
             g = layers[0][0].shape[-1]
+            q = self.model.cfg.num_queries
+            has_bits = layers[0][4] is not None
+            bits_dtype = np.uint8 if q <= 8 else np.uint16 if q <= 16 else np.uint32 if q <= 32 else np.uint64
             att = AttentionMaps(
                 counts=np.zeros((num_layers, n, g, g), np.float16),
                 probabilities=np.zeros((num_layers, n, g, g), np.float16),
                 strides=[rec[2] for rec in layers], temperatures=[rec[3] for rec in layers],
                 tokens_per_query=[], slice_start=start,
-                grid_scale_yx=(hw[0] / g, hw[1] / g), num_queries=self.model.cfg.num_queries,
+                grid_scale_yx=(hw[0] / g, hw[1] / g), num_queries=q,
+                query_bits=np.zeros((num_layers, n, g, g), bits_dtype) if has_bits else None,
             )
             cfg = self.model.cfg
             from .network.sampling import num_sampled_tokens
@@ -524,7 +577,9 @@ class Segmenter:
                 tokens = (cfg.image_size // s) ** 2
                 k = tokens if cfg.sampling in ("dense", "mask2former") else num_sampled_tokens(tokens, cfg.token_ratio, cfg.min_tokens)
                 att.tokens_per_query.append(k)
-        for i, (c, p, _, _) in enumerate(layers):
+        for i, (c, p, _, _, bits) in enumerate(layers):
             att.counts[i, b0 : b0 + c.shape[0]] = c.numpy().astype(np.float16)
             att.probabilities[i, b0 : b0 + p.shape[0]] = p.numpy().astype(np.float16)
+            if att.query_bits is not None and bits is not None:
+                att.query_bits[i, b0 : b0 + bits.shape[0]] = bits.numpy().astype(att.query_bits.dtype)
         return att

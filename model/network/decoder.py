@@ -200,8 +200,12 @@ class BoltzDecoder(nn.Module):
             counts = mask.float().sum(1)
         else:
             counts = torch.full((b, n), float(q), device=confidence.device)
-        return {
+        record = {
             "layer": layer, "stride": stride, "tau": tau,
             "probabilities": probs.mean(1).reshape(b, *hw),  # B x h x w, mean over queries
             "counts": counts.reshape(b, *hw),  # B x h x w, queries that sampled each token
         }
+        bits = sampling.query_bits(indices, mask, b, q, n, confidence.device)
+        if bits is not None:  # which queries sampled each token, as bits: per-query heatmaps cost no more memory
+            record["query_bits"] = bits.reshape(b, *hw)
+        return record

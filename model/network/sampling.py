@@ -81,3 +81,29 @@ def token_counts(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
     counts = torch.zeros(b, num_tokens, device=indices.device, dtype=torch.float32)
     ones = torch.ones(indices.shape[0], indices.shape[1] * indices.shape[2], device=indices.device)
     return counts.scatter_add_(1, indices.reshape(b, -1), ones)
+
+
+MAX_QUERY_BITS = 62  # query q is bit q of an int64 (the sign bit stays clear)
+
+
+def query_bits(indices: torch.Tensor | None, mask: torch.Tensor | None, batch: int, num_queries: int,
+               num_tokens: int, device) -> torch.Tensor | None:
+    """Which queries attended each token, as a bit field: bit q set when query q did.
+
+    indices: B x Q x K sampled tokens (distinct per query), or mask: B x Q x N (True = attend),
+    or neither (every query attends every token). Returns int64 B x N, or None when there are
+    more queries than bits. A record of the sampling only: nothing the network computes reads it.
+    """
+    if num_queries > MAX_QUERY_BITS:
+        return None
+    weights = torch.ones(num_queries, dtype=torch.int64, device=device).bitwise_left_shift_(
+        torch.arange(num_queries, device=device))
+    if indices is not None:
+        k = indices.shape[-1]
+        out = torch.zeros(batch, num_tokens, dtype=torch.int64, device=device)
+        # tokens are distinct within a query, so the sum of distinct powers of two is their OR
+        return out.scatter_add_(1, indices.reshape(batch, -1),
+                                weights[None, :, None].expand(batch, num_queries, k).reshape(batch, -1))
+    if mask is not None:
+        return (mask.long() * weights[None, :, None]).sum(1)
+    return torch.full((batch, num_tokens), int(weights.sum()), dtype=torch.int64, device=device)

@@ -51,3 +51,32 @@ def all_prompts() -> list[str]:
 def target_of_prompt(prompt: str) -> str | None:
     """The target a known phrasing names (exact match, case-insensitive), else None."""
     return _BY_PROMPT.get(" ".join(prompt.lower().split()))
+
+
+# Structures with one outline (organ mode in the panel: one row, the largest component), and
+# those among them that come in two (the two largest components are kept).
+ORGAN_TARGETS = frozenset({"liver", "kidney", "spleen", "aorta", "inferior_vena_cava", "heart", "lung",
+                           "left_lung", "right_lung", "vertebra"})
+PAIRED_TARGETS = frozenset({"kidney", "lung"})
+_LESION_WORDS = ("lesion", "nodul", "tumor", "tumour", "mass", "cancer", "cyst", "metasta", "plaque", "glioma",
+                 "carcinoma", "polyp", "abscess")
+_ORGAN_WORDS = ("liver", "hepatic", "kidney", "renal", "spleen", "splenic", "aorta", "aortic", "vena cava", "ivc",
+                "heart", "cardiac", "lung", "pulmonary", "vertebra", "spine")
+
+
+def target_kind(target: str | None) -> str:
+    """'organ' for a structure with one outline, else 'lesion' (a list of candidates)."""
+    return "organ" if target in ORGAN_TARGETS else "lesion"
+
+
+def kind_of_prompt(prompt: str) -> str:
+    """'organ' or 'lesion': a known phrasing by its target; otherwise an organ word without a
+    lesion word ("the aortic root") is an organ, anything else a list of lesions (the view that
+    hides nothing)."""
+    target = target_of_prompt(prompt)
+    if target is not None:
+        return target_kind(target)
+    text = " ".join(prompt.lower().split())
+    if any(w in text for w in _LESION_WORDS):
+        return "lesion"
+    return "organ" if any(w in text for w in _ORGAN_WORDS) else "lesion"

@@ -1,0 +1,100 @@
+"""The per-query attention record and the top-mass summaries of AttentionMaps."""
+
+import numpy as np
+import pytest
+import torch
+
+from boltzformer.checkpoint import save_model
+from boltzformer.io import Volume
+from boltzformer.network import sampling
+from boltzformer.network.boltzformer import build_model
+from boltzformer.network.config import get_config
+from boltzformer.segmenter import AttentionMaps, Segmenter
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank={})
+    return Segmenter.from_pretrained(path, device="cpu")
+
+
+def _volume(direction=None):
+    rng = np.random.default_rng(0)
+    arr = rng.normal(-700, 100, size=(5, 40, 48)).astype(np.int16)
+    return Volume(arr, (0.7, 0.8, 2.5), (10.0, -5.0, 3.0), np.eye(3) if direction is None else direction, "CT")
+
+
+def _popcount(bits: np.ndarray) -> np.ndarray:
+    bits = bits.astype(np.uint64)
+    out = np.zeros(bits.shape, np.int64)
+    for q in range(64):
+        out += ((bits >> np.uint64(q)) & np.uint64(1)).astype(np.int64)
+    return out
+
+
+def test_query_bits_of_sampled_indices_and_masks():
+    indices = torch.tensor([[[0, 2], [2, 3], [1, 2]]])  # B=1, Q=3, K=2
+    bits = sampling.query_bits(indices, None, 1, 3, 5, "cpu")
+    assert bits.tolist() == [[0b001, 0b100, 0b111, 0b010, 0]]
+    mask = torch.tensor([[[True, False], [True, True]]])  # B=1, Q=2, N=2
+    assert sampling.query_bits(None, mask, 1, 2, 2, "cpu").tolist() == [[0b11, 0b10]]
+    assert sampling.query_bits(None, None, 2, 3, 2, "cpu").tolist() == [[7, 7], [7, 7]]  # dense: all
+    assert sampling.query_bits(indices, None, 1, sampling.MAX_QUERY_BITS + 1, 5, "cpu") is None
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_per_query_maps_add_up_to_the_counts_on_the_input_grid(segmenter, swapped):
+    """Each query's map holds its K tokens; together they are the counts, also after the maps
+    are brought back to a reoriented input's grid."""
+    direction = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]], float) if swapped else None
+    att = segmenter.segment_volume(_volume(direction), "lung nodule", return_attention=True, slices=(1, 4)).attention
+    cfg = segmenter.config
+    assert att.query_bits is not None and att.query_bits.shape == att.counts.shape
+    assert att.query_bits.dtype == np.uint8  # 4 queries fit in a byte
+    np.testing.assert_array_equal(_popcount(att.query_bits), att.counts.astype(np.int64))
+    for q in range(cfg.num_queries):
+        one = att.query_samples(q)
+        assert set(np.unique(one)) <= {0.0, 1.0}
+        for layer, k in enumerate(att.tokens_per_query):
+            cell = (att.strides[layer] // cfg.finest_stride) ** 2
+            assert one[layer, 0].astype(np.float64).sum() == k * cell
+    total = sum(att.query_samples(q).astype(np.float64) for q in range(cfg.num_queries))
+    np.testing.assert_array_equal(total, att.counts.astype(np.float64))
+    with pytest.raises(ValueError, match="out of range"):
+        att.query_samples(cfg.num_queries)
+
+
+def test_recording_attention_leaves_the_output_unchanged(segmenter):
+    volume = _volume()
+    plain = segmenter.segment_volume(volume, "lung nodule", seed=7).probabilities
+    recorded = segmenter.segment_volume(volume, "lung nodule", seed=7, return_attention=True).probabilities
+    np.testing.assert_array_equal(plain, recorded)
+
+
+def _maps(prob_layers):
+    p = np.asarray(prob_layers, np.float16)  # L x Z x G x G
+    return AttentionMaps(counts=np.zeros_like(p), probabilities=p, strides=[4] * p.shape[0],
+                         temperatures=[1.0] * p.shape[0], tokens_per_query=[1] * p.shape[0], slice_start=0,
+                         grid_scale_yx=(1.0, 1.0))
+
+
+def test_top_mass_is_the_fewest_cells_holding_the_fraction():
+    flat = np.ones((4, 4))
+    sharp = np.full((4, 4), 0.1)
+    sharp[1, 2] = 6.0  # 6 of 7.5: 80 % of the mass in one cell
+    two = np.zeros((4, 4))
+    two[0, 0], two[3, 3], two[2, 2] = 3.0, 2.0, 1.0  # 50 %: the first cell alone
+    att = _maps([[flat, sharp], [two, np.zeros((4, 4))]])
+    top = att.top_mass(0.5)
+    assert top[0, 0].all()  # a flat distribution: every cell ties at the cut
+    assert top[0, 1].sum() == 1 and top[0, 1, 1, 2]
+    assert top[1, 0].sum() == 1 and top[1, 0, 0, 0]
+    assert not top[1, 1].any()  # an unprocessed slice (all zero) selects nothing
+    assert att.top_mass(0.9)[1, 0].sum() == 3  # 3 + 2 < 0.9 * 6: all three
+    area = att.top_mass_area(0.5)
+    assert area[0] == pytest.approx((1.0 + 1 / 16) / 2)
+    assert area[1] == pytest.approx(1 / 16)  # the empty slice does not count
+    assert att.sharpest_layer() == 1
+    with pytest.raises(ValueError):
+        att.top_mass(0.0)
