@@ -119,6 +119,7 @@ class AttentionMaps:
     # slices they lie on (a sagittal or coronal input has no axial slices of its own).
     frame: Volume | None = None
     query_bits: np.ndarray | None = None
+    _top_mass_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -141,6 +142,13 @@ class AttentionMaps:
         """
         if not 0.0 < fraction <= 1.0:
             raise ValueError("fraction must be in (0, 1]")
+        key = (float(fraction), id(self.probabilities))
+        if key not in self._top_mass_cache:  # a sort of every slice: done once per view setting
+            self._top_mass_cache.clear()
+            self._top_mass_cache[key] = self._top_mass(fraction)
+        return self._top_mass_cache[key]
+
+    def _top_mass(self, fraction: float) -> np.ndarray:
         p = self.probabilities.astype(np.float32)
         flat = p.reshape(*p.shape[:2], -1)
         ordered = -np.sort(-flat, axis=-1)
@@ -163,6 +171,20 @@ class AttentionMaps:
     def sharpest_layer(self, fraction: float = 0.5) -> int:
         """The decoder layer whose top-`fraction` sampling mass covers the least of the frame."""
         return int(np.argmin(self.top_mass_area(fraction)))
+
+    def view(self, values: str = "counts", query: int | None = None, top_fraction: float | None = None) -> np.ndarray:
+        """L x Z x G x G float16 heatmap to show: `values` 'counts' (queries that sampled each
+        token; with `query`, 1 where that query did) or 'probabilities'; with `top_fraction`,
+        0 outside the cells holding that share of the sampling mass (see top_mass)."""
+        if values not in ("counts", "probabilities"):
+            raise ValueError(f"values must be 'counts' or 'probabilities', not {values!r}")
+        if values == "counts":
+            data = self.counts if query is None else self.query_samples(query)
+        else:
+            data = self.probabilities
+        if top_fraction is None:
+            return data
+        return np.where(self.top_mass(top_fraction), data, np.float16(0)).astype(np.float16)
 
 
 @dataclass

@@ -98,3 +98,19 @@ def test_top_mass_is_the_fewest_cells_holding_the_fraction():
     assert att.sharpest_layer() == 1
     with pytest.raises(ValueError):
         att.top_mass(0.0)
+
+
+def test_view_picks_values_query_and_top_mass():
+    sharp = np.full((4, 4), 0.1)
+    sharp[1, 2] = 6.0
+    att = _maps([[sharp]])
+    att.counts = np.full(att.probabilities.shape, 3, np.float16)
+    att.query_bits = np.full(att.probabilities.shape, 0b101, np.uint8)
+    att.num_queries = 3
+    assert (att.view() == 3).all() and att.view().dtype == np.float16
+    assert (att.view("counts", query=1) == 0).all() and (att.view("counts", query=2) == 1).all()
+    top = att.view("counts", top_fraction=0.5)
+    assert top[0, 0, 1, 2] == 3 and top.sum() == 3  # only the cell holding the mass
+    assert att.view("probabilities")[0, 0, 1, 2] == np.float16(6.0)
+    with pytest.raises(ValueError):
+        att.view("entropy")
