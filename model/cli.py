@@ -1,4 +1,4 @@
-"""The `boltzformer` command: segment, evaluate, sample, testset, info, train, bench.
+"""The `boltzformer` command: segment, cohort, evaluate, sample, testset, info, train, bench.
 
 Every user error prints one line `boltzformer: error: <file>: <problem>` and exits with status 2
 (`--debug` shows the traceback); so do bad option values, which are checked as the command line
@@ -218,6 +218,34 @@ def _write_attention(result, path) -> None:
         )
 
 
+# -- cohort ---------------------------------------------------------------------------------------
+def cmd_cohort(args) -> int:
+    from .cohort import REPORT_NAME, ScanOptions, run_cohort
+
+    if args.seed + args.runs - 1 > MAX_SEED:
+        raise BoltzformerError(f"--seed {args.seed} with --runs {args.runs}: run seeds go up to seed + runs - 1, "
+                               f"at most {MAX_SEED}")
+    options = ScanOptions(
+        threshold=args.threshold, window=args.window, modality=None if args.modality == "auto" else args.modality,
+        runs=args.runs, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, fp_reduction=not args.no_fp_filter,
+        force_prompt=args.force_prompt, batch_size=args.batch_size, allow_gaps=args.allow_gaps, device=args.device,
+    )
+    summary = run_cohort(args.input, args.out_dir, args.prompt, options, weights=args.weights, workers=args.workers,
+                         threads_per_worker=args.threads_per_worker, scheduler=args.scheduler, resume=args.resume,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    args.committed = True
+    for line in summary.failures[:10]:
+        _warn(f"failed: {line}")
+    if len(summary.failures) > 10:
+        _warn(f"... and {len(summary.failures) - 10} more failed scans; see {summary.out_dir / REPORT_NAME}")
+    earlier = f", {summary.skipped} done before (--resume)" if summary.skipped else ""
+    retried = f", {summary.retried} run again after a lost worker" if summary.retried else ""
+    print(f"{summary.total} scans: {summary.ok} ok, {summary.failed} failed{earlier}{retried}; "
+          f"{summary.scans_per_minute:.1f} scans/min on {summary.workers} worker(s), {summary.device}; "
+          f"masks, lesions.csv and report.csv in {summary.out_dir}")
+    return summary.exit_status
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_dir, format_table
@@ -387,6 +415,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_segment)
 
+    c = sub.add_parser(
+        "cohort", help="segment a folder or CSV list of scans on Dask (a local cluster, or --scheduler)",
+        description="Segment every scan of INPUT into OUT_DIR/<case_id>_mask.nii.gz, with OUT_DIR/lesions.csv and "
+                    "OUT_DIR/report.csv. Exit status: 0 every scan ok, 3 some scans failed (report.csv says why), "
+                    "2 bad arguments or interrupted (--resume goes on), 1 an internal error.")
+    c.add_argument("input", help="a folder (NIfTI/NRRD/MHA files and DICOM folders, searched recursively) or a CSV "
+                                 "with a 'path' column (optional: case_id, prompt)")
+    c.add_argument("-p", "--prompt", default=None, help='what to segment, e.g. "lung nodule" (a CSV row\'s prompt '
+                                                         'comes first)')
+    c.add_argument("-o", "--out-dir", required=True, help="folder for the masks, lesions.csv and report.csv")
+    c.add_argument("--workers", type=whole(1, 4096), default=None,
+                   help="local cluster: worker processes (default: one per CPU core or GPU, as memory allows)")
+    c.add_argument("--threads-per-worker", type=whole(1, 256), default=None, help="local cluster: scans at once per "
+                                                                                  "worker, sharing its model (default 1)")
+    c.add_argument("--scheduler", default=None, help="a running Dask scheduler, e.g. tcp://host:8786, instead of a "
+                                                     "local cluster (scans and OUT_DIR must be reachable by its workers)")
+    c.add_argument("--device", default="auto", choices=devices)
+    c.add_argument("--seed", type=SEED, default=0, help="sampling seed of every scan (same seed, same mask as segment)")
+    c.add_argument("--threshold", type=PROBABILITY, default=0.5, help="probability threshold, 0 to 1")
+    c.add_argument("--window", default=None, help="CT window: lung, mediastinum, soft_tissue, liver, bone, brain")
+    c.add_argument("--modality", default="auto", choices=("auto", "CT", "MR"))
+    c.add_argument("--runs", type=RUNS, default=1, help=f"sampling runs per scan, 1 to {MAX_RUNS}")
+    c.add_argument("--min-lesion-mm3", type=number(0.0), default=5.0, help="drop components smaller than this (mm³)")
+    c.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
+    c.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
+    c.add_argument("--no-fp-filter", action="store_true", help="keep every candidate: skip the 3D false-positive filter")
+    c.add_argument("--force-prompt", action="store_true", help="run prompts that name nothing the model knows")
+    c.add_argument("--allow-gaps", action="store_true", help="resample DICOM series with missing slices (warns)")
+    c.add_argument("--resume", action="store_true",
+                   help="skip the scans whose mask and ok report row exist with the same weights and options")
+    c.add_argument("--overwrite", action="store_true", help="start again in an OUT_DIR that holds a cohort")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_cohort)
+
     e = sub.add_parser("evaluate", help="Dice and lesion detection on a folder with cases.csv")
     e.add_argument("dir")
     e.add_argument("--json", default=None, help="write the results as JSON")
@@ -476,7 +538,8 @@ def _run(args) -> int:
         if args.debug:
             raise
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        _err(f"{what}; {'the outputs were already written' if args.committed else 'no output was written'}")
+        note = getattr(exc, "note", None) or ("the outputs were already written" if args.committed else "no output was written")
+        _err(f"{what}; {note}")
         return EXIT_USER_ERROR
     except MemoryError:
         if args.debug:

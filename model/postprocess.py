@@ -19,7 +19,7 @@ from .errors import OutputError
 from .io import OutputSet, Volume
 
 __all__ = [
-    "label_components", "remove_small_lesions", "lesion_table", "write_lesion_table", "lesion_table_bytes", "dice",
+    "label_components", "remove_small_lesions", "lesion_table", "write_lesion_table", "lesion_table_bytes", "flat_lesion_row", "dice",
     "lesion_detection", "CSV_COLUMNS",
 ]
 
@@ -349,15 +349,19 @@ def lesion_table_bytes(rows: list[dict], path) -> bytes:
     return text.encode("utf-8")
 
 
+def flat_lesion_row(row: dict) -> dict:
+    """A lesion_table row as CSV fields: the centroids split into CSV_COLUMNS' scalar columns,
+    floats rounded to 4 decimals; other keys kept as they are."""
+    flat = {k: v for k, v in row.items() if k not in ("centroid_voxel_zyx", "centroid_world_mm")}
+    if "centroid_voxel_zyx" in row:
+        flat["centroid_z"], flat["centroid_y"], flat["centroid_x"] = row["centroid_voxel_zyx"]
+    if "centroid_world_mm" in row:
+        flat["centroid_x_mm"], flat["centroid_y_mm"], flat["centroid_z_mm"] = row["centroid_world_mm"]
+    return {k: (round(float(v), 4) if isinstance(v, (float, np.floating)) else v) for k, v in flat.items()}
+
+
 def _csv_text(rows: list[dict]) -> str:
-    flat_rows = []
-    for row in rows:
-        flat = {k: v for k, v in row.items() if k not in ("centroid_voxel_zyx", "centroid_world_mm")}
-        if "centroid_voxel_zyx" in row:
-            flat["centroid_z"], flat["centroid_y"], flat["centroid_x"] = row["centroid_voxel_zyx"]
-        if "centroid_world_mm" in row:
-            flat["centroid_x_mm"], flat["centroid_y_mm"], flat["centroid_z_mm"] = row["centroid_world_mm"]
-        flat_rows.append({k: (round(float(v), 4) if isinstance(v, (float, np.floating)) else v) for k, v in flat.items()})
+    flat_rows = [flat_lesion_row(row) for row in rows]
     extra = [k for r in flat_rows for k in r if k not in CSV_COLUMNS]
     columns = list(CSV_COLUMNS) + list(dict.fromkeys(extra))
     buffer = _stdio.StringIO()

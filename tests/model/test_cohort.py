@@ -1,0 +1,306 @@
+"""`boltzformer cohort` on a LocalCluster of 2 in-process workers: every good scan segmented as
+`segment` would (same seed, same mask), broken scans reported, --resume after an interruption,
+CSV inputs with per-row prompts, lost workers, and bad arguments as one line with exit 2.
+
+The cluster is started once for the module (processes=False keeps it fast); the CLI reaches it
+with --scheduler, so the command line is tested as users call it on a cluster.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from boltzformer import cohort, weights
+from boltzformer.cohort import EXIT_SOME_FAILED, ScanOptions, run_cohort
+from boltzformer.io import Volume, read_volume, write_volume
+from boltzformer.synth import ct
+
+from .test_cli import PROMPT, run, tiny_weights  # noqa: F401 - fixture
+from .test_io import write_ct_series
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None,
+                                  silence_logs=logging.ERROR) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster):
+    with distributed.Client(cluster) as c:
+        yield c
+
+
+def small_ct(seed: int, oblique: bool = False) -> Volume:
+    """A 6 x 40 x 48 HU CT with a bright blob, anisotropic voxels, optionally rotated in plane."""
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(-700, 60, size=(6, 40, 48)).astype(np.int16)
+    hu[2:4, 15:22, 20:27] = 30
+    direction = np.eye(3)
+    if oblique:
+        c, s = np.cos(0.3), np.sin(0.3)
+        direction = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    return Volume(hu, (0.7, 0.8, 2.5), (-12.5, 30.0, 101.0 + seed), direction, "CT")
+
+
+@pytest.fixture
+def scans(tmp_path):
+    """scans/: two NIfTI files, one oblique NRRD in a sub-folder, a DICOM series folder and a
+    truncated NIfTI file."""
+    root = tmp_path / "scans"
+    (root / "p2").mkdir(parents=True)
+    write_volume(small_ct(0), root / "a.nii.gz")
+    write_volume(small_ct(1), root / "b.nii.gz")
+    write_volume(small_ct(2, oblique=True), root / "p2" / "c.nrrd")
+    write_ct_series(root / "p3" / "series", small_ct(3).array, thickness=2.5)
+    data = (root / "a.nii.gz").read_bytes()
+    (root / "broken.nii.gz").write_bytes(data[: len(data) // 2])
+    (root / "notes.txt").write_text("not a scan")
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def segment_mask(capsys, tmp_path, source, weights, prompt=PROMPT, *extra):
+    """The mask and lesion rows of `boltzformer segment` with the same options."""
+    out, les = tmp_path / "seg_mask.nii.gz", tmp_path / "seg_lesions.csv"
+    code, _, err = run(["segment", source, "-p", prompt, "-o", out, "--lesions", les, "--device", "cpu", "--quiet",
+                        "--overwrite", *(["--weights", weights] if weights else []), *extra], capsys)
+    assert code == 0, err
+    return read_volume(out), read_csv(les)
+
+
+def cohort_args(source, out, weights, *extra, cluster=None):
+    args = ["cohort", source, "-o", out, "--device", "cpu", "--quiet", *(["--weights", weights] if weights else []), *extra]
+    if cluster is not None:
+        args += ["--scheduler", cluster.scheduler_address]
+    return args
+
+
+# -- a folder with a broken scan ----------------------------------------------------------------------
+def test_folder_segments_every_good_scan_like_segment_and_reports_the_broken_one(scans, tmp_path, tiny_weights,
+                                                                                 cluster, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(cohort_args(scans, out, tiny_weights, "-p", PROMPT, "--seed", "3", cluster=cluster), capsys)
+    assert code == EXIT_SOME_FAILED == 3, err
+    assert "5 scans: 4 ok, 1 failed" in stdout
+    report = {r["case_id"]: r for r in read_csv(out / "report.csv")}
+    assert sorted(report) == ["a", "b", "broken", "p2_c", "p3_series"]  # notes.txt is no scan
+    broken = report.pop("broken")
+    assert broken["status"] == "failed" and broken["mask"] == "" and not (out / "broken_mask.nii.gz").exists()
+    assert broken["reason"].startswith(str(scans / "broken.nii.gz") + ": ") and "truncated" in broken["reason"]
+    assert "failed: broken: " in err and "Traceback" not in err
+    lesions = read_csv(out / "lesions.csv")
+    sources = {"a": scans / "a.nii.gz", "b": scans / "b.nii.gz", "p2_c": scans / "p2" / "c.nrrd",
+               "p3_series": scans / "p3" / "series"}
+    for case_id, row in report.items():
+        assert row["status"] == "ok" and row["reason"] == "" and float(row["seconds"]) > 0
+        assert row["weights_sha256"] == weights.sha256(tiny_weights)
+        assert "seed=3" in row["options"] and row["device"] == "cpu"
+        mask = read_volume(out / f"{case_id}_mask.nii.gz")
+        expected, expected_lesions = segment_mask(capsys, tmp_path, sources[case_id], tiny_weights, PROMPT, "--seed", "3")
+        assert mask.same_geometry(expected, atol=1e-6) and mask.same_geometry(read_volume(sources[case_id]), atol=1e-5)
+        np.testing.assert_array_equal(mask.array, expected.array)
+        assert 0 < mask.array.sum() < mask.array.size  # a partial mask: equality means something
+        mine = [r for r in lesions if r["case_id"] == case_id]
+        assert int(row["lesions"]) == len(mine) == len(expected_lesions)
+        for got, want in zip(mine, expected_lesions):
+            for column in ("volume_mm3", "longest_axial_diameter_mm", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+                           "slice_start", "slice_end"):
+                assert got[column] == want[column], column
+            assert 0.0 <= float(got["score"]) <= 1.0
+
+
+# -- --resume after an interruption ------------------------------------------------------------------
+def test_resume_after_an_interrupted_run_finishes_the_rest_without_duplicates(scans, tmp_path, tiny_weights, client):
+    (scans / "broken.nii.gz").unlink()
+    out = tmp_path / "out"
+    options = ScanOptions(device="cpu", seed=1)
+    seen = []
+
+    def stop_after_two(row):
+        seen.append(row["case_id"])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False,
+                   on_result=stop_after_two)
+    assert "2 of 4 scans are recorded" in info.value.note and "--resume" in info.value.note
+    first = read_csv(out / "report.csv")
+    assert [r["case_id"] for r in first] == seen
+    done_masks = {c: (out / f"{c}_mask.nii.gz").stat().st_mtime_ns for c in seen}
+    # A kill in the middle of the next scan's appends: its lesion rows are in, its report row half written.
+    with open(out / "lesions.csv", "a") as f:
+        f.write("p9_ghost,1,3,9.0,2.0,1,1,1,0,0,0,0,0,-700,0.9\n")
+    with open(out / "report.csv", "a") as f:
+        f.write("p9_ghost,ok,,1.0,1,/nowhere")
+
+    # Without --resume or --overwrite the folder's cohort is kept.
+    with pytest.raises(cohort.OutputError, match="--resume"):
+        run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False)
+
+    summary = run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False, resume=True)
+    assert (summary.total, summary.skipped, summary.ok, summary.failed) == (4, 2, 2, 0) and summary.exit_status == 0
+    rows = read_csv(out / "report.csv")
+    assert sorted(r["case_id"] for r in rows) == ["a", "b", "p2_c", "p3_series"]  # each once, the torn row gone
+    assert rows[:2] == first
+    lesions = read_csv(out / "lesions.csv")
+    assert "p9_ghost" not in {r["case_id"] for r in lesions}
+    for r in rows:
+        assert int(r["lesions"]) == sum(1 for x in lesions if x["case_id"] == r["case_id"])
+    assert {c: (out / f"{c}_mask.nii.gz").stat().st_mtime_ns for c in seen} == done_masks  # not redone
+
+    # Other options or a missing mask: those scans are done again, still one row each.
+    (out / f"{seen[0]}_mask.nii.gz").unlink()
+    summary = run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False, resume=True)
+    assert (summary.skipped, summary.ok) == (3, 1)
+    summary = run_cohort(scans, out, PROMPT, ScanOptions(device="cpu", seed=2), weights=tiny_weights, client=client,
+                         progress=False, resume=True)
+    assert (summary.skipped, summary.ok) == (0, 4)
+    rows = read_csv(out / "report.csv")
+    assert len(rows) == 4 and all("seed=2" in r["options"] for r in rows)
+
+
+# -- a CSV with per-row prompts (the bundled model) -----------------------------------------------------
+def test_csv_input_with_per_row_prompts(tmp_path, cluster, capsys):
+    synth = ct.ct_volume(5, shape_zyx=(8, 80, 80), spacing_mm=(3.2, 3.2, 2.5), region="chest", n_nodules=(2, 3))
+    (tmp_path / "data").mkdir()
+    write_volume(Volume(synth.image, synth.spacing_mm, (0.0, 0.0, 0.0), np.eye(3), "CT"), tmp_path / "data" / "chest.nii.gz")
+    table = tmp_path / "cases.csv"
+    table.write_text("path,case_id,prompt\n"
+                     "data/chest.nii.gz,nodules,\n"  # no prompt in the row: -p
+                     f"{tmp_path / 'data' / 'chest.nii.gz'},heart,heart\n"
+                     "data/missing.nii.gz,gone,heart\n", encoding="utf-8")
+    out = tmp_path / "out"
+    code, stdout, err = run(cohort_args(table, out, None, "-p", "lung nodule", cluster=cluster), capsys)
+    assert code == EXIT_SOME_FAILED, err
+    report = {r["case_id"]: r for r in read_csv(out / "report.csv")}
+    assert report["nodules"]["prompt"] == "lung nodule" and report["heart"]["prompt"] == "heart"
+    assert report["gone"]["status"] == "failed" and "missing.nii.gz: does not exist" in report["gone"]["reason"]
+    masks = {}
+    for case_id, prompt in (("nodules", "lung nodule"), ("heart", "heart")):
+        assert report[case_id]["status"] == "ok"
+        masks[case_id] = read_volume(out / f"{case_id}_mask.nii.gz").array
+        expected, _ = segment_mask(capsys, tmp_path, tmp_path / "data" / "chest.nii.gz", None, prompt)
+        np.testing.assert_array_equal(masks[case_id], expected.array)
+    assert masks["heart"].sum() > 5 * max(1, masks["nodules"].sum())  # the row's prompt was the one used
+
+    # A row whose prompt names nothing stops the cohort before any scan, naming the line.
+    table.write_text("path,case_id,prompt\ndata/chest.nii.gz,a,lung nodule\ndata/chest.nii.gz,b,banana\n", encoding="utf-8")
+    code, _, err = run(cohort_args(table, tmp_path / "out2", None, cluster=cluster), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{table}: line 3: prompt 'banana' names nothing" in err and not (tmp_path / "out2" / "report.csv").exists()
+
+
+# -- a lost worker ------------------------------------------------------------------------------------
+class LastWorker:  # what KilledWorker names (the scheduler's WorkerState)
+    address = "tcp://10.0.0.9:4000"
+
+
+RUNS: dict[str, int] = {}  # module level: tasks pickle a module-level function by reference, so they share it
+REAL_SEGMENT_SCAN = cohort.segment_scan
+
+
+def dying(plugin_name, scan, options, out_dir):
+    """segment_scan whose worker 'dies' under scan a every time and under scan b the first time."""
+    RUNS[scan.case_id] = RUNS.get(scan.case_id, 0) + 1
+    if scan.case_id == "a" or (scan.case_id == "b" and RUNS["b"] == 1):
+        raise distributed.scheduler.KilledWorker(f"scan-{scan.case_id}", LastWorker(), 0)
+    return REAL_SEGMENT_SCAN(plugin_name, scan, options, out_dir)
+
+
+def test_a_scan_whose_worker_dies_runs_once_more_then_fails(scans, tmp_path, tiny_weights, client, monkeypatch):
+    (scans / "broken.nii.gz").unlink()
+    RUNS.clear()
+    monkeypatch.setattr(cohort, "segment_scan", dying)
+    out = tmp_path / "out"
+    summary = run_cohort(scans, out, PROMPT, ScanOptions(device="cpu"), weights=tiny_weights, client=client,
+                         progress=False)
+    assert RUNS == {"a": 2, "b": 2, "p2_c": 1, "p3_series": 1}
+    assert (summary.ok, summary.failed, summary.retried, summary.exit_status) == (3, 1, 2, EXIT_SOME_FAILED)
+    report = {r["case_id"]: r for r in read_csv(out / "report.csv")}
+    assert len(report) == 4 and report["b"]["status"] == "ok"
+    assert report["a"]["status"] == "failed" and "worker was lost twice (KilledWorker" in report["a"]["reason"]
+
+
+# -- bad arguments: one line, exit 2, nothing written -----------------------------------------------------
+@pytest.mark.parametrize("case, expected", [
+    ("missing input", "does not exist"),
+    ("folder without prompt", "needs a prompt"),
+    ("csv without path", "needs a 'path' column"),
+    ("duplicate case id", "line 3: case_id 'x' is also on line 2"),
+    ("case id with a slash", "cannot name a file"),
+    ("workers with scheduler", "--workers and --threads-per-worker size the local cluster"),
+    ("too many workers", "use at most"),
+    ("resume and overwrite", "choose one"),
+    ("empty folder", "holds no scan"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(case, expected, scans, tmp_path, tiny_weights, cluster, capsys):
+    table = tmp_path / "list.csv"
+    source, extra = scans, ["-p", PROMPT]
+    if case == "missing input":
+        source = tmp_path / "nowhere"
+    elif case == "folder without prompt":
+        extra = []
+    elif case == "csv without path":
+        table.write_text("file\na.nii.gz\n")
+        source = table
+    elif case == "duplicate case id":
+        table.write_text(f"path,case_id\n{scans / 'a.nii.gz'},x\n{scans / 'b.nii.gz'},x\n")
+        source = table
+    elif case == "case id with a slash":
+        table.write_text(f"path,case_id\n{scans / 'a.nii.gz'},../x\n")
+        source = table
+    elif case == "workers with scheduler":
+        extra += ["--workers", "2", "--scheduler", cluster.scheduler_address]
+    elif case == "too many workers":
+        extra += ["--workers", "4000"]
+    elif case == "resume and overwrite":
+        extra += ["--resume", "--overwrite"]
+    elif case == "empty folder":
+        source = tmp_path / "empty"
+        source.mkdir()
+    out = tmp_path / "out"
+    code, stdout, err = run(cohort_args(source, out, tiny_weights, *extra), capsys)
+    assert code == 2, err
+    assert err.startswith("boltzformer: error: ") and len(err.strip().splitlines()) == 1 and expected in err
+    assert not (out / "report.csv").exists()
+
+
+def test_memory_bound_names_the_numbers():
+    with pytest.raises(cohort.BoltzformerError) as info:
+        cohort.check_memory(8, 1, memory_mb=8 * 1024)
+    message = str(info.value)
+    assert "--workers 8" in message and "GB per scan in flight" in message and "8.0 GB" in message
+    assert f"use at most {int(8 * 1024 // cohort.WORKER_PEAK_MB_512x512x300)} workers" in message
+    cohort.check_memory(1, 1, memory_mb=8 * 1024)  # fits
+    assert cohort.default_workers(1, "cpu", memory_mb=64 * 1024, cpus=16) == 16
+    assert cohort.default_workers(1, "cpu", memory_mb=3 * cohort.WORKER_PEAK_MB_512x512x300, cpus=16) == 3
+    assert cohort.default_workers(2, "cpu", memory_mb=64 * 1024, cpus=16) == 8
+
+
+def test_folder_case_ids_and_what_is_a_scan(scans, tmp_path):
+    listed = cohort.list_scans(scans, PROMPT)
+    assert [(s.case_id, os.path.relpath(s.path, scans)) for s in listed] == [
+        ("a", "a.nii.gz"), ("b", "b.nii.gz"), ("broken", "broken.nii.gz"), ("p2_c", os.path.join("p2", "c.nrrd")),
+        ("p3_series", os.path.join("p3", "series"))]
+    (scans / "p2_c.nii.gz").write_bytes(b"")  # the same case id as p2/c.nrrd
+    with pytest.raises(cohort.InputError, match="both give case id 'p2_c'"):
+        cohort.list_scans(scans, PROMPT)
+    # OUT_DIR inside the input folder is not searched
+    (scans / "p2_c.nii.gz").unlink()
+    (scans / "out").mkdir()
+    write_volume(small_ct(0), scans / "out" / "a_mask.nii.gz")
+    assert len(cohort.list_scans(scans, PROMPT, exclude=[scans / "out"])) == 5
