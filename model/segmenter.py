@@ -137,8 +137,11 @@ class AttentionMaps:
         """L x Z x G x G bool: per layer and slice, the fewest cells that together hold `fraction`
         of the Boltzmann sampling probability (mean over queries); ties at the cut are all in.
 
-        A flat distribution (early layers, tau near 1) selects most of the frame; a sharp one a
-        few cells: the size of this set is how concentrated the search is.
+        Except on a floor: when the cut falls on the lowest value of the slice, the cells at it
+        are a flat background that no query prefers, and any half of it would be an arbitrary
+        pick; the set is then the cells above the floor only (holding less than `fraction`,
+        see top_mass_stats). A perfectly flat slice selects every cell. A diffuse search
+        selects much of the frame, a sharp one a few cells.
         """
         if not 0.0 < fraction <= 1.0:
             raise ValueError("fraction must be in (0, 1]")
@@ -157,20 +160,42 @@ class AttentionMaps:
         # index of the last cell needed to reach the fraction, then its value is the cut
         last = np.minimum((cumulative < fraction * total).sum(-1, keepdims=True), flat.shape[-1] - 1)
         cut = np.take_along_axis(ordered, last, axis=-1)
-        return ((flat >= cut) & (total > 0)).reshape(p.shape)
+        floor = ordered[..., -1:]
+        above_floor = flat > floor
+        on_floor = (cut <= floor) & above_floor.any(-1, keepdims=True)
+        top = np.where(on_floor, above_floor, flat >= cut)
+        return (top & (total > 0)).reshape(p.shape)
 
-    def top_mass_area(self, fraction: float = 0.5) -> np.ndarray:
-        """Per layer, the share of the frame (0..1, mean over the processed slices) that the
-        top-`fraction` cells cover: small = a concentrated search."""
-        top = self.top_mass(fraction)
-        done = self.probabilities.reshape(*self.probabilities.shape[:2], -1).astype(np.float32).sum(-1) > 0
-        share = top.reshape(*top.shape[:2], -1).mean(-1)
-        counted = np.maximum(done.sum(1), 1)
-        return (share * done).sum(1) / counted
+    def top_mass_stats(self, fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+        """L x Z (share of the frame the top-`fraction` cells cover, share of the sampling mass
+        they hold), both 0..1; NaN on slices that were not processed."""
+        p = self.probabilities.reshape(*self.probabilities.shape[:2], -1).astype(np.float32)
+        top = self.top_mass(fraction).reshape(p.shape)
+        total = p.sum(-1)
+        done = total > 0
+        area = np.where(done, top.mean(-1), np.nan)
+        mass = np.where(done, (p * top).sum(-1) / np.where(done, total, 1.0), np.nan)
+        return area, mass
 
-    def sharpest_layer(self, fraction: float = 0.5) -> int:
-        """The decoder layer whose top-`fraction` sampling mass covers the least of the frame."""
-        return int(np.argmin(self.top_mass_area(fraction)))
+    def spread(self) -> np.ndarray:
+        """L x Z: the share of the frame the sampling is effectively spread over, exp(entropy) /
+        cells (1 = uniform; 0.01 = as if on 1 % of the cells); NaN on slices not processed."""
+        p = self.probabilities.reshape(*self.probabilities.shape[:2], -1).astype(np.float64)
+        total = p.sum(-1, keepdims=True)
+        q = p / np.where(total > 0, total, 1.0)
+        entropy = -(q * np.log(np.where(q > 0, q, 1.0))).sum(-1)
+        return np.where(total[..., 0] > 0, np.exp(entropy) / p.shape[-1], np.nan)
+
+    def sharpest_layer(self) -> int:
+        """The decoder layer whose sampling is least spread: the geometric mean of `spread`
+        over the processed slices, so a layer that concentrates on the slices holding the
+        target wins even where it is flat on the others (an arithmetic mean drowns those
+        slices in the flat ones)."""
+        spread = self.spread()
+        done = ~np.isnan(spread).all(0)
+        if not done.any():
+            return self.num_layers - 1
+        return int(np.argmin(np.exp(np.log(spread[:, done]).mean(1))))
 
     def view(self, values: str = "counts", query: int | None = None, top_fraction: float | None = None) -> np.ndarray:
         """L x Z x G x G float16 heatmap to show: `values` 'counts' (queries that sampled each

@@ -92,10 +92,37 @@ def test_top_mass_is_the_fewest_cells_holding_the_fraction():
     assert top[1, 0].sum() == 1 and top[1, 0, 0, 0]
     assert not top[1, 1].any()  # an unprocessed slice (all zero) selects nothing
     assert att.top_mass(0.9)[1, 0].sum() == 3  # 3 + 2 < 0.9 * 6: all three
-    area = att.top_mass_area(0.5)
-    assert area[0] == pytest.approx((1.0 + 1 / 16) / 2)
-    assert area[1] == pytest.approx(1 / 16)  # the empty slice does not count
-    assert att.sharpest_layer() == 1
+    area, mass = att.top_mass_stats(0.5)
+    assert area[0].tolist() == pytest.approx([1.0, 1 / 16])
+    assert area[1, 0] == pytest.approx(1 / 16) and np.isnan(area[1, 1])  # an unprocessed slice: no number
+    assert mass[0, 1] == pytest.approx(6 / 7.5, rel=1e-3) and mass[1, 0] == pytest.approx(0.5)  # float16 maps
+
+
+def test_top_mass_leaves_out_a_flat_floor():
+    """One hot cell over a flat background holding most of the mass: half of the background
+    would be an arbitrary pick, so the set is the hot cell, and says it holds less than half."""
+    floor = np.ones((4, 4))
+    floor[2, 1] = 3.0  # 3 of 18
+    att = _maps([[floor]])
+    top = att.top_mass(0.5)
+    assert top.sum() == 1 and top[0, 0, 2, 1]
+    area, mass = att.top_mass_stats(0.5)
+    assert area[0, 0] == pytest.approx(1 / 16) and mass[0, 0] == pytest.approx(3 / 18)
+
+
+def test_spread_and_the_sharpest_layer():
+    flat = np.ones((4, 4))
+    half = np.zeros((4, 4))
+    half[:2] = 1.0  # uniform on 8 of 16 cells
+    one = np.zeros((4, 4))
+    one[3, 3] = 5.0
+    att = _maps([[flat, flat, np.zeros((4, 4))], [half, half, np.zeros((4, 4))], [one, flat, np.zeros((4, 4))]])
+    spread = att.spread()
+    assert spread[0, :2].tolist() == pytest.approx([1.0, 1.0]) and np.isnan(spread[:, 2]).all()  # not processed
+    assert spread[1, :2].tolist() == pytest.approx([0.5, 0.5])
+    assert spread[2, :2].tolist() == pytest.approx([1 / 16, 1.0])
+    # geometric means 1, 0.5, 0.25: the layer sharp on one slice wins (an arithmetic mean: 0.53 > 0.5)
+    assert att.sharpest_layer() == 2
     with pytest.raises(ValueError):
         att.top_mass(0.0)
 
