@@ -33,12 +33,23 @@ COLOR_KEY = "boltzformer_color"  # the colour of a mask layer
 WINDOW_KEY = "boltzformer_window"  # (name, lower, upper) of the display window the plugin set
 
 # Mask colours, in the order prompts get them: readable on a grey CT/MR slice and away from the
-# hues of the inferno heatmap (black-purple-red-orange). Green is kept for the ground truth of
-# the sample data.
+# hues of the heatmap (violet-red-orange). Green is kept for the ground truth of the sample data.
 MASK_COLORS = ("#30d5ff", "#ff2fd0", "#b4ff3a", "#4d7cff", "#00ffc8", "#ffe14d")
 GROUND_TRUTH_COLOR = "#34c759"
-ATTENTION_COLORMAP = "inferno"
-ATTENTION_OPACITY = 0.6
+# The heatmap is drawn with translucent blending and a colormap that carries its own alpha: 0 is
+# fully transparent (the slice shows through untouched) and every other value is a saturated
+# hue, so it reads on black lung as well as on white soft tissue or contrast, where additive
+# blending (the old inferno heatmap) cannot brighten anything.
+ATTENTION_COLORMAP = "boltzformer heat"
+ATTENTION_COLORS = (  # (position in the contrast range, RGBA)
+    (0.0, (0.0, 0.0, 0.0, 0.0)),
+    (0.02, (0.40, 0.05, 1.00, 0.50)),
+    (0.5, (1.00, 0.05, 0.45, 0.75)),
+    (1.0, (1.00, 0.60, 0.00, 0.95)),
+)
+ATTENTION_OPACITY = 0.9
+# Layer names longer than this are cut in napari's layer list ("multiple scler…sion attention").
+MAX_LAYER_NAME = 26
 _IDENTITY_ATOL = 1e-6
 
 
@@ -54,7 +65,16 @@ def geometry_of(volume, ndim: int = 3) -> dict:
         "shape": [int(v) for v in np.shape(volume.array)],
         "ndim": int(ndim),  # dimensions of the layer (3; 2 for a single-slice layer)
         "file_ndim": int((getattr(volume, "metadata", None) or {}).get("ndim", 3)),  # of the source file
+        "sequence": _sequence_of(volume),  # MR sequence named by the file (DICOM), else None
     }
+
+
+def _sequence_of(volume) -> str | None:
+    md = getattr(volume, "metadata", None) or {}
+    for key in ("SeriesDescription", "SequenceName"):
+        if md.get(key):
+            return str(md[key])
+    return None
 
 
 def _zyx(geom: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -309,6 +329,35 @@ def placement_kwargs(geom: dict) -> dict:
     return {"axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):], "units": "mm", **transform_kwargs(geom)}
 
 
+def result_layer_name(prompt: str, role: str | None = None) -> str:
+    """A layer name that napari's layer list shows whole: '<prompt> <role>', the prompt
+    shortened (its shortest known synonym, else cut at a word) when the two do not fit."""
+    suffix = f" {role}" if role else ""
+    if len(prompt) + len(suffix) <= MAX_LAYER_NAME:
+        return prompt + suffix
+    short = _short_synonym(prompt)
+    if short is not None and len(short) + len(suffix) <= MAX_LAYER_NAME:
+        return short + suffix
+    room = MAX_LAYER_NAME - len(suffix) - 1
+    words, out = prompt.split(), ""
+    for word in words:
+        if len(out) + len(word) + (1 if out else 0) > room:
+            break
+        out = f"{out} {word}" if out else word
+    return (out or prompt[:room]) + "…" + suffix
+
+
+def _short_synonym(prompt: str) -> str | None:
+    try:
+        from boltzformer.synth.prompts import TARGETS, target_of_prompt
+    except ImportError:
+        return None
+    target = target_of_prompt(prompt)
+    if target is None:
+        return None
+    return min(TARGETS[target].prompts, key=len)
+
+
 def probability_layer_data(probabilities: np.ndarray, geom: dict, name: str, prompt: str, source: str | None = None) -> tuple:
     kwargs = {
         "name": name,
@@ -337,19 +386,54 @@ def uncertainty_layer_data(variance: np.ndarray, geom: dict, name: str, prompt: 
     return to_layer_shape(variance, geom), kwargs, "image"
 
 
+def attention_colormap():
+    """The heatmap colormap: transparent at 0, violet -> red -> orange with rising alpha."""
+    from napari.utils.colormaps import Colormap
+
+    controls = [c for c, _ in ATTENTION_COLORS]
+    colors = [rgba for _, rgba in ATTENTION_COLORS]
+    return Colormap(colors=colors, controls=controls, name=ATTENTION_COLORMAP)
+
+
+def attention_contrast(values: str, num_queries: int | None, query: int | None, data: np.ndarray) -> tuple[float, float]:
+    """Fixed scales where they mean something: 0..queries (counts), 0..1 (one query), else 0..max."""
+    if values == "counts" and query is not None:
+        return (0.0, 1.0)
+    if values == "counts" and num_queries:
+        return (0.0, float(num_queries))
+    top = float(np.nanmax(data)) if data.size else 1.0
+    return (0.0, top if top > 0 else 1.0)
+
+
+def attention_legend(values: str, num_queries: int | None, query: int | None, top_fraction: float | None) -> str:
+    """What the heatmap colour means, in a few short lines (shown beside its colour bar)."""
+    if values == "counts":
+        text = (f"sampled by\nquery {query + 1}" if query is not None
+                else f"queries (of {num_queries or '?'})\nthat sampled\nthis cell")
+    else:
+        text = "sampling\nprobability\n(× uniform)"
+    if top_fraction is not None:
+        text += f"\ntop {top_fraction * 100:.0f} % of mass"
+    return text
+
+
 def attention_layer_data(attention, geom: dict, name: str, prompt: str, source: str | None = None,
-                         values: str = "counts", num_queries: int | None = None) -> tuple:
+                         values: str = "counts", num_queries: int | None = None, query: int | None = None,
+                         top_fraction: float | None = None) -> tuple:
     """The decoder's sampling heatmaps as one Image layer (L, Z, G, G) on the source volume.
 
     `attention` is a boltzformer.segmenter.AttentionMaps; `values` picks `counts` (how many
-    queries sampled each token) or `probabilities` (Boltzmann probabilities, uniform = 1). Data
-    stay at grid resolution (float16); one grid cell covers grid_scale_yx source voxels, so its
-    centre lies (grid_scale - 1) / 2 voxels from the centre of the first voxel it covers, and
-    the first map is slice `attention.slice_start`. With `num_queries`, counts are shown on the
-    fixed scale 0 (no query sampled the token) .. num_queries (every query did), the same for
-    every decoder layer and every run.
+    queries sampled each token; with `query`, 1 where that one query did) or `probabilities`
+    (Boltzmann probabilities, uniform = 1); `top_fraction` keeps only the cells holding that
+    share of the sampling mass (AttentionMaps.view). Data stay at grid resolution (float16);
+    one grid cell covers grid_scale_yx source voxels, so its centre lies (grid_scale - 1) / 2
+    voxels from the centre of the first voxel it covers, and the first map is slice
+    `attention.slice_start`. With `num_queries`, counts are shown on the fixed scale 0 (no query
+    sampled the token, transparent) .. num_queries (every query did), the same for every
+    decoder layer and every run.
     """
-    data = getattr(attention, values)  # L x Z x G x G
+    data = attention.view(values, query=query, top_fraction=top_fraction)  # L x Z x G x G
+    contrast = attention_contrast(values, num_queries, query, data)
     if getattr(attention, "frame", None) is not None:
         # a sagittal/coronal input: the maps lie on the canonical axial slices the model saw
         geom = {**geometry_of(attention.frame), "ndim": 3}
@@ -365,17 +449,21 @@ def attention_layer_data(attention, geom: dict, name: str, prompt: str, source: 
     spatial = ("z", "y", "x")[-int(geom.get("ndim", 3)):]
     kwargs = {
         "name": name,
-        "colormap": ATTENTION_COLORMAP,
-        "blending": "additive",
+        "colormap": attention_colormap(),
+        "blending": "translucent",
         "opacity": ATTENTION_OPACITY,
         "interpolation2d": "nearest",
-        **({"contrast_limits": (0.0, float(num_queries))} if values == "counts" and num_queries else {}),
+        "contrast_limits": contrast,
         "metadata": {
             GEOMETRY_KEY: dict(geom),
             ROLE_KEY: "attention",
             PROMPT_KEY: prompt,
             SOURCE_KEY: source,
             "values": values,
+            "query": query,
+            "top_fraction": top_fraction,
+            "num_queries": num_queries,
+            "legend": attention_legend(values, num_queries, query, top_fraction),
             "strides": list(attention.strides),
             "temperatures": [float(t) for t in attention.temperatures],
             "tokens_per_query": list(attention.tokens_per_query),

@@ -13,6 +13,7 @@ from ._layers import GEOMETRY_KEY, GROUND_TRUTH_COLOR, ROLE_KEY, geometry_of, im
 # Display window of each CT sample (lesions are easiest to see in it); None: percentiles (MR).
 SAMPLE_WINDOWS = {"chest_ct": "lung", "brain_mri": None}
 SAMPLE_NAMES = {"chest_ct": "synthetic chest CT", "brain_mri": "synthetic brain MRI"}
+SAMPLE_SEQUENCES = {"brain_mri": "FLAIR"}  # the MR sequence a sample imitates (shown with its intensities)
 
 
 def chest_ct():
@@ -27,13 +28,15 @@ def sample_layers(key: str) -> list[tuple]:
     """[image layer data, ground-truth labels layer data] of sample `key`.
 
     The labels layer is named after the sample's prompt and drawn in green (masks made by the
-    panel never are).
+    panel never are); the panel shows it as an outline, above its own layers.
     """
     from boltzformer.synth.sample import SAMPLES
 
     case = SAMPLES[key]()
     volume = case.volume()
     image = image_layer_data(volume, name=SAMPLE_NAMES.get(key, key), window=SAMPLE_WINDOWS.get(key))
+    if key in SAMPLE_SEQUENCES:
+        image[1]["metadata"][GEOMETRY_KEY]["sequence"] = SAMPLE_SEQUENCES[key]
     truth = ground_truth(case)
     geom = geometry_of(volume)
     labels = (
@@ -42,7 +45,7 @@ def sample_layers(key: str) -> list[tuple]:
             "name": f"ground truth: {case.prompt}",
             "metadata": {GEOMETRY_KEY: geom, ROLE_KEY: "ground truth"},
             "colormap": mask_colormap(GROUND_TRUTH_COLOR),
-            "opacity": 0.45,
+            "opacity": 1.0,  # the panel draws it as an outline (napari takes `contour` only after creation)
             "axis_labels": ("z", "y", "x"),
             "units": "mm",
             **transform_kwargs(geom),

@@ -30,6 +30,8 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
+    QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
@@ -38,6 +40,7 @@ from qtpy.QtWidgets import (
     QMessageBox,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSlider,
     QSpinBox,
@@ -55,7 +58,9 @@ from ._layers import (
     ROLE_KEY,
     SOURCE_KEY,
     WINDOW_KEY,
+    attention_contrast,
     attention_layer_data,
+    attention_legend,
     geometry_from_layer,
     labels_layer_data,
     layer_array,
@@ -63,14 +68,17 @@ from ._layers import (
     next_mask_color,
     probability_layer_data,
     resolve_window_name,
+    result_layer_name,
     to_layer_shape,
     uncertainty_layer_data,
     volume_from_layer,
 )
+from ._view import CanvasLabels, _camera
 
 log = logging.getLogger(__name__)
 
 RUN_KEY = "boltzformer_run"  # metadata: id of the run whose result a layer shows
+OUTLINED_KEY = "boltzformer_outlined"  # metadata: the panel has drawn this ground truth as an outline
 RESULT_ROLES = ("mask", "probability", "uncertainty", "attention")
 SCOPES = ("all slices", "current slice", "slice range")
 DEVICES = (("auto", "auto"), ("CUDA", "cuda"), ("MPS", "mps"), ("CPU", "cpu"))
@@ -80,13 +88,44 @@ THRESHOLD_STEPS = 100  # slider resolution: thresholds 0.01 .. 0.99
 RETHRESHOLD_DELAY_MS = 120  # slider moves closer together than this are merged
 EMPTY_PROMPT = 'the prompt is empty; type what to segment, e.g. "lung nodule"'
 NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File > Open Sample > napari-boltzformer)"
-TABLE_COLUMNS = ("id", "mm³", "Ø mm", "slices", "mean HU", "round")
-TABLE_TIPS = (
-    "lesion id (1 = largest)", "volume in mm³", "longest axial diameter in mm",
-    "first–last slice (z index)", "mean intensity (HU for CT)",
-    "3D false-positive filter: blobness from the Hessian (1 = round like a nodule, 0 = a tube like a vessel); "
-    "– where the filter does not apply (not a lung prompt on CT in HU)",
+# Lesion mode: one row per candidate. (header, tooltip, row key); the intensity header follows
+# the modality, and columns no row has a value for (the 3D filter's scores off lung CT) hide.
+LESION_COLUMNS = (
+    ("id", "lesion id (1 = largest)", "lesion_id"),
+    ("Ø mm", "longest axial diameter (mm)", "longest_axial_diameter_mm"),
+    ("short", "short axis (mm): the longest chord perpendicular to the longest diameter, in its slice",
+     "short_axis_diameter_mm"),
+    ("mean Ø", "mean diameter (mm) = (longest + short axis) / 2, as Fleischner and Lung-RADS size nodules; "
+     "the size filter uses it", "mean_axial_diameter_mm"),
+    ("p̄", "model confidence: mean probability over the lesion", "mean_probability"),
+    ("p max", "model confidence: highest probability in the lesion", "max_probability"),
+    ("nodule", "3D false-positive filter: probability from its 3D network that the candidate is a nodule, "
+     "not a vessel or a wall", "nodule_score"),
+    ("round", "3D false-positive filter: blobness from the Hessian (1 = round like a nodule, 0 = a tube like "
+     "a vessel)", "blobness"),
+    ("mm³", "volume in mm³", "volume_mm3"),
+    ("slices", "first–last slice (z index)", "slice_start"),
+    ("HU", "mean intensity", "mean_intensity"),
 )
+TABLE_COLUMNS = tuple(c[0] for c in LESION_COLUMNS)
+ORGAN_COLUMNS = (
+    ("structure", "the structure: its largest connected component (the two largest for paired organs)"),
+    ("mL", "volume in mL"),
+    ("size mm", "a size that means something for this structure (see the tooltip of the cell)"),
+    ("Ø mm", "longest axial diameter (mm)"),
+    ("slices", "first–last slice (z index)"),
+    ("HU", "mean intensity"),
+    ("p̄", "model confidence: mean probability over the structure"),
+)
+MODES = (("auto", None), ("lesions", "lesion"), ("organ", "organ"))
+# Minimum mean diameter shown: all, 3 mm (below this a "nodule" is a micronodule), and the
+# Fleischner / Lung-RADS steps at 4, 6 and 8 mm.
+MIN_DIAMETERS_MM = (0.0, 3.0, 4.0, 6.0, 8.0)
+HEAT_VALUES = (("queries per cell", "counts"), ("sampling probability", "probabilities"))
+TOP_FRACTION = 0.5
+# Jump to a lesion: a field of view this many times its longest diameter, never less than this.
+ZOOM_FOV_FACTOR = 5.0
+MIN_FOV_MM = 30.0
 
 
 # -- the model, loaded once per (weights, device) ------------------------------------------------
@@ -135,6 +174,7 @@ class RunRequest:
 class JobStatus:
     text: str
     level: str = "info"  # info | warning
+    model: str | None = None  # set once the model is loaded: what the footer shows
 
 
 @dataclass
@@ -144,6 +184,8 @@ class JobOutcome:
     device: str | None = None
     num_queries: int | None = None  # of the network: the largest possible attention count
     notes: list[str] = field(default_factory=list)
+    target: str | None = None  # the vocabulary target the prompt names (boltzformer.synth.prompts)
+    kind: str = "lesion"  # 'organ' (one structure) or 'lesion' (a candidate list): the default view
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -163,7 +205,7 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
         segmenter = load_segmenter(request.device)
         outcome.device = str(segmenter.device)
         outcome.num_queries = int(segmenter.config.num_queries)
-        yield JobStatus(f"segmenting on {outcome.device}")
+        yield JobStatus(f"segmenting on {outcome.device}", model=_model_description(segmenter))
         try:
             outcome.result = yield from segmenter.iter_segment(
                 request.volume, request.prompt, should_stop=should_stop, **request.options
@@ -177,15 +219,34 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
             yield JobStatus(note, level="warning")
             segmenter = load_segmenter("cpu")
             outcome.device = "cpu"
+            yield JobStatus(f"segmenting on {outcome.device}", model=_model_description(segmenter))
             outcome.result = yield from segmenter.iter_segment(
                 request.volume, request.prompt, should_stop=should_stop, **request.options
             )
+        if outcome.result is not None:
+            outcome.target, outcome.kind = prompt_kind(outcome.result.prompt)
     except BoltzformerError as exc:
         outcome.error = str(exc)
     except Exception as exc:  # noqa: BLE001 - anything else is reported, never raised into Qt
         log.exception("BoltzFormer run failed")
         outcome.error = f"BoltzFormer failed: {type(exc).__name__}: {exc}".splitlines()[0]
     return outcome
+
+
+def prompt_kind(prompt: str) -> tuple[str | None, str]:
+    """(vocabulary target or None, 'organ' | 'lesion') of a normalised prompt."""
+    from boltzformer.synth import prompts as vocab
+
+    target = vocab.target_of_prompt(prompt)
+    return target, (vocab.target_kind(target) if target is not None else vocab.kind_of_prompt(prompt))
+
+
+def _model_description(segmenter) -> str:
+    info = getattr(segmenter, "info", None) or {}
+    source = info.get("weights_path")
+    name = Path(source).stem if source else "injected"
+    where = " (bundled)" if info.get("weights_source") == "bundled" else ""
+    return f"model: {name}{where} on {segmenter.device}"
 
 
 # -- small Qt helpers ----------------------------------------------------------------------------
@@ -202,6 +263,34 @@ class _NumericItem(QTableWidgetItem):
         if mine is None or theirs is None:
             return super().__lt__(other)
         return mine < theirs
+
+
+class _PanelScroll(QScrollArea):
+    """A vertical scroll area as wide as its panel needs (a plain one asks napari's dock for
+    very little width and squeezes the panel)."""
+
+    def minimumSizeHint(self):
+        hint = super().minimumSizeHint()
+        inner = self.widget()
+        if inner is not None:
+            hint.setWidth(inner.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + 2)
+        return hint
+
+    def sizeHint(self):
+        hint = super().sizeHint()
+        hint.setWidth(self.minimumSizeHint().width())
+        return hint
+
+    def showEvent(self, event):
+        # measured once napari's stylesheet is applied (it widens spin boxes and combos)
+        self.setMinimumWidth(self.minimumSizeHint().width())
+        super().showEvent(event)
+
+
+def _compact(combo: QComboBox, chars: int = 8) -> None:
+    """A combo box that asks for the width of `chars` characters, not of its longest item."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
 
 
 def _slug(text: str) -> str:
@@ -234,13 +323,18 @@ class BoltzFormerWidget(QWidget):
         self._stop = threading.Event()
         self._request: RunRequest | None = None
         self._results: dict[str, tuple] = {}  # run id -> (SegmentationResult, RunRequest)
+        self._run_info: dict[str, dict] = {}  # run id -> {"target", "kind"} of its prompt
         self._active_run: str | None = None
+        self._saved_view: tuple | None = None  # camera (center, zoom) before the first jump to a lesion
+        self._organ_cache: tuple | None = None  # (key, summary): organ_summary of the active view
         self._run_started = 0.0
         self.model_calls = 0  # runs started (tests check that re-thresholding starts none)
         self.batch_size: int | None = None  # slices per batch; None: the Segmenter's default
 
         self._build()
+        self.canvas_labels = CanvasLabels(napari_viewer)
         self._connect_viewer()
+        self._outline_ground_truth()
         self._refresh_images()
         self.destroyed.connect(self._stop.set)  # a closed viewer stops a running job
 
@@ -249,7 +343,18 @@ class BoltzFormerWidget(QWidget):
         from boltzformer import intensity
         from boltzformer.segmenter import DEFAULT_MIN_LESION_MM3, available_devices
 
-        layout = QVBoxLayout(self)
+        # Everything in a scroll area: a short window scrolls the panel instead of squeezing its
+        # rows into each other.
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = _PanelScroll()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        content = QWidget()
+        scroll.setWidget(content)
+        outer.addWidget(scroll)
+        layout = QVBoxLayout(content)
         layout.setContentsMargins(6, 6, 6, 6)
 
         inputs = QGroupBox("Input")
@@ -272,7 +377,8 @@ class BoltzFormerWidget(QWidget):
         self.modality_combo = QComboBox()
         for text, value in MODALITIES:
             self.modality_combo.addItem(text, value)
-        form.addRow("Modality", self.modality_combo)
+        modality_row = QHBoxLayout()  # modality and device share a row: the table below gets the height
+        modality_row.addWidget(self.modality_combo, 1)
         self.window_combo = QComboBox()
         self.window_combo.addItem("auto (from prompt)", None)
         for name, w in intensity.WINDOWS.items():
@@ -288,7 +394,11 @@ class BoltzFormerWidget(QWidget):
                 item = self.device_combo.model().item(self.device_combo.count() - 1)
                 item.setEnabled(False)
                 item.setToolTip(f"{text} is not available on this machine")
-        form.addRow("Device", self.device_combo)
+        _compact(self.modality_combo, 4)
+        _compact(self.device_combo, 4)
+        modality_row.addWidget(QLabel("Device"))
+        modality_row.addWidget(self.device_combo, 1)
+        form.addRow("Modality", modality_row)
         layout.addWidget(inputs)
 
         run_box = QGroupBox("Run")
@@ -303,11 +413,14 @@ class BoltzFormerWidget(QWidget):
         for spin, tip in ((self.range_start, "first slice (z index)"), (self.range_stop, "last slice (z index, included)")):
             spin.setToolTip(tip)
             spin.setEnabled(False)
-        scope_row.addWidget(self.scope_combo, 2)
-        scope_row.addWidget(self.range_start, 1)
-        scope_row.addWidget(QLabel("–"))
-        scope_row.addWidget(self.range_stop, 1)
+        scope_row.addWidget(self.scope_combo, 1)
         rform.addRow("Scope", scope_row)
+        range_row = QHBoxLayout()  # its own row: napari's spin boxes are 130 px wide at least
+        range_row.addWidget(self.range_start, 1)
+        range_row.addWidget(QLabel("–"))
+        range_row.addWidget(self.range_stop, 1)
+        rform.addRow("Slices", range_row)
+        self._range_row = range_row
         thr_row = QHBoxLayout()
         self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
         self.threshold_slider.setRange(1, THRESHOLD_STEPS - 1)
@@ -349,13 +462,18 @@ class BoltzFormerWidget(QWidget):
         self.fp_check.toggled.connect(lambda _=None: self.apply_threshold(force=True))
         self.force_prompt_check = QCheckBox("force prompt")
         self.force_prompt_check.setToolTip("Run a prompt even when it names nothing the model was trained to find")
-        checks = QVBoxLayout()
+        self.probability_check.setText("probability")
+        self.attention_check.setText("attention")
+        self.keep_partial_check.setText("keep slices on cancel")
+        self.keep_partial_check.setToolTip("Cancel keeps the slices finished so far (the others stay empty)")
+        self.fp_check.setText("3D FP filter")
+        checks = QGridLayout()
         checks.setSpacing(2)
-        checks.addWidget(self.probability_check)
-        checks.addWidget(self.attention_check)
-        checks.addWidget(self.keep_partial_check)
-        checks.addWidget(self.fp_check)
-        checks.addWidget(self.force_prompt_check)
+        checks.addWidget(self.probability_check, 0, 0)
+        checks.addWidget(self.attention_check, 0, 1)
+        checks.addWidget(self.fp_check, 1, 0)
+        checks.addWidget(self.force_prompt_check, 1, 1)
+        checks.addWidget(self.keep_partial_check, 2, 0, 1, 2)
         rform.addRow("Outputs", checks)
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
@@ -365,44 +483,109 @@ class BoltzFormerWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(lambda: self.cancel())
         buttons.addWidget(self.run_button, 2)
-        buttons.addWidget(self.cancel_button, 1)
-        rform.addRow(buttons)
+        buttons.addWidget(self.cancel_button, 2)
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
-        self.progress_bar.setFormat("%v / %m slices")
-        rform.addRow(self.progress_bar)
+        self.progress_bar.setFormat("no run yet")  # "0 / 1 slices" before any run would be a made-up count
+        buttons.addWidget(self.progress_bar, 3)
+        rform.addRow(buttons)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         rform.addRow(self.status_label)
         layout.addWidget(run_box)
 
+        heat_box = QGroupBox("Attention heatmap")
+        hform = QFormLayout(heat_box)
+        hform.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        self.heat_values_combo = QComboBox()
+        for text, value in HEAT_VALUES:
+            self.heat_values_combo.addItem(text, value)
+        self.heat_values_combo.setToolTip("Colour = how many of the decoder's queries sampled each token, or the "
+                                          "Boltzmann probability of sampling it (1 = what a uniform draw gives)")
+        self.heat_query_combo = QComboBox()
+        self.heat_query_combo.setToolTip("One query's samples, or all queries together")
+        heat_row = QHBoxLayout()
+        heat_row.addWidget(self.heat_values_combo, 3)
+        heat_row.addWidget(self.heat_query_combo, 2)
+        hform.addRow("Colour", heat_row)
+        self.heat_top_check = QCheckBox(f"only the top {TOP_FRACTION * 100:.0f} % of the sampling mass")
+        self.heat_top_check.setChecked(True)
+        _compact(self.heat_values_combo, 15)
+        _compact(self.heat_query_combo, 8)
+        self.heat_top_check.setToolTip("Show only the fewest cells that hold this share of the Boltzmann sampling "
+                                       "probability (where it sits on a flat floor, only the cells above the floor): "
+                                       "where the search concentrates")
+        hform.addRow(self.heat_top_check)
+        self.heat_info_label = QLabel("")
+        self.heat_info_label.setWordWrap(True)
+        self.heat_info_label.setStyleSheet("color: gray;")
+        hform.addRow(self.heat_info_label)
+        for combo in (self.heat_values_combo, self.heat_query_combo):
+            combo.currentIndexChanged.connect(lambda _=None: self.update_heatmap())
+        self.heat_top_check.toggled.connect(lambda _=None: self.update_heatmap())
+        heat_box.setEnabled(False)
+        self.heat_box = heat_box
+        layout.addWidget(heat_box)
+
         result_box = QGroupBox("Lesions")
+        self.result_box = result_box
         rlay = QVBoxLayout(result_box)
-        self.result_label = QLabel("no result yet")
-        self.result_label.setWordWrap(True)
+        view_row = QHBoxLayout()
+        self.mode_combo = QComboBox()
+        for text, value in MODES:
+            self.mode_combo.addItem(text, value)
+        self.mode_combo.setToolTip("lesions: every candidate, one row each; organ: one structure (its largest "
+                                   "component), volume in mL; auto: from the prompt's target")
+        self.mode_combo.currentIndexChanged.connect(lambda _=None: self.refresh_view())
+        self.min_diameter_combo = QComboBox()
+        for mm in MIN_DIAMETERS_MM:
+            self.min_diameter_combo.addItem("all sizes" if mm == 0 else f"≥ {mm:g} mm", mm)
+        self.min_diameter_combo.setToolTip("Show only lesions with at least this mean diameter ((longest + short "
+                                           "axis) / 2); the others are hidden from the table and the mask, and "
+                                           "counted. Exports follow what is shown.")
+        self.min_diameter_combo.currentIndexChanged.connect(lambda _=None: self.refresh_view())
+        self.restore_view_button = QPushButton("Restore view")
+        self.restore_view_button.setToolTip("Back to the view before the first jump to a lesion")
+        self.restore_view_button.setEnabled(False)
+        self.restore_view_button.clicked.connect(lambda: self.restore_view())
+        _compact(self.mode_combo, 5)
+        _compact(self.min_diameter_combo, 5)
+        view_row.addWidget(self.mode_combo, 2)
+        view_row.addWidget(self.min_diameter_combo, 2)
+        view_row.addWidget(self.restore_view_button, 2)
+        rlay.addLayout(view_row)
+        self.result_label = QLabel("no result yet")  # the total, one line
+        self.result_label.setWordWrap(False)
+        self.result_label.setStyleSheet("font-weight: bold;")
+        # its width never widens the panel: a long total is cut with … (whole in the tooltip)
+        self.result_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         rlay.addWidget(self.result_label)
-        self.table = QTableWidget(0, len(TABLE_COLUMNS))
-        self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)
-        for col, tip in enumerate(TABLE_TIPS):
-            self.table.horizontalHeaderItem(col).setToolTip(tip)
+        self.result_detail = QLabel("")  # threshold, what is hidden or dropped (may wrap)
+        self.result_detail.setWordWrap(True)
+        self.result_detail.setStyleSheet("color: gray;")
+        rlay.addWidget(self.result_detail)
+        self.table = QTableWidget(0, len(LESION_COLUMNS))
+        self._set_table_columns([(c[0], c[1]) for c in LESION_COLUMNS])
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)  # ids: largest lesion first
-        # six columns share the panel width: no horizontal scrolling to reach the last one
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.table.horizontalHeader().setMinimumSectionSize(30)
-        self.table.horizontalHeader().setDefaultSectionSize(56)  # a small natural width: the panel decides
+        # columns as narrow as their contents (numbers are short); the panel scrolls sideways only
+        # when it is narrower than all of them
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.horizontalHeader().setMinimumSectionSize(28)
         self.table.horizontalHeader().setStretchLastSection(True)
-        self.table.setMinimumHeight(120)
+        self.table.setMinimumHeight(170)  # five rows before the panel has to scroll
         self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.table.cellClicked.connect(self._on_table_clicked)
+        self.table.setToolTip("Click a row: jump to it and zoom in (Restore view goes back)")
         rlay.addWidget(self.table, 1)
         export = QHBoxLayout()
         self.export_mask_button = QPushButton("Mask → NIfTI…")
+        self.export_mask_button.setToolTip("The selected labels layer, or the result's mask as shown")
         self.export_mask_button.clicked.connect(lambda: self.export_mask())
         self.export_table_button = QPushButton("Table → CSV…")
         self.export_table_button.clicked.connect(lambda: self.export_table())
@@ -426,6 +609,7 @@ class BoltzFormerWidget(QWidget):
         self._on_threshold_moved(self.threshold_slider.value(), schedule=False)
         self._update_export_buttons()
         self._load_prompt_list()
+        self._on_scope_changed()
 
     def _connect_viewer(self):
         layers = self.viewer.layers
@@ -433,6 +617,12 @@ class BoltzFormerWidget(QWidget):
         layers.events.removed.connect(self._on_layers_changed)
         layers.events.moved.connect(self._on_layers_changed)
         layers.selection.events.active.connect(self._on_active_layer)
+        self.viewer.dims.events.current_step.connect(self._on_step)
+        self.viewer.dims.events.axis_labels.connect(self._apply_tau_label)
+
+    def _on_step(self, event=None):
+        if self._decoder_axis() is not None:
+            self._update_heat_info()
 
     def _load_prompt_list(self):
         """Completion list: prompts the model knows (read from its config, no torch) + recent."""
@@ -483,13 +673,24 @@ class BoltzFormerWidget(QWidget):
         return out
 
     def _on_layers_changed(self, event=None):
+        self._outline_ground_truth()
         self._refresh_images()
         live = {(layer.metadata or {}).get(RUN_KEY) for layer in self.viewer.layers}
         for run_id in list(self._results):
             if run_id not in live:  # all its layers were deleted: forget its arrays
                 del self._results[run_id]
+                self._run_info.pop(run_id, None)
         if self._active_run not in self._results:
             self._set_active_run(None)
+
+    def _outline_ground_truth(self):
+        """Ground truth (of the samples) as an outline, once: a filled truth hides under the
+        mask a run draws, or hides it. The user may fill it again (layer controls, contour 0)."""
+        for layer in self.viewer.layers:
+            md = layer.metadata or {}
+            if md.get(ROLE_KEY) == "ground truth" and not md.get(OUTLINED_KEY) and hasattr(layer, "contour"):
+                layer.contour = 1
+                layer.metadata[OUTLINED_KEY] = True
 
     def _refresh_images(self):
         current = self.image_combo.currentText()
@@ -529,6 +730,9 @@ class BoltzFormerWidget(QWidget):
         is_range = self.scope_combo.currentText() == "slice range"
         self.range_start.setEnabled(is_range)
         self.range_stop.setEnabled(is_range)
+        form = self.range_start.parentWidget().layout()
+        if isinstance(form, QFormLayout) and hasattr(form, "setRowVisible"):  # Qt >= 6.4
+            form.setRowVisible(self._range_row, is_range)
 
     def _on_window_changed(self, *_):
         """An explicit window preset is also applied to the image layer's display."""
@@ -652,6 +856,7 @@ class BoltzFormerWidget(QWidget):
         self._set_running(True)
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("starting…")
         self.status_label.setText("starting…")
         worker.start()
 
@@ -679,10 +884,13 @@ class BoltzFormerWidget(QWidget):
 
         if isinstance(item, JobStatus):
             self.status_label.setText(item.text)
+            if item.model:
+                self.model_label.setText(item.model)
             if item.level == "warning":
                 show_warning(item.text)
             return
         total = max(1, int(item.slices_total))
+        self.progress_bar.setFormat("%v / %m slices")
         self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(int(item.slices_done))
         self.status_label.setText(
@@ -716,7 +924,7 @@ class BoltzFormerWidget(QWidget):
             self.status_label.setText(
                 f"done in {_format_seconds(elapsed)} on {outcome.device}: {len(result.lesions)} lesion(s)"
             )
-        self.show_result(result, request, num_queries=outcome.num_queries)
+        self.show_result(result, request, num_queries=outcome.num_queries, target=outcome.target, kind=outcome.kind)
 
     def _on_finished(self):
         self._worker = None
@@ -743,44 +951,68 @@ class BoltzFormerWidget(QWidget):
                 out.setdefault(md[ROLE_KEY], layer)
         return out
 
-    def show_result(self, result, request: RunRequest, num_queries: int | None = None):
+    def show_result(self, result, request: RunRequest, num_queries: int | None = None,
+                    target: str | None = None, kind: str = "lesion"):
         """Create or update the layers of `result`: mask, probability, uncertainty, attention.
 
-        A new heatmap layer opens on the last decoder layer (the one nearest the output).
+        The heatmap is drawn above the mask (its hottest cells would hide under the mask fill)
+        and ground-truth outlines above both. A new heatmap layer opens on the decoder layer
+        where the search is sharpest: the one whose sampling is spread over the smallest
+        effective share of the frame (AttentionMaps.sharpest_layer); with the bundled weights
+        on the chest sample, the last one.
         """
         run_id = uuid.uuid4().hex
         prompt, source, geom = result.prompt, request.image_name, request.geometry
+        self._run_info[run_id] = {"target": target, "kind": kind, "num_queries": num_queries}
         wanted = {}
         if request.want_probability:
-            wanted["probability"] = probability_layer_data(result.probabilities, geom, f"{prompt} probability", prompt, source)
+            wanted["probability"] = probability_layer_data(result.probabilities, geom, result_layer_name(prompt, "probability"),
+                                                           prompt, source)
         if result.uncertainty is not None:
-            wanted["uncertainty"] = uncertainty_layer_data(result.uncertainty, geom, f"{prompt} uncertainty", prompt, source)
-        if request.want_attention and result.attention is not None:
-            wanted["attention"] = attention_layer_data(
-                result.attention, geom, f"{prompt} attention", prompt, source, num_queries=num_queries
-            )
+            wanted["uncertainty"] = uncertainty_layer_data(result.uncertainty, geom, result_layer_name(prompt, "uncertainty"),
+                                                           prompt, source)
         existing = self.result_layers(prompt, source)
         if "mask" in existing:
             color = existing["mask"].metadata.get(COLOR_KEY, MASK_COLORS[0])
         else:
             color = next_mask_color(layer.metadata.get(COLOR_KEY) for layer in self.viewer.layers)
-        wanted["mask"] = labels_layer_data(result.mask, geom, name=prompt, prompt=prompt, source=source, color=color)
+        wanted["mask"] = labels_layer_data(result.mask, geom, name=result_layer_name(prompt), prompt=prompt,
+                                           source=source, color=color)
+        if request.want_attention and result.attention is not None:
+            wanted["attention"] = attention_layer_data(
+                result.attention, geom, result_layer_name(prompt, "attention"), prompt, source,
+                num_queries=num_queries, **self._heat_options(result.attention),
+            )
         for role, layer in existing.items():
             if role not in wanted:  # e.g. an uncertainty layer from an earlier run with runs > 1
                 self.viewer.layers.remove(layer)
         self._results[run_id] = (result, request)
-        for role, (data, kwargs, kind) in wanted.items():
+        self._organ_cache = None
+        for role, (data, kwargs, kind_) in wanted.items():
             kwargs["metadata"][RUN_KEY] = run_id
             layer = existing.get(role)
             if layer is None:
-                layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+                layer = getattr(self.viewer, f"add_{kind_}")(data, **kwargs)
                 if role == "attention":
+                    layer.colorbar.visible = True
+                    layer.colorbar.position = "bottom_right"
+                    layer.events.visible.connect(lambda _=None: self._update_heat_legend())
                     axis = self.viewer.dims.ndim - layer.ndim  # the "decoder layer" axis
-                    self.viewer.dims.set_current_step(axis, layer.data.shape[0] - 1)
+                    self.viewer.dims.set_current_step(axis, result.attention.sharpest_layer())
             else:
                 _update_layer(layer, data, kwargs)
+        self._keep_ground_truth_on_top()
         self._apply_result_window(result, request)
+        if self._saved_view is not None:  # a lesion jump zoomed in: the new run starts from the overview
+            self.restore_view()
         self._set_active_run(run_id)
+
+    def _keep_ground_truth_on_top(self):
+        layers = self.viewer.layers
+        for layer in [la for la in layers if (la.metadata or {}).get(ROLE_KEY) == "ground truth"]:
+            index = layers.index(layer)
+            if index != len(layers) - 1:
+                layers.move(index, len(layers))
 
     def _apply_result_window(self, result, request):
         """Show the image in the window the network saw, unless the user changed the contrast."""
@@ -797,12 +1029,15 @@ class BoltzFormerWidget(QWidget):
         except KeyError:
             pass  # a custom window (not a preset)
 
-    def _mask_layer_of(self, run_id: str | None):
+    def _layer_of(self, run_id: str | None, role: str):
         for layer in self.viewer.layers:
             md = layer.metadata or {}
-            if md.get(RUN_KEY) == run_id and md.get(ROLE_KEY) == "mask":
+            if md.get(RUN_KEY) == run_id and md.get(ROLE_KEY) == role:
                 return layer
         return None
+
+    def _mask_layer_of(self, run_id: str | None):
+        return self._layer_of(run_id, "mask")
 
     def active_result(self):
         entry = self._results.get(self._active_run)
@@ -820,8 +1055,148 @@ class BoltzFormerWidget(QWidget):
             self.min_lesion_spin.blockSignals(True)
             self.min_lesion_spin.setValue(result.min_lesion_mm3)
             self.min_lesion_spin.blockSignals(False)
-        self.fill_table()
+        self._sync_heat_controls()
+        self.refresh_view()
         self._update_export_buttons()
+
+    # ---- attention heatmap --------------------------------------------------------------------
+    def _heat_options(self, attention) -> dict:
+        """values / query / top_fraction the heatmap controls ask for (query only if recorded)."""
+        values = self.heat_values_combo.currentData() or "counts"
+        query = self.heat_query_combo.currentData()
+        if values != "counts" or attention is None or attention.query_bits is None:
+            query = None
+        elif query is not None and query >= attention.num_queries:
+            query = None
+        return {"values": values, "query": query,
+                "top_fraction": TOP_FRACTION if self.heat_top_check.isChecked() else None}
+
+    def _sync_heat_controls(self):
+        """Query choices of the active result's network; controls off without a heatmap."""
+        result = self.active_result()
+        att = None if result is None else result.attention
+        layer = self._layer_of(self._active_run, "attention")
+        self.heat_box.setEnabled(att is not None and layer is not None)
+        wanted = [("all queries", None)]
+        if att is not None and att.query_bits is not None:
+            wanted += [(f"query {q + 1}", q) for q in range(att.num_queries)]
+        have = [(self.heat_query_combo.itemText(i), self.heat_query_combo.itemData(i))
+                for i in range(self.heat_query_combo.count())]
+        if have != wanted:
+            current = self.heat_query_combo.currentData()
+            self.heat_query_combo.blockSignals(True)
+            self.heat_query_combo.clear()
+            for text, value in wanted:
+                self.heat_query_combo.addItem(text, value)
+            index = self.heat_query_combo.findData(current)
+            self.heat_query_combo.setCurrentIndex(max(0, index))
+            self.heat_query_combo.blockSignals(False)
+        self.heat_query_combo.setEnabled(len(wanted) > 1 and self.heat_values_combo.currentData() == "counts")
+        if layer is not None and att is not None and not self._heat_matches(layer, att):
+            self.update_heatmap()  # another run's settings: show this one as the controls say
+        self._update_heat_info()
+        self._update_heat_legend()
+
+    def _heat_matches(self, layer, att) -> bool:
+        md = layer.metadata
+        wanted = self._heat_options(att)
+        return all(md.get(k) == v for k, v in wanted.items())
+
+    def update_heatmap(self):
+        """Redraw the active result's heatmap layer as the controls say (no inference)."""
+        result = self.active_result()
+        layer = self._layer_of(self._active_run, "attention")
+        self.heat_query_combo.setEnabled(self.heat_query_combo.count() > 1
+                                         and self.heat_values_combo.currentData() == "counts")
+        if result is None or result.attention is None or layer is None:
+            return
+        att = result.attention
+        options = self._heat_options(att)
+        num_queries = self._run_info.get(self._active_run, {}).get("num_queries") or att.num_queries
+        data = att.view(options["values"], query=options["query"], top_fraction=options["top_fraction"])
+        if layer.ndim == 3:  # a 2D source: (L, G, G)
+            data = data[:, 0]
+        layer.data = data
+        layer.contrast_limits = attention_contrast(options["values"], num_queries, options["query"], data)
+        layer.metadata.update(options)
+        layer.metadata["legend"] = attention_legend(options["values"], num_queries, options["query"],
+                                                    options["top_fraction"])
+        self._update_heat_info()
+        self._update_heat_legend()
+
+    def _decoder_axis(self) -> int | None:
+        layer = self._layer_of(self._active_run, "attention")
+        if layer is None:
+            return None
+        return self.viewer.dims.ndim - layer.ndim
+
+    def _current_decoder_layer(self) -> int | None:
+        axis = self._decoder_axis()
+        return None if axis is None else int(self.viewer.dims.current_step[axis])
+
+    def _heat_stats(self, att) -> dict:
+        """spread and top-mass shares per (decoder layer, slice), computed once per run."""
+        info = self._run_info.setdefault(self._active_run, {})
+        if info.get("heat_stats") is None:
+            area, mass = att.top_mass_stats(TOP_FRACTION)
+            info["heat_stats"] = {"spread": att.spread(), "area": area, "mass": mass,
+                                  "sharpest": att.sharpest_layer()}
+        return info["heat_stats"]
+
+    def _apply_tau_label(self, event=None):
+        """The decoder-layer slider reads 'layer · τ 0.17' for the layer shown. napari puts the
+        layers' own axis labels back whenever a layer changes, so this runs again then."""
+        result = self.active_result()
+        axis, layer_index = self._decoder_axis(), self._current_decoder_layer()
+        if result is None or result.attention is None or axis is None:
+            return
+        att = result.attention
+        tau = att.temperatures[min(max(layer_index, 0), att.num_layers - 1)]
+        label = f"layer · τ {tau:.2f}"  # napari cuts slider labels wider than a fifth of the slider
+        labels = list(self.viewer.dims.axis_labels)
+        if axis < len(labels) and labels[axis] != label:
+            labels[axis] = label
+            self.viewer.dims.axis_labels = labels
+
+    def _update_heat_info(self):
+        """The layer slider's label says τ of the layer shown; the panel says how concentrated
+        the sampling is on the slice shown."""
+        result = self.active_result()
+        axis, layer_index = self._decoder_axis(), self._current_decoder_layer()
+        heat = self._layer_of(self._active_run, "attention")
+        if result is None or result.attention is None or axis is None or heat is None:
+            self.heat_info_label.setText("")
+            return
+        att = result.attention
+        layer_index = min(max(layer_index, 0), att.num_layers - 1)
+        tau = att.temperatures[layer_index]
+        self._apply_tau_label()
+        stats = self._heat_stats(att)
+        text = (f"layer {layer_index + 1}/{att.num_layers} · τ {tau:.2f} · stride {att.strides[layer_index]} · "
+                f"{att.tokens_per_query[layer_index]} tokens/query · opened on layer {stats['sharpest'] + 1}, "
+                "the least spread\n")
+        z = None
+        if heat.ndim == 4:
+            z = int(round(float(heat.world_to_data(self.viewer.dims.point[axis:])[1])))
+        else:
+            z = 0
+        spread = stats["spread"][layer_index, z] if 0 <= z < stats["spread"].shape[1] else np.nan
+        if np.isfinite(spread):
+            area, mass = stats["area"][layer_index, z], stats["mass"][layer_index, z]
+            text += (f"this slice: spread over {_percent(spread)} of the frame (effective); "
+                     f"the hottest {_percent(area)} of cells hold {_percent(mass)} of the mass")
+        else:
+            text += "this slice was not processed"
+        self.heat_info_label.setText(text)
+
+    def _update_heat_legend(self):
+        """Colour bar and legend for the active heatmap only (several prompts: one legend)."""
+        active = self._layer_of(self._active_run, "attention")
+        for layer in self.viewer.layers:
+            if (layer.metadata or {}).get(ROLE_KEY) == "attention":
+                layer.colorbar.visible = layer is active and layer.visible
+        shown = active is not None and active.visible
+        self.canvas_labels.show_legend(active.metadata.get("legend") if shown else None)
 
     # ---- threshold ----------------------------------------------------------------------------
     def threshold(self) -> float:
@@ -844,48 +1219,189 @@ class BoltzFormerWidget(QWidget):
                 and fp_on == result.fp_reduction):
             return
         result.rethreshold(threshold, min_mm3, fp_reduction=fp_on)
+        self._organ_cache = None
+        self.refresh_view()
+
+    # ---- what is shown: mode, size filter, table ------------------------------------------------
+    def current_mode(self) -> str:
+        """'organ' or 'lesion': the mode chosen, else the one the active prompt's target calls for."""
+        chosen = self.mode_combo.currentData()
+        if chosen:
+            return chosen
+        return self._run_info.get(self._active_run, {}).get("kind", "lesion")
+
+    def min_diameter_mm(self) -> float:
+        return float(self.min_diameter_combo.currentData() or 0.0)
+
+    def organ_summary(self) -> dict | None:
+        """The active result as one structure (boltzformer.postprocess.organ_summary_of), cached
+        until the result or its threshold changes."""
+        from boltzformer import postprocess
+
+        result = self.active_result()
+        if result is None:
+            return None
+        target = self._run_info.get(self._active_run, {}).get("target")
+        key = (self._active_run, id(result.labels), target)
+        if self._organ_cache is None or self._organ_cache[0] != key:
+            self._organ_cache = (key, postprocess.organ_summary_of(result, target))
+        return self._organ_cache[1]
+
+    def shown_lesions(self) -> tuple[list[dict], list[dict]]:
+        """(rows shown, rows hidden by the size filter) in lesion mode."""
+        result = self.active_result()
+        if result is None:
+            return [], []
+        limit = self.min_diameter_mm()
+        shown = [r for r in result.lesions if r.get("mean_axial_diameter_mm", r["longest_axial_diameter_mm"]) >= limit]
+        hidden = [r for r in result.lesions if r not in shown]
+        return shown, hidden
+
+    def refresh_view(self):
+        """Mask layer and table of the active result as the mode and the size filter say."""
+        from boltzformer import postprocess
+
+        result = self.active_result()
+        mode = self.current_mode()
+        self.result_box.setTitle("Organ" if mode == "organ" and result is not None else "Lesions")
+        self.min_diameter_combo.setEnabled(mode == "lesion")
         layer = self._mask_layer_of(self._active_run)
-        if layer is not None:
-            layer.data = to_layer_shape(result.mask, request.geometry)
+        if result is not None and layer is not None and result.labels is not None:
+            request = self._results[self._active_run][1]
+            if mode == "organ":
+                summary = self.organ_summary()
+                ids = [] if summary is None else summary["lesion_ids"]
+                mask = postprocess.select_labels(result.labels, ids)
+            else:
+                shown, hidden = self.shown_lesions()
+                mask = result.mask if not hidden else postprocess.select_labels(result.labels,
+                                                                                [r["lesion_id"] for r in shown])
+            layer.data = to_layer_shape(mask, request.geometry)
         self.fill_table()
 
-    # ---- lesion table -------------------------------------------------------------------------
+    def _set_table_columns(self, columns):
+        self.table.setColumnCount(len(columns))
+        self.table.setHorizontalHeaderLabels([c[0] for c in columns])
+        for col, (_, tip) in enumerate(columns):
+            self.table.horizontalHeaderItem(col).setToolTip(tip)
+            self.table.setColumnHidden(col, False)
+
     def fill_table(self):
         result = self.active_result()
         self.table.setSortingEnabled(False)
         self.table.setRowCount(0)
         if result is None:
             self.result_label.setText("no result yet")
+            self.result_label.setToolTip("")
+            self.result_detail.setText("")
             self.table.setSortingEnabled(True)
             return
-        is_ct = (result.modality or "").upper() == "CT"
-        header = list(TABLE_COLUMNS)
-        header[4] = "mean HU" if is_ct else "mean intensity"
-        self.table.setHorizontalHeaderLabels(header)
-        lesions = result.lesions
-        self.table.setRowCount(len(lesions))
-        for row, lesion in enumerate(lesions):
-            start, end = lesion["slice_start"], lesion["slice_end"]
-            cells = (
-                _NumericItem(str(lesion["lesion_id"]), lesion["lesion_id"]),
-                _NumericItem(f"{lesion['volume_mm3']:.1f}", lesion["volume_mm3"]),
-                _NumericItem(f"{lesion['longest_axial_diameter_mm']:.1f}", lesion["longest_axial_diameter_mm"]),
-                _NumericItem(f"{start}–{end}" if end > start else f"{start}", start),
-                _NumericItem(f"{lesion['mean_intensity']:.0f}" if is_ct else f"{lesion['mean_intensity']:.3g}", lesion["mean_intensity"]),
-                _NumericItem(f"{lesion['blobness']:.2f}", lesion["blobness"]) if "blobness" in lesion
-                else _NumericItem("–", -1.0),
-            )
-            cells[0].setData(Qt.ItemDataRole.UserRole + 1, row)  # index into result.lesions
-            for col, item in enumerate(cells):
-                self.table.setItem(row, col, item)
+        if self.current_mode() == "organ":
+            self._fill_organ_table(result)
+        else:
+            self._fill_lesion_table(result)
         self.table.setSortingEnabled(True)
-        status = "" if result.complete else " (cancelled: finished slices only)"
-        total = sum(lesion["volume_mm3"] for lesion in lesions)
-        dropped = f" · {len(result.rejected)} dropped by the 3D filter" if result.rejected else ""
-        self.result_label.setText(
-            f"'{result.prompt}' · threshold {result.threshold:.2f} · {len(lesions)} lesion(s), {total:.0f} mm³"
-            f"{dropped}{status}"
+
+    def _intensity_header(self, result) -> tuple[str, str]:
+        """('HU', tip) for CT, ('a.u.', tip naming the MR sequence if the file does) otherwise."""
+        if (result.modality or "").upper() == "CT":
+            return "HU", "mean intensity in Hounsfield units"
+        entry = self._results.get(self._active_run)
+        sequence = (entry[1].geometry.get("sequence") if entry else None) or "sequence not stated by the file"
+        return "a.u.", f"mean intensity in arbitrary units (MR: {sequence}); not comparable between scans"
+
+    def _fill_lesion_table(self, result):
+        is_ct = (result.modality or "").upper() == "CT"
+        columns = [(c[0], c[1]) for c in LESION_COLUMNS]
+        intensity = LESION_COLUMNS.index(next(c for c in LESION_COLUMNS if c[2] == "mean_intensity"))
+        columns[intensity] = self._intensity_header(result)
+        self._set_table_columns(columns)
+        shown, hidden = self.shown_lesions()
+        self.table.setRowCount(len(shown))
+        index_of = {id(r): i for i, r in enumerate(result.lesions)}
+        for row, lesion in enumerate(shown):
+            for col, (_, _, key) in enumerate(LESION_COLUMNS):
+                value = lesion.get(key)
+                if key == "slice_start":
+                    start, end = lesion["slice_start"], lesion["slice_end"]
+                    item = _NumericItem(f"{start}–{end}" if end > start else f"{start}", start)
+                elif value is None or (isinstance(value, float) and not np.isfinite(value)):
+                    item = _NumericItem("–", -1.0)
+                elif key == "lesion_id":
+                    item = _NumericItem(str(value), value)
+                elif key == "mean_intensity":
+                    item = _NumericItem(f"{value:.0f}" if is_ct else f"{value:.3g}", value)
+                elif key == "volume_mm3":
+                    item = _NumericItem(f"{value:.0f}" if value >= 100 else f"{value:.1f}", value)
+                elif key in ("mean_probability", "max_probability", "nodule_score", "blobness"):
+                    item = _NumericItem(f"{value:.2f}", value)
+                else:
+                    item = _NumericItem(f"{value:.1f}", value)
+                self.table.setItem(row, col, item)
+            self.table.item(row, 0).setData(Qt.ItemDataRole.UserRole + 1, index_of[id(lesion)])
+        for col, (_, _, key) in enumerate(LESION_COLUMNS):  # the 3D filter's scores exist only for lung CT
+            if key in ("nodule_score", "blobness"):
+                self.table.setColumnHidden(col, not any(_finite(r.get(key)) for r in result.lesions))
+        total_ml = sum(r["volume_mm3"] for r in shown) / 1000.0
+        noun = "lesion" if len(shown) == 1 else "lesions"
+        self._set_summary(f"{len(shown)} {noun} · {total_ml:.2f} mL", self._lesion_details(result, hidden))
+
+    def _lesion_details(self, result, hidden) -> str:
+        parts = [f"'{result.prompt}', threshold {result.threshold:.2f}"]
+        if hidden:
+            parts.append(f"{len(hidden)} hidden (mean Ø < {self.min_diameter_mm():g} mm)")
+        if result.rejected:
+            parts.append(f"{len(result.rejected)} dropped by the 3D filter")
+        if not result.complete:
+            parts.append("cancelled: finished slices only")
+        return " · ".join(parts)
+
+    def _fill_organ_table(self, result):
+        columns = list(ORGAN_COLUMNS)
+        columns[5] = self._intensity_header(result)
+        self._set_table_columns(columns)
+        summary = self.organ_summary()
+        target = self._run_info.get(self._active_run, {}).get("target")
+        name = (target or result.prompt).replace("_", " ")
+        if summary is None:
+            self._set_summary(f"{name}: not found", f"'{result.prompt}', threshold {result.threshold:.2f}")
+            return
+        is_ct = (result.modality or "").upper() == "CT"
+        self.table.setRowCount(1)
+        start, end = summary["slice_start"], summary["slice_end"]
+        measure = summary["measure_mm"]
+        cells = (
+            QTableWidgetItem(summary["structure"]),
+            _NumericItem(f"{summary['volume_ml']:.1f}", summary["volume_ml"]),
+            _NumericItem("–" if measure is None else f"{measure:.1f}", -1.0 if measure is None else measure),
+            _NumericItem(f"{summary['longest_axial_diameter_mm']:.1f}", summary["longest_axial_diameter_mm"]),
+            _NumericItem(f"{start}–{end}" if end > start else f"{start}", start),
+            _NumericItem(f"{summary['mean_intensity']:.0f}" if is_ct else f"{summary['mean_intensity']:.3g}",
+                         summary["mean_intensity"]),
+            _NumericItem(f"{summary['mean_probability']:.2f}", summary["mean_probability"])
+            if "mean_probability" in summary else _NumericItem("–", -1.0),
         )
+        cells[2].setToolTip(summary["measure"] or "no single diameter means much for this structure")
+        cells[0].setData(Qt.ItemDataRole.UserRole + 1, -1)  # the organ row, not a lesion index
+        for col, item in enumerate(cells):
+            self.table.setItem(0, col, item)
+        self.table.horizontalHeaderItem(2).setText(
+            {"max axial calibre": "calibre mm", "craniocaudal length": "length mm"}.get(summary["measure"], "size mm"))
+        left_out = summary["components_found"] - len(summary["lesion_ids"])
+        details = [f"'{result.prompt}', threshold {result.threshold:.2f}"]
+        if left_out:
+            details.append(f"{left_out} stray component(s) left out")
+        if summary["measure"]:
+            details.append(f"{summary['measure']} {measure:.1f} mm")
+        self._set_summary(f"{summary['structure']} · {summary['volume_ml']:.1f} mL", " · ".join(details))
+
+    def _set_summary(self, total: str, details: str):
+        """The total on one line (cut with … if the panel is narrow; whole in the tooltip)."""
+        metrics = self.result_label.fontMetrics()
+        width = max(80, self.result_label.width() if self.result_label.isVisible() else 400)
+        self.result_label.setText(metrics.elidedText(total, Qt.TextElideMode.ElideRight, width))
+        self.result_label.setToolTip(total)
+        self.result_detail.setText(details)
 
     def _on_table_clicked(self, row: int, _col: int):
         item = self.table.item(row, 0)
@@ -893,10 +1409,19 @@ class BoltzFormerWidget(QWidget):
         if item is None or result is None:
             return
         index = item.data(Qt.ItemDataRole.UserRole + 1)
+        if index is None:
+            return
+        if int(index) < 0:  # the organ row
+            summary = self.organ_summary()
+            if summary is not None:
+                self.go_to_lesion(summary)
+            return
         self.go_to_lesion(result.lesions[int(index)])
 
     def go_to_lesion(self, lesion: dict):
-        """Move the viewer to a lesion: its centroid slice, camera centred on it."""
+        """Move the viewer to a lesion and zoom in: its centroid slice, camera centred on it, a
+        field of view ZOOM_FOV_FACTOR times its longest diameter (at least MIN_FOV_MM, and never
+        wider than the view before the first jump, which restore_view brings back)."""
         entry = self._results.get(self._active_run)
         layer = self._mask_layer_of(self._active_run)
         if entry is None or layer is None:
@@ -906,6 +1431,10 @@ class BoltzFormerWidget(QWidget):
             centroid = centroid[1:]
         world = np.asarray(layer.data_to_world(centroid), float)
         dims = self.viewer.dims
+        camera = _camera(self.viewer)
+        if self._saved_view is None:
+            self._saved_view = (tuple(camera.center), float(camera.zoom))
+            self.restore_view_button.setEnabled(True)
         offset = dims.ndim - layer.ndim
         point = list(dims.point)
         for i, value in enumerate(world):
@@ -914,7 +1443,22 @@ class BoltzFormerWidget(QWidget):
         for axis in range(offset, dims.ndim):
             if axis not in displayed:
                 dims.set_point(axis, point[axis])
-        _camera(self.viewer).center = tuple(point[axis] for axis in displayed)
+        camera.center = tuple(point[axis] for axis in displayed)
+        diameter = float(lesion.get("longest_axial_diameter_mm") or 0.0)
+        fov_mm = max(ZOOM_FOV_FACTOR * diameter, MIN_FOV_MM)
+        # a structure too big for that: no zooming out beyond the view the jumps started from
+        camera.zoom = max(min(_canvas_size_px(self.viewer)) / fov_mm, self._saved_view[1])
+
+    def restore_view(self):
+        """Back to the camera (centre, zoom) from before the first jump to a lesion."""
+        if self._saved_view is None:
+            return
+        center, zoom = self._saved_view
+        camera = _camera(self.viewer)
+        camera.center = center
+        camera.zoom = zoom
+        self._saved_view = None
+        self.restore_view_button.setEnabled(False)
 
     # ---- exports ------------------------------------------------------------------------------
     def _update_export_buttons(self):
@@ -997,17 +1541,22 @@ class BoltzFormerWidget(QWidget):
         if result is None:
             show_error("no lesion table yet: run a prompt first")
             return None
+        if self.current_mode() == "organ":
+            summary = self.organ_summary()
+            rows = [] if summary is None else [{k: v for k, v in summary.items() if k != "lesion_ids"}]
+        else:
+            rows = self.shown_lesions()[0]
         if path is None:
             path = self.ask_save_path("Save lesion table", self._default_folder() / f"{self._default_stem()}_lesions.csv",
                                       "CSV (*.csv);;JSON (*.json)", (".csv", ".json"))
             if path is None:
                 return None
         try:
-            written = postprocess.write_lesion_table(result.lesions, path, overwrite=True)
+            written = postprocess.write_lesion_table(rows, path, overwrite=True)
         except BoltzformerError as exc:
             show_error(str(exc))
             return None
-        show_info(f"saved {len(result.lesions)} lesion(s) to {written}")
+        show_info(f"saved {len(rows)} row(s) to {written}")
         return Path(written)
 
     def export_png(self, path=None):
@@ -1034,10 +1583,22 @@ class BoltzFormerWidget(QWidget):
         return Path(path)
 
 
-def _camera(viewer):
-    """viewer.scene.camera (napari >= 0.9), else the older viewer.camera."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+def _canvas_size_px(viewer) -> tuple[int, int]:
+    """(height, width) of the canvas in screen pixels."""
+    canvas = getattr(viewer, "canvas", None)
+    size = getattr(canvas, "size", None) if canvas is not None and not callable(getattr(canvas, "size", None)) else None
+    if size is None:
+        size = getattr(viewer, "_canvas_size", (600, 800))
+    return int(size[0]), int(size[1])
+
+
+def _percent(share: float) -> str:
+    """0.0012 -> '0.1 %', 0.25 -> '25 %': small shares keep a decimal."""
+    return f"{share * 100:.1f} %" if share < 0.1 else f"{share * 100:.0f} %"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float, np.floating)) and bool(np.isfinite(value))
 
 
 def _update_layer(layer, data, kwargs):

@@ -46,7 +46,8 @@ def test_a_run_makes_the_result_layers(panel, viewer, qtbot, notifications):
     prob = roles["probability"].data
     assert prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
     assert roles["uncertainty"].data.shape == image.data.shape
-    assert viewer.layers[-1] is mask  # the mask is drawn on top
+    # the heatmap is drawn over the mask (its hottest cells would hide under the fill), the mask over the rest
+    assert viewer.layers[-1] is roles["attention"] and viewer.layers[-2] is mask
     assert panel.progress_bar.value() == panel.progress_bar.maximum() == 2 * image.data.shape[0]
     assert panel.table.rowCount() == len(panel.active_result().lesions)
 
@@ -82,7 +83,7 @@ def test_attention_heatmaps_one_per_decoder_layer_and_aligned_with_the_image(mak
     assert heat.data.shape == (num_layers, 5, grid, grid)  # decoder layer, processed slices, grid
     assert heat.data.dtype == np.float16  # kept at grid resolution
     assert viewer.dims.axis_labels[0] == "decoder layer" and viewer.dims.nsteps[0] == num_layers
-    assert heat.blending == "additive" and heat.colormap.name == "inferno"
+    assert heat.blending == "translucent" and heat.colormap.name == "boltzformer heat"
     # Outer corners (voxel edges) of the heatmap grid land on those of the processed slab.
     for corner in ([0, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]):
         c = np.asarray(corner, float)
@@ -317,8 +318,9 @@ def test_false_positive_filter_switch_reapplies_without_inference(panel, qtbot, 
     filtered = len(result.lesions)
     rejected = len(result.rejected)
     assert result.fp_reduction and rejected > 0
-    assert "dropped by the 3D filter" in panel.result_label.text()
-    assert panel.table.horizontalHeaderItem(5).text() == "round"
+    assert "dropped by the 3D filter" in panel.result_detail.text()
+    headers = [panel.table.horizontalHeaderItem(c).text() for c in range(panel.table.columnCount())]
+    assert not panel.table.isColumnHidden(headers.index("round"))
     panel.fp_check.setChecked(False)
     assert not result.fp_reduction and not result.rejected and len(result.lesions) == filtered + rejected
     assert panel.table.rowCount() == filtered + rejected

@@ -1,0 +1,140 @@
+"""What the canvas tells a reader besides the layers: patient orientation letters at the four
+edges, the slice position in mm, and the heatmap's legend beside its colour bar.
+
+World coordinates of the layers this plugin places are LPS millimetres in napari's (z, y, x)
+order (see _layers), so world axis z runs to the patient's head (S), y to the back (P) and x
+to the patient's left (L). napari draws the second displayed axis to the right and the first
+downwards unless the camera is flipped; the letters follow both. Layers placed by other
+readers carry no such promise, and get no letters.
+
+No tensor math here.
+"""
+
+from __future__ import annotations
+
+from ._layers import GEOMETRY_KEY, ROLE_KEY
+
+# world axis (z, y, x) -> (letter at its negative end, letter at its positive end), LPS
+LPS_ENDS = (("I", "S"), ("A", "P"), ("R", "L"))
+PLANE_OF_AXIS = ("axial", "coronal", "sagittal")  # the plane a slice across world axis z / y / x shows
+EDGES = {"top": "top_center", "bottom": "bottom_center", "left": "middle_left", "right": "middle_right"}
+SLICE_KEY = "boltzformer_slice"
+LEGEND_KEY = "boltzformer_heat_legend"
+
+
+def orientation_letters(displayed: tuple[int, int], ndim: int, orientation2d=("down", "right")) -> dict | None:
+    """{'top', 'bottom', 'left', 'right'} -> patient direction letter for a 2D view of world
+    axes `displayed` (vertical, horizontal) of `ndim`; None when one is not a spatial axis."""
+    first_spatial = ndim - 3
+    vertical, horizontal = (a - first_spatial for a in displayed)
+    if min(vertical, horizontal) < 0:
+        return None
+    down, right = (str(getattr(o, "value", o)) for o in orientation2d)
+    v_neg, v_pos = LPS_ENDS[vertical]
+    h_neg, h_pos = LPS_ENDS[horizontal]
+    top, bottom = (v_neg, v_pos) if down == "down" else (v_pos, v_neg)
+    left, right_letter = (h_neg, h_pos) if right == "right" else (h_pos, h_neg)
+    return {"top": top, "bottom": bottom, "left": left, "right": right_letter}
+
+
+def slice_text(axis: int, ndim: int, position_mm: float, index: int | None, count: int | None) -> str:
+    """'axial 18 / 48 · 12.5 mm S': the plane, the slice of the image and its world position."""
+    lps = axis - (ndim - 3)
+    if lps < 0:
+        return ""
+    neg, pos = LPS_ENDS[lps]
+    where = f"{abs(position_mm):.1f} mm {pos if position_mm >= 0 else neg}"
+    if index is None or count is None:
+        return f"{PLANE_OF_AXIS[lps]} · {where}"
+    return f"{PLANE_OF_AXIS[lps]} {index + 1} / {count} · {where}"
+
+
+class CanvasLabels:
+    """Orientation letters, slice position and heatmap legend as canvas text overlays, kept in
+    step with the dims, the camera and the layers."""
+
+    def __init__(self, viewer):
+        from napari.components.overlays import TextOverlay
+
+        self.viewer = viewer
+        overlays = viewer.canvas.overlays
+        for edge, position in EDGES.items():
+            overlays[_edge_key(edge)] = TextOverlay(text="", position=position, font_size=14, visible=False,
+                                                    color="#ffd24d")
+        overlays[SLICE_KEY] = TextOverlay(text="", position="top_left", font_size=11, visible=False)
+        overlays[LEGEND_KEY] = TextOverlay(text="", position="bottom_right", font_size=10, visible=False)
+        viewer.dims.events.current_step.connect(self.update)
+        viewer.dims.events.order.connect(self.update)
+        viewer.dims.events.ndisplay.connect(self.update)
+        _camera(viewer).events.orientation.connect(self.update)
+        viewer.layers.events.inserted.connect(self.update)
+        viewer.layers.events.removed.connect(self.update)
+        self.update()
+
+    def disconnect(self):
+        viewer = self.viewer
+        for signal in (viewer.dims.events.current_step, viewer.dims.events.order, viewer.dims.events.ndisplay,
+                       _camera(viewer).events.orientation, viewer.layers.events.inserted,
+                       viewer.layers.events.removed):
+            signal.disconnect(self.update)
+        for key in [*(_edge_key(e) for e in EDGES), SLICE_KEY, LEGEND_KEY]:
+            if key in viewer.canvas.overlays:
+                viewer.canvas.overlays[key].visible = False
+
+    def text(self, key: str) -> str:
+        """The text an overlay shows ('' when hidden): 'top', 'bottom', 'left', 'right', 'slice', 'legend'."""
+        name = {"slice": SLICE_KEY, "legend": LEGEND_KEY}.get(key, _edge_key(key))
+        overlay = self.viewer.canvas.overlays[name]
+        return overlay.text if overlay.visible else ""
+
+    def image_layer(self):
+        """The bottom-most image layer this plugin placed (LPS world coordinates), or None."""
+        for layer in self.viewer.layers:
+            md = layer.metadata or {}
+            if md.get(ROLE_KEY) == "image" and GEOMETRY_KEY in md:
+                return layer
+        return None
+
+    def update(self, event=None):
+        viewer = self.viewer
+        overlays = viewer.canvas.overlays
+        dims = viewer.dims
+        image = self.image_layer()
+        letters = None
+        if image is not None and dims.ndisplay == 2 and dims.ndim >= 3:
+            letters = orientation_letters(tuple(dims.displayed), dims.ndim, _camera(viewer).orientation2d)
+        for edge in EDGES:
+            overlay = overlays[_edge_key(edge)]
+            overlay.text = letters[edge] if letters else ""
+            overlay.visible = letters is not None
+        text = ""
+        if image is not None and dims.ndisplay == 2 and dims.ndim >= 3:
+            hidden = [a for a in range(dims.ndim - 3, dims.ndim) if a not in dims.displayed]
+            if hidden:
+                axis = hidden[0]
+                index = count = None
+                offset = dims.ndim - image.ndim
+                if axis >= offset:
+                    data_axis = axis - offset
+                    count = int(image.data.shape[data_axis]) if not getattr(image, "multiscale", False) \
+                        else int(image.data[0].shape[data_axis])
+                    position = image.world_to_data(dims.point[offset:])
+                    index = min(max(int(round(float(position[data_axis]))), 0), count - 1)
+                text = slice_text(axis, dims.ndim, float(dims.point[axis]), index, count)
+        overlays[SLICE_KEY].text = text
+        overlays[SLICE_KEY].visible = bool(text)
+
+    def show_legend(self, text: str | None):
+        overlay = self.viewer.canvas.overlays[LEGEND_KEY]
+        overlay.text = text or ""
+        overlay.visible = bool(text)
+
+
+def _edge_key(edge: str) -> str:
+    return f"boltzformer_orientation_{edge}"
+
+
+def _camera(viewer):
+    """viewer.scene.camera (napari >= 0.9), else the older viewer.camera."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera

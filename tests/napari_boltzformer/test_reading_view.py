@@ -1,0 +1,350 @@
+"""What a reader sees (issue 17), on a real viewer under Xvfb with a tiny untrained model: the
+heatmap's colours, colour bar and controls, organ vs lesion mode, the size filter, jump and
+zoom, orientation letters and slice position, and the small things around them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from boltzformer import postprocess
+from napari_boltzformer._layers import MAX_LAYER_NAME, ROLE_KEY, result_layer_name
+from napari_boltzformer._widget import MIN_DIAMETERS_MM, MIN_FOV_MM, ZOOM_FOV_FACTOR, BoltzFormerWidget, _camera
+
+from .conftest import PROMPT, add_volume, ct_volume, run_and_wait
+
+ORGAN_PROMPT = "aorta"
+MR_PROMPT = "multiple sclerosis lesion"
+
+
+@pytest.fixture(scope="module")
+def reading_weights(tmp_path_factory):
+    """The untrained 'boltzformer-test' network knowing a lesion, an organ and an MR prompt."""
+    from boltzformer.checkpoint import save_model
+    from boltzformer.network.boltzformer import build_model
+    from boltzformer.network.config import get_config
+    from boltzformer.network.text import PromptEmbedding
+
+    rng = np.random.default_rng(1)
+    bank = {}
+    for prompt in (PROMPT, ORGAN_PROMPT, MR_PROMPT):
+        pooled = rng.standard_normal(384).astype(np.float32)
+        bank[prompt] = PromptEmbedding(rng.standard_normal((2, 384)).astype(np.float32), pooled / np.linalg.norm(pooled))
+    path = tmp_path_factory.mktemp("reading_weights") / "w.safetensors"
+    save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank=bank)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reading_segmenter(reading_weights):
+    from boltzformer.segmenter import Segmenter
+
+    return Segmenter.from_pretrained(reading_weights, device="cpu")
+
+
+@pytest.fixture
+def reader(make_napari_viewer, reading_segmenter, qtbot):
+    """A shown viewer (for screenshots) with a CT volume and the panel docked."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1300, 850)
+    add_volume(viewer, ct_volume(shape=(12, 96, 80)))
+    panel = BoltzFormerWidget(viewer, segmenter=reading_segmenter)
+    viewer.window.add_dock_widget(panel, name="BoltzFormer", area="right")
+    panel.prompt_edit.setText(PROMPT)
+    panel.min_lesion_spin.setValue(0.0)
+    yield viewer, panel
+    if panel.running:
+        panel.cancel()
+        panel.wait(30)
+
+
+def _roles(viewer) -> dict:
+    return {layer.metadata.get(ROLE_KEY): layer for layer in viewer.layers if layer.metadata.get(ROLE_KEY)}
+
+
+def _threshold_until(panel, enough, thresholds=range(5, 100, 5)) -> bool:
+    """Re-threshold (no inference) until `enough(result)` holds; False if no threshold gives it."""
+    result = panel.active_result()
+    for t in thresholds:
+        panel.threshold_slider.setValue(t)
+        panel.apply_threshold()
+        if enough(result):
+            return True
+    return False
+
+
+def _headers(panel) -> list[str]:
+    return [panel.table.horizontalHeaderItem(c).text() for c in range(panel.table.columnCount())]
+
+
+# -- the heatmap ---------------------------------------------------------------------------------
+def test_heatmap_has_a_colour_bar_a_legend_and_opens_on_the_sharpest_layer(reader, qtbot, reading_segmenter):
+    viewer, panel = reader
+    run_and_wait(panel, qtbot)
+    heat = _roles(viewer)["attention"]
+    att = panel.active_result().attention
+    assert heat.colorbar.visible
+    q = reading_segmenter.config.num_queries
+    assert tuple(heat.contrast_limits) == (0.0, float(q))
+    legend = panel.canvas_labels.text("legend")
+    assert f"queries (of {q})" in legend and "top 50 % of mass" in legend
+    axis = viewer.dims.ndim - heat.ndim
+    assert viewer.dims.current_step[axis] == att.sharpest_layer()
+    # the slider's label names τ of the layer shown, and follows it
+    for layer in range(att.num_layers):
+        viewer.dims.set_current_step(axis, layer)
+        assert viewer.dims.axis_labels[axis] == f"layer · τ {att.temperatures[layer]:.2f}"
+        assert f"τ {att.temperatures[layer]:.2f}" in panel.heat_info_label.text()
+    heat.visible = False  # a hidden heatmap has no legend
+    assert panel.canvas_labels.text("legend") == "" and not heat.colorbar.visible
+
+
+def test_zero_is_transparent_and_the_heat_shows_on_dark_and_white(reader, qtbot):
+    """Canvas pixels change, heatmap shown vs hidden, exactly over the cells it colours: none
+    over a zero cell, and the colours show over black air and over white tissue alike."""
+    viewer, panel = reader
+    panel.heat_top_check.setChecked(False)  # every sampled cell: zeros and non-zeros side by side
+    run_and_wait(panel, qtbot)
+    heat, image = _roles(viewer)["attention"], viewer.layers["ct"]
+    colormap = heat.colormap
+    assert colormap.map(np.array([0.0]))[0, 3] == 0  # zero: fully transparent
+    assert (colormap.map(np.linspace(0.05, 1.0, 20))[:, 3] >= 0.5).all()  # every other value clearly there
+    image.contrast_limits = (-1000, -900)  # air black, the body white
+    axis = viewer.dims.ndim - heat.ndim
+    viewer.dims.set_current_step(axis, heat.data.shape[0] - 1)
+    viewer.dims.set_current_step(axis + 1, 4)
+    viewer.reset_view()
+    qtbot.wait(300)
+    shown = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(np.int16)
+    heat.visible = False
+    qtbot.wait(300)
+    hidden = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(np.int16)
+    changed = np.abs(shown - hidden).sum(-1) > 24
+    h, w = changed.shape
+    cy, cx = _camera(viewer).center[-2:]
+    zoom = _camera(viewer).zoom
+    rows, cols = np.mgrid[4:h - 4:3, 4:w - 4:3]
+    world_y, world_x = cy + (rows + 0.5 - h / 2) / zoom, cx + (cols + 0.5 - w / 2) / zoom
+    point = list(viewer.dims.point)
+    cell_value, brightness = [], []
+    for y, x in zip(world_y.ravel(), world_x.ravel()):
+        point[-2:] = [y, x]
+        fc, fv = np.asarray(heat.world_to_data(point)), np.asarray(image.world_to_data(point[-3:]))
+        c, v = np.round(fc).astype(int), np.round(fv).astype(int)
+        inside = (c >= 0).all() and (c < heat.data.shape).all() and (v >= 0).all() and (v < image.data.shape).all()
+        # only pixels well inside a cell and a voxel: at an edge, rounding may pick the neighbour
+        clear = (np.abs(fc - c)[-2:] < 0.35).all() and (np.abs(fv - v)[-2:] < 0.35).all()
+        cell_value.append(float(heat.data[tuple(c)]) if inside and clear else np.nan)
+        brightness.append(float(image.data[tuple(v)]) if inside and clear else np.nan)
+    cell_value, brightness = np.array(cell_value), np.array(brightness)
+    pixel_changed = changed[rows.ravel(), cols.ravel()]
+    known = ~np.isnan(cell_value)
+    zero, hot = known & (cell_value == 0), known & (cell_value > 0)
+    assert zero.sum() > 50 and hot.sum() > 50
+    assert pixel_changed[zero].mean() < 0.03  # transparent where nothing was sampled
+    assert pixel_changed[hot].mean() > 0.95
+    white, black = brightness > -900, brightness < -950
+    assert pixel_changed[hot & white].mean() > 0.95 and pixel_changed[hot & black].mean() > 0.95
+    assert (hot & white).sum() > 20 and (hot & black).sum() > 20
+
+
+def test_query_selection_and_the_top_mass_switch_redraw_without_inference(reader, qtbot, reading_segmenter,
+                                                                        monkeypatch):
+    viewer, panel = reader
+    run_and_wait(panel, qtbot)
+    heat = _roles(viewer)["attention"]
+    att = panel.active_result().attention
+    calls = []
+    monkeypatch.setattr(reading_segmenter, "predict_batch", lambda *a, **k: calls.append(a))
+    np.testing.assert_array_equal(heat.data, att.view("counts", top_fraction=0.5))  # the default
+    assert panel.heat_query_combo.count() == 1 + att.num_queries
+    panel.heat_query_combo.setCurrentIndex(3)  # query 3 (0-based 2)
+    np.testing.assert_array_equal(heat.data, att.view("counts", query=2, top_fraction=0.5))
+    assert tuple(heat.contrast_limits) == (0.0, 1.0) and "query 3" in panel.canvas_labels.text("legend")
+    panel.heat_top_check.setChecked(False)
+    np.testing.assert_array_equal(heat.data, att.query_samples(2))
+    assert heat.data.sum() > 0
+    panel.heat_values_combo.setCurrentIndex(1)  # probabilities: one map for all queries
+    assert not panel.heat_query_combo.isEnabled()
+    np.testing.assert_array_equal(heat.data, att.probabilities)
+    assert "probability" in panel.canvas_labels.text("legend")
+    assert calls == []
+
+
+# -- organ vs lesions ----------------------------------------------------------------------------
+def test_an_organ_prompt_opens_organ_mode_with_one_structure(reader, qtbot):
+    viewer, panel = reader
+    panel.prompt_edit.setText(ORGAN_PROMPT)
+    run_and_wait(panel, qtbot)
+    result = panel.active_result()
+    assert _threshold_until(panel, lambda r: len(r.lesions) >= 2), "no threshold gave two components"
+    assert panel.current_mode() == "organ" and panel.result_box.title() == "Organ"
+    assert panel.table.rowCount() == 1 and _headers(panel)[:3] == ["structure", "mL", "calibre mm"]
+    summary = panel.organ_summary()
+    assert summary["lesion_ids"] == [1] and summary["components_found"] == len(result.lesions)
+    assert panel.table.item(0, 1).text() == f"{summary['volume_ml']:.1f}"
+    assert "mL" in panel.result_label.text() and "Ø" not in "".join(_headers(panel)[:3])
+    mask = viewer.layers[ORGAN_PROMPT]
+    np.testing.assert_array_equal(mask.data, (result.labels == 1).astype(np.uint8))  # the largest only
+    assert "stray component" in panel.result_detail.text()
+    # the user switches to the candidate list, and back
+    panel.mode_combo.setCurrentText("lesions")
+    assert panel.result_box.title() == "Lesions" and panel.table.rowCount() == len(result.lesions)
+    np.testing.assert_array_equal(mask.data, result.mask)
+    panel.mode_combo.setCurrentText("auto")
+    assert panel.table.rowCount() == 1
+    # a lesion prompt opens lesion mode
+    panel.prompt_edit.setText(PROMPT)
+    run_and_wait(panel, qtbot)
+    assert panel.current_mode() == "lesion" and panel.result_box.title() == "Lesions"
+
+
+def test_lesion_mode_has_confidence_and_both_axes_and_hu_only_for_ct(reader, qtbot):
+    viewer, panel = reader
+    run_and_wait(panel, qtbot)
+    assert _threshold_until(panel, lambda r: len(r.lesions) >= 1)
+    result = panel.active_result()
+    headers = _headers(panel)
+    for header in ("Ø mm", "short", "mean Ø", "p̄", "p max", "HU"):
+        assert header in headers
+    lesion = result.lesions[int(panel.table.item(0, 0).data(0x0100 + 1))]
+    row = {h: panel.table.item(0, c).text() for c, h in enumerate(headers)}
+    assert row["short"] == f"{lesion['short_axis_diameter_mm']:.1f}"
+    assert row["p max"] == f"{lesion['max_probability']:.2f}"
+    assert float(row["p max"]) > result.threshold - 0.005  # every lesion passes the threshold somewhere
+    # MR: no Hounsfield units; the intensity is arbitrary, with the sequence the sample names
+    layers = viewer.open_sample("napari-boltzformer", "brain_mri")
+    panel.image_combo.setCurrentText(layers[0].name)
+    panel.prompt_edit.setText(MR_PROMPT)
+    panel.scope_combo.setCurrentText("current slice")
+    run_and_wait(panel, qtbot)
+    headers = _headers(panel)
+    assert "HU" not in headers and "a.u." in headers
+    tip = panel.table.horizontalHeaderItem(headers.index("a.u.")).toolTip()
+    assert "FLAIR" in tip and "arbitrary" in tip
+
+
+def test_the_size_filter_hides_small_lesions_and_says_how_many(reader, qtbot, tmp_path):
+    viewer, panel = reader
+    run_and_wait(panel, qtbot)
+    result = panel.active_result()
+
+    def split(r):  # a step of the filter with lesions on both sides of it
+        sizes = [row["mean_axial_diameter_mm"] for row in r.lesions]
+        return next((mm for mm in MIN_DIAMETERS_MM[1:] if min(sizes, default=0) < mm <= max(sizes, default=0)), None)
+
+    assert _threshold_until(panel, lambda r: split(r) is not None), "no threshold gave lesions on both sides of a step"
+    step = split(result)
+    small = [r for r in result.lesions if r["mean_axial_diameter_mm"] < step]
+    large = [r for r in result.lesions if r["mean_axial_diameter_mm"] >= step]
+    panel.min_diameter_combo.setCurrentIndex(panel.min_diameter_combo.findData(step))
+    assert panel.table.rowCount() == len(large)
+    assert f"{len(small)} hidden (mean Ø < {step:g} mm)" in panel.result_detail.text()
+    assert panel.result_label.text().startswith(f"{len(large)} lesion")
+    mask = viewer.layers[PROMPT]
+    np.testing.assert_array_equal(mask.data, postprocess.select_labels(result.labels, [r["lesion_id"] for r in large]))
+    written = panel.export_table(tmp_path / "shown.csv")  # exports follow what is shown
+    assert len(written.read_text().strip().splitlines()) == 1 + len(large)
+    panel.min_diameter_combo.setCurrentIndex(0)  # all sizes again
+    assert panel.table.rowCount() == len(result.lesions) and "hidden" not in panel.result_detail.text()
+    np.testing.assert_array_equal(mask.data, result.mask)
+
+
+# -- navigation ------------------------------------------------------------------------------------
+def test_a_row_click_jumps_and_zooms_restore_goes_back_and_the_next_run_starts_unzoomed(reader, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, panel = reader
+    run_and_wait(panel, qtbot)
+    small = lambda r: [x for x in r.lesions if x["longest_axial_diameter_mm"] < 10]  # noqa: E731
+    assert _threshold_until(panel, lambda r: small(r) and len(small(r)) < len(r.lesions))
+    result = panel.active_result()
+    viewer.reset_view()
+    camera = _camera(viewer)
+    before = (tuple(camera.center), camera.zoom)
+    assert not panel.restore_view_button.isEnabled()
+    index_of = {panel.table.item(r, 0).data(Qt.ItemDataRole.UserRole + 1): r for r in range(panel.table.rowCount())}
+    big = max(result.lesions, key=lambda x: x["longest_axial_diameter_mm"])
+    panel.table.cellClicked.emit(index_of[result.lesions.index(big)], 1)  # a large one: no zooming out
+    assert camera.zoom >= before[1] - 1e-9
+    row = index_of[result.lesions.index(small(result)[0])]
+    panel.table.cellClicked.emit(row, 1)
+    lesion = result.lesions[int(panel.table.item(row, 0).data(Qt.ItemDataRole.UserRole + 1))]
+    world = np.asarray(viewer.layers[PROMPT].data_to_world(lesion["centroid_voxel_zyx"]))
+    assert viewer.dims.current_step[-3] == int(round(lesion["centroid_voxel_zyx"][0]))
+    assert np.allclose(camera.center[-2:], world[-2:], atol=1e-6)
+    fov = max(ZOOM_FOV_FACTOR * lesion["longest_axial_diameter_mm"], MIN_FOV_MM)
+    h, w = viewer.canvas.size
+    assert camera.zoom == pytest.approx(min(h, w) / fov)
+    assert camera.zoom > before[1]  # zoomed in
+    assert panel.restore_view_button.isEnabled()
+    panel.restore_view_button.click()
+    assert np.allclose(camera.center, before[0]) and camera.zoom == pytest.approx(before[1])
+    assert not panel.restore_view_button.isEnabled()
+    # jump again, then run again: the new result starts from the overview, not the zoomed pan
+    panel.table.cellClicked.emit(row, 1)
+    assert camera.zoom > before[1]
+    run_and_wait(panel, qtbot)
+    assert np.allclose(camera.center, before[0]) and camera.zoom == pytest.approx(before[1])
+
+
+def test_orientation_letters_and_slice_position(reader, qtbot):
+    viewer, panel = reader
+    labels = panel.canvas_labels
+    # an axial LPS volume: the patient's right on the viewer's left, anterior at the top
+    assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["R", "L", "A", "P"]
+    image = viewer.layers["ct"]
+    viewer.dims.set_current_step(0, 7)
+    z_mm = float(image.data_to_world([7, 0, 0])[0])
+    assert labels.text("slice") == f"axial 8 / 12 · {abs(z_mm):.1f} mm {'S' if z_mm >= 0 else 'I'}"
+    camera = _camera(viewer)
+    camera.orientation2d = ("up", "left")  # flipped both ways: the letters follow
+    assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["L", "R", "P", "A"]
+    camera.orientation2d = ("down", "right")
+    viewer.dims.order = (1, 0, 2)  # y through the slices: a coronal view, z and x on screen
+    assert labels.text("slice").startswith("coronal")
+    assert {labels.text("top"), labels.text("bottom")} == {"S", "I"}
+    viewer.dims.order = (0, 1, 2)
+    run_and_wait(panel, qtbot)  # the heatmap's extra axis does not confuse them
+    assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["R", "L", "A", "P"]
+    assert labels.text("slice").startswith("axial ")
+    # a layer placed by someone else (no LPS promise): no letters
+    viewer.layers.clear()
+    viewer.add_image(np.zeros((5, 20, 20)), name="plain")
+    assert labels.text("left") == "" and labels.text("slice") == ""
+
+
+# -- the small things ------------------------------------------------------------------------------
+def test_progress_footer_names_and_the_one_line_total(make_napari_viewer, qtbot, reading_weights):
+    viewer = make_napari_viewer()
+    add_volume(viewer, ct_volume())
+    panel = BoltzFormerWidget(viewer, weights=reading_weights)
+    assert panel.progress_bar.text() == "no run yet"  # not "0 / 1 slices"
+    assert "loads on first run" in panel.model_label.text()
+    panel.prompt_edit.setText(MR_PROMPT)  # long enough to be cut in the layer list
+    panel.min_lesion_spin.setValue(0.0)
+    panel.threshold_slider.setValue(5)
+    run_and_wait(panel, qtbot)
+    assert "loads on first run" not in panel.model_label.text() and "on cpu" in panel.model_label.text()
+    assert panel.progress_bar.text() == "12 / 12 slices"
+    names = [layer.name for layer in viewer.layers if layer.metadata.get(ROLE_KEY) in ("mask", "attention", "probability")]
+    assert names and all(len(n) <= MAX_LAYER_NAME for n in names)
+    assert "ms lesion attention" in names  # the prompt's shortest synonym, not "multiple scler…sion attention"
+    assert result_layer_name("a very long prompt about something unknown", "attention").endswith("… attention")
+    assert not panel.result_label.wordWrap()  # the total stays on one line (cut with … if need be)
+    assert panel.result_label.toolTip().endswith("mL") and "\n" not in panel.result_label.text()
+
+
+def test_ground_truth_is_an_outline_above_the_result(make_napari_viewer, qtbot, reading_segmenter):
+    viewer = make_napari_viewer()
+    image, truth = viewer.open_sample("napari-boltzformer", "chest_ct")
+    panel = BoltzFormerWidget(viewer, segmenter=reading_segmenter)
+    assert truth.contour == 1  # an outline as soon as the panel is there
+    panel.prompt_edit.setText(PROMPT)
+    panel.scope_combo.setCurrentText("current slice")
+    run_and_wait(panel, qtbot)
+    assert viewer.layers[-1] is truth and truth.contour == 1
+    truth.contour = 0  # the user fills it again: the panel leaves it so
+    panel.seed_spin.setValue(1)
+    run_and_wait(panel, qtbot)
+    assert truth.contour == 0 and viewer.layers[-1] is truth
