@@ -32,9 +32,10 @@ SOURCE_KEY = "boltzformer_source"  # name of the image layer a result layer was 
 COLOR_KEY = "boltzformer_color"  # the colour of a mask layer
 WINDOW_KEY = "boltzformer_window"  # (name, lower, upper) of the display window the plugin set
 
-# Mask colours, in the order prompts get them: readable on a grey CT/MR slice and away from the
-# hues of the heatmap (violet-red-orange). Green is kept for the ground truth of the sample data.
-MASK_COLORS = ("#30d5ff", "#ff2fd0", "#b4ff3a", "#4d7cff", "#00ffc8", "#ffe14d")
+# Mask colours, in the order prompts get them: readable on a grey CT/MR slice, the first ones
+# away from the heatmap's hues (violet-magenta-orange; magenta comes last). Green is kept for
+# the ground truth of the sample data.
+MASK_COLORS = ("#30d5ff", "#b4ff3a", "#ffe14d", "#00ffc8", "#4d7cff", "#ff2fd0")
 GROUND_TRUTH_COLOR = "#34c759"
 # The heatmap is drawn with translucent blending and a colormap that carries its own alpha: 0 is
 # fully transparent (the slice shows through untouched) and every other value is a saturated

@@ -22,12 +22,20 @@ SLICE_KEY = "boltzformer_slice"
 LEGEND_KEY = "boltzformer_heat_legend"
 
 
-def orientation_letters(displayed: tuple[int, int], ndim: int, orientation2d=("down", "right")) -> dict | None:
+def lps_axis(world_axis: int, ndim: int, spatial: int = 3) -> int | None:
+    """Which of z, y, x (0, 1, 2) world axis `world_axis` of `ndim` is, when the last `spatial`
+    axes are the image's (3, or 2 for a single axial slice: y, x); None for a leading axis such
+    as the decoder layer."""
+    index = world_axis - (ndim - spatial)
+    return None if index < 0 else index + 3 - spatial
+
+
+def orientation_letters(displayed: tuple[int, int], ndim: int, orientation2d=("down", "right"),
+                        spatial: int = 3) -> dict | None:
     """{'top', 'bottom', 'left', 'right'} -> patient direction letter for a 2D view of world
     axes `displayed` (vertical, horizontal) of `ndim`; None when one is not a spatial axis."""
-    first_spatial = ndim - 3
-    vertical, horizontal = (a - first_spatial for a in displayed)
-    if min(vertical, horizontal) < 0:
+    vertical, horizontal = (lps_axis(a, ndim, spatial) for a in displayed)
+    if vertical is None or horizontal is None:
         return None
     down, right = (str(getattr(o, "value", o)) for o in orientation2d)
     v_neg, v_pos = LPS_ENDS[vertical]
@@ -37,10 +45,11 @@ def orientation_letters(displayed: tuple[int, int], ndim: int, orientation2d=("d
     return {"top": top, "bottom": bottom, "left": left, "right": right_letter}
 
 
-def slice_text(axis: int, ndim: int, position_mm: float, index: int | None, count: int | None) -> str:
+def slice_text(axis: int, ndim: int, position_mm: float, index: int | None, count: int | None,
+               spatial: int = 3) -> str:
     """'axial 18 / 48 · 12.5 mm S': the plane, the slice of the image and its world position."""
-    lps = axis - (ndim - 3)
-    if lps < 0:
+    lps = lps_axis(axis, ndim, spatial)
+    if lps is None:
         return ""
     neg, pos = LPS_ENDS[lps]
     where = f"{abs(position_mm):.1f} mm {pos if position_mm >= 0 else neg}"
@@ -101,25 +110,24 @@ class CanvasLabels:
         dims = viewer.dims
         image = self.image_layer()
         letters = None
-        if image is not None and dims.ndisplay == 2 and dims.ndim >= 3:
-            letters = orientation_letters(tuple(dims.displayed), dims.ndim, _camera(viewer).orientation2d)
+        spatial = image.ndim if image is not None else 3
+        if image is not None and dims.ndisplay == 2:
+            letters = orientation_letters(tuple(dims.displayed), dims.ndim, _camera(viewer).orientation2d, spatial)
         for edge in EDGES:
             overlay = overlays[_edge_key(edge)]
             overlay.text = letters[edge] if letters else ""
             overlay.visible = letters is not None
         text = ""
-        if image is not None and dims.ndisplay == 2 and dims.ndim >= 3:
-            hidden = [a for a in range(dims.ndim - 3, dims.ndim) if a not in dims.displayed]
+        if image is not None and dims.ndisplay == 2 and spatial == 3:  # a 2D image has no slices
+            offset = dims.ndim - image.ndim
+            hidden = [a for a in range(offset, dims.ndim) if a not in dims.displayed]
             if hidden:
                 axis = hidden[0]
-                index = count = None
-                offset = dims.ndim - image.ndim
-                if axis >= offset:
-                    data_axis = axis - offset
-                    count = int(image.data.shape[data_axis]) if not getattr(image, "multiscale", False) \
-                        else int(image.data[0].shape[data_axis])
-                    position = image.world_to_data(dims.point[offset:])
-                    index = min(max(int(round(float(position[data_axis]))), 0), count - 1)
+                data_axis = axis - offset
+                shape = image.data[0].shape if getattr(image, "multiscale", False) else image.data.shape
+                count = int(shape[data_axis])
+                position = image.world_to_data(dims.point[offset:])
+                index = min(max(int(round(float(position[data_axis]))), 0), count - 1)
                 text = slice_text(axis, dims.ndim, float(dims.point[axis]), index, count)
         overlays[SLICE_KEY].text = text
         overlays[SLICE_KEY].visible = bool(text)

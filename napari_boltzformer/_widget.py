@@ -1339,9 +1339,10 @@ class BoltzFormerWidget(QWidget):
                     item = _NumericItem(f"{value:.1f}", value)
                 self.table.setItem(row, col, item)
             self.table.item(row, 0).setData(Qt.ItemDataRole.UserRole + 1, index_of[id(lesion)])
-        for col, (_, _, key) in enumerate(LESION_COLUMNS):  # the 3D filter's scores exist only for lung CT
+        scored = [*result.lesions, *result.rejected]  # the 3D filter's scores exist only where it ran
+        for col, (_, _, key) in enumerate(LESION_COLUMNS):
             if key in ("nodule_score", "blobness"):
-                self.table.setColumnHidden(col, not any(_finite(r.get(key)) for r in result.lesions))
+                self.table.setColumnHidden(col, not any(_finite(r.get(key)) for r in scored))
         total_ml = sum(r["volume_mm3"] for r in shown) / 1000.0
         noun = "lesion" if len(shown) == 1 else "lesions"
         self._set_summary(f"{len(shown)} {noun} · {total_ml:.2f} mL", self._lesion_details(result, hidden))

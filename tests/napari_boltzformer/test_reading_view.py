@@ -348,3 +348,13 @@ def test_ground_truth_is_an_outline_above_the_result(make_napari_viewer, qtbot, 
     panel.seed_spin.setValue(1)
     run_and_wait(panel, qtbot)
     assert truth.contour == 0 and viewer.layers[-1] is truth
+
+
+def test_orientation_letters_of_a_single_axial_slice_under_the_heatmap_axis():
+    from napari_boltzformer._view import orientation_letters, slice_text
+
+    # world axes (decoder layer, y, x): the leading axis is no patient axis
+    assert orientation_letters((1, 2), 3, spatial=2) == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    assert orientation_letters((0, 2), 3, spatial=2) is None
+    assert slice_text(0, 3, 5.0, 0, 1, spatial=2) == ""
+    assert slice_text(1, 4, -12.34, 3, 40) == "axial 4 / 40 · 12.3 mm I"  # (decoder, z, y, x)

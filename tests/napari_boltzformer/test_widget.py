@@ -82,7 +82,7 @@ def test_attention_heatmaps_one_per_decoder_layer_and_aligned_with_the_image(mak
     grid = tiny_segmenter.config.image_size // tiny_segmenter.config.finest_stride
     assert heat.data.shape == (num_layers, 5, grid, grid)  # decoder layer, processed slices, grid
     assert heat.data.dtype == np.float16  # kept at grid resolution
-    assert viewer.dims.axis_labels[0] == "decoder layer" and viewer.dims.nsteps[0] == num_layers
+    assert viewer.dims.axis_labels[0].startswith("layer · τ ") and viewer.dims.nsteps[0] == num_layers
     assert heat.blending == "translucent" and heat.colormap.name == "boltzformer heat"
     # Outer corners (voxel edges) of the heatmap grid land on those of the processed slab.
     for corner in ([0, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]):
