@@ -1,118 +1,181 @@
-"""Make the README's pictures from the bundled model and the bundled chest CT sample.
+"""Make the README's pictures from the real napari viewer with the BoltzFormer panel, the bundled
+model, the bundled chest CT sample and (when given) a real contrast chest CT.
 
-    xvfb-run -a python docs/make_figures.py [--weights W]
+    xvfb-run -a python docs/make_figures.py [--weights W] [--real CT.nii.gz]
 
-docs/images/decoder_layers.png  one slice, a panel per decoder layer: where the queries sampled
-docs/images/decoder_layers.gif  the same, stepping through the layers
-docs/images/napari_panel.png    the viewer with the BoltzFormer panel after a run
+docs/images/napari_panel.png        the sample after "lung nodule": lesion mode, heatmap, truth outline
+docs/images/napari_lesion_zoom.png  the same after a click on a lesion row: jumped and zoomed
+docs/images/decoder_layers.gif      the canvas at one slice, stepping through the decoder layers
+docs/images/decoder_layers.png      the same six frames side by side
+docs/images/napari_real_ct_organ.png    a real chest CT, "heart": organ mode (one structure, mL)
+docs/images/napari_real_ct_lesions.png  the same CT, "lung nodule": candidates, 4 mm size filter
+
+The real CT is read where it lies and never copied; only the screenshots are written. Every
+picture is what the panel shows a user: nothing is drawn on top but a frame title in the GIF.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
 
 OUT = Path(__file__).parent / "images"
+DEFAULT_REAL_CT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real" / "ts_chest01_heart_image.nii.gz"
+WINDOW_SIZE = (1500, 950)
 
 
-def decoder_figures(seg, case):
-    import matplotlib
+class Session:
+    """A shown viewer with the panel docked; runs wait for the worker while Qt keeps painting."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    def __init__(self, weights):
+        import napari
 
-    vol = case.volume()
-    truth = case.masks[case.target]
-    z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
-    res = seg.segment_volume(vol, case.prompt, slices=(z, z + 1), return_attention=True)
-    att = res.attention
-    img = np.clip((vol.array[z].astype(np.float32) + 1350) / 1500, 0, 1)
-    h, w = img.shape
-    layers = att.num_layers
-    fig, axes = plt.subplots(1, layers + 1, figsize=(3.1 * (layers + 1), 3.4))
+        from napari_boltzformer._widget import BoltzFormerWidget
+
+        self.viewer = napari.Viewer(show=True)
+        self.viewer.window.resize(*WINDOW_SIZE)
+        self.panel = BoltzFormerWidget(self.viewer, weights=weights)
+        self.viewer.window.add_dock_widget(self.panel, name="BoltzFormer", area="right")
+
+    def pump(self, seconds: float = 1.0):
+        from qtpy.QtWidgets import QApplication
+
+        end = time.time() + seconds
+        while time.time() < end:
+            QApplication.instance().processEvents()
+            time.sleep(0.02)
+
+    def run(self, prompt: str, timeout_s: float = 600.0) -> float:
+        panel = self.panel
+        panel.prompt_edit.setText(prompt)
+        t0 = time.time()
+        panel.run()
+        while panel.running and time.time() - t0 < timeout_s:
+            self.pump(0.05)
+        if panel.running:
+            raise TimeoutError(f"'{prompt}' still running after {timeout_s} s")
+        self.pump(0.5)
+        return time.time() - t0
+
+    def go_to_slice(self, z: int):
+        self.viewer.dims.set_current_step(self.viewer.dims.ndim - 3, int(z))
+        self.pump(1.0)
+
+    def decoder_axis(self) -> int:
+        return self.panel._decoder_axis()
+
+    def save(self, name: str, canvas_only: bool = False) -> Path:
+        from napari.utils.io import imsave
+
+        self.pump(0.8)
+        self.panel.window().repaint()  # Xvfb keeps stale pixels of a slider's number otherwise
+        self.pump(0.3)
+        path = OUT / name
+        imsave(str(path), self.viewer.screenshot(canvas_only=canvas_only, flash=False))
+        print(f"wrote {path}")
+        return path
+
+    def close(self):
+        self.viewer.close()
+
+
+def sample_figures(weights):
+    """The sample chest CT: the panel after a run, a jump to a lesion, the decoder layers."""
+    s = Session(weights)
+    image, truth = s.viewer.open_sample("napari-boltzformer", "chest_ct")
+    seconds = s.run("lung nodule")
+    panel = s.panel
+    print(f"sample: {seconds:.0f} s, {panel.result_label.text()} | {panel.result_detail.text()}")
+    z = int(np.argmax(truth.data.reshape(truth.data.shape[0], -1).sum(1)))
+    s.go_to_slice(z)
+    print("heatmap:", panel.heat_info_label.text().replace("\n", " | "))
+    s.save("napari_panel.png")
+
+    # the lesion row that overlaps the truth on this slice: click it, as a user would
+    result = panel.active_result()
+    hit = next((lesion for lesion in result.lesions
+                if (result.labels[z][truth.data[z] > 0] == lesion["lesion_id"]).any()), result.lesions[0])
+    for row in range(panel.table.rowCount()):
+        if result.lesions[int(panel.table.item(row, 0).data(0x0101))] is hit:
+            panel.table.selectRow(row)
+            panel.table.cellClicked.emit(row, 0)
+            break
+    s.save("napari_lesion_zoom.png")
+    decoder_frames(s)
+    s.close()
+
+
+def decoder_frames(s: Session):
+    """The zoomed canvas at the lesion's slice for every decoder layer (GIF and a strip)."""
+    from matplotlib import font_manager
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 15)  # PIL's own font has no τ
+    att = s.panel.active_result().attention
+    axis = s.decoder_axis()
     frames = []
-    for i in range(layers):
-        heat = att.counts[i, 0].astype(np.float32)
-        ax = axes[i]
-        ax.imshow(img, cmap="gray")
-        ax.imshow(heat, cmap="inferno", alpha=0.55, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=0, vmax=att.num_queries)
-        ax.contour(truth[z], colors="lime", linewidths=0.7)
-        ax.set_title(f"layer {i}: stride {att.strides[i]}, τ={att.temperatures[i]:.2f}\nK={att.tokens_per_query[i]} tokens/query",
-                     fontsize=8)
-        ax.axis("off")
-        f2, a2 = plt.subplots(figsize=(4, 4))
-        a2.imshow(img, cmap="gray")
-        a2.imshow(heat, cmap="inferno", alpha=0.55, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=0, vmax=att.num_queries)
-        a2.contour(truth[z], colors="lime", linewidths=0.7)
-        a2.set_title(f"decoder layer {i}  (τ = {att.temperatures[i]:.2f})", fontsize=10)
-        a2.axis("off")
-        f2.tight_layout()
-        f2.canvas.draw()
-        frames.append(Image.fromarray(np.asarray(f2.canvas.buffer_rgba())[..., :3]))
-        plt.close(f2)
-    axes[-1].imshow(img, cmap="gray")
-    axes[-1].contour(res.mask[z], colors="red", linewidths=1.8)  # wider: visible under the truth line
-    axes[-1].contour(truth[z], colors="lime", linewidths=0.7)
-    axes[-1].set_title("output (red) vs truth (green)", fontsize=8)
-    axes[-1].axis("off")
-    fig.suptitle(f"'{case.prompt}': where the {att.num_queries} queries sampled, layer by layer "
-                 "(colour = number of queries attending to a token)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.savefig(OUT / "decoder_layers.png", dpi=80)
-    frames[0].save(OUT / "decoder_layers.gif", save_all=True, append_images=frames[1:], duration=700, loop=0)
+    for layer in range(att.num_layers):
+        s.viewer.dims.set_current_step(axis, layer)
+        s.pump(0.8)
+        shot = s.viewer.screenshot(canvas_only=True, flash=False)[..., :3]
+        frame = Image.fromarray(np.ascontiguousarray(shot))
+        side = min(frame.size)
+        frame = frame.crop(((frame.width - side) // 2, (frame.height - side) // 2,
+                            (frame.width + side) // 2, (frame.height + side) // 2)).resize((420, 420))
+        draw = ImageDraw.Draw(frame)
+        title = (f"decoder layer {layer + 1}/{att.num_layers}  τ {att.temperatures[layer]:.2f}  "
+                 f"stride {att.strides[layer]}")
+        draw.rectangle((0, 394, 420, 420), fill=(0, 0, 0))
+        draw.text((8, 398), title, fill=(255, 255, 255), font=font)
+        frames.append(frame)
+    frames[0].save(OUT / "decoder_layers.gif", save_all=True, append_images=frames[1:], duration=900, loop=0)
+    strip = Image.new("RGB", (420 * len(frames), 420))
+    for i, frame in enumerate(frames):
+        strip.paste(frame, (420 * i, 0))
+    strip.save(OUT / "decoder_layers.png")
+    print(f"wrote {OUT / 'decoder_layers.gif'} and {OUT / 'decoder_layers.png'}")
 
 
-def napari_screenshot(weights):
-    import napari
-    from napari.utils.io import imsave
-    from qtpy.QtWidgets import QApplication
-
-    from boltzformer.synth.sample import sample_chest_ct
-    from napari_boltzformer._layers import image_layer_data
-    from napari_boltzformer._widget import BoltzFormerWidget
-
-    case = sample_chest_ct()
-    viewer = napari.Viewer(show=True)
-    viewer.window.resize(1500, 950)
-    data, kwargs, _ = image_layer_data(case.volume(), name="chest CT (synthetic)")
-    viewer.add_image(data, **kwargs)
-    panel = BoltzFormerWidget(viewer, weights=weights)
-    viewer.window.add_dock_widget(panel, name="BoltzFormer", area="right")
-    panel.prompt_edit.setText(case.prompt)
-    panel.run()
-    app = QApplication.instance()
-    import time
-
-    t = time.time()
-    while panel.running and time.time() - t < 300:
-        app.processEvents()
-        time.sleep(0.05)
-    truth = case.masks[case.target]
-    z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
-    viewer.dims.set_current_step(viewer.dims.ndim - 3, z)
-    for _ in range(20):
-        app.processEvents()
-        time.sleep(0.05)
-    imsave(str(OUT / "napari_panel.png"), viewer.screenshot(canvas_only=False, flash=False))
-    viewer.close()
+def real_ct_figures(weights, path: Path):
+    """A real contrast chest CT: "heart" in organ mode, "lung nodule" with the 4 mm filter."""
+    s = Session(weights)
+    s.viewer.open(str(path), plugin="napari-boltzformer")
+    panel = s.panel
+    seconds = s.run("heart")
+    summary = panel.organ_summary()
+    print(f"real CT heart: {seconds:.0f} s, {panel.result_label.text()} | {panel.result_detail.text()}")
+    if summary is not None:
+        s.go_to_slice(round(summary["centroid_voxel_zyx"][0]))
+    print("heatmap:", panel.heat_info_label.text().replace("\n", " | "))
+    s.save("napari_real_ct_organ.png")
+    for layer in s.viewer.layers:  # the next prompt alone on the image (hidden, not removed:
+        if layer.metadata.get("boltzformer_prompt") == "heart":  # removing the heatmap's axis
+            layer.visible = False  # leaves a stale slice number in napari's slider under Xvfb)
+    seconds = s.run("lung nodule")
+    panel.min_diameter_combo.setCurrentIndex(panel.min_diameter_combo.findData(4.0))
+    print(f"real CT lung nodule: {seconds:.0f} s, {panel.result_label.text()} | {panel.result_detail.text()}")
+    shown = panel.shown_lesions()[0]
+    if shown:
+        s.go_to_slice(round(shown[0]["centroid_voxel_zyx"][0]))
+    s.save("napari_real_ct_lesions.png")
+    s.close()
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=None)
-    p.add_argument("--skip-napari", action="store_true")
+    p.add_argument("--real", type=Path, default=DEFAULT_REAL_CT,
+                   help="a real chest CT (read only); its figures are skipped when it is missing")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    from boltzformer.segmenter import Segmenter
-    from boltzformer.synth.sample import sample_chest_ct
-
-    seg = Segmenter.from_pretrained(args.weights, device="cpu")
-    decoder_figures(seg, sample_chest_ct())
-    if not args.skip_napari:
-        napari_screenshot(args.weights)
+    sample_figures(args.weights)
+    if args.real and args.real.exists():
+        real_ct_figures(args.weights, args.real)
+    else:
+        print(f"no real CT at {args.real}: its figures are not made")
 
 
 if __name__ == "__main__":
