@@ -232,7 +232,7 @@ def cmd_cohort(args) -> int:
     )
     summary = run_cohort(args.input, args.out_dir, args.prompt, options, weights=args.weights, workers=args.workers,
                          threads_per_worker=args.threads_per_worker, scheduler=args.scheduler, resume=args.resume,
-                         overwrite=args.overwrite, progress=not args.quiet)
+                         overwrite=args.overwrite, progress=not args.quiet, warn=_warn)
     args.committed = True
     for line in summary.failures[:10]:
         _warn(f"failed: {line}")

@@ -40,6 +40,7 @@ from distributed import WorkerPlugin
 
 from .errors import BoltzformerError, InputError, OutputError
 from .io import _DICOM_EXTENSIONS, _ITK_EXTENSIONS, _extension, _has_dicom_preamble, _os_problem, atomic_output
+from .postprocess import CSV_COLUMNS, flat_lesion_row
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,15 @@ REPORT_NAME, LESIONS_NAME = "report.csv", "lesions.csv"
 MASK_SUFFIX = "_mask.nii.gz"
 REPORT_COLUMNS = ("case_id", "status", "reason", "seconds", "lesions", "path", "prompt", "mask", "weights_sha256",
                   "options", "device", "worker", "worker_peak_rss_mb", "warnings")
-# Lesion rows: the case, then boltzformer.postprocess.CSV_COLUMNS (the columns of `segment
-# --lesions`), then score = the lesion's mean model probability.
-LESION_COLUMNS = ("case_id", "lesion_id", "voxels", "volume_mm3", "longest_axial_diameter_mm",
-                  "centroid_z", "centroid_y", "centroid_x", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-                  "slice_start", "slice_end", "mean_intensity", "score")
+# Lesion rows: the case, then the columns of `segment --lesions` (postprocess.CSV_COLUMNS), then
+# score = the lesion's mean model probability (its confidence; the same as mean_probability).
+LESION_COLUMNS = ("case_id", *CSV_COLUMNS, "score")
 
-# Peak resident memory of one worker process (Python, torch, the bundled model, and one scan in
-# flight) segmenting a 512 x 512 x 300 int16 CT with the 3D filter on, measured with
-# benchmarks/cohort.py on 2 CPU cores (README, "Cohorts"). Used to refuse a --workers that
-# cannot fit the machine.
-WORKER_PEAK_MB_512x512x300 = 2200
+# Peak resident memory of one worker process (Python, Dask, torch, the bundled model and one scan
+# in flight) segmenting a synthetic 512 x 512 x 300 int16 CT for "lung nodule" (3D filter on):
+# 2816 MB with 1 worker, 2718 MB each with 2 (benchmarks/cohort.py on 2 CPU cores, README
+# "Cohorts"). Used to refuse a --workers that cannot fit the machine.
+WORKER_PEAK_MB_512x512x300 = 2816
 
 PLUGIN_PREFIX = "boltzformer-segmenter"
 _CASE_ID_FORBIDDEN = re.compile(r"[/\\\x00-\x1f]")
@@ -103,7 +102,8 @@ class ScanOptions:
                 f"device={self.device}")
 
 
-def list_scans(source, prompt: str | None, exclude: Iterable[str | os.PathLike] = ()) -> list[Scan]:
+def list_scans(source, prompt: str | None, exclude: Iterable[str | os.PathLike] = (),
+               warn: Callable[[str], None] | None = None) -> list[Scan]:
     """The scans named by ``source``: a folder (searched recursively) or a CSV file.
 
     Folder: every NIfTI/NRRD/MetaImage file and every folder holding DICOM files (one scan per
@@ -112,13 +112,14 @@ def list_scans(source, prompt: str | None, exclude: Iterable[str | os.PathLike] 
     extension, folders joined by '_' (``p01/ct.nii.gz`` -> ``p01_ct``).
     CSV: a ``path`` column (relative paths are relative to the CSV's folder), optional
     ``case_id`` (default: the file or folder name without extension) and ``prompt`` (default:
-    ``prompt``). Raises InputError (exit 2) for anything that makes the list itself unusable.
+    ``prompt``). Raises InputError (exit 2) for anything that makes the list itself unusable;
+    sub-folders that cannot be listed are skipped and passed to ``warn`` (default: logged).
     """
     src = Path(os.fspath(source))
     if not src.exists():
         raise InputError(src, "does not exist; give a folder of scans or a CSV file with a 'path' column")
     if src.is_dir():
-        scans = _scans_in_folder(src, prompt, exclude)
+        scans = _scans_in_folder(src, prompt, exclude, warn or log.warning)
     elif _extension(src.name) == ".csv":
         scans = _scans_in_csv(src, prompt)
     else:
@@ -134,7 +135,7 @@ def _image_stem(name: str) -> str:
     return name[: -len(ext)] if ext else name
 
 
-def _scans_in_folder(root: Path, prompt: str | None, exclude) -> list[Scan]:
+def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[str], None]) -> list[Scan]:
     if not prompt:
         raise BoltzformerError("a folder of scans needs a prompt: -p \"lung nodule\"")
     excluded = {os.path.realpath(e) for e in exclude}
@@ -154,7 +155,7 @@ def _scans_in_folder(root: Path, prompt: str | None, exclude) -> list[Scan]:
             if _extension(f) in _ITK_EXTENSIONS:
                 found.append((here / f, (here / f).relative_to(root)))
     for line in problems:
-        log.warning(line)
+        warn(f"{line}; its scans are left out")
     scans, seen = [], {}
     for path, rel in found:
         parts = list(rel.parts)
@@ -402,22 +403,12 @@ def segment_scan(plugin_name: str, scan: Scan, options: ScanOptions, out_dir: st
 
 
 def _lesion_rows(case_id: str, result) -> list[dict]:
-    """Flat lesions.csv rows; score = mean probability over the lesion's voxels (input grid)."""
-    import numpy as np
-    from scipy import ndimage
-
-    from .postprocess import flat_lesion_row
-
-    rows = result.lesions
-    if not rows:
-        return []
-    ids = [r["lesion_id"] for r in rows]
-    scores = np.atleast_1d(ndimage.mean(result.probabilities, labels=result.labels, index=ids))
-    out = []
-    for r, s in zip(rows, scores):
+    """lesions.csv rows of one scan: its lesion table as `segment --lesions` writes it, plus the case."""
+    rows = []
+    for r in result.lesions:
         flat = flat_lesion_row(r)
-        out.append({"case_id": case_id, **{k: flat.get(k, "") for k in LESION_COLUMNS[1:-1]}, "score": round(float(s), 4)})
-    return out
+        rows.append({"case_id": case_id, **{k: flat.get(k, "") for k in CSV_COLUMNS}, "score": flat.get("mean_probability", "")})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,13 +595,15 @@ def run_cohort(
     overwrite: bool = False,
     progress: bool = True,
     on_result: Callable[[dict], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> CohortSummary:
     """Segment every scan of ``source`` (see :func:`list_scans`) into ``out_dir``.
 
     The cluster: ``client`` (a distributed.Client, kept open), else ``scheduler`` (an address
     such as tcp://host:8786), else a LocalCluster of ``workers`` processes (default: sized to
     the machine, see :func:`default_workers`) with ``threads_per_worker`` scans each, closed at
-    the end. ``on_result`` is called with each finished scan's report row (tests, GUIs).
+    the end. ``on_result`` is called with each finished scan's report row (tests, GUIs);
+    ``warn`` with one-line notes for the user (default: logged).
 
     Raises BoltzformerError (exit 2) before any scan for unusable arguments: a missing input,
     an unreadable CSV, an OUT_DIR that holds a cohort without --resume/--overwrite, weights
@@ -634,7 +627,8 @@ def run_cohort(
                                    "--scheduler has the workers it was started with")
     threads_per_worker = threads_per_worker or 1
     out = Path(os.path.abspath(os.fspath(out_dir)))  # workers may run elsewhere: no relative paths
-    scans = list_scans(source, prompt, exclude=[out])
+    warn = warn or log.warning
+    scans = list_scans(source, prompt, exclude=[out], warn=warn)
     _check_out_dir(out)
     report, lesions = _Table(out / REPORT_NAME, REPORT_COLUMNS), _Table(out / LESIONS_NAME, LESION_COLUMNS)
     if not resume and not overwrite:
@@ -668,8 +662,7 @@ def run_cohort(
             torch_threads = max(1, machine_cpus() // (local_workers * threads_per_worker))
         spec = ModelSpec(weights, options.device, torch_threads)
         client.register_plugin(SegmenterPlugin(spec), name=spec.plugin_name)
-        check = client.submit(check_worker, spec.plugin_name, sorted({s.prompt for s in scans}), options.force_prompt,
-                              pure=False).result()
+        check = _first_worker_check(client, spec, sorted({s.prompt for s in scans}), options.force_prompt, warn)
         if "error" in check:
             raise BoltzformerError(check["error"])
         for s in scans:
@@ -680,7 +673,8 @@ def run_cohort(
         done: set[str] = set()
         if resume:
             done = _resumable(scans, old_report, options, digest, out)
-            kept_report = [r for r in _last_rows(old_report) if r["case_id"] in done or r["case_id"] not in {s.case_id for s in scans}]
+            ours = {s.case_id for s in scans}  # rows of other case ids are kept as they are
+            kept_report = [r for r in _last_rows(old_report) if r["case_id"] in done or r["case_id"] not in ours]
             kept_ids = {r["case_id"] for r in kept_report if r["status"] == "ok"}
             report.start(kept_report)
             lesions.start([r for r in old_lesions if r["case_id"] in kept_ids])
@@ -704,6 +698,20 @@ def run_cohort(
     finally:
         if own is not None:
             own.close()
+
+
+def _first_worker_check(client, spec: ModelSpec, prompts: list[str], force_prompt: bool, warn) -> dict:
+    """check_worker on the first worker free; says so once if the cluster has no worker yet (a
+    batch queue may take minutes to start one)."""
+    future = client.submit(check_worker, spec.plugin_name, prompts, force_prompt, pure=False)
+    said = False
+    while True:
+        try:
+            return future.result(timeout=30)
+        except TimeoutError:
+            if not said and not client.scheduler_info().get("workers"):
+                warn(f"the scheduler {client.scheduler.address} has no worker yet; waiting for one")
+                said = True
 
 
 def _check_out_dir(out: Path) -> None:

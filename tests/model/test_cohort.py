@@ -119,7 +119,7 @@ def test_folder_segments_every_good_scan_like_segment_and_reports_the_broken_one
             for column in ("volume_mm3", "longest_axial_diameter_mm", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
                            "slice_start", "slice_end"):
                 assert got[column] == want[column], column
-            assert 0.0 <= float(got["score"]) <= 1.0
+            assert 0.0 <= float(got["score"]) <= 1.0 and got["score"] == want["mean_probability"]
 
 
 # -- --resume after an interruption ------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_resume_after_an_interrupted_run_finishes_the_rest_without_duplicates(sc
     done_masks = {c: (out / f"{c}_mask.nii.gz").stat().st_mtime_ns for c in seen}
     # A kill in the middle of the next scan's appends: its lesion rows are in, its report row half written.
     with open(out / "lesions.csv", "a") as f:
-        f.write("p9_ghost,1,3,9.0,2.0,1,1,1,0,0,0,0,0,-700,0.9\n")
+        f.write(",".join(["p9_ghost"] + ["1"] * (len(cohort.LESION_COLUMNS) - 1)) + "\n")
     with open(out / "report.csv", "a") as f:
         f.write("p9_ghost,ok,,1.0,1,/nowhere")
 
@@ -304,3 +304,18 @@ def test_folder_case_ids_and_what_is_a_scan(scans, tmp_path):
     (scans / "out").mkdir()
     write_volume(small_ct(0), scans / "out" / "a_mask.nii.gz")
     assert len(cohort.list_scans(scans, PROMPT, exclude=[scans / "out"])) == 5
+
+
+def test_threads_of_one_worker_share_its_model_and_give_the_same_masks(scans, tmp_path, tiny_weights, client):
+    (scans / "broken.nii.gz").unlink()
+    options = ScanOptions(device="cpu", seed=4)
+    run_cohort(scans, tmp_path / "two", PROMPT, options, weights=tiny_weights, client=client, progress=False)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None,
+                                  silence_logs=logging.ERROR) as one, distributed.Client(one) as shared:
+        summary = run_cohort(scans, tmp_path / "one", PROMPT, options, weights=tiny_weights, client=shared, progress=False)
+        plugins = [p for p in one.workers[0].plugins.values() if isinstance(p, cohort.SegmenterPlugin)]
+        assert len(plugins) == 1 and plugins[0].load_seconds is not None  # loaded once, used by both threads
+    assert (summary.ok, summary.workers) == (4, 1)
+    for case_id in ("a", "b", "p2_c", "p3_series"):
+        np.testing.assert_array_equal(read_volume(tmp_path / "one" / f"{case_id}_mask.nii.gz").array,
+                                      read_volume(tmp_path / "two" / f"{case_id}_mask.nii.gz").array)
