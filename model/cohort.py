@@ -1,12 +1,12 @@
 """`boltzformer cohort`: segment every scan of a cohort on Dask, from a laptop to a cluster.
 
-    run_cohort("scans/", "out/", CohortConfig(prompt="lung nodule"))          # a LocalCluster here
-    run_cohort("cases.csv", "out/", cfg, scheduler="tcp://host:8786")       # a running cluster
+    run_cohort("scans/", "out/", "lung nodule")                                  # a LocalCluster here
+    run_cohort("cases.csv", "out/", None, ScanOptions(seed=1), scheduler="tcp://host:8786")
 
 Scans are Dask tasks. Each worker loads the model once, through a :class:`SegmenterPlugin`, and
 keeps it for every scan it is given; the task reads the scan, segments it as ``boltzformer
 segment`` would (same options, same seed: the same mask) and writes ``<case_id>_mask.nii.gz``
-atomically (``io.write_volume``). Only a small row (status, seconds, lesions) travels back; the
+(uint8 (z, y, x), 1 = lesion, the scan's exact geometry) atomically (``io.write_volume``). Only a small row (status, seconds, lesions) travels back; the
 client writes ``lesions.csv`` and ``report.csv`` as the results arrive, one durable append per
 scan (lesions first, then the report row that records the scan as done), so a cohort that is
 killed half-way loses nothing that was recorded and ``--resume`` redoes exactly the rest.
@@ -48,6 +48,8 @@ EXIT_SOME_FAILED = 3  # the cohort ran to its end but at least one scan failed (
 
 REPORT_NAME, LESIONS_NAME = "report.csv", "lesions.csv"
 MASK_SUFFIX = "_mask.nii.gz"
+# seconds: read -> write of the scan on its worker; worker_peak_rss_mb: the worker process's peak
+# resident memory so far (MB); warnings: the reader's and segmenter's notes, ' | '-separated.
 REPORT_COLUMNS = ("case_id", "status", "reason", "seconds", "lesions", "path", "prompt", "mask", "weights_sha256",
                   "options", "device", "worker", "worker_peak_rss_mb", "warnings")
 # Lesion rows: the case, then the columns of `segment --lesions` (postprocess.CSV_COLUMNS), then
@@ -194,13 +196,13 @@ def _scans_in_csv(path: Path, prompt: str | None) -> list[Scan]:
     try:
         reader = csv.DictReader(_stdio.StringIO(text, newline=""))
         columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = list(reader)
+        rows = [(reader.line_num, r) for r in reader]  # line_num: right after blank lines and quoted line breaks
     except csv.Error as exc:
         raise InputError(path, f"is not a readable CSV table ({exc})") from None
     if "path" not in columns:
         raise InputError(path, f"needs a 'path' column (optional: case_id, prompt); columns found: {','.join(columns) or 'none'}")
     scans, seen = [], {}
-    for n, raw in enumerate(rows, start=2):  # line 1 is the header
+    for n, raw in rows:
         row = {str(k).strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         where = f"{path}: line {n}"
         if not any(row.values()):
@@ -365,6 +367,7 @@ def segment_scan(plugin_name: str, scan: Scan, options: ScanOptions, out_dir: st
            "prompt": scan.prompt, "mask": "", "weights_sha256": "", "options": options.key(), "device": "", "worker": "",
            "warnings": ""}
     lesions: list[dict] = []
+    seg = None
     try:
         plugin = _plugin(plugin_name)
         row["worker"] = plugin.worker.address if plugin.worker is not None else ""
@@ -394,6 +397,8 @@ def segment_scan(plugin_name: str, scan: Scan, options: ScanOptions, out_dir: st
     except Exception as exc:  # noqa: BLE001 - one scan's bug or odd file must not stop the cohort
         if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError on an accelerator
             row["reason"] = f"{scan.path}: {row['device']} ran out of memory (try --batch-size 4 or --device cpu)"
+            if seg is not None:
+                seg.release_memory()  # the worker's next scans start from an empty cache
         else:
             row["reason"] = f"{scan.path}: unexpected {type(exc).__name__}: {exc}"
     row["reason"] = _one_line(row["reason"])
@@ -627,6 +632,8 @@ def run_cohort(
                                    "--scheduler has the workers it was started with")
     threads_per_worker = threads_per_worker or 1
     out = Path(os.path.abspath(os.fspath(out_dir)))  # workers may run elsewhere: no relative paths
+    if weights is not None and not str(weights).startswith("hf:") and os.path.exists(weights):
+        weights = os.path.abspath(weights)
     warn = warn or log.warning
     scans = list_scans(source, prompt, exclude=[out], warn=warn)
     _check_out_dir(out)
