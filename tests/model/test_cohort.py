@@ -240,7 +240,7 @@ def test_a_scan_whose_worker_dies_runs_once_more_then_fails(scans, tmp_path, tin
     ("missing input", "does not exist"),
     ("folder without prompt", "needs a prompt"),
     ("csv without path", "needs a 'path' column"),
-    ("duplicate case id", "line 3: case_id 'x' is also on line 2"),
+    ("duplicate case id", "list.csv: line 4: case_id 'x' is also on line 2"),  # the blank line 3 counts
     ("case id with a slash", "cannot name a file"),
     ("workers with scheduler", "--workers and --threads-per-worker size the local cluster"),
     ("too many workers", "use at most"),
@@ -258,7 +258,7 @@ def test_bad_arguments_are_one_line_and_exit_2(case, expected, scans, tmp_path, 
         table.write_text("file\na.nii.gz\n")
         source = table
     elif case == "duplicate case id":
-        table.write_text(f"path,case_id\n{scans / 'a.nii.gz'},x\n{scans / 'b.nii.gz'},x\n")
+        table.write_text(f"path,case_id\n{scans / 'a.nii.gz'},x\n\n{scans / 'b.nii.gz'},x\n")
         source = table
     elif case == "case id with a slash":
         table.write_text(f"path,case_id\n{scans / 'a.nii.gz'},../x\n")
