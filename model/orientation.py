@@ -76,6 +76,16 @@ class Reorientation:
             out_xyz[self.source_axis[j]] = size_xyz[j] - 1 - c_xyz[j] if self.flip[j] else c_xyz[j]
         return tuple(out_xyz[::-1])
 
+    def index_to_canonical(self, index_zyx, input_shape_zyx) -> tuple[float, float, float]:
+        """The inverse of `index_to_input`: an input voxel index (z, y, x) -> canonical (z, y, x)."""
+        in_xyz = [float(v) for v in index_zyx][::-1]
+        size_xyz = list(input_shape_zyx)[::-1]
+        out_xyz = [0.0, 0.0, 0.0]
+        for j in range(3):
+            src = self.source_axis[j]
+            out_xyz[j] = size_xyz[src] - 1 - in_xyz[src] if self.flip[j] else in_xyz[src]
+        return tuple(out_xyz[::-1])
+
     def describe(self) -> str:
         if self.is_identity:
             return "already axial LPS"

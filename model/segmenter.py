@@ -405,7 +405,7 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict_batch(self, slices01: np.ndarray, embedding: PromptEmbedding, generator: torch.Generator,
-                      return_attention: bool = False, stage_times: dict | None = None, out_hw=None):
+                      return_attention: bool = False, stage_times: dict | None = None, out_hw=None, prior=None):
         """slices01: n x H x W, or n x C x H x W with 2.5D context, float32 in [0, 1]
         -> (probabilities n x out_h x out_w float32, attention).
 
@@ -413,6 +413,8 @@ class Segmenter:
         single-slice image gives). Slices are resized to the network size and the probabilities
         resized to out_hw (default: the input's H x W). attention: list per layer of (counts,
         probabilities, stride, tau, query bits or None) with n x G x G tensors on CPU, or None.
+        prior: an optional network.sampling.PointPrior for the n slices ("look here"); None leaves
+        every output exactly as without it.
         """
         channels = self.model.cfg.in_channels
         if slices01.ndim == 3:
@@ -430,7 +432,7 @@ class Segmenter:
         use_bf16 = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = self.model(x, tokens, valid, pooled, generator=generator, return_attention=return_attention,
-                             stage_times=stage_times)
+                             stage_times=stage_times, prior=prior)
         prob = torch.sigmoid(out["logits"].float())
         out_hw = tuple(out_hw or (h, w))
         if out_hw != (size, size):
@@ -493,6 +495,7 @@ class Segmenter:
         stage_times: dict | None = None,
         fp_reduction: bool = True,
         force_prompt: bool = False,
+        prior=None,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Segment every slice (or slices [start, stop)) of `volume` for `prompt`.
 
@@ -501,7 +504,8 @@ class Segmenter:
         returns True the result comes back with complete=False. The volume is segmented in its
         canonical axial orientation (boltzformer.orientation) and every output is mapped back
         to its grid. fp_reduction: the 3D false-positive filter for lung prompts on HU CT
-        (boltzformer.fp_filter). force_prompt: run a prompt that names nothing known.
+        (boltzformer.fp_filter). force_prompt: run a prompt that names nothing known. prior: a
+        boltzformer.look_here.ClickPrior pulling the sampling toward a clicked voxel (None: none).
         """
         t_start = time.perf_counter()
         timings = {}
@@ -549,6 +553,8 @@ class Segmenter:
             prepared = self._to_network_size(prepared)
         timings["preprocess"] = time.perf_counter() - t
         embedding = self.embed([text])[0]
+        # the click's in-plane position as fractions of the canonical slice (any network size)
+        click_yx = None if prior is None else prior.yx_fraction(reo, volume.shape, frame.shape)
         n = stop - start
         bs = batch_size or self.default_batch_size()
         shape = frame.shape
@@ -570,8 +576,9 @@ class Segmenter:
                 t = time.perf_counter()
                 index = np.arange(start + b0, start + b1) - lo
                 batch = context_stack(prepared, index, z_mm, offsets) if offsets else prepared[index]
+                point = None if prior is None else prior.point_prior(b1 - b0, click_yx)
                 prob, layers = self.predict_batch(batch, embedding, generator, want_att, stage_times,
-                                                  out_hw=frame.shape[1:])
+                                                  out_hw=frame.shape[1:], prior=point)
                 timings["inference"] += time.perf_counter() - t
                 sl = slice(start + b0, start + b1)
                 if runs == 1:

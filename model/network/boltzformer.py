@@ -15,13 +15,14 @@ from .text import TextProjection
 
 
 class BoltzFormer(nn.Module):
-    """forward(image, text_tokens, text_valid, text_pooled, generator=None, return_attention=False)
+    """forward(image, text_tokens, text_valid, text_pooled, generator=None, return_attention=False, prior=None)
 
     image: B x C x S x S windowed intensities in [0, 1] (S = cfg.image_size)
     text_tokens: B x T x E frozen word-piece embeddings, text_valid: B x T bool,
     text_pooled: B x E pooled sentence embeddings (see text.py)
     Returns {"logits": B x 1 x S x S, "query_masks": B x Q x S/m x S/m (m = cfg.mask_stride),
              "attention": [per layer {"probabilities", "counts": B x h x w, ...}] (if asked)}.
+    prior: an optional sampling.PointPrior ("look here"); None leaves every output unchanged.
     """
 
     def __init__(self, cfg: BoltzFormerConfig):
@@ -43,14 +44,14 @@ class BoltzFormer(nn.Module):
         self.decoder.cfg = self.cfg
 
     def forward(self, image, text_tokens, text_valid, text_pooled, generator=None, return_attention=False,
-                stage_times: dict | None = None):
+                stage_times: dict | None = None, prior=None):
         """stage_times: if a dict is given, seconds spent in encoder / decoder / pigma are added
         to it (with a device synchronisation per stage, so only for benchmarks)."""
         clock = _StageClock(stage_times, image.device)
         features, pixel_map = self.encoder(image)
         clock.lap("encoder")
         text, text_padding = self.text(text_tokens, text_valid, text_pooled)
-        out = self.decoder(features, pixel_map, text, text_padding, generator, return_attention)
+        out = self.decoder(features, pixel_map, text, text_padding, generator, return_attention, prior=prior)
         clock.lap("decoder")
         out["logits"] = self.pigma(out["query_masks"], image)
         clock.lap("pigma")

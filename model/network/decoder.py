@@ -3,6 +3,7 @@
     queries (m learnable) --self-attn with text--> initial masks (layer -1)
     for l in 0..L-1 (token maps attended round robin, coarse to fine):
         U = sigmoid(previous masks at this layer's token resolution)
+        (+ an optional "look here" prior in the early layers: sampling.PointPrior)
         tokens ~ softmax(U / tau_l), K per query      (sampling.py)
         queries <- cross-attn(queries, sampled tokens) (attention.py)
         queries <- self-attn(queries, queries + text)
@@ -105,10 +106,11 @@ class DecoderBlock(nn.Module):
 
 
 class BoltzDecoder(nn.Module):
-    """forward(features, pixel_map, text, text_padding, generator, return_attention) -> dict
+    """forward(features, pixel_map, text, text_padding, generator, return_attention, prior) -> dict
 
     features: stride -> B x D x h x w token maps; pixel_map: B x P x Hm x Wm (Hm = H / mask_stride);
-    text: B x T x D, text_padding: B x T (True = pad).
+    text: B x T x D, text_padding: B x T (True = pad); prior: an optional sampling.PointPrior
+    added to U before the Boltzmann draw (None: the sampling is exactly the plain one).
     Returns {"query_masks": B x Q x Hm x Wm logits, "attention": list per layer (if asked)}.
     """
 
@@ -134,7 +136,8 @@ class BoltzDecoder(nn.Module):
         return torch.einsum("bqc,bchw->bqhw", emb, pixel_map)
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, features, pixel_map, text, text_padding, generator=None, return_attention=False):
+    def forward(self, features, pixel_map, text, text_padding, generator=None, return_attention=False,
+                prior: sampling.PointPrior | None = None):
         cfg = self.cfg
         b = pixel_map.shape[0]
         mask_stride = cfg.mask_stride
@@ -169,6 +172,10 @@ class BoltzDecoder(nn.Module):
             flat, pos, (h, w) = tokens[s]
             n = h * w
             confidence = torch.sigmoid(masks.detach().float()).flatten(2)  # U: B x Q x N
+            if prior is not None and cfg.sampling == "boltzmann":
+                bias = prior.energies(layer, h, w, confidence.device)  # B x N, same for every query
+                if bias is not None:
+                    confidence = confidence + bias[:, None, :]
             tau = sampling.temperature(layer, cfg.tau0)
             indices = mask = None
             k = n

@@ -9,11 +9,15 @@ We draw K *distinct* tokens per query, shared across heads, with the Gumbel-top-
 topk(U / tau + Gumbel noise, K) is an exact sample without replacement from softmax(U / tau).
 A fixed K gives fixed tensor shapes, so attention can `gather` K tokens instead of masking a
 dense H*W matrix: that is where the compute saving comes from.
+
+`PointPrior` ("look here") adds an energy bump around a point to U before the draw in the early
+layers, so the queries explore there first; without one the sampling is untouched.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -62,6 +66,41 @@ def sample_tokens(
     if not math.isinf(tau):
         scores.add_(confidence.float(), alpha=1.0 / tau)
     return torch.topk(scores, k, dim=-1, sorted=False).indices
+
+
+@dataclass(frozen=True)
+class PointPrior:
+    """A Gaussian bump added to the sampling energies U around one point per image ("look here").
+
+    centers_yx: B x 2 float tensor, each batch item's point as fractions of the image height and
+      width in pixel-centre convention ((row + 0.5) / H, (col + 0.5) / W), so it holds at any
+      token resolution and survives resizing; a row of NaN gives that item no prior.
+    amplitude: the energy added at the point, in U's units (U is a confidence in [0, 1]): at
+      temperature tau a token there is exp(amplitude / tau) times likelier than a far one of the
+      same U; a bump of amplitude 0 changes nothing.
+    sigma_tokens: the Gaussian's standard deviation in tokens of each layer's own token map
+      (a few tokens: a coarse layer's bump covers more of the image than a fine one's).
+    layers: the bump applies in decoder blocks 0 .. layers - 1 (the exploring, high-temperature
+      ones); later blocks sample from U alone, so the queries' own masks decide there.
+    """
+
+    centers_yx: torch.Tensor
+    amplitude: float = 3.0
+    sigma_tokens: float = 2.0
+    layers: int = 2
+
+    def energies(self, layer: int, h: int, w: int, device) -> torch.Tensor | None:
+        """B x (h*w) float32 energies for decoder block `layer` on an h x w token map, or None
+        when this block gets no prior."""
+        if layer >= self.layers:
+            return None
+        c = self.centers_yx.to(device=device, dtype=torch.float32)
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        dy = (ys[None, :] - c[:, :1]) * h / self.sigma_tokens  # B x h, in sigmas
+        dx = (xs[None, :] - c[:, 1:]) * w / self.sigma_tokens  # B x w
+        bump = torch.exp(-0.5 * (dy[:, :, None] ** 2 + dx[:, None, :] ** 2)) * float(self.amplitude)
+        return torch.nan_to_num(bump, nan=0.0).reshape(c.shape[0], h * w)
 
 
 def threshold_mask(confidence: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

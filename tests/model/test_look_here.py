@@ -1,0 +1,89 @@
+"""boltzformer.look_here: the click's place on the canonical slice, the slices re-run, the
+candidate near the click, and a zero prior through the whole Segmenter being no change at all."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from boltzformer.checkpoint import save_model
+from boltzformer.errors import BoltzformerError
+from boltzformer.io import Volume
+from boltzformer.look_here import ClickPrior, look_here, slab_around
+from boltzformer.network.boltzformer import build_model
+from boltzformer.network.config import get_config
+from boltzformer.orientation import to_canonical
+from boltzformer.segmenter import Segmenter
+
+DIRECTIONS = {
+    "lps": np.eye(3),
+    "ras": np.diag([-1.0, -1.0, 1.0]),
+    "swapped": np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]], float),
+    "z-flipped": np.diag([1.0, -1.0, -1.0]),
+}
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_model(build_model(get_config("boltzformer-test", image_size=128), seed=0), path, prompt_bank={})
+    return Segmenter.from_pretrained(path, device="cpu")
+
+
+def make_volume(direction=np.eye(3), shape=(9, 40, 48)):
+    rng = np.random.default_rng(0)
+    arr = rng.normal(-700, 100, size=shape).astype(np.int16)
+    return Volume(arr, (0.7, 0.8, 2.5), (10.0, -5.0, 3.0), direction, "CT", None, {})
+
+
+@pytest.mark.parametrize("name", DIRECTIONS)
+def test_a_click_lands_on_the_same_voxel_of_the_canonical_slice(name):
+    volume = make_volume(DIRECTIONS[name])
+    frame, reo, _ = to_canonical(volume)
+    point = (6, 11, 30)
+    one_hot = np.zeros(volume.shape, np.uint8)
+    one_hot[point] = 1
+    where = np.unravel_index(int(np.argmax(reo.to_canonical(one_hot))), frame.shape)
+    assert reo.index_to_canonical(point, volume.shape) == tuple(float(v) for v in where)
+    assert reo.index_to_input(where, frame.shape) == tuple(float(v) for v in point)
+    fy, fx = ClickPrior(point).yx_fraction(reo, volume.shape, frame.shape)
+    assert (fy, fx) == ((where[1] + 0.5) / frame.shape[1], (where[2] + 0.5) / frame.shape[2])
+
+
+def test_a_zero_prior_through_the_segmenter_changes_nothing_and_a_strong_one_does(segmenter):
+    volume = make_volume(DIRECTIONS["swapped"])
+    plain = segmenter.segment_volume(volume, "lung nodule", slices=(2, 6), seed=4, return_attention=True)
+    zero = segmenter.segment_volume(volume, "lung nodule", slices=(2, 6), seed=4, return_attention=True,
+                                    prior=ClickPrior((4, 20, 20), amplitude=0.0, layers=6))
+    assert np.array_equal(plain.probabilities, zero.probabilities)
+    assert np.array_equal(plain.attention.counts, zero.attention.counts)
+    strong = segmenter.segment_volume(volume, "lung nodule", slices=(2, 6), seed=4, return_attention=True,
+                                      prior=ClickPrior((4, 20, 20), amplitude=8.0, layers=3))
+    assert not np.array_equal(plain.attention.counts[0], strong.attention.counts[0])
+
+
+def test_slices_re_run_around_a_click():
+    assert slab_around((5, 0, 0), 20, 2.5) == (3, 8)  # 5 mm = 2 slices of 2.5 mm each side
+    assert slab_around((0, 0, 0), 20, 2.5) == (0, 3)
+    assert slab_around((5, 0, 0), 20, 2.5, z_range=(4, 11)) == (4, 12)  # the lesion clicked on
+    assert slab_around((5, 0, 0), 20, 10.0) == (5, 6)
+    with pytest.raises(BoltzformerError, match="outside"):
+        slab_around((25, 0, 0), 20, 2.5)
+
+
+def test_look_here_proposes_the_component_at_the_click_or_nothing(segmenter):
+    volume = make_volume()
+    point = (4, 20, 24)
+    everything = look_here(segmenter, volume, "lung nodule", point, threshold=0.0)  # every voxel is above 0
+    assert everything.slices == (2, 7)
+    assert everything.candidate is not None and everything.candidate.shape == (5, 40, 48)
+    assert everything.candidate[point[0] - 2, point[1], point[2]] and everything.distance_mm == 0.0
+    assert everything.row["voxels"] == int(everything.candidate.sum())
+    assert 0.0 <= everything.row["mean_probability"] <= 1.0
+    flat = everything.candidate_indices(volume.shape)
+    assert flat.size == everything.row["voxels"] and np.unravel_index(flat.min(), volume.shape)[0] >= 2
+    nothing = look_here(segmenter, volume, "lung nodule", point, threshold=1.0)  # nothing is above 1
+    assert nothing.candidate is None and nothing.row is None and np.isinf(nothing.distance_mm)
+    assert nothing.candidate_indices(volume.shape).size == 0
+    with pytest.raises(BoltzformerError, match="outside the volume"):
+        look_here(segmenter, volume, "lung nodule", (4, 60, 10))
