@@ -1,0 +1,380 @@
+"""Reviewing a segmentation: accept or reject each lesion, edit it by hand, look here, undo; the
+rule that keeps those decisions when the threshold moves; the record a review leaves.
+
+Arrays are on the input volume's grid, (z, y, x). Decisions are kept per voxel in one uint8 map,
+`Review.state` (lesion ids change with every threshold; voxels do not). Its low 3 bits are the
+decision, its high bits flags saying where the voxel came from:
+
+    AUTO      0   follows the threshold, the size and the 3D filters (the result's own labels)
+    ACCEPTED  1   shown at any threshold, exactly these voxels
+    PENDING   2   shown at any threshold, not yet accepted or rejected: a lesion edited by hand,
+                  or a "look here" candidate
+    REJECTED  3   hidden at any threshold: the footprint of a rejected lesion
+    ERASED    4   hidden at any threshold: voxels erased by hand
+    flags     EDITED 8 (painted or erased by hand), LOOK_HERE 16, DRAWN 32 (painted from nothing)
+
+THE MERGE RULE (what is shown at threshold t):
+
+    shown(t) = ACCEPTED and PENDING voxels
+             ∪ every component of the thresholded result that touches no decided voxel
+
+A component of the thresholded mask that overlaps or touches (26-neighbourhood) a voxel with a
+decision is the finding the reader decided on, and the decision stands for it: an accepted or
+hand-edited lesion keeps exactly its voxels (it neither grows nor shrinks with the threshold),
+a rejected lesion stays away even where a lower threshold makes it larger, erased voxels stay
+empty. Components nobody touched follow the threshold. So every shown component is wholly
+decided or wholly automatic; a model candidate that grows into a decided lesion at a lower
+threshold is absorbed by that decision.
+
+Edits: the components of the edited mask that touch a painted or erased voxel are hand-edited:
+their voxels are frozen (PENDING, or ACCEPTED when any of them was accepted, or when the whole
+component was painted from nothing: a reader does not draw a lesion they reject). Painted
+voxels win over a rejected footprint; erased voxels become ERASED.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from . import postprocess
+
+AUTO, ACCEPTED, PENDING, REJECTED, ERASED = 0, 1, 2, 3, 4
+DECISION = 7
+EDITED, LOOK_HERE, DRAWN = 8, 16, 32
+STATUSES = ("unreviewed", "accepted", "rejected")
+SIDECAR_FORMAT = "boltzformer-review/1"
+MAX_UNDO = 500
+_FLAG_NAMES = ((LOOK_HERE, "look here"), (DRAWN, "drawn"), (EDITED, "edited"))
+_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26 neighbours, as label_components
+MERGE_RULE = ("accepted and hand-edited lesions keep exactly their voxels at any threshold; rejected lesions "
+              "and erased voxels stay empty at any threshold; a thresholded component touching any decided "
+              "voxel is replaced by that decision; the other components follow the threshold")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class _Change:
+    """One undoable action: the voxels it changed and what they held before."""
+
+    indices: np.ndarray  # int64 flat indices into the state map
+    before: np.ndarray  # uint8, their previous states
+    scores_before: dict  # flat index -> previous look-here probability (None: had none)
+    log_index: int
+
+
+@dataclass
+class ReviewView:
+    """Every lesion of a result under a review, at the result's current threshold.
+
+    rows: dicts with the lesion_table keys plus `status` (unreviewed | accepted | rejected),
+      `origin` (model, edited, look here, drawn, joined with ' + ') and `_ref` (which labels
+      map holds it), largest first, `lesion_id` numbering them 1..n in that order.
+    auto_labels: the result's labels (int, (z, y, x)); kept_labels / rejected_labels: int32
+      (z, y, x) components of the kept (accepted or pending) and of the rejected voxels, or None.
+    """
+
+    rows: list[dict]
+    auto_labels: np.ndarray | None
+    kept_labels: np.ndarray | None
+    rejected_labels: np.ndarray | None
+    threshold: float
+    version: tuple = ()
+
+    def _map(self, kind: str) -> np.ndarray:
+        return {"auto": self.auto_labels, "kept": self.kept_labels, "rejected": self.rejected_labels}[kind]
+
+    def voxels(self, row: dict) -> np.ndarray:
+        """Flat indices (int64) of a row's voxels."""
+        kind, label = row["_ref"]
+        labels = self._map(kind)
+        start, end = row["slice_start"], row["slice_end"]
+        if labels is None:
+            return np.zeros(0, np.int64)
+        lo, hi = min(start, end), max(start, end) + 1  # rows carry their z range on the input grid
+        local = np.flatnonzero(labels[lo:hi] == label)
+        return local + lo * int(np.prod(labels.shape[1:]))
+
+    def mask(self, rows=None) -> np.ndarray:
+        """uint8 (z, y, x): the voxels of `rows` (default: every row) that are shown; rejected rows
+        add nothing."""
+        rows = self.rows if rows is None else rows
+        shape = next(m.shape for m in (self.auto_labels, self.kept_labels, self.rejected_labels) if m is not None)
+        out = np.zeros(shape, np.uint8)
+        for kind in ("auto", "kept"):
+            ids = [r["_ref"][1] for r in rows if r["_ref"][0] == kind]
+            if ids:
+                out |= postprocess.select_labels(self._map(kind), ids)
+        return out
+
+    def counts(self, rows=None) -> dict:
+        """{'total', 'reviewed', 'accepted', 'rejected', 'unreviewed'} over `rows` (default all)."""
+        rows = self.rows if rows is None else rows
+        out = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+        return {"total": len(rows), "reviewed": out["accepted"] + out["rejected"], **out}
+
+
+@dataclass
+class Review:
+    """The decisions of a reader on one result (see the module docstring).
+
+    shape: the input volume's (z, y, x). Every action returns its log entry (a dict that goes into
+    the sidecar's `actions`) and can be undone; `version` changes with every action.
+    """
+
+    shape: tuple
+    state: np.ndarray = None
+    scores: dict = field(default_factory=dict)  # flat index -> look-here probability at a candidate voxel
+    actions: list = field(default_factory=list)
+    version: int = 0
+    _undo: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        self.shape = tuple(int(v) for v in self.shape)
+        if self.state is None:
+            self.state = np.zeros(self.shape, np.uint8)
+
+    @property
+    def has_decisions(self) -> bool:
+        return bool((self.state & DECISION).any())
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    # -- what a result looks like under the review --------------------------------------------------
+    def view(self, result) -> ReviewView:
+        """The rows and maps of `result` (a SegmentationResult on the same grid) under this review."""
+        labels = result.labels
+        if labels is None or tuple(labels.shape) != self.shape:
+            raise ValueError(f"the result's labels {None if labels is None else labels.shape} are not on "
+                             f"the review's grid {self.shape}")
+        decision = self.state & DECISION
+        key = (self.version, id(labels), result.threshold)
+        if not decision.any():  # nothing decided: the result as it is
+            rows = [{**r, "status": "unreviewed", "origin": "model", "_ref": ("auto", r["lesion_id"])}
+                    for r in result.lesions]
+            return ReviewView(_numbered(rows), labels, None, None, result.threshold, key)
+        claimed = _touched_labels(labels, decision != AUTO)
+        rows = [{**r, "status": "unreviewed", "origin": "model", "_ref": ("auto", r["lesion_id"])}
+                for r in result.lesions if r["lesion_id"] not in claimed]
+        kept = np.isin(decision, (ACCEPTED, PENDING))
+        kept_labels, kept_rows = self._components(kept, result, "kept")
+        for row in kept_rows:
+            row["status"] = "accepted" if row.pop("_accepted") else "unreviewed"
+        rejected_labels, rejected_rows = self._components(decision == REJECTED, result, "rejected")
+        for row in rejected_rows:
+            row["status"] = "rejected"
+            row.pop("_accepted")
+        return ReviewView(_numbered(rows + kept_rows + rejected_rows), labels, kept_labels, rejected_labels,
+                          result.threshold, key)
+
+    def _components(self, voxels: np.ndarray, result, kind: str) -> tuple[np.ndarray | None, list[dict]]:
+        """Components (26-connected) of `voxels`, measured like the result's own lesions; each row
+        gets `_ref` (kind, label), `origin` and `_accepted` (any voxel accepted)."""
+        if not voxels.any():
+            return None, []
+        labels, n = ndimage.label(voxels, structure=_CONNECTIVITY)
+        rows = lesion_rows(labels, result, scores=self.scores)
+        inside = labels[voxels]
+        states = self.state[voxels]
+        accepted = np.bincount(inside, weights=(states & DECISION) == ACCEPTED, minlength=n + 1) > 0
+        flags = {f: np.bincount(inside, weights=(states & f) > 0, minlength=n + 1) > 0 for f, _ in _FLAG_NAMES}
+        for row in rows:
+            i = row["lesion_id"]
+            row["_ref"] = (kind, i)
+            row["_accepted"] = bool(accepted[i])
+            row["origin"] = " + ".join(name for f, name in _FLAG_NAMES if flags[f][i]) or "model"
+        return labels, rows
+
+    # -- actions --------------------------------------------------------------------------------------
+    def decide(self, view: ReviewView, row: dict, status: str) -> dict:
+        """Accept or reject one row of `view` (status 'accepted' | 'rejected'); its current voxels
+        become frozen (accepted) or its footprint stays empty (rejected) at any threshold."""
+        if status not in ("accepted", "rejected"):
+            raise ValueError(f"status must be 'accepted' or 'rejected', not {status!r}")
+        indices = view.voxels(row)
+        if indices.size == 0:
+            raise ValueError(f"lesion {row.get('lesion_id')} has no voxels in this view")
+        code = ACCEPTED if status == "accepted" else REJECTED
+        flat = self.state.reshape(-1)
+        new = (flat[indices] & ~np.uint8(DECISION)) | np.uint8(code)
+        entry = {"action": "accept" if status == "accepted" else "reject", "status_before": row["status"],
+                 "lesion": lesion_summary(row), "threshold": view.threshold}
+        return self._apply(indices, new, entry)
+
+    def apply_edit(self, before: np.ndarray, after: np.ndarray, threshold: float | None = None) -> dict | None:
+        """The reader painted or erased: `before` is the mask that was shown, `after` the mask now
+        (both (z, y, x), non-zero = lesion). Returns the log entry, or None when nothing changed."""
+        before, after = np.asarray(before) != 0, np.asarray(after) != 0
+        if before.shape != self.shape or after.shape != self.shape:
+            raise ValueError(f"edited mask shape {after.shape} differs from the review's {self.shape}")
+        painted, erased = after & ~before, before & ~after
+        changed = painted | erased
+        if not changed.any():
+            return None
+        components, _ = ndimage.label(after, structure=_CONNECTIVITY)
+        edited = _touched_labels(components, changed)
+        flat_state = self.state.reshape(-1)
+        indices, values = [np.flatnonzero(erased)], []
+        values.append((flat_state[indices[0]] & ~np.uint8(DECISION)) | np.uint8(ERASED | EDITED))
+        for label in sorted(edited):
+            voxels = np.flatnonzero(components == label)
+            old = flat_state[voxels]
+            drawn = not before.reshape(-1)[voxels].any()
+            accepted = drawn or bool(((old & DECISION) == ACCEPTED).any())
+            flags = (old & ~np.uint8(DECISION)) | np.uint8(EDITED | (DRAWN if drawn else 0))
+            indices.append(voxels)
+            values.append(flags | np.uint8(ACCEPTED if accepted else PENDING))
+        entry = {"action": "edit", "painted_voxels": int(painted.sum()), "erased_voxels": int(erased.sum()),
+                 "lesions_edited": len(edited), "threshold": threshold}
+        return self._apply(np.concatenate(indices), np.concatenate(values).astype(np.uint8), entry)
+
+    def add_candidate(self, indices: np.ndarray, probabilities: np.ndarray | None = None, *,
+                      point_zyx=None, row: dict | None = None, threshold: float | None = None) -> dict:
+        """A look-here candidate: its voxels (flat indices) are shown as an unreviewed lesion at any
+        threshold until accepted or rejected. Voxels the reader already kept stay as they are.
+        probabilities: the re-run's probability at each voxel (the lesion's score)."""
+        indices = np.asarray(indices, np.int64)
+        if indices.size == 0:
+            raise ValueError("a look-here candidate needs at least one voxel")
+        old = self.state.reshape(-1)[indices]
+        free = ~np.isin(old & DECISION, (ACCEPTED, PENDING))
+        indices, old = indices[free], old[free]
+        scores = {} if probabilities is None else dict(zip(indices.tolist(), np.asarray(probabilities)[free].tolist()))
+        new = (old & ~np.uint8(DECISION)) | np.uint8(PENDING | LOOK_HERE)
+        entry = {"action": "look here", "point_zyx": None if point_zyx is None else [round(float(v), 2) for v in point_zyx],
+                 "lesion": None if row is None else lesion_summary(row), "threshold": threshold}
+        return self._apply(indices, new, entry, scores)
+
+    def undo(self) -> dict | None:
+        """Take the last action back; returns the 'undo' log entry, or None when there is none."""
+        if not self._undo:
+            return None
+        change = self._undo.pop()
+        self.state.reshape(-1)[change.indices] = change.before
+        for index, score in change.scores_before.items():
+            if score is None:
+                self.scores.pop(index, None)
+            else:
+                self.scores[index] = score
+        undone = self.actions[change.log_index]
+        undone["undone"] = True
+        entry = {"action": "undo", "undoes": change.log_index, "undone_action": undone["action"], "time": _now()}
+        self.actions.append(entry)
+        self.version += 1
+        return entry
+
+    def _apply(self, indices, new, entry: dict, scores: dict | None = None) -> dict:
+        flat = self.state.reshape(-1)
+        scores = scores or {}
+        change = _Change(indices, flat[indices].copy(), {i: self.scores.get(i) for i in scores}, len(self.actions))
+        flat[indices] = new
+        self.scores.update(scores)
+        entry = {"time": _now(), **entry}
+        self.actions.append(entry)
+        self._undo.append(change)
+        del self._undo[:-MAX_UNDO]
+        self.version += 1
+        return entry
+
+    # -- the record -----------------------------------------------------------------------------------
+    def sidecar(self, result, rows: list[dict], *, settings: dict | None = None, files: dict | None = None,
+                include_unreviewed: bool = True) -> dict:
+        """The JSON sidecar of an export: what was run (prompt, weights, threshold and the other
+        settings), what the exported mask holds, every lesion with its status, and every action.
+
+        rows: the lesions exported (a ReviewView's rows, filtered as shown); settings: e.g.
+        {'weights_sha256': ..., 'seed': ...}; files: {'mask': path, 'table': path}."""
+        counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+        return {
+            "format": SIDECAR_FORMAT,
+            "written": _now(),
+            "prompt": result.prompt,
+            **(settings or {}),
+            "threshold": float(result.threshold),
+            "min_lesion_mm3": float(result.min_lesion_mm3),
+            "fp_filter": bool(result.fp_reduction),
+            "slices_processed": [int(result.slices[0]), int(result.slices[1])],
+            "runs": int(result.runs),
+            "window": result.window,
+            "modality": result.modality,
+            "mask_holds": "accepted and unreviewed lesions" if include_unreviewed else "accepted lesions only",
+            "merge_rule": MERGE_RULE,
+            "files": {k: str(v) for k, v in (files or {}).items()},
+            "counts": counts,
+            "lesions": [{"lesion_id": r["lesion_id"], "status": r["status"], "origin": r["origin"],
+                         **lesion_summary(r)} for r in rows],
+            "actions": self.actions,
+        }
+
+
+def lesion_summary(row: dict) -> dict:
+    """The few numbers that identify a lesion in a log: centroid, size, slices, score."""
+    keys = ("centroid_voxel_zyx", "centroid_world_mm", "volume_mm3", "mean_axial_diameter_mm",
+            "longest_axial_diameter_mm", "slice_start", "slice_end", "mean_probability")
+    out = {}
+    for k in keys:
+        v = row.get(k)
+        if v is None:
+            continue
+        out[k] = [round(float(x), 3) for x in v] if isinstance(v, (tuple, list)) else (
+            round(float(v), 4) if isinstance(v, (float, np.floating)) else v)
+    return out
+
+
+def lesion_rows(labels: np.ndarray, result, scores: dict | None = None) -> list[dict]:
+    """postprocess.lesion_table of `labels` (int (z, y, x) on the input grid) as the result's own
+    rows are made: measured on the canonical axial frame (axial diameters are axial whatever the
+    stored orientation), centroids and slice ranges given on the input grid. scores: flat index ->
+    probability overriding the result's at those voxels (look-here candidates)."""
+    from .segmenter import IDENTITY, _rows_to_input
+
+    frame = result.frame if result.frame is not None else result.volume
+    reo = result.reorientation or IDENTITY
+    probabilities = result.probabilities
+    rows = postprocess.lesion_table(reo.to_canonical(labels), frame, probabilities=reo.to_canonical(probabilities))
+    _rows_to_input(rows, labels, reo, frame.shape)
+    if scores:
+        _patch_scores(rows, labels, probabilities, scores)
+    return rows
+
+
+def _patch_scores(rows, labels, probabilities, scores: dict) -> None:
+    """Mean and highest probability of rows holding look-here voxels, with the re-run's values."""
+    index = np.fromiter(scores.keys(), np.int64, len(scores))
+    value = np.fromiter(scores.values(), np.float64, len(scores))
+    owner = labels.reshape(-1)[index]
+    for row in rows:
+        mine = owner == row["lesion_id"]
+        if not mine.any():
+            continue
+        voxels = np.flatnonzero(labels.reshape(-1) == row["lesion_id"])
+        p = probabilities.reshape(-1)[voxels].astype(np.float64)
+        position = np.searchsorted(voxels, index[mine])
+        p[position] = value[mine]
+        row["mean_probability"], row["max_probability"] = float(p.mean()), float(p.max())
+
+
+def _touched_labels(labels: np.ndarray, voxels: np.ndarray) -> set:
+    """Labels (non-zero) of `labels` that overlap or touch (26-neighbourhood) any of `voxels`."""
+    if not voxels.any():
+        return set()
+    box = tuple(slice(max(0, int(a.min()) - 1), int(a.max()) + 2) for a in np.nonzero(voxels))
+    grown = ndimage.binary_dilation(voxels[box], structure=_CONNECTIVITY)
+    found = np.unique(labels[box][grown])
+    return {int(v) for v in found if v != 0}
+
+
+def _numbered(rows: list[dict]) -> list[dict]:
+    """Rows largest first, numbered 1..n (the table's ids)."""
+    rows = sorted(rows, key=lambda r: -r["volume_mm3"])
+    for i, row in enumerate(rows, 1):
+        row["lesion_id"] = i
+    return rows
