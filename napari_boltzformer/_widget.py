@@ -73,6 +73,7 @@ from ._layers import (
     uncertainty_layer_data,
     volume_from_layer,
 )
+from ._review import ReviewPanel, status_text
 from ._view import CanvasLabels, _camera
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File 
 # the modality, and columns no row has a value for (the 3D filter's scores off lung CT) hide.
 LESION_COLUMNS = (
     ("id", "lesion id (1 = largest)", "lesion_id"),
+    ("status", "review: ✓ accepted, ✗ rejected, · unreviewed; ✎ edited by hand, ◎ found by look here "
+     "(N / Shift-N next / previous, A accept, R reject, U undo)", "status"),
     ("Ø mm", "longest axial diameter (mm)", "longest_axial_diameter_mm"),
     ("short", "short axis (mm): the longest chord perpendicular to the longest diameter, in its slice",
      "short_axis_diameter_mm"),
@@ -337,6 +340,8 @@ class BoltzFormerWidget(QWidget):
         self._outline_ground_truth()
         self._refresh_images()
         self.destroyed.connect(self._stop.set)  # a closed viewer stops a running job
+        self.reviewer.connect()
+        self.reviewer.adopt()  # a reopened panel takes over the reviewed results of its viewer
 
     # ---- construction -------------------------------------------------------------------------
     def _build(self):
@@ -581,7 +586,11 @@ class BoltzFormerWidget(QWidget):
         self.table.setMinimumHeight(170)  # five rows before the panel has to scroll
         self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.table.cellClicked.connect(self._on_table_clicked)
-        self.table.setToolTip("Click a row: jump to it and zoom in (Restore view goes back)")
+        self.table.setToolTip("Click a row: jump to it and zoom in (Restore view goes back). Review: N / Shift-N "
+                              "next / previous, A accept, R reject, U undo; Alt-click the canvas: look here")
+        self._table_rows: list[dict] = []  # the lesion rows behind the table (UserRole + 2 indexes them)
+        self.reviewer = ReviewPanel(self)
+        rlay.addWidget(self.reviewer.box)
         rlay.addWidget(self.table, 1)
         export = QHBoxLayout()
         self.export_mask_button = QPushButton("Mask → NIfTI…")
@@ -593,6 +602,7 @@ class BoltzFormerWidget(QWidget):
         self.export_png_button.clicked.connect(lambda: self.export_png())
         for b in (self.export_mask_button, self.export_table_button, self.export_png_button):
             export.addWidget(b)
+        rlay.addWidget(self.reviewer.export_unreviewed_check)
         rlay.addLayout(export)
         layout.addWidget(result_box, 1)
         self.model_label = QLabel()
@@ -986,6 +996,8 @@ class BoltzFormerWidget(QWidget):
         for role, layer in existing.items():
             if role not in wanted:  # e.g. an uncertainty layer from an earlier run with runs > 1
                 self.viewer.layers.remove(layer)
+        if "mask" in existing:  # its review goes on with the new run (decisions are voxels, see _review)
+            self.reviewer.remember_replaced(existing["mask"])
         self._results[run_id] = (result, request)
         self._organ_cache = None
         for role, (data, kwargs, kind_) in wanted.items():
@@ -1001,6 +1013,7 @@ class BoltzFormerWidget(QWidget):
                     self.viewer.dims.set_current_step(axis, result.attention.sharpest_layer())
             else:
                 _update_layer(layer, data, kwargs)
+        self.reviewer.attach(run_id, result, request, self._run_info[run_id])
         self._keep_ground_truth_on_top()
         self._apply_result_window(result, request)
         if self._saved_view is not None:  # a lesion jump zoomed in: the new run starts from the overview
@@ -1253,6 +1266,8 @@ class BoltzFormerWidget(QWidget):
         if result is None:
             return [], []
         limit = self.min_diameter_mm()
+        if self.current_mode() == "lesion" and self.reviewer.view() is not None:
+            return self.reviewer.split_rows(limit)  # with their review status
         shown = [r for r in result.lesions if r.get("mean_axial_diameter_mm", r["longest_axial_diameter_mm"]) >= limit]
         hidden = [r for r in result.lesions if r not in shown]
         return shown, hidden
@@ -1268,15 +1283,21 @@ class BoltzFormerWidget(QWidget):
         layer = self._mask_layer_of(self._active_run)
         if result is not None and layer is not None and result.labels is not None:
             request = self._results[self._active_run][1]
+            reviewed = mode == "lesion" and self.reviewer.view() is not None
+            if reviewed:
+                self.reviewer.flush_edits()  # paint not yet taken in must not be drawn over
             if mode == "organ":
                 summary = self.organ_summary()
                 ids = [] if summary is None else summary["lesion_ids"]
                 mask = postprocess.select_labels(result.labels, ids)
+            elif reviewed:
+                mask = self.reviewer.mask_of(self.shown_lesions()[0])
             else:
                 shown, hidden = self.shown_lesions()
                 mask = result.mask if not hidden else postprocess.select_labels(result.labels,
                                                                                 [r["lesion_id"] for r in shown])
             layer.data = to_layer_shape(mask, request.geometry)
+            self.reviewer.displayed(mask if reviewed else None)
         self.fill_table()
 
     def _set_table_columns(self, columns):
@@ -1301,6 +1322,7 @@ class BoltzFormerWidget(QWidget):
         else:
             self._fill_lesion_table(result)
         self.table.setSortingEnabled(True)
+        self.reviewer.update(self.shown_lesions()[0] if self.current_mode() == "lesion" else [])
 
     def _intensity_header(self, result) -> tuple[str, str]:
         """('HU', tip) for CT, ('a.u.', tip naming the MR sequence if the file does) otherwise."""
@@ -1317,12 +1339,20 @@ class BoltzFormerWidget(QWidget):
         columns[intensity] = self._intensity_header(result)
         self._set_table_columns(columns)
         shown, hidden = self.shown_lesions()
-        self.table.setRowCount(len(shown))
-        index_of = {id(r): i for i, r in enumerate(result.lesions)}
-        for row, lesion in enumerate(shown):
+        listed = self.reviewer.table_rows(shown) if self.reviewer.view() is not None else shown
+        self._table_rows = listed
+        self.table.setRowCount(len(listed))
+        # UserRole + 1: the row's index in result.lesions (a model candidate), else None
+        index_of = {r["lesion_id"]: i for i, r in enumerate(result.lesions)}
+        for row, lesion in enumerate(listed):
             for col, (_, _, key) in enumerate(LESION_COLUMNS):
                 value = lesion.get(key)
-                if key == "slice_start":
+                if key == "status":
+                    text, tip = status_text(lesion if "status" in lesion else {**lesion, "status": "unreviewed"})
+                    item = QTableWidgetItem(text)
+                    item.setToolTip(tip)
+                    item.setTextAlignment(int(Qt.AlignmentFlag.AlignCenter))
+                elif key == "slice_start":
                     start, end = lesion["slice_start"], lesion["slice_end"]
                     item = _NumericItem(f"{start}–{end}" if end > start else f"{start}", start)
                 elif value is None or (isinstance(value, float) and not np.isfinite(value)):
@@ -1338,7 +1368,11 @@ class BoltzFormerWidget(QWidget):
                 else:
                     item = _NumericItem(f"{value:.1f}", value)
                 self.table.setItem(row, col, item)
-            self.table.item(row, 0).setData(Qt.ItemDataRole.UserRole + 1, index_of[id(lesion)])
+            ref = lesion.get("_ref", ("auto", lesion["lesion_id"]))
+            self.table.item(row, 0).setData(Qt.ItemDataRole.UserRole + 1,
+                                            index_of.get(ref[1]) if ref[0] == "auto" else None)
+            self.table.item(row, 0).setData(Qt.ItemDataRole.UserRole + 2, row)
+            _tint_row(self.table, row, lesion.get("status", "unreviewed"))
         scored = [*result.lesions, *result.rejected]  # the 3D filter's scores exist only where it ran
         for col, (_, _, key) in enumerate(LESION_COLUMNS):
             if key in ("nodule_score", "blobness"):
@@ -1404,20 +1438,25 @@ class BoltzFormerWidget(QWidget):
         self.result_label.setToolTip(total)
         self.result_detail.setText(details)
 
+    def table_row(self, row: int) -> dict | None:
+        """The lesion dict behind table row `row` (as sorted on screen); None for the organ row."""
+        item = self.table.item(row, 0)
+        index = None if item is None else item.data(Qt.ItemDataRole.UserRole + 2)
+        return None if index is None or int(index) >= len(self._table_rows) else self._table_rows[int(index)]
+
     def _on_table_clicked(self, row: int, _col: int):
         item = self.table.item(row, 0)
         result = self.active_result()
         if item is None or result is None:
             return
-        index = item.data(Qt.ItemDataRole.UserRole + 1)
-        if index is None:
-            return
-        if int(index) < 0:  # the organ row
+        if item.data(Qt.ItemDataRole.UserRole + 1) == -1:  # the organ row
             summary = self.organ_summary()
             if summary is not None:
                 self.go_to_lesion(summary)
             return
-        self.go_to_lesion(result.lesions[int(index)])
+        lesion = self.table_row(row)
+        if lesion is not None:
+            self.go_to_lesion(lesion)
 
     def go_to_lesion(self, lesion: dict):
         """Move the viewer to a lesion and zoom in: its centroid slice, camera centred on it, a
@@ -1523,6 +1562,14 @@ class BoltzFormerWidget(QWidget):
                                       "NIfTI (*.nii.gz *.nii)", (".nii.gz", ".nii"))
             if path is None:
                 return None
+        if self.reviewer.handles(layer):  # the review decides what the mask holds; a sidecar records it
+            try:
+                written = self.reviewer.export("mask", Path(path))
+            except BoltzformerError as exc:
+                show_error(str(exc))
+                return None
+            show_info(f"saved the reviewed {layer.name} to {written} (and {written.name.split('.')[0]}.review.json)")
+            return written
         try:
             volume = mask_volume(np.asarray(layer_array(layer)), geometry_from_layer(layer))
             written = write_volume(volume, path, overwrite=True)
@@ -1552,6 +1599,14 @@ class BoltzFormerWidget(QWidget):
                                       "CSV (*.csv);;JSON (*.json)", (".csv", ".json"))
             if path is None:
                 return None
+        if self.reviewer.handles(self._mask_layer_of(self._active_run)):  # with a status column and a sidecar
+            try:
+                written = self.reviewer.export("table", Path(path))
+            except BoltzformerError as exc:
+                show_error(str(exc))
+                return None
+            show_info(f"saved {len(rows)} row(s) with their review status to {written}")
+            return written
         try:
             written = postprocess.write_lesion_table(rows, path, overwrite=True)
         except BoltzformerError as exc:
@@ -1596,6 +1651,25 @@ def _canvas_size_px(viewer) -> tuple[int, int]:
 def _percent(share: float) -> str:
     """0.0012 -> '0.1 %', 0.25 -> '25 %': small shares keep a decimal."""
     return f"{share * 100:.1f} %" if share < 0.1 else f"{share * 100:.0f} %"
+
+
+def _tint_row(table, row: int, status: str) -> None:
+    """Accepted rows tinted green, rejected ones greyed: the review state at a glance."""
+    from qtpy.QtGui import QBrush, QColor
+
+    if status == "unreviewed":
+        return
+    for col in range(table.columnCount()):
+        item = table.item(row, col)
+        if item is None:
+            continue
+        if status == "accepted":
+            item.setBackground(QBrush(QColor(52, 199, 89, 70)))
+        else:
+            item.setForeground(QBrush(QColor(140, 140, 140)))
+            font = item.font()
+            font.setStrikeOut(col > 1)
+            item.setFont(font)
 
 
 def _finite(value) -> bool:

@@ -1,0 +1,285 @@
+"""The review loop through the real panel on a shown viewer (Xvfb), with the tiny untrained model:
+keys on the canvas and the table, painting with napari's own brush, the threshold slider,
+closing and reopening the panel, look here (Alt-click), and exports read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QPoint, Qt
+
+from boltzformer.io import read_volume
+from boltzformer.look_here import look_here
+from boltzformer.weights import sha256
+from napari_boltzformer._review import REVIEW_KEY
+from napari_boltzformer._view import _camera
+from napari_boltzformer._widget import BoltzFormerWidget
+
+from .conftest import PROMPT, run_and_wait
+
+
+@pytest.fixture
+def reviewing(make_napari_viewer, tiny_segmenter, qtbot):
+    """The chest CT sample after "lung nodule" at a threshold that leaves at least five lesions."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1300, 850)
+    viewer.open_sample("napari-boltzformer", "chest_ct")
+    panel = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
+    viewer.window.add_dock_widget(panel, name="BoltzFormer", area="right")
+    panel.prompt_edit.setText(PROMPT)
+    panel.min_lesion_spin.setValue(0.0)
+    run_and_wait(panel, qtbot)
+    result = panel.active_result()
+    for t in range(50, 100, 2):
+        panel.threshold_slider.setValue(t)
+        panel.apply_threshold()
+        if len(result.lesions) >= 5:
+            break
+    assert len(result.lesions) >= 5, "no threshold gave five lesions"
+    yield viewer, panel
+    for p in (panel,):
+        try:
+            if p.running:
+                p.cancel()
+                p.wait(30)
+        except RuntimeError:  # closed by the test
+            pass
+
+
+def key(viewer, qtbot, k, shift=False):
+    """A key press on the canvas, as a reader types it."""
+    native = viewer.window._qt_viewer.canvas.native
+    qtbot.keyClick(native, k, Qt.KeyboardModifier.ShiftModifier if shift else Qt.KeyboardModifier.NoModifier)
+
+
+def click(viewer, qtbot, layer, index_zyx, modifier=Qt.KeyboardModifier.NoModifier):
+    """A left click on the canvas at voxel `index_zyx` of `layer` (the slice is shown first)."""
+    world = np.asarray(layer.data_to_world(np.asarray(index_zyx, float)))
+    viewer.dims.set_point(viewer.dims.ndim - 3, float(world[0]))
+    camera = _camera(viewer)
+    camera.center = (float(world[1]), float(world[2]))
+    qtbot.wait(50)
+    native = viewer.window._qt_viewer.canvas.native
+    camera = _camera(viewer)
+    x = (world[2] - camera.center[-1]) * camera.zoom + native.width() / 2
+    y = (world[1] - camera.center[-2]) * camera.zoom + native.height() / 2
+    qtbot.mouseClick(native, Qt.MouseButton.LeftButton, modifier, QPoint(int(round(x)), int(round(y))))
+
+
+def statuses(panel) -> list[str]:
+    return [panel.table_row(r)["status"] for r in range(panel.table.rowCount())]
+
+
+def mask_layer(viewer):
+    return viewer.layers[PROMPT]
+
+
+def test_keys_accept_two_reject_one_and_undo(reviewing, qtbot):
+    viewer, panel = reviewing
+    n = panel.table.rowCount()
+    assert panel.reviewer.counter_label.text() == f"0 of {n} reviewed"
+    key(viewer, qtbot, Qt.Key.Key_N)  # the first lesion: jumped to and zoomed in
+    first = panel.table_row(0)
+    assert panel.table.currentRow() == 0
+    assert viewer.dims.current_step[-3] == int(round(first["centroid_voxel_zyx"][0]))
+    assert panel.restore_view_button.isEnabled()
+    key(viewer, qtbot, Qt.Key.Key_A)
+    key(viewer, qtbot, Qt.Key.Key_A)  # accepting goes on to the next lesion
+    third = panel.table_row(2)
+    third_voxels = panel.reviewer.view().voxels(third)
+    key(viewer, qtbot, Qt.Key.Key_R)
+    assert statuses(panel)[:3] == ["accepted", "accepted", "rejected"]
+    assert panel.reviewer.counter_label.text() == f"3 of {n} reviewed"
+    data = mask_layer(viewer).data
+    assert not data.reshape(-1)[third_voxels].any()  # rejecting removed it from the labels layer
+    assert panel.table.currentRow() == 3
+    key(viewer, qtbot, Qt.Key.Key_N, shift=True)  # back to the rejected one
+    assert panel.table.currentRow() == 2
+    panel.table.setFocus()
+    qtbot.keyClick(panel.table, Qt.Key.Key_U)  # the same keys work with the table focused
+    assert statuses(panel)[:3] == ["accepted", "accepted", "unreviewed"]
+    assert panel.reviewer.counter_label.text() == f"2 of {n} reviewed"
+    assert mask_layer(viewer).data.reshape(-1)[third_voxels].all()
+    assert panel.table.currentRow() == 2  # undo shows the lesion it restored
+    # filters: unreviewed only, sorted by score
+    panel.reviewer.unreviewed_check.setChecked(True)
+    assert panel.table.rowCount() == n - 2 and set(statuses(panel)) == {"unreviewed"}
+    panel.reviewer.sort_combo.setCurrentIndex(panel.reviewer.sort_combo.findData("mean_probability"))
+    scores = [panel.table_row(r)["mean_probability"] for r in range(panel.table.rowCount())]
+    assert scores == sorted(scores, reverse=True)
+    assert [e["action"] for e in panel.reviewer.session().review.actions] == ["accept", "accept", "reject", "undo"]
+
+
+def test_painting_a_lesion_adds_it_to_the_table_and_erasing_updates_it(reviewing, qtbot):
+    from scipy import ndimage
+
+    viewer, panel = reviewing
+    layer = mask_layer(viewer)
+    n = panel.table.rowCount()
+    z = int(round(panel.table_row(0)["centroid_voxel_zyx"][0]))
+    free = ndimage.distance_transform_edt(layer.data[z] == 0) > 12  # far from every lesion on this slice
+    ys, xs = np.nonzero(free)
+    spot = (z, int(ys[len(ys) // 2]), int(xs[len(xs) // 2]))
+    before = layer.data.copy()
+    viewer.layers.selection.active = layer
+    layer.mode = "paint"
+    layer.brush_size = 5
+    layer.selected_label = 1
+    click(viewer, qtbot, layer, spot)
+    painted = int((layer.data != before).sum())
+    assert painted > 0
+    qtbot.waitUntil(lambda: panel.table.rowCount() == n + 1, timeout=5000)
+    drawn = [panel.table_row(r) for r in range(n + 1) if "drawn" in panel.table_row(r)["origin"]]
+    assert len(drawn) == 1 and drawn[0]["status"] == "accepted" and drawn[0]["voxels"] == painted
+    assert np.allclose(drawn[0]["centroid_voxel_zyx"][0], z)
+    assert panel.model_calls == 1  # the table changed without running the model
+    # erase it again with napari's eraser: the lesion leaves the table
+    layer.mode = "erase"
+    layer.brush_size = 9
+    click(viewer, qtbot, layer, spot)
+    qtbot.waitUntil(lambda: panel.table.rowCount() == n, timeout=5000)
+    assert not any("drawn" in panel.table_row(r)["origin"] for r in range(n))
+    assert [e["action"] for e in panel.reviewer.session().review.actions] == ["edit", "edit"]
+
+
+def test_rethresholding_keeps_the_review(reviewing, qtbot):
+    viewer, panel = reviewing
+    result = panel.active_result()
+    panel.reviewer.select(0)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    key(viewer, qtbot, Qt.Key.Key_R)  # the second one
+    view = panel.reviewer.view()
+    accepted = next(r for r in view.rows if r["status"] == "accepted")
+    rejected = next(r for r in view.rows if r["status"] == "rejected")
+    accepted_voxels, rejected_voxels = view.voxels(accepted), view.voxels(rejected)
+    calls = panel.model_calls
+    for t in (int(result.threshold * 100) - 20, 97):
+        panel.threshold_slider.setValue(t)
+        qtbot.waitUntil(lambda t=t: result.threshold == pytest.approx(t / 100), timeout=3000)
+        data = mask_layer(viewer).data.reshape(-1)
+        assert data[accepted_voxels].all() and not data[rejected_voxels].any()
+        view = panel.reviewer.view()
+        kept = [r for r in view.rows if r["status"] != "unreviewed"]
+        assert sorted(r["status"] for r in kept) == ["accepted", "rejected"]
+        assert next(r for r in kept if r["status"] == "accepted")["voxels"] == accepted_voxels.size
+        assert panel.reviewer.counter_label.text().startswith("2 of ")
+    assert panel.model_calls == calls
+
+
+def test_the_review_survives_closing_and_reopening_the_panel(reviewing, qtbot, tiny_segmenter):
+    viewer, panel = reviewing
+    panel.reviewer.select(0)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    key(viewer, qtbot, Qt.Key.Key_R)
+    n = panel.table.rowCount()
+    layer = mask_layer(viewer)
+    assert layer.metadata[REVIEW_KEY].review.has_decisions
+    viewer.window.remove_dock_widget(panel)
+    panel.close()
+    panel.deleteLater()
+    qtbot.wait(100)
+    key(viewer, qtbot, Qt.Key.Key_A)  # the closed panel's keys do nothing (and raise nothing)
+    reopened = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
+    viewer.window.add_dock_widget(reopened, name="BoltzFormer", area="right")
+    assert reopened.table.rowCount() == n
+    assert sorted(statuses(reopened))[:2] == ["accepted", "rejected"]
+    assert reopened.reviewer.counter_label.text() == f"2 of {n} reviewed"
+    key(viewer, qtbot, Qt.Key.Key_N)
+    row = reopened.table.currentRow()
+    while reopened.table_row(row)["status"] != "unreviewed":
+        key(viewer, qtbot, Qt.Key.Key_N)
+        row = reopened.table.currentRow()
+    key(viewer, qtbot, Qt.Key.Key_A)  # the new panel's keys act on the same review
+    assert reopened.reviewer.counter_label.text() == f"3 of {n} reviewed"
+
+
+def test_exports_hold_the_review_and_read_back(reviewing, qtbot, tmp_path, tiny_weights):
+    viewer, panel = reviewing
+    panel.reviewer.select(0)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    key(viewer, qtbot, Qt.Key.Key_R)
+    view = panel.reviewer.view()
+    rows = view.rows
+    accepted = [r for r in rows if r["status"] == "accepted"]
+    unreviewed = [r for r in rows if r["status"] == "unreviewed"]
+    panel.reviewer.export_unreviewed_check.setChecked(False)
+    written = panel.export_mask(tmp_path / "review.nii.gz")
+    back = read_volume(written)
+    assert np.array_equal(back.array, view.mask(accepted))  # accepted lesions only
+    side = json.loads((tmp_path / "review.review.json").read_text())
+    assert side["prompt"] == PROMPT and side["weights_sha256"] == sha256(tiny_weights)
+    assert side["threshold"] == pytest.approx(panel.active_result().threshold)
+    assert side["mask_holds"] == "accepted lesions only" and side["counts"]["rejected"] == 1
+    assert [a["action"] for a in side["actions"]] == ["accept", "reject"]
+    panel.reviewer.export_unreviewed_check.setChecked(True)
+    back = read_volume(panel.export_mask(tmp_path / "all.nii.gz"))
+    assert np.array_equal(back.array, view.mask(accepted + unreviewed))
+    assert back.same_geometry(read_volume(written))
+    panel.export_table(tmp_path / "table.csv")
+    with open(tmp_path / "table.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and "status" in table[0] and "origin" in table[0]
+    assert sorted(r["status"] for r in table).count("rejected") == 1
+    assert not any(k.startswith("_") for k in table[0])
+    assert json.loads((tmp_path / "table.review.json").read_text())["files"]["table"] == str(tmp_path / "table.csv")
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary left
+    # an unwritable place: a notification, no traceback, nothing half-written
+    missing = tmp_path / "no_such_folder" / "m.nii.gz"
+    assert panel.export_mask(missing) is None and not missing.parent.exists()
+
+
+def test_alt_click_looks_here_and_adds_a_candidate_to_review(reviewing, qtbot, tiny_segmenter, notifications):
+    viewer, panel = reviewing
+    result, request = panel._results[panel._active_run]
+    layer = mask_layer(viewer)
+    z = int(round(panel.table_row(0)["centroid_voxel_zyx"][0]))
+    # a spot on no lesion where the same core call (same seed, threshold, slices) finds a candidate
+    from scipy import ndimage
+
+    free = ndimage.distance_transform_edt(layer.data[z] == 0) > 6
+    ys, xs = np.nonzero(free)
+    expected = spot = None
+    for i in np.linspace(0, len(ys) - 1, 40).astype(int):
+        candidate = look_here(tiny_segmenter, request.volume, PROMPT, (z, ys[i], xs[i]), threshold=result.threshold,
+                              min_lesion_mm3=result.min_lesion_mm3, seed=request.options["seed"],
+                              window=result.window, modality=result.modality)
+        if candidate.candidate is not None:
+            expected, spot = candidate, (z, int(ys[i]), int(xs[i]))
+            break
+    assert spot is not None, "no spot where look here finds something with the tiny model"
+    n = panel.table.rowCount()
+    viewer.layers.selection.active = layer
+    layer.mode = "pan_zoom"
+    click(viewer, qtbot, layer, spot, Qt.KeyboardModifier.AltModifier)
+    qtbot.waitUntil(lambda: not panel.reviewer.looking, timeout=60_000)
+    found = [panel.table_row(r) for r in range(panel.table.rowCount()) if "look here" in panel.table_row(r)["origin"]]
+    assert len(found) == 1 and found[0]["status"] == "unreviewed"
+    assert found[0]["voxels"] >= int(expected.candidate.sum())  # at least the core's candidate (it may join a kept one)
+    assert panel.table_row(panel.table.currentRow()) is not None
+    assert "look here" in panel.table_row(panel.table.currentRow())["origin"]  # selected, ready for A or R
+    assert any("look here: a candidate" in m for _, m in notifications)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    assert any(r["status"] == "accepted" and "look here" in r["origin"] for r in panel.reviewer.view().rows)
+    assert panel.table.rowCount() >= n
+
+
+def test_look_here_on_nothing_adds_nothing_and_bad_clicks_are_notifications(reviewing, qtbot, notifications):
+    viewer, panel = reviewing
+    layer = mask_layer(viewer)
+    panel.threshold_slider.setValue(99)  # nothing passes 0.99 with the tiny model: the re-run finds nothing
+    qtbot.waitUntil(lambda: panel.active_result().threshold == pytest.approx(0.99), timeout=3000)
+    n = panel.table.rowCount()
+    panel.reviewer.look_button.setChecked(True)  # the dedicated mode: the next plain click
+    click(viewer, qtbot, layer, (10, 40, 40))
+    assert not panel.reviewer.look_button.isChecked()
+    qtbot.waitUntil(lambda: not panel.reviewer.looking, timeout=60_000)
+    assert panel.table.rowCount() == n
+    assert any("nothing added" in m for _, m in notifications)
+    panel.reviewer.look_here_at((1e4, 1e4, 1e4))  # far outside the volume
+    assert any(s == "error" and "outside the volume" in m for s, m in notifications)
+    panel.mode_combo.setCurrentIndex(panel.mode_combo.findData("organ"))
+    key(viewer, qtbot, Qt.Key.Key_A)  # organ mode: nothing to review, said so
+    assert any("nothing to review" in m for _, m in notifications)
