@@ -48,6 +48,10 @@ EDITED, LOOK_HERE, DRAWN = 8, 16, 32
 STATUSES = ("unreviewed", "accepted", "rejected")
 SIDECAR_FORMAT = "boltzformer-review/1"
 MAX_UNDO = 500
+# the keys lesion_rows measures itself; a row's other keys (the 3D filter's scores) are carried over
+_MEASURED = {"lesion_id", "voxels", "volume_mm3", "longest_axial_diameter_mm", "short_axis_diameter_mm",
+             "mean_axial_diameter_mm", "centroid_voxel_zyx", "centroid_world_mm", "slice_start", "slice_end",
+             "mean_intensity", "mean_probability", "max_probability", "status", "origin"}
 _FLAG_NAMES = ((LOOK_HERE, "look here"), (DRAWN, "drawn"), (EDITED, "edited"))
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26 neighbours, as label_components
 MERGE_RULE = ("accepted and hand-edited lesions keep exactly their voxels at any threshold; rejected lesions "
@@ -131,6 +135,9 @@ class Review:
     shape: tuple
     state: np.ndarray = None
     scores: dict = field(default_factory=dict)  # flat index -> look-here probability at a candidate voxel
+    # first voxel (flat index) of a decided model lesion -> (its voxel count, the row's other scores, e.g.
+    # the 3D filter's): a decided lesion keeps them while its voxels are those it was decided with
+    extras: dict = field(default_factory=dict)
     actions: list = field(default_factory=list)
     version: int = 0
     _undo: list = field(default_factory=list, repr=False)
@@ -186,11 +193,18 @@ class Review:
         states = self.state[voxels]
         accepted = np.bincount(inside, weights=(states & DECISION) == ACCEPTED, minlength=n + 1) > 0
         flags = {f: np.bincount(inside, weights=(states & f) > 0, minlength=n + 1) > 0 for f, _ in _FLAG_NAMES}
+        anchors = {}
+        if self.extras:
+            index = np.fromiter(self.extras, np.int64, len(self.extras))
+            owner = labels.reshape(-1)[index]
+            anchors = {int(o): int(i) for o, i in zip(owner, index) if o}
         for row in rows:
             i = row["lesion_id"]
             row["_ref"] = (kind, i)
             row["_accepted"] = bool(accepted[i])
             row["origin"] = " + ".join(name for f, name in _FLAG_NAMES if flags[f][i]) or "model"
+            if i in anchors and self.extras[anchors[i]][0] == row["voxels"]:
+                row.update(self.extras[anchors[i]][1])
         return labels, rows
 
     # -- actions --------------------------------------------------------------------------------------
@@ -203,6 +217,9 @@ class Review:
         if indices.size == 0:
             raise ValueError(f"lesion {row.get('lesion_id')} has no voxels in this view")
         code = ACCEPTED if status == "accepted" else REJECTED
+        other = {k: v for k, v in row.items() if k not in _MEASURED and not k.startswith("_")}
+        if other:
+            self.extras[int(indices.min())] = (int(indices.size), other)
         flat = self.state.reshape(-1)
         new = (flat[indices] & ~np.uint8(DECISION)) | np.uint8(code)
         entry = {"action": "accept" if status == "accepted" else "reject", "status_before": row["status"],

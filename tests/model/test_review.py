@@ -176,8 +176,10 @@ def test_rows_of_kept_lesions_measure_like_the_result_on_a_reoriented_volume():
     review = rv.Review(SHAPE)
     view = review.view(result)
     model_row = row_at(view, BLOBS["C"][0])
+    model_row["nodule_score"] = 0.42  # a score the 3D filter gave it: kept with the decision
     review.decide(view, model_row, "accepted")
     kept_row = row_at(review.view(result), BLOBS["C"][0])
+    assert kept_row["nodule_score"] == 0.42 and kept_row["status"] == "accepted"
     for key in ("voxels", "volume_mm3", "longest_axial_diameter_mm", "short_axis_diameter_mm", "slice_start",
                 "slice_end", "mean_probability", "max_probability"):
         assert kept_row[key] == pytest.approx(model_row[key]), key
