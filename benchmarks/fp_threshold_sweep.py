@@ -9,6 +9,13 @@ nodule. The rule (see boltzformer.fp_filter.verdict) keeps a candidate when lung
 not (blobness < B and z_continuation > C). Over a grid of (S, B, C) this keeps the rules that
 lose no more than `--max-lost` of the true candidates and picks the one with the fewest false
 positives left (ties: the loosest rule). The real chest CTs are never part of this choice.
+
+With `--classifier`, the rule's (S, B, C) stay as in boltzformer.fp_filter and the sweep is over
+the 3D classifier's threshold T on nodule_score: the lowest T that leaves at most
+`--max-fp-per-volume` false positives per volume (the operating point of a CAD system; the
+bundled choice is 4, the middle of the LUNA16 FROC range of 1/8 to 8 per scan), or with
+`--max-lost` instead, the highest T that still keeps 1 - max-lost of the true candidates the
+rule keeps. The chosen T is what goes into resources/fp-classifier.json.
 """
 
 from __future__ import annotations
@@ -29,13 +36,44 @@ def evaluate(cands: list[dict], s: float, b: float, c: float) -> dict:
             "fp_left_per_volume": float((keep & ~true).sum() / cases), "fp_before_per_volume": float((~true).sum() / cases)}
 
 
+def sweep_classifier(cands: list[dict], max_lost: float, max_fp: float | None = None) -> tuple[dict, list[dict]]:
+    from boltzformer import fp_filter as f
+
+    base = [x for x in cands if x["lung_shell"] >= f.MIN_LUNG_SHELL
+            and not (x["blobness"] < f.MIN_BLOBNESS and x["z_continuation"] > f.MAX_CONTINUATION)]
+    true = np.array([x["true"] for x in base])
+    score = np.array([x["nodule_score"] for x in base])
+    cases = len({x["case"] for x in cands}) or 1
+    rows = []
+    for t in np.round(np.arange(0.0, 1.0, 0.01), 2):
+        keep = score >= t
+        rows.append({"threshold": float(t), "true_kept": int((keep & true).sum()), "true": int(true.sum()),
+                     "fp_left_per_volume": float((keep & ~true).sum() / cases),
+                     "fp_before_per_volume": float((~true).sum() / cases)})
+    if max_fp is not None:
+        return min((r for r in rows if r["fp_left_per_volume"] <= max_fp), key=lambda r: r["threshold"]), rows
+    ok = [r for r in rows if r["true_kept"] >= (1 - max_lost) * r["true"]]
+    return max(ok, key=lambda r: r["threshold"]), rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("candidates", type=Path)
     ap.add_argument("--max-lost", type=float, default=0.02, help="share of true candidates the rule may drop")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--classifier", action="store_true", help="sweep the 3D classifier's threshold instead")
+    ap.add_argument("--max-fp-per-volume", type=float, default=None,
+                    help="with --classifier: the lowest threshold leaving at most this many false positives per volume")
     args = ap.parse_args()
     cands = json.loads(args.candidates.read_text())
+    if args.classifier:
+        best, rows = sweep_classifier(cands, args.max_lost, args.max_fp_per_volume)
+        print(json.dumps(best, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps({"chosen": best, "max_lost": args.max_lost,
+                                             "max_fp_per_volume": args.max_fp_per_volume, "candidates": len(cands),
+                                             "grid": rows}, indent=1))
+        return
     grid = itertools.product(np.round(np.arange(0.0, 0.61, 0.05), 2), np.round(np.arange(0.0, 0.61, 0.05), 2),
                              np.round(np.arange(0.0, 1.01, 0.1), 2))
     rows = [evaluate(cands, *g) for g in grid]

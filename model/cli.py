@@ -158,6 +158,7 @@ def cmd_segment(args) -> int:
             volume, args.prompt, window=args.window, modality=modality, slices=slices, runs=args.runs, seed=args.seed,
             threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, return_attention=bool(args.attention),
             batch_size=args.batch_size, fp_reduction=not args.no_fp_filter, force_prompt=args.force_prompt,
+            min_nodule_score=args.min_nodule_score,
         )
         bar = None
         if not args.quiet:
@@ -248,6 +249,7 @@ def cmd_cohort(args) -> int:
 
 # -- evaluate -------------------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
+    from . import fp_classifier
     from .evaluate import evaluate_dir, format_table
     from .io import OutputSet
     from .segmenter import Segmenter
@@ -268,6 +270,7 @@ def cmd_evaluate(args) -> int:
             summary["command"] = "boltzformer " + " ".join(sys.argv[1:]) if args.argv is None else "boltzformer " + " ".join(args.argv)
             summary["weights"] = seg.info.get("weights_source")
             summary["weights_sha256"] = sha256(seg.info["weights_path"])
+            summary["fp_classifier_sha256"] = fp_classifier.bundled_sha256()
             outputs.write_bytes("--json", json.dumps(summary, indent=2, default=float).encode())
     args.committed = True
     return 0
@@ -338,7 +341,7 @@ def cmd_testset(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
-    from . import weights
+    from . import fp_classifier, weights
     from .segmenter import available_devices
 
     print(f"boltzformer {__version__}")
@@ -355,6 +358,10 @@ def cmd_info(args) -> int:
     cfg = meta.get("config", {})
     print(f"weights: {src.weights_path} ({src.description})")
     print(f"sha256: {weights.sha256(src.weights_path)}")
+    clf = fp_classifier.bundled()
+    if clf is not None:
+        print(f"3D false-positive classifier: {fp_classifier.WEIGHTS_NAME} (sha256 {fp_classifier.bundled_sha256()}, "
+              f"threshold {clf.threshold:g})")
     train = meta.get("training", {})
     print(f"network: {train.get('parameters', '?')} parameters, {cfg.get('num_layers')} decoder layers, "
           f"{cfg.get('num_queries')} queries, sampling {cfg.get('sampling')} (ratio {cfg.get('token_ratio')}, "
@@ -405,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
     s.add_argument("--no-fp-filter", action="store_true",
                    help="keep every candidate: skip the 3D false-positive filter (lung prompts on CT in HU)")
+    s.add_argument("--min-nodule-score", type=number(0.0, 1.0), default=None,
+                   help="drop lung candidates whose 3D classifier score is below this (default: drop none; "
+                        "0.66 = at most 4 false positives per validation phantom, about half the nodules lost)")
     s.add_argument("--force-prompt", action="store_true",
                    help="run a prompt even when it names nothing the model was trained to find")
     s.add_argument("--probabilities", default=None, help="also write the probability volume")

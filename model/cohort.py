@@ -96,10 +96,18 @@ class ScanOptions:
     device: str = "auto"
 
     def key(self) -> str:
-        """A readable, stable description: the `options` column of report.csv."""
+        """A readable, stable description: the `options` column of report.csv. With the 3D
+        filter on, it names the false-positive classifier's weights too (their sha256, first 12
+        digits): new classifier weights give other masks, so --resume must not skip."""
+        from .fp_classifier import bundled_sha256
+
+        fp = "off"
+        if self.fp_reduction:
+            digest = bundled_sha256()
+            fp = f"on:{digest[:12]}" if digest else "on"
         return (f"threshold={self.threshold:g} window={self.window or 'auto'} modality={self.modality or 'auto'} "
                 f"runs={self.runs} seed={self.seed} min_lesion_mm3={self.min_lesion_mm3:g} "
-                f"fp_filter={'on' if self.fp_reduction else 'off'} force_prompt={'yes' if self.force_prompt else 'no'} "
+                f"fp_filter={fp} force_prompt={'yes' if self.force_prompt else 'no'} "
                 f"batch_size={self.batch_size or 'auto'} allow_gaps={'yes' if self.allow_gaps else 'no'} "
                 f"device={self.device}")
 

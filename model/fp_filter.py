@@ -15,9 +15,19 @@ positives down, and so does this filter. Each thresholded 3D component (a candid
   last slice, that is still bright (HU > -500): a vessel running through the slices goes on
   where a nodule has ended.
 
-A candidate is kept when it lies in the lung (``lung_shell >= MIN_LUNG_SHELL``) and is not a
-tube that goes on (``blobness >= MIN_BLOBNESS`` or ``z_continuation <= MAX_CONTINUATION``).
-The thresholds were chosen on phantom validation volumes only (`benchmarks/fp_threshold_sweep.py`
+- ``nodule_score``: the probability, from a small 3D network that looks at a 32 x 40 x 40 mm cube
+  of CT around the candidate's thickest point, that it is a nodule and not a vessel or a wall
+  (boltzformer.fp_classifier, trained on phantom chests; NaN when its weights are absent).
+
+A candidate is kept when it lies in the lung (``lung_shell >= MIN_LUNG_SHELL``), is not a
+tube that goes on (``blobness >= MIN_BLOBNESS`` or ``z_continuation <= MAX_CONTINUATION``) and
+its ``nodule_score`` reaches the threshold stored with the classifier's weights. The bundled
+threshold is 0: the classifier's score is reported (the panel and the lesion table can sort by
+it) but drops nothing, because at the operating point chosen on validation phantoms (at most 4
+false positives per volume) it kept only half of the true candidates, under the 60 % set
+beforehand (resources/MODEL_CARD.md).
+
+The rule's thresholds were chosen on phantom validation volumes only (`benchmarks/fp_threshold_sweep.py`
 on the bundled model's candidates on 12 phantom chests, seeds 80000-80011: the rule with the
 fewest false positives that keeps at least 98 % of the candidates that touch a nodule); the real
 chest CTs used to measure false positives were never used to choose them. With the bundled
@@ -32,6 +42,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from . import fp_classifier
 from .io import Volume
 from .synth import prompts as vocab
 
@@ -46,7 +57,7 @@ MIN_LUNG_SHELL = 0.1
 MIN_BLOBNESS = 0.0  # 0: the vessel rule never fires with the bundled weights (see above)
 MAX_CONTINUATION = 1.0
 
-FEATURES = ("lung_shell", "blobness", "z_continuation", "mean_hu", "max_probability")
+FEATURES = ("lung_shell", "blobness", "z_continuation", "mean_hu", "max_probability", "nodule_score")
 
 
 def applies(prompt: str, modality: str | None, window: str | None) -> bool:
@@ -64,9 +75,16 @@ def applies(prompt: str, modality: str | None, window: str | None) -> bool:
     return any(w in text for w in ("nodul", "lung tum", "lung mass", "pulmonary mass", "lung cancer", "lung lesion"))
 
 
-def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: np.ndarray) -> list[dict]:
-    """One dict of FEATURES per candidate (row order). labels: int (z, y, x) on `volume`'s grid."""
+def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: np.ndarray,
+                       classifier: "fp_classifier.Classifier | None" = None) -> list[dict]:
+    """One dict of FEATURES per candidate (row order). labels: int (z, y, x) on `volume`'s grid.
+
+    classifier: the 3D network that gives ``nodule_score`` (default: the bundled one; its score
+    is NaN when there is none)."""
     hu = volume.array
+    classifier = classifier or fp_classifier.bundled()
+    scores = (classifier.score(hu, labels, rows, volume.spacing_mm) if classifier is not None
+              else np.full(len(rows), np.nan))
     sx, sy, sz = volume.spacing_mm
     boxes = ndimage.find_objects(labels)
     shell_vox = (max(1, round(SHELL_MM / sz)), max(1, round(SHELL_MM / sy)), max(1, round(SHELL_MM / sx)))
@@ -87,27 +105,37 @@ def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, pro
             "z_continuation": _z_continuation(hu, labels, lid, box, sz),
             "mean_hu": float(local[region].mean()),
             "max_probability": float(probabilities[box][labels[box] == lid].max()),
+            "nodule_score": float(scores[len(out)]),
         })
     return out
 
 
-def verdict(features: dict) -> str:
-    """'kept', or why the candidate is dropped."""
+def verdict(features: dict, min_nodule_score: float | None = None) -> str:
+    """'kept', or why the candidate is dropped. min_nodule_score: default, the bundled
+    classifier's threshold (no classifier rule when there is none)."""
     if features["lung_shell"] < MIN_LUNG_SHELL:
         return "outside the lungs"
     if features["blobness"] < MIN_BLOBNESS and features["z_continuation"] > MAX_CONTINUATION:
         return "vessel-like (tubular, continues across slices)"
+    if min_nodule_score is None:
+        clf = fp_classifier.bundled()
+        min_nodule_score = clf.threshold if clf is not None else None
+    score = features.get("nodule_score", float("nan"))
+    if min_nodule_score is not None and score == score and score < min_nodule_score:
+        return "vessel-like (3D classifier)"
     return "kept"
 
 
-def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: np.ndarray):
+def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: np.ndarray,
+                      min_nodule_score: float | None = None):
     """-> (labels with dropped candidates removed and the rest renumbered 1..n, kept rows,
-    rejected rows). Rows gain the FEATURES and ``fp_verdict``."""
+    rejected rows). Rows gain the FEATURES and ``fp_verdict``. min_nodule_score: the 3D
+    classifier's threshold (None: the one shipped with its weights)."""
     feats = candidate_features(labels, rows, volume, probabilities)
     kept, rejected = [], []
     for row, f in zip(rows, feats):
         row.update({k: round(float(v), 4) for k, v in f.items()})
-        row["fp_verdict"] = verdict(f)
+        row["fp_verdict"] = verdict(f, min_nodule_score)
         (kept if row["fp_verdict"] == "kept" else rejected).append(row)
     if not rejected:
         return labels, rows, []

@@ -239,6 +239,7 @@ class SegmentationResult:
     frame: Volume | None = None
     reorientation: Reorientation | None = None
     fp_reduction: bool = True  # drop candidates the false-positive filter rejects (lung prompts on HU CT)
+    min_nodule_score: float | None = None  # the 3D classifier's threshold; None = the one shipped with it
     rejected: list[dict] = field(default_factory=list)  # candidates the filter dropped, with their scores
 
     def mask_volume(self) -> Volume:
@@ -263,7 +264,8 @@ class SegmentationResult:
         rows = postprocess.lesion_table(labels, frame, probabilities=probabilities)
         self.rejected = []
         if self.fp_reduction and n and fp_filter.applies(self.prompt, self.modality, self.window):
-            labels, rows, self.rejected = fp_filter.filter_candidates(labels, rows, frame, probabilities)
+            labels, rows, self.rejected = fp_filter.filter_candidates(labels, rows, frame, probabilities,
+                                                                      min_nodule_score=self.min_nodule_score)
         labels = np.ascontiguousarray(reo.from_canonical(labels))
         _rows_to_input(rows, labels, reo, frame.shape)
         self.mask = (labels > 0).astype(np.uint8)
@@ -494,6 +496,7 @@ class Segmenter:
         should_stop: Callable[[], bool] | None = None,
         stage_times: dict | None = None,
         fp_reduction: bool = True,
+        min_nodule_score: float | None = None,
         force_prompt: bool = False,
         prior=None,
     ) -> Generator[Progress, None, SegmentationResult]:
@@ -503,7 +506,9 @@ class Segmenter:
         and the per-voxel variance (uncertainty). should_stop is polled between batches; when it
         returns True the result comes back with complete=False. The volume is segmented in its
         canonical axial orientation (boltzformer.orientation) and every output is mapped back
-        to its grid. fp_reduction: the 3D false-positive filter for lung prompts on HU CT
+        to its grid. min_nodule_score: with fp_reduction, drop candidates whose 3D classifier
+        score is below it (None: the threshold shipped with the classifier, which drops nothing).
+        fp_reduction: the 3D false-positive filter for lung prompts on HU CT
         (boltzformer.fp_filter). force_prompt: run a prompt that names nothing known. prior: a
         boltzformer.look_here.ClickPrior pulling the sampling toward a clicked voxel (None: none).
         """
@@ -602,7 +607,7 @@ class Segmenter:
             attention=_attention_to_input(att, reo, frame), window=window, modality=modality, warnings=warnings,
             # slices_done - slices[0] = slices finished (on a z-flipped input they are the last ones)
             timings_s=timings, complete=complete, slices_done=input_range[0] + min(done, n), frame=frame,
-            reorientation=reo, fp_reduction=fp_reduction,
+            reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
         )
         result.rethreshold(threshold)
         timings["postprocess"] = time.perf_counter() - t

@@ -175,6 +175,7 @@ def test_unreadable_inputs_are_one_line_errors(make, expected, tmp_path, tiny_we
     (["--slices", "50:60"], "slice"),
     (["--window", "disco"], "--window"),
     (["--threshold", "1.5"], "--threshold"),
+    (["--min-nodule-score", "2"], "--min-nodule-score"),
     (["--runs", "0"], "--runs"),
     (["--lesions", "x.txt"], ".csv or .json"),
     (["--attention", "x.png"], ".npz"),

@@ -59,3 +59,27 @@ def test_filter_applies_to_lung_prompts_on_hu_ct_only():
     assert not fp_filter.applies("lung nodule", "CT", None)  # not HU: thresholds mean nothing
     assert not fp_filter.applies("aorta", "CT", "mediastinum")
     assert not fp_filter.applies("multiple sclerosis lesion", "MR", None)
+
+
+def test_classifier_threshold_drops_by_nodule_score_only_when_asked():
+    from boltzformer import fp_classifier
+
+    if fp_classifier.bundled() is None:
+        import pytest
+
+        pytest.skip("no bundled 3D classifier in boltzformer.resources")
+    vol, candidates, nodule = _lung_with_nodule_vessel_and_fat()
+    labels, n = postprocess.label_components(candidates, vol.spacing_mm)
+    rows = postprocess.lesion_table(labels, vol)
+    prob = candidates.astype(np.float32)
+    _, kept, _ = fp_filter.filter_candidates(labels, [dict(r) for r in rows], vol, prob)
+    # The shipped threshold (0) drops nothing by score: the lung rule alone decides.
+    assert all(r["fp_verdict"] != "vessel-like (3D classifier)" for r in kept)
+    scores = sorted(r["nodule_score"] for r in kept)
+    cut = scores[-1] + 1e-3 if scores[-1] < 1.0 else None
+    if cut is None:  # a score of exactly 1.0 cannot be cut below 1: use the lowest one
+        cut = scores[0] + 1e-4
+    _, kept2, rejected2 = fp_filter.filter_candidates(labels, [dict(r) for r in rows], vol, prob, min_nodule_score=cut)
+    assert len(kept2) < len(kept)
+    assert any(r["fp_verdict"] == "vessel-like (3D classifier)" for r in rejected2)
+    assert all(r["nodule_score"] >= cut for r in kept2)

@@ -1,0 +1,172 @@
+"""Learned 3D false-positive reduction: is this candidate a nodule or a vessel?
+
+The slice-wise model marks a nodule and, in a real chest CT, a hundred vessel cross-sections and
+airway walls with it. Hand-written 3D measures (boltzformer.fp_filter) keep candidates that lie
+in the lung but cannot tell a nodule touching a vessel from the vessel. Nodule-detection systems
+settle this with a second stage, a small 3D network that looks at a cube of CT around each
+candidate; this module is that stage.
+
+Each candidate is cut out as a patch on a fixed physical grid, whatever the scan's spacing:
+PATCH_SHAPE = 16 x 32 x 32 voxels (z, y, x) of PATCH_SPACING_MM = 2 x 1.25 x 1.25 mm, i.e.
+32 x 40 x 40 mm centred on the candidate's thickest point (the voxel deepest inside it, in mm):
+a nodule that the slice model merged with the vessels it touches is one large component whose
+centroid can lie anywhere along the vessels, but its thickest point is the nodule. Channel 0 is the CT in a lung window
+(HU_RANGE mapped to [0, 1]), channel 1 the candidate's own component (which object is meant,
+when a patch holds several). CandidateNet maps 2 x 16 x 32 x 32 to one logit: nodule vs not.
+
+Training (boltzformer.train_fp) uses candidates of the bundled slice model on 3D phantom chests
+(boltzformer.synth.lung3d), never the evaluation phantoms or any real scan. The decision
+threshold lives next to the weights (resources/fp-classifier.json).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+PATCH_SHAPE = (16, 32, 32)  # z, y, x voxels
+PATCH_SPACING_MM = (2.0, 1.25, 1.25)  # z, y, x
+HU_RANGE = (-1000.0, 400.0)
+WEIGHTS_NAME = "fp-classifier.safetensors"
+
+
+class CandidateNet(nn.Module):
+    """B x 2 x 16 x 32 x 32 -> B logits (nodule vs not). About 0.2 M parameters."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+
+        def conv(c_in, c_out):
+            return [nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+
+        w = width
+        # One convolution at the two fine scales, two at the coarsest: a CPU trains it in minutes.
+        self.features = nn.Sequential(
+            *conv(2, w), nn.MaxPool3d((1, 2, 2)),  # 16 x 16 x 16: voxels of about 2 mm in every axis
+            *conv(w, 2 * w), nn.MaxPool3d(2),  # 8 x 8 x 8
+            *conv(2 * w, 4 * w), *conv(4 * w, 4 * w), nn.MaxPool3d(2),  # 4 x 4 x 4
+        )
+        # Pooled to 2 x 2 x 2: where in the cube still counts (centre vs edge), little else.
+        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(2), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * w * 8, 64),
+                                  nn.ReLU(inplace=True), nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))[:, 0]
+
+
+def extract_patches(hu: np.ndarray, labels: np.ndarray, centroids_zyx, spacing_xyz, lesion_ids) -> np.ndarray:
+    """Patches around candidates -> N x 2 x 16 x 32 x 32 float32.
+
+    hu: (z, y, x) Hounsfield units on an axial grid; labels: int (z, y, x) components;
+    centroids_zyx: N voxel positions; spacing_xyz: the grid's (x, y, z) spacing in mm (the
+    Volume convention); lesion_ids: the component of each candidate. Trilinear for the CT,
+    nearest for the component mask; outside the volume the CT reads as air.
+    """
+    sx, sy, sz = spacing_xyz
+    step = np.array(PATCH_SPACING_MM) / np.array([sz, sy, sx])  # patch voxel in scan voxels
+    grid = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(PATCH_SHAPE, step)]
+    gz, gy, gx = np.meshgrid(*grid, indexing="ij")
+    lo, hi = HU_RANGE
+    out = np.zeros((len(lesion_ids), 2, *PATCH_SHAPE), np.float32)
+    for i, (c, lid) in enumerate(zip(centroids_zyx, lesion_ids)):
+        coords = np.stack([gz + c[0], gy + c[1], gx + c[2]])
+        # Read only the box the patch covers: map_coordinates on the whole volume would copy it.
+        box = [slice(max(0, int(np.floor(coords[a].min())) - 1), min(hu.shape[a], int(np.ceil(coords[a].max())) + 2))
+               for a in range(3)]
+        if any(b.start >= b.stop for b in box):
+            continue
+        local = coords - np.array([b.start for b in box], dtype=np.float64)[:, None, None, None]
+        ct = ndimage.map_coordinates(hu[tuple(box)].astype(np.float32), local, order=1, mode="constant", cval=lo)
+        out[i, 0] = np.clip((ct - lo) / (hi - lo), 0.0, 1.0)
+        out[i, 1] = ndimage.map_coordinates((labels[tuple(box)] == lid).astype(np.float32), local, order=0,
+                                            mode="constant", cval=0.0)
+    return out
+
+
+def candidate_centres(labels: np.ndarray, lesion_ids, spacing_xyz) -> list[tuple[float, float, float]]:
+    """The thickest point of each component: argmax of its Euclidean distance transform (in mm,
+    anisotropic spacing honoured), as a (z, y, x) voxel position. labels: int (z, y, x)."""
+    sx, sy, sz = spacing_xyz
+    boxes = ndimage.find_objects(labels)
+    out = []
+    for lid in lesion_ids:
+        box = boxes[lid - 1]
+        padded = np.pad(labels[box] == lid, 1)  # the box edge is outside the component
+        depth = ndimage.distance_transform_edt(padded, sampling=(sz, sy, sx))
+        k = np.unravel_index(int(np.argmax(depth)), depth.shape)
+        out.append(tuple(float(k[a] - 1 + box[a].start) for a in range(3)))
+    return out
+
+
+@dataclass
+class Classifier:
+    net: CandidateNet
+    threshold: float  # keep a candidate whose nodule probability is at least this
+    info: dict
+
+    @torch.no_grad()
+    def probabilities(self, patches: np.ndarray, batch: int = 256) -> np.ndarray:
+        """N x 2 x 16 x 32 x 32 -> N nodule probabilities (CPU)."""
+        self.net.eval()
+        out = [torch.sigmoid(self.net(torch.from_numpy(patches[i : i + batch]))).numpy()
+               for i in range(0, len(patches), batch)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def score(self, hu: np.ndarray, labels: np.ndarray, rows: list[dict], spacing_xyz) -> np.ndarray:
+        """Nodule probability of each candidate row (rows of postprocess.lesion_table on this grid)."""
+        if not rows:
+            return np.zeros(0, np.float32)
+        ids = [r["lesion_id"] for r in rows]
+        patches = extract_patches(hu, labels, candidate_centres(labels, ids, spacing_xyz), spacing_xyz, ids)
+        return self.probabilities(patches)
+
+
+def save(net: CandidateNet, threshold: float, info: dict, folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / WEIGHTS_NAME
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    (folder / WEIGHTS_NAME.replace(".safetensors", ".json")).write_text(
+        json.dumps({"threshold": threshold, **info}, indent=2) + "\n")
+    return path
+
+
+def load(path: str | Path) -> Classifier:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    net = CandidateNet(width=int(meta.get("width", 16)))
+    net.load_state_dict(load_file(str(path)))
+    net.eval()
+    return Classifier(net, float(meta["threshold"]), meta)
+
+
+_BUNDLED: Classifier | None = None
+
+
+def bundled() -> Classifier | None:
+    """The classifier shipped in boltzformer.resources (loaded once), or None if it is absent."""
+    global _BUNDLED
+    if _BUNDLED is None:
+        from .weights import bundled_dir
+
+        path = bundled_dir() / WEIGHTS_NAME
+        if path.is_file():
+            _BUNDLED = load(path)
+    return _BUNDLED
+
+
+def bundled_sha256() -> str | None:
+    """sha256 of the bundled classifier's weights, or None when there are none."""
+    from .weights import bundled_dir, sha256
+
+    path = bundled_dir() / WEIGHTS_NAME
+    return sha256(path) if path.is_file() else None
