@@ -66,7 +66,8 @@ class LookHereResult:
     candidate: bool (stop - start, y, x), the proposed lesion's voxels, or None when nothing came
       within REACH_MM of the click; probabilities: float32 (stop - start, y, x) of the re-run;
     row: the candidate's lesion_table row (volume, diameters, centroid, the re-run's mean and
-      highest probability), or None; distance_mm: from the click to the candidate's nearest voxel.
+      highest probability), or None; distance_mm: from the click to the candidate's nearest voxel;
+    attention: the re-run's segmenter.AttentionMaps (where each block sampled), when asked for.
     """
 
     slices: tuple[int, int]
@@ -77,6 +78,7 @@ class LookHereResult:
     distance_mm: float
     seconds: float
     warnings: list
+    attention: object = None  # the re-run's AttentionMaps when asked for (return_attention)
 
     def candidate_indices(self, shape_zyx) -> np.ndarray:
         """Flat indices (int64) of the candidate's voxels in a (z, y, x) array of `shape_zyx`."""
@@ -104,7 +106,7 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
               reach_mm: float = REACH_MM, threshold: float = 0.5, min_lesion_mm3: float = 0.0, seed: int = 0,
               window: str | None = None, modality: str | None = None, force_prompt: bool = False,
               amplitude: float = AMPLITUDE, sigma_tokens: float = SIGMA_TOKENS, layers: int = LAYERS,
-              batch_size: int | None = None) -> LookHereResult:
+              batch_size: int | None = None, return_attention: bool = False) -> LookHereResult:
     """Re-run the slices around `point_zyx` (input voxel index, z y x) with the sampling pulled
     toward it and return the candidate there (see the module docstring).
 
@@ -125,7 +127,7 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
     result = segmenter.segment_volume(
         volume, prompt, slices=(start, stop), threshold=threshold, min_lesion_mm3=min_lesion_mm3, seed=seed,
         window=window, modality=modality, fp_reduction=False, force_prompt=force_prompt, prior=prior,
-        batch_size=batch_size)
+        batch_size=batch_size, return_attention=return_attention)
     probabilities = np.ascontiguousarray(result.probabilities[start:stop])
     labels = result.labels[start:stop]
     found, distance = _nearest_component(labels, point, start, np.asarray(volume.spacing_mm, float)[::-1])
@@ -136,7 +138,8 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
         full[start:stop][candidate] = 1
         (row,) = postprocess.lesion_table(full, volume, probabilities=result.probabilities)
     return LookHereResult((start, stop), point, probabilities, candidate, row,
-                          float(distance) if found else math.inf, time.perf_counter() - t0, list(result.warnings))
+                          float(distance) if found else math.inf, time.perf_counter() - t0, list(result.warnings),
+                          result.attention)
 
 
 def _slice_mm(volume) -> float:

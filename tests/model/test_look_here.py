@@ -82,8 +82,10 @@ def test_look_here_proposes_the_component_at_the_click_or_nothing(segmenter):
     assert 0.0 <= everything.row["mean_probability"] <= 1.0
     flat = everything.candidate_indices(volume.shape)
     assert flat.size == everything.row["voxels"] and np.unravel_index(flat.min(), volume.shape)[0] >= 2
-    nothing = look_here(segmenter, volume, "lung nodule", point, threshold=1.0)  # nothing is above 1
-    assert nothing.candidate is None and nothing.row is None and np.isinf(nothing.distance_mm)
+    assert everything.attention is None
+    nothing = look_here(segmenter, volume, "lung nodule", point, threshold=1.0, return_attention=True)
+    assert nothing.candidate is None and nothing.row is None and np.isinf(nothing.distance_mm)  # nothing is above 1
+    assert nothing.attention.counts.shape[:2] == (segmenter.config.num_layers, 5)  # where the re-run sampled
     assert nothing.candidate_indices(volume.shape).size == 0
     with pytest.raises(BoltzformerError, match="outside the volume"):
         look_here(segmenter, volume, "lung nodule", (4, 60, 10))
