@@ -10,7 +10,9 @@ none does, nothing is proposed (a click on background should add nothing).
 
 The defaults follow the method (a bump a few tokens wide, in the exploring high-temperature
 blocks); benchmarks/look_here.py measures them against a re-run without the prior
-(benchmarks/results/look_here.md).
+(benchmarks/results/look_here.md): with the bundled weights the prior moves where the early
+blocks sample, but the masks hardly depend on it, so what a click finds is what a plain re-run
+of those slices without the 3D filter finds.
 """
 
 from __future__ import annotations
