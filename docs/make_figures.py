@@ -1,7 +1,7 @@
 """Make the README's pictures from the real napari viewer with the BoltzFormer panel, the bundled
 model, the bundled chest CT sample and (when given) a real contrast chest CT.
 
-    xvfb-run -a python docs/make_figures.py [--weights W] [--real CT.nii.gz]
+    xvfb-run -a python docs/make_figures.py [--weights W] [--real CT.nii.gz] [--only sample|real|review]
 
 docs/images/napari_panel.png        the sample after "lung nodule": lesion mode, heatmap, truth outline
 docs/images/napari_lesion_zoom.png  the same after a click on a lesion row: jumped and zoomed
@@ -9,6 +9,7 @@ docs/images/decoder_layers.gif      the canvas at one slice, stepping through th
 docs/images/decoder_layers.png      the same six frames side by side
 docs/images/napari_real_ct_organ.png    a real chest CT, "heart": organ mode (one structure, mL)
 docs/images/napari_real_ct_lesions.png  the same CT, "lung nodule": candidates, 4 mm size filter
+docs/images/napari_review.png       the sample's candidates under review (keys A / R / N, as a reader types them)
 
 The real CT is read where it lies and never copied; only the screenshots are written. Every
 picture is what the panel shows a user: nothing is drawn on top but a frame title in the GIF.
@@ -164,18 +165,73 @@ def real_ct_figures(weights, path: Path):
     s.close()
 
 
+def review_figure(weights):
+    """The sample's candidates being reviewed with the keyboard: the most confident first, the
+    true nodule accepted, two false candidates rejected (gone from the mask, greyed in the table),
+    the view on the next one."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+    from qtpy.QtWidgets import QScrollArea
+
+    s = Session(weights)
+    s.viewer.window.resize(WINDOW_SIZE[0], WINDOW_SIZE[1] + 150)  # room for the whole table
+    _, truth = s.viewer.open_sample("napari-boltzformer", "chest_ct")
+    s.panel.attention_check.setChecked(False)  # the mask and the truth outline, not the heatmap, this time
+    seconds = s.run("lung nodule")
+    panel, reviewer = s.panel, s.panel.reviewer
+    reviewer.sort_combo.setCurrentIndex(reviewer.sort_combo.findData("mean_probability"))
+    canvas = s.viewer.window._qt_viewer.canvas.native
+    result = panel.active_result()
+    on_truth = {i for i, lesion in enumerate(result.lesions)
+                if (result.labels[truth.data > 0] == lesion["lesion_id"]).any()}
+
+    def press(key):  # keys typed on the canvas, as a reader does
+        QTest.keyClick(canvas, key)
+        s.pump(0.4)
+
+    press(Qt.Key.Key_N)
+    rejected = 0
+    for _ in range(panel.table.rowCount()):
+        lesion = panel.table_row(panel.table.currentRow())
+        true = panel.table.item(panel.table.currentRow(), 0).data(0x0101) in on_truth
+        if true:
+            press(Qt.Key.Key_A)
+        elif rejected < 2:
+            press(Qt.Key.Key_R)
+            rejected += 1
+        else:
+            break
+        if lesion is None or rejected == 2 and not any(
+                panel.table.item(r, 0).data(0x0101) in on_truth and panel.table_row(r)["status"] == "unreviewed"
+                for r in range(panel.table.rowCount())):
+            break
+    next_open = next((r for r in range(panel.table.rowCount()) if panel.table_row(r)["status"] == "unreviewed"), None)
+    if next_open is not None:  # where the reader is now: the next candidate to decide on
+        reviewer.select(next_open)
+    scroll = panel.findChild(QScrollArea)  # the panel scrolled to its lesion table
+    scroll.verticalScrollBar().setValue(scroll.verticalScrollBar().maximum())
+    print(f"review: {seconds:.0f} s, {reviewer.counter_label.text()} | {panel.result_detail.text()}")
+    s.save("napari_review.png")
+    s.close()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=None)
     p.add_argument("--real", type=Path, default=DEFAULT_REAL_CT,
                    help="a real chest CT (read only); its figures are skipped when it is missing")
+    p.add_argument("--only", choices=("sample", "real", "review"), default=None, help="make only these figures")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    sample_figures(args.weights)
-    if args.real and args.real.exists():
-        real_ct_figures(args.weights, args.real)
-    else:
-        print(f"no real CT at {args.real}: its figures are not made")
+    if args.only in (None, "sample"):
+        sample_figures(args.weights)
+    if args.only in (None, "real"):
+        if args.real and args.real.exists():
+            real_ct_figures(args.weights, args.real)
+        else:
+            print(f"no real CT at {args.real}: its figures are not made")
+    if args.only in (None, "review"):
+        review_figure(args.weights)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ voxels win over a rejected footprint; erased voxels become ERASED.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -330,6 +332,22 @@ class Review:
                          **lesion_summary(r)} for r in rows],
             "actions": self.actions,
         }
+
+
+def sidecar_path(path) -> Path:
+    """Where the sidecar of an exported file goes: 'mask.nii.gz' -> 'mask.review.json', beside it."""
+    path = Path(path)
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".csv", ".json"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return path.with_name(name + ".review.json")
+
+
+def sidecar_bytes(sidecar: dict) -> bytes:
+    """A sidecar (Review.sidecar) as UTF-8 JSON, numpy values as plain numbers."""
+    return (json.dumps(postprocess._jsonable(sidecar), indent=1) + "\n").encode("utf-8")
 
 
 def lesion_summary(row: dict) -> dict:

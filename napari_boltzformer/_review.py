@@ -62,16 +62,6 @@ def status_text(row: dict) -> tuple[str, str]:
     return STATUS_MARKS[row["status"]] + marks, tip
 
 
-def sidecar_path(path: Path) -> Path:
-    """'mask.nii.gz' -> 'mask.review.json' (beside the file it describes)."""
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".csv", ".json"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return path.with_name(name + ".review.json")
-
-
 class ReviewPanel:
     """The review controls of a BoltzFormerWidget (`box`, `export_box`) and their wiring."""
 
@@ -507,6 +497,7 @@ class ReviewPanel:
         sidecar, both atomically and together (boltzformer.io.OutputSet). Raises BoltzformerError."""
         from boltzformer import postprocess
         from boltzformer.io import OutputSet
+        from boltzformer.review import sidecar_bytes, sidecar_path
 
         self.flush_edits()
         session = self.session()
@@ -528,7 +519,7 @@ class ReviewPanel:
             else:
                 rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in shown]
                 outputs.write_bytes(str(path), postprocess.lesion_table_bytes(rows, path))
-            outputs.write_bytes(str(side_path), _json_bytes(sidecar))
+            outputs.write_bytes(str(side_path), sidecar_bytes(sidecar))
         return path
 
     def _settings(self, session: ReviewSession) -> dict:
@@ -583,14 +574,6 @@ class _TableKeys(QObject):
                     reviewer.act(action)
                 return True
         return False
-
-
-def _json_bytes(data: dict) -> bytes:
-    import json
-
-    from boltzformer.postprocess import _jsonable
-
-    return (json.dumps(_jsonable(data), indent=1) + "\n").encode("utf-8")
 
 
 def _look_here_job(load_segmenter, session: ReviewSession, point_zyx, z_range):

@@ -198,8 +198,9 @@ def test_sidecar_records_the_run_the_statuses_and_the_actions():
     view = review.view(result)
     side = review.sidecar(result, view.rows, settings={"weights_sha256": "ab" * 32, "seed": 3},
                           files={"mask": "/x/m.nii.gz"}, include_unreviewed=False)
-    text = json.dumps(side)  # plain JSON
-    back = json.loads(text)
+    back = json.loads(rv.sidecar_bytes(side))  # plain JSON
+    assert rv.sidecar_path("/d/mask.nii.gz").as_posix() == "/d/mask.review.json"
+    assert rv.sidecar_path("t.CSV").name == "t.review.json"
     assert back["format"] == rv.SIDECAR_FORMAT and back["prompt"] == "liver lesion"
     assert back["weights_sha256"] == "ab" * 32 and back["threshold"] == 0.5 and back["seed"] == 3
     assert back["mask_holds"] == "accepted lesions only" and back["files"]["mask"] == "/x/m.nii.gz"
