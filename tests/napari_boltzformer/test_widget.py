@@ -309,7 +309,7 @@ def test_false_positive_filter_switch_reapplies_without_inference(panel, qtbot, 
     brings them back and takes them away again without running the network."""
     from boltzformer import fp_filter
 
-    monkeypatch.setattr(fp_filter, "verdict", lambda features: "vessel-like (test)")
+    monkeypatch.setattr(fp_filter, "verdict", lambda features, min_nodule_score=None: "vessel-like (test)")
     panel.min_lesion_spin.setValue(0.0)
     panel.threshold_slider.setValue(5)  # 0.05 (the slider counts hundredths): candidates for sure
     run_and_wait(panel, qtbot)
