@@ -236,20 +236,27 @@ def test_alt_click_looks_here_and_adds_a_candidate_to_review(reviewing, qtbot, t
     result, request = panel._results[panel._active_run]
     layer = mask_layer(viewer)
     z = int(round(panel.table_row(0)["centroid_voxel_zyx"][0]))
-    # a spot on no lesion where the same core call (same seed, threshold, slices) finds a candidate
+    # a spot on no lesion where the same core call (same seed, threshold, slices) finds a candidate:
+    # probe the slices re-run around slice z, then click inside a component it finds away from the
+    # shown lesions (the slices re-run and the seed depend on z only, so the click finds it again)
     from scipy import ndimage
 
-    free = ndimage.distance_transform_edt(layer.data[z] == 0) > 6
-    ys, xs = np.nonzero(free)
-    expected = spot = None
-    for i in np.linspace(0, len(ys) - 1, 40).astype(int):
-        candidate = look_here(tiny_segmenter, request.volume, PROMPT, (z, ys[i], xs[i]), threshold=result.threshold,
-                              min_lesion_mm3=result.min_lesion_mm3, seed=request.options["seed"],
-                              window=result.window, modality=result.modality)
-        if candidate.candidate is not None:
-            expected, spot = candidate, (z, int(ys[i]), int(xs[i]))
+    options = dict(threshold=result.threshold, min_lesion_mm3=result.min_lesion_mm3, seed=request.options["seed"],
+                   window=result.window, modality=result.modality)
+    probe = look_here(tiny_segmenter, request.volume, PROMPT, (z, 0, 0), reach_mm=1e9, **options)
+    start, stop = probe.slices
+    found, count = ndimage.label(probe.probabilities > result.threshold, structure=np.ones((3, 3, 3)))
+    near_shown = ndimage.binary_dilation(layer.data[start:stop] != 0, iterations=2)
+    spot = None
+    for label in range(1, count + 1):
+        component = found == label
+        if component[z - start].any() and not (component & near_shown).any():
+            ys, xs = np.nonzero(component[z - start])
+            spot = (z, int(ys[0]), int(xs[0]))
             break
-    assert spot is not None, "no spot where look here finds something with the tiny model"
+    assert spot is not None, "no component of the re-run away from the shown lesions"
+    expected = look_here(tiny_segmenter, request.volume, PROMPT, spot, **options)
+    assert expected.candidate is not None and expected.distance_mm == 0.0
     n = panel.table.rowCount()
     viewer.layers.selection.active = layer
     layer.mode = "pan_zoom"
