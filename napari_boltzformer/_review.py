@@ -300,6 +300,9 @@ class ReviewPanel:
                 self.decide("accepted" if action == "accept" else "rejected")
         except ValueError as exc:  # a row that vanished under an edit, etc.: say so, never raise into Qt
             show_error(f"review: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a key handler must not raise into napari
+            log.exception("review action %s failed", action)
+            show_error(f"review: {action} failed: {type(exc).__name__}: {exc}".splitlines()[0])
 
     def current(self) -> tuple[int, dict | None]:
         table = self.panel.table
@@ -402,7 +405,13 @@ class ReviewPanel:
         if not (alt or self.look_button.isChecked()):
             return
         self.look_button.setChecked(False)
-        self.look_here_at(event.position)
+        try:
+            self.look_here_at(event.position)
+        except Exception as exc:  # noqa: BLE001 - a mouse callback must not raise into napari
+            from napari.utils.notifications import show_error
+
+            log.exception("look here failed")
+            show_error(f"look here failed: {type(exc).__name__}: {exc}".splitlines()[0])
 
     def look_here_at(self, world_position):
         """Start a look-here run at a canvas position (world coordinates of the viewer)."""
@@ -438,13 +447,9 @@ class ReviewPanel:
         worker = thread_worker(_look_here_job, start_thread=False, ignore_errors=True)(
             self.panel.load_segmenter, session, tuple(point), z_range)
         worker.returned.connect(lambda out, s=session: self._looked(s, out))
-        worker.finished.connect(self._look_finished)
-        self._look_worker = worker
+        worker.finished.connect(lambda: setattr(self, "looking", False))
+        self._look_worker = worker  # kept: a worker nobody holds may be collected mid-run
         worker.start()
-
-    def _look_finished(self):
-        self.looking = False
-        self._look_worker = None
 
     def _looked(self, session: ReviewSession, outcome):
         from napari.utils.notifications import show_error, show_info
@@ -523,34 +528,23 @@ class ReviewPanel:
         return path
 
     def _settings(self, session: ReviewSession) -> dict:
-        options = session.request.options
-        weights = self._weights_path()
-        return {
-            "image": session.request.image_name, "image_path": session.request.geometry.get("path"),
-            "weights_path": weights, "weights_sha256": self._sha256(weights),
-            "seed": options.get("seed"), "device": session.request.device, "force_prompt": options.get("force_prompt"),
-            "size_filter_min_mean_diameter_mm": self.panel.min_diameter_mm(),
-        }
-
-    def _weights_path(self) -> str | None:
         from boltzformer import weights as weights_mod
         from boltzformer.errors import BoltzformerError
 
-        if self.panel._segmenter is not None:
-            return self.panel._segmenter.info.get("weights_path")
-        try:
-            return str(weights_mod.resolve(self.panel._weights).weights_path)
+        options = session.request.options
+        try:  # the weights this panel runs: injected, or resolved like its runs (hashed once per file)
+            path = (self.panel._segmenter.info.get("weights_path") if self.panel._segmenter is not None
+                    else str(weights_mod.resolve(self.panel._weights).weights_path))
         except BoltzformerError:
-            return None
-
-    def _sha256(self, path: str | None) -> str | None:
-        from boltzformer.weights import sha256
-
-        if path is None or not Path(path).is_file():
-            return None
-        if path not in self._weights_sha:
-            self._weights_sha[path] = sha256(path)
-        return self._weights_sha[path]
+            path = None
+        if path is not None and path not in self._weights_sha and Path(path).is_file():
+            self._weights_sha[path] = weights_mod.sha256(path)
+        return {
+            "image": session.request.image_name, "image_path": session.request.geometry.get("path"),
+            "weights_path": path, "weights_sha256": self._weights_sha.get(path),
+            "seed": options.get("seed"), "device": session.request.device, "force_prompt": options.get("force_prompt"),
+            "size_filter_min_mean_diameter_mm": self.panel.min_diameter_mm(),
+        }
 
 
 class _TableKeys(QObject):

@@ -1565,7 +1565,7 @@ class BoltzFormerWidget(QWidget):
         if self.reviewer.handles(layer):  # the review decides what the mask holds; a sidecar records it
             try:
                 written = self.reviewer.export("mask", Path(path))
-            except BoltzformerError as exc:
+            except (BoltzformerError, ValueError) as exc:
                 show_error(str(exc))
                 return None
             show_info(f"saved the reviewed {layer.name} to {written} (and {written.name.split('.')[0]}.review.json)")
@@ -1602,7 +1602,7 @@ class BoltzFormerWidget(QWidget):
         if self.reviewer.handles(self._mask_layer_of(self._active_run)):  # with a status column and a sidecar
             try:
                 written = self.reviewer.export("table", Path(path))
-            except BoltzformerError as exc:
+            except (BoltzformerError, ValueError) as exc:
                 show_error(str(exc))
                 return None
             show_info(f"saved {len(rows)} row(s) with their review status to {written}")
