@@ -218,6 +218,7 @@ class ReviewPanel:
 
         layer.events.paint.connect(edited)
         layer.events.data.connect(edited)
+        layer.events.set_data.connect(edited)  # napari's own undo (Ctrl-Z) emits only this one
         self._wired.add(layer)
 
     @staticmethod

@@ -136,13 +136,21 @@ def test_painting_a_lesion_adds_it_to_the_table_and_erasing_updates_it(reviewing
     assert len(drawn) == 1 and drawn[0]["status"] == "accepted" and drawn[0]["voxels"] == painted
     assert np.allclose(drawn[0]["centroid_voxel_zyx"][0], z)
     assert panel.model_calls == 1  # the table changed without running the model
+    # napari's own undo (Ctrl-Z on the canvas) takes the stroke back, and the table follows
+    key_ctrl_z = (viewer.window._qt_viewer.canvas.native, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    qtbot.keyClick(*key_ctrl_z)
+    qtbot.waitUntil(lambda: panel.table.rowCount() == n, timeout=5000)
+    assert np.array_equal(layer.data, before)
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key.Key_Z,
+                   Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)  # and redo
+    qtbot.waitUntil(lambda: panel.table.rowCount() == n + 1, timeout=5000)
     # erase it again with napari's eraser: the lesion leaves the table
     layer.mode = "erase"
     layer.brush_size = 9
     click(viewer, qtbot, layer, spot)
     qtbot.waitUntil(lambda: panel.table.rowCount() == n, timeout=5000)
     assert not any("drawn" in panel.table_row(r)["origin"] for r in range(n))
-    assert [e["action"] for e in panel.reviewer.session().review.actions] == ["edit", "edit"]
+    assert [e["action"] for e in panel.reviewer.session().review.actions] == ["edit"] * 4
 
 
 def test_rethresholding_keeps_the_review(reviewing, qtbot):
