@@ -43,9 +43,25 @@ def test_sparse_flops_counted_from_the_real_ops_are_an_order_of_magnitude_below_
     attn = TokenCrossAttention(d, h).eval()
     q, tokens, pos = torch.randn(1, q_, d), torch.randn(1, n, d), torch.randn(n, 32)
     idx = torch.stack([torch.randperm(n)[:k] for _ in range(q_)]).view(1, q_, k)
+    with torch.no_grad():
+        attn(q, tokens, pos, indices=idx, impl="gather")  # folds the projections once (cached)
     sparse = _counted_macs(lambda: attn(q, tokens, pos, indices=idx, impl="gather"))
     dense = _counted_macs(lambda: attn(q, tokens, pos))
     assert sparse == cross_attention_macs(q_, n, d, h, k)  # the formula in the docs is what runs
     # The counter may not see inside CPU scaled_dot_product_attention (2 q n d MACs).
     assert cross_attention_macs(q_, n, d, h, None) - 2 * q_ * n * d <= dense <= cross_attention_macs(q_, n, d, h, None)
     assert dense / sparse >= 8
+
+
+def test_folded_inference_path_equals_the_training_path_and_follows_weight_changes():
+    attn = TokenCrossAttention(32, 4)
+    q, tokens, pos = _inputs()
+    idx = torch.stack([torch.randperm(64)[:9] for _ in range(10)]).view(2, 5, 9)
+    trained = attn(q, tokens, pos, indices=idx)  # grad enabled: the unfolded chain
+    assert trained.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(attn(q, tokens, pos, indices=idx), trained.detach(), atol=1e-5, rtol=1e-4)
+        attn.v_proj.bias.add_(1.0)  # an in-place weight change must not reuse the stale fold
+        changed = attn(q, tokens, pos, indices=idx)
+    torch.testing.assert_close(changed, attn._gather_training(q, tokens, pos, idx).detach(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(changed, trained.detach())

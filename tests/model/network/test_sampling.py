@@ -98,3 +98,11 @@ def test_threshold_mask_attends_everywhere_when_empty():
 def test_token_counts():
     idx = torch.tensor([[[0, 1], [1, 2]]])
     assert sampling.token_counts(idx, 4).tolist() == [[1.0, 2.0, 1.0, 0.0]]
+
+
+def test_cpu_selection_picks_the_same_tokens_as_topk():
+    scores = torch.randn(3, 10, 4096, generator=torch.Generator().manual_seed(0))
+    picked = sampling.top_k_indices(scores, 410)
+    assert picked.shape == (3, 10, 410) and picked.dtype == torch.int64
+    expected = torch.topk(scores, 410, dim=-1).indices
+    assert torch.equal(picked.sort(-1).values, expected.sort(-1).values)
