@@ -39,7 +39,7 @@ from typing import Callable, Iterable
 from distributed import WorkerPlugin
 
 from .errors import BoltzformerError, InputError, OutputError
-from .io import _DICOM_EXTENSIONS, _ITK_EXTENSIONS, _extension, _has_dicom_preamble, _os_problem, atomic_output
+from .io import DICOM_EXTENSIONS, INPUT_EXTENSIONS, _os_problem, atomic_output, extension_of, has_dicom_preamble
 from .postprocess import CSV_COLUMNS, flat_lesion_row
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def list_scans(source, prompt: str | None, exclude: Iterable[str | os.PathLike] 
         raise InputError(src, "does not exist; give a folder of scans or a CSV file with a 'path' column")
     if src.is_dir():
         scans = _scans_in_folder(src, prompt, exclude, warn or log.warning)
-    elif _extension(src.name) == ".csv":
+    elif extension_of(src.name) == ".csv":
         scans = _scans_in_csv(src, prompt)
     else:
         raise InputError(src, "is neither a folder nor a .csv file; give a folder of scans or a CSV with a 'path' column")
@@ -141,7 +141,7 @@ def list_scans(source, prompt: str | None, exclude: Iterable[str | os.PathLike] 
 
 
 def _image_stem(name: str) -> str:
-    ext = _extension(name)
+    ext = extension_of(name)
     return name[: -len(ext)] if ext else name
 
 
@@ -162,7 +162,7 @@ def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[st
         if any(_is_dicom_file(here / f) for f in files):
             found.append((here, here.relative_to(root) if here != root else Path(root.resolve().name)))
         for f in files:
-            if _extension(f) in _ITK_EXTENSIONS:
+            if extension_of(f) in INPUT_EXTENSIONS:
                 found.append((here / f, (here / f).relative_to(root)))
     for line in problems:
         warn(f"{line}; its scans are left out")
@@ -180,13 +180,13 @@ def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[st
 
 
 def _is_dicom_file(p: Path) -> bool:
-    ext = _extension(p.name)
-    if ext in _DICOM_EXTENSIONS:
+    ext = extension_of(p.name)
+    if ext in DICOM_EXTENSIONS:
         return True
-    if ext in _ITK_EXTENSIONS or ext in (".raw", ".zraw", ".csv", ".txt", ".json", ".md"):
+    if ext in INPUT_EXTENSIONS or ext in (".raw", ".zraw", ".csv", ".txt", ".json", ".md"):
         return False
     try:
-        return p.is_file() and _has_dicom_preamble(p)
+        return p.is_file() and has_dicom_preamble(p)
     except OSError:
         return False
 

@@ -16,7 +16,7 @@ import numpy as np
 from .errors import BoltzformerError
 
 __all__ = [
-    "Window", "WINDOWS", "DEFAULT_WINDOW", "window_for_prompt", "detect_modality", "classify_units",
+    "Window", "WINDOWS", "DEFAULT_WINDOW", "window_for_prompt", "normalise_modality", "detect_modality", "classify_units",
     "prepare_slices",
 ]
 
@@ -78,6 +78,12 @@ def window_for_prompt(prompt: str) -> str:
     return DEFAULT_WINDOW
 
 
+def normalise_modality(name) -> str:
+    """A modality name in upper case with "MRI" spelt "MR" (DICOM's term); "" for None."""
+    name = str(name or "").upper()
+    return "MR" if name == "MRI" else name
+
+
 def detect_modality(volume) -> str:
     """"CT" or "MR" for a :class:`~boltzformer.io.Volume`.
 
@@ -89,9 +95,9 @@ def detect_modality(volume) -> str:
     Everything else is MR.
     """
     for value in (volume.modality, volume.metadata.get("Modality")):
-        value = str(value or "").upper()
-        if value in ("CT", "MR", "MRI"):
-            return "MR" if value == "MRI" else value
+        value = normalise_modality(value)
+        if value in ("CT", "MR"):
+            return value
     sample = _subsample(volume.array).astype(np.float32, copy=False)
     if sample.size == 0:
         return "MR"
@@ -179,8 +185,7 @@ def prepare_slices(
     between slices consistent, so a lesion looks the same on every slice and slices with
     little tissue are not stretched into noise.
     """
-    modality = (modality or "").upper()
-    modality = "MR" if modality == "MRI" else modality
+    modality = normalise_modality(modality)
     if modality not in ("CT", "MR"):
         raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
     array = np.asarray(array)

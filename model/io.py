@@ -58,7 +58,11 @@ __all__ = [
     "list_dicom_series",
     "check_output_path",
     "atomic_output",
+    "has_dicom_preamble",
+    "extension_of",
     "INPUT_FORMATS",
+    "INPUT_EXTENSIONS",
+    "DICOM_EXTENSIONS",
     "OUTPUT_EXTENSIONS",
 ]
 
@@ -66,10 +70,12 @@ INPUT_FORMATS = (
     "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), "
     "a DICOM series folder or a single DICOM file (.dcm)"
 )
-_ITK_EXTENSIONS = {
+# The one list of what can be read and written: file extension (lower case, see extension_of) ->
+# format; DICOM files may also have any name (see has_dicom_preamble).
+INPUT_EXTENSIONS = {
     ".nii.gz": "NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage",
 }
-_DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
 OUTPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 # DICOM tags copied into Volume.metadata (no patient identifiers).
@@ -81,6 +87,7 @@ _DICOM_TAGS = (
 )
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_IDENTITY_ATOL = 1e-6  # a direction this close to the identity is axis-aligned
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,6 +163,138 @@ class Volume:
         """Voxel index (z, y, x) — shape (3,) or (n, 3), fractional allowed — → LPS mm (x, y, z)."""
         index_xyz = np.asarray(index_zyx, dtype=np.float64)[..., ::-1]
         return np.asarray(self.origin_mm) + (index_xyz * np.asarray(self.spacing_mm)) @ self.direction.T
+
+    def is_axis_aligned(self) -> bool:
+        """True when the direction is the identity (to 1e-6): no rotation, no flip."""
+        return bool(np.allclose(self.direction, np.eye(3), atol=_IDENTITY_ATOL))
+
+    # -- napari: everything in (z, y, x) --------------------------------------------------------
+    # napari orders every vector (z, y, x), so spacing and origin are reversed and the direction
+    # becomes R = P D P (P the axis reversal); world (z, y, x) is LPS (x, y, z) reversed.
+    def affine_zyx(self) -> np.ndarray:
+        """(4, 4) affine: voxel index (z, y, x, 1) → world (z, y, x) mm (LPS reversed).
+
+        Inverse of :meth:`from_affine_zyx`.
+        """
+        affine = np.eye(4)
+        affine[:3, :3] = self.direction[::-1, ::-1] * np.asarray(self.spacing_mm)[::-1]
+        affine[:3, 3] = np.asarray(self.origin_mm)[::-1]
+        return affine
+
+    @classmethod
+    def from_affine_zyx(cls, array, affine, *, modality: str | None = None, path=None,
+                        metadata: dict | None = None) -> "Volume":
+        """A Volume around ``array`` placed by a homogeneous data → world (z, y, x) matrix.
+
+        ``array`` is (z, y, x) with a (4, 4) ``affine``, or one slice (y, x) with a (3, 3) one;
+        a slice is embedded in 3D with a thickness of 1 mm at z = 0 and becomes shape (1, y, x).
+        Spacing is the length of each matrix column, direction the normalised columns (the
+        matrix may carry a shear, which is kept in the direction). ``metadata["ndim"]``
+        defaults to the array's dimension.
+        """
+        array = np.asarray(array)
+        ndim = array.ndim
+        matrix = np.asarray(affine, float)
+        columns, origin = matrix[:ndim, :ndim], matrix[:ndim, ndim]
+        if ndim == 2:
+            columns = np.block([[np.ones((1, 1)), np.zeros((1, 2))], [np.zeros((2, 1)), columns]])
+            origin = np.concatenate([[0.0], origin])
+            array = array[None]
+        spacing_zyx = np.linalg.norm(columns, axis=0)
+        rotation = columns / spacing_zyx
+        metadata = dict(metadata or {})
+        metadata.setdefault("ndim", ndim)
+        return cls(array, spacing_zyx[::-1], origin[::-1], rotation[::-1, ::-1], modality, path, metadata)
+
+    def napari_transform(self, *, layer_ndim: int = 3, cell_voxels=(1.0, 1.0, 1.0),
+                         offset_voxels=(0.0, 0.0, 0.0), leading_axes: int = 0) -> dict:
+        """napari layer keywords ``scale``, ``translate`` (and ``affine``) placing data here.
+
+        napari applies scale/translate first and the affine after::
+
+            world_zyx = affine_R @ (scale * index_zyx + translate) + affine_origin
+
+        An axis-aligned volume gets scale = spacing (z, y, x), translate = origin and no
+        affine; an oblique or flipped one keeps scale = spacing and gets a (4, 4) affine with
+        the rotation and the origin, so ``layer.scale`` is the voxel size in mm either way.
+
+        Args:
+            layer_ndim: 3, or 2 for a single slice shown as a 2D layer (z dropped).
+            cell_voxels: size (z, y, x) of one data element in voxels of this volume (1 for
+                full-resolution data, the grid step for coarser maps).
+            offset_voxels: where the centre of data element 0 lies, in voxels (z, y, x) from
+                the centre of voxel 0.
+            leading_axes: extra non-spatial axes in front (scale 1, no offset).
+        """
+        spacing = np.asarray(self.spacing_mm, float)[::-1]
+        origin = np.asarray(self.origin_mm, float)[::-1]
+        rotation = self.direction[::-1, ::-1]
+        scale = spacing * np.asarray(cell_voxels, float)
+        offset = spacing * np.asarray(offset_voxels, float)  # mm, before the rotation
+        axis_aligned = self.is_axis_aligned()
+        translate = origin + offset if axis_aligned else offset
+        affine = None
+        if not axis_aligned:
+            affine = np.eye(4)
+            affine[:3, :3] = rotation
+            affine[:3, 3] = origin
+        if int(layer_ndim) == 2:
+            scale, translate = scale[1:], translate[1:]
+            if affine is not None:
+                affine = np.delete(np.delete(affine, 0, axis=0), 0, axis=1)
+        n = leading_axes
+        out = {
+            "scale": tuple([1.0] * n + scale.tolist()),
+            "translate": tuple([0.0] * n + translate.tolist()),
+        }
+        if affine is not None:
+            full = np.eye(affine.shape[0] + n)
+            full[n:, n:] = affine
+            out["affine"] = full
+        return out
+
+    def sequence(self) -> str | None:
+        """The MR sequence the file names (DICOM SeriesDescription, else SequenceName), or None."""
+        for key in ("SeriesDescription", "SequenceName"):
+            if self.metadata.get(key):
+                return str(self.metadata[key])
+        return None
+
+    def geometry_dict(self, layer_ndim: int = 3) -> dict:
+        """The geometry as plain lists and numbers (JSON-able, e.g. for napari layer metadata).
+
+        Keys: spacing_mm, origin_mm, direction, path, modality, shape (z, y, x), ndim (of the
+        layer: 3, or 2 for a single slice), file_ndim (of the source file), sequence.
+        Inverse of :meth:`from_geometry_dict`.
+        """
+        return {
+            "spacing_mm": [float(v) for v in self.spacing_mm],
+            "origin_mm": [float(v) for v in self.origin_mm],
+            "direction": self.direction.tolist(),
+            "path": self.path,
+            "modality": self.modality,
+            "shape": [int(v) for v in self.shape],
+            "ndim": int(layer_ndim),
+            "file_ndim": int(self.metadata.get("ndim", 3)),
+            "sequence": self.sequence(),
+        }
+
+    @classmethod
+    def from_geometry_dict(cls, array, geometry: dict, modality: str | None = None) -> "Volume":
+        """A Volume around ``array`` (z, y, x) with the geometry of a :meth:`geometry_dict`.
+
+        ``modality`` overrides the dict's; path and file_ndim (as ``metadata["ndim"]``) come
+        from the dict, the other metadata do not travel.
+        """
+        return cls(
+            array=array,
+            spacing_mm=tuple(float(v) for v in geometry["spacing_mm"]),
+            origin_mm=tuple(float(v) for v in geometry["origin_mm"]),
+            direction=np.asarray(geometry["direction"], float).reshape(3, 3),
+            modality=modality if modality is not None else geometry.get("modality"),
+            path=geometry.get("path"),
+            metadata={"ndim": int(geometry.get("file_ndim", geometry.get("ndim", 3)))},
+        )
 
     def same_geometry(self, other: "Volume", atol: float = 1e-5) -> bool:
         """True when shape, spacing, origin and direction agree (to ``atol``)."""
@@ -287,10 +426,10 @@ def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = Fal
         return _read_dicom_folder(p, series, allow_gaps)
     if not p.is_file():  # a FIFO would block the readers for ever, a device is not an image
         raise InputError(p, f"is {_file_kind(p)}, not a regular file; give an image file or a DICOM folder")
-    ext = _extension(p.name)
-    if ext in _ITK_EXTENSIONS:
-        return _read_itk_file(p, _ITK_EXTENSIONS[ext])
-    if ext in _DICOM_EXTENSIONS or _has_dicom_preamble(p):
+    ext = extension_of(p.name)
+    if ext in INPUT_EXTENSIONS:
+        return _read_itk_file(p, INPUT_EXTENSIONS[ext])
+    if ext in DICOM_EXTENSIONS or has_dicom_preamble(p):
         return _read_dicom_file(p)
     raise InputError(p, f"not a supported format; use {INPUT_FORMATS}")
 
@@ -370,7 +509,7 @@ def _itk_warnings_off() -> Iterator[None]:
 
 
 def _read_itk_file(p: Path, format_name: str) -> Volume:
-    if format_name == "NIfTI" and _extension(p.name) == ".nii" and _starts_with(p, b"\x1f\x8b"):
+    if format_name == "NIfTI" and extension_of(p.name) == ".nii" and _starts_with(p, b"\x1f\x8b"):
         raise InputError(p, "is gzip-compressed but named .nii; rename it to .nii.gz")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
@@ -630,7 +769,7 @@ def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: Serie
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if not entry.is_file() or os.path.realpath(entry.path) in listed:
             continue
-        if not (entry.name.lower().endswith(_DICOM_EXTENSIONS) or _has_dicom_preamble(Path(entry.path))):
+        if not (entry.name.lower().endswith(DICOM_EXTENSIONS) or has_dicom_preamble(Path(entry.path))):
             continue
         try:
             ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
@@ -865,7 +1004,8 @@ def _modality_of(tag) -> str | None:
     return tag if tag in ("CT", "MR") else None
 
 
-def _has_dicom_preamble(p: Path) -> bool:
+def has_dicom_preamble(p) -> bool:
+    """True when the file has the DICOM preamble ("DICM" at byte 128); False when unreadable."""
     try:
         with open(p, "rb") as f:
             f.seek(128)
@@ -877,7 +1017,7 @@ def _has_dicom_preamble(p: Path) -> bool:
 def _missing_data_file(p: Path) -> str | None:
     """For a detached header (.mhd, .nhdr), the name of its data file when that file is absent."""
     keys = {".mhd": "elementdatafile", ".nhdr": "data file"}
-    key = keys.get(_extension(p.name))
+    key = keys.get(extension_of(p.name))
     if key is None:
         return None
     try:
@@ -1100,7 +1240,7 @@ class OutputSet:
             raise ValueError(f"{key} added twice")
         if kind is not None:
             extensions, what = _KINDS[kind]
-            ext = _extension(p.name)
+            ext = extension_of(p.name)
             if ext not in extensions:
                 named = f"{option} is {what}" if option else f"{what.capitalize()} is written"
                 has = f"'{ext}'" if ext else "no extension"
@@ -1168,7 +1308,7 @@ class OutputSet:
     def write_volume(self, option, volume: Volume) -> None:
         """Write ``volume`` in the output's format (by extension) to its temporary file, checked."""
         out = self._output(option)
-        ext = _extension(out.path.name)
+        ext = extension_of(out.path.name)
         if ext not in OUTPUT_EXTENSIONS:
             raise OutputError(out.path, f"unsupported output format; use one of {', '.join(OUTPUT_EXTENSIONS)}")
         image = volume.to_sitk()
@@ -1187,7 +1327,7 @@ class OutputSet:
     def _new_temporary(self, out: _Output) -> Path:
         if out.tmp is not None:
             raise RuntimeError(f"{out.option} was already written")
-        out.tmp = out.path.parent / f".{out.path.name}.tmp-{secrets.token_hex(4)}{_extension(out.path.name)}"
+        out.tmp = out.path.parent / f".{out.path.name}.tmp-{secrets.token_hex(4)}{extension_of(out.path.name)}"
         return out.tmp
 
     # -- 3. committing -------------------------------------------------------------------------
@@ -1445,7 +1585,7 @@ def _signals_deferred() -> Iterator[Callable[[], bool]]:
                 signal.raise_signal(sig)
 
 
-def _extension(name: str) -> str:
+def extension_of(name: str) -> str:
     """Lower-case extension, keeping a compression suffix: 'a.nii.gz' → '.nii.gz', 'b.csv' → '.csv'."""
     lower = name.lower()
     suffixes = Path(lower).suffixes

@@ -535,9 +535,7 @@ class Segmenter:
             start, stop = 0, frame.shape[0]
         elif reo.flip[2]:
             start, stop = z - stop, z - start
-        modality = (modality or intensity.detect_modality(volume)).upper()
-        if modality in ("MRI", "MR"):
-            modality = "MR"
+        modality = intensity.normalise_modality(modality or intensity.detect_modality(volume))
         offset = intensity.shifted_hu_offset(frame.array) if modality == "CT" else 0
         if offset:  # unsigned CT without its rescale intercept: bring it back to HU
             frame = frame.with_array(frame.array.astype(np.float32) - offset)
