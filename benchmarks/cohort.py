@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from boltzformer.bench import machine_description
-from boltzformer.bench_volume import make_ct
+from boltzformer.bench.machine import machine_description
+from boltzformer.bench.volume import make_ct
 from boltzformer.io import read_volume
 
 RESULTS = Path(__file__).parent / "results"

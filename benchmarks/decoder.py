@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from boltzformer.bench import bench_decoder, decoder_markdown
+from boltzformer.bench.decoder import bench_decoder, decoder_markdown
 from boltzformer.segmenter import resolve_device
 
 RESULTS = Path(__file__).parent / "results"

@@ -8,7 +8,7 @@ Same as `boltzformer bench volume`; writes benchmarks/results/volume_<device>.js
 import argparse
 from pathlib import Path
 
-from boltzformer.bench_volume import run_volume_benchmark
+from boltzformer.bench import volume
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -21,7 +21,7 @@ def main():
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     args.json = args.json or str(RESULTS / f"volume_{args.device}.json")
-    raise SystemExit(run_volume_benchmark(args))
+    raise SystemExit(volume.main(args))
 
 
 if __name__ == "__main__":

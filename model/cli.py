@@ -379,9 +379,9 @@ def cmd_train(args) -> int:
 
 # -- bench --------------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    from . import bench
+    from .bench import decoder, volume
 
-    return bench.main_decoder(args) if args.what == "decoder" else bench.main_volume(args)
+    return decoder.main(args) if args.what == "decoder" else volume.main(args)
 
 
 # -- parser -------------------------------------------------------------------------------------------

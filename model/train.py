@@ -438,15 +438,3 @@ def run_train(args) -> int:
     best = train(cfg, args.out, max_minutes=args.max_minutes)
     print(f"best weights: {best}")
     return 0
-
-
-def main(argv=None) -> int:  # python -m boltzformer.train ...  ==  boltzformer train ...
-    import sys
-
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""`boltzformer bench volume`: end-to-end segmentation of a synthetic CT, stages timed.
+"""`boltzformer bench volume` (also benchmarks/volume.py): end-to-end segmentation of a synthetic CT, stages timed.
 
 The synthetic CT (default 300 slices of 512 x 512, int16 HU, gzip NIfTI) is written first; the
 measurement then runs in a fresh subprocess so that peak RSS is that of a user's `segment`
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .machine import machine_description, write_text
+
 
 def make_ct(path: Path, slices: int, size: int = 512, seed: int = 0) -> Path:
     """A synthetic chest CT of `slices` x size x size at 0.7 x 0.7 x 1.0 mm (anatomy from the
@@ -25,8 +27,8 @@ def make_ct(path: Path, slices: int, size: int = 512, seed: int = 0) -> Path:
     import torch
     from torch.nn import functional as F
 
-    from .io import Volume, write_volume
-    from .synth import ct
+    from ..io import Volume, write_volume
+    from ..synth import ct
 
     base = ct.ct_volume(seed, shape_zyx=(min(slices, 60), 256, 256), spacing_mm=(1.4, 1.4, 5.0))
     img = torch.from_numpy(base.image.astype(np.float32))[None]
@@ -41,8 +43,8 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
     t0 = time.perf_counter()
     import torch
 
-    from .io import read_volume, write_volume
-    from .segmenter import Segmenter
+    from ..io import read_volume, write_volume
+    from ..segmenter import Segmenter
 
     t_import = time.perf_counter() - t0
     seg = Segmenter.from_pretrained(weights, device=device)
@@ -78,16 +80,16 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
     return out
 
 
-def run_volume_benchmark(args) -> int:
-    from .bench import machine_description
-
+def main(args) -> int:
+    """`boltzformer bench volume`: ``args.slices`` ("100,300"), ``args.device``, ``args.weights``,
+    ``args.json`` (also writes the table beside it as .md)."""
     slices_list = [int(s) for s in str(getattr(args, "slices", None) or "100,300").split(",")]
     device = getattr(args, "device", None) or "auto"
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in slices_list:
             src = make_ct(Path(tmp) / f"ct_{n}.nii.gz", n)
-            cmd = [sys.executable, "-m", "boltzformer.bench_volume", "--measure", str(src),
+            cmd = [sys.executable, "-m", "boltzformer.bench.volume", "--measure", str(src),
                    str(Path(tmp) / f"mask_{n}.nii.gz"), device]
             if getattr(args, "weights", None):
                 cmd.append(str(args.weights))
@@ -107,10 +109,8 @@ def run_volume_benchmark(args) -> int:
     if len(results) >= 2:
         report["seconds_per_additional_slice"] = slope
     if getattr(args, "json", None):
-        from .bench import _write_text
-
-        _write_text(args.json, json.dumps(report, indent=2))
-        _write_text(Path(args.json).with_suffix(".md"), volume_markdown(report))
+        write_text(args.json, json.dumps(report, indent=2))
+        write_text(Path(args.json).with_suffix(".md"), volume_markdown(report))
     return 0
 
 
@@ -131,14 +131,6 @@ def volume_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the measuring subprocess that main() starts, not an entry point
     if len(sys.argv) in (5, 6) and sys.argv[1] == "--measure":
         print(json.dumps(measure(sys.argv[2], sys.argv[3], sys.argv[4], weights=(sys.argv[5:] or [None])[0])))
-    else:
-        import argparse
-
-        p = argparse.ArgumentParser()
-        p.add_argument("--slices", default="100,300")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--json")
-        raise SystemExit(run_volume_benchmark(p.parse_args()))

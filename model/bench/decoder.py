@@ -1,45 +1,26 @@
-"""Speed benchmarks (`boltzformer bench decoder|volume`, also benchmarks/*.py).
+"""`boltzformer bench decoder` (also benchmarks/decoder.py): decoder cross-attention speed.
 
-decoder: one decoder cross-attention call, m = 10 queries, D = 128, 4 heads, at token maps
-  32², 64², 128², measured side by side in one run: sparse gather (10 % of tokens, Boltzmann
-  sampling included), dense attention over every token, Mask2Former thresholded attention, and
-  the dense implementation of the sampled pattern. Time (median of repeats) and MACs.
-volume: end-to-end `segment` of a synthetic CT (default 512 x 512 x 300) with stages timed.
+One decoder cross-attention call, m = 10 queries, D = 128, 4 heads, at token maps 32², 64²,
+128², measured side by side in one run: sparse gather (10 % of tokens, Boltzmann sampling
+included), dense attention over every token, Mask2Former thresholded attention, and the dense
+implementation of the sampled pattern. Time (median of repeats) and MACs.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .network import sampling
-from .network.attention import TokenCrossAttention, cross_attention_macs
-from .network.decoder import POS_DIM, sine_positions
-from .runtime import tune_allocator
-
-
-def machine_description() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    d = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-         "python": platform.python_version()}
-    if torch.cuda.is_available():
-        d["gpu"] = torch.cuda.get_device_name(0)
-    return d
+from ..network import sampling
+from ..network.attention import TokenCrossAttention, cross_attention_macs
+from ..network.decoder import POS_DIM, sine_positions
+from ..runtime import tune_allocator
+from ..segmenter import resolve_device
+from .machine import machine_description, write_text
 
 
 def _time(fn, device, repeats: int, warmup: int = 3) -> float:
@@ -126,36 +107,13 @@ def decoder_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path, text: str) -> None:
-    from .io import atomic_output
-
-    with atomic_output(path, overwrite=True) as tmp:
-        Path(tmp).write_text(text)
-
-
-def main_decoder(args) -> int:
+def main(args) -> int:
+    """`boltzformer bench decoder`: print the table; ``args.json``: also the JSON result."""
     device = getattr(args, "device", "cpu") or "cpu"
-    from .segmenter import resolve_device
 
     result = bench_decoder(device=resolve_device(device), repeats=getattr(args, "repeats", 30) or 30)
     text = decoder_markdown(result)
     print(text)
     if getattr(args, "json", None):
-        _write_text(args.json, json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))
     return 0
-
-
-def main_volume(args) -> int:
-    from .bench_volume import run_volume_benchmark
-
-    return run_volume_benchmark(args)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser()
-    p.add_argument("--json")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=30)
-    raise SystemExit(main_decoder(p.parse_args()))

@@ -1,0 +1,35 @@
+"""What every benchmark report carries: the machine it ran on, and writing a result file."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def machine_description() -> dict:
+    """CPU model, cores, torch threads and versions, and the GPU when there is one."""
+    import torch  # here, not at import: `bench volume` times the import of torch in its subprocess
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    d = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+         "python": platform.python_version()}
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name(0)
+    return d
+
+
+def write_text(path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (a benchmark interrupted leaves the old result)."""
+    from ..io import atomic_output
+
+    with atomic_output(path, overwrite=True) as tmp:
+        Path(tmp).write_text(text)
