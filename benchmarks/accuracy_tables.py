@@ -3,56 +3,10 @@
     python benchmarks/accuracy_tables.py benchmarks/results/eval_synth.json \
         benchmarks/results/eval_real_heldout.json benchmarks/results/eval_real_train.json
 
-Prints, per file: Dice (mean over cases with a target), lesion-wise sensitivity and
-false-positive components per lesion-free slice, overall and per target and size band; the
-numbers are copied from the JSON, never typed by hand.
+(boltzformer.training.accuracy_tables; the numbers are copied from the JSON, never typed by hand.)
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import math
-from collections import defaultdict
-from pathlib import Path
-
-from boltzformer.evaluate import summarise
-
-
-def _fmt(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
-def group_rows(cases: list[dict], key: str) -> list[tuple[str, dict]]:
-    """Per value of `key`: boltzformer.evaluate.summarise of that group's cases."""
-    groups = defaultdict(list)
-    for c in cases:
-        groups[c.get(key, "all")].append(c)
-    return [(name, summarise(cs)) for name, cs in sorted(groups.items())]
-
-
-def table(summary: dict, key: str | None) -> str:
-    rows = group_rows(summary["cases"], key or "all")  # no key: one group, "all"
-    lines = [f"| {key or 'set'} | cases with target | Dice | lesion sensitivity | lesion-free cases | FP components / lesion-free slice |",
-             "|---|---|---|---|---|---|"]
-    for name, r in rows:
-        lines.append(f"| {name} | {r['n_cases'] - r['n_lesion_free']} | {_fmt(r['mean_dice'])} | {_fmt(r['mean_sensitivity'])} | "
-                     f"{r['n_lesion_free']} | {_fmt(r['false_positives_per_lesion_free_case'])} |")
-    return "\n".join(lines)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("json", nargs="+")
-    args = p.parse_args()
-    for path in args.json:
-        s = json.loads(Path(path).read_text())
-        print(f"### {Path(path).name}\n\n`{s.get('command', '?')}` (weights sha256 {s.get('weights_sha256', '?')[:12]})\n")
-        print(table(s, None) + "\n")
-        keys = [k for k in ("size_band", "target") if s["cases"] and k in s["cases"][0]] or ["prompt"]
-        for key in keys:
-            print(table(s, key) + "\n")
-
+from boltzformer.training.accuracy_tables import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""The whole real volumes in ../shared/data/real: false positives on chest CT, MS brains in 3D.
+"""The whole real volumes (--real-dir, default ../shared/data/real): false positives on chest CT, MS brains in 3D.
 
-    python benchmarks/real_volumes.py --json benchmarks/results/real_volumes.json
+    python benchmarks/real_volumes.py [--real-dir DIR] --json benchmarks/results/real_volumes.json
 
 - `ts_chest01_heart`, `ts_chest01b_aorta` (contrast chest CT in HU, no nodule annotated): the
   number of "lung nodule" components, with the 3D false-positive filter on and off. These two
@@ -22,10 +22,13 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from boltzformer import postprocess
-from boltzformer.data import default_real_dir, real_split
+from boltzformer.evaluate import read_split
 from boltzformer.io import Volume, read_volume
 from boltzformer.segmenter import Segmenter
 from boltzformer.synth.sample import SAMPLES
+from boltzformer.training.data import REAL_SPLIT, default_real_dir
+
+CHECKOUT_REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
 def chest_false_positives(seg, folder: Path) -> list[dict]:
@@ -46,6 +49,7 @@ def chest_false_positives(seg, folder: Path) -> list[dict]:
 
 
 def ms_brains(seg, folder: Path) -> list[dict]:
+    split = read_split(REAL_SPLIT)
     rows = []
     for p in ("p07", "p19", "p26"):
         cid = f"openms_{p}_flair"
@@ -53,8 +57,8 @@ def ms_brains(seg, folder: Path) -> list[dict]:
         truth = read_volume(folder / f"{cid}_mask.nii.gz").array > 0
         res = seg.segment_volume(vol, "multiple sclerosis lesion", modality="MR")
         det = postprocess.lesion_detection(res.mask > 0, truth, vol.spacing_mm, min_lesion_mm3=res.min_lesion_mm3)
-        rows.append({"case": cid, "split": real_split(cid), "dice": postprocess.dice(res.mask, truth), **det})
-        print(f"{cid} ({real_split(cid)}): Dice {rows[-1]['dice']:.3f}, detected {det['detected']}/{det['true_lesions']}, "
+        rows.append({"case": cid, "split": split[cid], "dice": postprocess.dice(res.mask, truth), **det})
+        print(f"{cid} ({split[cid]}): Dice {rows[-1]['dice']:.3f}, detected {det['detected']}/{det['true_lesions']}, "
               f"false components {det['false_positive_components']}", flush=True)
     return rows
 
@@ -76,10 +80,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--real-dir", type=Path, default=default_real_dir() or CHECKOUT_REAL_DIR,
+                    help="folder of the real cases (default: $BOLTZFORMER_REAL_DATA, else ../shared/data/real)")
     args = ap.parse_args()
-    folder = default_real_dir()
-    if folder is None:
-        raise SystemExit("../shared/data/real is not here (set BOLTZFORMER_REAL_DATA)")
+    folder = args.real_dir
+    if not (folder / "cases.csv").is_file():
+        raise SystemExit(f"{folder}: no cases.csv (give --real-dir or set BOLTZFORMER_REAL_DATA)")
     seg = Segmenter.from_pretrained(args.weights, device="cpu")
     result = {"weights": seg.info.get("weights_path"), "chest_false_positives": chest_false_positives(seg, folder),
               "ms_brains": ms_brains(seg, folder), "lps_vs_ras": orientation_agreement(seg)}

@@ -255,6 +255,9 @@ def cmd_evaluate(args) -> int:
     from .segmenter import Segmenter
     from .weights import sha256
 
+    if args.split and not args.split_file:
+        raise BoltzformerError(f"--split {args.split} needs --split-file, the CSV (case_id,split) that defines it, "
+                               "e.g. model/training/real_split.csv")
     with OutputSet(overwrite=args.overwrite) as outputs:
         if args.json:
             outputs.add(args.json, "--json")  # checked before the (long) evaluation
@@ -263,8 +266,8 @@ def cmd_evaluate(args) -> int:
         tune_allocator()
         seg = Segmenter.from_pretrained(args.weights, device=args.device)
         cases = [c for c in args.cases.split(",") if c] if args.cases else None
-        summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, progress=not args.quiet, seed=args.seed,
-                               threshold=args.threshold, runs=args.runs)
+        summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, split_file=args.split_file,
+                               progress=not args.quiet, seed=args.seed, threshold=args.threshold, runs=args.runs)
         print(format_table(summary))
         if args.json:
             summary["command"] = "boltzformer " + " ".join(sys.argv[1:]) if args.argv is None else "boltzformer " + " ".join(args.argv)
@@ -330,7 +333,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_testset(args) -> int:
-    from .synth.testset import write_testset
+    from .training.testset import write_testset
 
     out = write_testset(args.out_dir, count=args.count, seed=args.seed, overwrite=args.overwrite)
     print(f"held-out synthetic cases -> {out}")
@@ -372,7 +375,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import run_train
+    from .training.train import run_train
 
     return run_train(args)
 
@@ -466,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=devices)
     e.add_argument("--weights", default=None)
     e.add_argument("--cases", default=None, help="comma-separated case ids")
-    e.add_argument("--split", default=None, choices=("train", "heldout"), help="only this split of ../shared/data/real")
+    e.add_argument("--split", default=None, choices=("train", "heldout"), help="only the cases of this split (needs --split-file)")
+    e.add_argument("--split-file", default=None, help="CSV with the columns case_id,split (e.g. model/training/real_split.csv)")
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--threshold", type=PROBABILITY, default=0.5, help="probability threshold, as in segment")
     e.add_argument("--runs", type=RUNS, default=1, help="sampling runs averaged per slice, as in segment")

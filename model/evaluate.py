@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from . import postprocess
-from .data import modality_of, real_split
 from .errors import InputError
 from .io import read_volume
 
@@ -41,16 +40,46 @@ def read_cases(folder: Path) -> list[dict]:
     return rows
 
 
+def read_split(path) -> dict[str, str]:
+    """case_id -> split name from a CSV with the columns case_id,split (e.g. train, heldout)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not UTF-8 text; save the file as UTF-8") from None
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    if not rows or not {"case_id", "split"} <= set(rows[0]):
+        raise InputError(path, "needs the columns case_id,split and one row")
+    return {r["case_id"]: r["split"] for r in rows}
+
+
+def modality_of(text: str | None) -> str | None:
+    """The modality a cases.csv column names ("MRI (FLAIR)" -> "MR", "CT" -> "CT"), else None."""
+    if not text:
+        return None
+    t = text.upper()
+    return "MR" if t.startswith("MR") else "CT" if t.startswith("CT") else None
+
+
 def evaluate_dir(folder, segmenter, case_ids=None, split: str | None = None, progress: bool = True,
-                 seed: int = 0, threshold: float = 0.5, runs: int = 1) -> dict:
-    """Segment every case and compare with its mask. Returns {"cases": [...], means...}."""
+                 seed: int = 0, threshold: float = 0.5, runs: int = 1, split_file=None) -> dict:
+    """Segment every case and compare with its mask. Returns {"cases": [...], means...}.
+
+    ``case_ids``: only these cases; ``split``: only the cases that ``split_file`` (see
+    :func:`read_split`) puts in this split.
+    """
     folder = Path(folder)
     rows = read_cases(folder)
     if case_ids:
         wanted = set(case_ids)
         rows = [r for r in rows if r["case_id"] in wanted]
     if split:
-        rows = [r for r in rows if real_split(r["case_id"]) == split]
+        if split_file is None:
+            raise ValueError("a split needs the split_file that defines it")
+        splits = read_split(split_file)
+        rows = [r for r in rows if splits.get(r["case_id"]) == split]
     if not rows:
         raise InputError(folder / "cases.csv", f"no cases selected (cases={case_ids}, split={split})")
     results = []

@@ -14,7 +14,7 @@ centroid can lie anywhere along the vessels, but its thickest point is the nodul
 (HU_RANGE mapped to [0, 1]), channel 1 the candidate's own component (which object is meant,
 when a patch holds several). CandidateNet maps 2 x 16 x 32 x 32 to one logit: nodule vs not.
 
-Training (boltzformer.train_fp) uses candidates of the bundled slice model on 3D phantom chests
+Training (boltzformer.training.train_fp) uses candidates of the bundled slice model on 3D phantom chests
 (boltzformer.synth.lung3d), never the evaluation phantoms or any real scan. The decision
 threshold lives next to the weights (resources/fp-classifier.json).
 """

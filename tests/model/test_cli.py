@@ -272,6 +272,20 @@ def test_evaluate_bad_folders(tmp_path, tiny_weights, capsys):
     assert code == 2 and "--runs 0" in err
     code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--threshold", "1.5"], capsys)
     assert code == 2 and "--threshold 1.5" in err
+    # A split is data passed in: --split names a split of --split-file, never ids in the code.
+    code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--split", "heldout"], capsys)
+    assert code == 2 and "--split heldout needs --split-file" in err
+    (tmp_path / "split.csv").write_text("case_id,split\nc1,train\n")
+    code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--split", "heldout", "--split-file",
+                        tmp_path / "split.csv", "--quiet"], capsys)
+    assert code == 2 and "no cases selected" in err and "split=heldout" in err
+    (tmp_path / "bad.csv").write_text("case,part\nc1,train\n")
+    code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--split", "train", "--split-file",
+                        tmp_path / "bad.csv", "--quiet"], capsys)
+    assert code == 2 and "bad.csv: needs the columns case_id,split" in err
+    code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--split", "train", "--split-file",
+                        tmp_path / "split.csv", "--quiet"], capsys)
+    assert code == 2 and "c1_image.nii.gz" in err  # c1 selected by the split file
 
 
 def test_sample_refuses_to_overwrite(tmp_path, capsys):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ct, mri
-from .prompts import TARGETS
+from ..synth import ct, mri
+from ..synth.prompts import TARGETS
 
 LESIONS = ("lung_nodule", "lung_tumor", "liver_lesion", "kidney_lesion", "ms_lesion", "brain_tumor")
 # Lesion size bands, as fractions of the slice area (the model card's tables).

@@ -1,7 +1,7 @@
 """Train the 3D false-positive classifier (boltzformer.fp_classifier) on phantom chests.
 
-    python -m boltzformer.train_fp mine --volumes 160 --out .devdata/fpcand   # candidates (resumable)
-    python -m boltzformer.train_fp fit --data .devdata/fpcand --out runs/fp   # the classifier
+    python -m boltzformer.training.train_fp mine --volumes 160 --out .devdata/fpcand   # candidates (resumable)
+    python -m boltzformer.training.train_fp fit --data .devdata/fpcand --out runs/fp   # the classifier
 
 `mine` runs the slice model ("lung nodule", threshold 0.5, no false-positive reduction) on 3D
 phantom chests (boltzformer.synth.lung3d) drawn from training seeds only (never the evaluation
@@ -27,14 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fp_classifier as fpc
+from .. import fp_classifier as fpc
 from .data import RESERVED_PHANTOM_SEEDS
 
 
 def phantom_volume(vseed: int, rng: np.random.Generator):
     """A training phantom chest with scan-like spacing -> (ChestPhantom, Volume)."""
-    from .io import Volume
-    from .synth.lung3d import chest_phantom
+    from ..io import Volume
+    from ..synth.lung3d import chest_phantom
 
     z_mm = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0]))
     px = float(rng.uniform(1.1, 1.6))
@@ -45,7 +45,7 @@ def phantom_volume(vseed: int, rng: np.random.Generator):
 
 
 def mine(volumes: int, out: Path, seed: int = 5, weights=None, negatives_per_volume: int = 80) -> None:
-    from .segmenter import Segmenter
+    from ..segmenter import Segmenter
 
     out.mkdir(parents=True, exist_ok=True)
     seg = Segmenter.from_pretrained(weights, device="cpu")
@@ -167,7 +167,7 @@ def evaluate(net, x: np.ndarray, y: np.ndarray, source: np.ndarray) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m boltzformer.train_fp", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m boltzformer.training.train_fp", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     m = sub.add_parser("mine", help="candidates of the slice model on training phantoms")
     m.add_argument("--volumes", type=int, default=160)

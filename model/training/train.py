@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..checkpoint import save_model
+from ..network.boltzformer import BoltzFormer, build_model, count_parameters
+from ..network.config import get_config
+from ..network.text import SentenceEncoder, batch_embeddings, normalise_prompt
+from ..postprocess import dice
+from ..synth import prompts as vocab
 from . import data as data_mod
-from .checkpoint import save_model
-from .network.boltzformer import BoltzFormer, build_model, count_parameters
-from .network.config import get_config
-from .network.text import SentenceEncoder, batch_embeddings, normalise_prompt
-from .postprocess import dice
-from .synth import prompts as vocab
-from .synth.testset import LARGE_AREA, SMALL_AREA
+from .testset import LARGE_AREA, SMALL_AREA
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class TrainConfig:
     threads: int = 0  # torch threads on CPU (0 = torch default)
     workers: int = 2  # processes generating synthetic data
     cache_dir: str = ".devdata"  # synthetic example caches (git-ignored)
-    real_dir: str | None = None  # default: $BOLTZFORMER_REAL_DATA or ../shared/data/real
+    real_dir: str | None = None  # folder of the real cases (cases.csv); default: $BOLTZFORMER_REAL_DATA
+    split_file: str | None = None  # case_id,split CSV of the real cases; default: data.REAL_SPLIT
     use_real: bool = True  # False: synthetic data only
     # 3D phantom chests with 2.5D context (boltzformer.synth.lung3d): volumes generated, slices
     # drawn per volume, and the share of synthetic batch items taken from them.
@@ -272,7 +273,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 # -- training ---------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     """Train (or resume) into out_dir; stop after cfg.steps or max_minutes. Returns best weights path."""
-    from .segmenter import resolve_device
+    from ..segmenter import resolve_device
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,13 +291,15 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     if not cfg.use_real:
         real_dir = None
     elif real_dir is not None and not (real_dir / "cases.csv").is_file():
-        from .errors import BoltzformerError
+        from ..errors import BoltzformerError
 
         raise BoltzformerError(f"{real_dir}: no cases.csv; set real_dir or use_real=false")
     empty = data_mod.ExampleSet(np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), bool), [], [])
     offsets = net_cfg.context_offsets_mm
-    real_train = data_mod.real_examples(real_dir, "train", size, offsets_mm=offsets) if real_dir else empty
-    real_val = data_mod.real_examples(real_dir, "heldout", size, negatives=False, offsets_mm=offsets) if real_dir else empty
+    split_file = cfg.split_file or data_mod.REAL_SPLIT
+    real_train = data_mod.real_examples(real_dir, "train", size, offsets_mm=offsets, split_file=split_file) if real_dir else empty
+    real_val = (data_mod.real_examples(real_dir, "heldout", size, negatives=False, offsets_mm=offsets, split_file=split_file)
+                if real_dir else empty)
     phantom_train = phantom_cache(cfg, cfg.phantom_volumes, cfg.seed, size, offsets) if cfg.phantom_volumes else None
     phantom_val = (phantom_cache(cfg, cfg.phantom_val_volumes, cfg.seed + 10_000, size, offsets)
                    if cfg.phantom_val_volumes else None)
@@ -336,7 +339,7 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     elif cfg.init_weights:
         from safetensors.torch import load_file
 
-        from .checkpoint import load_matching
+        from ..checkpoint import load_matching
 
         report = load_matching(model, load_file(cfg.init_weights, device=str(device)))
         log.info("warm start from %s: %d tensors loaded, re-initialised %s, new %s", cfg.init_weights,
@@ -420,7 +423,7 @@ def _write_log(rows: list[dict], path: Path) -> None:
 
 # -- CLI (`boltzformer train`, parser in cli.py) ----------------------------------------------------
 def run_train(args) -> int:
-    from .errors import BoltzformerError
+    from ..errors import BoltzformerError
 
     try:
         cfg = TrainConfig.load(args.config)

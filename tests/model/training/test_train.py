@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from boltzformer.checkpoint import load_model
-from boltzformer.train import TrainConfig, dice_loss, segmentation_loss, train
+from boltzformer.training.train import TrainConfig, dice_loss, segmentation_loss, train
 
 
 def test_dice_loss_rewards_overlap_and_empty_predictions_for_empty_targets():
@@ -76,7 +76,7 @@ def test_recorded_training_configs_load(name):
 
     from boltzformer.network.config import get_config
 
-    cfg = TrainConfig.load(Path(__file__).parents[2] / "resources" / name)
+    cfg = TrainConfig.load(Path(__file__).parents[3] / "resources" / name)
     get_config(cfg.model, **cfg.model_overrides)  # valid network overrides
 
 
@@ -99,9 +99,9 @@ def test_warm_start_loads_matching_weights_into_a_changed_network(cfg, tmp_path)
 
 def test_small_lesion_fraction_swaps_positive_lesion_items_for_small_ones():
     """With the option on, positive lesion items come from the < 0.1 % band; negatives stay."""
-    from boltzformer.data import ExampleSet
-    from boltzformer.synth.testset import SMALL_AREA
-    from boltzformer.train import BatchSampler
+    from boltzformer.training.data import ExampleSet
+    from boltzformer.training.testset import SMALL_AREA
+    from boltzformer.training.train import BatchSampler
 
     n, s = 40, 32
     masks = np.zeros((n, s, s), bool)
@@ -128,7 +128,7 @@ def test_small_lesion_fraction_swaps_positive_lesion_items_for_small_ones():
 
 def test_context_model_trains_on_phantom_chests_and_keeps_unrelated_prompts_out_of_its_bank(cfg, tmp_path):
     """2.5D: 3D phantom chests with context, 2D slices repeated as their own context."""
-    from boltzformer.data import UNRELATED_PROMPTS
+    from boltzformer.training.data import UNRELATED_PROMPTS
 
     cfg.model_overrides = {"context_offsets_mm": [-2.5, 2.5]}
     cfg.phantom_volumes, cfg.phantom_val_volumes, cfg.phantom_slices_per_volume = 1, 1, 6

@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 
 from boltzformer import weights
-from boltzformer.data import read_cases_csv, real_examples, real_split
+from boltzformer.evaluate import read_cases, read_split
+from boltzformer.training.data import REAL_SPLIT, real_examples
 
 REAL_DIR = Path(os.environ.get("BOLTZFORMER_REAL_DATA")
-                or Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real")
+                or Path(__file__).resolve().parents[3].parent / "shared" / "data" / "real")
+SPLIT = read_split(REAL_SPLIT)
+
+
+def real_split(case_id: str) -> str:
+    return SPLIT[case_id]
 needs_real_data = pytest.mark.skipif(
     not (REAL_DIR / "cases.csv").is_file(),
     reason=f"real cases not found: no {REAL_DIR / 'cases.csv'} (set BOLTZFORMER_REAL_DATA to their folder)",
@@ -36,7 +42,7 @@ def _patient(case_id: str) -> str:
     return case_id
 
 
-def test_split_rules_follow_patients_not_slices():
+def test_split_file_follows_patients_not_slices():
     # Two slices of one patient always share a split; the held-out patients are fixed.
     assert real_split("msd_lung_slice_10006_250") == real_split("msd_lung_slice_10006_257") == "heldout"
     assert real_split("msd_lung_slice_10005_454") == "train"
@@ -50,7 +56,7 @@ def test_split_rules_follow_patients_not_slices():
 
 @needs_real_data
 def test_every_patient_is_in_exactly_one_split_and_both_splits_have_lung_and_ms_cases():
-    rows = read_cases_csv(REAL_DIR)
+    rows = read_cases(REAL_DIR)
     splits_of_patient: dict[str, set] = {}
     for row in rows:
         splits_of_patient.setdefault(_patient(row["case_id"]), set()).add(real_split(row["case_id"]))
@@ -78,10 +84,10 @@ def test_bundled_model_finds_real_heldout_lung_tumours():
     from boltzformer.evaluate import evaluate_dir
     from boltzformer.segmenter import Segmenter
 
-    lung_ids = [r["case_id"] for r in read_cases_csv(REAL_DIR)
+    lung_ids = [r["case_id"] for r in read_cases(REAL_DIR)
                 if r["prompt"] == "lung tumor" and real_split(r["case_id"]) == "heldout"]
     summary = evaluate_dir(REAL_DIR, Segmenter.from_pretrained(device="cpu"), case_ids=lung_ids,
-                           split="heldout", progress=False)
+                           split="heldout", split_file=REAL_SPLIT, progress=False)
     dices = [c["dice"] for c in summary["cases"]]
     assert len(dices) == 11
     assert sum(dices) / len(dices) >= MIN_HELDOUT_LUNG_DICE, dices

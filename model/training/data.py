@@ -1,16 +1,15 @@
-"""Training and validation examples: synthetic phantoms and the real cases in ../shared.
+"""Training and validation examples: synthetic phantoms and a folder of real cases.
 
 An example is one 2D slice at the network size, windowed/normalised exactly as inference
 prepares it, a prompt, and the target mask for that prompt (empty when the prompt's target is
 absent: the model must learn to say "nothing here").
 
 Real data is read from its folder at run time and never copied into the repository. It is split
-by patient/case (`real_split`); the held-out part is never trained on.
+by patient/case (the file `REAL_SPLIT`); the held-out part is never trained on.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -20,82 +19,32 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from . import intensity
-from .synth import prompts as vocab
+from .. import intensity
+from ..evaluate import modality_of, read_cases, read_split
+from ..synth import prompts as vocab
 
 LESION_TARGETS = ("lung_nodule", "lung_tumor", "liver_lesion", "kidney_lesion", "ms_lesion", "brain_tumor")
 # Windows a CT slice is shown in during training, besides the target's own: the model must not
 # depend on one window, because exported 8-bit images come in whatever window the exporter used.
 TRAIN_WINDOWS = ("lung", "mediastinum", "soft_tissue")
-DEFAULT_REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+# The split of the real cases (by patient / source image, never by slice): case_id,split rows,
+# split one of train, heldout, fp_test. Made once from these rules: MSD lung patches: the `test`
+# patches held out, `val` patches train. MSD lung slices: by patient id (10006, 10008, 10010 held
+# out; `lungjpg_*` share patients with them and follow the same rule). MS FLAIR slices: by the
+# first three digits (the patient; 105, 111, 116, 125, 135, 143 held out). MS T1 slices come from
+# the same patients under other numbers, so all are held out (no leak possible). Open MS 3D
+# brains: p19 and p26 held out, p07 trains. Liver slices (one patient each): every fifth patient
+# held out. SAM-Med2D: the amos_0006 image (3 prompts) held out. pyradiomics: brain2 held out.
+# `ts_chest01*`: fp_test (real chest CT with no nodule annotated), never trained or tuned on.
+REAL_SPLIT = Path(__file__).with_name("real_split.csv")
 
 
 def default_real_dir() -> Path | None:
-    """$BOLTZFORMER_REAL_DATA, else ../shared/data/real beside the checkout, else None."""
+    """$BOLTZFORMER_REAL_DATA when it holds cases.csv, else None (a script passes its own folder)."""
     env = os.environ.get("BOLTZFORMER_REAL_DATA")
-    for cand in ([Path(env)] if env else []) + [DEFAULT_REAL_DIR]:
-        if (cand / "cases.csv").is_file():
-            return cand
+    if env and (Path(env) / "cases.csv").is_file():
+        return Path(env)
     return None
-
-
-# -- real-data split (by patient / source image, never by slice) --------------------------------
-_HELDOUT_PATIENTS = {
-    "msd_lung_slice": {"10006", "10008", "10010"},
-    "ms_flair": {"105", "111", "116", "125", "135", "143"},
-}
-
-
-# Cases that are a test of false positives only (real chest CT with no nodule annotated): never
-# trained or tuned on, reported separately.
-FP_TEST_PREFIXES = ("ts_chest01",)
-_HELDOUT_OPENMS = {"p19", "p26"}  # two of the three whole 3D MS brains; p07 trains
-
-
-def real_split(case_id: str) -> str:
-    """'train', 'heldout' or 'fp_test' for a case of ../shared/data/real.
-
-    MSD lung patches: the `test` patches are held out, `val` patches train. MSD lung slices:
-    by patient id (`lungjpg_*` share patients 10001/10013 with them, so follow the same rule).
-    MS FLAIR slices: by the first three digits (the patient). MS T1 slices come from the same
-    patients under other numbers, so all are held out (never trained on, no leak possible).
-    Open MS 3D brains: p19 and p26 held out. Liver slices (one patient each): every fifth
-    patient held out. SAM-Med2D: the amos_0006 image (3 prompts) is held out. pyradiomics:
-    brain2 held out. `ts_chest01*`: 'fp_test', never trained on.
-    """
-    if case_id.startswith(FP_TEST_PREFIXES):
-        return "fp_test"
-    if case_id.startswith("msT1_"):
-        return "heldout"
-    if case_id.startswith("openms_"):
-        return "heldout" if case_id.split("_")[1] in _HELDOUT_OPENMS else "train"
-    if case_id.startswith("liverjpg_"):
-        return "heldout" if int(case_id.split("_")[1]) % 5 == 0 else "train"
-    if case_id.startswith("lungjpg_"):
-        return "heldout" if case_id.split("_")[1] in _HELDOUT_PATIENTS["msd_lung_slice"] else "train"
-    if case_id.startswith("msd_lung_patch_"):
-        return "heldout" if "_test_" in case_id else "train"
-    if case_id.startswith("msd_lung_slice_"):
-        return "heldout" if case_id.split("_")[3] in _HELDOUT_PATIENTS["msd_lung_slice"] else "train"
-    if case_id.startswith("ms_flair_"):
-        return "heldout" if case_id.split("_")[2][:3] in _HELDOUT_PATIENTS["ms_flair"] else "train"
-    if case_id.startswith("sammed2d_amos_0006"):
-        return "heldout"
-    if case_id == "pyradiomics_brain2":
-        return "heldout"
-    return "train"
-
-
-def read_cases_csv(folder: Path) -> list[dict]:
-    with open(Path(folder) / "cases.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def modality_of(text: str | None) -> str | None:
-    if not text:
-        return None
-    t = text.upper()
-    return "MR" if t.startswith("MR") else "CT" if t.startswith("CT") else None
 
 
 # -- examples ----------------------------------------------------------------------------------
@@ -153,7 +102,7 @@ def _target_mask(masks: dict, target: str, shape) -> np.ndarray:
 
 def synthetic_example(rng: np.random.Generator, size: int = 256, negative_fraction: float = 0.15):
     """One synthetic example -> (image01 S x S float32, prompt, mask S x S bool, target)."""
-    from .synth import ct, mri
+    from ..synth import ct, mri
 
     if rng.random() < 0.72:
         sl = ct.ct_slice(rng, size=size)
@@ -217,7 +166,7 @@ def _resize(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def real_examples(folder: Path, split: str, size: int = 256, negatives: bool = True,
-                  rng: np.random.Generator | None = None, offsets_mm=()) -> ExampleSet:
+                  rng: np.random.Generator | None = None, offsets_mm=(), split_file=REAL_SPLIT) -> ExampleSet:
     """Slices of the real cases of one split, prepared exactly as inference prepares them.
 
     Volumes are first brought to the canonical axial orientation (as the Segmenter does).
@@ -225,16 +174,17 @@ def real_examples(folder: Path, split: str, size: int = 256, negatives: bool = T
     slices as negatives, and with `negatives` every slice is also paired with a prompt of a
     target that is absent (e.g. a lung CT asked for "multiple sclerosis lesion"). With
     `offsets_mm` the images are N x (1 + len) x S x S: the slice and its 2.5D context (a
-    single-slice case repeats itself).
+    single-slice case repeats itself). ``split_file``: the case_id,split CSV (see REAL_SPLIT).
     """
-    from .context import context_stack
-    from .io import read_volume
-    from .orientation import to_canonical
+    from ..context import context_stack
+    from ..io import read_volume
+    from ..orientation import to_canonical
 
     rng = rng or np.random.default_rng(0)
+    splits = read_split(split_file)
     images, masks, prompts, targets = [], [], [], []
-    for row in read_cases_csv(folder):
-        if real_split(row["case_id"]) != split:
+    for row in read_cases(folder):
+        if splits.get(row["case_id"]) != split:
             continue
         vol = read_volume(Path(folder) / f"{row['case_id']}_image.nii.gz")
         truth_vol = read_volume(Path(folder) / f"{row['case_id']}_mask.nii.gz")
@@ -295,8 +245,8 @@ def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, 
     """
     from scipy import ndimage
 
-    from .context import context_stack
-    from .synth.lung3d import chest_phantom
+    from ..context import context_stack
+    from ..synth.lung3d import chest_phantom
 
     rng = np.random.default_rng([seed, 7331])
     images, masks, prompts, targets = [], [], [], []
