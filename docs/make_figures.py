@@ -66,7 +66,7 @@ class Session:
         self.pump(1.0)
 
     def decoder_axis(self) -> int:
-        return self.panel._decoder_axis()
+        return self.panel.heatmap.decoder_axis()
 
     def save(self, name: str, canvas_only: bool = False) -> Path:
         from napari.utils.io import imsave
@@ -92,7 +92,7 @@ def sample_figures(weights):
     print(f"sample: {seconds:.0f} s, {panel.result_label.text()} | {panel.result_detail.text()}")
     z = int(np.argmax(truth.data.reshape(truth.data.shape[0], -1).sum(1)))
     s.go_to_slice(z)
-    print("heatmap:", panel.heat_info_label.text().replace("\n", " | "))
+    print("heatmap:", panel.heatmap.info_label.text().replace("\n", " | "))
     s.save("napari_panel.png")
 
     # the lesion row that overlaps the truth on this slice: click it, as a user would
@@ -150,7 +150,7 @@ def real_ct_figures(weights, path: Path):
     print(f"real CT heart: {seconds:.0f} s, {panel.result_label.text()} | {panel.result_detail.text()}")
     if summary is not None:
         s.go_to_slice(round(summary["centroid_voxel_zyx"][0]))
-    print("heatmap:", panel.heat_info_label.text().replace("\n", " | "))
+    print("heatmap:", panel.heatmap.info_label.text().replace("\n", " | "))
     s.save("napari_real_ct_organ.png")
     for layer in s.viewer.layers:  # the next prompt alone on the image (hidden, not removed:
         if layer.metadata.get("boltzformer_prompt") == "heart":  # removing the heatmap's axis
@@ -192,7 +192,7 @@ def review_figure(weights):
     press(Qt.Key.Key_N)
     rejected = 0
     for _ in range(panel.table.rowCount()):
-        lesion = panel.table_row(panel.table.currentRow())
+        lesion = panel.table.lesion_at(panel.table.currentRow())
         true = panel.table.item(panel.table.currentRow(), 0).data(0x0101) in on_truth
         if true:
             press(Qt.Key.Key_A)
@@ -202,10 +202,10 @@ def review_figure(weights):
         else:
             break
         if lesion is None or rejected == 2 and not any(
-                panel.table.item(r, 0).data(0x0101) in on_truth and panel.table_row(r)["status"] == "unreviewed"
+                panel.table.item(r, 0).data(0x0101) in on_truth and panel.table.lesion_at(r)["status"] == "unreviewed"
                 for r in range(panel.table.rowCount())):
             break
-    next_open = next((r for r in range(panel.table.rowCount()) if panel.table_row(r)["status"] == "unreviewed"), None)
+    next_open = next((r for r in range(panel.table.rowCount()) if panel.table.lesion_at(r)["status"] == "unreviewed"), None)
     if next_open is not None:  # where the reader is now: the next candidate to decide on
         reviewer.select(next_open)
     scroll = panel.findChild(QScrollArea)  # the panel scrolled to its lesion table

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ._windowing import WINDOW_KEY, display_window, modality_of
+
 GEOMETRY_KEY = "boltzformer_volume"  # geometry of the source volume (see geometry_of)
 ROLE_KEY = "boltzformer_role"  # image | mask | probability | uncertainty | attention
 PROMPT_KEY = "boltzformer_prompt"  # the (normalised) prompt of a result layer
 SOURCE_KEY = "boltzformer_source"  # name of the image layer a result layer was computed from
 COLOR_KEY = "boltzformer_color"  # the colour of a mask layer
-WINDOW_KEY = "boltzformer_window"  # (name, lower, upper) of the display window the plugin set
 
 # Mask colours, in the order prompts get them: readable on a grey CT/MR slice, the first ones
 # away from the heatmap's hues (violet-magenta-orange; magenta comes last). Green is kept for
@@ -220,48 +221,7 @@ def to_layer_shape(array_zyx: np.ndarray, geom: dict) -> np.ndarray:
     return array_zyx[0] if int(geom.get("ndim", 3)) == 2 else array_zyx
 
 
-# -- display --------------------------------------------------------------------------------
-def display_window(volume, window: str | None = None) -> tuple[str | None, tuple[float, float]]:
-    """(window name, contrast limits) to show `volume` with; the data themselves stay as read.
-
-    CT in Hounsfield units: a named window of boltzformer.intensity.WINDOWS (`window`, else the
-    module's default, soft tissue). MR, and CT whose values are not HU: the 0.5-99.5
-    percentiles of a strided sample of the voxels (display only).
-    """
-    from boltzformer import intensity
-
-    modality = modality_of(volume)
-    if modality == "CT" and intensity.classify_units(np.asarray(volume.array)) == "HU":
-        name = resolve_window_name(window or intensity.DEFAULT_WINDOW)
-        w = intensity.WINDOWS[name]
-        return name, (float(w.lower_hu), float(w.upper_hu))
-    return None, intensity.display_range(np.asarray(volume.array), foreground=modality == "MR")
-
-
-def resolve_window_name(name: str) -> str:
-    """The key of boltzformer.intensity.WINDOWS matching `name` ('soft tissue' ~ 'soft_tissue')."""
-    from boltzformer import intensity
-
-    if name in intensity.WINDOWS:
-        return name
-    key = _window_key(name)
-    for k in intensity.WINDOWS:
-        if _window_key(k) == key:
-            return k
-    raise KeyError(f"unknown window {name!r}; known: {', '.join(intensity.WINDOWS)}")
-
-
-def _window_key(name: str) -> str:
-    return "".join(ch for ch in str(name).lower() if ch.isalnum())
-
-
-def modality_of(volume) -> str:
-    from boltzformer import intensity
-
-    modality = str(intensity.detect_modality(volume)).upper()  # the file's own modality wins
-    return "MR" if modality in ("MR", "MRI") else modality
-
-
+# -- names ----------------------------------------------------------------------------------
 def layer_name_for(volume, fallback: str = "volume") -> str:
     path = getattr(volume, "path", None)
     if not path:

@@ -35,8 +35,6 @@ EDIT_DELAY_MS = 250  # paint events closer together than this are one edit
 KEYS = {"next": ("n", Qt.Key.Key_N), "previous": ("Shift-N", Qt.Key.Key_N), "accept": ("a", Qt.Key.Key_A),
         "reject": ("r", Qt.Key.Key_R), "undo": ("u", Qt.Key.Key_U)}
 SORTS = (("sort: size", "volume_mm3"), ("sort: score", "mean_probability"))
-STATUS_MARKS = {"accepted": "✓", "rejected": "✗", "unreviewed": "·"}
-ORIGIN_MARKS = {"edited": "✎", "look here": "◎", "drawn": "✎"}
 
 
 @dataclass
@@ -52,14 +50,6 @@ class ReviewSession:
     info: dict
     run_id: str
     displayed: np.ndarray | None = None
-
-
-def status_text(row: dict) -> tuple[str, str]:
-    """(cell text, tooltip) of a row's status and origin."""
-    origin = row.get("origin", "model")
-    marks = "".join(dict.fromkeys(m for name, m in ORIGIN_MARKS.items() if name in origin))
-    tip = f"{row['status']}" + ("" if origin == "model" else f" · {origin}")
-    return STATUS_MARKS[row["status"]] + marks, tip
 
 
 class ReviewPanel:
@@ -277,12 +267,8 @@ class ReviewPanel:
         self.buttons["undo"].setEnabled(self.session().review.can_undo)
 
     def apply_sort(self):
-        from ._widget import LESION_COLUMNS
-
-        key = self.sort_combo.currentData()
-        column = next((i for i, c in enumerate(LESION_COLUMNS) if c[2] == key), None)
-        if column is not None and self.panel.current_mode() == "lesion":
-            self.panel.table.sortByColumn(column, Qt.SortOrder.DescendingOrder)
+        if self.panel.current_mode() == "lesion":
+            self.panel.table.sort_by_key(self.sort_combo.currentData())
 
     # ---- keys and buttons ---------------------------------------------------------------------------
     def act(self, action: str):
@@ -310,7 +296,7 @@ class ReviewPanel:
         row = table.currentRow()
         if row < 0 or not table.selectionModel().isRowSelected(row, table.rootIndex()):
             return -1, None
-        return row, self.panel.table_row(row)
+        return row, self.panel.table.lesion_at(row)
 
     def select(self, row: int) -> dict | None:
         table = self.panel.table
@@ -318,7 +304,7 @@ class ReviewPanel:
             return None
         table.setCurrentCell(row, 0)
         table.selectRow(row)
-        lesion = self.panel.table_row(row)
+        lesion = self.panel.table.lesion_at(row)
         if lesion is not None:
             self.panel.go_to_lesion(lesion)
         return lesion
@@ -368,7 +354,7 @@ class ReviewPanel:
     def find_row(self, centroid_zyx, tolerance: float = 1e-3) -> int | None:
         """The table row of the lesion with this centroid (a lesion keeps it when its status changes)."""
         for row in range(self.panel.table.rowCount()):
-            lesion = self.panel.table_row(row)
+            lesion = self.panel.table.lesion_at(row)
             if lesion is not None and np.allclose(lesion["centroid_voxel_zyx"], centroid_zyx, atol=tolerance):
                 return row
         return None
@@ -487,7 +473,7 @@ class ReviewPanel:
     def _row_holding(self, flat_index: int) -> int | None:
         view = self.view()
         for row in range(self.panel.table.rowCount()):
-            lesion = self.panel.table_row(row)
+            lesion = self.panel.table.lesion_at(row)
             if lesion is not None and flat_index in set(view.voxels(lesion).tolist()):
                 return row
         return None

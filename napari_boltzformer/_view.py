@@ -12,6 +12,8 @@ No tensor math here.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._layers import GEOMETRY_KEY, ROLE_KEY
 
 # world axis (z, y, x) -> (letter at its negative end, letter at its positive end), LPS
@@ -20,6 +22,9 @@ PLANE_OF_AXIS = ("axial", "coronal", "sagittal")  # the plane a slice across wor
 EDGES = {"top": "top_center", "bottom": "bottom_center", "left": "middle_left", "right": "middle_right"}
 SLICE_KEY = "boltzformer_slice"
 LEGEND_KEY = "boltzformer_heat_legend"
+# Jump to a lesion: a field of view this many times its longest diameter, never less than this.
+ZOOM_FOV_FACTOR = 5.0
+MIN_FOV_MM = 30.0
 
 
 def lps_axis(world_axis: int, ndim: int, spatial: int = 3) -> int | None:
@@ -146,3 +151,37 @@ def _camera(viewer):
     """viewer.scene.camera (napari >= 0.9), else the older viewer.camera."""
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def zoom_to(viewer, layer, lesion: dict, min_zoom: float):
+    """Show a lesion of `layer` (a dict with centroid_voxel_zyx, longest_axial_diameter_mm): its
+    centroid slice, the camera centred on it, a field of view ZOOM_FOV_FACTOR times its longest
+    diameter and at least MIN_FOV_MM, zoomed in at least to `min_zoom` (a structure too big for
+    that field of view does not zoom out)."""
+    centroid = np.asarray(lesion["centroid_voxel_zyx"], float)
+    if layer.ndim == 2:
+        centroid = centroid[1:]
+    world = np.asarray(layer.data_to_world(centroid), float)
+    dims = viewer.dims
+    camera = _camera(viewer)
+    offset = dims.ndim - layer.ndim
+    point = list(dims.point)
+    for i, value in enumerate(world):
+        point[offset + i] = float(value)
+    displayed = list(dims.displayed)
+    for axis in range(offset, dims.ndim):
+        if axis not in displayed:
+            dims.set_point(axis, point[axis])
+    camera.center = tuple(point[axis] for axis in displayed)
+    diameter = float(lesion.get("longest_axial_diameter_mm") or 0.0)
+    fov_mm = max(ZOOM_FOV_FACTOR * diameter, MIN_FOV_MM)
+    camera.zoom = max(min(_canvas_size_px(viewer)) / fov_mm, min_zoom)
+
+
+def _canvas_size_px(viewer) -> tuple[int, int]:
+    """(height, width) of the canvas in screen pixels."""
+    canvas = getattr(viewer, "canvas", None)
+    size = getattr(canvas, "size", None) if canvas is not None and not callable(getattr(canvas, "size", None)) else None
+    if size is None:
+        size = getattr(viewer, "_canvas_size", (600, 800))
+    return int(size[0]), int(size[1])

@@ -9,7 +9,9 @@ import pytest
 
 from boltzformer import postprocess
 from napari_boltzformer._layers import MAX_LAYER_NAME, ROLE_KEY, result_layer_name
-from napari_boltzformer._widget import MIN_DIAMETERS_MM, MIN_FOV_MM, ZOOM_FOV_FACTOR, BoltzFormerWidget, _camera
+from napari_boltzformer._panel_ui import MIN_DIAMETERS_MM
+from napari_boltzformer._view import MIN_FOV_MM, ZOOM_FOV_FACTOR, _camera
+from napari_boltzformer._widget import BoltzFormerWidget
 
 from .conftest import PROMPT, add_volume, ct_volume, run_and_wait
 
@@ -94,7 +96,7 @@ def test_heatmap_has_a_colour_bar_a_legend_and_opens_on_the_sharpest_layer(reade
     for layer in range(att.num_layers):
         viewer.dims.set_current_step(axis, layer)
         assert viewer.dims.axis_labels[axis] == f"layer · τ {att.temperatures[layer]:.2f}"
-        assert f"τ {att.temperatures[layer]:.2f}" in panel.heat_info_label.text()
+        assert f"τ {att.temperatures[layer]:.2f}" in panel.heatmap.info_label.text()
     heat.visible = False  # a hidden heatmap has no legend
     assert panel.canvas_labels.text("legend") == "" and not heat.colorbar.visible
 
@@ -103,7 +105,7 @@ def test_zero_is_transparent_and_the_heat_shows_on_dark_and_white(reader, qtbot)
     """Canvas pixels change, heatmap shown vs hidden, exactly over the cells it colours: none
     over a zero cell, and the colours show over black air and over white tissue alike."""
     viewer, panel = reader
-    panel.heat_top_check.setChecked(False)  # every sampled cell: zeros and non-zeros side by side
+    panel.heatmap.top_check.setChecked(False)  # every sampled cell: zeros and non-zeros side by side
     run_and_wait(panel, qtbot)
     heat, image = _roles(viewer)["attention"], viewer.layers["ct"]
     colormap = heat.colormap
@@ -157,15 +159,15 @@ def test_query_selection_and_the_top_mass_switch_redraw_without_inference(reader
     calls = []
     monkeypatch.setattr(reading_segmenter, "predict_batch", lambda *a, **k: calls.append(a))
     np.testing.assert_array_equal(heat.data, att.view("counts", top_fraction=0.5))  # the default
-    assert panel.heat_query_combo.count() == 1 + att.num_queries
-    panel.heat_query_combo.setCurrentIndex(3)  # query 3 (0-based 2)
+    assert panel.heatmap.query_combo.count() == 1 + att.num_queries
+    panel.heatmap.query_combo.setCurrentIndex(3)  # query 3 (0-based 2)
     np.testing.assert_array_equal(heat.data, att.view("counts", query=2, top_fraction=0.5))
     assert tuple(heat.contrast_limits) == (0.0, 1.0) and "query 3" in panel.canvas_labels.text("legend")
-    panel.heat_top_check.setChecked(False)
+    panel.heatmap.top_check.setChecked(False)
     np.testing.assert_array_equal(heat.data, att.query_samples(2))
     assert heat.data.sum() > 0
-    panel.heat_values_combo.setCurrentIndex(1)  # probabilities: one map for all queries
-    assert not panel.heat_query_combo.isEnabled()
+    panel.heatmap.values_combo.setCurrentIndex(1)  # probabilities: one map for all queries
+    assert not panel.heatmap.query_combo.isEnabled()
     np.testing.assert_array_equal(heat.data, att.probabilities)
     assert "probability" in panel.canvas_labels.text("legend")
     assert calls == []
@@ -243,7 +245,7 @@ def test_the_size_filter_hides_small_lesions_and_says_how_many(reader, qtbot, tm
     assert panel.result_label.text().startswith(f"{len(large)} lesion")
     mask = viewer.layers[PROMPT]
     np.testing.assert_array_equal(mask.data, postprocess.select_labels(result.labels, [r["lesion_id"] for r in large]))
-    written = panel.export_table(tmp_path / "shown.csv")  # exports follow what is shown
+    written = panel.exports.table(tmp_path / "shown.csv")  # exports follow what is shown
     assert len(written.read_text().strip().splitlines()) == 1 + len(large)
     panel.min_diameter_combo.setCurrentIndex(0)  # all sizes again
     assert panel.table.rowCount() == len(result.lesions) and "hidden" not in panel.result_detail.text()

@@ -70,7 +70,7 @@ def click(viewer, qtbot, layer, index_zyx, modifier=Qt.KeyboardModifier.NoModifi
 
 
 def statuses(panel) -> list[str]:
-    return [panel.table_row(r)["status"] for r in range(panel.table.rowCount())]
+    return [panel.table.lesion_at(r)["status"] for r in range(panel.table.rowCount())]
 
 
 def mask_layer(viewer):
@@ -82,13 +82,13 @@ def test_keys_accept_two_reject_one_and_undo(reviewing, qtbot):
     n = panel.table.rowCount()
     assert panel.reviewer.counter_label.text() == f"0 of {n} reviewed"
     key(viewer, qtbot, Qt.Key.Key_N)  # the first lesion: jumped to and zoomed in
-    first = panel.table_row(0)
+    first = panel.table.lesion_at(0)
     assert panel.table.currentRow() == 0
     assert viewer.dims.current_step[-3] == int(round(first["centroid_voxel_zyx"][0]))
     assert panel.restore_view_button.isEnabled()
     key(viewer, qtbot, Qt.Key.Key_A)
     key(viewer, qtbot, Qt.Key.Key_A)  # accepting goes on to the next lesion
-    third = panel.table_row(2)
+    third = panel.table.lesion_at(2)
     third_voxels = panel.reviewer.view().voxels(third)
     key(viewer, qtbot, Qt.Key.Key_R)
     assert statuses(panel)[:3] == ["accepted", "accepted", "rejected"]
@@ -108,7 +108,7 @@ def test_keys_accept_two_reject_one_and_undo(reviewing, qtbot):
     panel.reviewer.unreviewed_check.setChecked(True)
     assert panel.table.rowCount() == n - 2 and set(statuses(panel)) == {"unreviewed"}
     panel.reviewer.sort_combo.setCurrentIndex(panel.reviewer.sort_combo.findData("mean_probability"))
-    scores = [panel.table_row(r)["mean_probability"] for r in range(panel.table.rowCount())]
+    scores = [panel.table.lesion_at(r)["mean_probability"] for r in range(panel.table.rowCount())]
     assert scores == sorted(scores, reverse=True)
     assert [e["action"] for e in panel.reviewer.session().review.actions] == ["accept", "accept", "reject", "undo"]
 
@@ -119,7 +119,7 @@ def test_painting_a_lesion_adds_it_to_the_table_and_erasing_updates_it(reviewing
     viewer, panel = reviewing
     layer = mask_layer(viewer)
     n = panel.table.rowCount()
-    z = int(round(panel.table_row(0)["centroid_voxel_zyx"][0]))
+    z = int(round(panel.table.lesion_at(0)["centroid_voxel_zyx"][0]))
     free = ndimage.distance_transform_edt(layer.data[z] == 0) > 12  # far from every lesion on this slice
     ys, xs = np.nonzero(free)
     spot = (z, int(ys[len(ys) // 2]), int(xs[len(xs) // 2]))
@@ -132,7 +132,7 @@ def test_painting_a_lesion_adds_it_to_the_table_and_erasing_updates_it(reviewing
     painted = int((layer.data != before).sum())
     assert painted > 0
     qtbot.waitUntil(lambda: panel.table.rowCount() == n + 1, timeout=5000)
-    drawn = [panel.table_row(r) for r in range(n + 1) if "drawn" in panel.table_row(r)["origin"]]
+    drawn = [panel.table.lesion_at(r) for r in range(n + 1) if "drawn" in panel.table.lesion_at(r)["origin"]]
     assert len(drawn) == 1 and drawn[0]["status"] == "accepted" and drawn[0]["voxels"] == painted
     assert np.allclose(drawn[0]["centroid_voxel_zyx"][0], z)
     assert panel.model_calls == 1  # the table changed without running the model
@@ -149,7 +149,7 @@ def test_painting_a_lesion_adds_it_to_the_table_and_erasing_updates_it(reviewing
     layer.brush_size = 9
     click(viewer, qtbot, layer, spot)
     qtbot.waitUntil(lambda: panel.table.rowCount() == n, timeout=5000)
-    assert not any("drawn" in panel.table_row(r)["origin"] for r in range(n))
+    assert not any("drawn" in panel.table.lesion_at(r)["origin"] for r in range(n))
     assert [e["action"] for e in panel.reviewer.session().review.actions] == ["edit"] * 4
 
 
@@ -197,7 +197,7 @@ def test_the_review_survives_closing_and_reopening_the_panel(reviewing, qtbot, t
     assert reopened.reviewer.counter_label.text() == f"2 of {n} reviewed"
     key(viewer, qtbot, Qt.Key.Key_N)
     row = reopened.table.currentRow()
-    while reopened.table_row(row)["status"] != "unreviewed":
+    while reopened.table.lesion_at(row)["status"] != "unreviewed":
         key(viewer, qtbot, Qt.Key.Key_N)
         row = reopened.table.currentRow()
     key(viewer, qtbot, Qt.Key.Key_A)  # the new panel's keys act on the same review
@@ -214,7 +214,7 @@ def test_exports_hold_the_review_and_read_back(reviewing, qtbot, tmp_path, tiny_
     accepted = [r for r in rows if r["status"] == "accepted"]
     unreviewed = [r for r in rows if r["status"] == "unreviewed"]
     panel.reviewer.export_unreviewed_check.setChecked(False)
-    written = panel.export_mask(tmp_path / "review.nii.gz")
+    written = panel.exports.mask(tmp_path / "review.nii.gz")
     back = read_volume(written)
     assert np.array_equal(back.array, view.mask(accepted))  # accepted lesions only
     side = json.loads((tmp_path / "review.review.json").read_text())
@@ -223,10 +223,10 @@ def test_exports_hold_the_review_and_read_back(reviewing, qtbot, tmp_path, tiny_
     assert side["mask_holds"] == "accepted lesions only" and side["counts"]["rejected"] == 1
     assert [a["action"] for a in side["actions"]] == ["accept", "reject"]
     panel.reviewer.export_unreviewed_check.setChecked(True)
-    back = read_volume(panel.export_mask(tmp_path / "all.nii.gz"))
+    back = read_volume(panel.exports.mask(tmp_path / "all.nii.gz"))
     assert np.array_equal(back.array, view.mask(accepted + unreviewed))
     assert back.same_geometry(read_volume(written))
-    panel.export_table(tmp_path / "table.csv")
+    panel.exports.table(tmp_path / "table.csv")
     with open(tmp_path / "table.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and "status" in table[0] and "origin" in table[0]
@@ -236,14 +236,14 @@ def test_exports_hold_the_review_and_read_back(reviewing, qtbot, tmp_path, tiny_
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary left
     # an unwritable place: a notification, no traceback, nothing half-written
     missing = tmp_path / "no_such_folder" / "m.nii.gz"
-    assert panel.export_mask(missing) is None and not missing.parent.exists()
+    assert panel.exports.mask(missing) is None and not missing.parent.exists()
 
 
 def test_alt_click_looks_here_and_adds_a_candidate_to_review(reviewing, qtbot, tiny_segmenter, notifications):
     viewer, panel = reviewing
     result, request = panel._results[panel._active_run]
     layer = mask_layer(viewer)
-    z = int(round(panel.table_row(0)["centroid_voxel_zyx"][0]))
+    z = int(round(panel.table.lesion_at(0)["centroid_voxel_zyx"][0]))
     # a spot on no lesion where the same core call (same seed, threshold, slices) finds a candidate:
     # probe the slices re-run around slice z, then click inside a component it finds away from the
     # shown lesions (the slices re-run and the seed depend on z only, so the click finds it again)
@@ -270,11 +270,11 @@ def test_alt_click_looks_here_and_adds_a_candidate_to_review(reviewing, qtbot, t
     layer.mode = "pan_zoom"
     click(viewer, qtbot, layer, spot, Qt.KeyboardModifier.AltModifier)
     qtbot.waitUntil(lambda: not panel.reviewer.looking, timeout=60_000)
-    found = [panel.table_row(r) for r in range(panel.table.rowCount()) if "look here" in panel.table_row(r)["origin"]]
+    found = [panel.table.lesion_at(r) for r in range(panel.table.rowCount()) if "look here" in panel.table.lesion_at(r)["origin"]]
     assert len(found) == 1 and found[0]["status"] == "unreviewed"
     assert found[0]["voxels"] >= int(expected.candidate.sum())  # at least the core's candidate (it may join a kept one)
-    assert panel.table_row(panel.table.currentRow()) is not None
-    assert "look here" in panel.table_row(panel.table.currentRow())["origin"]  # selected, ready for A or R
+    assert panel.table.lesion_at(panel.table.currentRow()) is not None
+    assert "look here" in panel.table.lesion_at(panel.table.currentRow())["origin"]  # selected, ready for A or R
     assert any("look here: a candidate" in m for _, m in notifications)
     key(viewer, qtbot, Qt.Key.Key_A)
     assert any(r["status"] == "accepted" and "look here" in r["origin"] for r in panel.reviewer.view().rows)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from napari_boltzformer._layers import ROLE_KEY
-from napari_boltzformer._widget import BoltzFormerWidget, _camera
+from napari_boltzformer._view import _camera
+from napari_boltzformer._widget import BoltzFormerWidget
 
 from .conftest import PROMPT, add_volume, ct_volume, oblique_direction, run_and_wait
 
@@ -246,14 +247,14 @@ def test_exports_round_trip(panel, viewer, qtbot, tmp_path, monkeypatch):
 
     answers = iter([str(tmp_path / "mask.nii.gz"), str(tmp_path / "table.csv"), str(tmp_path / "view.png")])
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (next(answers), ""))
-    panel.export_mask_button.click()
+    panel.exports.mask_button.click()
     back = read_volume(tmp_path / "mask.nii.gz")
     assert back.same_geometry(volume, atol=1e-4) and np.array_equal(back.array, result.mask)
-    panel.export_table_button.click()
+    panel.exports.table_button.click()
     with open(tmp_path / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(result.lesions)
-    panel.export_png_button.click()
+    panel.exports.png_button.click()
     assert (tmp_path / "view.png").stat().st_size > 0
 
     # A name without extension that exists with it: the panel asks, "No" keeps the file.
@@ -261,7 +262,7 @@ def test_exports_round_trip(panel, viewer, qtbot, tmp_path, monkeypatch):
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "mask"), ""))
     asked = []
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a) or QMessageBox.StandardButton.No)
-    assert panel.export_mask() is None
+    assert panel.exports.mask() is None
     assert asked and (tmp_path / "mask.nii.gz").read_bytes() == before
     assert not list(tmp_path.glob(".*tmp*"))
 

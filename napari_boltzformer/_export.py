@@ -1,0 +1,176 @@
+"""The panel's exports: the mask as NIfTI with the source geometry, the lesion table as CSV or
+JSON, the view as PNG.
+
+A mask under review is written by the review (with its .review.json sidecar, see _review);
+everything else here, atomically (boltzformer.io). A failed write is a notification, never an
+exception into Qt, and an existing file is replaced only after the save dialog (or, for a name
+typed without its extension, this module) asked.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QMessageBox, QPushButton
+
+from ._layers import geometry_from_layer, layer_array, mask_volume
+
+
+class Exports:
+    """The export buttons of a BoltzFormerWidget (`row`) and the files they write."""
+
+    def __init__(self, panel):
+        self.panel = panel
+        self.mask_button = QPushButton("Mask → NIfTI…")
+        self.mask_button.setToolTip("The selected labels layer, or the result's mask as shown")
+        self.mask_button.clicked.connect(lambda: self.mask())
+        self.table_button = QPushButton("Table → CSV…")
+        self.table_button.clicked.connect(lambda: self.table())
+        self.png_button = QPushButton("View → PNG…")
+        self.png_button.clicked.connect(lambda: self.png())
+        self.row = QHBoxLayout()
+        for b in (self.mask_button, self.table_button, self.png_button):
+            self.row.addWidget(b)
+
+    def update(self):
+        self.table_button.setEnabled(self.panel.active_result() is not None)
+
+    def mask(self, path=None):
+        """Selected (or active result's) labels layer -> NIfTI with the source geometry."""
+        from napari.layers import Labels
+        from napari.utils.notifications import show_error, show_info
+
+        from boltzformer.io import write_volume
+
+        panel = self.panel
+        layer = panel.viewer.layers.selection.active
+        if not isinstance(layer, Labels):
+            layer = panel._mask_layer_of(panel._active_run)
+        if layer is None:
+            show_error("no mask to export: run a prompt first or select a labels layer")
+            return None
+        if path is None:
+            path = self.ask_save_path("Save mask as NIfTI", self._default_folder() / f"{self._default_stem()}.nii.gz",
+                                      "NIfTI (*.nii.gz *.nii)", (".nii.gz", ".nii"))
+            if path is None:
+                return None
+        if panel.reviewer.handles(layer):  # the review decides what the mask holds; a sidecar records it
+            written = _written(lambda: panel.reviewer.export("mask", Path(path)))
+            if written is not None:
+                show_info(f"saved the reviewed {layer.name} to {written} (and {written.name.split('.')[0]}.review.json)")
+            return written
+        written = _written(lambda: write_volume(
+            mask_volume(np.asarray(layer_array(layer)), geometry_from_layer(layer)), path, overwrite=True))
+        if written is not None:
+            show_info(f"saved {layer.name} to {written}")
+        return written
+
+    def table(self, path=None):
+        """The table as shown (lesion rows, or the organ's one row) -> CSV or JSON."""
+        from napari.utils.notifications import show_error, show_info
+
+        from boltzformer import postprocess
+        from boltzformer.errors import BoltzformerError
+
+        panel = self.panel
+        if panel.active_result() is None:
+            show_error("no lesion table yet: run a prompt first")
+            return None
+        if panel.current_mode() == "organ":
+            summary = panel.organ_summary()
+            rows = [] if summary is None else [{k: v for k, v in summary.items() if k != "lesion_ids"}]
+        else:
+            rows = panel.shown_lesions()[0]
+        if path is None:
+            path = self.ask_save_path("Save lesion table", self._default_folder() / f"{self._default_stem()}_lesions.csv",
+                                      "CSV (*.csv);;JSON (*.json)", (".csv", ".json"))
+            if path is None:
+                return None
+        if panel.reviewer.handles(panel._mask_layer_of(panel._active_run)):  # with a status column and a sidecar
+            written = _written(lambda: panel.reviewer.export("table", Path(path)))
+            if written is not None:
+                show_info(f"saved {len(rows)} row(s) with their review status to {written}")
+            return written
+        written = _written(lambda: postprocess.write_lesion_table(rows, path, overwrite=True), (BoltzformerError,))
+        if written is not None:
+            show_info(f"saved {len(rows)} row(s) to {written}")
+        return written
+
+    def png(self, path=None):
+        """The current view (canvas) as PNG."""
+        from napari.utils.io import imsave
+        from napari.utils.notifications import show_info
+
+        from boltzformer.errors import BoltzformerError
+        from boltzformer.io import atomic_output
+
+        if path is None:
+            path = self.ask_save_path("Save view as PNG", self._default_folder() / f"{self._default_stem()}.png",
+                                      "PNG (*.png)", (".png",))
+            if path is None:
+                return None
+
+        def write():
+            image = self.panel.viewer.screenshot(canvas_only=True, flash=False)
+            with atomic_output(path, overwrite=True) as tmp:
+                imsave(str(tmp), image)
+            return path
+
+        written = _written(write, (BoltzformerError,))
+        if written is not None:
+            show_info(f"saved the view to {path}")
+        return written
+
+    def ask_save_path(self, title: str, default: Path, name_filter: str, extensions: tuple[str, ...]) -> Path | None:
+        """A save dialog (it confirms replacing a file); adds the extension when missing."""
+        path, _ = QFileDialog.getSaveFileName(self.panel, title, str(default), name_filter)
+        if not path:
+            return None
+        p = Path(path)
+        if not p.name.lower().endswith(extensions):
+            p = p.with_name(p.name + extensions[0])
+            if p.exists() and not self.confirm_overwrite(p):
+                return None
+        return p
+
+    def confirm_overwrite(self, path: Path) -> bool:
+        answer = QMessageBox.question(
+            self.panel, "Replace file?", f"{path} exists. Replace it?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _default_folder(self) -> Path:
+        """The folder of the active result's image file, else the home folder."""
+        entry = self.panel._results.get(self.panel._active_run)
+        source = entry[1].geometry.get("path") if entry else None
+        if source:
+            p = Path(source)
+            return p if p.is_dir() else p.parent
+        return Path.home()
+
+    def _default_stem(self) -> str:
+        entry = self.panel._results.get(self.panel._active_run)
+        if entry is None:
+            return "boltzformer"
+        return f"{_slug(entry[1].image_name)}_{_slug(entry[0].prompt)}"
+
+
+def _written(write, errors: tuple | None = None) -> Path | None:
+    """The path `write()` wrote; on one of `errors` (default: BoltzformerError, ValueError) a
+    notification and None."""
+    from napari.utils.notifications import show_error
+
+    from boltzformer.errors import BoltzformerError
+
+    try:
+        return Path(write())
+    except errors or (BoltzformerError, ValueError) as exc:
+        show_error(str(exc))
+        return None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "mask"

@@ -1,0 +1,137 @@
+"""The segmentation job: the model loaded once per (weights, device), and one run of it.
+
+No Qt here: `segmentation_job` is a plain generator over `Segmenter.iter_segment` that yields
+progress and returns a `JobOutcome`; the panel runs it in napari's `thread_worker` (so the viewer
+never freezes and Cancel stops it between two batches of slices), tests and scripts run it
+directly. The job never raises: every failure comes back as a message for a notification.
+torch is imported only by the core, when a model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class SegmenterCache:
+    """One Segmenter per (weights source, device), loaded on first use; safe across threads."""
+
+    def __init__(self):
+        self._items: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, source, device: str):
+        from boltzformer.segmenter import Segmenter, resolve_device
+
+        dev = str(resolve_device(device))
+        key = (None if source is None else str(source), dev)
+        with self._lock:
+            segmenter = self._items.get(key)
+            if segmenter is None:
+                segmenter = Segmenter.from_pretrained(source, device=dev)
+                self._items[key] = segmenter
+        return segmenter
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+
+
+SEGMENTERS = SegmenterCache()
+
+
+@dataclass
+class RunRequest:
+    volume: object  # boltzformer.io.Volume
+    prompt: str
+    device: str  # auto | cuda | mps | cpu
+    image_name: str
+    geometry: dict
+    options: dict  # keyword arguments of Segmenter.iter_segment
+    want_probability: bool = True
+    want_attention: bool = True
+    keep_partial: bool = False
+
+
+@dataclass
+class JobStatus:
+    text: str
+    level: str = "info"  # info | warning
+    model: str | None = None  # set once the model is loaded: what the footer shows
+
+
+@dataclass
+class JobOutcome:
+    result: object | None = None  # SegmentationResult
+    error: str | None = None
+    device: str | None = None
+    num_queries: int | None = None  # of the network: the largest possible attention count
+    notes: list[str] = field(default_factory=list)
+    target: str | None = None  # the vocabulary target the prompt names (boltzformer.synth.prompts)
+    kind: str = "lesion"  # 'organ' (one structure) or 'lesion' (a candidate list): the default view
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def segmentation_job(request: RunRequest, load_segmenter, should_stop):
+    """Generator: yields JobStatus and boltzformer Progress; returns a JobOutcome (never raises).
+
+    load_segmenter(device) -> Segmenter. Out of accelerator memory: runs again on the CPU.
+    """
+    from boltzformer.errors import BoltzformerError
+
+    outcome = JobOutcome()
+    try:
+        yield JobStatus(f"loading the model ({request.device})")
+        segmenter = load_segmenter(request.device)
+        outcome.device = str(segmenter.device)
+        outcome.num_queries = int(segmenter.config.num_queries)
+        yield JobStatus(f"segmenting on {outcome.device}", model=model_description(segmenter))
+        try:
+            outcome.result = yield from segmenter.iter_segment(
+                request.volume, request.prompt, should_stop=should_stop, **request.options
+            )
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory on an accelerator is retried
+            if not is_out_of_memory(exc) or segmenter.device.type == "cpu":
+                raise
+            segmenter.release_memory()
+            note = f"{outcome.device.upper()} ran out of memory; running again on the CPU (slower)"
+            outcome.notes.append(note)
+            yield JobStatus(note, level="warning")
+            segmenter = load_segmenter("cpu")
+            outcome.device = "cpu"
+            yield JobStatus(f"segmenting on {outcome.device}", model=model_description(segmenter))
+            outcome.result = yield from segmenter.iter_segment(
+                request.volume, request.prompt, should_stop=should_stop, **request.options
+            )
+        if outcome.result is not None:
+            outcome.target, outcome.kind = prompt_kind(outcome.result.prompt)
+    except BoltzformerError as exc:
+        outcome.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - anything else is reported, never raised into Qt
+        log.exception("BoltzFormer run failed")
+        outcome.error = f"BoltzFormer failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    return outcome
+
+
+def prompt_kind(prompt: str) -> tuple[str | None, str]:
+    """(vocabulary target or None, 'organ' | 'lesion') of a normalised prompt."""
+    from boltzformer.synth import prompts as vocab
+
+    target = vocab.target_of_prompt(prompt)
+    return target, (vocab.target_kind(target) if target is not None else vocab.kind_of_prompt(prompt))
+
+
+def model_description(segmenter) -> str:
+    """'model: <weights file stem>[ (bundled)] on <device>': the panel's footer."""
+    info = getattr(segmenter, "info", None) or {}
+    source = info.get("weights_path")
+    name = Path(source).stem if source else "injected"
+    where = " (bundled)" if info.get("weights_source") == "bundled" else ""
+    return f"model: {name}{where} on {segmenter.device}"

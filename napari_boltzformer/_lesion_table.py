@@ -1,0 +1,242 @@
+"""The lesion table of the panel: one row per candidate (lesion mode) or one structure (organ mode).
+
+A QTableWidget that knows its columns, formats its cells (sorted by number, not text), marks
+each row's review status and tints reviewed rows. It keeps the lesion dict behind every row, so
+the order on screen never matters, and a click emits `lesion_clicked` with that dict (the organ
+row: its summary); what a click does (jump and zoom) is the panel's business. It imports nothing
+of the panel or the review, so neither can loop back into it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QSizePolicy, QTableWidget, QTableWidgetItem
+
+# Lesion mode: one row per candidate. (header, tooltip, row key); the intensity header follows
+# the modality, and columns no row has a value for (the 3D filter's scores off lung CT) hide.
+LESION_COLUMNS = (
+    ("id", "lesion id (1 = largest)", "lesion_id"),
+    ("status", "review: ✓ accepted, ✗ rejected, · unreviewed; ✎ edited by hand, ◎ found by look here "
+     "(N / Shift-N next / previous, A accept, R reject, U undo)", "status"),
+    ("Ø mm", "longest axial diameter (mm)", "longest_axial_diameter_mm"),
+    ("short", "short axis (mm): the longest chord perpendicular to the longest diameter, in its slice",
+     "short_axis_diameter_mm"),
+    ("mean Ø", "mean diameter (mm) = (longest + short axis) / 2, as Fleischner and Lung-RADS size nodules; "
+     "the size filter uses it", "mean_axial_diameter_mm"),
+    ("p̄", "model confidence: mean probability over the lesion", "mean_probability"),
+    ("p max", "model confidence: highest probability in the lesion", "max_probability"),
+    ("nodule", "3D false-positive filter: probability from its 3D network that the candidate is a nodule, "
+     "not a vessel or a wall", "nodule_score"),
+    ("round", "3D false-positive filter: blobness from the Hessian (1 = round like a nodule, 0 = a tube like "
+     "a vessel)", "blobness"),
+    ("mm³", "volume in mm³", "volume_mm3"),
+    ("slices", "first–last slice (z index)", "slice_start"),
+    ("HU", "mean intensity", "mean_intensity"),
+)
+TABLE_COLUMNS = tuple(c[0] for c in LESION_COLUMNS)
+ORGAN_COLUMNS = (
+    ("structure", "the structure: its largest connected component (the two largest for paired organs)"),
+    ("mL", "volume in mL"),
+    ("size mm", "a size that means something for this structure (see the tooltip of the cell)"),
+    ("Ø mm", "longest axial diameter (mm)"),
+    ("slices", "first–last slice (z index)"),
+    ("HU", "mean intensity"),
+    ("p̄", "model confidence: mean probability over the structure"),
+)
+INTENSITY_COLUMN = next(i for i, c in enumerate(LESION_COLUMNS) if c[2] == "mean_intensity")
+FILTER_SCORES = ("nodule_score", "blobness")  # columns of the 3D filter: hidden where it did not run
+STATUS_MARKS = {"accepted": "✓", "rejected": "✗", "unreviewed": "·"}
+ORIGIN_MARKS = {"edited": "✎", "look here": "◎", "drawn": "✎"}
+# item data: UserRole + 1, the row's index in result.lesions (a model candidate; -1 the organ
+# row; None a lesion the review added); UserRole + 2, its index in the rows behind the table
+CANDIDATE_ROLE = Qt.ItemDataRole.UserRole + 1
+ROW_ROLE = Qt.ItemDataRole.UserRole + 2
+
+
+def status_text(row: dict) -> tuple[str, str]:
+    """(cell text, tooltip) of a row's status and origin."""
+    origin = row.get("origin", "model")
+    marks = "".join(dict.fromkeys(m for name, m in ORIGIN_MARKS.items() if name in origin))
+    tip = f"{row['status']}" + ("" if origin == "model" else f" · {origin}")
+    return STATUS_MARKS[row["status"]] + marks, tip
+
+
+class LesionTable(QTableWidget):
+    """The table; `lesion_clicked(dict)` when a row is clicked."""
+
+    lesion_clicked = Signal(object)
+
+    def __init__(self, parent=None):
+        super().__init__(0, len(LESION_COLUMNS), parent)
+        self._rows: list[dict] = []  # the lesion rows behind the table (ROW_ROLE indexes them)
+        self._organ: dict | None = None  # the organ row's summary
+        self.set_columns([(c[0], c[1]) for c in LESION_COLUMNS])
+        self.verticalHeader().setVisible(False)
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.setSortingEnabled(True)
+        self.sortByColumn(0, Qt.SortOrder.AscendingOrder)  # ids: largest lesion first
+        # columns as narrow as their contents (numbers are short); the panel scrolls sideways only
+        # when it is narrower than all of them
+        self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.horizontalHeader().setMinimumSectionSize(28)
+        self.horizontalHeader().setStretchLastSection(True)
+        self.setMinimumHeight(170)  # five rows before the panel has to scroll
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.cellClicked.connect(self._on_clicked)
+        self.setToolTip("Click a row: jump to it and zoom in (Restore view goes back). Review: N / Shift-N "
+                        "next / previous, A accept, R reject, U undo; Alt-click the canvas: look here")
+
+    def set_columns(self, columns):
+        """(header, tooltip) per column, all shown."""
+        self.setColumnCount(len(columns))
+        self.setHorizontalHeaderLabels([c[0] for c in columns])
+        for col, (_, tip) in enumerate(columns):
+            self.horizontalHeaderItem(col).setToolTip(tip)
+            self.setColumnHidden(col, False)
+
+    def lesion_at(self, row: int) -> dict | None:
+        """The lesion dict behind row `row` (as sorted on screen); None for the organ row."""
+        item = self.item(row, 0)
+        index = None if item is None else item.data(ROW_ROLE)
+        return None if index is None or int(index) >= len(self._rows) else self._rows[int(index)]
+
+    def sort_by_key(self, key: str):
+        """Largest first by the lesion column of row key `key` (e.g. 'volume_mm3')."""
+        column = next((i for i, c in enumerate(LESION_COLUMNS) if c[2] == key), None)
+        if column is not None:
+            self.sortByColumn(column, Qt.SortOrder.DescendingOrder)
+
+    def clear_rows(self):
+        self.setSortingEnabled(False)
+        self.setRowCount(0)
+        self._rows, self._organ = [], None
+        self.setSortingEnabled(True)
+
+    def show_lesions(self, result, listed: list[dict], intensity_header: tuple[str, str]):
+        """One row per lesion of `listed` (rows of `result`, with their review status if any)."""
+        is_ct = (result.modality or "").upper() == "CT"
+        columns = [(c[0], c[1]) for c in LESION_COLUMNS]
+        columns[INTENSITY_COLUMN] = intensity_header
+        self.setSortingEnabled(False)
+        self.setRowCount(0)
+        self.set_columns(columns)
+        self._rows, self._organ = listed, None
+        self.setRowCount(len(listed))
+        index_of = {r["lesion_id"]: i for i, r in enumerate(result.lesions)}
+        for row, lesion in enumerate(listed):
+            for col, (_, _, key) in enumerate(LESION_COLUMNS):
+                self.setItem(row, col, _lesion_cell(lesion, key, is_ct))
+            ref = lesion.get("_ref", ("auto", lesion["lesion_id"]))
+            self.item(row, 0).setData(CANDIDATE_ROLE, index_of.get(ref[1]) if ref[0] == "auto" else None)
+            self.item(row, 0).setData(ROW_ROLE, row)
+            self._tint_row(row, lesion.get("status", "unreviewed"))
+        scored = [*result.lesions, *result.rejected]  # the 3D filter's scores exist only where it ran
+        for col, (_, _, key) in enumerate(LESION_COLUMNS):
+            if key in FILTER_SCORES:
+                self.setColumnHidden(col, not any(_finite(r.get(key)) for r in scored))
+        self.setSortingEnabled(True)
+
+    def show_organ(self, summary: dict | None, intensity_header: tuple[str, str], is_ct: bool):
+        """The organ columns, and one row for `summary` (postprocess.organ_summary_of) if any."""
+        columns = list(ORGAN_COLUMNS)
+        columns[5] = intensity_header
+        self.setSortingEnabled(False)
+        self.setRowCount(0)
+        self.set_columns(columns)
+        self._rows, self._organ = [], summary
+        if summary is not None:
+            self.setRowCount(1)
+            start, end = summary["slice_start"], summary["slice_end"]
+            measure = summary["measure_mm"]
+            cells = (
+                QTableWidgetItem(summary["structure"]),
+                _NumericItem(f"{summary['volume_ml']:.1f}", summary["volume_ml"]),
+                _NumericItem("–" if measure is None else f"{measure:.1f}", -1.0 if measure is None else measure),
+                _NumericItem(f"{summary['longest_axial_diameter_mm']:.1f}", summary["longest_axial_diameter_mm"]),
+                _NumericItem(f"{start}–{end}" if end > start else f"{start}", start),
+                _NumericItem(f"{summary['mean_intensity']:.0f}" if is_ct else f"{summary['mean_intensity']:.3g}",
+                             summary["mean_intensity"]),
+                _NumericItem(f"{summary['mean_probability']:.2f}", summary["mean_probability"])
+                if "mean_probability" in summary else _NumericItem("–", -1.0),
+            )
+            cells[2].setToolTip(summary["measure"] or "no single diameter means much for this structure")
+            cells[0].setData(CANDIDATE_ROLE, -1)  # the organ row, not a lesion index
+            for col, item in enumerate(cells):
+                self.setItem(0, col, item)
+            self.horizontalHeaderItem(2).setText(
+                {"max axial calibre": "calibre mm", "craniocaudal length": "length mm"}.get(summary["measure"],
+                                                                                           "size mm"))
+        self.setSortingEnabled(True)
+
+    def _on_clicked(self, row: int, _col: int):
+        item = self.item(row, 0)
+        if item is None:
+            return
+        clicked = self._organ if item.data(CANDIDATE_ROLE) == -1 else self.lesion_at(row)
+        if clicked is not None:
+            self.lesion_clicked.emit(clicked)
+
+    def _tint_row(self, row: int, status: str) -> None:
+        """Accepted rows tinted green, rejected ones greyed: the review state at a glance."""
+        from qtpy.QtGui import QBrush, QColor
+
+        if status == "unreviewed":
+            return
+        for col in range(self.columnCount()):
+            item = self.item(row, col)
+            if item is None:
+                continue
+            if status == "accepted":
+                item.setBackground(QBrush(QColor(52, 199, 89, 70)))
+            else:
+                item.setForeground(QBrush(QColor(140, 140, 140)))
+                font = item.font()
+                font.setStrikeOut(col > 1)
+                item.setFont(font)
+
+
+class _NumericItem(QTableWidgetItem):
+    """A table cell that sorts by a number (Qt.UserRole) rather than by its text."""
+
+    def __init__(self, text: str, value: float):
+        super().__init__(text)
+        self.setData(Qt.ItemDataRole.UserRole, float(value))
+        self.setTextAlignment(int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter))
+
+    def __lt__(self, other):
+        mine, theirs = self.data(Qt.ItemDataRole.UserRole), other.data(Qt.ItemDataRole.UserRole)
+        if mine is None or theirs is None:
+            return super().__lt__(other)
+        return mine < theirs
+
+
+def _lesion_cell(lesion: dict, key: str, is_ct: bool) -> QTableWidgetItem:
+    """The cell of column `key` for one lesion row."""
+    value = lesion.get(key)
+    if key == "status":
+        text, tip = status_text(lesion if "status" in lesion else {**lesion, "status": "unreviewed"})
+        item = QTableWidgetItem(text)
+        item.setToolTip(tip)
+        item.setTextAlignment(int(Qt.AlignmentFlag.AlignCenter))
+        return item
+    if key == "slice_start":
+        start, end = lesion["slice_start"], lesion["slice_end"]
+        return _NumericItem(f"{start}–{end}" if end > start else f"{start}", start)
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return _NumericItem("–", -1.0)
+    if key == "lesion_id":
+        return _NumericItem(str(value), value)
+    if key == "mean_intensity":
+        return _NumericItem(f"{value:.0f}" if is_ct else f"{value:.3g}", value)
+    if key == "volume_mm3":
+        return _NumericItem(f"{value:.0f}" if value >= 100 else f"{value:.1f}", value)
+    if key in ("mean_probability", "max_probability", *FILTER_SCORES):
+        return _NumericItem(f"{value:.2f}", value)
+    return _NumericItem(f"{value:.1f}", value)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float, np.floating)) and bool(np.isfinite(value))

@@ -1,0 +1,265 @@
+"""The panel's layout: its group boxes and controls, with their labels, tooltips and wiring.
+
+`build_ui(panel)` makes every control an attribute of the panel and connects its signal to the
+panel's method, as Qt Designer's `setupUi` does; what the controls do is the panel's (_widget).
+Everything sits in a scroll area, so a short window scrolls the panel instead of squeezing it.
+"""
+
+from __future__ import annotations
+
+from qtpy.QtCore import QStringListModel, Qt, QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QCompleter,
+    QDoubleSpinBox,
+    QFormLayout,
+    QFrame,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._export import Exports
+from ._heatmap import HeatmapControls
+from ._lesion_table import LesionTable
+from ._qt import PanelScroll, compact
+from ._review import ReviewPanel
+
+SCOPES = ("all slices", "current slice", "slice range")
+DEVICES = (("auto", "auto"), ("CUDA", "cuda"), ("MPS", "mps"), ("CPU", "cpu"))
+MODALITIES = (("auto", None), ("CT", "CT"), ("MR", "MR"))
+THRESHOLD_STEPS = 100  # slider resolution: thresholds 0.01 .. 0.99
+RETHRESHOLD_DELAY_MS = 120  # slider moves closer together than this are merged
+MODES = (("auto", None), ("lesions", "lesion"), ("organ", "organ"))
+# Minimum mean diameter shown: all, 3 mm (below this a "nodule" is a micronodule), and the
+# Fleischner / Lung-RADS steps at 4, 6 and 8 mm.
+MIN_DIAMETERS_MM = (0.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def build_ui(panel) -> None:
+    """The controls of a BoltzFormerWidget, laid out in `panel` and wired to its methods."""
+    from boltzformer import intensity
+    from boltzformer.segmenter import DEFAULT_MIN_LESION_MM3, available_devices
+
+    # Everything in a scroll area: a short window scrolls the panel instead of squeezing its
+    # rows into each other.
+    outer = QVBoxLayout(panel)
+    outer.setContentsMargins(0, 0, 0, 0)
+    scroll = PanelScroll()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    content = QWidget()
+    scroll.setWidget(content)
+    outer.addWidget(scroll)
+    layout = QVBoxLayout(content)
+    layout.setContentsMargins(6, 6, 6, 6)
+
+    inputs = QGroupBox("Input")
+    form = QFormLayout(inputs)
+    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    panel.image_combo = QComboBox()
+    panel.image_combo.setToolTip("Image layer to segment (CT in HU or MRI)")
+    panel.image_combo.currentIndexChanged.connect(panel._on_image_changed)
+    form.addRow("Image", panel.image_combo)
+    panel.prompt_edit = QLineEdit()
+    panel.prompt_edit.setPlaceholderText("e.g. lung nodule")
+    panel.prompt_edit.setClearButtonEnabled(True)
+    panel.prompt_edit.returnPressed.connect(panel.run)
+    panel._prompt_model = QStringListModel(panel)
+    completer = QCompleter(panel._prompt_model, panel)
+    completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+    completer.setFilterMode(Qt.MatchFlag.MatchContains)
+    panel.prompt_edit.setCompleter(completer)
+    form.addRow("Prompt", panel.prompt_edit)
+    panel.modality_combo = QComboBox()
+    for text, value in MODALITIES:
+        panel.modality_combo.addItem(text, value)
+    modality_row = QHBoxLayout()  # modality and device share a row: the table below gets the height
+    modality_row.addWidget(panel.modality_combo, 1)
+    panel.window_combo = QComboBox()
+    panel.window_combo.addItem("auto (from prompt)", None)
+    for name, w in intensity.WINDOWS.items():
+        panel.window_combo.addItem(f"{name.replace('_', ' ')}  (C {w.center_hu:g} / W {w.width_hu:g})", name)
+    panel.window_combo.setToolTip("CT window the network sees; choosing one also applies it to the image layer")
+    panel.window_combo.currentIndexChanged.connect(panel._on_window_changed)
+    form.addRow("CT window", panel.window_combo)
+    panel.device_combo = QComboBox()
+    avail = available_devices()
+    for text, value in DEVICES:
+        panel.device_combo.addItem(text, value)
+        if value != "auto" and not avail.get(value, False):
+            item = panel.device_combo.model().item(panel.device_combo.count() - 1)
+            item.setEnabled(False)
+            item.setToolTip(f"{text} is not available on this machine")
+    compact(panel.modality_combo, 4)
+    compact(panel.device_combo, 4)
+    modality_row.addWidget(QLabel("Device"))
+    modality_row.addWidget(panel.device_combo, 1)
+    form.addRow("Modality", modality_row)
+    layout.addWidget(inputs)
+
+    run_box = QGroupBox("Run")
+    rform = QFormLayout(run_box)
+    rform.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    scope_row = QHBoxLayout()
+    panel.scope_combo = QComboBox()
+    panel.scope_combo.addItems(SCOPES)
+    panel.scope_combo.currentIndexChanged.connect(panel._on_scope_changed)
+    panel.range_start = QSpinBox()
+    panel.range_stop = QSpinBox()
+    for spin, tip in ((panel.range_start, "first slice (z index)"), (panel.range_stop, "last slice (z index, included)")):
+        spin.setToolTip(tip)
+        spin.setEnabled(False)
+    scope_row.addWidget(panel.scope_combo, 1)
+    rform.addRow("Scope", scope_row)
+    range_row = QHBoxLayout()  # its own row: napari's spin boxes are 130 px wide at least
+    range_row.addWidget(panel.range_start, 1)
+    range_row.addWidget(QLabel("–"))
+    range_row.addWidget(panel.range_stop, 1)
+    rform.addRow("Slices", range_row)
+    panel._range_row = range_row
+    thr_row = QHBoxLayout()
+    panel.threshold_slider = QSlider(Qt.Orientation.Horizontal)
+    panel.threshold_slider.setRange(1, THRESHOLD_STEPS - 1)
+    panel.threshold_slider.setValue(THRESHOLD_STEPS // 2)
+    panel.threshold_slider.setToolTip("Probability threshold; changing it re-thresholds the last result without re-running")
+    panel.threshold_label = QLabel()
+    panel.threshold_label.setMinimumWidth(32)
+    thr_row.addWidget(panel.threshold_slider, 1)
+    thr_row.addWidget(panel.threshold_label)
+    rform.addRow("Threshold", thr_row)
+    panel.min_lesion_spin = QDoubleSpinBox()
+    panel.min_lesion_spin.setRange(0.0, 1e6)
+    panel.min_lesion_spin.setDecimals(1)
+    panel.min_lesion_spin.setSuffix(" mm³")
+    panel.min_lesion_spin.setValue(DEFAULT_MIN_LESION_MM3)
+    panel.min_lesion_spin.setToolTip("Connected components smaller than this are dropped")
+    rform.addRow("Min. lesion", panel.min_lesion_spin)
+    seed_row = QHBoxLayout()
+    panel.seed_spin = QSpinBox()
+    panel.seed_spin.setRange(0, 2**31 - 1)
+    panel.seed_spin.setToolTip("Seed of the Boltzmann sampling")
+    panel.runs_spin = QSpinBox()
+    panel.runs_spin.setRange(1, 32)
+    panel.runs_spin.setToolTip("Sampling runs with seeds seed, seed+1, ...; more than one gives an uncertainty layer")
+    seed_row.addWidget(panel.seed_spin, 1)
+    seed_row.addWidget(QLabel("Runs"))
+    seed_row.addWidget(panel.runs_spin, 1)
+    rform.addRow("Seed", seed_row)
+    panel.probability_check = QCheckBox("probability layer")
+    panel.probability_check.setChecked(True)
+    panel.attention_check = QCheckBox("attention heatmaps")
+    panel.attention_check.setChecked(True)
+    panel.attention_check.setToolTip("Where each decoder layer sampled its tokens (one layer, a 'decoder layer' slider)")
+    panel.keep_partial_check = QCheckBox("keep finished slices on cancel")
+    panel.fp_check = QCheckBox("3D false-positive filter")
+    panel.fp_check.setChecked(True)
+    panel.fp_check.setToolTip("Lung prompts on CT in HU: drop candidates outside the lungs and vessel-like "
+                             "tubes that continue across slices (scores in the lesion table)")
+    panel.fp_check.toggled.connect(lambda _=None: panel.apply_threshold(force=True))
+    panel.force_prompt_check = QCheckBox("force prompt")
+    panel.force_prompt_check.setToolTip("Run a prompt even when it names nothing the model was trained to find")
+    panel.probability_check.setText("probability")
+    panel.attention_check.setText("attention")
+    panel.keep_partial_check.setText("keep slices on cancel")
+    panel.keep_partial_check.setToolTip("Cancel keeps the slices finished so far (the others stay empty)")
+    panel.fp_check.setText("3D FP filter")
+    checks = QGridLayout()
+    checks.setSpacing(2)
+    checks.addWidget(panel.probability_check, 0, 0)
+    checks.addWidget(panel.attention_check, 0, 1)
+    checks.addWidget(panel.fp_check, 1, 0)
+    checks.addWidget(panel.force_prompt_check, 1, 1)
+    checks.addWidget(panel.keep_partial_check, 2, 0, 1, 2)
+    rform.addRow("Outputs", checks)
+    buttons = QHBoxLayout()
+    panel.run_button = QPushButton("Run")
+    panel.run_button.setDefault(True)
+    panel.run_button.clicked.connect(lambda: panel.run())
+    panel.cancel_button = QPushButton("Cancel")
+    panel.cancel_button.setEnabled(False)
+    panel.cancel_button.clicked.connect(lambda: panel.cancel())
+    buttons.addWidget(panel.run_button, 2)
+    buttons.addWidget(panel.cancel_button, 2)
+    panel.progress_bar = QProgressBar()
+    panel.progress_bar.setRange(0, 1)
+    panel.progress_bar.setValue(0)
+    panel.progress_bar.setFormat("no run yet")  # "0 / 1 slices" before any run would be a made-up count
+    buttons.addWidget(panel.progress_bar, 3)
+    rform.addRow(buttons)
+    panel.status_label = QLabel("")
+    panel.status_label.setWordWrap(True)
+    rform.addRow(panel.status_label)
+    layout.addWidget(run_box)
+
+    panel.heatmap = HeatmapControls(panel)
+    layout.addWidget(panel.heatmap)
+
+    result_box = QGroupBox("Lesions")
+    panel.result_box = result_box
+    rlay = QVBoxLayout(result_box)
+    view_row = QHBoxLayout()
+    panel.mode_combo = QComboBox()
+    for text, value in MODES:
+        panel.mode_combo.addItem(text, value)
+    panel.mode_combo.setToolTip("lesions: every candidate, one row each; organ: one structure (its largest "
+                               "component), volume in mL; auto: from the prompt's target")
+    panel.mode_combo.currentIndexChanged.connect(lambda _=None: panel.refresh_view())
+    panel.min_diameter_combo = QComboBox()
+    for mm in MIN_DIAMETERS_MM:
+        panel.min_diameter_combo.addItem("all sizes" if mm == 0 else f"≥ {mm:g} mm", mm)
+    panel.min_diameter_combo.setToolTip("Show only lesions with at least this mean diameter ((longest + short "
+                                       "axis) / 2); the others are hidden from the table and the mask, and "
+                                       "counted. Exports follow what is shown.")
+    panel.min_diameter_combo.currentIndexChanged.connect(lambda _=None: panel.refresh_view())
+    panel.restore_view_button = QPushButton("Restore view")
+    panel.restore_view_button.setToolTip("Back to the view before the first jump to a lesion")
+    panel.restore_view_button.setEnabled(False)
+    panel.restore_view_button.clicked.connect(lambda: panel.restore_view())
+    compact(panel.mode_combo, 5)
+    compact(panel.min_diameter_combo, 5)
+    view_row.addWidget(panel.mode_combo, 2)
+    view_row.addWidget(panel.min_diameter_combo, 2)
+    view_row.addWidget(panel.restore_view_button, 2)
+    rlay.addLayout(view_row)
+    panel.result_label = QLabel("no result yet")  # the total, one line
+    panel.result_label.setWordWrap(False)
+    panel.result_label.setStyleSheet("font-weight: bold;")
+    # its width never widens the panel: a long total is cut with … (whole in the tooltip)
+    panel.result_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    rlay.addWidget(panel.result_label)
+    panel.result_detail = QLabel("")  # threshold, what is hidden or dropped (may wrap)
+    panel.result_detail.setWordWrap(True)
+    panel.result_detail.setStyleSheet("color: gray;")
+    rlay.addWidget(panel.result_detail)
+    panel.table = LesionTable()
+    panel.table.lesion_clicked.connect(panel.go_to_lesion)
+    panel.reviewer = ReviewPanel(panel)
+    rlay.addWidget(panel.reviewer.box)
+    rlay.addWidget(panel.table, 1)
+    panel.exports = Exports(panel)
+    rlay.addWidget(panel.reviewer.export_unreviewed_check)
+    rlay.addLayout(panel.exports.row)
+    layout.addWidget(result_box, 1)
+    panel.model_label = QLabel()
+    panel.model_label.setWordWrap(True)
+    panel.model_label.setStyleSheet("color: gray;")
+    layout.addWidget(panel.model_label)
+
+    panel._rethreshold_timer = QTimer(panel)
+    panel._rethreshold_timer.setSingleShot(True)
+    panel._rethreshold_timer.setInterval(RETHRESHOLD_DELAY_MS)
+    panel._rethreshold_timer.timeout.connect(panel.apply_threshold)
+    panel.threshold_slider.valueChanged.connect(panel._on_threshold_moved)
+    panel.min_lesion_spin.valueChanged.connect(lambda _: panel._rethreshold_timer.start())

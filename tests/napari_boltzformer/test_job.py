@@ -1,0 +1,99 @@
+"""The panel's job without a viewer or Qt: progress, the out-of-memory retry on the CPU, errors
+as messages, and the model cache."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from napari_boltzformer._job import JobOutcome, JobStatus, RunRequest, SegmenterCache, segmentation_job
+
+from .conftest import PROMPT, ct_volume
+
+
+def _request(device="auto") -> RunRequest:
+    return RunRequest(volume=ct_volume(), prompt=PROMPT, device=device, image_name="ct", geometry={},
+                      options={"min_lesion_mm3": 0.0})
+
+
+def _drain(job) -> tuple[list, JobOutcome]:
+    """(everything the job yielded, what it returned)."""
+    items = []
+    while True:
+        try:
+            items.append(next(job))
+        except StopIteration as stop:
+            return items, stop.value
+
+
+def test_the_job_yields_status_then_progress_and_returns_the_result(tiny_segmenter):
+    items, outcome = _drain(segmentation_job(_request(), lambda device: tiny_segmenter, lambda: False))
+    assert outcome.error is None and outcome.result is not None and outcome.result.prompt == PROMPT
+    assert outcome.device == "cpu" and outcome.num_queries == tiny_segmenter.config.num_queries
+    assert (outcome.target, outcome.kind) == ("lung_nodule", "lesion")
+    assert isinstance(items[0], JobStatus) and items[0].text == "loading the model (auto)"
+    assert items[1].model and items[1].model.startswith("model: ")
+    progress = items[2:]
+    assert progress and all(not isinstance(p, JobStatus) for p in progress)
+    assert progress[-1].slices_done == progress[-1].slices_total
+
+
+def test_out_of_memory_on_an_accelerator_runs_again_on_the_cpu(tiny_segmenter):
+    import torch
+
+    released = []
+
+    class FakeGpu:  # a segmenter on a "cuda" device that runs out of memory
+        device = torch.device("cuda")
+        config = tiny_segmenter.config
+
+        def iter_segment(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            yield  # a generator
+
+        def release_memory(self):
+            released.append(True)
+
+    devices = []
+
+    def load(device):
+        devices.append(device)
+        return FakeGpu() if device == "cuda" else tiny_segmenter
+
+    items, outcome = _drain(segmentation_job(_request("cuda"), load, lambda: False))
+    assert devices == ["cuda", "cpu"] and released == [True]
+    assert outcome.error is None and outcome.device == "cpu" and outcome.result is not None
+    warnings = [i for i in items if isinstance(i, JobStatus) and i.level == "warning"]
+    assert [w.text for w in warnings] == outcome.notes == ["CUDA ran out of memory; running again on the CPU (slower)"]
+
+
+@pytest.mark.parametrize("error, message", [
+    ("library", "no such weights"),
+    ("other", "BoltzFormer failed: RuntimeError: boom"),
+])
+def test_failures_come_back_as_one_line_messages(error, message):
+    from boltzformer.errors import WeightsError
+
+    def load(device):
+        raise WeightsError("no such weights") if error == "library" else RuntimeError("boom\nmore lines")
+
+    _, outcome = _drain(segmentation_job(_request(), load, lambda: False))
+    assert outcome.result is None and outcome.error == message
+
+
+def test_the_cache_loads_a_model_once_per_weights_and_device(tiny_weights):
+    cache = SegmenterCache()
+    first = cache.get(tiny_weights, "cpu")
+    assert cache.get(str(tiny_weights), "cpu") is first
+    cache.clear()
+    assert cache.get(tiny_weights, "cpu") is not first
+
+
+def test_the_job_module_imports_neither_qt_nor_napari():
+    import subprocess
+
+    code = "import sys, napari_boltzformer._job; print(sorted(m for m in ('qtpy', 'napari', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
