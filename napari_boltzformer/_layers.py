@@ -1,20 +1,12 @@
 """Volumes <-> napari layer data: physical placement, display defaults, the result layers.
 
-boltzformer keeps ITK geometry: `spacing_mm` and `origin_mm` are (x, y, z) in LPS world
-coordinates and `direction` is the 3 x 3 ITK matrix whose columns are the image axes. napari
-orders everything (z, y, x), so every vector is reversed, and the direction becomes
-R = P D P (P the axis reversal). A layer is placed as
-
-    world_zyx = affine_R @ (scale * index_zyx + translate) + affine_origin
-
-napari applies `scale`/`translate` first and `affine` after. Axis-aligned volumes (identity
-direction) get scale = spacing reversed, translate = origin reversed and no affine. Oblique (or
-flipped) volumes keep scale = spacing reversed and get a 4 x 4 `affine` holding the rotation and
-the origin, so `layer.scale` is the voxel size in mm in both cases and result layers on a
-coarser grid (the attention maps) reuse the same affine with their own scale and offset.
-
-`layer.metadata[GEOMETRY_KEY]` holds the volume's geometry as plain lists (spacing, origin,
-direction, source path, modality, shape, ndim) so the writer and the panel restore it exactly.
+The geometry is the core's: `boltzformer.io.Volume` converts itself to napari's scale,
+translate and affine (`Volume.napari_transform`: world (z, y, x) is LPS reversed, an oblique or
+flipped volume gets a 4 x 4 affine and keeps `layer.scale` = the voxel size in mm), to and from a
+data -> world matrix (`Volume.from_affine_zyx`) and to and from plain data
+(`Volume.geometry_dict` / `from_geometry_dict`). `layer.metadata[GEOMETRY_KEY]` holds that plain
+copy (spacing, origin, direction, source path, modality, shape, ndim) so the writer and the
+panel restore the source volume exactly; this module only reads it and places layers with it.
 
 This module never imports torch.
 """
@@ -27,7 +19,7 @@ import numpy as np
 
 from ._windowing import WINDOW_KEY, display_window, modality_of
 
-GEOMETRY_KEY = "boltzformer_volume"  # geometry of the source volume (see geometry_of)
+GEOMETRY_KEY = "boltzformer_volume"  # Volume.geometry_dict of the source volume
 ROLE_KEY = "boltzformer_role"  # image | mask | probability | uncertainty | attention
 PROMPT_KEY = "boltzformer_prompt"  # the (normalised) prompt of a result layer
 SOURCE_KEY = "boltzformer_source"  # name of the image layer a result layer was computed from
@@ -52,86 +44,18 @@ ATTENTION_COLORS = (  # (position in the contrast range, RGBA)
 ATTENTION_OPACITY = 0.9
 # Layer names longer than this are cut in napari's layer list ("multiple scler…sion attention").
 MAX_LAYER_NAME = 26
-_IDENTITY_ATOL = 1e-6
 
 
 # -- geometry -------------------------------------------------------------------------------
-def geometry_of(volume, ndim: int = 3) -> dict:
-    """Plain-data geometry of a boltzformer Volume (what the writer needs to restore it)."""
-    return {
-        "spacing_mm": [float(v) for v in volume.spacing_mm],
-        "origin_mm": [float(v) for v in volume.origin_mm],
-        "direction": np.asarray(volume.direction, dtype=float).reshape(3, 3).tolist(),
-        "path": None if getattr(volume, "path", None) is None else str(volume.path),
-        "modality": getattr(volume, "modality", None),
-        "shape": [int(v) for v in np.shape(volume.array)],
-        "ndim": int(ndim),  # dimensions of the layer (3; 2 for a single-slice layer)
-        "file_ndim": int((getattr(volume, "metadata", None) or {}).get("ndim", 3)),  # of the source file
-        "sequence": _sequence_of(volume),  # MR sequence named by the file (DICOM), else None
-    }
-
-
-def _sequence_of(volume) -> str | None:
-    md = getattr(volume, "metadata", None) or {}
-    for key in ("SeriesDescription", "SequenceName"):
-        if md.get(key):
-            return str(md[key])
-    return None
-
-
-def _zyx(geom: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(spacing_zyx, origin_zyx, R_zyx) of a geometry dict."""
-    spacing = np.asarray(geom["spacing_mm"], float)[::-1]
-    origin = np.asarray(geom["origin_mm"], float)[::-1]
-    rotation = np.asarray(geom["direction"], float).reshape(3, 3)[::-1, ::-1]
-    return spacing, origin, rotation
-
-
-def is_axis_aligned(geom: dict) -> bool:
-    return bool(np.allclose(np.asarray(geom["direction"], float).reshape(3, 3), np.eye(3), atol=_IDENTITY_ATOL))
-
-
-def transform_kwargs(geom: dict, cell_voxels=(1.0, 1.0, 1.0), offset_voxels=(0.0, 0.0, 0.0), leading_axes: int = 0) -> dict:
-    """napari scale/translate/(affine) placing data on the volume `geom` describes.
-
-    cell_voxels: size of one data element in source voxels (z, y, x): 1 for full-resolution
-    layers, the grid scale for the attention maps. offset_voxels: where the centre of data
-    element 0 lies, in source voxels (z, y, x) from the centre of voxel 0. leading_axes:
-    extra non-spatial axes in front (scale 1, no offset), e.g. the decoder layer axis.
-    """
-    spacing, origin, rotation = _zyx(geom)
-    scale = spacing * np.asarray(cell_voxels, float)
-    offset = spacing * np.asarray(offset_voxels, float)  # mm, before the rotation
-    axis_aligned = is_axis_aligned(geom)
-    translate = origin + offset if axis_aligned else offset
-    affine = None
-    if not axis_aligned:
-        affine = np.eye(4)
-        affine[:3, :3] = rotation
-        affine[:3, 3] = origin
-    if int(geom.get("ndim", 3)) == 2:  # a single slice shown as a 2D layer: drop z
-        scale, translate = scale[1:], translate[1:]
-        if affine is not None:
-            affine = np.delete(np.delete(affine, 0, axis=0), 0, axis=1)
-    n = leading_axes
-    out = {
-        "scale": tuple([1.0] * n + scale.tolist()),
-        "translate": tuple([0.0] * n + translate.tolist()),
-    }
-    if affine is not None:
-        full = np.eye(affine.shape[0] + n)
-        full[n:, n:] = affine
-        out["affine"] = full
-    return out
-
-
 def geometry_from_layer(layer) -> dict:
-    """The source geometry of an image or labels layer.
+    """The source geometry (Volume.geometry_dict) of an image or labels layer.
 
     From `metadata[GEOMETRY_KEY]` when it matches the layer's shape; otherwise derived from the
     layer's own transform (scale, translate, rotate, shear, affine), e.g. for layers opened by
     another reader or drawn by hand.
     """
+    from boltzformer.io import Volume
+
     data_shape = tuple(int(v) for v in layer_array(layer).shape)
     geom = (layer.metadata or {}).get(GEOMETRY_KEY)
     if geom is not None and geometry_shape(geom) == data_shape:
@@ -144,7 +68,7 @@ def geometry_from_layer(layer) -> dict:
     matrix[:ndim, ndim] = origin
     for i in range(ndim):
         matrix[:ndim, i] = np.asarray(layer.data_to_world(np.eye(ndim)[i]), float) - origin
-    return _geometry_from_matrix(matrix, data_shape)
+    return Volume.from_affine_zyx(_placeholder(data_shape), matrix).geometry_dict(layer_ndim=ndim)
 
 
 def geometry_shape(geom: dict) -> tuple:
@@ -153,27 +77,17 @@ def geometry_shape(geom: dict) -> tuple:
     return shape[-2:] if int(geom.get("ndim", 3)) == 2 else shape
 
 
-def _geometry_from_matrix(matrix: np.ndarray, shape: tuple) -> dict:
-    """Geometry dict from a homogeneous data(zyx) -> world(zyx) matrix of a 2D or 3D layer."""
-    ndim = len(shape)
-    matrix = np.asarray(matrix, float)
-    columns, origin = matrix[:ndim, :ndim], matrix[:ndim, ndim]
-    if ndim == 2:  # embed in 3D: one slice of thickness 1 mm at z = 0
-        columns = np.block([[np.ones((1, 1)), np.zeros((1, 2))], [np.zeros((2, 1)), columns]])
-        origin = np.concatenate([[0.0], origin])
-    spacing_zyx = np.linalg.norm(columns, axis=0)
-    rotation = columns / spacing_zyx
-    shape3 = tuple(shape) if ndim == 3 else (1, *shape)
-    return {
-        "spacing_mm": spacing_zyx[::-1].tolist(),
-        "origin_mm": origin[::-1].tolist(),
-        "direction": rotation[::-1, ::-1].tolist(),
-        "path": None,
-        "modality": None,
-        "shape": [int(v) for v in shape3],
-        "ndim": ndim,
-        "file_ndim": ndim,
-    }
+def geometry_volume(geom: dict, array_zyx: np.ndarray | None = None, modality: str | None = None):
+    """The core Volume a geometry describes, around `array_zyx` (3D); None: no voxels, only
+    the geometry (a read-only placeholder of its shape that allocates nothing)."""
+    from boltzformer.io import Volume
+
+    array = _placeholder(geom["shape"]) if array_zyx is None else array_zyx
+    return Volume.from_geometry_dict(array, geom, modality=modality)
+
+
+def _placeholder(shape) -> np.ndarray:
+    return np.broadcast_to(np.uint8(0), tuple(int(v) for v in shape))
 
 
 def layer_array(layer) -> np.ndarray:
@@ -190,30 +104,18 @@ def volume_from_layer(layer, modality: str | None = None):
     array = np.asarray(layer_array(layer))
     if array.ndim == 2:
         array = array[None]
-    return make_volume(array, geom, modality=modality or geom.get("modality"))
+    return geometry_volume(geom, array, modality=modality)
+
+
+def mask_array(array: np.ndarray) -> np.ndarray:
+    """A labels layer's data as a mask volume holds it: bool as uint8, other types as they are."""
+    return array.astype(np.uint8) if array.dtype == bool else array
 
 
 def mask_volume(array: np.ndarray, geom: dict):
-    """A uint8 mask Volume (z, y, x) of a labels layer's data (2D or 3D) with `geom`'s geometry."""
-    array = array[None] if array.ndim == 2 else array
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    return make_volume(array, geom, modality=None)
-
-
-def make_volume(array_zyx: np.ndarray, geom: dict, modality: str | None = None):
-    """A boltzformer Volume with `geom`'s geometry around `array_zyx` (3D)."""
-    from boltzformer.io import Volume
-
-    return Volume(
-        array=array_zyx,
-        spacing_mm=tuple(float(v) for v in geom["spacing_mm"]),
-        origin_mm=tuple(float(v) for v in geom["origin_mm"]),
-        direction=np.asarray(geom["direction"], float).reshape(3, 3),
-        modality=modality if modality is not None else geom.get("modality"),
-        path=geom.get("path"),
-        metadata={"ndim": int(geom.get("file_ndim", geom.get("ndim", 3)))},
-    )
+    """A mask Volume (z, y, x) of a labels layer's data (2D or 3D) with `geom`'s geometry."""
+    array = mask_array(array)
+    return geometry_volume(geom, array[None] if array.ndim == 2 else array)
 
 
 def to_layer_shape(array_zyx: np.ndarray, geom: dict) -> np.ndarray:
@@ -236,9 +138,8 @@ def layer_name_for(volume, fallback: str = "volume") -> str:
 # -- layer data tuples (data, kwargs, layer_type) --------------------------------------------
 def image_layer_data(volume, name: str | None = None, window: str | None = None) -> tuple:
     """An Image layer at the volume's physical position; HU kept, contrast from a window."""
-    geom = geometry_of(volume)
-    modality = modality_of(volume)
-    geom["modality"] = modality
+    geom = volume.geometry_dict()
+    geom["modality"] = modality_of(volume)
     window_name, limits = display_window(volume, window)
     kwargs = {
         "name": name or layer_name_for(volume),
@@ -247,7 +148,7 @@ def image_layer_data(volume, name: str | None = None, window: str | None = None)
         "metadata": {GEOMETRY_KEY: geom, ROLE_KEY: "image", WINDOW_KEY: [window_name, *limits]},
         "axis_labels": ("z", "y", "x"),
         "units": "mm",
-        **transform_kwargs(geom),
+        **volume.napari_transform(),
     }
     return volume.array, kwargs, "image"
 
@@ -287,7 +188,9 @@ def labels_layer_data(mask: np.ndarray, geom: dict, name: str, prompt: str | Non
 
 def placement_kwargs(geom: dict) -> dict:
     """Axis names, units and the world transform shared by every layer laid over the image."""
-    return {"axis_labels": ("z", "y", "x")[-int(geom.get("ndim", 3)):], "units": "mm", **transform_kwargs(geom)}
+    ndim = int(geom.get("ndim", 3))
+    return {"axis_labels": ("z", "y", "x")[-ndim:], "units": "mm",
+            **geometry_volume(geom).napari_transform(layer_ndim=ndim)}
 
 
 def result_layer_name(prompt: str, role: str | None = None) -> str:
@@ -397,10 +300,10 @@ def attention_layer_data(attention, geom: dict, name: str, prompt: str, source: 
     contrast = attention_contrast(values, num_queries, query, data)
     if getattr(attention, "frame", None) is not None:
         # a sagittal/coronal input: the maps lie on the canonical axial slices the model saw
-        geom = {**geometry_of(attention.frame), "ndim": 3}
+        geom = attention.frame.geometry_dict()
     gy, gx = (float(v) for v in attention.grid_scale_yx)
-    placement = transform_kwargs(
-        geom,
+    placement = geometry_volume(geom).napari_transform(
+        layer_ndim=int(geom.get("ndim", 3)),
         cell_voxels=(1.0, gy, gx),
         offset_voxels=(float(attention.slice_start), (gy - 1.0) / 2.0, (gx - 1.0) / 2.0),
         leading_axes=1,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._layers import GEOMETRY_KEY, GROUND_TRUTH_COLOR, ROLE_KEY, geometry_of, image_layer_data, mask_colormap, transform_kwargs
+from ._layers import GEOMETRY_KEY, GROUND_TRUTH_COLOR, ROLE_KEY, image_layer_data, mask_colormap
 
 # Display window of each CT sample (lesions are easiest to see in it); None: percentiles (MR).
 SAMPLE_WINDOWS = {"chest_ct": "lung", "brain_mri": None}
@@ -38,17 +38,16 @@ def sample_layers(key: str) -> list[tuple]:
     if key in SAMPLE_SEQUENCES:
         image[1]["metadata"][GEOMETRY_KEY]["sequence"] = SAMPLE_SEQUENCES[key]
     truth = ground_truth(case)
-    geom = geometry_of(volume)
     labels = (
         truth,
         {
             "name": f"ground truth: {case.prompt}",
-            "metadata": {GEOMETRY_KEY: geom, ROLE_KEY: "ground truth"},
+            "metadata": {GEOMETRY_KEY: volume.geometry_dict(), ROLE_KEY: "ground truth"},
             "colormap": mask_colormap(GROUND_TRUTH_COLOR),
             "opacity": 1.0,  # the panel draws it as an outline (napari takes `contour` only after creation)
             "axis_labels": ("z", "y", "x"),
             "units": "mm",
-            **transform_kwargs(geom),
+            **volume.napari_transform(),
         },
         "labels",
     )

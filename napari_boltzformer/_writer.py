@@ -1,16 +1,17 @@
 """napari writer: a Labels layer -> NIfTI (.nii.gz / .nii) with the source volume's geometry.
 
 The geometry comes from `metadata["boltzformer_volume"]` (set by this plugin's reader, sample
-data and panel) and otherwise from the layer's scale/translate/rotate/shear/affine. Files are
-written atomically by boltzformer.io (temporary file in the same folder, then rename). napari's
-save dialog has already asked before replacing a file, so an existing file is overwritten.
+data and panel) and otherwise from the layer's scale/translate/rotate/shear/affine, turned into
+a Volume by the core (Volume.from_affine_zyx). Files are written atomically by boltzformer.io
+(temporary file in the same folder, then rename). napari's save dialog has already asked before
+replacing a file, so an existing file is overwritten.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._layers import GEOMETRY_KEY, _geometry_from_matrix, geometry_shape, mask_volume
+from ._layers import GEOMETRY_KEY, geometry_shape, mask_array, mask_volume
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
@@ -35,19 +36,19 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
 
 def labels_volume(data: np.ndarray, meta: dict):
     """A boltzformer Volume of `data` (a labels layer's data) with its source geometry."""
+    from boltzformer.io import Volume
+
     geom = (meta.get("metadata") or {}).get(GEOMETRY_KEY)
-    if geom is not None and geometry_shape(geom) != tuple(data.shape):
-        geom = None  # the layer was resized or cropped: its own transform is the truth now
-    if geom is None:
-        geom = geometry_from_meta(data.shape, meta)
-    return mask_volume(data, geom)
+    if geom is not None and geometry_shape(geom) == tuple(data.shape):
+        return mask_volume(data, geom)
+    # none, or the layer was resized or cropped: its own transform is the truth now
+    return Volume.from_affine_zyx(mask_array(data), layer_matrix(data.ndim, meta))
 
 
-def geometry_from_meta(shape, meta: dict) -> dict:
-    """Geometry from a layer's state (scale, translate, rotate, shear, affine)."""
+def layer_matrix(ndim: int, meta: dict) -> np.ndarray:
+    """The data -> world matrix of a layer's state (scale, translate, rotate, shear, affine)."""
     from napari.utils.transforms import Affine
 
-    ndim = len(shape)
     if ndim not in (2, 3):
         raise ValueError(f"labels with {ndim} dimensions; a 2D slice or a 3D volume is needed")
     data2physical = Affine(
@@ -61,5 +62,4 @@ def geometry_from_meta(shape, meta: dict) -> dict:
     matrix = data2physical.affine_matrix
     if physical2world is not None:
         matrix = np.asarray(getattr(physical2world, "affine_matrix", physical2world), float) @ matrix
-    return _geometry_from_matrix(matrix, tuple(shape))
-
+    return matrix
