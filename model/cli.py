@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import BoltzformerError
+from .options import DEFAULT_MIN_LESION_MM3
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -114,15 +115,11 @@ def cmd_segment(args) -> int:
     from .io import OutputSet, read_volume
     from .postprocess import lesion_table_bytes
 
-    if not args.prompt or not args.prompt.strip():
-        raise BoltzformerError("the prompt is empty; give one with -p, e.g. -p \"lung nodule\"")
-    from .segmenter import MAX_PROMPT_CHARS
+    from .options import check_prompt_text
 
-    if len(args.prompt) > MAX_PROMPT_CHARS:
-        raise BoltzformerError(f"the prompt is {len(args.prompt)} characters long; at most {MAX_PROMPT_CHARS} "
-                               "(a short phrase such as \"lung nodule\" works best)")
-    if args.window and args.window not in intensity.WINDOWS:
-        raise BoltzformerError(f"--window {args.window!r}: unknown; choose one of {', '.join(intensity.WINDOWS)}")
+    check_prompt_text(args.prompt)  # the library's checks, before any output or model is touched
+    if args.window:
+        intensity.check_window(args.window)
     if args.seed + args.runs - 1 > MAX_SEED:
         raise BoltzformerError(f"--seed {args.seed} with --runs {args.runs}: run seeds go up to seed + runs - 1, "
                                f"at most {MAX_SEED}")
@@ -410,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", default=None, help="slice range START:STOP (0-based, stop excluded)")
     s.add_argument("--runs", type=RUNS, default=1,
                    help=f"sampling runs, 1 to {MAX_RUNS}; > 1 gives mean probability and uncertainty")
-    s.add_argument("--min-lesion-mm3", type=number(0.0), default=5.0, help="drop components smaller than this (mm³, >= 0)")
+    s.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³, >= 0)")
     s.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     s.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
     s.add_argument("--no-fp-filter", action="store_true",
@@ -450,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", default=None, help="CT window: lung, mediastinum, soft_tissue, liver, bone, brain")
     c.add_argument("--modality", default="auto", choices=("auto", "CT", "MR"))
     c.add_argument("--runs", type=RUNS, default=1, help=f"sampling runs per scan, 1 to {MAX_RUNS}")
-    c.add_argument("--min-lesion-mm3", type=number(0.0), default=5.0, help="drop components smaller than this (mm³)")
+    c.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³)")
     c.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     c.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
     c.add_argument("--no-fp-filter", action="store_true", help="keep every candidate: skip the 3D false-positive filter")

@@ -40,6 +40,7 @@ from distributed import WorkerPlugin
 
 from .errors import BoltzformerError, InputError, OutputError
 from .io import DICOM_EXTENSIONS, INPUT_EXTENSIONS, _os_problem, atomic_output, extension_of, has_dicom_preamble
+from .options import DEFAULT_MIN_LESION_MM3, check_prompt_text
 from .postprocess import CSV_COLUMNS, flat_lesion_row
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class ScanOptions:
     modality: str | None = None  # None: detected per scan
     runs: int = 1
     seed: int = 0
-    min_lesion_mm3: float = 5.0
+    min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3
     fp_reduction: bool = True
     force_prompt: bool = False
     batch_size: int | None = None  # slices per batch (default: 8 CPU, 32 GPU); the draws follow it
@@ -627,13 +628,12 @@ def run_cohort(
     if resume and overwrite:
         raise BoltzformerError("--resume and --overwrite: choose one (--resume keeps the scans done, --overwrite "
                                "starts again)")
-    if prompt is not None and not prompt.strip():
-        raise BoltzformerError("the prompt is empty; give one with -p, e.g. -p \"lung nodule\"")
+    if prompt is not None:
+        check_prompt_text(prompt)
     if options.window:
-        from .intensity import WINDOWS
+        from .intensity import check_window
 
-        if options.window not in WINDOWS:
-            raise BoltzformerError(f"--window {options.window!r}: unknown; choose one of {', '.join(WINDOWS)}")
+        check_window(options.window)
     if client is not None or scheduler:
         if workers is not None or threads_per_worker is not None:
             raise BoltzformerError("--workers and --threads-per-worker size the local cluster; a cluster given with "

@@ -16,7 +16,7 @@ import numpy as np
 from .errors import BoltzformerError
 
 __all__ = [
-    "Window", "WINDOWS", "DEFAULT_WINDOW", "window_for_prompt", "normalise_modality", "detect_modality", "classify_units",
+    "Window", "WINDOWS", "DEFAULT_WINDOW", "window_for_prompt", "check_window", "apply_window", "normalise_modality", "detect_modality", "classify_units",
     "prepare_slices",
 ]
 
@@ -76,6 +76,17 @@ def window_for_prompt(prompt: str) -> str:
         if pattern.search(prompt or ""):
             return name
     return DEFAULT_WINDOW
+
+
+def check_window(name: str) -> None:
+    """Raise BoltzformerError unless ``name`` is a key of WINDOWS."""
+    if name not in WINDOWS:
+        raise BoltzformerError(f"unknown CT window {name!r}; choose one of {', '.join(WINDOWS)}")
+
+
+def apply_window(hu: np.ndarray, window: Window) -> np.ndarray:
+    """float32 in [0, 1], same shape: Hounsfield units clipped to the window and scaled."""
+    return _rescale(hu, window.lower_hu, window.upper_hu)
 
 
 def normalise_modality(name) -> str:
@@ -201,11 +212,10 @@ def prepare_slices(
             window = window_for_prompt(prompt) if prompt else DEFAULT_WINDOW
         if isinstance(window, Window):
             win, info["window"] = window, f"custom (center {window.center_hu:g} HU, width {window.width_hu:g} HU)"
-        elif window in WINDOWS:
-            win, info["window"] = WINDOWS[window], window
         else:
-            raise BoltzformerError(f"unknown CT window {window!r}; choose one of {', '.join(WINDOWS)}")
-        return _rescale(array, win.lower_hu, win.upper_hu), info
+            check_window(window)
+            win, info["window"] = WINDOWS[window], window
+        return apply_window(array, win), info
 
     described = {
         "8bit": "8-bit grey levels (0-255)",

@@ -30,16 +30,15 @@ from .io import Volume
 from .network.boltzformer import BoltzFormer
 from .orientation import Reorientation, to_canonical
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
+from .options import DEFAULT_MIN_LESION_MM3, check_prompt_text
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIN_LESION_MM3 = 5.0
 # A prompt whose sentence embedding has a lower cosine similarity than this to every known prompt
 # names nothing the model was trained for, and is refused unless forced. Measured on the bundled
 # model (benchmarks/prompt_similarity.py): phrasings of known targets score >= 0.59, unrelated
 # words and sentences <= 0.49.
 MIN_PROMPT_SIMILARITY = 0.54
-MAX_PROMPT_CHARS = 500  # prompts are short phrases ("lung nodule"); a page of text is a mistake
 
 
 def available_devices() -> dict[str, bool]:
@@ -375,15 +374,12 @@ class Segmenter:
     def check_prompt(self, prompt: str, force: bool = False) -> tuple[str, list[str]]:
         """Normalise a prompt -> (text, warnings).
 
-        Raises PromptError when it is empty, or when it names nothing the model knows (cosine
-        similarity to every known prompt below MIN_PROMPT_SIMILARITY) unless `force`: a model
-        asked for "banana" would otherwise return whatever its nearest target looks like.
+        Raises PromptError when it is empty or too long (options.check_prompt_text), or when it
+        names nothing the model knows (cosine similarity to every known prompt below
+        MIN_PROMPT_SIMILARITY) unless `force`: a model asked for "banana" would otherwise return
+        whatever its nearest target looks like.
         """
-        if prompt is None or not str(prompt).strip():
-            raise PromptError("the prompt is empty; type what to segment, e.g. \"lung nodule\"")
-        if len(str(prompt)) > MAX_PROMPT_CHARS:
-            raise PromptError(f"the prompt is {len(str(prompt))} characters long; at most {MAX_PROMPT_CHARS} "
-                              "(a short phrase such as \"lung nodule\" works best)")
+        check_prompt_text(prompt)
         text = normalise_prompt(str(prompt))
         warnings = []
         if self.prompt_bank and text not in self.prompt_bank:
@@ -414,7 +410,8 @@ class Segmenter:
         A 2D batch given to a context model has its neighbours replicated from the slice (what a
         single-slice image gives). Slices are resized to the network size and the probabilities
         resized to out_hw (default: the input's H x W). attention: list per layer of (counts,
-        probabilities, stride, tau, query bits or None) with n x G x G tensors on CPU, or None.
+        probabilities, stride, tau, query bits or None, tokens per query) with n x G x G tensors on
+        CPU, or None.
         prior: an optional network.sampling.PointPrior for the n slices ("look here"); None leaves
         every output exactly as without it.
         """
@@ -451,7 +448,7 @@ class Segmenter:
                 if bits is not None:  # integer nearest upsampling: each token repeated over its cells
                     f = grid // bits.shape[-1]
                     bits = bits.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu()
-                attention.append((c.cpu(), p.cpu(), rec["stride"], rec["tau"], bits))
+                attention.append((c.cpu(), p.cpu(), rec["stride"], rec["tau"], bits, rec["tokens_per_query"]))
         return prob[:, 0].cpu().numpy(), attention
 
     def _to_network_size(self, slices01: np.ndarray, chunk: int = 32) -> np.ndarray:
@@ -541,8 +538,6 @@ class Segmenter:
             frame = frame.with_array(frame.array.astype(np.float32) - offset)
             warnings.append(f"the values look like Hounsfield units + {offset} (air near 0, soft tissue near "
                             f"{offset + 40}); {offset} was subtracted. Check the file's rescale intercept.")
-        if window is None and modality == "CT":
-            window = intensity.window_for_prompt(text)
         # 2.5D context: prepare the neighbours a few mm beyond the range too.
         offsets = self.model.cfg.context_offsets_mm
         z_mm = frame.spacing_mm[2]
@@ -623,18 +618,11 @@ class Segmenter:
                 counts=np.zeros((num_layers, n, g, g), np.float16),
                 probabilities=np.zeros((num_layers, n, g, g), np.float16),
                 strides=[rec[2] for rec in layers], temperatures=[rec[3] for rec in layers],
-                tokens_per_query=[], slice_start=start,
+                tokens_per_query=[rec[5] for rec in layers], slice_start=start,
                 grid_scale_yx=(hw[0] / g, hw[1] / g), num_queries=q,
                 query_bits=np.zeros((num_layers, n, g, g), bits_dtype) if has_bits else None,
             )
-            cfg = self.model.cfg
-            from .network.sampling import num_sampled_tokens
-
-            for s in att.strides:
-                tokens = (cfg.image_size // s) ** 2
-                k = tokens if cfg.sampling in ("dense", "mask2former") else num_sampled_tokens(tokens, cfg.token_ratio, cfg.min_tokens)
-                att.tokens_per_query.append(k)
-        for i, (c, p, _, _, bits) in enumerate(layers):
+        for i, (c, p, _, _, bits, _) in enumerate(layers):
             att.counts[i, b0 : b0 + c.shape[0]] = c.numpy().astype(np.float16)
             att.probabilities[i, b0 : b0 + p.shape[0]] = p.numpy().astype(np.float16)
             if att.query_bits is not None and bits is not None:

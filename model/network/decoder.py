@@ -187,7 +187,7 @@ class BoltzDecoder(nn.Module):
             elif cfg.sampling == "mask2former":
                 mask = sampling.threshold_mask(confidence)
             if return_attention:
-                attention.append(self._attention_record(layer, s, (h, w), confidence, tau, indices, mask))
+                attention.append(self._attention_record(layer, s, (h, w), confidence, tau, indices, mask, k))
             queries = block(queries, query_pos, flat, pos, text, text_padding, indices, mask, impl)
             last = layer == len(self.blocks) - 1
             next_stride = mask_stride if last else self.layer_stride(layer + 1)
@@ -197,8 +197,9 @@ class BoltzDecoder(nn.Module):
             out["attention"] = attention
         return out
 
-    def _attention_record(self, layer, stride, hw, confidence, tau, indices, mask):
-        """Per-layer sampling record at token resolution (for the heatmaps)."""
+    def _attention_record(self, layer, stride, hw, confidence, tau, indices, mask, tokens_per_query):
+        """Per-layer sampling record at token resolution (for the heatmaps); tokens_per_query is
+        the K each query attended (all N tokens for dense and mask2former)."""
         b, q, n = confidence.shape
         probs = sampling.boltzmann_probabilities(confidence, tau if self.cfg.sampling == "boltzmann" else math.inf)
         if indices is not None:
@@ -208,7 +209,7 @@ class BoltzDecoder(nn.Module):
         else:
             counts = torch.full((b, n), float(q), device=confidence.device)
         record = {
-            "layer": layer, "stride": stride, "tau": tau,
+            "layer": layer, "stride": stride, "tau": tau, "tokens_per_query": tokens_per_query,
             "probabilities": probs.mean(1).reshape(b, *hw),  # B x h x w, mean over queries
             "counts": counts.reshape(b, *hw),  # B x h x w, queries that sampled each token
         }

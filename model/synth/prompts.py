@@ -58,6 +58,8 @@ def target_of_prompt(prompt: str) -> str | None:
 ORGAN_TARGETS = frozenset({"liver", "kidney", "spleen", "aorta", "inferior_vena_cava", "heart", "lung",
                            "left_lung", "right_lung", "vertebra"})
 PAIRED_TARGETS = frozenset({"kidney", "lung"})
+# Every other target is a lesion, in TARGETS order (training and the test set draw from it by index).
+LESION_TARGETS = tuple(k for k in TARGETS if k not in ORGAN_TARGETS)
 _LESION_WORDS = ("lesion", "nodul", "tumor", "tumour", "mass", "cancer", "cyst", "metasta", "plaque", "glioma",
                  "carcinoma", "polyp", "abscess")
 _ORGAN_WORDS = ("liver", "hepatic", "kidney", "renal", "spleen", "splenic", "aorta", "aortic", "vena cava", "ivc",

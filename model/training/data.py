@@ -23,7 +23,6 @@ from .. import intensity
 from ..evaluate import modality_of, read_cases, read_split
 from ..synth import prompts as vocab
 
-LESION_TARGETS = ("lung_nodule", "lung_tumor", "liver_lesion", "kidney_lesion", "ms_lesion", "brain_tumor")
 # Windows a CT slice is shown in during training, besides the target's own: the model must not
 # depend on one window, because exported 8-bit images come in whatever window the exporter used.
 TRAIN_WINDOWS = ("lung", "mediastinum", "soft_tissue")
@@ -87,9 +86,9 @@ class ExampleSet:
         return cls(z["images"], masks, [str(p) for p in z["prompts"]], [str(t) for t in z["targets"]])
 
 
-def window_ct(hu: np.ndarray, center_hu: float, width_hu: float) -> np.ndarray:
-    lower = center_hu - width_hu / 2.0
-    return np.clip((hu.astype(np.float32) - lower) / width_hu, 0.0, 1.0)
+def jittered(window: intensity.Window, rng: np.random.Generator) -> intensity.Window:
+    """A window moved by ~30 HU and widened or narrowed by up to 25 % (exports come in any window)."""
+    return intensity.Window(window.center_hu + rng.normal(0, 30), window.width_hu * rng.uniform(0.8, 1.25))
 
 
 def _target_mask(masks: dict, target: str, shape) -> np.ndarray:
@@ -113,10 +112,10 @@ def synthetic_example(rng: np.random.Generator, size: int = 256, negative_fracti
     same_modality = [k for k, t in vocab.TARGETS.items() if t.modality == modality]
     absent = [k for k in same_modality if k not in present and not (k == "lung_tumor" and "lung_nodule" in present)]
     if present and (rng.random() >= negative_fraction or not absent):
-        weights = np.array([4.0 if k in LESION_TARGETS else 1.0 for k in present])
+        weights = np.array([4.0 if k in vocab.LESION_TARGETS else 1.0 for k in present])
         target = present[rng.choice(len(present), p=weights / weights.sum())]
     else:
-        lesion_absent = [k for k in absent if k in LESION_TARGETS] or absent
+        lesion_absent = [k for k in absent if k in vocab.LESION_TARGETS] or absent
         target = lesion_absent[rng.integers(len(lesion_absent))]
     spec = vocab.TARGETS[target]
     prompt = spec.prompts[rng.integers(len(spec.prompts))]
@@ -124,7 +123,7 @@ def synthetic_example(rng: np.random.Generator, size: int = 256, negative_fracti
     if modality == "CT":
         name = spec.window if rng.random() < 0.5 else TRAIN_WINDOWS[rng.integers(len(TRAIN_WINDOWS))]
         w = intensity.WINDOWS[name]
-        image = window_ct(sl.image, w.center_hu + rng.normal(0, 30), w.width_hu * rng.uniform(0.8, 1.25))
+        image = intensity.apply_window(sl.image, jittered(w, rng))
     else:
         image, _ = intensity.prepare_slices(sl.image[None].astype(np.float32), modality="MR")
         image = image[0]
@@ -207,7 +206,7 @@ def real_examples(folder: Path, split: str, size: int = 256, negatives: bool = T
             prompts.append(row["prompt"])
             targets.append(target)
             if negatives:
-                others = [k for k, t in vocab.TARGETS.items() if t.modality == modality and k in LESION_TARGETS
+                others = [k for k, t in vocab.TARGETS.items() if t.modality == modality and k in vocab.LESION_TARGETS
                           and k != target and not (target == "lung_tumor" and k == "lung_nodule")
                           and not (target == "lung_nodule" and k == "lung_tumor")]
                 if others:
@@ -283,7 +282,7 @@ def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, 
             w = intensity.WINDOWS[name]
             lo_z, hi_z = max(0, z - 8), min(depth, z + 9)  # covers +-5 mm of context at >= 0.7 mm spacing
             span = ph.image[lo_z:hi_z]
-            windowed = window_ct(span, w.center_hu + rng.normal(0, 30), w.width_hu * rng.uniform(0.8, 1.25))
+            windowed = intensity.apply_window(span, jittered(w, rng))
             stack = context_stack(windowed, [z - lo_z], z_mm, offsets_mm)[0]
             images.append(np.round(stack * 255).astype(np.uint8))
             m = ph.masks.get(target)

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..synth import ct, mri
-from ..synth.prompts import TARGETS
+from ..synth.prompts import LESION_TARGETS, TARGETS
 
-LESIONS = ("lung_nodule", "lung_tumor", "liver_lesion", "kidney_lesion", "ms_lesion", "brain_tumor")
 # Lesion size bands, as fractions of the slice area (the model card's tables).
 SMALL_AREA, LARGE_AREA = 0.001, 0.01
 
@@ -39,11 +38,11 @@ def write_testset(out_dir, count: int = 300, seed: int = 777, size: int = 256, o
     rows = []
     for i in range(count):
         sl = ct.ct_slice(rng, size) if rng.random() < 0.7 else mri.brain_slice(rng, size)
-        present = [k for k in LESIONS if k in sl.masks and sl.masks[k].any()]
+        present = [k for k in LESION_TARGETS if k in sl.masks and sl.masks[k].any()]
         if present and rng.random() > 0.2:
             target = present[rng.integers(len(present))]
         else:  # a lesion-free question: a lesion target of this modality that is absent
-            absent = [k for k in LESIONS if TARGETS[k].modality == sl.modality and k not in present]
+            absent = [k for k in LESION_TARGETS if TARGETS[k].modality == sl.modality and k not in present]
             if not absent:
                 continue
             target = absent[rng.integers(len(absent))]

@@ -171,7 +171,7 @@ class BatchSampler:
         self.synth, self.real, self.cfg, self.rng = synth, real, cfg, rng
         self.phantom, self.channels = phantom, channels
         # Lesions are the product's job; organs are easy and would dominate the batches otherwise.
-        is_lesion = np.array([t in data_mod.LESION_TARGETS for t in synth.targets])
+        is_lesion = np.array([t in vocab.LESION_TARGETS for t in synth.targets])
         self.lesion_idx, self.organ_idx = np.flatnonzero(is_lesion), np.flatnonzero(~is_lesion)
         self.area = synth.area
         self.small_idx = np.flatnonzero(is_lesion & (self.area > 0) & (self.area < SMALL_AREA))

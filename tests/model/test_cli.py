@@ -173,7 +173,7 @@ def test_unreadable_inputs_are_one_line_errors(make, expected, tmp_path, tiny_we
     (["--slices", "9:3"], "--slices"),
     (["--slices", "a:b"], "--slices"),
     (["--slices", "50:60"], "slice"),
-    (["--window", "disco"], "--window"),
+    (["--window", "disco"], "unknown CT window 'disco'; choose one of lung,"),  # the library's message (intensity.check_window)
     (["--threshold", "1.5"], "--threshold"),
     (["--min-nodule-score", "2"], "--min-nodule-score"),
     (["--runs", "0"], "--runs"),
@@ -189,7 +189,8 @@ def test_bad_options_are_refused_before_any_output(extra, expected, ct_path, tmp
 
 def test_empty_prompt(ct_path, tmp_path, tiny_weights, capsys):
     code, _, err = run(["segment", ct_path, "-p", "  ", "-o", tmp_path / "o.nii.gz", "--weights", tiny_weights], capsys)
-    assert code == 2 and "prompt is empty" in err
+    # the library's message (options.check_prompt_text), checked before the volume is read
+    assert code == 2 and 'boltzformer: error: the prompt is empty; type what to segment, e.g. "lung nodule"' in err
 
 
 def test_existing_output_is_kept_without_overwrite(ct_path, tmp_path, tiny_weights, capsys):

@@ -319,3 +319,17 @@ def test_threads_of_one_worker_share_its_model_and_give_the_same_masks(scans, tm
     for case_id in ("a", "b", "p2_c", "p3_series"):
         np.testing.assert_array_equal(read_volume(tmp_path / "one" / f"{case_id}_mask.nii.gz").array,
                                       read_volume(tmp_path / "two" / f"{case_id}_mask.nii.gz").array)
+
+
+@pytest.mark.parametrize("prompt, window, message", [
+    ("  ", None, 'the prompt is empty; type what to segment, e.g. "lung nodule"'),
+    ("x" * 501, None, "the prompt is 501 characters long; at most 500"),
+    (PROMPT, "disco", "unknown CT window 'disco'; choose one of lung,"),
+])
+def test_prompt_and_window_are_checked_by_the_library_rules_before_any_scan(tmp_path, prompt, window, message):
+    """The same checks (and messages) as `segment`: options.check_prompt_text, intensity.check_window."""
+    from boltzformer.errors import BoltzformerError
+
+    with pytest.raises(BoltzformerError, match=message.replace("(", r"\(")):
+        run_cohort(tmp_path / "nothing", tmp_path / "out", prompt, ScanOptions(window=window), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,21 @@
+"""What a user gives a segmentation run, checked once for the library, the CLI, the cohort and
+the panel: the prompt text and the default smallest lesion kept.
+
+Imports nothing heavy, so the CLI checks its command line before torch loads.
+"""
+
+from __future__ import annotations
+
+from .errors import PromptError
+
+DEFAULT_MIN_LESION_MM3 = 5.0  # components smaller than this (mm³) are dropped from masks and tables
+MAX_PROMPT_CHARS = 500  # prompts are short phrases ("lung nodule"); a page of text is a mistake
+
+
+def check_prompt_text(prompt) -> None:
+    """Raise PromptError when ``prompt`` is empty (or blank) or longer than MAX_PROMPT_CHARS."""
+    if prompt is None or not str(prompt).strip():
+        raise PromptError("the prompt is empty; type what to segment, e.g. \"lung nodule\"")
+    if len(str(prompt)) > MAX_PROMPT_CHARS:
+        raise PromptError(f"the prompt is {len(str(prompt))} characters long; at most {MAX_PROMPT_CHARS} "
+                          "(a short phrase such as \"lung nodule\" works best)")
