@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._windowing import WINDOW_KEY, display_window, modality_of
+from ._windowing import WINDOW_KEY, display_window
 
 GEOMETRY_KEY = "boltzformer_volume"  # Volume.geometry_dict of the source volume
 ROLE_KEY = "boltzformer_role"  # image | mask | probability | uncertainty | attention
@@ -125,21 +125,25 @@ def to_layer_shape(array_zyx: np.ndarray, geom: dict) -> np.ndarray:
 
 # -- names ----------------------------------------------------------------------------------
 def layer_name_for(volume, fallback: str = "volume") -> str:
+    from boltzformer.io import INPUT_EXTENSIONS, extension_of
+
     path = getattr(volume, "path", None)
     if not path:
         return fallback
     name = Path(str(path)).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)] or fallback
+    suffix = extension_of(name)
+    if suffix in INPUT_EXTENSIONS:  # the file's name without the extension of its format
+        return name[: -len(suffix)] or fallback
     return name or fallback
 
 
 # -- layer data tuples (data, kwargs, layer_type) --------------------------------------------
 def image_layer_data(volume, name: str | None = None, window: str | None = None) -> tuple:
     """An Image layer at the volume's physical position; HU kept, contrast from a window."""
+    from boltzformer import intensity
+
     geom = volume.geometry_dict()
-    geom["modality"] = modality_of(volume)
+    geom["modality"] = intensity.detect_modality(volume)  # the file's own modality wins
     window_name, limits = display_window(volume, window)
     kwargs = {
         "name": name or layer_name_for(volume),

@@ -115,9 +115,8 @@ class LesionTable(QTableWidget):
         self._rows, self._organ = [], None
         self.setSortingEnabled(True)
 
-    def show_lesions(self, result, listed: list[dict], intensity_header: tuple[str, str]):
+    def show_lesions(self, result, listed: list[dict], intensity_header: tuple[str, str], is_ct: bool):
         """One row per lesion of `listed` (rows of `result`, with their review status if any)."""
-        is_ct = (result.modality or "").upper() == "CT"
         columns = [(c[0], c[1]) for c in LESION_COLUMNS]
         columns[INTENSITY_COLUMN] = intensity_header
         self.setSortingEnabled(False)

@@ -1,7 +1,9 @@
 """napari reader: NIfTI, NRRD, MetaImage files and DICOM series folders via boltzformer.io.
 
 `napari_get_reader` only looks at the path (and, for a folder, at the first bytes of a few
-files), so it is cheap and never imports torch. Reading goes through `boltzformer.io.read_volume`,
+files), so it is cheap and never imports torch; what it accepts is the core's one list
+(boltzformer.io.INPUT_EXTENSIONS, which napari.yaml's filename patterns repeat and a test
+checks) and the core's DICOM check (DICOM_EXTENSIONS, has_dicom_preamble). Reading goes through `boltzformer.io.read_volume`,
 the same reader as the command line (NIfTI sform/qform rule, DICOM slice-position checks, single
 slices kept in place, FIFOs refused). A file that cannot be read becomes a napari error
 notification naming the file and the problem, not a traceback dialog; problems that do not stop
@@ -16,8 +18,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _FILES_TO_PROBE = 20  # files of a folder whose DICOM preamble is checked
 
 
@@ -29,16 +29,20 @@ def napari_get_reader(path):
         path = path[0]
     if not isinstance(path, (str, os.PathLike)):
         return None
+    from boltzformer.io import INPUT_EXTENSIONS, extension_of
+
     p = Path(path)
     if p.is_dir():
         return read_layers if looks_like_dicom_folder(p) else None
-    if p.name.lower().endswith(SUFFIXES):
+    if extension_of(p.name) in INPUT_EXTENSIONS:
         return read_layers
     return None
 
 
 def looks_like_dicom_folder(folder: Path) -> bool:
     """True when the folder directly holds a .dcm/.ima file or a file with the DICOM preamble."""
+    from boltzformer.io import DICOM_EXTENSIONS, has_dicom_preamble
+
     try:
         entries = sorted(folder.iterdir())
     except OSError:
@@ -47,17 +51,12 @@ def looks_like_dicom_folder(folder: Path) -> bool:
     for entry in entries:
         if not entry.is_file():
             continue
-        if entry.name.lower().endswith(DICOM_SUFFIXES):
+        if entry.name.lower().endswith(DICOM_EXTENSIONS):
             return True
         if probed < _FILES_TO_PROBE:
             probed += 1
-            try:
-                with open(entry, "rb") as f:
-                    f.seek(128)
-                    if f.read(4) == b"DICM":
-                        return True
-            except OSError:
-                continue
+            if has_dicom_preamble(entry):
+                return True
     return False
 
 

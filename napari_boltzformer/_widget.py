@@ -554,17 +554,20 @@ class BoltzFormerWidget(QWidget):
             self.result_label.setToolTip("")
             self.result_detail.setText("")
             return
-        header = self._intensity_header(result)
+        from boltzformer.intensity import normalise_modality
+
+        is_ct = normalise_modality(result.modality) == "CT"
+        header = self._intensity_header(is_ct)
         threshold = f"'{result.prompt}', threshold {result.threshold:.2f}"
         if self.current_mode() == "organ":
             summary = self.organ_summary()
-            self.table.show_organ(summary, header, is_ct=(result.modality or "").upper() == "CT")
+            self.table.show_organ(summary, header, is_ct)
             self._set_summary(*self._organ_total(result, summary, threshold))
             self.reviewer.update([])
             return
         shown, hidden = self.shown_lesions()
         self.table.show_lesions(result, self.reviewer.table_rows(shown) if self.reviewer.view() is not None else shown,
-                                header)
+                                header, is_ct)
         total_ml = sum(r["volume_mm3"] for r in shown) / 1000.0
         noun = "lesion" if len(shown) == 1 else "lesions"
         details = [threshold]
@@ -577,9 +580,9 @@ class BoltzFormerWidget(QWidget):
         self._set_summary(f"{len(shown)} {noun} · {total_ml:.2f} mL", " · ".join(details))
         self.reviewer.update(shown)
 
-    def _intensity_header(self, result) -> tuple[str, str]:
+    def _intensity_header(self, is_ct: bool) -> tuple[str, str]:
         """('HU', tip) for CT, ('a.u.', tip naming the MR sequence if the file does) otherwise."""
-        if (result.modality or "").upper() == "CT":
+        if is_ct:
             return "HU", "mean intensity in Hounsfield units"
         entry = self._results.get(self._active_run)
         sequence = (entry[1].geometry.get("sequence") if entry else None) or "sequence not stated by the file"

@@ -23,7 +23,7 @@ def display_window(volume, window: str | None = None) -> tuple[str | None, tuple
     """
     from boltzformer import intensity
 
-    modality = modality_of(volume)
+    modality = intensity.detect_modality(volume)  # the file's own modality wins
     if modality == "CT" and intensity.classify_units(np.asarray(volume.array)) == "HU":
         name = resolve_window_name(window or intensity.DEFAULT_WINDOW)
         w = intensity.WINDOWS[name]
@@ -46,13 +46,6 @@ def resolve_window_name(name: str) -> str:
 
 def _window_key(name: str) -> str:
     return "".join(ch for ch in str(name).lower() if ch.isalnum())
-
-
-def modality_of(volume) -> str:
-    from boltzformer import intensity
-
-    modality = str(intensity.detect_modality(volume)).upper()  # the file's own modality wins
-    return "MR" if modality in ("MR", "MRI") else modality
 
 
 def apply_window(layer, name: str):

@@ -69,6 +69,22 @@ def test_reader_ignores_what_it_does_not_handle(tmp_path):
     assert napari_get_reader(str(tmp_path / "x.NII.GZ")) is not None
 
 
+def test_reader_reads_every_extension_the_core_reads(viewer, tmp_path):
+    """NRRD with a detached header (.nhdr) too: the reader takes the core's list."""
+    import SimpleITK as sitk
+
+    from boltzformer.io import INPUT_EXTENSIONS
+
+    volume = ct_volume(direction=oblique_direction())
+    path = tmp_path / "detached.nhdr"
+    sitk.WriteImage(volume.to_sitk(), str(path))
+    assert all(napari_get_reader(str(tmp_path / f"x{ext}")) is not None for ext in INPUT_EXTENSIONS)
+    (layer,) = viewer.open(path, plugin="napari-boltzformer")
+    assert layer.name == "detached"
+    assert np.array_equal(layer.data, volume.array)
+    assert np.allclose(_world_of_index(layer, (3, 4, 5)), volume.index_to_world((3, 4, 5)), atol=1e-3)
+
+
 def test_reader_accepts_a_dicom_folder(tmp_path):
     folder = tmp_path / "series"
     folder.mkdir()
