@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from boltzformer.bench.decoder import bench_decoder, decoder_markdown
-from boltzformer.segmenter import resolve_device
+from boltzformer.devices import resolve_device
 
 RESULTS = Path(__file__).parent / "results"
 

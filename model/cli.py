@@ -192,7 +192,7 @@ def cmd_segment(args) -> int:
                 outputs.write_volume("--uncertainty", volume.with_array(result.uncertainty))
         if args.attention:
             with outputs.temporary("--attention") as tmp:
-                _write_attention(result, tmp)
+                result.attention.write_npz(tmp)
         if args.lesions:
             outputs.write_bytes("--lesions", lesion_table_bytes(result.lesions, args.lesions))
     args.committed = True
@@ -201,19 +201,6 @@ def cmd_segment(args) -> int:
           f"{result.slices[1] - result.slices[0]} slices in {time.perf_counter() - t0:.1f} s on {seg.device}; "
           f"mask -> {args.output}")
     return 0
-
-
-def _write_attention(result, path) -> None:
-    """The attention maps as .npz at ``path`` (a temporary file of the run's OutputSet)."""
-    import numpy as np
-
-    att = result.attention
-    with open(path, "wb") as f:
-        np.savez_compressed(
-            f, counts=att.counts, probabilities=att.probabilities, strides=np.array(att.strides),
-            temperatures=np.array(att.temperatures), tokens_per_query=np.array(att.tokens_per_query),
-            slice_start=att.slice_start, grid_scale_yx=np.array(att.grid_scale_yx), num_queries=att.num_queries,
-        )
 
 
 # -- cohort ---------------------------------------------------------------------------------------
@@ -342,7 +329,7 @@ def cmd_info(args) -> int:
     import torch
 
     from . import fp_classifier, weights
-    from .segmenter import available_devices
+    from .devices import available_devices
 
     print(f"boltzformer {__version__}")
     print(f"torch {torch.__version__}; devices: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in available_devices().items()))

@@ -69,7 +69,7 @@ class LookHereResult:
       within REACH_MM of the click; probabilities: float32 (stop - start, y, x) of the re-run;
     row: the candidate's lesion_table row (volume, diameters, centroid, the re-run's mean and
       highest probability), or None; distance_mm: from the click to the candidate's nearest voxel;
-    attention: the re-run's segmenter.AttentionMaps (where each block sampled), when asked for.
+    attention: the re-run's results.AttentionMaps (where each block sampled), when asked for.
     """
 
     slices: tuple[int, int]

@@ -96,6 +96,9 @@ class Reorientation:
         return "canonical (x, y, z) = input (" + ", ".join(parts) + ")"
 
 
+IDENTITY = Reorientation((0, 1, 2), (False, False, False))  # the input is already canonical
+
+
 def find_reorientation(direction: np.ndarray) -> Reorientation:
     """The axis permutation and flips bringing the image axes closest to LPS world axes.
 

@@ -369,13 +369,14 @@ def lesion_rows(labels: np.ndarray, result, scores: dict | None = None) -> list[
     rows are made: measured on the canonical axial frame (axial diameters are axial whatever the
     stored orientation), centroids and slice ranges given on the input grid. scores: flat index ->
     probability overriding the result's at those voxels (look-here candidates)."""
-    from .segmenter import IDENTITY, _rows_to_input
+    from .orientation import IDENTITY
+    from .results import rows_to_input
 
     frame = result.frame if result.frame is not None else result.volume
     reo = result.reorientation or IDENTITY
     probabilities = result.probabilities
     rows = postprocess.lesion_table(reo.to_canonical(labels), frame, probabilities=reo.to_canonical(probabilities))
-    _rows_to_input(rows, labels, reo, frame.shape)
+    rows_to_input(rows, labels, reo, frame.shape)
     if scores:
         _patch_scores(rows, labels, probabilities, scores)
     return rows

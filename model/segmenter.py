@@ -11,68 +11,34 @@ between batches.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Generator
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.nn import functional as F
 
-from . import fp_filter, intensity, postprocess
+from . import intensity
 from .checkpoint import load_model
-from .errors import BoltzformerError, PromptError
 from .context import context_margin, context_stack
+# available_devices: still imported from here by the panel (napari_boltzformer._panel_ui) until it imports
+# boltzformer.devices; remove it from this line then.
+from .devices import available_devices, resolve_device, sampling_generator  # noqa: F401
+from .errors import BoltzformerError, PromptError
 from .io import Volume
 from .network.boltzformer import BoltzFormer
-from .orientation import Reorientation, to_canonical
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
 from .options import DEFAULT_MIN_LESION_MM3, check_prompt_text
-
-log = logging.getLogger(__name__)
+from .orientation import to_canonical
+from .results import AttentionMaps, SegmentationResult, attention_to_input, to_input
 
 # A prompt whose sentence embedding has a lower cosine similarity than this to every known prompt
 # names nothing the model was trained for, and is refused unless forced. Measured on the bundled
 # model (benchmarks/prompt_similarity.py): phrasings of known targets score >= 0.59, unrelated
 # words and sentences <= 0.49.
 MIN_PROMPT_SIMILARITY = 0.54
-
-
-def available_devices() -> dict[str, bool]:
-    mps = getattr(torch.backends, "mps", None)
-    return {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": bool(mps is not None and mps.is_available()),
-    }
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks CUDA, then Apple MPS, then CPU; an unavailable device is a clear error."""
-    name = str(device)
-    avail = available_devices()
-    if name == "auto":
-        return torch.device("cuda" if avail["cuda"] else "mps" if avail["mps"] else "cpu")
-    kind = name.split(":")[0]
-    if kind not in avail:
-        raise BoltzformerError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    if not avail[kind]:
-        raise BoltzformerError(f"device {name!r} is not available on this machine; use --device cpu or auto")
-    return torch.device(name)
-
-
-def sampling_generator(device: torch.device, seed: int) -> torch.Generator:
-    """The seeded generator for Boltzmann sampling on `device`.
-
-    CUDA draws its own noise; MPS and CPU draw on the CPU (MPS generators are not available on
-    every torch build) and the noise is moved to the device, so a seed gives the same tokens on
-    CPU and MPS.
-    """
-    dev = device if device.type == "cuda" else torch.device("cpu")
-    return torch.Generator(device=dev).manual_seed(int(seed))
 
 
 @dataclass
@@ -92,227 +58,59 @@ class Progress:
         return self.elapsed_s / self.slices_done * (self.slices_total - self.slices_done)
 
 
-@dataclass
-class AttentionMaps:
-    """Per decoder layer, where the queries sampled, on the model's mask grid.
+def _canonical_range(volume: Volume, slices, warnings: list):
+    """(frame, reorientation, input range, range on the frame) for a slice range of ``volume``.
 
-    counts: L x Z x G x G float16, queries (of m) that attended each token, nearest-upsampled
-      from each layer's token map (16/32/64 at 256 input) to the finest grid G (64);
-    probabilities: L x Z x G x G float16, the Boltzmann probabilities averaged over queries,
-      scaled so a uniform distribution is 1 (readable across layers of different sizes);
-    grid_scale_yx: size of one grid cell in source voxels (y, x): place the maps in a viewer
-      with scale = voxel spacing * grid_scale_yx and the first processed slice as z offset;
-    query_bits: L x Z x G x G unsigned integers, bit q set when query q sampled the token (None
-      when the network has more queries than bits): `query_samples(q)` is one query's map.
+    frame: the canonical axial volume (to_canonical); ranges are half-open slice indices [start,
+    stop). A volume acquired sagittally or coronally has no axial slices of its own: it is
+    processed whole, and a range on it is an error.
     """
-
-    counts: np.ndarray
-    probabilities: np.ndarray
-    strides: list[int]
-    temperatures: list[float]
-    tokens_per_query: list[int]
-    slice_start: int
-    grid_scale_yx: tuple[float, float]
-    num_queries: int = 10  # the largest possible count
-    # None: the maps lie on the input volume's slices. Else the canonical axial Volume whose
-    # slices they lie on (a sagittal or coronal input has no axial slices of its own).
-    frame: Volume | None = None
-    query_bits: np.ndarray | None = None
-    _top_mass_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    @property
-    def num_layers(self) -> int:
-        return self.counts.shape[0]
-
-    def query_samples(self, query: int) -> np.ndarray:
-        """L x Z x G x G float16: 1 where query `query` (0-based) sampled the token, else 0."""
-        if self.query_bits is None:
-            raise ValueError("these attention maps hold no per-query record")
-        if not 0 <= int(query) < self.num_queries:
-            raise ValueError(f"query {query} out of range: the network has {self.num_queries} queries")
-        return ((self.query_bits >> self.query_bits.dtype.type(query)) & 1).astype(np.float16)
-
-    def top_mass(self, fraction: float = 0.5) -> np.ndarray:
-        """L x Z x G x G bool: per layer and slice, the fewest cells that together hold `fraction`
-        of the Boltzmann sampling probability (mean over queries); ties at the cut are all in.
-
-        Except on a floor: when the cut falls on the lowest value of the slice, the cells at it
-        are a flat background that no query prefers, and any half of it would be an arbitrary
-        pick; the set is then the cells above the floor only (holding less than `fraction`,
-        see top_mass_stats). A perfectly flat slice selects every cell. A diffuse search
-        selects much of the frame, a sharp one a few cells.
-        """
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError("fraction must be in (0, 1]")
-        key = (float(fraction), id(self.probabilities))
-        if key not in self._top_mass_cache:  # a sort of every slice: done once per view setting
-            self._top_mass_cache.clear()
-            self._top_mass_cache[key] = self._top_mass(fraction)
-        return self._top_mass_cache[key]
-
-    def _top_mass(self, fraction: float) -> np.ndarray:
-        p = self.probabilities.astype(np.float32)
-        flat = p.reshape(*p.shape[:2], -1)
-        ordered = -np.sort(-flat, axis=-1)
-        cumulative = np.cumsum(ordered, axis=-1)
-        total = cumulative[..., -1:]
-        # index of the last cell needed to reach the fraction, then its value is the cut
-        last = np.minimum((cumulative < fraction * total).sum(-1, keepdims=True), flat.shape[-1] - 1)
-        cut = np.take_along_axis(ordered, last, axis=-1)
-        floor = ordered[..., -1:]
-        above_floor = flat > floor
-        on_floor = (cut <= floor) & above_floor.any(-1, keepdims=True)
-        top = np.where(on_floor, above_floor, flat >= cut)
-        return (top & (total > 0)).reshape(p.shape)
-
-    def top_mass_stats(self, fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-        """L x Z (share of the frame the top-`fraction` cells cover, share of the sampling mass
-        they hold), both 0..1; NaN on slices that were not processed."""
-        p = self.probabilities.reshape(*self.probabilities.shape[:2], -1).astype(np.float32)
-        top = self.top_mass(fraction).reshape(p.shape)
-        total = p.sum(-1)
-        done = total > 0
-        area = np.where(done, top.mean(-1), np.nan)
-        mass = np.where(done, (p * top).sum(-1) / np.where(done, total, 1.0), np.nan)
-        return area, mass
-
-    def spread(self) -> np.ndarray:
-        """L x Z: the share of the frame the sampling is effectively spread over, exp(entropy) /
-        cells (1 = uniform; 0.01 = as if on 1 % of the cells); NaN on slices not processed."""
-        p = self.probabilities.reshape(*self.probabilities.shape[:2], -1).astype(np.float64)
-        total = p.sum(-1, keepdims=True)
-        q = p / np.where(total > 0, total, 1.0)
-        entropy = -(q * np.log(np.where(q > 0, q, 1.0))).sum(-1)
-        return np.where(total[..., 0] > 0, np.exp(entropy) / p.shape[-1], np.nan)
-
-    def sharpest_layer(self) -> int:
-        """The decoder layer whose sampling is least spread: the geometric mean of `spread`
-        over the processed slices, so a layer that concentrates on the slices holding the
-        target wins even where it is flat on the others (an arithmetic mean drowns those
-        slices in the flat ones)."""
-        spread = self.spread()
-        done = ~np.isnan(spread).all(0)
-        if not done.any():
-            return self.num_layers - 1
-        return int(np.argmin(np.exp(np.log(spread[:, done]).mean(1))))
-
-    def view(self, values: str = "counts", query: int | None = None, top_fraction: float | None = None) -> np.ndarray:
-        """L x Z x G x G float16 heatmap to show: `values` 'counts' (queries that sampled each
-        token; with `query`, 1 where that query did) or 'probabilities'; with `top_fraction`,
-        0 outside the cells holding that share of the sampling mass (see top_mass)."""
-        if values not in ("counts", "probabilities"):
-            raise ValueError(f"values must be 'counts' or 'probabilities', not {values!r}")
-        if values == "counts":
-            data = self.counts if query is None else self.query_samples(query)
-        else:
-            data = self.probabilities
-        if top_fraction is None:
-            return data
-        return np.where(self.top_mass(top_fraction), data, np.float16(0)).astype(np.float16)
-
-
-@dataclass
-class SegmentationResult:
-    """Every array is on the input volume's grid (z, y, x), whatever its orientation."""
-
-    volume: Volume  # the input (geometry source for every output)
-    prompt: str
-    probabilities: np.ndarray  # float32 (z, y, x), mean over runs; 0 outside processed slices
-    mask: np.ndarray | None  # uint8 (z, y, x)
-    threshold: float
-    min_lesion_mm3: float
-    slices: tuple[int, int]  # processed [start, stop) in input slice indices
-    runs: int
-    uncertainty: np.ndarray | None = None  # float32 (z, y, x), variance over sampling seeds
-    attention: AttentionMaps | None = None
-    lesions: list[dict] = field(default_factory=list)
-    window: str | None = None
-    modality: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    timings_s: dict = field(default_factory=dict)
-    complete: bool = True  # False when stopped early (only slices before `slices_done` are valid)
-    slices_done: int = 0
-    labels: np.ndarray | None = None  # uint16/int32 (z, y, x): lesion ids as in `lesions` (0 = none)
-    # The canonical axial volume the network saw (same world geometry, see boltzformer.orientation)
-    # and the mapping back to the input grid; None = the input itself.
-    frame: Volume | None = None
-    reorientation: Reorientation | None = None
-    fp_reduction: bool = True  # drop candidates the false-positive filter rejects (lung prompts on HU CT)
-    min_nodule_score: float | None = None  # the 3D classifier's threshold; None = the one shipped with it
-    rejected: list[dict] = field(default_factory=list)  # candidates the filter dropped, with their scores
-
-    def mask_volume(self) -> Volume:
-        return self.volume.with_array(self.mask)
-
-    def probability_volume(self) -> Volume:
-        return self.volume.with_array(self.probabilities.astype(np.float32))
-
-    def rethreshold(self, threshold: float, min_lesion_mm3: float | None = None,
-                    fp_reduction: bool | None = None) -> "SegmentationResult":
-        """Re-threshold the stored probabilities (no inference); updates mask and lesion table."""
-        self.threshold = float(threshold)
-        if min_lesion_mm3 is not None:
-            self.min_lesion_mm3 = float(min_lesion_mm3)
-        if fp_reduction is not None:
-            self.fp_reduction = bool(fp_reduction)
-        frame = self.frame if self.frame is not None else self.volume
-        reo = self.reorientation or IDENTITY
-        probabilities = reo.to_canonical(self.probabilities)
-        raw = probabilities > self.threshold  # strictly: slices left out (probability 0) stay empty at any threshold
-        labels, n = postprocess.label_components(raw, frame.spacing_mm, min_lesion_mm3=self.min_lesion_mm3)
-        rows = postprocess.lesion_table(labels, frame, probabilities=probabilities)
-        self.rejected = []
-        if self.fp_reduction and n and fp_filter.applies(self.prompt, self.modality, self.window):
-            labels, rows, self.rejected = fp_filter.filter_candidates(labels, rows, frame, probabilities,
-                                                                      min_nodule_score=self.min_nodule_score)
-        labels = np.ascontiguousarray(reo.from_canonical(labels))
-        _rows_to_input(rows, labels, reo, frame.shape)
-        self.mask = (labels > 0).astype(np.uint8)
-        self.labels = labels.astype(np.uint16) if len(rows) < 65535 else labels
-        self.lesions = rows
-        return self
-
-
-IDENTITY = Reorientation((0, 1, 2), (False, False, False))
-
-
-def _to_input(reo: Reorientation, array: np.ndarray) -> np.ndarray:
-    return array if reo.is_identity else np.ascontiguousarray(reo.from_canonical(array))
-
-
-def _rows_to_input(rows: list[dict], labels: np.ndarray, reo: Reorientation, frame_shape) -> None:
-    """Lesion-table voxel indices (centroid, slice range) from the canonical grid to the input's."""
-    if reo.is_identity:
-        return
-    boxes = ndimage.find_objects(labels)
-    for row in rows:
-        row["centroid_voxel_zyx"] = reo.index_to_input(row["centroid_voxel_zyx"], frame_shape)
-        box = boxes[row["lesion_id"] - 1]
-        row["slice_start"], row["slice_end"] = int(box[0].start), int(box[0].stop - 1)
-
-
-def _attention_to_input(att: "AttentionMaps | None", reo: Reorientation, frame: Volume) -> "AttentionMaps | None":
-    """Heatmaps back on the input's slices where its slices are axial (flips, in-plane swaps).
-
-    A sagittal or coronal acquisition has no axial slices of its own: its heatmaps stay on the
-    canonical axial grid and `att.frame` says where that grid lies.
-    """
-    if att is None or reo.is_identity:
-        return att
+    frame, reo, orientation_warnings = to_canonical(volume)
+    warnings += orientation_warnings
+    z = volume.shape[0]
+    start, stop = (0, z) if slices is None else (max(0, slices[0]), min(z, slices[1]))
+    if start >= stop:
+        raise BoltzformerError(f"slice range {slices} selects no slice of a volume with {z} slices")
+    if (start, stop) != (0, z) and not reo.keeps_slices:
+        raise BoltzformerError("a slice range needs an axially acquired volume; this one is "
+                               f"{reo.describe()}: segment all slices instead")
+    input_range = (start, stop)
     if not reo.keeps_slices:
-        att.frame = frame
-        return att
-    # L x Z x G x G on the canonical grid: the same in-plane flips/swap and z flip as full-size arrays
-    att.counts = np.ascontiguousarray(reo.from_canonical(att.counts))
-    att.probabilities = np.ascontiguousarray(reo.from_canonical(att.probabilities))
-    if att.query_bits is not None:
-        att.query_bits = np.ascontiguousarray(reo.from_canonical(att.query_bits))
-    if reo.source_axis[0] == 1:  # canonical x came from input y: the grid's cells swap too
-        att.grid_scale_yx = tuple(att.grid_scale_yx[::-1])
-    if reo.flip[2]:
-        z = frame.shape[0]
-        att.slice_start = z - att.slice_start - att.counts.shape[1]
-    return att
+        start, stop = 0, frame.shape[0]
+    elif reo.flip[2]:
+        start, stop = z - stop, z - start
+    return frame, reo, input_range, (start, stop)
+
+
+def _undo_shifted_hu(frame: Volume, modality: str, warnings: list) -> Volume:
+    """Unsigned CT stored without its rescale intercept (HU + 1024) brought back to HU, with a warning."""
+    offset = intensity.shifted_hu_offset(frame.array) if modality == "CT" else 0
+    if not offset:
+        return frame
+    warnings.append(f"the values look like Hounsfield units + {offset} (air near 0, soft tissue near "
+                    f"{offset + 40}); {offset} was subtracted. Check the file's rescale intercept.")
+    return frame.with_array(frame.array.astype(np.float32) - offset)
+
+
+class _Sweep:
+    """What the runs over n slices accumulate on the canonical grid (z, y, x): the running mean
+    probability and, for runs > 1, Welford's sum of squares across sampling seeds."""
+
+    def __init__(self, shape, n: int, runs: int):
+        self.n, self.runs = n, runs
+        self.mean = np.zeros(shape, np.float32)
+        self.m2 = np.zeros(shape, np.float32) if runs > 1 else None
+        self.attention: AttentionMaps | None = None
+        self.done = 0  # slices processed, all runs together
+        self.complete = True
+
+    def add(self, run: int, sl: slice, prob: np.ndarray) -> None:
+        if self.runs == 1:
+            self.mean[sl] = prob
+        else:  # running mean and variance across sampling seeds
+            delta = prob - self.mean[sl]
+            self.mean[sl] += delta / (run + 1)
+            self.m2[sl] += delta * (prob - self.mean[sl])
 
 
 class Segmenter:
@@ -516,59 +314,68 @@ class Segmenter:
             raise BoltzformerError("runs must be at least 1")
         if not 0.0 <= threshold <= 1.0:
             raise BoltzformerError("threshold must be between 0 and 1")
-        # Work on the canonical axial grid (the orientation the network was trained in); every
-        # output goes back to the input grid at the end.
-        frame, reo, orientation_warnings = to_canonical(volume)
-        warnings += orientation_warnings
-        z = volume.shape[0]
-        start, stop = (0, z) if slices is None else (max(0, slices[0]), min(z, slices[1]))
-        if start >= stop:
-            raise BoltzformerError(f"slice range {slices} selects no slice of a volume with {z} slices")
-        if (start, stop) != (0, z) and not reo.keeps_slices:
-            raise BoltzformerError("a slice range needs an axially acquired volume; this one is "
-                                   f"{reo.describe()}: segment all slices instead")
-        input_range = (start, stop)
-        if not reo.keeps_slices:
-            start, stop = 0, frame.shape[0]
-        elif reo.flip[2]:
-            start, stop = z - stop, z - start
+        # 1. the canonical axial grid (the orientation the network was trained in) and the range on it
+        frame, reo, input_range, (start, stop) = _canonical_range(volume, slices, warnings)
+        # 2. intensities: modality, CT stored as HU + 1024 brought back, window or normalisation
         modality = intensity.normalise_modality(modality or intensity.detect_modality(volume))
-        offset = intensity.shifted_hu_offset(frame.array) if modality == "CT" else 0
-        if offset:  # unsigned CT without its rescale intercept: bring it back to HU
-            frame = frame.with_array(frame.array.astype(np.float32) - offset)
-            warnings.append(f"the values look like Hounsfield units + {offset} (air near 0, soft tissue near "
-                            f"{offset + 40}); {offset} was subtracted. Check the file's rescale intercept.")
-        # 2.5D context: prepare the neighbours a few mm beyond the range too.
-        offsets = self.model.cfg.context_offsets_mm
-        z_mm = frame.spacing_mm[2]
-        margin = context_margin(z_mm, offsets) if frame.shape[0] > 1 else 0
-        lo, hi = max(0, start - margin), min(frame.shape[0], stop + margin)
+        frame = _undo_shifted_hu(frame, modality, warnings)
         t = time.perf_counter()
+        prepared, lo, window = self._prepare(frame, start, stop, modality, window, text, warnings)
+        timings["preprocess"] = time.perf_counter() - t
+        # 3. the network over the slices, `runs` times: mean, variance, attention maps
+        embedding = self.embed([text])[0]
+        # the click's in-plane position as fractions of the canonical slice (any network size)
+        click_yx = None if prior is None else prior.yx_fraction(reo, volume.shape, frame.shape)
+        timings["inference"] = 0.0
+        sweep = _Sweep(frame.shape, stop - start, runs)
+        yield from self._run_slices(sweep, prepared, lo, start, frame, embedding, click_yx, prior, seed,
+                                    batch_size or self.default_batch_size(), return_attention, should_stop,
+                                    stage_times, timings, t_start)
+        # 4. back on the input's grid; threshold, components, lesion table, false-positive filter
+        t = time.perf_counter()
+        uncertainty = None if sweep.m2 is None else sweep.m2 / runs
+        result = SegmentationResult(
+            volume=volume, prompt=text, probabilities=to_input(reo, sweep.mean), mask=None, threshold=threshold,
+            min_lesion_mm3=min_lesion_mm3, slices=input_range, runs=runs,
+            uncertainty=None if uncertainty is None else to_input(reo, uncertainty),
+            attention=attention_to_input(sweep.attention, reo, frame), window=window, modality=modality,
+            warnings=warnings,
+            # slices_done - slices[0] = slices finished (on a z-flipped input they are the last ones)
+            timings_s=timings, complete=sweep.complete, slices_done=input_range[0] + min(sweep.done, sweep.n),
+            frame=frame, reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
+        )
+        result.rethreshold(threshold)
+        timings["postprocess"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        return result
+
+    def _prepare(self, frame: Volume, start: int, stop: int, modality: str, window, text: str, warnings: list):
+        """Slices [start, stop) of the canonical frame, and the 2.5D context a few mm beyond, as
+        network input -> (prepared (z, S, S) float32 in [0, 1], index of its first slice, window
+        used or None)."""
+        offsets = self.model.cfg.context_offsets_mm
+        margin = context_margin(frame.spacing_mm[2], offsets) if frame.shape[0] > 1 else 0
+        lo, hi = max(0, start - margin), min(frame.shape[0], stop + margin)
+        # prepare_slices picks the CT window from the prompt when none is given
         prepared, info = intensity.prepare_slices(frame.array[lo:hi], modality=modality, window=window, prompt=text)
         warnings += info.get("warnings", [])
         window = info.get("window", window)  # None when the CT was not in HU and windowing was skipped
         if offsets:  # resize each slice once, not once per context channel that uses it
             prepared = self._to_network_size(prepared)
-        timings["preprocess"] = time.perf_counter() - t
-        embedding = self.embed([text])[0]
-        # the click's in-plane position as fractions of the canonical slice (any network size)
-        click_yx = None if prior is None else prior.yx_fraction(reo, volume.shape, frame.shape)
-        n = stop - start
-        bs = batch_size or self.default_batch_size()
-        shape = frame.shape
-        mean = np.zeros(shape, np.float32)
-        m2 = np.zeros(shape, np.float32) if runs > 1 else None  # Welford's sum of squares
-        att = None
-        total = n * runs
-        done = 0
-        timings["inference"] = 0.0
-        complete = True
-        for run in range(runs):
+        return prepared, lo, window
+
+    def _run_slices(self, sweep: "_Sweep", prepared, lo, start, frame, embedding, click_yx, prior, seed, bs,
+                    return_attention, should_stop, stage_times, timings, t_start) -> Generator[Progress, None, None]:
+        """Batches of slices through the network, run after run, into ``sweep``; yields Progress."""
+        offsets = self.model.cfg.context_offsets_mm
+        z_mm = frame.spacing_mm[2]
+        n = sweep.n
+        for run in range(sweep.runs):
             generator = self._generator(seed + run)
             want_att = return_attention and run == 0
             for b0 in range(0, n, bs):
                 if should_stop is not None and should_stop():
-                    complete = False
+                    sweep.complete = False
                     break
                 b1 = min(n, b0 + bs)
                 t = time.perf_counter()
@@ -578,53 +385,12 @@ class Segmenter:
                 prob, layers = self.predict_batch(batch, embedding, generator, want_att, stage_times,
                                                   out_hw=frame.shape[1:], prior=point)
                 timings["inference"] += time.perf_counter() - t
-                sl = slice(start + b0, start + b1)
-                if runs == 1:
-                    mean[sl] = prob
-                else:  # running mean and variance across sampling seeds
-                    delta = prob - mean[sl]
-                    mean[sl] += delta / (run + 1)
-                    m2[sl] += delta * (prob - mean[sl])
+                sweep.add(run, slice(start + b0, start + b1), prob)
                 if want_att:
-                    att = self._store_attention(att, layers, b0, n, start, frame.shape[1:])
-                done += b1 - b0
-                yield Progress(done, total, time.perf_counter() - t_start)
-            if not complete:
+                    if sweep.attention is None:
+                        sweep.attention = AttentionMaps.empty(layers, n, start, frame.shape[1:], self.model.cfg.num_queries)
+                    sweep.attention.store(layers, b0)
+                sweep.done += b1 - b0
+                yield Progress(sweep.done, n * sweep.runs, time.perf_counter() - t_start)
+            if not sweep.complete:
                 break
-        t = time.perf_counter()
-        uncertainty = None if m2 is None else m2 / runs
-        result = SegmentationResult(
-            volume=volume, prompt=text, probabilities=_to_input(reo, mean), mask=None, threshold=threshold,
-            min_lesion_mm3=min_lesion_mm3, slices=input_range, runs=runs,
-            uncertainty=None if uncertainty is None else _to_input(reo, uncertainty),
-            attention=_attention_to_input(att, reo, frame), window=window, modality=modality, warnings=warnings,
-            # slices_done - slices[0] = slices finished (on a z-flipped input they are the last ones)
-            timings_s=timings, complete=complete, slices_done=input_range[0] + min(done, n), frame=frame,
-            reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
-        )
-        result.rethreshold(threshold)
-        timings["postprocess"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t_start
-        return result
-
-    def _store_attention(self, att, layers, b0, n, start, hw):
-        if att is None:
-            num_layers = len(layers)
-            g = layers[0][0].shape[-1]
-            q = self.model.cfg.num_queries
-            has_bits = layers[0][4] is not None
-            bits_dtype = np.uint8 if q <= 8 else np.uint16 if q <= 16 else np.uint32 if q <= 32 else np.uint64
-            att = AttentionMaps(
-                counts=np.zeros((num_layers, n, g, g), np.float16),
-                probabilities=np.zeros((num_layers, n, g, g), np.float16),
-                strides=[rec[2] for rec in layers], temperatures=[rec[3] for rec in layers],
-                tokens_per_query=[rec[5] for rec in layers], slice_start=start,
-                grid_scale_yx=(hw[0] / g, hw[1] / g), num_queries=q,
-                query_bits=np.zeros((num_layers, n, g, g), bits_dtype) if has_bits else None,
-            )
-        for i, (c, p, _, _, bits, _) in enumerate(layers):
-            att.counts[i, b0 : b0 + c.shape[0]] = c.numpy().astype(np.float16)
-            att.probabilities[i, b0 : b0 + p.shape[0]] = p.numpy().astype(np.float16)
-            if att.query_bits is not None and bits is not None:
-                att.query_bits[i, b0 : b0 + bits.shape[0]] = bits.numpy().astype(att.query_bits.dtype)
-        return att

@@ -12,14 +12,13 @@ import json
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from ..network import sampling
 from ..network.attention import TokenCrossAttention, cross_attention_macs
 from ..network.decoder import POS_DIM, sine_positions
 from ..runtime import tune_allocator
-from ..segmenter import resolve_device
+from ..devices import resolve_device
 from .machine import machine_description, write_text
 
 

@@ -273,7 +273,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 # -- training ---------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     """Train (or resume) into out_dir; stop after cfg.steps or max_minutes. Returns best weights path."""
-    from ..segmenter import resolve_device
+    from ..devices import resolve_device
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

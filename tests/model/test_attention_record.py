@@ -9,7 +9,8 @@ from boltzformer.io import Volume
 from boltzformer.network import sampling
 from boltzformer.network.boltzformer import build_model
 from boltzformer.network.config import get_config
-from boltzformer.segmenter import AttentionMaps, Segmenter
+from boltzformer.results import AttentionMaps
+from boltzformer.segmenter import Segmenter
 
 
 @pytest.fixture(scope="module")

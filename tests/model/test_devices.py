@@ -3,31 +3,31 @@
 import pytest
 import torch
 
-from boltzformer import segmenter
+from boltzformer import devices
 from boltzformer.errors import BoltzformerError
 from boltzformer.network import sampling
 
 
 def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
-    monkeypatch.setattr(segmenter, "available_devices", lambda: {"cpu": True, "cuda": False, "mps": True})
-    assert segmenter.resolve_device("auto").type == "mps"
-    monkeypatch.setattr(segmenter, "available_devices", lambda: {"cpu": True, "cuda": True, "mps": True})
-    assert segmenter.resolve_device("auto").type == "cuda"
-    monkeypatch.setattr(segmenter, "available_devices", lambda: {"cpu": True, "cuda": False, "mps": False})
-    assert segmenter.resolve_device("auto").type == "cpu"
+    monkeypatch.setattr(devices, "available_devices", lambda: {"cpu": True, "cuda": False, "mps": True})
+    assert devices.resolve_device("auto").type == "mps"
+    monkeypatch.setattr(devices, "available_devices", lambda: {"cpu": True, "cuda": True, "mps": True})
+    assert devices.resolve_device("auto").type == "cuda"
+    monkeypatch.setattr(devices, "available_devices", lambda: {"cpu": True, "cuda": False, "mps": False})
+    assert devices.resolve_device("auto").type == "cpu"
 
 
 def test_unavailable_device_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(segmenter, "available_devices", lambda: {"cpu": True, "cuda": False, "mps": False})
+    monkeypatch.setattr(devices, "available_devices", lambda: {"cpu": True, "cuda": False, "mps": False})
     with pytest.raises(BoltzformerError, match="not available"):
-        segmenter.resolve_device("mps")
+        devices.resolve_device("mps")
     with pytest.raises(BoltzformerError, match="not available"):
-        segmenter.resolve_device("cuda")
+        devices.resolve_device("cuda")
 
 
 def test_mps_sampling_uses_a_cpu_generator_with_the_same_tokens_as_cpu():
-    g_mps = segmenter.sampling_generator(torch.device("mps"), 7)
-    g_cpu = segmenter.sampling_generator(torch.device("cpu"), 7)
+    g_mps = devices.sampling_generator(torch.device("mps"), 7)
+    g_cpu = devices.sampling_generator(torch.device("cpu"), 7)
     assert g_mps.device.type == "cpu"
     conf = torch.rand(1, 2, 300)
     a = sampling.sample_tokens(conf, 30, 0.5, g_mps)

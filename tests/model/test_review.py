@@ -11,7 +11,7 @@ import pytest
 from boltzformer import review as rv
 from boltzformer.io import Volume
 from boltzformer.orientation import to_canonical
-from boltzformer.segmenter import SegmentationResult
+from boltzformer.results import SegmentationResult
 
 SHAPE = (10, 40, 40)
 SPACING = (0.8, 0.8, 2.0)  # x, y, z mm

@@ -8,7 +8,8 @@ from boltzformer.errors import BoltzformerError, PromptError
 from boltzformer.io import Volume
 from boltzformer.network.boltzformer import build_model
 from boltzformer.network.config import get_config
-from boltzformer.segmenter import Segmenter, resolve_device
+from boltzformer.devices import resolve_device
+from boltzformer.segmenter import Segmenter
 
 
 @pytest.fixture(scope="module")

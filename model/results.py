@@ -1,0 +1,276 @@
+"""What a segmentation returns: `SegmentationResult` (mask, probabilities, lesion table, on the
+input's grid) and `AttentionMaps` (where the decoder's queries sampled, and their .npz file), with
+the mapping of both from the canonical axial grid the network works on back to the input's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from . import fp_filter, postprocess
+from .io import Volume
+from .orientation import IDENTITY, Reorientation
+
+
+@dataclass
+class AttentionMaps:
+    """Per decoder layer, where the queries sampled, on the model's mask grid.
+
+    counts: L x Z x G x G float16, queries (of m) that attended each token, nearest-upsampled
+      from each layer's token map (16/32/64 at 256 input) to the finest grid G (64);
+    probabilities: L x Z x G x G float16, the Boltzmann probabilities averaged over queries,
+      scaled so a uniform distribution is 1 (readable across layers of different sizes);
+    grid_scale_yx: size of one grid cell in source voxels (y, x): place the maps in a viewer
+      with scale = voxel spacing * grid_scale_yx and the first processed slice as z offset;
+    query_bits: L x Z x G x G unsigned integers, bit q set when query q sampled the token (None
+      when the network has more queries than bits): `query_samples(q)` is one query's map.
+    """
+
+    counts: np.ndarray
+    probabilities: np.ndarray
+    strides: list[int]
+    temperatures: list[float]
+    tokens_per_query: list[int]
+    slice_start: int
+    grid_scale_yx: tuple[float, float]
+    num_queries: int = 10  # the largest possible count
+    # None: the maps lie on the input volume's slices. Else the canonical axial Volume whose
+    # slices they lie on (a sagittal or coronal input has no axial slices of its own).
+    frame: Volume | None = None
+    query_bits: np.ndarray | None = None
+    _top_mass_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def empty(cls, layers: list, n: int, slice_start: int, hw, num_queries: int) -> "AttentionMaps":
+        """Zeroed maps for ``n`` slices, shaped after the first batch's per-layer records.
+
+        layers: Segmenter.predict_batch's attention, per layer (counts, probabilities, stride,
+        tau, query bits or None, tokens per query); hw: the slice size (y, x) in voxels.
+        """
+        num_layers = len(layers)
+        g = layers[0][0].shape[-1]
+        q = num_queries
+        has_bits = layers[0][4] is not None
+        bits_dtype = np.uint8 if q <= 8 else np.uint16 if q <= 16 else np.uint32 if q <= 32 else np.uint64
+        return cls(
+            counts=np.zeros((num_layers, n, g, g), np.float16),
+            probabilities=np.zeros((num_layers, n, g, g), np.float16),
+            strides=[rec[2] for rec in layers], temperatures=[rec[3] for rec in layers],
+            tokens_per_query=[rec[5] for rec in layers], slice_start=slice_start,
+            grid_scale_yx=(hw[0] / g, hw[1] / g), num_queries=q,
+            query_bits=np.zeros((num_layers, n, g, g), bits_dtype) if has_bits else None,
+        )
+
+    def store(self, layers: list, b0: int) -> None:
+        """One batch's records (see `empty`) into slices b0, b0 + 1, ... of the maps."""
+        for i, (c, p, _, _, bits, _) in enumerate(layers):
+            self.counts[i, b0 : b0 + c.shape[0]] = c.numpy().astype(np.float16)
+            self.probabilities[i, b0 : b0 + p.shape[0]] = p.numpy().astype(np.float16)
+            if self.query_bits is not None and bits is not None:
+                self.query_bits[i, b0 : b0 + bits.shape[0]] = bits.numpy().astype(self.query_bits.dtype)
+
+    def write_npz(self, path) -> None:
+        """The `--attention` file: a compressed .npz with counts, probabilities (L x Z x G x G
+        float16), strides, temperatures, tokens_per_query (per layer), slice_start,
+        grid_scale_yx (y, x) and num_queries."""
+        with open(path, "wb") as f:
+            np.savez_compressed(
+                f, counts=self.counts, probabilities=self.probabilities, strides=np.array(self.strides),
+                temperatures=np.array(self.temperatures), tokens_per_query=np.array(self.tokens_per_query),
+                slice_start=self.slice_start, grid_scale_yx=np.array(self.grid_scale_yx), num_queries=self.num_queries,
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return self.counts.shape[0]
+
+    def query_samples(self, query: int) -> np.ndarray:
+        """L x Z x G x G float16: 1 where query `query` (0-based) sampled the token, else 0."""
+        if self.query_bits is None:
+            raise ValueError("these attention maps hold no per-query record")
+        if not 0 <= int(query) < self.num_queries:
+            raise ValueError(f"query {query} out of range: the network has {self.num_queries} queries")
+        return ((self.query_bits >> self.query_bits.dtype.type(query)) & 1).astype(np.float16)
+
+    def top_mass(self, fraction: float = 0.5) -> np.ndarray:
+        """L x Z x G x G bool: per layer and slice, the fewest cells that together hold `fraction`
+        of the Boltzmann sampling probability (mean over queries); ties at the cut are all in.
+
+        Except on a floor: when the cut falls on the lowest value of the slice, the cells at it
+        are a flat background that no query prefers, and any half of it would be an arbitrary
+        pick; the set is then the cells above the floor only (holding less than `fraction`,
+        see top_mass_stats). A perfectly flat slice selects every cell. A diffuse search
+        selects much of the frame, a sharp one a few cells.
+        """
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError("fraction must be in (0, 1]")
+        key = (float(fraction), id(self.probabilities))
+        if key not in self._top_mass_cache:  # a sort of every slice: done once per view setting
+            self._top_mass_cache.clear()
+            self._top_mass_cache[key] = self._top_mass(fraction)
+        return self._top_mass_cache[key]
+
+    def _top_mass(self, fraction: float) -> np.ndarray:
+        p = self.probabilities.astype(np.float32)
+        flat = p.reshape(*p.shape[:2], -1)
+        ordered = -np.sort(-flat, axis=-1)
+        cumulative = np.cumsum(ordered, axis=-1)
+        total = cumulative[..., -1:]
+        # index of the last cell needed to reach the fraction, then its value is the cut
+        last = np.minimum((cumulative < fraction * total).sum(-1, keepdims=True), flat.shape[-1] - 1)
+        cut = np.take_along_axis(ordered, last, axis=-1)
+        floor = ordered[..., -1:]
+        above_floor = flat > floor
+        on_floor = (cut <= floor) & above_floor.any(-1, keepdims=True)
+        top = np.where(on_floor, above_floor, flat >= cut)
+        return (top & (total > 0)).reshape(p.shape)
+
+    def top_mass_stats(self, fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+        """L x Z (share of the frame the top-`fraction` cells cover, share of the sampling mass
+        they hold), both 0..1; NaN on slices that were not processed."""
+        p = self.probabilities.reshape(*self.probabilities.shape[:2], -1).astype(np.float32)
+        top = self.top_mass(fraction).reshape(p.shape)
+        total = p.sum(-1)
+        done = total > 0
+        area = np.where(done, top.mean(-1), np.nan)
+        mass = np.where(done, (p * top).sum(-1) / np.where(done, total, 1.0), np.nan)
+        return area, mass
+
+    def spread(self) -> np.ndarray:
+        """L x Z: the share of the frame the sampling is effectively spread over, exp(entropy) /
+        cells (1 = uniform; 0.01 = as if on 1 % of the cells); NaN on slices not processed."""
+        p = self.probabilities.reshape(*self.probabilities.shape[:2], -1).astype(np.float64)
+        total = p.sum(-1, keepdims=True)
+        q = p / np.where(total > 0, total, 1.0)
+        entropy = -(q * np.log(np.where(q > 0, q, 1.0))).sum(-1)
+        return np.where(total[..., 0] > 0, np.exp(entropy) / p.shape[-1], np.nan)
+
+    def sharpest_layer(self) -> int:
+        """The decoder layer whose sampling is least spread: the geometric mean of `spread`
+        over the processed slices, so a layer that concentrates on the slices holding the
+        target wins even where it is flat on the others (an arithmetic mean drowns those
+        slices in the flat ones)."""
+        spread = self.spread()
+        done = ~np.isnan(spread).all(0)
+        if not done.any():
+            return self.num_layers - 1
+        return int(np.argmin(np.exp(np.log(spread[:, done]).mean(1))))
+
+    def view(self, values: str = "counts", query: int | None = None, top_fraction: float | None = None) -> np.ndarray:
+        """L x Z x G x G float16 heatmap to show: `values` 'counts' (queries that sampled each
+        token; with `query`, 1 where that query did) or 'probabilities'; with `top_fraction`,
+        0 outside the cells holding that share of the sampling mass (see top_mass)."""
+        if values not in ("counts", "probabilities"):
+            raise ValueError(f"values must be 'counts' or 'probabilities', not {values!r}")
+        if values == "counts":
+            data = self.counts if query is None else self.query_samples(query)
+        else:
+            data = self.probabilities
+        if top_fraction is None:
+            return data
+        return np.where(self.top_mass(top_fraction), data, np.float16(0)).astype(np.float16)
+
+
+@dataclass
+class SegmentationResult:
+    """Every array is on the input volume's grid (z, y, x), whatever its orientation."""
+
+    volume: Volume  # the input (geometry source for every output)
+    prompt: str
+    probabilities: np.ndarray  # float32 (z, y, x), mean over runs; 0 outside processed slices
+    mask: np.ndarray | None  # uint8 (z, y, x)
+    threshold: float
+    min_lesion_mm3: float
+    slices: tuple[int, int]  # processed [start, stop) in input slice indices
+    runs: int
+    uncertainty: np.ndarray | None = None  # float32 (z, y, x), variance over sampling seeds
+    attention: AttentionMaps | None = None
+    lesions: list[dict] = field(default_factory=list)
+    window: str | None = None
+    modality: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    timings_s: dict = field(default_factory=dict)
+    complete: bool = True  # False when stopped early (only slices before `slices_done` are valid)
+    slices_done: int = 0
+    labels: np.ndarray | None = None  # uint16/int32 (z, y, x): lesion ids as in `lesions` (0 = none)
+    # The canonical axial volume the network saw (same world geometry, see boltzformer.orientation)
+    # and the mapping back to the input grid; None = the input itself.
+    frame: Volume | None = None
+    reorientation: Reorientation | None = None
+    fp_reduction: bool = True  # drop candidates the false-positive filter rejects (lung prompts on HU CT)
+    min_nodule_score: float | None = None  # the 3D classifier's threshold; None = the one shipped with it
+    rejected: list[dict] = field(default_factory=list)  # candidates the filter dropped, with their scores
+
+    def mask_volume(self) -> Volume:
+        return self.volume.with_array(self.mask)
+
+    def probability_volume(self) -> Volume:
+        return self.volume.with_array(self.probabilities.astype(np.float32))
+
+    def rethreshold(self, threshold: float, min_lesion_mm3: float | None = None,
+                    fp_reduction: bool | None = None) -> "SegmentationResult":
+        """Re-threshold the stored probabilities (no inference); updates mask and lesion table."""
+        self.threshold = float(threshold)
+        if min_lesion_mm3 is not None:
+            self.min_lesion_mm3 = float(min_lesion_mm3)
+        if fp_reduction is not None:
+            self.fp_reduction = bool(fp_reduction)
+        frame = self.frame if self.frame is not None else self.volume
+        reo = self.reorientation or IDENTITY
+        probabilities = reo.to_canonical(self.probabilities)
+        raw = probabilities > self.threshold  # strictly: slices left out (probability 0) stay empty at any threshold
+        labels, n = postprocess.label_components(raw, frame.spacing_mm, min_lesion_mm3=self.min_lesion_mm3)
+        rows = postprocess.lesion_table(labels, frame, probabilities=probabilities)
+        self.rejected = []
+        if self.fp_reduction and n and fp_filter.applies(self.prompt, self.modality, self.window):
+            labels, rows, self.rejected = fp_filter.filter_candidates(labels, rows, frame, probabilities,
+                                                                      min_nodule_score=self.min_nodule_score)
+        labels = np.ascontiguousarray(reo.from_canonical(labels))
+        rows_to_input(rows, labels, reo, frame.shape)
+        self.mask = (labels > 0).astype(np.uint8)
+        self.labels = labels.astype(np.uint16) if len(rows) < 65535 else labels
+        self.lesions = rows
+        return self
+
+
+def to_input(reo: Reorientation, array: np.ndarray) -> np.ndarray:
+    """An array of the canonical grid (z, y, x) on the input's grid (itself when nothing turns)."""
+    return array if reo.is_identity else np.ascontiguousarray(reo.from_canonical(array))
+
+
+def rows_to_input(rows: list[dict], labels: np.ndarray, reo: Reorientation, frame_shape) -> None:
+    """Lesion-table voxel indices (centroid, slice range) from the canonical grid to the input's."""
+    if reo.is_identity:
+        return
+    boxes = ndimage.find_objects(labels)
+    for row in rows:
+        row["centroid_voxel_zyx"] = reo.index_to_input(row["centroid_voxel_zyx"], frame_shape)
+        box = boxes[row["lesion_id"] - 1]
+        row["slice_start"], row["slice_end"] = int(box[0].start), int(box[0].stop - 1)
+
+
+def attention_to_input(att: "AttentionMaps | None", reo: Reorientation, frame: Volume) -> "AttentionMaps | None":
+    """Heatmaps back on the input's slices where its slices are axial (flips, in-plane swaps).
+
+    A sagittal or coronal acquisition has no axial slices of its own: its heatmaps stay on the
+    canonical axial grid and `att.frame` says where that grid lies.
+    """
+    if att is None or reo.is_identity:
+        return att
+    if not reo.keeps_slices:
+        att.frame = frame
+        return att
+    # L x Z x G x G on the canonical grid: the same in-plane flips/swap and z flip as full-size arrays
+    att.counts = np.ascontiguousarray(reo.from_canonical(att.counts))
+    att.probabilities = np.ascontiguousarray(reo.from_canonical(att.probabilities))
+    if att.query_bits is not None:
+        att.query_bits = np.ascontiguousarray(reo.from_canonical(att.query_bits))
+    if reo.source_axis[0] == 1:  # canonical x came from input y: the grid's cells swap too
+        att.grid_scale_yx = tuple(att.grid_scale_yx[::-1])
+    if reo.flip[2]:
+        z = frame.shape[0]
+        att.slice_start = z - att.slice_start - att.counts.shape[1]
+    return att
