@@ -11,6 +11,7 @@ import signal
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from boltzformer import io
 from boltzformer.io import read_volume
@@ -65,7 +66,7 @@ def test_enospc_on_any_output_keeps_the_previous_outputs(ct_path, tmp_path, tiny
     outs = {n: tmp_path / n for n in ("m.nii.gz", "p.nii.gz", "l.csv")}
     for n, p in outs.items():
         p.write_bytes(b"previous " + n.encode())
-    real_write_image, real_fsync = io.sitk.WriteImage, io.os.fsync
+    real_write_image, real_fsync = sitk.WriteImage, os.fsync
 
     def write_image(image, filename, *args, **kwargs):
         if f".{failing}.tmp-" in filename:
@@ -77,8 +78,8 @@ def test_enospc_on_any_output_keeps_the_previous_outputs(ct_path, tmp_path, tiny
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(io.sitk, "WriteImage", write_image)
-    monkeypatch.setattr(io.os, "fsync", fsync)
+    monkeypatch.setattr(sitk, "WriteImage", write_image)
+    monkeypatch.setattr(os, "fsync", fsync)
     code, _, err = run(segment_args(ct_path, outs["m.nii.gz"], tiny_weights, "--probabilities", outs["p.nii.gz"],
                                     "--lesions", outs["l.csv"], "--overwrite"), capsys)
     one_line_error(code, err, f"{outs[failing]}: could not be written: no space left on device")
@@ -122,7 +123,7 @@ def test_a_failed_rename_takes_back_the_outputs_already_renamed(ct_path, tmp_pat
                 raise OSError(errno.EIO, "Input/output error")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     outs = [tmp_path / n for n in ("m.nii.gz", "p.nii.gz", "a.npz", "l.json")]
     code, _, err = run(segment_args(ct_path, outs[0], tiny_weights, "--probabilities", outs[1], "--attention", outs[2],
                                     "--lesions", outs[3]), capsys)
@@ -152,7 +153,7 @@ def test_a_signal_while_writing_leaves_nothing(ct_path, tmp_path, tiny_weights, 
             if os.fspath(dst).endswith("m.nii.gz"):
                 os.kill(os.getpid(), sig)
 
-        monkeypatch.setattr(io.os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)
     before = signal.getsignal(signal.SIGTERM)
     code, stdout, err = run(segment_args(ct_path, tmp_path / "m.nii.gz", tiny_weights, "--probabilities", previous,
                                          "--lesions", tmp_path / "l.csv", "--overwrite"), capsys)
@@ -290,14 +291,14 @@ def test_sample_into_a_file(tmp_path, capsys):
 
 
 def test_sample_leaves_nothing_when_it_fails(tmp_path, capsys, monkeypatch):
-    real_fsync = io.os.fsync
+    real_fsync = os.fsync
 
     def fsync(fd):  # the disk fills up at the last file, cases.csv
         if "cases.csv.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(io.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     code, _, err = run(["sample", tmp_path / "new" / "demo", "--name", "brain_mri"], capsys)
     one_line_error(code, err, f"{tmp_path / 'new' / 'demo' / 'cases.csv'}: could not be written: no space left on device")
     assert files_in(tmp_path) == []  # no image, no temporary file, not even the folders it made

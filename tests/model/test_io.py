@@ -11,7 +11,6 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from boltzformer import io
 from boltzformer.errors import InputError, OutputError
 from boltzformer.io import Volume, atomic_output, list_dicom_series, read_volume, write_volume
 
@@ -368,7 +367,7 @@ def test_missing_and_unwritable_folder(tmp_path, oblique, monkeypatch):
     locked.mkdir()
     if os.geteuid() == 0:  # root may write anywhere: pretend the permission check says no
         real_access = os.access
-        monkeypatch.setattr(io.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
     else:
         locked.chmod(0o500)
     try:
@@ -395,7 +394,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, oblique, monkeypatch, exc):
             f.write(b"half a file")
         raise exc
 
-    monkeypatch.setattr(io.sitk, "WriteImage", broken_writer)
+    monkeypatch.setattr(sitk, "WriteImage", broken_writer)
     with pytest.raises((OutputError, KeyboardInterrupt)) as err:
         write_volume(oblique, tmp_path / "out.nii.gz")
     assert isinstance(err.value, type(exc) if isinstance(exc, KeyboardInterrupt) else OutputError)

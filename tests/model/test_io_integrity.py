@@ -16,8 +16,8 @@ import threading
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
-from boltzformer import io
 from boltzformer.errors import InputError, OutputError, SliceSpacingError
 from boltzformer.io import OutputSet, Volume, atomic_output, read_volume, write_volume
 
@@ -89,7 +89,7 @@ def test_enospc_from_the_writer_names_the_file_and_keeps_the_old_one(tmp_path, s
             f.write(b"\x1f\x8b half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(io.sitk, "WriteImage", full)
+    monkeypatch.setattr(sitk, "WriteImage", full)
     with pytest.raises(OutputError) as err:
         write_volume(small, target, overwrite=True)
     assert str(err.value) == f"{target}: could not be written: no space left on device"
@@ -101,14 +101,14 @@ def test_a_silently_short_write_is_caught(tmp_path, small, ext, monkeypatch):
     """ITK returns normally after a short write: the size / header read-back check catches it."""
     good = write_volume(small, tmp_path / f"good{ext}")
     data = good.read_bytes()
-    real = io.sitk.WriteImage
+    real = sitk.WriteImage
 
     def short(image, filename, *args, **kwargs):
         real(image, filename, *args, **kwargs)
         with open(filename, "r+b") as f:
             f.truncate(len(data) * 2 // 3)
 
-    monkeypatch.setattr(io.sitk, "WriteImage", short)
+    monkeypatch.setattr(sitk, "WriteImage", short)
     target = tmp_path / f"out{ext}"
     with pytest.raises(OutputError, match="could not be written") as err:
         write_volume(small, target)
@@ -121,12 +121,12 @@ def test_enospc_in_text_writes_and_fsync(tmp_path, monkeypatch):
         with atomic_output(tmp_path / "t.csv") as tmp:
             raise OSError(errno.ENOSPC, "No space left on device")
     real_fsync = os.fsync
-    monkeypatch.setattr(io.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Disk quota exceeded")))
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Disk quota exceeded")))
     with pytest.raises(OutputError, match="disk quota exceeded"):
         with OutputSet() as outputs:
             outputs.add(tmp_path / "r.json", "--json")
             outputs.write_bytes("--json", b"{}")
-    monkeypatch.setattr(io.os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -166,10 +166,10 @@ def test_a_failure_between_renames_takes_back_the_renamed(tmp_path, small, monke
             raise OSError(errno.EIO, "Input/output error")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", failing_second)
+    monkeypatch.setattr(os, "replace", failing_second)
     with pytest.raises(OutputError, match="p.nii.gz: could not be written: input/output error.*no output of this run"):
         outputs.commit()
-    monkeypatch.setattr(io.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     if existing:
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {
             n: b"previous " + n.encode() for n in ("m.nii.gz", "p.nii.gz", "l.csv")}
@@ -187,7 +187,7 @@ def test_a_signal_between_renames_takes_back_the_renamed(tmp_path, small, monkey
         if os.fspath(dst).endswith("m.nii.gz"):
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the first rename
 
-    monkeypatch.setattr(io.os, "replace", interrupted_after_first)
+    monkeypatch.setattr(os, "replace", interrupted_after_first)
     with pytest.raises(KeyboardInterrupt):
         outputs.commit()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"l.csv": b"previous table"}

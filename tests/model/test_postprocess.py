@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -158,12 +159,10 @@ def test_table_refuses_overwrite_and_bad_extension(tmp_path, rows):
 
 
 def test_table_write_failure_leaves_nothing(tmp_path, rows, monkeypatch):
-    from boltzformer import io
-
     def full(fd):  # the data were handed over; the disk refuses them when they are flushed
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OutputError, match="lesions.json: could not be written: no space left on device"):
         write_lesion_table(rows, tmp_path / "lesions.json")
     assert list(tmp_path.iterdir()) == []
