@@ -113,7 +113,7 @@ def test_nodule_labels_match_the_nodule_list(phantoms):
 
 def test_nodule_sizes_favour_small_ones():
     rng = np.random.default_rng(0)
-    d = lung3d._diameters(rng, 4000, 3.0, 30.0)
+    d = lung3d.nodules._diameters(rng, 4000, 3.0, 30.0)
     assert d.min() >= 3.0 and d.max() <= 30.0
     assert 0.5 <= (d < 10).mean() <= 0.85 and (d > 20).mean() > 0.05
 
