@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from boltzformer import cohort, weights
+from boltzformer.errors import BoltzformerError, InputError, OutputError
 from boltzformer.cohort import EXIT_SOME_FAILED, ScanOptions, run_cohort
 from boltzformer.io import Volume, read_volume, write_volume
 from boltzformer.synth import ct
@@ -143,12 +144,12 @@ def test_resume_after_an_interrupted_run_finishes_the_rest_without_duplicates(sc
     done_masks = {c: (out / f"{c}_mask.nii.gz").stat().st_mtime_ns for c in seen}
     # A kill in the middle of the next scan's appends: its lesion rows are in, its report row half written.
     with open(out / "lesions.csv", "a") as f:
-        f.write(",".join(["p9_ghost"] + ["1"] * (len(cohort.LESION_COLUMNS) - 1)) + "\n")
+        f.write(",".join(["p9_ghost"] + ["1"] * (len(cohort.run.LESION_COLUMNS) - 1)) + "\n")
     with open(out / "report.csv", "a") as f:
         f.write("p9_ghost,ok,,1.0,1,/nowhere")
 
     # Without --resume or --overwrite the folder's cohort is kept.
-    with pytest.raises(cohort.OutputError, match="--resume"):
+    with pytest.raises(OutputError, match="--resume"):
         run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False)
 
     summary = run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False, resume=True)
@@ -210,7 +211,7 @@ class LastWorker:  # what KilledWorker names (the scheduler's WorkerState)
 
 
 RUNS: dict[str, int] = {}  # module level: tasks pickle a module-level function by reference, so they share it
-REAL_SEGMENT_SCAN = cohort.segment_scan
+REAL_SEGMENT_SCAN = cohort.worker.segment_scan
 
 
 def dying(plugin_name, scan, options, out_dir):
@@ -224,7 +225,7 @@ def dying(plugin_name, scan, options, out_dir):
 def test_a_scan_whose_worker_dies_runs_once_more_then_fails(scans, tmp_path, tiny_weights, client, monkeypatch):
     (scans / "broken.nii.gz").unlink()
     RUNS.clear()
-    monkeypatch.setattr(cohort, "segment_scan", dying)
+    monkeypatch.setattr(cohort.run, "segment_scan", dying)  # the name run_cohort submits
     out = tmp_path / "out"
     summary = run_cohort(scans, out, PROMPT, ScanOptions(device="cpu"), weights=tiny_weights, client=client,
                          progress=False)
@@ -280,15 +281,15 @@ def test_bad_arguments_are_one_line_and_exit_2(case, expected, scans, tmp_path, 
 
 
 def test_memory_bound_names_the_numbers():
-    with pytest.raises(cohort.BoltzformerError) as info:
-        cohort.check_memory(8, 1, memory_mb=8 * 1024)
+    with pytest.raises(BoltzformerError) as info:
+        cohort.cluster.check_memory(8, 1, memory_mb=8 * 1024)
     message = str(info.value)
     assert "--workers 8" in message and "GB per scan in flight" in message and "8.0 GB" in message
-    assert f"use at most {int(8 * 1024 // cohort.WORKER_PEAK_MB_512x512x300)} workers" in message
-    cohort.check_memory(1, 1, memory_mb=8 * 1024)  # fits
-    assert cohort.default_workers(1, "cpu", memory_mb=64 * 1024, cpus=16) == 16
-    assert cohort.default_workers(1, "cpu", memory_mb=3 * cohort.WORKER_PEAK_MB_512x512x300, cpus=16) == 3
-    assert cohort.default_workers(2, "cpu", memory_mb=64 * 1024, cpus=16) == 8
+    assert f"use at most {int(8 * 1024 // cohort.cluster.WORKER_PEAK_MB_512x512x300)} workers" in message
+    cohort.cluster.check_memory(1, 1, memory_mb=8 * 1024)  # fits
+    assert cohort.cluster.default_workers(1, "cpu", memory_mb=64 * 1024, cpus=16) == 16
+    assert cohort.cluster.default_workers(1, "cpu", memory_mb=3 * cohort.cluster.WORKER_PEAK_MB_512x512x300, cpus=16) == 3
+    assert cohort.cluster.default_workers(2, "cpu", memory_mb=64 * 1024, cpus=16) == 8
 
 
 def test_folder_case_ids_and_what_is_a_scan(scans, tmp_path):
@@ -297,7 +298,7 @@ def test_folder_case_ids_and_what_is_a_scan(scans, tmp_path):
         ("a", "a.nii.gz"), ("b", "b.nii.gz"), ("broken", "broken.nii.gz"), ("p2_c", os.path.join("p2", "c.nrrd")),
         ("p3_series", os.path.join("p3", "series"))]
     (scans / "p2_c.nii.gz").write_bytes(b"")  # the same case id as p2/c.nrrd
-    with pytest.raises(cohort.InputError, match="both give case id 'p2_c'"):
+    with pytest.raises(InputError, match="both give case id 'p2_c'"):
         cohort.list_scans(scans, PROMPT)
     # OUT_DIR inside the input folder is not searched
     (scans / "p2_c.nii.gz").unlink()
@@ -313,7 +314,7 @@ def test_threads_of_one_worker_share_its_model_and_give_the_same_masks(scans, tm
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None,
                                   silence_logs=logging.ERROR) as one, distributed.Client(one) as shared:
         summary = run_cohort(scans, tmp_path / "one", PROMPT, options, weights=tiny_weights, client=shared, progress=False)
-        plugins = [p for p in one.workers[0].plugins.values() if isinstance(p, cohort.SegmenterPlugin)]
+        plugins = [p for p in one.workers[0].plugins.values() if isinstance(p, cohort.worker.SegmenterPlugin)]
         assert len(plugins) == 1 and plugins[0].load_seconds is not None  # loaded once, used by both threads
     assert (summary.ok, summary.workers) == (4, 1)
     for case_id in ("a", "b", "p2_c", "p3_series"):
@@ -328,8 +329,6 @@ def test_threads_of_one_worker_share_its_model_and_give_the_same_masks(scans, tm
 ])
 def test_prompt_and_window_are_checked_by_the_library_rules_before_any_scan(tmp_path, prompt, window, message):
     """The same checks (and messages) as `segment`: options.check_prompt_text, intensity.check_window."""
-    from boltzformer.errors import BoltzformerError
-
     with pytest.raises(BoltzformerError, match=message.replace("(", r"\(")):
         run_cohort(tmp_path / "nothing", tmp_path / "out", prompt, ScanOptions(window=window), progress=False)
     assert not (tmp_path / "out").exists()

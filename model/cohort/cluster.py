@@ -1,0 +1,85 @@
+"""The machine and the local cluster: memory and CPUs, how many workers fit
+(WORKER_PEAK_MB_512x512x300 per scan in flight), and a LocalCluster client started on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..errors import BoltzformerError
+
+
+# Peak resident memory of one worker process (Python, Dask, torch, the bundled model and one scan
+# in flight) segmenting a synthetic 512 x 512 x 300 int16 CT for "lung nodule" (3D filter on):
+# 2816 MB with 1 worker, 2718 MB each with 2 (benchmarks/cohort.py on 2 CPU cores, README
+# "Cohorts"). Used to refuse a --workers that cannot fit the machine.
+WORKER_PEAK_MB_512x512x300 = 2816
+
+
+def machine_memory_mb() -> float:
+    """Memory this machine gives the cluster (the cgroup limit where one is set), MB."""
+    from distributed.system import MEMORY_LIMIT
+
+    return MEMORY_LIMIT / 2**20
+
+
+def machine_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_memory(workers: int, threads_per_worker: int, memory_mb: float | None = None) -> None:
+    """Refuse a local cluster whose scans in flight cannot fit in memory (BoltzformerError, exit 2).
+
+    Each running scan is budgeted WORKER_PEAK_MB_512x512x300 (measured; model and Python
+    included), so ``workers * threads_per_worker`` of them must fit ``memory_mb``.
+    """
+    memory_mb = machine_memory_mb() if memory_mb is None else memory_mb
+    need = workers * threads_per_worker * WORKER_PEAK_MB_512x512x300
+    if need > memory_mb:
+        fit = int(memory_mb // WORKER_PEAK_MB_512x512x300)
+        scans = f"{workers} workers x {threads_per_worker} threads" if threads_per_worker > 1 else f"{workers} workers"
+        raise BoltzformerError(
+            f"--workers {workers}: {scans} need about {need / 1024:.1f} GB ({WORKER_PEAK_MB_512x512x300 / 1024:.1f} GB per "
+            f"scan in flight, the measured peak of a worker on a 512x512x300 CT) but this machine has "
+            f"{memory_mb / 1024:.1f} GB; use at most {max(1, fit // max(1, threads_per_worker))} workers")
+
+
+def default_workers(threads_per_worker: int = 1, device: str = "auto", memory_mb: float | None = None,
+                    cpus: int | None = None) -> int:
+    """A local cluster sized to the machine: one worker per CPU core (each scan on one torch
+    thread: faster than fewer workers with more threads, README "Cohorts"), one per GPU for
+    --device cuda, never more than the memory holds."""
+    cpus = machine_cpus() if cpus is None else cpus
+    memory_mb = machine_memory_mb() if memory_mb is None else memory_mb
+    n = max(1, cpus // max(1, threads_per_worker))
+    if device.startswith("cuda"):
+        import torch
+
+        n = max(1, torch.cuda.device_count())
+    fit = max(1, int(memory_mb // (WORKER_PEAK_MB_512x512x300 * max(1, threads_per_worker))))
+    return max(1, min(n, fit))
+
+
+class LocalClusterClient:
+    """A LocalCluster (worker processes) and its client, closed together."""
+
+    def __init__(self, workers: int, threads_per_worker: int):
+        import dask
+        from distributed import Client, LocalCluster
+
+        # allowed-failures 0: a task whose worker dies comes back at once as KilledWorker and
+        # the client runs it once more itself (the same rule with a remote scheduler);
+        # saturation 1.0: a worker holds only the scans it is running, so a lost worker loses no
+        # queued scans and results stream in submission order.
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                              "distributed.scheduler.worker-saturation": 1.0}):
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                                        dashboard_address=None, silence_logs=logging.ERROR)
+        self.client = Client(self.cluster)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.cluster.close()

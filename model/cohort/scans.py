@@ -1,0 +1,189 @@
+"""What a cohort segments: `list_scans` finds the scans of a folder (image files and DICOM series
+folders, searched recursively) or of a CSV (a `path` column; optional case_id, prompt), each a
+`Scan` with its case id; `ScanOptions` are the segment options every scan gets.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..errors import BoltzformerError, InputError
+from ..io import DICOM_EXTENSIONS, extension_of, has_dicom_preamble, INPUT_EXTENSIONS, _os_problem
+from ..options import DEFAULT_MIN_LESION_MM3
+
+
+log = logging.getLogger(__name__)
+_CASE_ID_FORBIDDEN = re.compile(r"[/\\\x00-\x1f]")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One scan of the cohort. path: absolute; where: how the user listed it (for messages)."""
+
+    case_id: str
+    path: str
+    prompt: str
+    where: str = ""  # a CSV's "cases.csv: line 3"; empty for a folder's scans
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """The `segment` options applied to every scan; they decide the mask, so --resume compares them."""
+
+    threshold: float = 0.5
+    window: str | None = None
+    modality: str | None = None  # None: detected per scan
+    runs: int = 1
+    seed: int = 0
+    min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3
+    fp_reduction: bool = True
+    force_prompt: bool = False
+    batch_size: int | None = None  # slices per batch (default: 8 CPU, 32 GPU); the draws follow it
+    allow_gaps: bool = False
+    device: str = "auto"
+
+    def key(self) -> str:
+        """A readable, stable description: the `options` column of report.csv. With the 3D
+        filter on, it names the false-positive classifier's weights too (their sha256, first 12
+        digits): new classifier weights give other masks, so --resume must not skip."""
+        from ..fp_classifier import bundled_sha256
+
+        fp = "off"
+        if self.fp_reduction:
+            digest = bundled_sha256()
+            fp = f"on:{digest[:12]}" if digest else "on"
+        return (f"threshold={self.threshold:g} window={self.window or 'auto'} modality={self.modality or 'auto'} "
+                f"runs={self.runs} seed={self.seed} min_lesion_mm3={self.min_lesion_mm3:g} "
+                f"fp_filter={fp} force_prompt={'yes' if self.force_prompt else 'no'} "
+                f"batch_size={self.batch_size or 'auto'} allow_gaps={'yes' if self.allow_gaps else 'no'} "
+                f"device={self.device}")
+
+
+def list_scans(source, prompt: str | None, exclude: Iterable[str | os.PathLike] = (),
+               warn: Callable[[str], None] | None = None) -> list[Scan]:
+    """The scans named by ``source``: a folder (searched recursively) or a CSV file.
+
+    Folder: every NIfTI/NRRD/MetaImage file and every folder holding DICOM files (one scan per
+    folder: its largest series, as `segment` takes it); hidden entries and the folders in
+    ``exclude`` (OUT_DIR) are skipped. The case id is the path below ``source`` without the
+    extension, folders joined by '_' (``p01/ct.nii.gz`` -> ``p01_ct``).
+    CSV: a ``path`` column (relative paths are relative to the CSV's folder), optional
+    ``case_id`` (default: the file or folder name without extension) and ``prompt`` (default:
+    ``prompt``). Raises InputError (exit 2) for anything that makes the list itself unusable;
+    sub-folders that cannot be listed are skipped and passed to ``warn`` (default: logged).
+    """
+    src = Path(os.fspath(source))
+    if not src.exists():
+        raise InputError(src, "does not exist; give a folder of scans or a CSV file with a 'path' column")
+    if src.is_dir():
+        scans = _scans_in_folder(src, prompt, exclude, warn or log.warning)
+    elif extension_of(src.name) == ".csv":
+        scans = _scans_in_csv(src, prompt)
+    else:
+        raise InputError(src, "is neither a folder nor a .csv file; give a folder of scans or a CSV with a 'path' column")
+    if not scans:
+        raise InputError(src, "holds no scan (NIfTI, NRRD or MetaImage file, or a folder of DICOM files)" if src.is_dir()
+                         else "lists no scan")
+    return scans
+
+
+def _image_stem(name: str) -> str:
+    ext = extension_of(name)
+    return name[: -len(ext)] if ext else name
+
+
+def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[str], None]) -> list[Scan]:
+    if not prompt:
+        raise BoltzformerError("a folder of scans needs a prompt: -p \"lung nodule\"")
+    excluded = {os.path.realpath(e) for e in exclude}
+    found: list[tuple[Path, Path]] = []  # (scan path, path below root that names it)
+    problems: list[str] = []
+
+    def onerror(exc: OSError) -> None:
+        problems.append(f"{exc.filename}: cannot be listed ({_os_problem(exc)})")
+
+    for folder, dirs, files in os.walk(root, onerror=onerror):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(here / d) not in excluded)
+        files = sorted(f for f in files if not f.startswith("."))
+        if any(_is_dicom_file(here / f) for f in files):
+            found.append((here, here.relative_to(root) if here != root else Path(root.resolve().name)))
+        for f in files:
+            if extension_of(f) in INPUT_EXTENSIONS:
+                found.append((here / f, (here / f).relative_to(root)))
+    for line in problems:
+        warn(f"{line}; its scans are left out")
+    scans, seen = [], {}
+    for path, rel in found:
+        parts = list(rel.parts)
+        parts[-1] = _image_stem(parts[-1])
+        case_id = "_".join(parts)
+        if case_id in seen:
+            raise InputError(root, f"{seen[case_id]} and {path} both give case id '{case_id}'; list the scans in a "
+                                   "CSV with a case_id column instead")
+        seen[case_id] = path
+        scans.append(Scan(case_id, str(path.resolve()), prompt))
+    return scans
+
+
+def _is_dicom_file(p: Path) -> bool:
+    ext = extension_of(p.name)
+    if ext in DICOM_EXTENSIONS:
+        return True
+    if ext in INPUT_EXTENSIONS or ext in (".raw", ".zraw", ".csv", ".txt", ".json", ".md"):
+        return False
+    try:
+        return p.is_file() and has_dicom_preamble(p)
+    except OSError:
+        return False
+
+
+def _scans_in_csv(path: Path, prompt: str | None) -> list[Scan]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(path, f"cannot be read ({_os_problem(exc)})") from None
+    try:
+        text = data.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(path, f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+    try:
+        reader = csv.DictReader(_stdio.StringIO(text, newline=""))
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        rows = [(reader.line_num, r) for r in reader]  # line_num: right after blank lines and quoted line breaks
+    except csv.Error as exc:
+        raise InputError(path, f"is not a readable CSV table ({exc})") from None
+    if "path" not in columns:
+        raise InputError(path, f"needs a 'path' column (optional: case_id, prompt); columns found: {','.join(columns) or 'none'}")
+    scans, seen = [], {}
+    for n, raw in rows:
+        row = {str(k).strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        where = f"{path}: line {n}"
+        if not any(row.values()):
+            continue  # a blank line
+        if not row.get("path"):
+            raise InputError(path, f"line {n}: the path is empty")
+        scan_path = Path(row["path"]).expanduser()
+        if not scan_path.is_absolute():
+            scan_path = path.parent / scan_path
+        case_id = row.get("case_id") or _image_stem(scan_path.name.rstrip("/"))
+        if _CASE_ID_FORBIDDEN.search(case_id) or case_id.startswith(".") or not case_id:
+            raise InputError(path, f"line {n}: case_id {case_id!r} cannot name a file (no '/', '\\', control characters "
+                                   "or leading '.')")
+        if case_id in seen:
+            raise InputError(path, f"line {n}: case_id '{case_id}' is also on line {seen[case_id]}; each scan needs "
+                                   "its own case_id")
+        seen[case_id] = n
+        row_prompt = row.get("prompt") or prompt
+        if not row_prompt:
+            raise InputError(path, f"line {n}: no prompt in the row and no -p for the rows without one")
+        scans.append(Scan(case_id, os.path.abspath(scan_path), row_prompt, where))
+    return scans
