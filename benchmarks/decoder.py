@@ -11,6 +11,7 @@ from pathlib import Path
 
 from boltzformer.bench.decoder import bench_decoder, decoder_markdown
 from boltzformer.devices import resolve_device
+from boltzformer.plots import pyplot
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,11 +38,7 @@ def main():
 
 def plot(result: dict, path: Path) -> None:
     """Time per call against the number of tokens (log-log), one line per attention variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tokens = [r["tokens"] for r in result["rows"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = {"dense": "dense (all tokens)", "mask2former": "Mask2Former (thresholded mask)",

@@ -16,6 +16,8 @@ import csv
 import math
 from pathlib import Path
 
+from boltzformer.plots import pyplot
+
 
 def read_stage(path: Path) -> list[dict]:
     with open(path, newline="") as f:
@@ -28,11 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/images/training_curves.png")
     args = p.parse_args(argv)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(14, 4.2))
     offset = 0.0
     for i, spec in enumerate(args.stages):

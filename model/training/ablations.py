@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
+from ..plots import pyplot
 from . import data as data_mod
 from .train import TrainConfig, evaluate_examples, synthetic_cache, train
 
@@ -126,11 +127,7 @@ def write_markdown_and_plot(results, steps, results_dir: Path) -> None:
         lines.append(f"| {r['row']} | {r['synth_dice']:.3f} | {r['synth_dice_small']:.3f} | {r['synth_dice_medium']:.3f} | "
                      f"{r['synth_dice_large']:.3f} | {r['negative_fp_rate']:.2f} | {r['real_dice']:.3f} | {r['decoder_ms_per_slice']:.2f} |")
     (results_dir / "ablations.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [r["row"] for r in results]
     y = np.arange(len(names))
     fig, ax = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)

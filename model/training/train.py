@@ -28,6 +28,7 @@ from ..checkpoint import save_model
 from ..network.boltzformer import BoltzFormer, build_model, count_parameters
 from ..network.config import get_config
 from ..network.text import SentenceEncoder, batch_embeddings, normalise_prompt
+from ..plots import pyplot
 from ..postprocess import dice
 from ..synth import prompts as vocab
 from . import data as data_mod
@@ -242,11 +243,7 @@ def evaluate_examples(model: BoltzFormer, examples: data_mod.ExampleSet, bank, d
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ep = [r["epoch"] for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     ax[0].plot(ep, [r["loss"] for r in rows], label="train loss (Dice + BCE)")
@@ -437,6 +434,7 @@ def run_train(args) -> int:
             setattr(cfg, key, json.loads(value))
         except ValueError:
             setattr(cfg, key, value)
+    pyplot()  # every epoch writes curves.png: without matplotlib, say so now, not after the first epoch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     best = train(cfg, args.out, max_minutes=args.max_minutes)
     print(f"best weights: {best}")
