@@ -1,4 +1,5 @@
-"""The lesion table of the panel: one row per candidate (lesion mode) or one structure (organ mode).
+"""The lesion table of the panel: one row per candidate (lesion mode) or one structure (organ
+mode), and the total the panel shows above it.
 
 A QTableWidget that knows its columns, formats its cells (sorted by number, not text), marks
 each row's review status and tints reviewed rows. It keeps the lesion dict behind every row, so
@@ -60,6 +61,43 @@ def status_text(row: dict) -> tuple[str, str]:
     marks = "".join(dict.fromkeys(m for name, m in ORIGIN_MARKS.items() if name in origin))
     tip = f"{row['status']}" + ("" if origin == "model" else f" · {origin}")
     return STATUS_MARKS[row["status"]] + marks, tip
+
+
+def intensity_header(is_ct: bool, sequence: str | None) -> tuple[str, str]:
+    """(header, tooltip) of the intensity column: HU for CT, arbitrary units naming the MR
+    sequence (if the file does) otherwise."""
+    if is_ct:
+        return "HU", "mean intensity in Hounsfield units"
+    sequence = sequence or "sequence not stated by the file"
+    return "a.u.", f"mean intensity in arbitrary units (MR: {sequence}); not comparable between scans"
+
+
+def lesion_totals(result, shown: list[dict], hidden: list[dict], min_diameter_mm: float) -> tuple[str, str]:
+    """(total, details) above the lesion rows: what is shown, and what is hidden or dropped."""
+    total_ml = sum(r["volume_mm3"] for r in shown) / 1000.0
+    noun = "lesion" if len(shown) == 1 else "lesions"
+    details = [f"'{result.prompt}', threshold {result.threshold:.2f}"]
+    if hidden:
+        details.append(f"{len(hidden)} hidden (mean Ø < {min_diameter_mm:g} mm)")
+    if result.rejected:
+        details.append(f"{len(result.rejected)} dropped by the 3D filter")
+    if not result.complete:
+        details.append("cancelled: finished slices only")
+    return f"{len(shown)} {noun} · {total_ml:.2f} mL", " · ".join(details)
+
+
+def organ_totals(result, summary: dict | None, target: str | None) -> tuple[str, str]:
+    """(total, details) above the organ row (`target`: the vocabulary target of the prompt)."""
+    threshold = f"'{result.prompt}', threshold {result.threshold:.2f}"
+    if summary is None:
+        return f"{(target or result.prompt).replace('_', ' ')}: not found", threshold
+    details = [threshold]
+    left_out = summary["components_found"] - len(summary["lesion_ids"])
+    if left_out:
+        details.append(f"{left_out} stray component(s) left out")
+    if summary["measure"]:
+        details.append(f"{summary['measure']} {summary['measure_mm']:.1f} mm")
+    return f"{summary['structure']} · {summary['volume_ml']:.1f} mL", " · ".join(details)
 
 
 class LesionTable(QTableWidget):

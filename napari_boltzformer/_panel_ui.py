@@ -7,11 +7,10 @@ Everything sits in a scroll area, so a short window scrolls the panel instead of
 
 from __future__ import annotations
 
-from qtpy.QtCore import QStringListModel, Qt, QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QCompleter,
     QDoubleSpinBox,
     QFormLayout,
     QFrame,
@@ -19,7 +18,6 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QProgressBar,
     QPushButton,
     QSizePolicy,
@@ -32,6 +30,7 @@ from qtpy.QtWidgets import (
 from ._export import Exports
 from ._heatmap import HeatmapControls
 from ._lesion_table import LesionTable
+from ._prompt import PromptEdit
 from ._qt import PanelScroll, compact
 from ._review import ReviewPanel
 
@@ -72,15 +71,8 @@ def build_ui(panel) -> None:
     panel.image_combo.setToolTip("Image layer to segment (CT in HU or MRI)")
     panel.image_combo.currentIndexChanged.connect(panel._on_image_changed)
     form.addRow("Image", panel.image_combo)
-    panel.prompt_edit = QLineEdit()
-    panel.prompt_edit.setPlaceholderText("e.g. lung nodule")
-    panel.prompt_edit.setClearButtonEnabled(True)
+    panel.prompt_edit = PromptEdit()
     panel.prompt_edit.returnPressed.connect(panel.run)
-    panel._prompt_model = QStringListModel(panel)
-    completer = QCompleter(panel._prompt_model, panel)
-    completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
-    completer.setFilterMode(Qt.MatchFlag.MatchContains)
-    panel.prompt_edit.setCompleter(completer)
     form.addRow("Prompt", panel.prompt_edit)
     panel.modality_combo = QComboBox()
     for text, value in MODALITIES:

@@ -1,11 +1,13 @@
 """The BoltzFormer dock panel: prompt -> segmentation layers, lesion table, exports.
 
-The panel gathers the settings into a `RunRequest`, runs `segmentation_job` (_job) in napari's
+The panel gathers its settings into a `RunRequest`, runs `segmentation_job` (_job) in napari's
 `thread_worker`, so the viewer never freezes and Cancel stops it between two batches of slices,
-and shows what comes back as layers (_layers), a table (_lesion_table) and notifications. Its
-parts live in their own modules: the heatmap controls (_heatmap), the review loop (_review), the
-exports (_export), display windows (_windowing) and the canvas text (_view); each reads the
-panel's active run, none is imported back by the panel's own helpers.
+and shows what comes back as layers (_result_layers), a table (_lesion_table) and notifications;
+it keeps the runs of its viewer and which one is active. Its layout is _panel_ui's; its parts
+have modules of their own: the prompt field (_prompt), the heatmap controls (_heatmap), the
+review loop (_review), the exports (_export), display windows (_windowing) and the canvas text
+and camera (_view). The parts read the active run through the panel they are given; none
+imports this module.
 
 No tensor math here: the model, thresholds, components and the lesion table all come from
 `boltzformer`. torch is imported only when the panel is created (to list devices) and when it
@@ -25,6 +27,7 @@ from qtpy.QtWidgets import QFormLayout, QWidget
 
 from ._job import SEGMENTERS, JobOutcome, JobStatus, RunRequest, segmentation_job
 from ._layers import GEOMETRY_KEY, ROLE_KEY, geometry_from_layer, layer_array, to_layer_shape, volume_from_layer
+from ._lesion_table import intensity_header, lesion_totals, organ_totals
 from ._panel_ui import THRESHOLD_STEPS, build_ui
 from ._result_layers import (
     RESULT_ROLES,
@@ -39,7 +42,6 @@ from ._result_layers import (
 from ._view import CanvasLabels, _camera, zoom_to
 from ._windowing import apply_window, follow_window
 
-MAX_RECENT_PROMPTS = 12
 EMPTY_PROMPT = 'the prompt is empty; type what to segment, e.g. "lung nodule"'
 NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File > Open Sample > napari-boltzformer)"
 
@@ -51,7 +53,6 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-
 # -- the panel -----------------------------------------------------------------------------------
 class BoltzFormerWidget(QWidget):
     """Dock panel. napari passes `napari_viewer`; tests may inject `segmenter` or `weights`.
@@ -59,8 +60,6 @@ class BoltzFormerWidget(QWidget):
     weights: a weights source for Segmenter.from_pretrained (None: the bundled weights).
     segmenter: a ready Segmenter, used for its own device (and 'auto').
     """
-
-    recent_prompts: list[str] = []  # shared by the panels of this session, newest first
 
     def __init__(self, napari_viewer, weights=None, segmenter=None, parent=None):
         super().__init__(parent)
@@ -130,12 +129,7 @@ class BoltzFormerWidget(QWidget):
                 known = list(all_prompts())
             except ImportError:
                 pass
-        self._known_prompts = known
-        self._update_completer()
-
-    def _update_completer(self):
-        prompts = list(dict.fromkeys([*self.recent_prompts, *self._known_prompts]))
-        self._prompt_model.setStringList(prompts)
+        self.prompt_edit.set_known(known)
 
     # ---- viewer bookkeeping -------------------------------------------------------------------
     def _image_layers(self):
@@ -299,7 +293,7 @@ class BoltzFormerWidget(QWidget):
         request = self.build_request()
         if request is None:
             return
-        self._remember_prompt(request.prompt)
+        self.prompt_edit.remember(request.prompt)
         self._request = request
         self._stop.clear()
         self.model_calls += 1
@@ -328,14 +322,6 @@ class BoltzFormerWidget(QWidget):
     def _set_running(self, running: bool):
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
-
-    def _remember_prompt(self, prompt: str):
-        from boltzformer.network.text import normalise_prompt
-
-        text = normalise_prompt(prompt)
-        recent = [p for p in type(self).recent_prompts if p != text]
-        type(self).recent_prompts[:] = [text, *recent][:MAX_RECENT_PROMPTS]
-        self._update_completer()
 
     def _on_yielded(self, item):
         from napari.utils.notifications import show_warning
@@ -557,49 +543,18 @@ class BoltzFormerWidget(QWidget):
         from boltzformer.intensity import normalise_modality
 
         is_ct = normalise_modality(result.modality) == "CT"
-        header = self._intensity_header(is_ct)
-        threshold = f"'{result.prompt}', threshold {result.threshold:.2f}"
+        header = intensity_header(is_ct, self._results[self._active_run][1].geometry.get("sequence"))
         if self.current_mode() == "organ":
             summary = self.organ_summary()
             self.table.show_organ(summary, header, is_ct)
-            self._set_summary(*self._organ_total(result, summary, threshold))
+            self._set_summary(*organ_totals(result, summary, self._run_info.get(self._active_run, {}).get("target")))
             self.reviewer.update([])
             return
         shown, hidden = self.shown_lesions()
         self.table.show_lesions(result, self.reviewer.table_rows(shown) if self.reviewer.view() is not None else shown,
                                 header, is_ct)
-        total_ml = sum(r["volume_mm3"] for r in shown) / 1000.0
-        noun = "lesion" if len(shown) == 1 else "lesions"
-        details = [threshold]
-        if hidden:
-            details.append(f"{len(hidden)} hidden (mean Ø < {self.min_diameter_mm():g} mm)")
-        if result.rejected:
-            details.append(f"{len(result.rejected)} dropped by the 3D filter")
-        if not result.complete:
-            details.append("cancelled: finished slices only")
-        self._set_summary(f"{len(shown)} {noun} · {total_ml:.2f} mL", " · ".join(details))
+        self._set_summary(*lesion_totals(result, shown, hidden, self.min_diameter_mm()))
         self.reviewer.update(shown)
-
-    def _intensity_header(self, is_ct: bool) -> tuple[str, str]:
-        """('HU', tip) for CT, ('a.u.', tip naming the MR sequence if the file does) otherwise."""
-        if is_ct:
-            return "HU", "mean intensity in Hounsfield units"
-        entry = self._results.get(self._active_run)
-        sequence = (entry[1].geometry.get("sequence") if entry else None) or "sequence not stated by the file"
-        return "a.u.", f"mean intensity in arbitrary units (MR: {sequence}); not comparable between scans"
-
-    def _organ_total(self, result, summary: dict | None, threshold: str) -> tuple[str, str]:
-        """(total, details) above the organ row."""
-        if summary is None:
-            target = self._run_info.get(self._active_run, {}).get("target")
-            return f"{(target or result.prompt).replace('_', ' ')}: not found", threshold
-        details = [threshold]
-        left_out = summary["components_found"] - len(summary["lesion_ids"])
-        if left_out:
-            details.append(f"{left_out} stray component(s) left out")
-        if summary["measure"]:
-            details.append(f"{summary['measure']} {summary['measure_mm']:.1f} mm")
-        return f"{summary['structure']} · {summary['volume_ml']:.1f} mL", " · ".join(details)
 
     def _set_summary(self, total: str, details: str):
         """The total on one line (cut with … if the panel is narrow; whole in the tooltip)."""

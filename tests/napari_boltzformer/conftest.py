@@ -16,22 +16,28 @@ OTHER_PROMPT = "brain lesion"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory) -> Path:
-    """An untrained 'boltzformer-test' network that knows two prompts (no sentence encoder needed)."""
+def save_test_weights(folder: Path, prompts, seed: int = 0) -> Path:
+    """An untrained 'boltzformer-test' network in `folder` that knows `prompts` (random prompt
+    embeddings drawn with `seed`: no sentence encoder needed)."""
     from boltzformer.checkpoint import save_model
     from boltzformer.network.boltzformer import build_model
     from boltzformer.network.config import get_config
     from boltzformer.network.text import PromptEmbedding
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     bank = {}
-    for prompt in (PROMPT, OTHER_PROMPT):
+    for prompt in prompts:
         pooled = rng.standard_normal(384).astype(np.float32)
         bank[prompt] = PromptEmbedding(rng.standard_normal((2, 384)).astype(np.float32), pooled / np.linalg.norm(pooled))
-    path = tmp_path_factory.mktemp("weights") / "w.safetensors"
+    path = folder / "w.safetensors"
     save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank=bank)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """The untrained test network knowing two prompts."""
+    return save_test_weights(tmp_path_factory.mktemp("weights"), (PROMPT, OTHER_PROMPT))
 
 
 @pytest.fixture(scope="session")
@@ -97,11 +103,91 @@ def panel(viewer, tiny_segmenter, qtbot):
     viewer.window.add_dock_widget(widget, name="BoltzFormer", area="right")
     widget.prompt_edit.setText(PROMPT)
     yield widget
-    if widget.running:
-        widget.cancel()
-        widget.wait(30)
+    stop(widget)
 
 
 def run_and_wait(widget, qtbot, timeout_ms=60_000):
     widget.run()
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout_ms)
+
+
+def stop(widget):
+    """Cancel a run still going when a test ends (a closed panel has nothing to stop)."""
+    try:
+        if widget.running:
+            widget.cancel()
+            widget.wait(30)
+    except RuntimeError:  # the test closed it
+        pass
+
+
+def shown_viewer(make_napari_viewer, size=(1300, 850)):
+    """A viewer on screen (Xvfb), for screenshots and clicks on the canvas."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(*size)
+    return viewer
+
+
+def panel_on(viewer, segmenter, dock: bool = True):
+    """The panel on `viewer` with `segmenter` injected (docked on the right unless not `dock`),
+    asked for PROMPT and keeping lesions of any size."""
+    from napari_boltzformer._widget import BoltzFormerWidget
+
+    panel = BoltzFormerWidget(viewer, segmenter=segmenter)
+    if dock:
+        viewer.window.add_dock_widget(panel, name="BoltzFormer", area="right")
+    panel.prompt_edit.setText(PROMPT)
+    panel.min_lesion_spin.setValue(0.0)
+    return panel
+
+
+def threshold_until(panel, enough, thresholds=range(5, 100, 5)) -> bool:
+    """Re-threshold (no inference) until `enough(result)` holds; False if no threshold gives it."""
+    result = panel.active_result()
+    for t in thresholds:
+        panel.threshold_slider.setValue(t)
+        panel.apply_threshold()
+        if enough(result):
+            return True
+    return False
+
+
+def out_of_memory_gpu(segmenter, released: list):
+    """A segmenter on a 'cuda' device (with `segmenter`'s config) whose every run runs out of
+    memory; each release_memory() call appends True to `released`."""
+    import torch
+
+    class FakeGpu:
+        device = torch.device("cuda")
+        config = segmenter.config
+
+        def iter_segment(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            yield  # a generator
+
+        def release_memory(self):
+            released.append(True)
+
+    return FakeGpu()
+
+
+def pixels_changed_by_hiding(viewer, qtbot, layer, min_change: int, wait_ms: int) -> np.ndarray:
+    """bool (h, w): the canvas pixels whose RGB changes by more than `min_change` (summed) when
+    `layer` is hidden."""
+    qtbot.wait(wait_ms)
+    shown = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(np.int16)
+    layer.visible = False
+    qtbot.wait(wait_ms)
+    hidden = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(np.int16)
+    return np.abs(shown - hidden).sum(-1) > min_change
+
+
+def canvas_to_world_yx(viewer, rows, cols, canvas_shape) -> tuple[np.ndarray, np.ndarray]:
+    """World (y, x) of the centres of canvas pixels (rows, cols): napari's 2D camera has a centre
+    and a zoom in screen pixels per world unit."""
+    from napari_boltzformer._view import _camera
+
+    h, w = canvas_shape
+    cy, cx = _camera(viewer).center[-2:]
+    zoom = _camera(viewer).zoom
+    return cy + (np.asarray(rows) + 0.5 - h / 2) / zoom, cx + (np.asarray(cols) + 0.5 - w / 2) / zoom

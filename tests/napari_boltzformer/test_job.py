@@ -9,7 +9,7 @@ import pytest
 
 from napari_boltzformer._job import JobOutcome, JobStatus, RunRequest, SegmenterCache, segmentation_job
 
-from .conftest import PROMPT, ct_volume
+from .conftest import PROMPT, ct_volume, out_of_memory_gpu
 
 
 def _request(device="auto") -> RunRequest:
@@ -40,26 +40,11 @@ def test_the_job_yields_status_then_progress_and_returns_the_result(tiny_segment
 
 
 def test_out_of_memory_on_an_accelerator_runs_again_on_the_cpu(tiny_segmenter):
-    import torch
-
-    released = []
-
-    class FakeGpu:  # a segmenter on a "cuda" device that runs out of memory
-        device = torch.device("cuda")
-        config = tiny_segmenter.config
-
-        def iter_segment(self, *args, **kwargs):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            yield  # a generator
-
-        def release_memory(self):
-            released.append(True)
-
-    devices = []
+    devices, released = [], []
 
     def load(device):
         devices.append(device)
-        return FakeGpu() if device == "cuda" else tiny_segmenter
+        return out_of_memory_gpu(tiny_segmenter, released) if device == "cuda" else tiny_segmenter
 
     items, outcome = _drain(segmentation_job(_request("cuda"), load, lambda: False))
     assert devices == ["cuda", "cpu"] and released == [True]

@@ -65,3 +65,24 @@ def test_reader_writer_and_sample_modules_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_plugin_modules_import_each_other_without_a_circle_and_stay_small():
+    """The house drawn from the plugin's own imports (top level and inside functions) has no
+    circle, and no module grows past 600 lines."""
+    import ast
+
+    graph = {}
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {node.module for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        assert len(path.read_text().splitlines()) <= 600, path.name
+
+    def visit(module, trail):
+        assert module not in trail, " -> ".join([*trail, module])
+        for imported in graph.get(module, ()):
+            visit(imported, [*trail, module])
+
+    for module in graph:
+        visit(module, [])

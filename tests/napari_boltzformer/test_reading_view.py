@@ -13,7 +13,8 @@ from napari_boltzformer._panel_ui import MIN_DIAMETERS_MM
 from napari_boltzformer._view import MIN_FOV_MM, ZOOM_FOV_FACTOR, _camera
 from napari_boltzformer._widget import BoltzFormerWidget
 
-from .conftest import PROMPT, add_volume, ct_volume, run_and_wait
+from .conftest import PROMPT, add_volume, canvas_to_world_yx, ct_volume, panel_on, pixels_changed_by_hiding
+from .conftest import run_and_wait, save_test_weights, shown_viewer, stop, threshold_until
 
 ORGAN_PROMPT = "aorta"
 MR_PROMPT = "multiple sclerosis lesion"
@@ -21,20 +22,8 @@ MR_PROMPT = "multiple sclerosis lesion"
 
 @pytest.fixture(scope="module")
 def reading_weights(tmp_path_factory):
-    """The untrained 'boltzformer-test' network knowing a lesion, an organ and an MR prompt."""
-    from boltzformer.checkpoint import save_model
-    from boltzformer.network.boltzformer import build_model
-    from boltzformer.network.config import get_config
-    from boltzformer.network.text import PromptEmbedding
-
-    rng = np.random.default_rng(1)
-    bank = {}
-    for prompt in (PROMPT, ORGAN_PROMPT, MR_PROMPT):
-        pooled = rng.standard_normal(384).astype(np.float32)
-        bank[prompt] = PromptEmbedding(rng.standard_normal((2, 384)).astype(np.float32), pooled / np.linalg.norm(pooled))
-    path = tmp_path_factory.mktemp("reading_weights") / "w.safetensors"
-    save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank=bank)
-    return path
+    """The untrained test network knowing a lesion, an organ and an MR prompt."""
+    return save_test_weights(tmp_path_factory.mktemp("reading_weights"), (PROMPT, ORGAN_PROMPT, MR_PROMPT), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -47,32 +36,15 @@ def reading_segmenter(reading_weights):
 @pytest.fixture
 def reader(make_napari_viewer, reading_segmenter, qtbot):
     """A shown viewer (for screenshots) with a CT volume and the panel docked."""
-    viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1300, 850)
+    viewer = shown_viewer(make_napari_viewer)
     add_volume(viewer, ct_volume(shape=(12, 96, 80)))
-    panel = BoltzFormerWidget(viewer, segmenter=reading_segmenter)
-    viewer.window.add_dock_widget(panel, name="BoltzFormer", area="right")
-    panel.prompt_edit.setText(PROMPT)
-    panel.min_lesion_spin.setValue(0.0)
+    panel = panel_on(viewer, reading_segmenter)
     yield viewer, panel
-    if panel.running:
-        panel.cancel()
-        panel.wait(30)
+    stop(panel)
 
 
 def _roles(viewer) -> dict:
     return {layer.metadata.get(ROLE_KEY): layer for layer in viewer.layers if layer.metadata.get(ROLE_KEY)}
-
-
-def _threshold_until(panel, enough, thresholds=range(5, 100, 5)) -> bool:
-    """Re-threshold (no inference) until `enough(result)` holds; False if no threshold gives it."""
-    result = panel.active_result()
-    for t in thresholds:
-        panel.threshold_slider.setValue(t)
-        panel.apply_threshold()
-        if enough(result):
-            return True
-    return False
 
 
 def _headers(panel) -> list[str]:
@@ -116,17 +88,10 @@ def test_zero_is_transparent_and_the_heat_shows_on_dark_and_white(reader, qtbot)
     viewer.dims.set_current_step(axis, heat.data.shape[0] - 1)
     viewer.dims.set_current_step(axis + 1, 4)
     viewer.reset_view()
-    qtbot.wait(300)
-    shown = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(np.int16)
-    heat.visible = False
-    qtbot.wait(300)
-    hidden = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(np.int16)
-    changed = np.abs(shown - hidden).sum(-1) > 24
+    changed = pixels_changed_by_hiding(viewer, qtbot, heat, min_change=24, wait_ms=300)
     h, w = changed.shape
-    cy, cx = _camera(viewer).center[-2:]
-    zoom = _camera(viewer).zoom
     rows, cols = np.mgrid[4:h - 4:3, 4:w - 4:3]
-    world_y, world_x = cy + (rows + 0.5 - h / 2) / zoom, cx + (cols + 0.5 - w / 2) / zoom
+    world_y, world_x = canvas_to_world_yx(viewer, rows, cols, changed.shape)
     point = list(viewer.dims.point)
     cell_value, brightness = [], []
     for y, x in zip(world_y.ravel(), world_x.ravel()):
@@ -179,7 +144,7 @@ def test_an_organ_prompt_opens_organ_mode_with_one_structure(reader, qtbot):
     panel.prompt_edit.setText(ORGAN_PROMPT)
     run_and_wait(panel, qtbot)
     result = panel.active_result()
-    assert _threshold_until(panel, lambda r: len(r.lesions) >= 2), "no threshold gave two components"
+    assert threshold_until(panel, lambda r: len(r.lesions) >= 2), "no threshold gave two components"
     assert panel.current_mode() == "organ" and panel.result_box.title() == "Organ"
     assert panel.table.rowCount() == 1 and _headers(panel)[:3] == ["structure", "mL", "calibre mm"]
     summary = panel.organ_summary()
@@ -204,7 +169,7 @@ def test_an_organ_prompt_opens_organ_mode_with_one_structure(reader, qtbot):
 def test_lesion_mode_has_confidence_and_both_axes_and_hu_only_for_ct(reader, qtbot):
     viewer, panel = reader
     run_and_wait(panel, qtbot)
-    assert _threshold_until(panel, lambda r: len(r.lesions) >= 1)
+    assert threshold_until(panel, lambda r: len(r.lesions) >= 1)
     result = panel.active_result()
     headers = _headers(panel)
     for header in ("Ø mm", "short", "mean Ø", "p̄", "p max", "HU"):
@@ -235,7 +200,7 @@ def test_the_size_filter_hides_small_lesions_and_says_how_many(reader, qtbot, tm
         sizes = [row["mean_axial_diameter_mm"] for row in r.lesions]
         return next((mm for mm in MIN_DIAMETERS_MM[1:] if min(sizes, default=0) < mm <= max(sizes, default=0)), None)
 
-    assert _threshold_until(panel, lambda r: split(r) is not None), "no threshold gave lesions on both sides of a step"
+    assert threshold_until(panel, lambda r: split(r) is not None), "no threshold gave lesions on both sides of a step"
     step = split(result)
     small = [r for r in result.lesions if r["mean_axial_diameter_mm"] < step]
     large = [r for r in result.lesions if r["mean_axial_diameter_mm"] >= step]
@@ -259,7 +224,7 @@ def test_a_row_click_jumps_and_zooms_restore_goes_back_and_the_next_run_starts_u
     viewer, panel = reader
     run_and_wait(panel, qtbot)
     small = lambda r: [x for x in r.lesions if x["longest_axial_diameter_mm"] < 10]  # noqa: E731
-    assert _threshold_until(panel, lambda r: small(r) and len(small(r)) < len(r.lesions))
+    assert threshold_until(panel, lambda r: small(r) and len(small(r)) < len(r.lesions))
     result = panel.active_result()
     viewer.reset_view()
     camera = _camera(viewer)

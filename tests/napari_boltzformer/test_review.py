@@ -18,35 +18,20 @@ from napari_boltzformer._review import REVIEW_KEY
 from napari_boltzformer._view import _camera
 from napari_boltzformer._widget import BoltzFormerWidget
 
-from .conftest import PROMPT, run_and_wait
+from .conftest import PROMPT, panel_on, run_and_wait, shown_viewer, stop, threshold_until
 
 
 @pytest.fixture
 def reviewing(make_napari_viewer, tiny_segmenter, qtbot):
     """The chest CT sample after "lung nodule" at a threshold that leaves at least five lesions."""
-    viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1300, 850)
+    viewer = shown_viewer(make_napari_viewer)
     viewer.open_sample("napari-boltzformer", "chest_ct")
-    panel = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
-    viewer.window.add_dock_widget(panel, name="BoltzFormer", area="right")
-    panel.prompt_edit.setText(PROMPT)
-    panel.min_lesion_spin.setValue(0.0)
+    panel = panel_on(viewer, tiny_segmenter)
     run_and_wait(panel, qtbot)
-    result = panel.active_result()
-    for t in range(50, 100, 2):
-        panel.threshold_slider.setValue(t)
-        panel.apply_threshold()
-        if len(result.lesions) >= 5:
-            break
-    assert len(result.lesions) >= 5, "no threshold gave five lesions"
+    assert threshold_until(panel, lambda result: len(result.lesions) >= 5, range(50, 100, 2)), \
+        "no threshold gave five lesions"
     yield viewer, panel
-    for p in (panel,):
-        try:
-            if p.running:
-                p.cancel()
-                p.wait(30)
-        except RuntimeError:  # closed by the test
-            pass
+    stop(panel)
 
 
 def key(viewer, qtbot, k, shift=False):

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_boltzformer._widget import BoltzFormerWidget
-
-from .conftest import ARTIFACTS, PROMPT, add_volume, ct_volume, run_and_wait
+from .conftest import ARTIFACTS, add_volume, canvas_to_world_yx, ct_volume, panel_on, pixels_changed_by_hiding
+from .conftest import run_and_wait, shown_viewer
 
 
 def test_screenshot_of_the_viewer_with_the_panel_after_a_run(make_napari_viewer, qtbot, tiny_segmenter):
     from napari.utils.io import imsave
 
-    viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1400, 900)
+    viewer = shown_viewer(make_napari_viewer, (1400, 900))
     add_volume(viewer, ct_volume(shape=(12, 96, 80)), name="synthetic CT")
-    panel = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
-    viewer.window.add_dock_widget(panel, name="BoltzFormer", area="right")
-    panel.prompt_edit.setText(PROMPT)
+    panel = panel_on(viewer, tiny_segmenter)
     panel.probability_check.setChecked(False)
-    panel.min_lesion_spin.setValue(0.0)
     run_and_wait(panel, qtbot)
     viewer.dims.set_current_step(1, 4)  # the slice of the first nodule (axis 0 is "decoder layer")
     # opens on the decoder layer whose sampling is least spread
@@ -43,34 +38,22 @@ def test_mask_pixels_on_screen_lie_where_the_mask_is(make_napari_viewer, qtbot, 
     layer's placement, onto the voxels the mask marks (a misplaced mask layer fails this)."""
     from scipy import ndimage
 
-    viewer = make_napari_viewer(show=True)
-    viewer.window.resize(1000, 800)
+    viewer = shown_viewer(make_napari_viewer, (1000, 800))
     add_volume(viewer, ct_volume(shape=(12, 96, 80)), name="synthetic CT")
-    panel = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
-    panel.prompt_edit.setText(PROMPT)
+    panel = panel_on(viewer, tiny_segmenter, dock=False)
     panel.probability_check.setChecked(False)
     panel.attention_check.setChecked(False)
-    panel.min_lesion_spin.setValue(0.0)
     run_and_wait(panel, qtbot)
     mask_layer = next(layer for layer in viewer.layers if layer.metadata.get("boltzformer_role") == "mask")
     z = int(np.argmax(mask_layer.data.reshape(mask_layer.data.shape[0], -1).sum(1)))
     assert mask_layer.data[z].any()
     viewer.dims.set_current_step(0, z)
     viewer.reset_view()
-    qtbot.wait(200)
-    with_mask = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(np.int16)
-    mask_layer.visible = False
-    qtbot.wait(200)
-    without = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(np.int16)
-    changed = np.abs(with_mask - without).sum(-1) > 30
+    changed = pixels_changed_by_hiding(viewer, qtbot, mask_layer, min_change=30, wait_ms=200)
     assert changed.sum() > 20
-    # canvas pixel -> world (napari's 2D camera: centre and zoom in screen pixels per world unit)
-    h, w = changed.shape
     rows, cols = np.nonzero(changed)
-    cy, cx = viewer.camera.center[-2:]
-    zoom = viewer.camera.zoom
-    world = np.stack([np.full(rows.shape, viewer.dims.point[0]), cy + (rows + 0.5 - h / 2) / zoom,
-                      cx + (cols + 0.5 - w / 2) / zoom], axis=1)
+    world_y, world_x = canvas_to_world_yx(viewer, rows, cols, changed.shape)
+    world = np.stack([np.full(rows.shape, viewer.dims.point[0]), world_y, world_x], axis=1)
     image_layer = viewer.layers["synthetic CT"]
     index = np.array([image_layer.world_to_data(p) for p in world[:: max(1, len(world) // 500)]])
     index = np.round(index).astype(int)

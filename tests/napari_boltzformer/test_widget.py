@@ -11,7 +11,7 @@ from napari_boltzformer._layers import ROLE_KEY
 from napari_boltzformer._view import _camera
 from napari_boltzformer._widget import BoltzFormerWidget
 
-from .conftest import PROMPT, add_volume, ct_volume, oblique_direction, run_and_wait
+from .conftest import PROMPT, add_volume, ct_volume, oblique_direction, out_of_memory_gpu, run_and_wait, threshold_until
 
 
 def _count_batches(monkeypatch, segmenter, delay_s: float = 0.0) -> list:
@@ -63,8 +63,8 @@ def test_rerunning_a_prompt_updates_its_layers_and_prompts_coexist(panel, viewer
     panel.prompt_edit.setText("Brain  Lesion")
     run_and_wait(panel, qtbot)
     assert {PROMPT, "brain lesion"} <= {layer.name for layer in viewer.layers}
-    assert panel.recent_prompts[:2] == ["brain lesion", PROMPT]
-    assert "brain lesion" in panel._prompt_model.stringList()
+    assert panel.prompt_edit.recent[:2] == ["brain lesion", PROMPT]
+    assert "brain lesion" in panel.prompt_edit.completions()
 
 
 @pytest.mark.parametrize("direction", ["axis-aligned", "oblique"])
@@ -175,24 +175,11 @@ def test_errors_become_notifications(panel, viewer, qtbot, notifications, tmp_pa
 
 
 def test_out_of_memory_on_the_accelerator_retries_on_the_cpu(panel, viewer, qtbot, tiny_segmenter, monkeypatch, notifications):
-    import torch
-
-    class FakeGpu:  # a segmenter on a "cuda" device that runs out of memory
-        device = torch.device("cuda")
-        config = tiny_segmenter.config
-
-        def iter_segment(self, *args, **kwargs):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            yield  # a generator
-
-        def release_memory(self):
-            released.append(True)
-
     devices, released = [], []
 
     def load(device):
         devices.append(device)
-        return FakeGpu() if device == "cuda" else tiny_segmenter
+        return out_of_memory_gpu(tiny_segmenter, released) if device == "cuda" else tiny_segmenter
 
     monkeypatch.setattr(panel, "load_segmenter", load)
     panel.device_combo.model().item(1).setEnabled(True)
@@ -211,11 +198,7 @@ def test_lesion_table_click_moves_the_viewer_to_the_lesion(panel, viewer, qtbot)
     run_and_wait(panel, qtbot)
     result = panel.active_result()
     # A threshold that leaves at least two components of the untrained model's output.
-    for t in range(50, 100, 5):
-        panel.threshold_slider.setValue(t)
-        panel.apply_threshold()
-        if len(result.lesions) >= 2:
-            break
+    threshold_until(panel, lambda r: len(r.lesions) >= 2, range(50, 100, 5))
     assert panel.table.rowCount() == len(result.lesions) >= 1
     panel.table.sortItems(1)  # by volume, ascending
     row = 0

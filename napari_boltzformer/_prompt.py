@@ -1,0 +1,45 @@
+"""The prompt field: completes the prompts the model knows and the ones typed in this session."""
+
+from __future__ import annotations
+
+from qtpy.QtCore import QStringListModel, Qt
+from qtpy.QtWidgets import QCompleter, QLineEdit
+
+MAX_RECENT_PROMPTS = 12
+
+
+class PromptEdit(QLineEdit):
+    """A line edit whose completer offers recent prompts (newest first, shared by every panel of
+    the session) before the known ones; matches anywhere in a prompt, in any case."""
+
+    recent: list[str] = []  # shared by the panels of this session, newest first
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setPlaceholderText("e.g. lung nodule")
+        self.setClearButtonEnabled(True)
+        self._known: list[str] = []
+        self._model = QStringListModel(self)
+        completer = QCompleter(self._model, self)
+        completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        completer.setFilterMode(Qt.MatchFlag.MatchContains)
+        self.setCompleter(completer)
+
+    def completions(self) -> list[str]:
+        return self._model.stringList()
+
+    def set_known(self, prompts: list[str]):
+        self._known = list(prompts)
+        self._update()
+
+    def remember(self, prompt: str):
+        """A prompt that ran goes first (normalised as the model reads it)."""
+        from boltzformer.network.text import normalise_prompt
+
+        text = normalise_prompt(prompt)
+        recent = [p for p in PromptEdit.recent if p != text]
+        PromptEdit.recent[:] = [text, *recent][:MAX_RECENT_PROMPTS]
+        self._update()
+
+    def _update(self):
+        self._model.setStringList(list(dict.fromkeys([*PromptEdit.recent, *self._known])))
