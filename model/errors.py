@@ -7,6 +7,7 @@ prints that line and exits with status 2; the napari plugin shows it as a notifi
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -46,3 +47,19 @@ class PromptError(BoltzformerError):
 
 class WeightsError(BoltzformerError):
     """Weights that cannot be found or loaded."""
+
+
+def os_problem(exc: OSError) -> str:
+    """A short lower-case reason for an OSError: 'no space left on device', ..."""
+    names = {
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EFBIG: "file too large for this file system",
+        errno.EROFS: "read-only file system",
+        errno.EIO: "input/output error (failing disk or network drive?)",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+    }
+    if exc.errno in names:
+        return names[exc.errno]
+    return str(exc.strerror or exc).rstrip(".").lower() or type(exc).__name__

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import BoltzformerError, OutputError
-from ..io import _os_problem
+from ..errors import BoltzformerError, OutputError, os_problem
 from ..options import check_prompt_text
 from ..postprocess import CSV_COLUMNS
 from .cluster import check_memory, default_workers, LocalClusterClient, machine_cpus
@@ -204,7 +203,7 @@ def _make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(out, f"cannot be created ({_os_problem(exc)})") from None
+        raise OutputError(out, f"cannot be created ({os_problem(exc)})") from None
 
 
 def _last_rows(rows: list[dict]) -> list[dict]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import BoltzformerError, InputError
-from ..io import DICOM_EXTENSIONS, extension_of, has_dicom_preamble, INPUT_EXTENSIONS, _os_problem
+from ..errors import BoltzformerError, InputError, os_problem
+from ..io import DICOM_EXTENSIONS, extension_of, has_dicom_preamble, INPUT_EXTENSIONS
 from ..options import DEFAULT_MIN_LESION_MM3
 
 
@@ -107,7 +107,7 @@ def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[st
     problems: list[str] = []
 
     def onerror(exc: OSError) -> None:
-        problems.append(f"{exc.filename}: cannot be listed ({_os_problem(exc)})")
+        problems.append(f"{exc.filename}: cannot be listed ({os_problem(exc)})")
 
     for folder, dirs, files in os.walk(root, onerror=onerror):
         here = Path(folder)
@@ -149,7 +149,7 @@ def _scans_in_csv(path: Path, prompt: str | None) -> list[Scan]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise InputError(path, f"cannot be read ({_os_problem(exc)})") from None
+        raise InputError(path, f"cannot be read ({os_problem(exc)})") from None
     try:
         text = data.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a byte-order mark
     except UnicodeDecodeError as exc:

@@ -9,8 +9,8 @@ import io as _stdio
 import os
 from pathlib import Path
 
-from ..errors import InputError, OutputError
-from ..io import atomic_output, _os_problem
+from ..errors import InputError, OutputError, os_problem
+from ..io import atomic_output
 
 
 def _csv_bytes(rows: list[dict], columns, header: bool = False) -> bytes:
@@ -37,7 +37,7 @@ class Table:
         try:
             self._f = open(self.path, "ab")
         except OSError as exc:
-            raise OutputError(self.path, f"cannot be opened for writing ({_os_problem(exc)})") from None
+            raise OutputError(self.path, f"cannot be opened for writing ({os_problem(exc)})") from None
 
     def append(self, rows: list[dict]) -> None:
         if not rows:
@@ -48,7 +48,7 @@ class Table:
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as exc:
-            raise OutputError(self.path, f"could not be written: {_os_problem(exc)}; rerun with --resume once "
+            raise OutputError(self.path, f"could not be written: {os_problem(exc)}; rerun with --resume once "
                                          "there is room (the scans recorded so far are kept)") from None
 
     def close(self) -> None:
@@ -64,7 +64,7 @@ class Table:
         except FileNotFoundError:
             return []
         except OSError as exc:
-            raise InputError(self.path, f"cannot be read ({_os_problem(exc)})") from None
+            raise InputError(self.path, f"cannot be read ({os_problem(exc)})") from None
         if not data:
             return []
         if not data.endswith(b"\n"):

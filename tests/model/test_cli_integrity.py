@@ -18,7 +18,7 @@ from boltzformer.io import read_volume
 
 from ._full_disk import fill, tiny_disk  # noqa: F401 - fixture
 from .test_cli import PROMPT, ct_path, run, segment_args, tiny_weights  # noqa: F401 - fixtures
-from .test_io import write_ct_series
+from .io.test_io import write_ct_series
 
 
 def files_in(folder) -> list[str]:

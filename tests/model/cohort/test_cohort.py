@@ -21,8 +21,8 @@ from boltzformer.cohort import EXIT_SOME_FAILED, ScanOptions, run_cohort
 from boltzformer.io import Volume, read_volume, write_volume
 from boltzformer.synth import ct
 
-from .test_cli import PROMPT, run, tiny_weights  # noqa: F401 - fixture
-from .test_io import write_ct_series
+from ..test_cli import PROMPT, run, tiny_weights  # noqa: F401 - fixture
+from ..io.test_io import write_ct_series
 
 distributed = pytest.importorskip("distributed")
 

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from boltzformer.errors import InputError, OutputError, SliceSpacingError
 from boltzformer.io import OutputSet, Volume, atomic_output, read_volume, write_volume
 
-from ._full_disk import fill, tiny_disk  # noqa: F401 - fixture
+from .._full_disk import fill, tiny_disk  # noqa: F401 - fixture
 from .test_io import write_ct_series
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")

@@ -1,0 +1,187 @@
+"""NIfTI specifics: the geometry rule (the sform when its code is > 0, else the qform, checked
+against SimpleITK's reading, a voxel size of 0 repaired), and truncated or non-finite files
+refused before SimpleITK reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+from .volume import LPS_TO_RAS, Volume
+
+
+_AXES = "xyz"
+
+
+def apply_nifti_geometry(volume: Volume, p: Path, image: sitk.Image) -> None:
+    """Place ``volume`` as the NIfTI standard says: sform if sform_code > 0, else qform.
+
+    ITK prefers the qform when both are set (so a file whose sform differs from its qform came
+    out where the qform put it) and drops the z position of a 2D file; nibabel, FSL and the
+    standard use the sform. Also warns about voxel sizes of 0 (ITK silently uses 1 mm).
+    """
+    import nibabel as nib
+
+    try:
+        with _nibabel_quiet():
+            header = nib.load(str(p)).header
+    except Exception:  # noqa: BLE001 - nibabel cannot parse what ITK accepted: keep ITK's geometry
+        return
+    warnings: list[str] = []
+    _nifti_geometry(volume, p, header, warnings)
+    if warnings:
+        volume.metadata.setdefault("warnings", []).extend(warnings)
+
+
+def _nifti_geometry(volume: Volume, p: Path, header, warnings: list[str]) -> None:
+    file_dims = int(header["dim"][0])
+    spatial = min(max(file_dims, 1), 3)
+    s_code, q_code = int(header["sform_code"]), int(header["qform_code"])
+    if s_code > 0:
+        affine, source = np.asarray(header.get_sform(), float), "sform"
+    elif q_code > 0:
+        affine, source = np.asarray(header.get_qform(), float), "qform"
+    else:
+        affine, source = None, "pixdim"
+    if source != "sform":
+        pixdim = _raw_pixdim(p)  # nibabel's header has already replaced zeros by 1
+        pixdim = np.asarray(header["pixdim"][1:4] if pixdim is None else pixdim, float)
+        zero = [_AXES[k] for k in range(spatial) if not (np.isfinite(pixdim[k]) and pixdim[k] != 0)]
+        if zero:
+            warnings.append(f"{p}: voxel size (pixdim) along {', '.join(zero)} is 0; 1 mm is assumed")
+    if affine is None:
+        return  # neither transform is set (method 1): ITK's pixdim-only geometry
+    if s_code > 0 and q_code > 0:
+        qform = np.asarray(header.get_qform(), float)
+        corners = np.array([[i, j, k, 1.0] for i in (0, max(volume.shape[2] - 1, 0)) for j in (0, max(volume.shape[1] - 1, 0))
+                            for k in (0, max(volume.shape[0] - 1, 0))])
+        apart = float(np.max(np.linalg.norm(((qform - affine) @ corners.T)[:3], axis=0)))
+        if apart > 0.01:
+            warnings.append(f"{p}: its qform and sform disagree (by up to {apart:.1f} mm); the sform is used "
+                            f"(sform_code {s_code} > 0, as the NIfTI standard says)")
+    matrix = LPS_TO_RAS @ affine[:3, :3]  # RAS -> LPS (the flip is its own inverse)
+    origin = LPS_TO_RAS @ affine[:3, 3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    itk_direction = volume.direction
+    for k in range(3):
+        if not (np.isfinite(spacing[k]) and spacing[k] > 0):  # pixdim 0 in a qform; already warned about
+            matrix[:, k], spacing[k] = itk_direction[:, k], 1.0
+    direction = matrix / spacing
+    if not (np.all(np.isfinite(direction)) and np.allclose(direction.T @ direction, np.eye(3), atol=1e-4)):
+        warnings.append(f"{p}: its {source} is sheared (not a rotation and scaling); ITK's nearest geometry is used")
+        return
+    volume.spacing_mm = tuple(float(v) for v in spacing)
+    volume.origin_mm = tuple(float(v) for v in origin)
+    volume.direction = direction
+
+
+def _raw_pixdim(p: Path) -> np.ndarray | None:
+    """pixdim[1:4] as stored in a NIfTI-1/-2 header (nibabel turns zeros into 1 as it loads)."""
+    import gzip
+
+    try:
+        with (gzip.open if p.name.lower().endswith(".gz") else open)(p, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            return np.array(struct.unpack(order + "8f", head[76:108])[1:4], float)
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            return np.array(struct.unpack(order + "8d", head[104:168])[1:4], float)
+    return None
+
+
+@contextlib.contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Keep nibabel from logging the header fixes it makes as it loads a file ('pixdim[1,2,3]
+    should be non-zero; setting 0 dims to 1') to stderr: messages here are one line, our own."""
+    import logging
+
+    import nibabel.imageglobals as nib_globals
+
+    level = nib_globals.logger.level
+    nib_globals.logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        nib_globals.logger.setLevel(level)
+
+
+def check_nifti_complete(p: Path) -> None:
+    """Raise InputError when a NIfTI file is cut short (ITK would silently read it as zeros).
+
+    For .nii.gz the gzip trailer (uncompressed size mod 2**32) is compared with the size the
+    header promises; only when they differ is the whole stream inflated to check it.
+    """
+    import nibabel as nib
+
+    try:
+        with _nibabel_quiet():
+            image = nib.load(str(p))
+        # the data offset of the file (the loaded header's own get_data_offset() is reset to 0)
+        offset = int(getattr(image.dataobj, "offset", image.header["vox_offset"]))
+        header = image.header
+        expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 - nibabel cannot parse what ITK accepted: check the gzip stream only
+        expected = None
+    if p.name.lower().endswith(".gz"):
+        if expected is not None:
+            with open(p, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                if struct.unpack("<I", f.read(4))[0] == expected % 2**32:
+                    return
+        actual = _gzip_payload_size(p)
+        if actual is None:
+            raise InputError(p, "is truncated or corrupt: its gzip stream ends early or is damaged")
+    else:
+        actual = p.stat().st_size
+    if expected is not None and actual < expected:
+        raise InputError(p, f"is truncated: the header promises {expected} bytes, the file holds {actual}")
+
+
+def check_nifti_finite(p: Path) -> None:
+    """Float NIfTI voxels must be finite (ITK's reader turns NaN into 0 without a word)."""
+    import nibabel as nib
+
+    try:
+        with _nibabel_quiet():
+            img = nib.load(str(p))
+    except Exception:  # noqa: BLE001 - nibabel is stricter than ITK about some headers; ITK decides
+        return
+    if np.dtype(img.get_data_dtype()).kind != "f":
+        return
+    data = np.asarray(img.dataobj)
+    bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise InputError(p, f"has {bad} NaN or infinite voxels (of {data.size}); fix or mask them first")
+
+
+def _gzip_payload_size(p: Path) -> int | None:
+    """Uncompressed size of a (possibly multi-member) gzip file; None when it is cut short or corrupt."""
+    size, inflater, in_member = 0, zlib.decompressobj(wbits=31), False
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 20):
+            while chunk:
+                if not in_member and not chunk.strip(b"\0"):
+                    break  # zero padding after the last member, as gzip tolerates
+                in_member = True
+                try:
+                    size += len(inflater.decompress(chunk))
+                except zlib.error:
+                    return None
+                if inflater.eof:  # a member ended; what follows starts the next one
+                    chunk = inflater.unused_data
+                    inflater, in_member = zlib.decompressobj(wbits=31), False
+                else:
+                    chunk = b""
+    return None if in_member else size

@@ -1,0 +1,111 @@
+"""`read_volume`: a path to its reader (NIfTI, NRRD and MetaImage through SimpleITK, DICOM files
+and series folders), with the checks that turn a bad input into a one-line InputError.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from ..errors import InputError
+from .dicom import read_dicom_file, read_dicom_folder
+from .formats import DICOM_EXTENSIONS, extension_of, file_kind, has_dicom_preamble, INPUT_EXTENSIONS, INPUT_FORMATS, starts_with
+from .itk import detail, itk_warnings_off
+from .nifti import apply_nifti_geometry, check_nifti_complete, check_nifti_finite
+from .volume import Volume
+
+
+def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = False) -> Volume:
+    """Read an image file or a DICOM folder into a :class:`Volume`.
+
+    Args:
+        path: NIfTI, NRRD, MetaImage or DICOM file, or a folder holding DICOM series.
+        series: for a DICOM folder with several series: a 0-based index into
+            :func:`list_dicom_series`, a SeriesInstanceUID, or a case-insensitive part of the
+            series description. Default: the largest series (explained in
+            ``metadata["series_note"]``, the others in ``metadata["series_others"]``).
+        allow_gaps: a DICOM series with missing slices or an uneven step along the slice
+            normal is resampled onto a uniform grid (linear interpolation between the
+            neighbouring slices; slices that fall on the grid are kept as they are) and a
+            warning says so. Without it such a series raises SliceSpacingError.
+
+    Problems that do not stop reading (a NIfTI qform and sform that disagree, a voxel size of
+    0, a resampled series) are one-line messages in ``metadata["warnings"]``.
+
+    Raises:
+        InputError: missing path, a FIFO or other non-regular file, unsupported or corrupt
+            file, no or unknown DICOM series, duplicate or unreadable DICOM slices, 4D or RGB
+            data, NaN/Inf voxels.
+        SliceSpacingError: gaps or uneven slice spacing in a DICOM series (see allow_gaps).
+    """
+    p = Path(os.fspath(path))
+    if not p.exists():
+        if p.is_symlink():
+            raise InputError(p, f"is a symbolic link to {os.readlink(p)}, which does not exist")
+        raise InputError(p, "does not exist")
+    if p.is_dir():
+        return read_dicom_folder(p, series, allow_gaps)
+    if not p.is_file():  # a FIFO would block the readers for ever, a device is not an image
+        raise InputError(p, f"is {file_kind(p)}, not a regular file; give an image file or a DICOM folder")
+    ext = extension_of(p.name)
+    if ext in INPUT_EXTENSIONS:
+        return _read_itk_file(p, INPUT_EXTENSIONS[ext])
+    if ext in DICOM_EXTENSIONS or has_dicom_preamble(p):
+        return read_dicom_file(p)
+    raise InputError(p, f"not a supported format; use {INPUT_FORMATS}")
+
+
+def _read_itk_file(p: Path, format_name: str) -> Volume:
+    if format_name == "NIfTI" and extension_of(p.name) == ".nii" and starts_with(p, b"\x1f\x8b"):
+        raise InputError(p, "is gzip-compressed but named .nii; rename it to .nii.gz")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        with itk_warnings_off():
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(p, f"cannot be read as {format_name}: not a valid {format_name} file or corrupt"
+                            f"{detail(exc)}") from None
+    components = reader.GetNumberOfComponents()
+    if components > 1:  # checked before loading the pixels
+        raise InputError(p, f"has {components} components per voxel (RGB?); a greyscale volume is needed")
+    size = reader.GetSize()
+    if len(size) >= 4 and any(s > 1 for s in size[3:]):
+        raise InputError(p, f"is {len(size)}D ({size[3]} volumes, a time series?); a single 3D volume is needed")
+    if format_name == "NIfTI":
+        check_nifti_complete(p)  # ITK silently reads truncated NIfTI files as zeros
+        check_nifti_finite(p)  # ... and NaN voxels as zeros
+    missing = _missing_data_file(p)
+    if missing:
+        raise InputError(p, f"its data file {missing} is missing (a .mhd/.nhdr header needs it beside it)")
+    try:
+        with itk_warnings_off():
+            image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(p, f"cannot be read: corrupt or truncated {format_name} file"
+                            f"{detail(exc)}") from None
+    volume = Volume.from_sitk(image, path=p)
+    if format_name == "NIfTI":
+        apply_nifti_geometry(volume, p, image)
+    return volume
+
+
+def _missing_data_file(p: Path) -> str | None:
+    """For a detached header (.mhd, .nhdr), the name of its data file when that file is absent."""
+    keys = {".mhd": "elementdatafile", ".nhdr": "data file"}
+    key = keys.get(extension_of(p.name))
+    if key is None:
+        return None
+    try:
+        with open(p, "r", errors="replace") as f:
+            header = f.read(65536)
+    except OSError:
+        return None
+    for line in header.splitlines():
+        name, sep, value = line.partition("=" if key == "elementdatafile" else ":")
+        value = value.strip()
+        if sep and name.strip().lower() == key and value and value.upper() not in ("LOCAL", "LIST") and " " not in value:
+            return None if (p.parent / value).exists() else value
+    return None
