@@ -119,7 +119,7 @@ def _messages(notifications, severity):
 def test_reader_keeps_a_single_slice_in_place(viewer, tmp_path, source):
     import nibabel as nib
 
-    from ..model.test_io import write_ct_series
+    from ..model.io.test_io import write_ct_series
 
     if source == "2D NIfTI":
         affine = np.diag([-1.4, -1.4, 2.5, 1.0])
@@ -157,7 +157,7 @@ def test_reader_follows_the_sform_and_warns(viewer, tmp_path, notifications):
 
 
 def test_reader_refuses_a_series_with_a_gap_without_cli_hints(viewer, tmp_path, notifications):
-    from ..model.test_io import write_ct_series
+    from ..model.io.test_io import write_ct_series
 
     keep = [0, 1, 3, 4]
     write_ct_series(tmp_path / "gap", np.full((4, 30, 20), -700, np.int16), thickness=2.5,
@@ -169,7 +169,7 @@ def test_reader_refuses_a_series_with_a_gap_without_cli_hints(viewer, tmp_path, 
 
 
 def test_reader_two_series_note_says_how_to_pick_another(viewer, tmp_path, notifications):
-    from ..model.test_io import write_ct_series
+    from ..model.io.test_io import write_ct_series
 
     hu = np.full((3, 30, 20), -700, np.int16)
     write_ct_series(tmp_path / "two", hu, description="Axial", prefix="a")
