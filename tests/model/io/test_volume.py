@@ -13,13 +13,7 @@ from boltzformer.io import (
     DICOM_EXTENSIONS, INPUT_EXTENSIONS, OUTPUT_EXTENSIONS, Volume, extension_of, has_dicom_preamble,
 )
 
-
-def rotation(ax_deg: float, ay_deg: float, az_deg: float) -> np.ndarray:
-    ax, ay, az = np.radians([ax_deg, ay_deg, az_deg])
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+from .test_io import rotation
 
 
 @pytest.fixture
