@@ -23,9 +23,7 @@ from torch.nn import functional as F
 from . import intensity
 from .checkpoint import load_model
 from .context import context_margin, context_stack
-# available_devices: still imported from here by the panel (napari_boltzformer._panel_ui) until it imports
-# boltzformer.devices; remove it from this line then.
-from .devices import available_devices, resolve_device, sampling_generator  # noqa: F401
+from .devices import resolve_device, sampling_generator
 from .errors import BoltzformerError, PromptError
 from .io import Volume
 from .network.boltzformer import BoltzFormer

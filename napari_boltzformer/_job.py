@@ -25,7 +25,8 @@ class SegmenterCache:
         self._lock = threading.Lock()
 
     def get(self, source, device: str):
-        from boltzformer.segmenter import Segmenter, resolve_device
+        from boltzformer.devices import resolve_device
+        from boltzformer.segmenter import Segmenter
 
         dev = str(resolve_device(device))
         key = (None if source is None else str(source), dev)

@@ -48,7 +48,8 @@ MIN_DIAMETERS_MM = (0.0, 3.0, 4.0, 6.0, 8.0)
 def build_ui(panel) -> None:
     """The controls of a BoltzFormerWidget, laid out in `panel` and wired to its methods."""
     from boltzformer import intensity
-    from boltzformer.segmenter import DEFAULT_MIN_LESION_MM3, available_devices
+    from boltzformer.devices import available_devices
+    from boltzformer.options import DEFAULT_MIN_LESION_MM3
 
     # Everything in a scroll area: a short window scrolls the panel instead of squeezing its
     # rows into each other.

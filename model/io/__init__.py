@@ -29,10 +29,6 @@ Modules: `volume` (Volume and its geometry), `formats` (extensions, the DICOM pr
 errors), `output` (checked, atomic writes).
 """
 
-# SimpleITK: tests/napari_boltzformer/test_reader_writer.py patches boltzformer.io.sitk; remove this
-# line once it patches SimpleITK itself.
-import SimpleITK as sitk  # noqa: F401
-
 from .dicom import SeriesInfo, list_dicom_series
 from .formats import (DICOM_EXTENSIONS, INPUT_EXTENSIONS, INPUT_FORMATS, OUTPUT_EXTENSIONS, extension_of,
                       has_dicom_preamble)

@@ -202,7 +202,7 @@ def test_reader_names_a_gzip_file_named_nii(viewer, tmp_path, notifications):
 def test_writer_on_a_full_disk_keeps_the_old_file(viewer, tmp_path, notifications, monkeypatch):
     import errno
 
-    from boltzformer import io
+    import SimpleITK
 
     out = tmp_path / "mask.nii.gz"
     out.write_bytes(b"the previous mask")
@@ -210,7 +210,7 @@ def test_writer_on_a_full_disk_keeps_the_old_file(viewer, tmp_path, notification
     def full(image, filename, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io.sitk, "WriteImage", full)
+    monkeypatch.setattr(SimpleITK, "WriteImage", full)
     labels = viewer.add_labels(np.zeros((4, 8, 8), np.uint8))
     assert labels.save(str(out), plugin=PLUGIN) == []
     (error,) = _messages(notifications, "error")
