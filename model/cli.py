@@ -400,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-fp-filter", action="store_true",
                    help="keep every candidate: skip the 3D false-positive filter (lung prompts on CT in HU)")
     s.add_argument("--min-nodule-score", type=number(0.0, 1.0), default=None,
-                   help="drop lung candidates whose 3D classifier score is below this (default: drop none; "
-                        "0.66 = at most 4 false positives per validation phantom, about half the nodules lost)")
+                   help="drop lung candidates whose 3D classifier score is below this (default: 0.73, at most 4 "
+                        "false positives per validation phantom; 0 keeps every candidate the lung rule keeps)")
     s.add_argument("--force-prompt", action="store_true",
                    help="run a prompt even when it names nothing the model was trained to find")
     s.add_argument("--probabilities", default=None, help="also write the probability volume")

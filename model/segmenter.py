@@ -300,7 +300,7 @@ class Segmenter:
         returns True the result comes back with complete=False. The volume is segmented in its
         canonical axial orientation (boltzformer.orientation) and every output is mapped back
         to its grid. min_nodule_score: with fp_reduction, drop candidates whose 3D classifier
-        score is below it (None: the threshold shipped with the classifier, which drops nothing).
+        score is below it (None: the threshold shipped with the classifier's weights).
         fp_reduction: the 3D false-positive filter for lung prompts on HU CT
         (boltzformer.fp_filter). force_prompt: run a prompt that names nothing known. prior: a
         boltzformer.look_here.ClickPrior pulling the sampling toward a clicked voxel (None: none).

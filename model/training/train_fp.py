@@ -12,6 +12,10 @@ are kept per volume. One file per volume, so an interrupted run resumes where it
 
 `fit` trains CandidateNet with balanced batches (half nodules), flips, axial transposes and
 shifts of up to 2 voxels, and holds out the last tenth of the volumes to report its accuracy.
+`--candidate-share` draws that share of the nodule half from the slice model's own true
+candidates and the rest from true nodule masks: the candidates are what the classifier judges in
+use (often a nodule merged with a vessel, or found only in part), and in proportion they were
+outnumbered two to one by the clean masks (the bundled classifier: 0.5).
 The decision threshold is chosen afterwards, on the phantom validation set, by
 benchmarks/fp_threshold_sweep.py.
 """
@@ -119,7 +123,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1e-3, seed: int = 0,
-        width: int = 16) -> dict:
+        width: int = 16, candidate_share: float | None = None) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y, vols, source, n_vols = load_mined(data)
@@ -127,6 +131,8 @@ def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1
     is_val = np.isin(vols, list(val_vols))
     train_pos = np.flatnonzero(~is_val & (y == 1))
     train_neg = np.flatnonzero(~is_val & (y == 0))
+    train_cand = np.flatnonzero(~is_val & (y == 1) & (source == 0))  # the slice model's true candidates
+    train_mask = np.flatnonzero(~is_val & (y == 1) & (source == 1))  # true nodule masks
     print(f"{n_vols} volumes: train {len(train_pos)} nodule / {len(train_neg)} other patches, "
           f"held out {int((is_val & (y == 1)).sum())} / {int((is_val & (y == 0)).sum())}", flush=True)
     net = fpc.CandidateNet(width)
@@ -135,7 +141,12 @@ def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        idx = np.concatenate([rng.choice(train_pos, batch // 2), rng.choice(train_neg, batch - batch // 2)])
+        if candidate_share is None:
+            pos = rng.choice(train_pos, batch // 2)
+        else:
+            n_cand = int(round(candidate_share * (batch // 2)))
+            pos = np.concatenate([rng.choice(train_cand, n_cand), rng.choice(train_mask, batch // 2 - n_cand)])
+        idx = np.concatenate([pos, rng.choice(train_neg, batch - batch // 2)])
         xb = augment(torch.from_numpy(x[idx]).float() / 255.0, gen)
         yb = torch.from_numpy(y[idx]).float()
         net.train()
@@ -149,7 +160,8 @@ def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1
             print(f"step {step} loss {loss.item():.4f} held-out {report} ({(time.perf_counter() - t0) / 60:.1f} min)",
                   flush=True)
     report = evaluate(net, x[is_val], y[is_val], source[is_val])
-    info = {"width": width, "steps": steps, "volumes": n_vols, "held_out_volumes": len(val_vols),
+    info = {"width": width, "steps": steps, "candidate_share": candidate_share, "volumes": n_vols,
+            "held_out_volumes": len(val_vols),
             "held_out": report, "patch_shape_zyx": list(fpc.PATCH_SHAPE),
             "patch_spacing_mm_zyx": list(fpc.PATCH_SPACING_MM), "hu_range": list(fpc.HU_RANGE)}
     fpc.save(net, 0.5, info, out)
@@ -179,12 +191,15 @@ def main(argv=None) -> int:
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--steps", type=int, default=3000)
     f.add_argument("--width", type=int, default=16)
+    f.add_argument("--candidate-share", type=float, default=None,
+                   help="share of the nodule patches drawn from the slice model's true candidates (default: in proportion)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     if args.command == "mine":
         mine(args.volumes, args.out, args.seed, args.weights)
     else:
-        print(json.dumps(fit(args.data, args.out, steps=args.steps, width=args.width), indent=2))
+        print(json.dumps(fit(args.data, args.out, steps=args.steps, width=args.width,
+                                  candidate_share=args.candidate_share), indent=2))
     return 0
 
 

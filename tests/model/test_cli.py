@@ -57,7 +57,7 @@ def segment_args(inp, out, weights_path, *extra):
 def test_segment_writes_mask_with_the_input_geometry(ct_path, tmp_path, tiny_weights, capsys):
     out, prob, att, les = (tmp_path / n for n in ("m.nii.gz", "p.nii.gz", "a.npz", "l.csv"))
     code, stdout, err = run(segment_args(ct_path, out, tiny_weights, "--probabilities", prob, "--attention", att,
-                                         "--lesions", les, "--threshold", "0.0"), capsys)
+                                         "--lesions", les, "--threshold", "0.0", "--min-nodule-score", "0"), capsys)
     assert code == 0, err
     assert "lesion(s) for 'lung nodule'" in stdout
     image, mask = read_volume(ct_path), read_volume(out)

@@ -58,7 +58,7 @@ def test_network_shapes_and_size():
     assert sum(p.numel() for p in net.parameters()) < 300_000
 
 
-def _tube_and_ball(spacing=(0.8, 0.8, 1.25)):
+def _tube_and_ball(spacing=(0.8, 0.8, 1.25), marked_half_mm=3.0):
     """A lung with an 8 mm nodule and a 4 mm vessel running through every slice."""
     sx, sy, sz = spacing
     shape = (64, 128, 128)
@@ -69,24 +69,31 @@ def _tube_and_ball(spacing=(0.8, 0.8, 1.25)):
     hu[ball | tube] = 30.0
     hu += np.random.default_rng(0).normal(0, 20, shape).astype(np.float32)
     # What a slice-wise model marks: the ball, and the vessel over a few slices.
-    cand = ball | (tube & (abs(z - 32) * sz <= 3.0))
+    cand = ball | (tube & (abs(z - 32) * sz <= marked_half_mm))
     return Volume(hu, spacing, modality="CT"), cand, ball
+
+
+def _ball_and_tube_scores(marked_half_mm):
+    vol, cand, ball = _tube_and_ball(marked_half_mm=marked_half_mm)
+    labels, n = postprocess.label_components(cand, vol.spacing_mm)
+    rows = postprocess.lesion_table(labels, vol)
+    scores = fpc.bundled().score(vol.array, labels, rows, vol.spacing_mm)
+    is_ball = [bool(ball[labels == r["lesion_id"]].any()) for r in rows]
+    assert n == 2 and sorted(is_ball) == [False, True]
+    return scores[is_ball.index(True)], scores[is_ball.index(False)]
 
 
 @pytest.mark.skipif(fpc.bundled() is None, reason="no bundled 3D classifier in boltzformer.resources")
 def test_bundled_classifier_ranks_a_nodule_above_a_vessel():
-    vol, cand, ball = _tube_and_ball()
-    labels, n = postprocess.label_components(cand, vol.spacing_mm)
-    rows = postprocess.lesion_table(labels, vol)
-    clf = fpc.bundled()
-    scores = clf.score(vol.array, labels, rows, vol.spacing_mm)
-    is_ball = [bool(ball[labels == r["lesion_id"]].any()) for r in rows]
-    assert n == 2 and sorted(is_ball) == [False, True]
-    ball_score = scores[is_ball.index(True)]
-    tube_score = scores[is_ball.index(False)]
-    # The shipped threshold drops nothing (see the model card); the score must still rank.
-    assert ball_score > 0.9 and ball_score > tube_score + 0.1, (ball_score, tube_score)
-    assert ball_score >= clf.threshold
+    threshold = fpc.bundled().threshold
+    # A vessel marked over 12 mm of its length: the shipped threshold (the validation operating
+    # point, see the model card) keeps the nodule and drops the vessel.
+    ball_score, tube_score = _ball_and_tube_scores(marked_half_mm=6.0)
+    assert ball_score > 0.9 and ball_score >= threshold > tube_score, (ball_score, tube_score)
+    # A stub of 6 mm still ranks below the nodule, but it passes the threshold: the model card
+    # says so (short vessel stubs are the false positives the classifier leaves).
+    ball_score, tube_score = _ball_and_tube_scores(marked_half_mm=3.0)
+    assert ball_score > tube_score and ball_score >= threshold, (ball_score, tube_score)
 
 
 def test_centre_is_the_thickest_point_of_a_nodule_merged_with_vessels():

@@ -72,9 +72,15 @@ def test_classifier_threshold_drops_by_nodule_score_only_when_asked():
     labels, n = postprocess.label_components(candidates, vol.spacing_mm)
     rows = postprocess.lesion_table(labels, vol)
     prob = candidates.astype(np.float32)
-    _, kept, _ = fp_filter.filter_candidates(labels, [dict(r) for r in rows], vol, prob)
-    # The shipped threshold (0) drops nothing by score: the lung rule alone decides.
+    # By default the classifier's shipped threshold decides on the score.
+    threshold = fp_classifier.bundled().threshold
+    _, kept_d, rejected_d = fp_filter.filter_candidates(labels, [dict(r) for r in rows], vol, prob)
+    assert all(r["nodule_score"] >= threshold for r in kept_d)
+    assert all(r["nodule_score"] < threshold for r in rejected_d if r["fp_verdict"] == "vessel-like (3D classifier)")
+    # At 0 the score drops nothing: the lung rule alone decides.
+    _, kept, _ = fp_filter.filter_candidates(labels, [dict(r) for r in rows], vol, prob, min_nodule_score=0.0)
     assert all(r["fp_verdict"] != "vessel-like (3D classifier)" for r in kept)
+    assert len(kept) >= len(kept_d)
     scores = sorted(r["nodule_score"] for r in kept)
     cut = scores[-1] + 1e-3 if scores[-1] < 1.0 else None
     if cut is None:  # a score of exactly 1.0 cannot be cut below 1: use the lowest one
