@@ -158,9 +158,12 @@ def real_ct_figures(weights, path: Path):
     seconds = s.run("lung nodule")
     panel.min_diameter_combo.setCurrentIndex(panel.min_diameter_combo.findData(4.0))
     print(f"real CT lung nodule: {seconds:.0f} s, {panel.result_label.text()} | {panel.result_detail.text()}")
-    shown = panel.shown_lesions()[0]
-    if shown:
-        s.go_to_slice(round(shown[0]["centroid_voxel_zyx"][0]))
+    for layer in s.viewer.layers:  # the candidate itself, not the heatmap (flat where the model sees nothing)
+        if layer.metadata.get("boltzformer_prompt") == "lung nodule" and "attention" in layer.name:
+            layer.visible = False
+    if panel.table.rowCount():  # click the first row, as a user would: jump and zoom to it
+        panel.table.selectRow(0)
+        panel.table.cellClicked.emit(0, 0)
     s.save("napari_real_ct_lesions.png")
     s.close()
 
