@@ -8,16 +8,18 @@ range; 80000-99999 are the evaluation sets and are never used here), 256 x 256 i
 150 mm of chest, 2-5 nodules each. Per volume:
 
 1. the bundled model segments the whole volume as the panel does ("lung nodule", threshold 0.5,
-   5 mm³, 3D filter on); a true nodule no candidate touches is *missed*;
+   5 mm³, 3D filter on); a true nodule no candidate touches is *missed*, either *by the slice
+   model* (nothing above the threshold on it) or *by the 3D filter* (a candidate it dropped);
 2. each missed nodule is clicked at the voxel nearest its centre on its largest slice;
 3. background is clicked at random lung voxels (parenchyma, and separately on vessels) at least
-   15 mm from every nodule and 10 mm from every candidate of step 1;
+   15 mm from every nodule and 10 mm from everything above the threshold in step 1 (before the
+   3D filter);
 4. every click runs boltzformer.look_here.look_here with each configuration: the control
-   (amplitude 0: the same slices and seed re-run without a prior), the default prior, and a
-   strong one (every decoder block, amplitude 10).
+   (amplitude 0: the same slices and seed re-run without a prior) and the default prior.
 
 A nodule click *recovers* the nodule when the candidate overlaps it; a background click
-*creates a lesion* when it returns any candidate. Also recorded: the largest probability change
+*creates a lesion* when it returns any candidate. Each candidate records how look_here found it
+(above the threshold, or the half-maximum region near the click that passed the 3D classifier). Also recorded: the largest probability change
 the prior makes on the re-run slices against the control (how much the masks depend on where
 the early blocks sample), and, with --sampling-share (after a run, from its JSON), the share of
 the tokens the prior's blocks sampled within two sigmas of the click on the clicked slice, with
@@ -49,7 +51,6 @@ SPACINGS = ((1.2, 1.25), (1.5, 2.5), (1.3, 1.0), (1.4, 2.0))  # (in-plane, slice
 CONFIGS = {  # name -> (amplitude, layers, sigma_tokens)
     "control": (0.0, LAYERS, SIGMA_TOKENS),
     "default": (AMPLITUDE, LAYERS, SIGMA_TOKENS),
-    "strong": (10.0, 6, SIGMA_TOKENS),
 }
 BACKGROUND_PER_VOLUME = {"parenchyma": 3, "vessel": 2}
 MIN_NODULE_DISTANCE_MM = 15.0
@@ -92,7 +93,8 @@ def run_click(seg, volume, point, configs) -> dict:
     for name, (amplitude, layers, sigma) in configs.items():
         r = look_here(seg, volume, PROMPT, point, amplitude=amplitude, layers=layers, sigma_tokens=sigma,
                       min_lesion_mm3=5.0)
-        entry = {"candidate": r.candidate is not None, "seconds": round(r.seconds, 2), "slices": list(r.slices),
+        entry = {"candidate": r.candidate is not None, "source": r.source, "seconds": round(r.seconds, 2),
+                 "slices": list(r.slices),
                  "distance_mm": None if not np.isfinite(r.distance_mm) else round(r.distance_mm, 2),
                  "p_at_click": round(float(r.probabilities[point[0] - r.slices[0], point[1], point[2]]), 4)}
         if control is None:
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
         spacing_zyx = np.asarray(volume.spacing_mm, float)[::-1]
         t = time.time()
         base = seg.segment_volume(volume, PROMPT)
+        above = base.probabilities >= base.threshold  # the slice model's output before the 3D filter
         print(f"seed {seed}: baseline {time.time() - t:.0f} s, {len(base.lesions)} candidates", flush=True)
         for nod in ph.nodules:
             truth = ph.nodule_labels == nod.label
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
                 continue  # found by the model (or not in view): nothing to point at
             point = nodule_click(truth)
             runs = run_click(seg, volume, point, CONFIGS)
-            rec = {"seed": seed, "kind": "missed nodule", "nodule_kind": nod.kind,
+            cause = "3D filter" if above[truth].any() else "slice model"
+            rec = {"seed": seed, "kind": "missed nodule", "cause": cause, "nodule_kind": nod.kind,
                    "diameter_mm": round(float(nod.diameter_mm), 2), "point_zyx": list(point)}
             for name, (entry, r) in runs.items():
                 hit = r.candidate is not None and bool(truth[r.slices[0]:r.slices[1]][r.candidate].any())
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
             print(f"  missed {nod.kind} {nod.diameter_mm:.1f} mm: "
                   + ", ".join(f"{k} {'recovered' if rec[k]['recovered'] else '-'}" for k in CONFIGS), flush=True)
         rng = np.random.default_rng(seed)
-        for kind, point in background_clicks(ph, base.mask, spacing_zyx, rng):
+        for kind, point in background_clicks(ph, above, spacing_zyx, rng):
             runs = run_click(seg, volume, point, CONFIGS)
             rec = {"seed": seed, "kind": f"background ({kind})", "point_zyx": list(point)}
             for name, (entry, _) in runs.items():
@@ -224,6 +228,12 @@ def summarise(clicks: list[dict]) -> dict:
     for name in CONFIGS:
         row = {"missed_nodules": len(nodules),
                "recovered": sum(c[name]["recovered"] for c in nodules)}
+        for cause in ("slice model", "3D filter"):
+            sel = [c for c in nodules if c.get("cause") == cause]
+            row[f"recovered, missed by the {cause}"] = f"{sum(c[name]['recovered'] for c in sel)} / {len(sel)}"
+        row["recovered via the half-maximum region"] = sum(
+            c[name]["recovered"] and c[name].get("source") == "half maximum" for c in nodules)
+
         for band, lo, hi in (("< 6 mm", 0, 6), ("6-10 mm", 6, 10), (">= 10 mm", 10, 1e9)):
             sel = [c for c in nodules if lo <= c["diameter_mm"] < hi]
             row[f"recovered {band}"] = f"{sum(c[name]['recovered'] for c in sel)} / {len(sel)}"
@@ -231,6 +241,8 @@ def summarise(clicks: list[dict]) -> dict:
             sel = [c for c in clicks if c["kind"] == f"background ({kind})"]
             row[f"background {kind} clicks"] = len(sel)
             row[f"background {kind} lesions created"] = sum(c[name]["candidate"] for c in sel)
+            row[f"background {kind} lesions created via the half-maximum region"] = sum(
+                c[name]["candidate"] and c[name].get("source") == "half maximum" for c in sel)
         dps = [c[name].get("max_abs_dp_vs_control") for c in clicks if name != "control"]
         if dps:
             row["median max |dp| vs control"] = float(np.median(dps))

@@ -4,15 +4,21 @@ A reader clicks a spot the model missed. The slices around it are segmented agai
 `network.sampling.PointPrior`: a Gaussian bump of AMPLITUDE (in the units of the sampling
 energies U, confidences in [0, 1]) and SIGMA_TOKENS tokens added to U in the first LAYERS decoder
 blocks, centred on the click, so the queries explore there first; the later blocks sample from
-their own masks as usual. The candidate is the connected component of the re-run's mask (above
-the threshold, at least the minimum lesion size) that comes within REACH_MM of the click; when
-none does, nothing is proposed (a click on background should add nothing).
+their own masks as usual. The candidate is then, in this order:
 
-The defaults follow the method (a bump a few tokens wide, in the exploring high-temperature
-blocks); benchmarks/look_here.py measures them against a re-run without the prior
-(benchmarks/results/look_here.md): with the bundled weights the prior moves where the early
-blocks sample, but the masks hardly depend on it, so what a click finds is what a plain re-run
-of those slices without the 3D filter finds.
+1. "threshold": the connected component of the re-run's mask (above the threshold, at least the
+   minimum lesion size) that comes within REACH_MM of the click (the reader points there, so the
+   3D false-positive filter does not overrule it);
+2. "half maximum": when none does, the object the re-run's probabilities outline near the click
+   even below the threshold: the highest probability within REACH_MM, if at least LOCAL_FLOOR,
+   and the connected region around it above half of it (the half-maximum contour, a scale-free
+   edge). For lung prompts on CT in HU it must also pass the 3D classifier at its shipped
+   threshold (boltzformer.fp_classifier), so a click on a vessel adds nothing.
+
+When neither gives a candidate, nothing is proposed (a click on background should add nothing).
+The constants were set before any measurement. benchmarks/look_here.py measures them, and the
+prior against a re-run without it (benchmarks/results/look_here.md): with the bundled weights the
+prior moves where the early blocks sample, but the masks hardly depend on it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ SIGMA_TOKENS = 2.0  # Gaussian width in tokens of each block's own token map
 LAYERS = 2  # the first two blocks (tau 1 and 0.5) explore; the rest follow the masks
 MARGIN_MM = 5.0  # slices re-run above and below the click when it is on no lesion
 REACH_MM = 4.0  # a candidate must come this close to the click (mm, 3D)
+LOCAL_FLOOR = 0.01  # below this highest probability near the click there is nothing to outline
+HALF_MAXIMUM_RADIUS_MM = 30.0  # a half-maximum region stays within this of the click (objects up to 60 mm)
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,9 @@ class LookHereResult:
       within REACH_MM of the click; probabilities: float32 (stop - start, y, x) of the re-run;
     row: the candidate's lesion_table row (volume, diameters, centroid, the re-run's mean and
       highest probability), or None; distance_mm: from the click to the candidate's nearest voxel;
-    attention: the re-run's results.AttentionMaps (where each block sampled), when asked for.
+    attention: the re-run's results.AttentionMaps (where each block sampled), when asked for;
+    source: how the candidate was found ("threshold" or "half maximum"), or why none was
+      ("the model found nothing within 4 mm of the click", "the 3D classifier scores it 0.12").
     """
 
     slices: tuple[int, int]
@@ -81,6 +91,7 @@ class LookHereResult:
     seconds: float
     warnings: list
     attention: object = None  # the re-run's AttentionMaps when asked for (return_attention)
+    source: str = ""
 
     def candidate_indices(self, shape_zyx) -> np.ndarray:
         """Flat indices (int64) of the candidate's voxels in a (z, y, x) array of `shape_zyx`."""
@@ -117,7 +128,7 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
     is not applied: the reader is pointing at the spot. Raises BoltzformerError for a click
     outside the volume or a volume that is not axial (only its slices can be re-run).
     """
-    from . import postprocess
+    from . import fp_classifier, fp_filter, postprocess
 
     t0 = time.perf_counter()
     point = tuple(float(v) for v in point_zyx)
@@ -131,17 +142,53 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
         window=window, modality=modality, fp_reduction=False, force_prompt=force_prompt, prior=prior,
         batch_size=batch_size, return_attention=return_attention)
     probabilities = np.ascontiguousarray(result.probabilities[start:stop])
+    spacing_zyx = np.asarray(volume.spacing_mm, float)[::-1]
     labels = result.labels[start:stop]
-    found, distance = _nearest_component(labels, point, start, np.asarray(volume.spacing_mm, float)[::-1])
+    found, distance = _nearest_component(labels, point, start, spacing_zyx)
     candidate = row = None
+    source = f"the model found nothing within {reach_mm:g} mm of the click"
     if found and distance <= reach_mm:
-        candidate = labels == found
+        candidate, source = labels == found, "threshold"
+    else:
+        candidate = _half_maximum_region(probabilities, point, start, spacing_zyx, reach_mm)
+        if candidate is not None:
+            distance, source = 0.0, "half maximum"
+    if candidate is not None:
         full = np.zeros(shape, np.int32)
         full[start:stop][candidate] = 1
         (row,) = postprocess.lesion_table(full, volume, probabilities=result.probabilities)
+        if source == "half maximum" and fp_filter.applies(prompt, result.modality, result.window):
+            clf = fp_classifier.bundled()
+            if clf is not None:
+                score = float(clf.score(volume.array, full, [row], volume.spacing_mm)[0])
+                row["nodule_score"] = round(score, 4)
+                if score < clf.threshold:
+                    candidate = row = None
+                    distance, source = math.inf, f"the 3D classifier scores it {score:.2f}"
+        if row is not None:
+            row["look_here_source"] = source
     return LookHereResult((start, stop), point, probabilities, candidate, row,
-                          float(distance) if found else math.inf, time.perf_counter() - t0, list(result.warnings),
-                          result.attention)
+                          float(distance) if candidate is not None else math.inf, time.perf_counter() - t0,
+                          list(result.warnings), result.attention, source)
+
+
+def _half_maximum_region(probabilities: np.ndarray, point_zyx, z0: int, spacing_zyx: np.ndarray,
+                         reach_mm: float) -> np.ndarray | None:
+    """bool (slab) region: the voxels connected to the highest probability within reach_mm of the
+    point whose probability is at least half of it (and within HALF_MAXIMUM_RADIUS_MM of the
+    point); None when that highest one is < LOCAL_FLOOR.
+    probabilities: float (slab z, y, x) starting at input slice z0."""
+    from scipy import ndimage
+
+    zz, yy, xx = np.indices(probabilities.shape, dtype=np.float64)
+    d2 = (((zz + z0 - point_zyx[0]) * spacing_zyx[0]) ** 2 + ((yy - point_zyx[1]) * spacing_zyx[1]) ** 2
+          + ((xx - point_zyx[2]) * spacing_zyx[2]) ** 2)
+    near = np.where(d2 <= reach_mm**2, probabilities, -1.0)
+    peak = np.unravel_index(int(np.argmax(near)), near.shape)
+    if near[peak] < LOCAL_FLOOR:
+        return None
+    regions, _ = ndimage.label((probabilities >= 0.5 * near[peak]) & (d2 <= HALF_MAXIMUM_RADIUS_MM**2))
+    return regions == regions[peak]
 
 
 def _slice_mm(volume) -> float:

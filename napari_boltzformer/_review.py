@@ -450,7 +450,7 @@ class ReviewPanel:
         where = f"slice {start}" if stop - start == 1 else f"slices {start}–{stop - 1}"
         if found.candidate is None:
             self.panel.status_label.setText(f"look here: nothing found ({where}, {found.seconds:.1f} s)")
-            show_info(f"look here: the model found nothing within 4 mm of the click ({where} re-run); nothing added")
+            show_info(f"look here: nothing added ({where} re-run): {found.source}")
             return
         indices = found.candidate_indices(session.review.shape)
         z, y, x = np.unravel_index(indices, session.review.shape)
@@ -461,7 +461,8 @@ class ReviewPanel:
             return
         self.panel.refresh_view()
         size = found.row["mean_axial_diameter_mm"]
-        self.panel.status_label.setText(f"look here: a {size:.1f} mm candidate ({where}, {found.seconds:.1f} s)")
+        self.panel.status_label.setText(f"look here: a {size:.1f} mm candidate, {found.source} "
+                                        f"({where}, {found.seconds:.1f} s)")
         click = tuple(int(round(v)) for v in found.point_zyx)
         row = self._row_holding(int(np.ravel_multi_index(click, session.review.shape)))
         if row is None:

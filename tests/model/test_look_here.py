@@ -9,7 +9,8 @@ import pytest
 from boltzformer.checkpoint import save_model
 from boltzformer.errors import BoltzformerError
 from boltzformer.io import Volume
-from boltzformer.look_here import ClickPrior, look_here, slab_around
+from boltzformer import look_here as look_here_module
+from boltzformer.look_here import ClickPrior, _half_maximum_region, look_here, slab_around
 from boltzformer.network.boltzformer import build_model
 from boltzformer.network.config import get_config
 from boltzformer.orientation import to_canonical
@@ -71,7 +72,7 @@ def test_slices_re_run_around_a_click():
         slab_around((25, 0, 0), 20, 2.5)
 
 
-def test_look_here_proposes_the_component_at_the_click_or_nothing(segmenter):
+def test_look_here_proposes_the_component_at_the_click_or_nothing(segmenter, monkeypatch):
     volume = make_volume()
     point = (4, 20, 24)
     everything = look_here(segmenter, volume, "lung nodule", point, threshold=0.0)  # every voxel is above 0
@@ -83,9 +84,48 @@ def test_look_here_proposes_the_component_at_the_click_or_nothing(segmenter):
     flat = everything.candidate_indices(volume.shape)
     assert flat.size == everything.row["voxels"] and np.unravel_index(flat.min(), volume.shape)[0] >= 2
     assert everything.attention is None
+    # nothing is above 1, and with the floor above 1 no half-maximum region is outlined either
+    monkeypatch.setattr(look_here_module, "LOCAL_FLOOR", 1.01)
     nothing = look_here(segmenter, volume, "lung nodule", point, threshold=1.0, return_attention=True)
-    assert nothing.candidate is None and nothing.row is None and np.isinf(nothing.distance_mm)  # nothing is above 1
+    assert nothing.candidate is None and nothing.row is None and np.isinf(nothing.distance_mm)
+    assert nothing.source == "the model found nothing within 4 mm of the click"
     assert nothing.attention.counts.shape[:2] == (segmenter.config.num_layers, 5)  # where the re-run sampled
     assert nothing.candidate_indices(volume.shape).size == 0
     with pytest.raises(BoltzformerError, match="outside the volume"):
         look_here(segmenter, volume, "lung nodule", (4, 60, 10))
+
+
+def test_half_maximum_region_outlines_a_faint_bump_near_the_click_only():
+    zz, yy, xx = np.indices((5, 40, 40), dtype=np.float64)
+    spacing_zyx = np.array([2.5, 0.8, 0.8])
+    r2 = ((zz - 2) * 2.5) ** 2 + ((yy - 20) * 0.8) ** 2 + ((xx - 20) * 0.8) ** 2
+    prob = (0.001 + 0.04 * np.exp(-r2 / (2 * 2.0**2))).astype(np.float32)  # a 0.04 bump, sigma 2 mm
+    region = _half_maximum_region(prob, (2, 22, 21), 0, spacing_zyx, reach_mm=4.0)
+    assert region is not None and region[2, 20, 20]
+    np.testing.assert_array_equal(region, prob >= 0.5 * prob.max())  # the half-maximum contour
+    # 16 mm away only the 0.001 floor of the map is within reach: below LOCAL_FLOOR, nothing
+    assert _half_maximum_region(prob, (2, 20, 40), 0, spacing_zyx, reach_mm=4.0) is None
+
+
+class _StubClassifier:
+    threshold = 0.73
+
+    def __init__(self, score):
+        self._score = score
+
+    def score(self, hu, labels, rows, spacing_xyz):
+        return np.full(len(rows), self._score, np.float32)
+
+
+@pytest.mark.parametrize("score", [0.2, 0.9])
+def test_a_half_maximum_candidate_on_lung_ct_must_pass_the_3d_classifier(segmenter, monkeypatch, score):
+    from boltzformer import fp_classifier
+
+    monkeypatch.setattr(fp_classifier, "bundled", lambda: _StubClassifier(score))
+    found = look_here(segmenter, make_volume(), "lung nodule", (4, 20, 24), threshold=1.0)  # no component
+    if score < _StubClassifier.threshold:
+        assert found.candidate is None and found.row is None
+        assert found.source == "the 3D classifier scores it 0.20"
+    else:
+        assert found.candidate is not None and found.source == "half maximum"
+        assert found.row["nodule_score"] == pytest.approx(0.9) and found.row["look_here_source"] == "half maximum"
