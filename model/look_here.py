@@ -152,7 +152,8 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
     else:
         candidate = _half_maximum_region(probabilities, point, start, spacing_zyx, reach_mm)
         if candidate is not None:
-            distance, source = 0.0, "half maximum"
+            distance = _nearest_component(candidate.astype(np.int32), point, start, spacing_zyx)[1]
+            source = "half maximum"
     if candidate is not None:
         full = np.zeros(shape, np.int32)
         full[start:stop][candidate] = 1

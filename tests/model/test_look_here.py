@@ -128,4 +128,5 @@ def test_a_half_maximum_candidate_on_lung_ct_must_pass_the_3d_classifier(segment
         assert found.source == "the 3D classifier scores it 0.20"
     else:
         assert found.candidate is not None and found.source == "half maximum"
+        assert 0.0 <= found.distance_mm <= 4.0  # the region holds the highest probability within reach
         assert found.row["nodule_score"] == pytest.approx(0.9) and found.row["look_here_source"] == "half maximum"
