@@ -18,7 +18,10 @@ their own masks as usual. The candidate is then, in this order:
 When neither gives a candidate, nothing is proposed (a click on background should add nothing).
 The constants were set before any measurement. benchmarks/look_here.py measures them, and the
 prior against a re-run without it (benchmarks/results/look_here.md): with the bundled weights the
-prior moves where the early blocks sample, but the masks hardly depend on it.
+prior moves where the early blocks sample, but the masks hardly depend on it. That follows from
+the decoder: values carry no position (v_j = W_v x_j) and masks are query . pixel embeddings, so
+where the queries sample changes what they see, not where they draw; the candidate step above is
+what localises the answer.
 """
 
 from __future__ import annotations
