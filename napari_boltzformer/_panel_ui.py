@@ -158,8 +158,8 @@ def build_ui(panel) -> None:
     panel.keep_partial_check = QCheckBox("keep finished slices on cancel")
     panel.fp_check = QCheckBox("3D false-positive filter")
     panel.fp_check.setChecked(True)
-    panel.fp_check.setToolTip("Lung prompts on CT in HU: drop candidates outside the lungs and vessel-like "
-                             "tubes that continue across slices (scores in the lesion table)")
+    panel.fp_check.setToolTip("Lung prompts on CT in HU: drop candidates outside the lungs, then those the 3D "
+                             "classifier scores below its threshold, mostly vessels (nodule_score in the lesion table)")
     panel.fp_check.toggled.connect(lambda _=None: panel.apply_threshold(force=True))
     panel.force_prompt_check = QCheckBox("force prompt")
     panel.force_prompt_check.setToolTip("Run a prompt even when it names nothing the model was trained to find")
