@@ -34,6 +34,15 @@ PATCH_SHAPE = (16, 32, 32)  # z, y, x voxels
 PATCH_SPACING_MM = (2.0, 1.25, 1.25)  # z, y, x
 HU_RANGE = (-1000.0, 400.0)
 WEIGHTS_NAME = "fp-classifier.safetensors"
+PATCH_EXTENT_Z_MM = PATCH_SHAPE[0] * PATCH_SPACING_MM[0]  # 32 mm
+
+
+def covers(shape_zyx, spacing_xyz) -> bool:
+    """Whether a scan is deep enough to score its candidates: it must span the patch's z extent
+    (PATCH_EXTENT_Z_MM). In a single slice or a thin stack most of every patch lies outside the
+    scan and reads as air, which the network never saw in training: it then calls every nodule a
+    flat disc, not a nodule (on the 2D synthetic validation slices it dropped all 52 nodules)."""
+    return shape_zyx[0] * float(spacing_xyz[2]) >= PATCH_EXTENT_Z_MM
 
 
 class CandidateNet(nn.Module):

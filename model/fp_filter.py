@@ -80,10 +80,11 @@ def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, pro
     """One dict of FEATURES per candidate (row order). labels: int (z, y, x) on `volume`'s grid.
 
     classifier: the 3D network that gives ``nodule_score`` (default: the bundled one; its score
-    is NaN when there is none)."""
+    is NaN when there is none, or when the scan is too thin for it: `classifier_skipped`)."""
     hu = volume.array
     classifier = classifier or fp_classifier.bundled()
-    scores = (classifier.score(hu, labels, rows, volume.spacing_mm) if classifier is not None
+    scores = (classifier.score(hu, labels, rows, volume.spacing_mm)
+              if classifier is not None and fp_classifier.covers(hu.shape, volume.spacing_mm)
               else np.full(len(rows), np.nan))
     sx, sy, sz = volume.spacing_mm
     boxes = ndimage.find_objects(labels)
@@ -108,6 +109,18 @@ def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, pro
             "nodule_score": float(scores[len(out)]),
         })
     return out
+
+
+def classifier_skipped(volume: Volume) -> str | None:
+    """Why the 3D classifier gives no scores on this (canonical axial) volume, or None when it
+    does: a scan thinner than its patch (a single slice, say) keeps its lung candidates on the
+    lung rule alone."""
+    if fp_classifier.bundled() is None or fp_classifier.covers(volume.shape, volume.spacing_mm):
+        return None
+    depth_mm = volume.shape[0] * float(volume.spacing_mm[2])
+    return (f"the 3D nodule classifier was not applied: the scan spans {depth_mm:g} mm along z, less than "
+            f"the {fp_classifier.PATCH_EXTENT_Z_MM:g} mm it looks at; lung candidates were filtered by the "
+            "lung rule only")
 
 
 def verdict(features: dict, min_nodule_score: float | None = None) -> str:

@@ -228,6 +228,9 @@ class SegmentationResult:
         if self.fp_reduction and n and fp_filter.applies(self.prompt, self.modality, self.window):
             labels, rows, self.rejected = fp_filter.filter_candidates(labels, rows, frame, probabilities,
                                                                       min_nodule_score=self.min_nodule_score)
+            skipped = fp_filter.classifier_skipped(frame)
+            if skipped and skipped not in self.warnings:
+                self.warnings.append(skipped)
         labels = np.ascontiguousarray(reo.from_canonical(labels))
         rows_to_input(rows, labels, reo, frame.shape)
         self.mask = (labels > 0).astype(np.uint8)

@@ -89,3 +89,35 @@ def test_classifier_threshold_drops_by_nodule_score_only_when_asked():
     assert len(kept2) < len(kept)
     assert any(r["fp_verdict"] == "vessel-like (3D classifier)" for r in rejected2)
     assert all(r["nodule_score"] >= cut for r in kept2)
+
+
+def test_a_scan_thinner_than_the_classifier_patch_is_not_scored(monkeypatch):
+    """A single CT slice: every patch would be mostly air outside the scan, so the classifier
+    must not score (and drop) its nodules; a full stack is scored."""
+    from boltzformer import fp_classifier
+
+    calls = []
+
+    class Recording:
+        threshold = 0.73
+
+        def score(self, hu, labels, rows, spacing):
+            calls.append(hu.shape)
+            return np.zeros(len(rows), np.float32)  # "not a nodule" for everything it sees
+
+    monkeypatch.setattr(fp_classifier, "bundled", lambda: Recording())
+    vol, candidates, nodule = _lung_with_nodule_vessel_and_fat()
+    one = Volume(vol.array[20:21], vol.spacing_mm, modality="CT")
+    labels, _ = postprocess.label_components(candidates[20:21], one.spacing_mm)
+    rows = postprocess.lesion_table(labels, one)
+    _, kept, rejected = fp_filter.filter_candidates(labels, rows, one, candidates[20:21].astype(np.float32))
+    assert calls == []
+    assert any(np.isnan(r["nodule_score"]) for r in kept)  # the nodule's slice survives, unscored
+    assert all(r["fp_verdict"] != "vessel-like (3D classifier)" for r in rejected)
+    assert "not applied" in fp_filter.classifier_skipped(one) and "1 mm" in fp_filter.classifier_skipped(one)
+
+    labels, _ = postprocess.label_components(candidates, vol.spacing_mm)  # 40 slices of 1 mm: deep enough
+    rows = postprocess.lesion_table(labels, vol)
+    _, kept, rejected = fp_filter.filter_candidates(labels, rows, vol, candidates.astype(np.float32))
+    assert calls == [vol.array.shape] and kept == []
+    assert fp_filter.classifier_skipped(vol) is None

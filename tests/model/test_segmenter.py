@@ -75,6 +75,19 @@ def test_rethreshold_changes_mask_without_inference(segmenter, volume):
     assert not r.mask.any()
 
 
+def test_a_thin_lung_ct_says_the_3d_classifier_was_not_applied(segmenter, volume):
+    def stack(array):
+        return Volume(array, volume.spacing_mm, volume.origin_mm, volume.direction, "CT", None, {})
+
+    thin = stack(volume.array[:1])  # one 2.5 mm slice: thinner than the classifier's 32 mm
+    r = segmenter.segment_volume(thin, "lung nodule", threshold=0.0, min_lesion_mm3=0)
+    assert any("3D nodule classifier was not applied" in w for w in r.warnings)
+    assert all(row["nodule_score"] != row["nodule_score"] for row in r.lesions)  # NaN: not scored
+    deep = segmenter.segment_volume(stack(np.repeat(volume.array, 3, axis=0)), "lung nodule",
+                                    threshold=0.0, min_lesion_mm3=0)  # 15 slices, 37.5 mm
+    assert not any("classifier" in w for w in deep.warnings)
+
+
 def test_should_stop_returns_a_partial_result(segmenter, volume):
     calls = iter([False, True])
     r = segmenter.segment_volume(volume, "lung nodule", batch_size=2, should_stop=lambda: next(calls))
