@@ -163,7 +163,10 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
         (row,) = postprocess.lesion_table(full, volume, probabilities=result.probabilities)
         if source == "half maximum" and fp_filter.applies(prompt, result.modality, result.window):
             clf = fp_classifier.bundled()
-            if clf is not None:
+            skipped = fp_filter.classifier_skipped(volume)  # a scan thinner than its patch: no score
+            if skipped:
+                result.warnings.append(skipped)
+            elif clf is not None:
                 score = float(clf.score(volume.array, full, [row], volume.spacing_mm)[0])
                 row["nodule_score"] = round(score, 4)
                 if score < clf.threshold:

@@ -122,7 +122,8 @@ def test_a_half_maximum_candidate_on_lung_ct_must_pass_the_3d_classifier(segment
     from boltzformer import fp_classifier
 
     monkeypatch.setattr(fp_classifier, "bundled", lambda: _StubClassifier(score))
-    found = look_here(segmenter, make_volume(), "lung nodule", (4, 20, 24), threshold=1.0)  # no component
+    deep = make_volume(shape=(13, 40, 48))  # 32.5 mm of slices: deep enough for the classifier's patch
+    found = look_here(segmenter, deep, "lung nodule", (6, 20, 24), threshold=1.0)  # no component
     if score < _StubClassifier.threshold:
         assert found.candidate is None and found.row is None
         assert found.source == "the 3D classifier scores it 0.20"
@@ -130,3 +131,13 @@ def test_a_half_maximum_candidate_on_lung_ct_must_pass_the_3d_classifier(segment
         assert found.candidate is not None and found.source == "half maximum"
         assert 0.0 <= found.distance_mm <= 4.0  # the region holds the highest probability within reach
         assert found.row["nodule_score"] == pytest.approx(0.9) and found.row["look_here_source"] == "half maximum"
+
+
+def test_on_a_scan_thinner_than_its_patch_the_classifier_does_not_judge_a_click(segmenter, monkeypatch):
+    from boltzformer import fp_classifier
+
+    monkeypatch.setattr(fp_classifier, "bundled", lambda: _StubClassifier(0.2))  # would turn it down
+    found = look_here(segmenter, make_volume(), "lung nodule", (4, 20, 24), threshold=1.0)  # 9 x 2.5 mm
+    assert found.candidate is not None and found.source == "half maximum"
+    assert "nodule_score" not in found.row
+    assert any("3D nodule classifier was not applied" in w for w in found.warnings)
