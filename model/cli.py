@@ -30,6 +30,20 @@ MAX_RUNS = 100  # each run repeats the whole inference
 MAX_SEED = 2**63 - 1  # seeds travel on as signed 64-bit integers
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a captured stream): nothing to flush into a pipe
+        pass
+
+
 def _err(msg: str) -> None:
     print(f"boltzformer: error: {msg}", file=sys.stderr)
 
@@ -539,6 +553,11 @@ def _run(args) -> int:
         note = getattr(exc, "note", None) or ("the outputs were already written" if args.committed else "no output was written")
         _err(f"{what}; {note}")
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # the reader of our output went away (`boltzformer evaluate ... | head`)
+        _silence_stdout()
+        note = "the outputs were already written" if args.committed else "no output was written"
+        _err(f"standard output was closed by the program reading it; stopped, {note}")
+        return EXIT_BROKEN_PIPE
     except MemoryError:
         if args.debug:
             raise

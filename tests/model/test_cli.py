@@ -295,3 +295,24 @@ def test_sample_refuses_to_overwrite(tmp_path, capsys):
     code, _, err = run(["sample", tmp_path, "--name", "brain_mri"], capsys)
     assert code == 2 and "--overwrite" in err
     assert (tmp_path / "brain_mri_image.nii.gz").read_bytes() == before
+
+
+def test_a_closed_output_pipe_is_one_line_and_exit_141(tmp_path):
+    """`boltzformer evaluate DIR | head -1`: the reader leaves early; no traceback, no "unexpected"."""
+    import subprocess
+    import sys as _sys
+
+    code = ("import sys; from boltzformer import cli\n"
+            "def chatty(args):\n"
+            "    for i in range(100000):\n"
+            "        print('line', i)\n"
+            "cli_args = cli.build_parser().parse_args(['info'])\n"
+            "cli_args.func, cli_args.argv, cli_args.committed = chatty, None, False\n"
+            "sys.exit(cli._run(cli_args))\n")
+    proc = subprocess.run(f"set -o pipefail; {_sys.executable} -c \"{code}\" | head -1", shell=True,
+                          capture_output=True, text=True,
+                          cwd=tmp_path, executable="/bin/bash")
+    assert proc.stdout == "line 0\n" and proc.returncode == 141
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("boltzformer: error: standard output was closed"), proc.stderr
+    assert "no output was written" in lines[0] and "Traceback" not in proc.stderr
