@@ -30,6 +30,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from . import postprocess
+
 PATCH_SHAPE = (16, 32, 32)  # z, y, x voxels
 PATCH_SPACING_MM = (2.0, 1.25, 1.25)  # z, y, x
 HU_RANGE = (-1000.0, 400.0)
@@ -102,7 +104,7 @@ def candidate_centres(labels: np.ndarray, lesion_ids, spacing_xyz) -> list[tuple
     """The thickest point of each component: argmax of its Euclidean distance transform (in mm,
     anisotropic spacing honoured), as a (z, y, x) voxel position. labels: int (z, y, x)."""
     sx, sy, sz = spacing_xyz
-    boxes = ndimage.find_objects(labels)
+    boxes = postprocess.find_objects(labels)
     out = []
     for lid in lesion_ids:
         box = boxes[lid - 1]

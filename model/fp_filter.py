@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from . import fp_classifier
+from . import fp_classifier, postprocess
 from .io import Volume
 from .synth import prompts as vocab
 
@@ -87,7 +87,7 @@ def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, pro
               if classifier is not None and fp_classifier.covers(hu.shape, volume.spacing_mm)
               else np.full(len(rows), np.nan))
     sx, sy, sz = volume.spacing_mm
-    boxes = ndimage.find_objects(labels)
+    boxes = postprocess.find_objects(labels)
     shell_vox = (max(1, round(SHELL_MM / sz)), max(1, round(SHELL_MM / sy)), max(1, round(SHELL_MM / sx)))
     out = []
     for row in rows:
@@ -156,7 +156,7 @@ def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, prob
     for new_id, row in enumerate(kept, start=1):
         lut[row["lesion_id"]] = new_id
         row["lesion_id"] = new_id
-    return lut[labels], kept, rejected
+    return postprocess.relabel(labels, lut), kept, rejected
 
 
 # -- features -----------------------------------------------------------------------------------

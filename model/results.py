@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from . import fp_filter, postprocess
 from .io import Volume
@@ -233,8 +232,14 @@ class SegmentationResult:
                 self.warnings.append(skipped)
         labels = np.ascontiguousarray(reo.from_canonical(labels))
         rows_to_input(rows, labels, reo, frame.shape)
-        self.mask = (labels > 0).astype(np.uint8)
-        self.labels = labels.astype(np.uint16) if len(rows) < 65535 else labels
+        # uint8 mask and uint16 labels written inside the lesions' box (the rest of a scan is zeros)
+        box = postprocess.foreground_box(labels)
+        self.mask = np.zeros(labels.shape, np.uint8)
+        self.labels = np.zeros(labels.shape, np.uint16) if len(rows) < 65535 else labels
+        if box is not None:
+            self.mask[box] = labels[box] > 0
+            if self.labels is not labels:
+                self.labels[box] = labels[box]
         self.lesions = rows
         return self
 
@@ -248,7 +253,7 @@ def rows_to_input(rows: list[dict], labels: np.ndarray, reo: Reorientation, fram
     """Lesion-table voxel indices (centroid, slice range) from the canonical grid to the input's."""
     if reo.is_identity:
         return
-    boxes = ndimage.find_objects(labels)
+    boxes = postprocess.find_objects(labels)
     for row in rows:
         row["centroid_voxel_zyx"] = reo.index_to_input(row["centroid_voxel_zyx"], frame_shape)
         box = boxes[row["lesion_id"] - 1]

@@ -196,3 +196,54 @@ def test_lesion_detection():
     assert lesion_detection(pred, truth, (1, 1, 1), min_lesion_mm3=2)["false_positive_components"] == 1
     none = lesion_detection(pred, np.zeros_like(truth), (1, 1, 1))
     assert none["true_lesions"] == 0 and math.isnan(none["sensitivity"]) and none["false_positive_components"] == 4
+
+
+# -- sparse volumes: the box-restricted helpers give exactly what the whole-volume calls give -------
+def _scattered_labels(seed: int, shape=(24, 40, 52), fraction=0.004):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    labels, _ = ndimage.label(rng.random(shape) < fraction)
+    return labels.astype(np.int32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_find_objects_and_relabel_match_whole_volume(seed):
+    from scipy import ndimage
+
+    from boltzformer.postprocess import find_objects, foreground_box, relabel
+
+    labels = _scattered_labels(seed)
+    labels[:, :5] = 0  # foreground away from the edges: the box is a strict sub-volume
+    box = foreground_box(labels)
+    assert box is not None and labels[box].sum() == labels.sum()
+    assert find_objects(labels) == ndimage.find_objects(labels)
+    lut = np.random.default_rng(seed).permutation(int(labels.max()) + 1).astype(np.int32)
+    lut[0] = 0
+    np.testing.assert_array_equal(relabel(labels, lut), lut[labels])
+
+
+def test_sparse_helpers_on_an_empty_volume():
+    from boltzformer.postprocess import find_objects, foreground_box, relabel
+
+    empty = np.zeros((3, 4, 5), np.int32)
+    assert foreground_box(empty) is None and find_objects(empty) == []
+    assert not relabel(empty, np.zeros(1, np.int32)).any()
+
+
+@pytest.mark.parametrize("min_mm3", [0.0, 3.0])
+def test_label_components_in_the_box_equals_whole_volume_labelling(min_mm3):
+    """The box-restricted labelling keeps the documented order (size, then z-y-x scan order)."""
+    from scipy import ndimage
+
+    mask = _scattered_labels(5, fraction=0.05) > 0
+    mask[:2] = mask[-3:] = False
+    spacing = (1.0, 1.0, 1.0)
+    labels, n = label_components(mask, spacing, min_lesion_mm3=min_mm3)
+    ref, m = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    counts = np.bincount(ref.ravel())[1:]
+    order = [i for i in np.argsort(-counts, kind="stable") if counts[i] >= min_mm3]
+    lut = np.zeros(m + 1, np.int32)
+    lut[np.array(order) + 1] = np.arange(1, len(order) + 1)
+    assert n == len(order) and labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, lut[ref])
