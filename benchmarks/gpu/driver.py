@@ -130,20 +130,21 @@ def setup():
 
 # -- phantom chests generated in parallel chunks (the CPU caches are 2 GB: too big to carry) ----------
 def _phantom_chunk(args):
-    seed, vols, per, size, offsets = args
+    seed, vols, per, size, offsets, negative_fraction, positive_sampling = args
     torch.set_num_threads(1)
-    return data_mod.phantom_examples(seed, vols, per, size, offsets)
+    return data_mod.phantom_examples(seed, vols, per, size, offsets, negative_fraction=negative_fraction,
+                                     positive_sampling=positive_sampling)
 
 
 def phantom_set(cfg, volumes, seed, size, offsets, chunk=10):
     """Writes the cache train() looks for; chunk i draws its volumes from seed (seed, i)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    tag = "_".join(f"{o:g}" for o in offsets)
-    cache = Path(cfg.cache_dir) / f"phantom_s{seed}_v{volumes}_k{cfg.phantom_slices_per_volume}_{size}_ctx{tag}.npz"
+    cache = train_mod.phantom_cache_path(cfg, volumes, seed, size, offsets)
     if cache.is_file():
         return
-    jobs = [(seed * 1000 + i, min(chunk, volumes - i * chunk), cfg.phantom_slices_per_volume, size, offsets)
+    jobs = [(seed * 1000 + i, min(chunk, volumes - i * chunk), cfg.phantom_slices_per_volume, size, offsets,
+             cfg.phantom_negative_fraction, cfg.phantom_positive_sampling)
             for i in range((volumes + chunk - 1) // chunk)]
     with ProcessPoolExecutor(max_workers=min(len(jobs), max(1, (os.cpu_count() or 2) - 1))) as pool:
         sets = list(pool.map(_phantom_chunk, jobs))

@@ -234,14 +234,21 @@ RESERVED_PHANTOM_SEEDS = (80_000, 100_000)
 
 
 def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, offsets_mm=(-5.0, -2.5, 2.5, 5.0),
-                     negative_fraction: float = 0.35, unrelated_fraction: float = 0.05) -> ExampleSet:
+                     negative_fraction: float = 0.35, unrelated_fraction: float = 0.05,
+                     positive_sampling: str = "slice") -> ExampleSet:
     """Examples from 3D phantom chest CTs (continuous vessel trees, 3D nodules), with context.
 
     Each volume gives `per_volume` slices: slices through a nodule prompted for a lung nodule
     (the positives), lesion-free lung slices prompted for a nodule (hard negatives: vessels
     and airway walls that must stay empty), organ prompts (lung, heart, aorta), and now and
     then a prompt that names nothing (empty). images: N x (1 + len(offsets_mm)) x S x S uint8.
+
+    positive_sampling: "slice" draws a positive among all slices through any nodule, so a
+    20 mm nodule spread over 15 slices is drawn 15 times as often as a 4 mm one on a single
+    slice; "nodule" first draws a nodule (each equally often), then one of its slices.
     """
+    if positive_sampling not in ("slice", "nodule"):
+        raise ValueError(f"positive_sampling must be 'slice' or 'nodule', got {positive_sampling!r}")
     from scipy import ndimage
 
     from ..context import context_stack
@@ -262,6 +269,9 @@ def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, 
         pos = np.flatnonzero(nod.reshape(depth, -1).any(1))
         near_nodule = ndimage.binary_dilation(nod.reshape(depth, -1).any(1), iterations=2)  # not negatives
         neg = np.setdiff1d(lung_slices, np.flatnonzero(near_nodule))
+        if positive_sampling == "nodule":
+            per_nodule = [np.flatnonzero((ph.nodule_labels == n.label).reshape(depth, -1).any(1)) for n in ph.nodules]
+            per_nodule = [zs for zs in per_nodule if len(zs)]
         for _ in range(per_volume):
             u = rng.random()
             if u < unrelated_fraction:
@@ -269,7 +279,11 @@ def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, 
             elif u < unrelated_fraction + negative_fraction and len(neg):
                 z, target = int(rng.choice(neg)), "lung_nodule"
             elif u < 0.85 and len(pos):
-                z, target = int(rng.choice(pos)), "lung_nodule"
+                if positive_sampling == "nodule":
+                    z = int(rng.choice(per_nodule[rng.integers(len(per_nodule))]))
+                else:
+                    z = int(rng.choice(pos))
+                target = "lung_nodule"
             else:
                 target = ("lung", "heart", "aorta")[rng.integers(3)]
                 present = np.flatnonzero(ph.masks[target].reshape(depth, -1).any(1))

@@ -75,6 +75,11 @@ class TrainConfig:
     phantom_val_volumes: int = 0
     phantom_slices_per_volume: int = 40
     phantom_weight: float = 0.0
+    # Share of phantom items that are lesion-free lung slices prompted for a nodule (hard
+    # negatives), and how positives are drawn: "slice" (any slice through a nodule: large
+    # nodules dominate) or "nodule" (each nodule equally often). See data.phantom_examples.
+    phantom_negative_fraction: float = 0.35
+    phantom_positive_sampling: str = "slice"
     # Share of items whose context channels are replaced by the slice itself (a 2D input).
     context_dropout: float = 0.15
     # Warm start: a .safetensors file whose matching tensors initialise the network (fine-tuning
@@ -138,13 +143,25 @@ def prompt_vocabulary(extra: list[str]) -> list[str]:
     return sorted({normalise_prompt(p) for p in vocab.all_prompts()} | {normalise_prompt(p) for p in extra})
 
 
-def phantom_cache(cfg: TrainConfig, volumes: int, seed: int, size: int, offsets) -> data_mod.ExampleSet:
+def phantom_cache_path(cfg: TrainConfig, volumes: int, seed: int, size: int, offsets) -> Path:
+    """Where the phantom examples of these settings are cached (the defaults keep their old names)."""
     tag = "_".join(f"{o:g}" for o in offsets)
-    cache = Path(cfg.cache_dir) / f"phantom_s{seed}_v{volumes}_k{cfg.phantom_slices_per_volume}_{size}_ctx{tag}.npz"
+    name = f"phantom_s{seed}_v{volumes}_k{cfg.phantom_slices_per_volume}_{size}_ctx{tag}"
+    if cfg.phantom_negative_fraction != 0.35:
+        name += f"_neg{cfg.phantom_negative_fraction:g}"
+    if cfg.phantom_positive_sampling != "slice":
+        name += f"_per{cfg.phantom_positive_sampling}"
+    return Path(cfg.cache_dir) / f"{name}.npz"
+
+
+def phantom_cache(cfg: TrainConfig, volumes: int, seed: int, size: int, offsets) -> data_mod.ExampleSet:
+    cache = phantom_cache_path(cfg, volumes, seed, size, offsets)
     if cache.is_file():
         return data_mod.ExampleSet.load(cache)
     t = time.perf_counter()
-    examples = data_mod.phantom_examples(seed, volumes, cfg.phantom_slices_per_volume, size, offsets)
+    examples = data_mod.phantom_examples(seed, volumes, cfg.phantom_slices_per_volume, size, offsets,
+                                         negative_fraction=cfg.phantom_negative_fraction,
+                                         positive_sampling=cfg.phantom_positive_sampling)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
     examples.save(tmp)
