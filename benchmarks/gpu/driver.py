@@ -153,6 +153,8 @@ def phantom_set(cfg, volumes, seed, size, offsets, chunk=10):
 
 
 def stage_config(**sets):
+    """The recipe this lease trained (stage 6 as registered); a later lease edits it here, or passes
+    `sets` (TrainConfig fields), e.g. phantom_positive_sampling="nodule" for stage 8's recipe."""
     from boltzformer.network.config import get_config
 
     cfg = train_mod.TrainConfig.load("resources/boltzformer-s.stage4.json")
