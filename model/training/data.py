@@ -271,7 +271,7 @@ def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, 
         neg = np.setdiff1d(lung_slices, np.flatnonzero(near_nodule))
         if positive_sampling == "nodule":
             per_nodule = [np.flatnonzero((ph.nodule_labels == n.label).reshape(depth, -1).any(1)) for n in ph.nodules]
-            per_nodule = [zs for zs in per_nodule if len(zs)]
+            per_nodule = [zs for zs in per_nodule if len(zs)] or [pos]  # (labels and mask always agree)
         for _ in range(per_volume):
             u = rng.random()
             if u < unrelated_fraction:
