@@ -100,11 +100,12 @@ def extract_patches(hu: np.ndarray, labels: np.ndarray, centroids_zyx, spacing_x
     return out
 
 
-def candidate_centres(labels: np.ndarray, lesion_ids, spacing_xyz) -> list[tuple[float, float, float]]:
+def candidate_centres(labels: np.ndarray, lesion_ids, spacing_xyz, boxes=None) -> list[tuple[float, float, float]]:
     """The thickest point of each component: argmax of its Euclidean distance transform (in mm,
-    anisotropic spacing honoured), as a (z, y, x) voxel position. labels: int (z, y, x)."""
+    anisotropic spacing honoured), as a (z, y, x) voxel position. labels: int (z, y, x).
+    boxes: the labels' `postprocess.find_objects`, when the caller has them already."""
     sx, sy, sz = spacing_xyz
-    boxes = postprocess.find_objects(labels)
+    boxes = postprocess.find_objects(labels) if boxes is None else boxes
     out = []
     for lid in lesion_ids:
         box = boxes[lid - 1]
@@ -129,12 +130,13 @@ class Classifier:
                for i in range(0, len(patches), batch)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-    def score(self, hu: np.ndarray, labels: np.ndarray, rows: list[dict], spacing_xyz) -> np.ndarray:
-        """Nodule probability of each candidate row (rows of postprocess.lesion_table on this grid)."""
+    def score(self, hu: np.ndarray, labels: np.ndarray, rows: list[dict], spacing_xyz, boxes=None) -> np.ndarray:
+        """Nodule probability of each candidate row (rows of postprocess.lesion_table on this grid).
+        boxes: the labels' `postprocess.find_objects`, when the caller has them already."""
         if not rows:
             return np.zeros(0, np.float32)
         ids = [r["lesion_id"] for r in rows]
-        patches = extract_patches(hu, labels, candidate_centres(labels, ids, spacing_xyz), spacing_xyz, ids)
+        patches = extract_patches(hu, labels, candidate_centres(labels, ids, spacing_xyz, boxes), spacing_xyz, ids)
         return self.probabilities(patches)
 
 

@@ -83,11 +83,11 @@ def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, pro
     is NaN when there is none, or when the scan is too thin for it: `classifier_skipped`)."""
     hu = volume.array
     classifier = classifier or fp_classifier.bundled()
-    scores = (classifier.score(hu, labels, rows, volume.spacing_mm)
+    boxes = postprocess.find_objects(labels)  # one pass over the scan, shared with the classifier
+    scores = (classifier.score(hu, labels, rows, volume.spacing_mm, boxes)
               if classifier is not None and fp_classifier.covers(hu.shape, volume.spacing_mm)
               else np.full(len(rows), np.nan))
     sx, sy, sz = volume.spacing_mm
-    boxes = postprocess.find_objects(labels)
     shell_vox = (max(1, round(SHELL_MM / sz)), max(1, round(SHELL_MM / sy)), max(1, round(SHELL_MM / sx)))
     out = []
     for row in rows:

@@ -101,7 +101,7 @@ def test_a_scan_thinner_than_the_classifier_patch_is_not_scored(monkeypatch):
     class Recording:
         threshold = 0.73
 
-        def score(self, hu, labels, rows, spacing):
+        def score(self, hu, labels, rows, spacing, boxes=None):
             calls.append(hu.shape)
             return np.zeros(len(rows), np.float32)  # "not a nodule" for everything it sees
 
