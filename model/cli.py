@@ -44,6 +44,11 @@ def _silence_stdout() -> None:
         pass
 
 
+def _outputs_note(args) -> str:
+    """What a stopped command leaves behind, for its one-line message."""
+    return "the outputs were already written" if args.committed else "no output was written"
+
+
 def _err(msg: str) -> None:
     print(f"boltzformer: error: {msg}", file=sys.stderr)
 
@@ -550,13 +555,12 @@ def _run(args) -> int:
         if args.debug:
             raise
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        note = getattr(exc, "note", None) or ("the outputs were already written" if args.committed else "no output was written")
+        note = getattr(exc, "note", None) or _outputs_note(args)
         _err(f"{what}; {note}")
         return EXIT_USER_ERROR
     except BrokenPipeError:  # the reader of our output went away (`boltzformer evaluate ... | head`)
         _silence_stdout()
-        note = "the outputs were already written" if args.committed else "no output was written"
-        _err(f"standard output was closed by the program reading it; stopped, {note}")
+        _err(f"standard output was closed by the program reading it; stopped, {_outputs_note(args)}")
         return EXIT_BROKEN_PIPE
     except MemoryError:
         if args.debug:
