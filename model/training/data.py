@@ -233,7 +233,11 @@ UNRELATED_PROMPTS = ("kitchen table", "guitar", "mountain lake", "football match
 RESERVED_PHANTOM_SEEDS = (80_000, 100_000)
 
 
-def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, offsets_mm=(-5.0, -2.5, 2.5, 5.0),
+# Context offsets of the phantom example caches (those of the 2.5D networks since stage 4).
+PHANTOM_CONTEXT_MM = (-5.0, -2.5, 2.5, 5.0)
+
+
+def phantom_examples(seed: int, volumes: int, per_volume: int, size: int = 256, offsets_mm=PHANTOM_CONTEXT_MM,
                      negative_fraction: float = 0.35, unrelated_fraction: float = 0.05,
                      positive_sampling: str = "slice") -> ExampleSet:
     """Examples from 3D phantom chest CTs (continuous vessel trees, 3D nodules), with context.

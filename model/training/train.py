@@ -62,6 +62,12 @@ class TrainConfig:
     # over 65k pixels) nor Dice (sigmoid' ~ 0) moves them any more.
     positive_weight_max: float = 1.0
     positive_weight_from_step: int = 0  # step at which the weighting starts (the bundled run: 1000)
+    # Each lesion counted once, whatever its size: the lesion pixels of a connected component
+    # smaller than this many pixels (at the network's input size) weigh area_ref / area times
+    # more in the BCE, at most `component_weight_max` times. 0 = off (each pixel counts once, so
+    # a 4 mm nodule weighs 1/25 of a 20 mm one). See component_multipliers.
+    component_area_ref_px: float = 0.0
+    component_weight_max: float = 10.0
     amp: bool = True  # bf16 autocast on CUDA only
     threads: int = 0  # torch threads on CPU (0 = torch default)
     workers: int = 2  # processes generating synthetic data
@@ -107,12 +113,34 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return (1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, positive_weight_max: float = 1.0
-                      ) -> tuple[torch.Tensor, dict]:
+def component_multipliers(masks: np.ndarray, area_ref_px: float, cap: float) -> np.ndarray:
+    """Per-pixel BCE multipliers that count each lesion once, whatever its size.
+
+    masks: B x H x W bool. Returns B x H x W float32: 1 on background and on components of at
+    least ``area_ref_px`` pixels, min(area_ref_px / area, cap) on the pixels of a smaller one
+    (8-connected components of each slice).
+    """
+    from scipy import ndimage
+
+    out = np.ones(masks.shape, np.float32)
+    for b, m in enumerate(masks):
+        labels, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+        if n == 0:
+            continue
+        areas = np.bincount(labels.ravel())[1:].astype(np.float32)
+        factor = np.concatenate([[1.0], np.clip(area_ref_px / areas, 1.0, cap)]).astype(np.float32)
+        out[b] = factor[labels]
+    return out
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, positive_weight_max: float = 1.0,
+                      positive_multiplier: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Dice + BCE on the final (PiGMA) output only, as in the paper.
 
     logits/target: B x 1 x H x W. With ``positive_weight_max`` > 1 the lesion pixels of each slice
     weigh min(#background / #foreground, positive_weight_max) in the BCE (class balancing).
+    positive_multiplier (B x 1 x H x W, from component_multipliers) scales the lesion pixels'
+    weight further; background pixels keep weight 1.
     """
     d = dice_loss(logits, target)
     weight = None
@@ -120,6 +148,9 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, positive_weigh
         fg = target.flatten(1).sum(1)
         ratio = ((target[0].numel() - fg) / fg.clamp_min(1.0)).clamp(1.0, positive_weight_max)
         weight = 1.0 + (ratio.view(-1, 1, 1, 1) - 1.0) * target
+    if positive_multiplier is not None:
+        base = weight if weight is not None else torch.ones_like(target)
+        weight = torch.where(target > 0, base * positive_multiplier, base)
     b = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
     return d + b, {"dice_loss": float(d.detach()), "bce": float(b.detach())}
 
@@ -314,8 +345,12 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     real_train = data_mod.real_examples(real_dir, "train", size, offsets_mm=offsets, split_file=split_file) if real_dir else empty
     real_val = (data_mod.real_examples(real_dir, "heldout", size, negatives=False, offsets_mm=offsets, split_file=split_file)
                 if real_dir else empty)
-    phantom_train = phantom_cache(cfg, cfg.phantom_volumes, cfg.seed, size, offsets) if cfg.phantom_volumes else None
-    phantom_val = (phantom_cache(cfg, cfg.phantom_val_volumes, cfg.seed + 10_000, size, offsets)
+    # A 2D network reads channel 0 (the slice itself) of the phantom cache the 2.5D networks use,
+    # so both train on the same phantom slices and share one cache.
+    phantom_offsets = offsets if offsets else data_mod.PHANTOM_CONTEXT_MM
+    phantom_train = (phantom_cache(cfg, cfg.phantom_volumes, cfg.seed, size, phantom_offsets)
+                     if cfg.phantom_volumes else None)
+    phantom_val = (phantom_cache(cfg, cfg.phantom_val_volumes, cfg.seed + 10_000, size, phantom_offsets)
                    if cfg.phantom_val_volumes else None)
     log.info("data: %d synthetic train, %d synthetic val, %d real train, %d real held-out (%s) [%.0f s]",
              len(synth_train), len(synth_val), len(real_train), len(real_val), real_dir, time.perf_counter() - t0)
@@ -379,7 +414,11 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out_ = model(x, tokens, valid, pooled, generator=gen)
         pos_w = cfg.positive_weight_max if step >= cfg.positive_weight_from_step else 1.0
-        loss, parts = segmentation_loss(out_["logits"].float(), y, pos_w)
+        mult = None
+        if cfg.component_area_ref_px > 0:
+            mult = torch.from_numpy(component_multipliers(masks > 0.5, cfg.component_area_ref_px,
+                                                          cfg.component_weight_max))[:, None].to(device)
+        loss, parts = segmentation_loss(out_["logits"].float(), y, pos_w, mult)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

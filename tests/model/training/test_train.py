@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from boltzformer.checkpoint import load_model
-from boltzformer.training.train import TrainConfig, dice_loss, segmentation_loss, train
+from boltzformer.training.train import TrainConfig, component_multipliers, dice_loss, segmentation_loss, train
 
 
 def test_dice_loss_rewards_overlap_and_empty_predictions_for_empty_targets():
@@ -36,6 +36,40 @@ def test_positive_weighting_revives_saturated_small_lesions():
     assert float(grads[1][0, 0, 6, 6]) == pytest.approx(20 * float(grads[0][0, 0, 6, 6]), rel=1e-2)
     assert torch.allclose(grads[1][1], grads[0][1])  # lesion-free slice
     assert torch.allclose(grads[1][0][t[0] == 0], grads[0][0][t[0] == 0])  # background pixels
+
+
+def test_component_multipliers_count_each_lesion_once():
+    """A 4-pixel and a 100-pixel lesion on one slice: with area_ref 64 the small one's pixels weigh
+    16x (capped at 10 here), the large one's and the background's 1x; empty slices stay at 1."""
+    m = np.zeros((2, 32, 32), bool)
+    m[0, 2:4, 2:4] = True  # 4 px
+    m[0, 10:20, 10:20] = True  # 100 px
+    mult = component_multipliers(m, area_ref_px=64, cap=10)
+    assert mult.shape == m.shape and mult.dtype == np.float32
+    assert np.all(mult[0, 2:4, 2:4] == 10) and np.all(mult[0, 10:20, 10:20] == 1)
+    assert np.all(mult[0][~m[0]] == 1) and np.all(mult[1] == 1)
+    # below the cap, the small lesion's total weight equals area_ref
+    assert float(component_multipliers(m, 64, 100)[0, 2:4, 2:4].sum()) == pytest.approx(64)
+    # diagonal neighbours are one component (8-connectivity)
+    d = np.zeros((1, 8, 8), bool)
+    d[0, 1, 1] = d[0, 2, 2] = True
+    assert np.all(component_multipliers(d, 8, 10)[0][d[0]] == 4)
+
+
+def test_positive_multiplier_scales_lesion_pixels_only():
+    t = torch.zeros(1, 1, 16, 16)
+    t[0, 0, 2:4, 2:4] = 1
+    mult = torch.from_numpy(component_multipliers(t[:, 0].numpy() > 0, 64, 10))[:, None]
+    grads = []
+    for m in (None, mult):
+        logits = torch.zeros_like(t, requires_grad=True)
+        segmentation_loss(logits, t, positive_weight_max=20.0, positive_multiplier=m)[0].backward()
+        grads.append(logits.grad)
+    lesion = t > 0
+    # the BCE part of a lesion pixel's gradient is 10x; Dice's part is unchanged
+    bce_plain = -0.5 * 20.0 / t.numel()
+    assert float(grads[1][lesion][0] - grads[0][lesion][0]) == pytest.approx(9 * bce_plain, rel=1e-4)
+    assert torch.allclose(grads[1][~lesion], grads[0][~lesion])
 
 
 @pytest.fixture
@@ -139,3 +173,19 @@ def test_context_model_trains_on_phantom_chests_and_keeps_unrelated_prompts_out_
     rows = list(csv.DictReader(open(tmp_path / "ctx" / "log.csv")))
     assert "val_phantom_dice" in rows[-1] and "val_phantom_negative_fp_rate" in rows[-1]
     assert not set(UNRELATED_PROMPTS) & set(bank)
+
+
+def test_2d_model_trains_on_channel_0_of_the_shared_phantom_cache(cfg, tmp_path):
+    """A network without context reads the slice itself from the phantom cache the 2.5D networks
+    use (one cache, same slices), and the per-lesion weighting runs in the loop."""
+    from boltzformer.training.train import phantom_cache_path
+
+    cfg.phantom_volumes, cfg.phantom_val_volumes, cfg.phantom_slices_per_volume = 1, 1, 6
+    cfg.phantom_weight, cfg.component_area_ref_px = 0.5, 64.0
+    best = train(cfg, tmp_path / "flat")
+    model, _, meta, _ = load_model(best)
+    assert model.cfg.in_channels == 1
+    assert meta["training"]["config"]["component_area_ref_px"] == 64.0
+    assert phantom_cache_path(cfg, 1, cfg.seed, 64, (-5.0, -2.5, 2.5, 5.0)).is_file()
+    rows = list(csv.DictReader(open(tmp_path / "flat" / "log.csv")))
+    assert "val_phantom_dice" in rows[-1] and "val_phantom_negative_fp_rate" in rows[-1]
