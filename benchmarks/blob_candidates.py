@@ -1,6 +1,7 @@
 """How many phantom nodules would a 3D blob detector reach, at how many candidates per volume?
 
-    python benchmarks/blob_candidates.py [--set val] [--count 12] --json benchmarks/results/blob_candidates.json
+    python benchmarks/blob_candidates.py [--set val] [--count 12] [--classifier W] --json benchmarks/results/blob_candidates.json
+    python benchmarks/blob_candidates.py --mine 80 --mine-out .devdata/fpcand_blob   # training patches
 
 A feasibility count for a 3D candidate generator (the model card's next step after stage 10),
 not part of the product. On each phantom chest of `phantom_chest.py`'s set: a scale-normalised
@@ -11,7 +12,14 @@ Then a Hessian gate on the candidates above GATE_THRESHOLD: blobness = |λ3| / |
 Hessian at the candidate's best scale (eigenvalues sorted by magnitude, |λ1| >= |λ2| >= |λ3|;
 1 for a sphere, near 0 for a tube), candidates kept above each BLOBNESS value. Last, the bundled
 3D classifier scores the gated candidates (its mask channel: a ball of the candidate's best
-radius, not a slice-model component as in its training) and keeps those at its threshold.
+radius, not a slice-model component as in its training) and keeps those at its threshold;
+`--classifier` scores them with another one (e.g. one fitted on `--mine` patches by
+`python -m boltzformer.training.train_fp fit --data .devdata/fpcand_blob`), at its own
+threshold and at each of SCORE_SWEEP.
+
+`--mine N` writes, for N training phantoms (train_fp's seeds, never the evaluation ones), the
+gated candidates (blobness > min(BLOBNESS)) as classifier patches in train_fp's format, each
+labelled true when it lies within one voxel of a nodule, plus every nodule cut around its mask.
 The lung mask is the phantom's own (an oracle): this counts what the blob response can reach,
 not what a classical lung mask would let through.
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -32,6 +41,7 @@ RADII_MM = (1.5, 2.5, 4.0, 6.0)
 THRESHOLDS = (100, 200, 400, 700, 1000, 1500)
 GATE_THRESHOLD = 400
 BLOBNESS = (0.2, 0.35, 0.5)
+SCORE_SWEEP = (0.3, 0.5, 0.7, 0.9)
 BANDS = ("3-4mm", "4-8mm", "ge8mm")
 
 
@@ -86,16 +96,40 @@ def blobness_at(hu: np.ndarray, spacing_xyz, points_zyx: np.ndarray, scale_idx: 
     return out
 
 
-def count_case(ph) -> list[dict]:
+def gated_candidates(ph):
+    """Blob maxima in the lungs -> (points N x 3 zyx, response N, blobness N (0 where not gated),
+    best-scale index N, nodule label hit N (0 = none))."""
     best, scale = blob_response(ph.image, ph.spacing_mm)
     lung = ndimage.binary_closing(ph.masks["lung"] > 0, iterations=2)
     peaks = (best == ndimage.maximum_filter(best, size=(3, 5, 5))) & lung & (best > min(THRESHOLDS))
-    zz, yy, xx = np.nonzero(peaks)
+    pts = np.stack(np.nonzero(peaks), 1)
+    zz, yy, xx = pts.T
     response = best[zz, yy, xx]
     hit = ndimage.grey_dilation(ph.nodule_labels, size=(3, 3, 3))[zz, yy, xx]
     gated = response > GATE_THRESHOLD
-    blobness = np.zeros(len(zz), np.float32)
-    blobness[gated] = blobness_at(ph.image, ph.spacing_mm, np.stack([zz, yy, xx], 1)[gated], scale[zz, yy, xx][gated])
+    blobness = np.zeros(len(pts), np.float32)
+    blobness[gated] = blobness_at(ph.image, ph.spacing_mm, pts[gated], scale[zz, yy, xx][gated])
+    return pts, response, blobness, scale[zz, yy, xx], hit
+
+
+def ball_patches(ph, pts, scale_idx) -> np.ndarray:
+    """Classifier patches (N x 2 x D x H x W) around points, the mask channel a ball of each
+    point's best radius."""
+    balls = np.zeros(ph.image.shape, np.int32)
+    sx, sy, sz = ph.spacing_mm
+    for i, ((z, y, x), k) in enumerate(zip(pts, scale_idx), start=1):
+        r = RADII_MM[k]
+        half = (int(np.ceil(r / v)) for v in (sz, sy, sx))
+        box = tuple(slice(max(0, c - h), min(n, c + h + 1)) for c, h, n in zip((z, y, x), half, ph.image.shape))
+        gz, gy, gx = np.ogrid[box]
+        ball = ((gz - z) * sz) ** 2 + ((gy - y) * sy) ** 2 + ((gx - x) * sx) ** 2 <= r * r
+        balls[box][ball] = i
+    return fp_classifier.extract_patches(ph.image, balls, pts, ph.spacing_mm, list(range(1, len(pts) + 1)))
+
+
+def count_case(ph, clf) -> tuple[list[dict], ...]:
+    pts, response, blobness, scale_idx, hit = gated_candidates(ph)
+    gated = response > GATE_THRESHOLD
 
     def row_for(keep, **key):
         found = set(hit[keep].tolist()) - {0}
@@ -105,27 +139,49 @@ def count_case(ph) -> list[dict]:
             row[b] = [sum(n.label in found for n in ns), len(ns)]
         return row
 
-    # the bundled classifier on the gated candidates, each drawn as a ball of its best radius
-    clf = fp_classifier.bundled()
     sel = np.flatnonzero(gated & (blobness > min(BLOBNESS)))
-    balls = np.zeros(ph.image.shape, np.int32)
-    sx, sy, sz = ph.spacing_mm
-    for i, k in enumerate(sel, start=1):
-        r = RADII_MM[scale[zz[k], yy[k], xx[k]]]
-        rz, ry, rx = (int(np.ceil(r / v)) for v in (sz, sy, sx))
-        box = tuple(slice(max(0, c - h), min(n, c + h + 1))
-                    for c, h, n in zip((zz[k], yy[k], xx[k]), (rz, ry, rx), ph.image.shape))
-        gz, gy, gx = np.ogrid[box]
-        ball = ((gz - zz[k]) * sz) ** 2 + ((gy - yy[k]) * sy) ** 2 + ((gx - xx[k]) * sx) ** 2 <= r * r
-        balls[box][ball] = i
-    score = np.zeros(len(zz), np.float32)
-    patches = fp_classifier.extract_patches(ph.image, balls, np.stack([zz, yy, xx], 1)[sel], ph.spacing_mm,
-                                            list(range(1, len(sel) + 1)))
-    score[sel] = clf.probabilities(patches)
+    score = np.zeros(len(pts), np.float32)
+    score[sel] = clf.probabilities(ball_patches(ph, pts[sel], scale_idx[sel]))
     kept = score >= clf.threshold
     return ([row_for(response > t, threshold=t) for t in THRESHOLDS],
             [row_for(gated & (blobness > g), blobness=g) for g in BLOBNESS],
-            [row_for(gated & (blobness > g) & kept, blobness=g) for g in BLOBNESS])
+            [row_for(gated & (blobness > g) & kept, blobness=g) for g in BLOBNESS],
+            [row_for(gated & (blobness > min(BLOBNESS)) & (score >= t), score=t) for t in SCORE_SWEEP])
+
+
+def mine(volumes: int, out: Path, seed: int = 5) -> None:
+    """Training patches of the gated blob candidates, in train_fp's per-volume format."""
+    from boltzformer.training.data import RESERVED_PHANTOM_SEEDS
+    from boltzformer.training.train_fp import phantom_volume
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 4242])
+    for v in range(volumes):
+        vseed = int(rng.integers(1 << 31))
+        while RESERVED_PHANTOM_SEEDS[0] <= vseed < RESERVED_PHANTOM_SEEDS[1]:
+            vseed = int(rng.integers(1 << 31))
+        path = out / f"vol{v:04d}_{vseed}.npz"
+        if path.exists():
+            continue
+        ph, vol = phantom_volume(vseed, np.random.default_rng([vseed, 1]))
+        pts, response, blobness, scale_idx, hit = gated_candidates(ph)
+        sel = np.flatnonzero((response > GATE_THRESHOLD) & (blobness > min(BLOBNESS)))
+        patches = ball_patches(ph, pts[sel], scale_idx[sel])
+        labels = (hit[sel] > 0).astype(np.uint8)
+        source = np.zeros(len(sel), np.uint8)
+        truth = ph.nodule_labels
+        gt_ids = [n.label for n in ph.nodules if (truth == n.label).any()]
+        if gt_ids:
+            gt = fp_classifier.extract_patches(vol.array, truth, fp_classifier.candidate_centres(truth, gt_ids, vol.spacing_mm),
+                                               vol.spacing_mm, gt_ids)
+            patches = np.concatenate([patches, gt])
+            labels = np.concatenate([labels, np.ones(len(gt_ids), np.uint8)])
+            source = np.concatenate([source, np.ones(len(gt_ids), np.uint8)])
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, ct=np.round(patches[:, 0] * 255).astype(np.uint8), mask=patches[:, 1] > 0.5,
+                            label=labels, source=source, candidates=len(sel), true_candidates=int((hit[sel] > 0).sum()))
+        tmp.rename(path)
+        print(f"volume {v}: {len(sel)} gated candidates, {int((hit[sel] > 0).sum())} on nodules", flush=True)
 
 
 def main() -> int:
@@ -133,8 +189,16 @@ def main() -> int:
     ap.add_argument("--set", default="val", choices=("val", "test"))
     ap.add_argument("--count", type=int, default=12)
     ap.add_argument("--json")
+    ap.add_argument("--classifier", help="3D classifier weights (.safetensors; default: the bundled one)")
+    ap.add_argument("--mine", type=int, default=0, help="write training patches of this many phantoms instead")
+    ap.add_argument("--mine-out", type=Path, default=Path(".devdata/fpcand_blob"))
+    ap.add_argument("--mine-seed", type=int, default=5)
     args = ap.parse_args()
-    per_case = [count_case(phantom_case(args.set, i)[0]) for i in range(args.count)]
+    if args.mine:
+        mine(args.mine, args.mine_out, args.mine_seed)
+        return 0
+    clf = fp_classifier.load(args.classifier) if args.classifier else fp_classifier.bundled()
+    per_case = [count_case(phantom_case(args.set, i)[0], clf) for i in range(args.count)]
 
     def summarise(part: int, key: str, values, label: str) -> list[dict]:
         out = []
@@ -150,12 +214,15 @@ def main() -> int:
 
     summary = summarise(0, "threshold", THRESHOLDS, "response > {:5d}")
     gate = summarise(1, "blobness", BLOBNESS, f"response > {GATE_THRESHOLD} and blobness > {{:.2f}}")
-    classified = summarise(2, "blobness", BLOBNESS, "same, blobness > {:.2f}, classifier >= bundled threshold")
+    classified = summarise(2, "blobness", BLOBNESS, f"same, blobness > {{:.2f}}, classifier >= {clf.threshold:g}")
+    sweep = summarise(3, "score", SCORE_SWEEP, f"blobness > {min(BLOBNESS)}, classifier >= {{:.2f}}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"set": args.set, "count": args.count, "radii_mm": RADII_MM, "summary": summary,
                        "hessian_gate": {"response_threshold": GATE_THRESHOLD, "summary": gate},
-                       "classifier_on_gate": {"threshold": fp_classifier.bundled().threshold, "summary": classified},
+                       "classifier": args.classifier or "bundled",
+                       "classifier_on_gate": {"threshold": clf.threshold, "summary": classified},
+                       "classifier_sweep": {"blobness": min(BLOBNESS), "summary": sweep},
                        "cases": per_case}, f, indent=1)
     return 0
 
