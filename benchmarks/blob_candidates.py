@@ -20,8 +20,8 @@ threshold and at each of SCORE_SWEEP.
 `--mine N` writes, for N training phantoms (train_fp's seeds, never the evaluation ones), the
 gated candidates (blobness > min(BLOBNESS)) as classifier patches in train_fp's format, each
 labelled true when it lies within one voxel of a nodule, plus every nodule cut around its mask.
-The lung mask is the phantom's own (an oracle): this counts what the blob response can reach,
-not what a classical lung mask would let through.
+The lung mask is the phantom's own (an oracle) unless `--lung hu`: then a classical one from
+the CT alone (classical_lung_mask), as the product would need.
 """
 
 from __future__ import annotations
@@ -96,11 +96,42 @@ def blobness_at(hu: np.ndarray, spacing_xyz, points_zyx: np.ndarray, scale_idx: 
     return out
 
 
+def classical_lung_mask(hu: np.ndarray, spacing_xyz) -> np.ndarray:
+    """Z x Y x X bool lungs from HU alone: voxels below -400 HU not connected to the air around
+    the body (in each slice), the two largest 3D components, then each slice's holes filled
+    (vessels, nodules, juxta-pleural ones included) after a ~5 mm closing."""
+    sx, sy, _ = spacing_xyz
+    air = hu < -400
+    inside = np.zeros_like(air)
+    for k in range(air.shape[0]):
+        lab, n = ndimage.label(air[k])
+        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        inside[k] = air[k] & ~np.isin(lab, edge[edge > 0])
+    lab, n = ndimage.label(inside)
+    if n == 0:
+        return inside
+    sizes = np.bincount(lab.ravel())[1:]
+    keep = np.argsort(sizes)[::-1][:2] + 1
+    lung = np.isin(lab, keep)
+    r = max(1, int(round(2.5 / min(sx, sy))))
+    disk = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r
+    for k in range(lung.shape[0]):
+        if lung[k].any():
+            lung[k] = ndimage.binary_fill_holes(ndimage.binary_closing(lung[k], disk))
+    return lung
+
+
+LUNG_MASK = "phantom"  # or "hu": classical_lung_mask (set by --lung)
+
+
 def gated_candidates(ph):
     """Blob maxima in the lungs -> (points N x 3 zyx, response N, blobness N (0 where not gated),
     best-scale index N, nodule label hit N (0 = none))."""
     best, scale = blob_response(ph.image, ph.spacing_mm)
-    lung = ndimage.binary_closing(ph.masks["lung"] > 0, iterations=2)
+    if LUNG_MASK == "hu":
+        lung = classical_lung_mask(ph.image, ph.spacing_mm)
+    else:
+        lung = ndimage.binary_closing(ph.masks["lung"] > 0, iterations=2)
     peaks = (best == ndimage.maximum_filter(best, size=(3, 5, 5))) & lung & (best > min(THRESHOLDS))
     pts = np.stack(np.nonzero(peaks), 1)
     zz, yy, xx = pts.T
@@ -193,7 +224,11 @@ def main() -> int:
     ap.add_argument("--mine", type=int, default=0, help="write training patches of this many phantoms instead")
     ap.add_argument("--mine-out", type=Path, default=Path(".devdata/fpcand_blob"))
     ap.add_argument("--mine-seed", type=int, default=5)
+    ap.add_argument("--lung", choices=("phantom", "hu"), default="phantom",
+                    help="lung mask: the phantom's own (default) or classical_lung_mask from the CT")
     args = ap.parse_args()
+    global LUNG_MASK
+    LUNG_MASK = args.lung
     if args.mine:
         mine(args.mine, args.mine_out, args.mine_seed)
         return 0
@@ -218,7 +253,7 @@ def main() -> int:
     sweep = summarise(3, "score", SCORE_SWEEP, f"blobness > {min(BLOBNESS)}, classifier >= {{:.2f}}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"set": args.set, "count": args.count, "radii_mm": RADII_MM, "summary": summary,
+            json.dump({"set": args.set, "count": args.count, "lung_mask": args.lung, "radii_mm": RADII_MM, "summary": summary,
                        "hessian_gate": {"response_threshold": GATE_THRESHOLD, "summary": gate},
                        "classifier": args.classifier or "bundled",
                        "classifier_on_gate": {"threshold": clf.threshold, "summary": classified},
