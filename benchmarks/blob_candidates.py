@@ -121,14 +121,12 @@ def classical_lung_mask(hu: np.ndarray, spacing_xyz) -> np.ndarray:
     return lung
 
 
-LUNG_MASK = "phantom"  # or "hu": classical_lung_mask (set by --lung)
-
-
-def gated_candidates(ph):
+def gated_candidates(ph, lung_mask: str = "phantom"):
     """Blob maxima in the lungs -> (points N x 3 zyx, response N, blobness N (0 where not gated),
-    best-scale index N, nodule label hit N (0 = none))."""
+    best-scale index N, nodule label hit N (0 = none)). lung_mask: "phantom" (its own) or "hu"
+    (classical_lung_mask)."""
     best, scale = blob_response(ph.image, ph.spacing_mm)
-    if LUNG_MASK == "hu":
+    if lung_mask == "hu":
         lung = classical_lung_mask(ph.image, ph.spacing_mm)
     else:
         lung = ndimage.binary_closing(ph.masks["lung"] > 0, iterations=2)
@@ -158,8 +156,8 @@ def ball_patches(ph, pts, scale_idx) -> np.ndarray:
     return fp_classifier.extract_patches(ph.image, balls, pts, ph.spacing_mm, list(range(1, len(pts) + 1)))
 
 
-def count_case(ph, clf) -> tuple[list[dict], ...]:
-    pts, response, blobness, scale_idx, hit = gated_candidates(ph)
+def count_case(ph, clf, lung_mask: str = "phantom") -> tuple[list[dict], ...]:
+    pts, response, blobness, scale_idx, hit = gated_candidates(ph, lung_mask)
     gated = response > GATE_THRESHOLD
 
     def row_for(keep, **key):
@@ -180,39 +178,21 @@ def count_case(ph, clf) -> tuple[list[dict], ...]:
             [row_for(gated & (blobness > min(BLOBNESS)) & (score >= t), score=t) for t in SCORE_SWEEP])
 
 
-def mine(volumes: int, out: Path, seed: int = 5) -> None:
+def mine(volumes: int, out: Path, seed: int = 5, lung_mask: str = "phantom") -> None:
     """Training patches of the gated blob candidates, in train_fp's per-volume format."""
-    from boltzformer.training.data import RESERVED_PHANTOM_SEEDS
-    from boltzformer.training.train_fp import phantom_volume
+    from boltzformer.training.train_fp import phantom_volume, save_mined, training_volumes
 
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([seed, 4242])
-    for v in range(volumes):
-        vseed = int(rng.integers(1 << 31))
-        while RESERVED_PHANTOM_SEEDS[0] <= vseed < RESERVED_PHANTOM_SEEDS[1]:
-            vseed = int(rng.integers(1 << 31))
-        path = out / f"vol{v:04d}_{vseed}.npz"
+    for v, vseed, path in training_volumes(volumes, seed, out):
         if path.exists():
             continue
         ph, vol = phantom_volume(vseed, np.random.default_rng([vseed, 1]))
-        pts, response, blobness, scale_idx, hit = gated_candidates(ph)
+        pts, response, blobness, scale_idx, hit = gated_candidates(ph, lung_mask)
         sel = np.flatnonzero((response > GATE_THRESHOLD) & (blobness > min(BLOBNESS)))
-        patches = ball_patches(ph, pts[sel], scale_idx[sel])
-        labels = (hit[sel] > 0).astype(np.uint8)
-        source = np.zeros(len(sel), np.uint8)
-        truth = ph.nodule_labels
-        gt_ids = [n.label for n in ph.nodules if (truth == n.label).any()]
-        if gt_ids:
-            gt = fp_classifier.extract_patches(vol.array, truth, fp_classifier.candidate_centres(truth, gt_ids, vol.spacing_mm),
-                                               vol.spacing_mm, gt_ids)
-            patches = np.concatenate([patches, gt])
-            labels = np.concatenate([labels, np.ones(len(gt_ids), np.uint8)])
-            source = np.concatenate([source, np.ones(len(gt_ids), np.uint8)])
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, ct=np.round(patches[:, 0] * 255).astype(np.uint8), mask=patches[:, 1] > 0.5,
-                            label=labels, source=source, candidates=len(sel), true_candidates=int((hit[sel] > 0).sum()))
-        tmp.rename(path)
-        print(f"volume {v}: {len(sel)} gated candidates, {int((hit[sel] > 0).sum())} on nodules", flush=True)
+        on_nodule = hit[sel] > 0
+        save_mined(path, ball_patches(ph, pts[sel], scale_idx[sel]), on_nodule, ph, vol,
+                   candidates=len(sel), true_candidates=int(on_nodule.sum()))
+        print(f"volume {v}: {len(sel)} gated candidates, {int(on_nodule.sum())} on nodules", flush=True)
 
 
 def main() -> int:
@@ -227,13 +207,11 @@ def main() -> int:
     ap.add_argument("--lung", choices=("phantom", "hu"), default="phantom",
                     help="lung mask: the phantom's own (default) or classical_lung_mask from the CT")
     args = ap.parse_args()
-    global LUNG_MASK
-    LUNG_MASK = args.lung
     if args.mine:
-        mine(args.mine, args.mine_out, args.mine_seed)
+        mine(args.mine, args.mine_out, args.mine_seed, args.lung)
         return 0
     clf = fp_classifier.load(args.classifier) if args.classifier else fp_classifier.bundled()
-    per_case = [count_case(phantom_case(args.set, i)[0], clf) for i in range(args.count)]
+    per_case = [count_case(phantom_case(args.set, i)[0], clf, args.lung) for i in range(args.count)]
 
     def summarise(part: int, key: str, values, label: str) -> list[dict]:
         out = []

@@ -48,20 +48,46 @@ def phantom_volume(vseed: int, rng: np.random.Generator):
     return ph, Volume(ph.image, ph.spacing_mm, origin, np.eye(3), "CT", None, {"phantom_seed": vseed})
 
 
-def mine(volumes: int, out: Path, seed: int = 5, weights=None, negatives_per_volume: int = 80) -> None:
-    from ..segmenter import Segmenter
-
-    out.mkdir(parents=True, exist_ok=True)
-    seg = Segmenter.from_pretrained(weights, device="cpu")
+def training_volumes(volumes: int, seed: int, out: Path):
+    """(index, phantom seed, file path in ``out``) of each training volume: seeds drawn from
+    ``seed``, never the evaluation phantoms' (data.RESERVED_PHANTOM_SEEDS)."""
     rng = np.random.default_rng([seed, 4242])
     for v in range(volumes):
         vseed = int(rng.integers(1 << 31))
         while RESERVED_PHANTOM_SEEDS[0] <= vseed < RESERVED_PHANTOM_SEEDS[1]:
             vseed = int(rng.integers(1 << 31))
-        vol_rng = np.random.default_rng([vseed, 1])
-        path = out / f"vol{v:04d}_{vseed}.npz"
+        yield v, vseed, out / f"vol{v:04d}_{vseed}.npz"
+
+
+def save_mined(path: Path, patches: np.ndarray, is_true: np.ndarray, ph, vol, *, candidates: int,
+               true_candidates: int) -> None:
+    """One volume's mined file: the candidates' patches (N x 2 x D x H x W, source 0) with their
+    labels, then every true nodule cut around its own mask (source 1), written atomically."""
+    labels = np.asarray(is_true).astype(np.uint8)
+    source = np.zeros(len(labels), np.uint8)  # 0: a candidate
+    truth = ph.nodule_labels
+    gt_ids = [n.label for n in ph.nodules if (truth == n.label).any()]
+    if gt_ids:
+        gt = fpc.extract_patches(vol.array, truth, fpc.candidate_centres(truth, gt_ids, vol.spacing_mm),
+                                 vol.spacing_mm, gt_ids)
+        patches = np.concatenate([patches, gt])
+        labels = np.concatenate([labels, np.ones(len(gt_ids), np.uint8)])
+        source = np.concatenate([source, np.ones(len(gt_ids), np.uint8)])  # 1: a true nodule's mask
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, ct=np.round(patches[:, 0] * 255).astype(np.uint8), mask=patches[:, 1] > 0.5,
+                        label=labels, source=source, candidates=candidates, true_candidates=true_candidates)
+    tmp.rename(path)
+
+
+def mine(volumes: int, out: Path, seed: int = 5, weights=None, negatives_per_volume: int = 80) -> None:
+    from ..segmenter import Segmenter
+
+    out.mkdir(parents=True, exist_ok=True)
+    seg = Segmenter.from_pretrained(weights, device="cpu")
+    for v, vseed, path in training_volumes(volumes, seed, out):
         if path.exists():
             continue
+        vol_rng = np.random.default_rng([vseed, 1])
         t = time.perf_counter()
         ph, vol = phantom_volume(vseed, vol_rng)
         res = seg.segment_volume(vol, "lung nodule", fp_reduction=False, threshold=0.5)
@@ -74,20 +100,7 @@ def mine(volumes: int, out: Path, seed: int = 5, weights=None, negatives_per_vol
         ids = [rows[i]["lesion_id"] for i in keep]
         patches = fpc.extract_patches(vol.array, res.labels, fpc.candidate_centres(res.labels, ids, vol.spacing_mm),
                                       vol.spacing_mm, ids)
-        labels = is_true[keep].astype(np.uint8)
-        source = np.zeros(len(keep), np.uint8)  # 0: a candidate of the slice model
-        # Every true nodule, cut around its own mask.
-        gt_ids = [n.label for n in ph.nodules if (truth == n.label).any()]
-        if gt_ids:
-            gt = fpc.extract_patches(vol.array, truth, fpc.candidate_centres(truth, gt_ids, vol.spacing_mm),
-                                     vol.spacing_mm, gt_ids)
-            patches = np.concatenate([patches, gt])
-            labels = np.concatenate([labels, np.ones(len(gt_ids), np.uint8)])
-            source = np.concatenate([source, np.ones(len(gt_ids), np.uint8)])  # 1: a true nodule's mask
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, ct=np.round(patches[:, 0] * 255).astype(np.uint8), mask=patches[:, 1] > 0.5,
-                            label=labels, source=source, candidates=len(rows), true_candidates=int(is_true.sum()))
-        tmp.rename(path)
+        save_mined(path, patches, is_true[keep], ph, vol, candidates=len(rows), true_candidates=int(is_true.sum()))
         print(f"volume {v} (seed {vseed}, {vol.shape[0]} slices at {vol.spacing_mm[2]} mm): {len(rows)} candidates, "
               f"{int(is_true.sum())} on nodules, {len(ph.nodules)} nodules, {time.perf_counter() - t:.1f} s", flush=True)
 
