@@ -5,11 +5,12 @@ the mapping of both from the canonical axial grid the network works on back to t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import fp_filter, postprocess
+from . import fp_classifier, fp_filter, nodule_detector, postprocess
 from .io import Volume
 from .orientation import IDENTITY, Reorientation
 
@@ -202,6 +203,18 @@ class SegmentationResult:
     fp_reduction: bool = True  # drop candidates the false-positive filter rejects (lung prompts on HU CT)
     min_nodule_score: float | None = None  # the 3D classifier's threshold; None = the one shipped with it
     rejected: list[dict] = field(default_factory=list)  # candidates the filter dropped, with their scores
+    # With fp_reduction, for lung nodule prompts on HU CT: the 3D nodule detector decides which
+    # lesions there are, the slice model outlines them (boltzformer.nodule_detector.merge). Its
+    # candidates do not depend on the threshold: found once, on the first rethreshold that needs them.
+    nodule_detector: bool = True
+    _candidates: "nodule_detector.Candidates | None" = field(default=None, repr=False, compare=False)
+
+    def _detector_runs(self, frame: Volume) -> bool:
+        """The 3D detector needs its classifier, a lung nodule prompt on HU CT, and a scan as deep
+        as the classifier's patch (fp_classifier.covers)."""
+        return (nodule_detector.bundled() is not None
+                and nodule_detector.applies(self.prompt, self.modality, self.window)
+                and fp_classifier.covers(frame.shape, frame.spacing_mm))
 
     def mask_volume(self) -> Volume:
         return self.volume.with_array(self.mask)
@@ -230,6 +243,13 @@ class SegmentationResult:
             skipped = fp_filter.classifier_skipped(frame)
             if skipped and skipped not in self.warnings:
                 self.warnings.append(skipped)
+        if self.fp_reduction and self.nodule_detector and self._detector_runs(frame):
+            if self._candidates is None:
+                t0 = time.perf_counter()
+                self._candidates = nodule_detector.find_candidates(frame, nodule_detector.bundled())
+                self.timings_s["nodule_detector"] = time.perf_counter() - t0
+            labels, rows, unconfirmed = nodule_detector.merge(labels, rows, frame, probabilities, self._candidates)
+            self.rejected += unconfirmed
         labels = np.ascontiguousarray(reo.from_canonical(labels))
         rows_to_input(rows, labels, reo, frame.shape)
         # uint8 mask and uint16 labels written inside the lesions' box (the rest of a scan is zeros)

@@ -1,6 +1,7 @@
 """The bundled demo cases, generated on demand (deterministic by seed).
 
-`SAMPLES["chest_ct"]()` is a synthetic chest CT with lung nodules of several sizes;
+`SAMPLES["chest_ct"]()` is a synthetic chest CT (boltzformer.synth.lung3d: vessel and airway
+trees that run through the slices) with four to six lung nodules of 4-20 mm;
 `SAMPLES["brain_mri"]()` a synthetic FLAIR brain MRI with MS-like lesions.
 """
 
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ct, mri
+from . import mri
+from .lung3d import chest_phantom
 
 
 @dataclass
@@ -38,10 +40,16 @@ class SampleCase:
                       {"sample": self.name, "target": key or self.target})
 
 
+# Phantom seeds of the demo: in the range never drawn for training (data.RESERVED_PHANTOM_SEEDS)
+# and outside the evaluation sets (80000-80019, 90000-90019).
+DEMO_PHANTOM_SEED = 99_000
+
+
 def sample_chest_ct(seed: int = 0) -> SampleCase:
-    v = ct.ct_volume(seed + 11, shape_zyx=(48, 256, 256), spacing_mm=(1.4, 1.4, 2.5), region="chest", n_nodules=(4, 6))
-    origin = (-1.4 * 127.5, -1.4 * 127.5, -2.5 * 47)
-    return SampleCase("chest_ct", v.image, v.masks, v.spacing_mm, origin, "CT", "lung nodule", "lung_nodule")
+    ph = chest_phantom(DEMO_PHANTOM_SEED + seed, shape_zyx=(64, 256, 256), spacing_mm=(1.4, 1.4, 2.5),
+                       n_nodules=(4, 6), nodule_diameter_mm=(4.0, 20.0))
+    origin = (-1.4 * 127.5, -1.4 * 127.5, -2.5 * 63)
+    return SampleCase("chest_ct", ph.image, ph.masks, ph.spacing_mm, origin, "CT", "lung nodule", "lung_nodule")
 
 
 def sample_brain_mri(seed: int = 0) -> SampleCase:
