@@ -20,8 +20,13 @@ threshold and at each of SCORE_SWEEP.
 `--mine N` writes, for N training phantoms (train_fp's seeds, never the evaluation ones), the
 gated candidates (blobness > min(BLOBNESS)) as classifier patches in train_fp's format, each
 labelled true when it lies within one voxel of a nodule, plus every nodule cut around its mask.
-The lung mask is the phantom's own (an oracle) unless `--lung hu`: then a classical one from
-the CT alone (classical_lung_mask), as the product would need.
+The lung mask is the phantom's own (an oracle) unless `--lung hu`: then the product's, from the
+CT alone (nodule_detector.lung_mask).
+
+The filters have been the product's (boltzformer.nodule_detector) since that module landed; the
+figures in benchmarks/results/blob_candidates*.json and fp-classifier-blob's training patches came
+from this script's own copies at commit 378b5bd (same LoG; the Hessian then used whole-volume
+filters with reflected edges, and `--lung hu` a simpler lung mask without the 15 mm closing).
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ from scipy import ndimage
 
 from phantom_chest import phantom_case
 
-from boltzformer import fp_classifier
+from boltzformer import fp_classifier, nodule_detector
 
-RADII_MM = (1.5, 2.5, 4.0, 6.0)
+RADII_MM = nodule_detector.RADII_MM
 THRESHOLDS = (100, 200, 400, 700, 1000, 1500)
 GATE_THRESHOLD = 400
 BLOBNESS = (0.2, 0.35, 0.5)
@@ -49,85 +54,17 @@ def band(diameter_mm: float) -> str:
     return "3-4mm" if diameter_mm < 4 else "4-8mm" if diameter_mm < 8 else "ge8mm"
 
 
-def _sigmas(r_mm: float, spacing_xyz):
-    sx, sy, sz = spacing_xyz
-    s = r_mm / np.sqrt(3)
-    return s, (s / sz, s / sy, s / sx)
-
-
-def blob_response(hu: np.ndarray, spacing_xyz) -> tuple[np.ndarray, np.ndarray]:
-    """(Z x Y x X float32 max over RADII_MM of -sigma² LoG, Z x Y x X uint8 index of the best
-    radius). Bright blobs of that radius score high; sigma = r / sqrt(3) in mm, so anisotropic
-    voxels get per-axis sigmas."""
-    img = hu.astype(np.float32).clip(-1000, 200)
-    best = np.full(img.shape, -np.inf, np.float32)
-    scale = np.zeros(img.shape, np.uint8)
-    for k, r in enumerate(RADII_MM):
-        s, sig = _sigmas(r, spacing_xyz)
-        resp = -(s**2) * ndimage.gaussian_laplace(img, sig)
-        better = resp > best
-        best[better], scale[better] = resp[better], k
-    return best, scale
-
-
-def blobness_at(hu: np.ndarray, spacing_xyz, points_zyx: np.ndarray, scale_idx: np.ndarray) -> np.ndarray:
-    """|λ3| / |λ1| of the Hessian (in mm units) at each point, at its own best scale."""
-    img = hu.astype(np.float32).clip(-1000, 200)
-    sx, sy, sz = spacing_xyz
-    mm = np.array([sz, sy, sx])
-    out = np.zeros(len(points_zyx), np.float32)
-    for k, r in enumerate(RADII_MM):
-        sel = np.flatnonzero(scale_idx == k)
-        if not len(sel):
-            continue
-        _, sig = _sigmas(r, spacing_xyz)
-        z, y, x = points_zyx[sel].T
-        h = np.zeros((len(sel), 3, 3), np.float32)
-        for a in range(3):
-            for b in range(a, 3):
-                order = [0, 0, 0]
-                order[a] += 1
-                order[b] += 1
-                d = ndimage.gaussian_filter(img, sig, order=order)[z, y, x] / (mm[a] * mm[b])
-                h[:, a, b] = h[:, b, a] = d
-        ev = np.linalg.eigvalsh(h)
-        ev = np.take_along_axis(ev, np.argsort(-np.abs(ev), axis=1), axis=1)
-        out[sel] = np.abs(ev[:, 2]) / np.maximum(np.abs(ev[:, 0]), 1e-6)
-    return out
-
-
-def classical_lung_mask(hu: np.ndarray, spacing_xyz) -> np.ndarray:
-    """Z x Y x X bool lungs from HU alone: voxels below -400 HU not connected to the air around
-    the body (in each slice), the two largest 3D components, then each slice's holes filled
-    (vessels, nodules, juxta-pleural ones included) after a ~5 mm closing."""
-    sx, sy, _ = spacing_xyz
-    air = hu < -400
-    inside = np.zeros_like(air)
-    for k in range(air.shape[0]):
-        lab, n = ndimage.label(air[k])
-        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-        inside[k] = air[k] & ~np.isin(lab, edge[edge > 0])
-    lab, n = ndimage.label(inside)
-    if n == 0:
-        return inside
-    sizes = np.bincount(lab.ravel())[1:]
-    keep = np.argsort(sizes)[::-1][:2] + 1
-    lung = np.isin(lab, keep)
-    r = max(1, int(round(2.5 / min(sx, sy))))
-    disk = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r
-    for k in range(lung.shape[0]):
-        if lung[k].any():
-            lung[k] = ndimage.binary_fill_holes(ndimage.binary_closing(lung[k], disk))
-    return lung
-
-
 def gated_candidates(ph, lung_mask: str = "phantom"):
     """Blob maxima in the lungs -> (points N x 3 zyx, response N, blobness N (0 where not gated),
     best-scale index N, nodule label hit N (0 = none)). lung_mask: "phantom" (its own) or "hu"
-    (classical_lung_mask)."""
-    best, scale = blob_response(ph.image, ph.spacing_mm)
+    (the product's, nodule_detector.lung_mask). The filters are the product's
+    (boltzformer.nodule_detector), on the phantom's own grid (its pixels are coarser than the
+    detector's work grid, so nothing is averaged)."""
+    img, factors, work_mm = nodule_detector._work_grid(ph.image, ph.spacing_mm)
+    assert factors == [1, 1, 1], "phantom voxels are at least as coarse as the detector's grid"
+    best, scale = nodule_detector.blob_response(img, work_mm)
     if lung_mask == "hu":
-        lung = classical_lung_mask(ph.image, ph.spacing_mm)
+        lung = nodule_detector.lung_mask(img, ph.spacing_mm)
     else:
         lung = ndimage.binary_closing(ph.masks["lung"] > 0, iterations=2)
     peaks = (best == ndimage.maximum_filter(best, size=(3, 5, 5))) & lung & (best > min(THRESHOLDS))
@@ -137,23 +74,15 @@ def gated_candidates(ph, lung_mask: str = "phantom"):
     hit = ndimage.grey_dilation(ph.nodule_labels, size=(3, 3, 3))[zz, yy, xx]
     gated = response > GATE_THRESHOLD
     blobness = np.zeros(len(pts), np.float32)
-    blobness[gated] = blobness_at(ph.image, ph.spacing_mm, pts[gated], scale[zz, yy, xx][gated])
+    blobness[gated] = nodule_detector.blobness_at(img, work_mm, pts[gated], scale[zz, yy, xx][gated])
     return pts, response, blobness, scale[zz, yy, xx], hit
 
 
 def ball_patches(ph, pts, scale_idx) -> np.ndarray:
     """Classifier patches (N x 2 x D x H x W) around points, the mask channel a ball of each
     point's best radius."""
-    balls = np.zeros(ph.image.shape, np.int32)
-    sx, sy, sz = ph.spacing_mm
-    for i, ((z, y, x), k) in enumerate(zip(pts, scale_idx), start=1):
-        r = RADII_MM[k]
-        half = (int(np.ceil(r / v)) for v in (sz, sy, sx))
-        box = tuple(slice(max(0, c - h), min(n, c + h + 1)) for c, h, n in zip((z, y, x), half, ph.image.shape))
-        gz, gy, gx = np.ogrid[box]
-        ball = ((gz - z) * sz) ** 2 + ((gy - y) * sy) ** 2 + ((gx - x) * sx) ** 2 <= r * r
-        balls[box][ball] = i
-    return fp_classifier.extract_patches(ph.image, balls, pts, ph.spacing_mm, list(range(1, len(pts) + 1)))
+    radius = np.array([RADII_MM[k] for k in scale_idx], float)
+    return nodule_detector.ball_patches(ph.image, pts, radius, ph.spacing_mm)
 
 
 def count_case(ph, clf, lung_mask: str = "phantom") -> tuple[list[dict], ...]:
@@ -205,7 +134,7 @@ def main() -> int:
     ap.add_argument("--mine-out", type=Path, default=Path(".devdata/fpcand_blob"))
     ap.add_argument("--mine-seed", type=int, default=5)
     ap.add_argument("--lung", choices=("phantom", "hu"), default="phantom",
-                    help="lung mask: the phantom's own (default) or classical_lung_mask from the CT")
+                    help="lung mask: the phantom's own (default) or the product's from the CT")
     args = ap.parse_args()
     if args.mine:
         mine(args.mine, args.mine_out, args.mine_seed, args.lung)

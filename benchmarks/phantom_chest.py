@@ -93,10 +93,9 @@ def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool, thresh
                "attention_on_target": frac, "attention_mass_on_target": mass, "attention_cap": cap,
                "attention_slices": nslices,
                "nodules": [{"diameter_mm": n.diameter_mm, "kind": n.kind, "label": n.label} for n in ph.nodules]}
-        for key in ("fp_off", "fp_on_slice_only", "fp_on"):
+        for key in ("fp_off", "fp_on", "nodule_detector"):  # default = fp_on; the 3D detector is opt-in
             if key != "fp_off":
-                res.nodule_detector = key == "fp_on"
-                res.rethreshold(res.threshold, fp_reduction=True)
+                res.rethreshold(res.threshold, fp_reduction=True, nodule_detector=key == "nodule_detector")
             labels = res.labels
             hit = set(np.unique(ph.nodule_labels[labels > 0]).tolist()) - {0}
             pred_on_nodule = set(np.unique(labels[ph.nodule_labels > 0]).tolist()) - {0}
@@ -119,15 +118,15 @@ def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool, thresh
                                        "true": bool((ph.nodule_labels[labels == r["lesion_id"]] > 0).any())})
         cases.append(row)
         print(f"{set_name} {i}: {len(ph.nodules)} nodules, detected {len(row['fp_off']['detected_labels'])} -> "
-              f"{len(row['fp_on_slice_only']['detected_labels'])} -> {len(row['fp_on']['detected_labels'])}, FP {row['fp_off']['false_positives']} -> "
-              f"{row['fp_on_slice_only']['false_positives']} -> {row['fp_on']['false_positives']}, sampled tokens on target {frac:.3f} (cap {cap:.3f}), probability mass "
+              f"{len(row['fp_on']['detected_labels'])} -> {len(row['nodule_detector']['detected_labels'])}, FP {row['fp_off']['false_positives']} -> "
+              f"{row['fp_on']['false_positives']} -> {row['nodule_detector']['false_positives']}, sampled tokens on target {frac:.3f} (cap {cap:.3f}), probability mass "
               f"on target {mass:.3f}, {seconds:.1f} s", flush=True)
     return cases, candidates
 
 
 def summarise(cases):
     out = {}
-    for key in ("fp_off", "fp_on_slice_only", "fp_on", "detector_only"):
+    for key in ("fp_off", "fp_on", "nodule_detector", "detector_only"):
         if not all(key in c for c in cases):
             continue
         small_hit = small_n = big_hit = big_n = 0

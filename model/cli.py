@@ -174,7 +174,7 @@ def cmd_segment(args) -> int:
             volume, args.prompt, window=args.window, modality=modality, slices=slices, runs=args.runs, seed=args.seed,
             threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, return_attention=bool(args.attention),
             batch_size=args.batch_size, fp_reduction=not args.no_fp_filter, force_prompt=args.force_prompt,
-            min_nodule_score=args.min_nodule_score,
+            min_nodule_score=args.min_nodule_score, nodule_detector=args.nodule_detector,
         )
         bar = None
         if not args.quiet:
@@ -421,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-nodule-score", type=number(0.0, 1.0), default=None,
                    help="drop lung candidates whose 3D classifier score is below this (default: 0.73, at most 4 "
                         "false positives per validation phantom; 0 keeps every candidate the lung rule keeps)")
+    s.add_argument("--nodule-detector", action="store_true",
+                   help="lung nodule prompts on CT in HU: take the lesions from the 3D nodule detector (blobs in the "
+                        "lungs, outlined by the network where it found them too). Off by default: fewer false "
+                        "positives and more nodules on phantom chests, but more false positives on a real chest CT")
     s.add_argument("--force-prompt", action="store_true",
                    help="run a prompt even when it names nothing the model was trained to find")
     s.add_argument("--probabilities", default=None, help="also write the probability volume")

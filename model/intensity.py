@@ -127,9 +127,10 @@ def shifted_hu_offset(array: np.ndarray) -> int:
     """1024 when a CT looks stored as HU + 1024 (unsigned, no rescale intercept), else 0.
 
     The signature: non-negative integers; air at 0..~100 (HU -1024..-924) on at least 5 % of
-    the voxels; and a sharp soft-tissue peak whose mode lies at 1000..1100 (HU -24..76) holding
-    most of the values between 800 and 1300. MR has no air peak at zero with a narrow tissue
-    peak right at 1024 + soft tissue.
+    the voxels; and a soft-tissue peak (fat or muscle) whose mode lies at 874..1100 (HU -150..76),
+    with most (60 %) of the values between 800 and 1300 within HU -150..100. MR has no air peak at
+    zero with its tissue packed right below and above 1024. (Fat can outweigh muscle: the mode of
+    the 3D phantom chest is fat, HU -79; the rule before 2026-11-27 wanted it at HU -24..76.)
     """
     sample = _subsample(np.asarray(array))
     if sample.size == 0 or not _integer_valued(sample) or float(sample.min()) < 0:
@@ -142,8 +143,8 @@ def shifted_hu_offset(array: np.ndarray) -> int:
         return 0
     counts, edges = np.histogram(tissue, bins=50, range=(800, 1300))
     mode = edges[int(np.argmax(counts))] + 5
-    near_mode = np.count_nonzero(np.abs(tissue - mode) <= 60) / tissue.size
-    return SHIFTED_HU_OFFSET if 1000 <= mode <= 1100 and near_mode >= 0.5 else 0
+    soft = np.count_nonzero((tissue >= 874) & (tissue < 1124)) / tissue.size  # HU -150..100
+    return SHIFTED_HU_OFFSET if 874 <= mode <= 1100 and soft >= 0.6 else 0
 
 
 def classify_units(array: np.ndarray) -> str:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import fp_classifier, fp_filter, nodule_detector, postprocess
+from . import fp_classifier, fp_filter, postprocess
+from . import nodule_detector as detector  # `nodule_detector` is the switch's name
 from .io import Volume
 from .orientation import IDENTITY, Reorientation
 
@@ -206,14 +207,14 @@ class SegmentationResult:
     # With fp_reduction, for lung nodule prompts on HU CT: the 3D nodule detector decides which
     # lesions there are, the slice model outlines them (boltzformer.nodule_detector.merge). Its
     # candidates do not depend on the threshold: found once, on the first rethreshold that needs them.
-    nodule_detector: bool = True
-    _candidates: "nodule_detector.Candidates | None" = field(default=None, repr=False, compare=False)
+    nodule_detector: bool = False  # off by default: it missed the real-CT false-positive target (model card)
+    _candidates: "detector.Candidates | None" = field(default=None, repr=False, compare=False)
 
     def _detector_runs(self, frame: Volume) -> bool:
         """The 3D detector needs its classifier, a lung nodule prompt on HU CT, and a scan as deep
         as the classifier's patch (fp_classifier.covers)."""
-        return (nodule_detector.bundled() is not None
-                and nodule_detector.applies(self.prompt, self.modality, self.window)
+        return (detector.bundled() is not None
+                and detector.applies(self.prompt, self.modality, self.window)
                 and fp_classifier.covers(frame.shape, frame.spacing_mm))
 
     def mask_volume(self) -> Volume:
@@ -223,13 +224,16 @@ class SegmentationResult:
         return self.volume.with_array(self.probabilities.astype(np.float32))
 
     def rethreshold(self, threshold: float, min_lesion_mm3: float | None = None,
-                    fp_reduction: bool | None = None) -> "SegmentationResult":
-        """Re-threshold the stored probabilities (no inference); updates mask and lesion table."""
+                    fp_reduction: bool | None = None, nodule_detector: bool | None = None) -> "SegmentationResult":
+        """Re-threshold the stored probabilities (no inference); updates mask and lesion table.
+        None keeps the current setting."""
         self.threshold = float(threshold)
         if min_lesion_mm3 is not None:
             self.min_lesion_mm3 = float(min_lesion_mm3)
         if fp_reduction is not None:
             self.fp_reduction = bool(fp_reduction)
+        if nodule_detector is not None:
+            self.nodule_detector = bool(nodule_detector)
         frame = self.frame if self.frame is not None else self.volume
         reo = self.reorientation or IDENTITY
         probabilities = reo.to_canonical(self.probabilities)
@@ -246,9 +250,9 @@ class SegmentationResult:
         if self.fp_reduction and self.nodule_detector and self._detector_runs(frame):
             if self._candidates is None:
                 t0 = time.perf_counter()
-                self._candidates = nodule_detector.find_candidates(frame, nodule_detector.bundled())
+                self._candidates = detector.find_candidates(frame, detector.bundled())
                 self.timings_s["nodule_detector"] = time.perf_counter() - t0
-            labels, rows, unconfirmed = nodule_detector.merge(labels, rows, frame, probabilities, self._candidates)
+            labels, rows, unconfirmed = detector.merge(labels, rows, frame, probabilities, self._candidates)
             self.rejected += unconfirmed
         labels = np.ascontiguousarray(reo.from_canonical(labels))
         rows_to_input(rows, labels, reo, frame.shape)

@@ -320,6 +320,7 @@ class Review:
             "threshold": float(result.threshold),
             "min_lesion_mm3": float(result.min_lesion_mm3),
             "fp_filter": bool(result.fp_reduction),
+            "nodule_detector": bool(result.fp_reduction and result.nodule_detector),
             "slices_processed": [int(result.slices[0]), int(result.slices[1])],
             "runs": int(result.runs),
             "window": result.window,

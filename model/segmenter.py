@@ -292,6 +292,7 @@ class Segmenter:
         min_nodule_score: float | None = None,
         force_prompt: bool = False,
         prior=None,
+        nodule_detector: bool = False,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Segment every slice (or slices [start, stop)) of `volume` for `prompt`.
 
@@ -304,6 +305,8 @@ class Segmenter:
         fp_reduction: the 3D false-positive filter for lung prompts on HU CT
         (boltzformer.fp_filter). force_prompt: run a prompt that names nothing known. prior: a
         boltzformer.look_here.ClickPrior pulling the sampling toward a clicked voxel (None: none).
+        nodule_detector: with fp_reduction, lung nodule prompts on HU CT take their lesions from the
+        3D nodule detector (boltzformer.nodule_detector; off by default, see the model card).
         """
         t_start = time.perf_counter()
         timings = {}
@@ -341,6 +344,7 @@ class Segmenter:
             # slices_done - slices[0] = slices finished (on a z-flipped input they are the last ones)
             timings_s=timings, complete=sweep.complete, slices_done=input_range[0] + min(sweep.done, sweep.n),
             frame=frame, reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
+            nodule_detector=nodule_detector,
         )
         result.rethreshold(threshold)
         timings["postprocess"] = time.perf_counter() - t

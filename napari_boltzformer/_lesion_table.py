@@ -27,8 +27,8 @@ LESION_COLUMNS = (
      "the size filter uses it", "mean_axial_diameter_mm"),
     ("p̄", "model confidence: mean probability over the lesion", "mean_probability"),
     ("p max", "model confidence: highest probability in the lesion", "max_probability"),
-    ("nodule", "3D false-positive filter: probability from its 3D network that the candidate is a nodule, "
-     "not a vessel or a wall", "nodule_score"),
+    ("nodule", "3D false-positive filter: probability from a 3D network that the candidate is a nodule, "
+     "not a vessel or a wall (for lung nodules: the 3D nodule detector's network)", "nodule_score"),
     ("round", "3D false-positive filter: blobness from the Hessian (1 = round like a nodule, 0 = a tube like "
      "a vessel)", "blobness"),
     ("mm³", "volume in mm³", "volume_mm3"),

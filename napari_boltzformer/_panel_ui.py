@@ -161,6 +161,13 @@ def build_ui(panel) -> None:
     panel.fp_check.setToolTip("Lung prompts on CT in HU: drop candidates outside the lungs, then those the 3D "
                              "classifier scores below its threshold, mostly vessels (nodule_score in the lesion table)")
     panel.fp_check.toggled.connect(lambda _=None: panel.apply_threshold(force=True))
+    panel.detector_check = QCheckBox("3D nodule detector")
+    panel.detector_check.setChecked(False)
+    panel.detector_check.setToolTip("Lung nodules on CT in HU, with the FP filter: a 3D blob detector decides which "
+                                    "lesions there are, outlined by the network where it found them too. Off by "
+                                    "default: more nodules and fewer false positives on phantom chests, but more "
+                                    "false positives on a real chest CT (model card)")
+    panel.detector_check.toggled.connect(lambda _=None: panel.apply_threshold(force=True))
     panel.force_prompt_check = QCheckBox("force prompt")
     panel.force_prompt_check.setToolTip("Run a prompt even when it names nothing the model was trained to find")
     panel.probability_check.setText("probability")
@@ -174,7 +181,8 @@ def build_ui(panel) -> None:
     checks.addWidget(panel.attention_check, 0, 1)
     checks.addWidget(panel.fp_check, 1, 0)
     checks.addWidget(panel.force_prompt_check, 1, 1)
-    checks.addWidget(panel.keep_partial_check, 2, 0, 1, 2)
+    checks.addWidget(panel.detector_check, 2, 0)
+    checks.addWidget(panel.keep_partial_check, 2, 1)
     rform.addRow("Outputs", checks)
     buttons = QHBoxLayout()
     panel.run_button = QPushButton("Run")

@@ -261,6 +261,7 @@ class BoltzFormerWidget(QWidget):
             "return_attention": self.attention_check.isChecked(),
             "batch_size": self.batch_size,
             "fp_reduction": self.fp_check.isChecked(),
+            "nodule_detector": self.detector_check.isChecked(),
             "force_prompt": self.force_prompt_check.isChecked(),
         }
         return RunRequest(
@@ -459,10 +460,11 @@ class BoltzFormerWidget(QWidget):
             return
         result, request = entry
         threshold, min_mm3, fp_on = self.threshold(), self.min_lesion_spin.value(), self.fp_check.isChecked()
+        detector_on = self.detector_check.isChecked()
         if (not force and threshold == result.threshold and min_mm3 == result.min_lesion_mm3
-                and fp_on == result.fp_reduction):
+                and fp_on == result.fp_reduction and detector_on == result.nodule_detector):
             return
-        result.rethreshold(threshold, min_mm3, fp_reduction=fp_on)
+        result.rethreshold(threshold, min_mm3, fp_reduction=fp_on, nodule_detector=detector_on)
         self._organ_cache = None
         self.refresh_view()
 

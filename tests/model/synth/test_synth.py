@@ -68,7 +68,7 @@ def test_volumes_have_continuous_3d_lesions():
 
 def test_bundled_samples():
     c = sample.sample_chest_ct()
-    assert c.image.shape == (48, 256, 256) and c.masks["lung_nodule"].sum() > 0
+    assert c.image.shape == (64, 256, 256) and c.masks["lung_nodule"].sum() > 0
     vol = c.volume()
     assert vol.modality == "CT" and vol.spacing_mm == c.spacing_mm
     assert c.mask_volume().array.sum() == c.masks["lung_nodule"].sum()
