@@ -177,6 +177,18 @@ def _blobness(hu, labels, lid, box, spacing_xyz, diameter_mm: float) -> float:
     big = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, hu.shape))
     local = hu[big].astype(np.float32)
     inside = labels[big] == lid
+    # A wide kernel on fine voxels (a long vessel tree at 0.7 mm) is as well sampled with block
+    # means of up to sigma / 1.5 voxels, and up to that factor cubed cheaper (7 filters per candidate).
+    f = np.maximum(1, np.floor(sig_vox / 1.5)).astype(int)
+    if (f > 1).any():
+        n = [(d // k) * k for d, k in zip(local.shape, f)]
+        shape6 = (n[0] // f[0], f[0], n[1] // f[1], f[1], n[2] // f[2], f[2])
+        share = inside[: n[0], : n[1], : n[2]].reshape(shape6).mean(axis=(1, 3, 5)) if min(n) > 0 else None
+        if share is not None and share.any():
+            local = local[: n[0], : n[1], : n[2]].reshape(shape6).mean(axis=(1, 3, 5))
+            inside = share >= 0.5 if (share >= 0.5).any() else share > 0  # a thin candidate: every block it touches
+            sig_vox = sig_vox / f
+            sz, sy, sx = sz * f[0], sy * f[1], sx * f[2]
     spacing_zyx = (sz, sy, sx)
     h = np.empty(inside.shape + (3, 3), np.float32)
     for i in range(3):

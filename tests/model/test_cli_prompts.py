@@ -71,3 +71,24 @@ def test_info_fails_when_the_weights_it_names_cannot_be_loaded(tmp_path, weights
     (tmp_path / "broken.json").write_text(Path(weights_with_prompts).with_suffix(".json").read_text())
     code, _, err = run(["info", "--weights", broken], capsys)
     assert code == 2 and "broken.safetensors" in err
+
+
+def test_nodule_detector_switch_finds_the_nodule_the_network_missed(tmp_path, weights_with_prompts, capsys):
+    """--nodule-detector: lesions from the 3D detector (an untrained network marks nothing useful)."""
+    import json
+
+    from .test_nodule_detector import _chest
+
+    vol, nodule, _, _ = _chest()
+    src = write_volume(vol, tmp_path / "chest.nii.gz")
+    found = {}
+    for name, extra in (("default", []), ("detector", ["--nodule-detector"])):
+        out, table = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.json"
+        code, _, err = run(["segment", src, "-p", "lung nodule", "-o", out, "--lesions", table, "--weights",
+                            weights_with_prompts, "--device", "cpu", "--quiet", *extra], capsys)
+        assert code == 0, err
+        found[name] = (read_volume(out).array > 0, json.loads(table.read_text()))
+    mask, rows = found["detector"]
+    assert mask[nodule].mean() > 0.5
+    assert rows and all(r["outline"] in ("slice model", "3D region") and r["nodule_score"] >= 0.8 for r in rows)
+    assert all("outline" not in r for r in found["default"][1])

@@ -121,3 +121,18 @@ def test_a_scan_thinner_than_the_classifier_patch_is_not_scored(monkeypatch):
     _, kept, rejected = fp_filter.filter_candidates(labels, rows, vol, candidates.astype(np.float32))
     assert calls == [vol.array.shape] and kept == []
     assert fp_filter.classifier_skipped(vol) is None
+
+
+def test_blobness_on_fine_voxels_still_tells_a_ball_from_a_tube():
+    """At 0.5 mm a 16 mm candidate's kernel spans many voxels: the filter works on block means."""
+    z, y, x = np.mgrid[0:48, 0:96, 0:96].astype(np.float32)
+    hu = np.full(z.shape, -850.0, np.float32)
+    ball = ((z - 24) * 1.0) ** 2 + ((y - 48) * 0.5) ** 2 + ((x - 30) * 0.5) ** 2 <= 8.0**2
+    tube = ((y - 48) * 0.5) ** 2 + ((x - 75) * 0.5) ** 2 <= 3.0**2
+    hu[ball | tube] = 30.0
+    labels = (ball.astype(np.int32)) + 2 * (tube & (z >= 8) & (z < 40))
+    boxes = postprocess.find_objects(labels)
+    spacing = (0.5, 0.5, 1.0)
+    round_ = fp_filter._blobness(hu, labels, 1, boxes[0], spacing, 16.0)
+    tubular = fp_filter._blobness(hu, labels, 2, boxes[1], spacing, 6.0)
+    assert round_ > 0.5 > 0.2 > tubular
