@@ -10,6 +10,7 @@ docs/images/decoder_layers.png      the same six frames side by side
 docs/images/napari_real_ct_organ.png    a real chest CT, "heart": organ mode (one structure, mL)
 docs/images/napari_real_ct_lesions.png  the same CT, "lung nodule": candidates, 4 mm size filter
 docs/images/napari_review.png       the sample's candidates under review (keys A / R / N, as a reader types them)
+docs/images/napari_nodule_detector.png  the sample's result with the opt-in "3D nodule detector" switched on
 
 The real CT is read where it lies and never copied; only the screenshots are written. Every
 picture is what the panel shows a user: nothing is drawn on top but a frame title in the GIF.
@@ -106,6 +107,13 @@ def sample_figures(weights):
             break
     s.save("napari_lesion_zoom.png")
     decoder_frames(s)
+    # the same result with the opt-in 3D nodule detector: the switch re-thresholds, no new run
+    panel.restore_view_button.click()  # back from the zoom on one lesion
+    panel.detector_check.setChecked(True)
+    s.pump(1.5)
+    s.go_to_slice(z)
+    print(f"nodule detector: {panel.result_label.text()} | {panel.result_detail.text()}")
+    s.save("napari_nodule_detector.png")
     s.close()
 
 
