@@ -210,12 +210,22 @@ class SegmentationResult:
     nodule_detector: bool = False  # off by default: it missed the real-CT false-positive target (model card)
     _candidates: "detector.Candidates | None" = field(default=None, repr=False, compare=False)
 
-    def _detector_runs(self, frame: Volume) -> bool:
-        """The 3D detector needs its classifier, a lung nodule prompt on HU CT, and a scan as deep
-        as the classifier's patch (fp_classifier.covers)."""
-        return (detector.bundled() is not None
-                and detector.applies(self.prompt, self.modality, self.window)
-                and fp_classifier.covers(frame.shape, frame.spacing_mm))
+    def _detector_skipped(self, frame: Volume) -> str | None:
+        """Why the 3D nodule detector, asked for, does not run on this result (None: it runs). It
+        needs its classifier, a lung nodule prompt on CT in HU and a scan as deep as the
+        classifier's patch (fp_classifier.covers)."""
+        head = "the 3D nodule detector was not applied: "
+        if detector.bundled() is None:
+            return head + f"its weights ({detector.DETECTOR_WEIGHTS_NAME}) are not installed"
+        if not detector.applies(self.prompt, self.modality, self.window):
+            return head + (f"it serves lung nodule prompts on CT in Hounsfield units, not '{self.prompt}' on "
+                           f"{self.modality or 'this image'}" + ("" if self.window or self.modality != "CT"
+                                                                 else " without HU values"))
+        if not fp_classifier.covers(frame.shape, frame.spacing_mm):
+            depth_mm = frame.shape[0] * float(frame.spacing_mm[2])
+            return head + (f"the scan spans {depth_mm:g} mm along z, less than the "
+                           f"{fp_classifier.PATCH_EXTENT_Z_MM:g} mm its classifier looks at")
+        return None
 
     def mask_volume(self) -> Volume:
         return self.volume.with_array(self.mask)
@@ -247,7 +257,10 @@ class SegmentationResult:
             skipped = fp_filter.classifier_skipped(frame)
             if skipped and skipped not in self.warnings:
                 self.warnings.append(skipped)
-        if self.fp_reduction and self.nodule_detector and self._detector_runs(frame):
+        skipped = self._detector_skipped(frame) if self.fp_reduction and self.nodule_detector else "off"
+        if skipped not in (None, "off") and skipped not in self.warnings:
+            self.warnings.append(skipped)
+        if skipped is None:
             if self._candidates is None:
                 t0 = time.perf_counter()
                 self._candidates = detector.find_candidates(frame, detector.bundled())

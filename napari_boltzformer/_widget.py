@@ -464,7 +464,13 @@ class BoltzFormerWidget(QWidget):
         if (not force and threshold == result.threshold and min_mm3 == result.min_lesion_mm3
                 and fp_on == result.fp_reduction and detector_on == result.nodule_detector):
             return
+        known = set(result.warnings)
         result.rethreshold(threshold, min_mm3, fp_reduction=fp_on, nodule_detector=detector_on)
+        if new := [w for w in result.warnings if w not in known]:  # e.g. the detector cannot run here
+            from napari.utils.notifications import show_warning
+
+            for text in new:
+                show_warning(text)
         self._organ_cache = None
         self.refresh_view()
 

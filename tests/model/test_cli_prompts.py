@@ -92,3 +92,13 @@ def test_nodule_detector_switch_finds_the_nodule_the_network_missed(tmp_path, we
     assert mask[nodule].mean() > 0.5
     assert rows and all(r["outline"] in ("slice model", "3D region") and r["nodule_score"] >= 0.8 for r in rows)
     assert all("outline" not in r for r in found["default"][1])
+
+
+def test_nodule_detector_says_when_it_cannot_run(ct_path, tmp_path, weights_with_prompts, capsys):
+    """A prompt it does not serve, and a scan thinner than its classifier's patch (15 mm here)."""
+    for prompt, reason in (("liver lesion", "serves lung nodule prompts"), ("lung nodule", "spans 15 mm along z")):
+        out = tmp_path / "m.nii.gz"
+        code, _, err = run(["segment", ct_path, "-p", prompt, "-o", out, "--weights", weights_with_prompts,
+                            "--device", "cpu", "--quiet", "--overwrite", "--nodule-detector"], capsys)
+        assert code == 0 and out.exists()
+        assert "3D nodule detector was not applied" in err and reason in err, err

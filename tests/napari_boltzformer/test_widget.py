@@ -323,3 +323,19 @@ def test_a_prompt_that_names_nothing_is_a_notification_and_no_layer_unless_force
     run_and_wait(panel, qtbot)
     assert "mask" in _roles(viewer)
     assert any(s == "warning" and "forced" in m for s, m in notifications)
+
+
+def test_nodule_detector_switch_says_why_it_cannot_run_here(panel, qtbot, monkeypatch, notifications):
+    """The switch re-thresholds without inference; on this 30 mm deep CT the detector cannot
+    run, and a notification says so (once), instead of nothing happening."""
+    run_and_wait(panel, qtbot)
+    result = panel.active_result()
+    calls = _count_batches(monkeypatch, panel.load_segmenter("cpu"))
+    assert not panel.detector_check.isChecked() and not result.nodule_detector
+    panel.detector_check.setChecked(True)
+    assert result.nodule_detector and calls == []
+    said = [m for s, m in notifications if s == "warning" and "3D nodule detector was not applied" in m]
+    assert len(said) == 1 and "spans 30 mm along z" in said[0]
+    panel.threshold_slider.setValue(40)
+    panel.apply_threshold(force=True)
+    assert len([m for s, m in notifications if "3D nodule detector" in m]) == 1
