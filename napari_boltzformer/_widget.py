@@ -366,9 +366,9 @@ class BoltzFormerWidget(QWidget):
             self.status_label.setText(f"cancelled; kept {finished} finished slices")
             show_info(f"BoltzFormer: cancelled; showing the {finished} finished slices ({start}..{start + finished - 1})")
         else:
-            self.status_label.setText(
-                f"done in {_format_seconds(elapsed)} on {outcome.device}: {len(result.lesions)} lesion(s)"
-            )
+            # No count here: the threshold, the filters and the detector switch change it later,
+            # and the Lesions box above the table always shows the current one.
+            self.status_label.setText(f"done in {_format_seconds(elapsed)} on {outcome.device}")
         self.show_result(result, request, num_queries=outcome.num_queries, target=outcome.target, kind=outcome.kind)
 
     def _on_finished(self):
