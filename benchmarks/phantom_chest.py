@@ -101,6 +101,13 @@ def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool, thresh
             pred_on_nodule = set(np.unique(labels[ph.nodule_labels > 0]).tolist()) - {0}
             row[key] = {"detected_labels": sorted(hit), "components": len(res.lesions),
                         "false_positives": len(res.lesions) - len(pred_on_nodule)}
+            if want_candidates and key == "fp_off":  # every candidate, before the filter
+                feats = fp_filter.candidate_features(labels, res.lesions, vol, res.probabilities)
+                for r, f in zip(res.lesions, feats):
+                    candidates.append({"case": i, **f, "diameter_mm": r["longest_axial_diameter_mm"],
+                                       "volume_mm3": r["volume_mm3"], "short_axis_mm": r["short_axis_diameter_mm"],
+                                       "z_extent_mm": (r["slice_end"] - r["slice_start"] + 1) * float(vol.spacing_mm[2]),
+                                       "true": bool((ph.nodule_labels[labels == r["lesion_id"]] > 0).any())})
         cand = res._candidates
         if cand is not None:  # the 3D detector alone: its kept points, on a nodule when within one voxel
             near = ndimage.grey_dilation(ph.nodule_labels, size=(3, 3, 3))
@@ -110,12 +117,6 @@ def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool, thresh
             row["detector_seconds"] = res.timings_s.get("nodule_detector")
             every = near[tuple(cand.points_zyx.T)] if len(cand.points_zyx) else np.zeros(0, int)
             row["detector_candidates"] = [[round(float(sc), 4), int(h)] for sc, h in zip(cand.score, every)]
-            if want_candidates and key == "fp_off":  # every candidate, before the filter
-                feats = fp_filter.candidate_features(labels, res.lesions, vol, res.probabilities)
-                for r, f in zip(res.lesions, feats):
-                    candidates.append({"case": i, **f, "diameter_mm": r["longest_axial_diameter_mm"],
-                                       "volume_mm3": r["volume_mm3"],
-                                       "true": bool((ph.nodule_labels[labels == r["lesion_id"]] > 0).any())})
         cases.append(row)
         print(f"{set_name} {i}: {len(ph.nodules)} nodules, detected {len(row['fp_off']['detected_labels'])} -> "
               f"{len(row['fp_on']['detected_labels'])} -> {len(row['nodule_detector']['detected_labels'])}, FP {row['fp_off']['false_positives']} -> "

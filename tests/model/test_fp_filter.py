@@ -1,6 +1,7 @@
 """3D false-positive reduction: a nodule is kept, a vessel and a candidate outside the lung go."""
 
 import numpy as np
+import pytest
 
 from boltzformer import fp_filter, postprocess
 from boltzformer.io import Volume
@@ -136,3 +137,23 @@ def test_blobness_on_fine_voxels_still_tells_a_ball_from_a_tube():
     round_ = fp_filter._blobness(hu, labels, 1, boxes[0], spacing, 16.0)
     tubular = fp_filter._blobness(hu, labels, 2, boxes[1], spacing, 6.0)
     assert round_ > 0.5 > 0.2 > tubular
+
+
+def test_a_nodule_prompt_drops_candidates_smaller_than_a_3_mm_nodule():
+    vol, candidates, nodule = _lung_with_nodule_vessel_and_fat()
+    speck = np.zeros_like(candidates)
+    speck[30, 10, 10:12] = True  # 2 mm³ in the lung, well away from everything
+    speck[30, 10, 10] = True
+    hu = vol.array.copy()
+    hu[speck] = 30
+    vol = Volume(hu, vol.spacing_mm, modality="CT")
+    labels, n = postprocess.label_components(nodule | speck, vol.spacing_mm)
+    rows = postprocess.lesion_table(labels, vol)
+    prob = (nodule | speck).astype(np.float32)
+    _, kept, rejected = fp_filter.filter_candidates(labels, [dict(r) for r in rows], vol, prob, min_nodule_score=0.0)
+    assert len(kept) == 2  # another prompt (or none said): the size rule stays out
+    _, kept, rejected = fp_filter.filter_candidates(labels, [dict(r) for r in rows], vol, prob, min_nodule_score=0.0,
+                                                    nodules=True)
+    assert [r["volume_mm3"] for r in kept] == [float(nodule.sum())]
+    assert [r["fp_verdict"] for r in rejected] == ["smaller than a 3 mm nodule"]
+    assert fp_filter.MIN_NODULE_VOLUME_MM3 == pytest.approx(14.137, abs=1e-3)
