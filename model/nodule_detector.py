@@ -164,9 +164,9 @@ def blobness_at(img: np.ndarray, spacing_zyx, points_zyx: np.ndarray, scale_idx:
         sig = (r / np.sqrt(3)) / mm
         half = [int(np.ceil(4 * s)) for s in sig]
         kern = [_gauss_kernels(s, h) for s, h in zip(sig, half)]  # per axis: 3 x (2h + 1)
-        padded = np.pad(img, [(h, h) for h in half], mode="edge")
-        windows = np.lib.stride_tricks.sliding_window_view(padded, [2 * h + 1 for h in half])
-        h = np.zeros((len(sel), 3, 3))
+        padded = np.pad(img, [(w, w) for w in half], mode="edge")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, [2 * w + 1 for w in half])
+        hess = np.zeros((len(sel), 3, 3))  # per point, per mm²
         for i0 in range(0, len(sel), chunk):
             part = sel[i0 : i0 + chunk]
             cubes = windows[tuple(points_zyx[part].T)].astype(np.float64)  # n x Dz x Dy x Dx
@@ -177,9 +177,9 @@ def blobness_at(img: np.ndarray, spacing_zyx, points_zyx: np.ndarray, scale_idx:
                 order = [0, 0, 0]
                 order[a] += 1
                 order[b] += 1
-                h[i0 : i0 + len(part), a, b] = h[i0 : i0 + len(part), b, a] = (
+                hess[i0 : i0 + len(part), a, b] = hess[i0 : i0 + len(part), b, a] = (
                     full[:, order[0], order[1], order[2]] / (mm[a] * mm[b]))
-        ev = np.linalg.eigvalsh(h)
+        ev = np.linalg.eigvalsh(hess)
         ev = np.take_along_axis(ev, np.argsort(-np.abs(ev), axis=1), axis=1)
         out[sel] = np.abs(ev[:, 2]) / np.maximum(np.abs(ev[:, 0]), 1e-6)
     return out
