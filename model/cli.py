@@ -232,6 +232,7 @@ def cmd_cohort(args) -> int:
     options = ScanOptions(
         threshold=args.threshold, window=args.window, modality=None if args.modality == "auto" else args.modality,
         runs=args.runs, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, fp_reduction=not args.no_fp_filter,
+        nodule_detector=args.nodule_detector,
         force_prompt=args.force_prompt, batch_size=args.batch_size, allow_gaps=args.allow_gaps, device=args.device,
     )
     summary = run_cohort(args.input, args.out_dir, args.prompt, options, weights=args.weights, workers=args.workers,
@@ -461,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     c.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
     c.add_argument("--no-fp-filter", action="store_true", help="keep every candidate: skip the 3D false-positive filter")
+    c.add_argument("--nodule-detector", action="store_true",
+                   help="lung nodule prompts on CT in HU: lesions from the opt-in 3D nodule detector (see segment)")
     c.add_argument("--force-prompt", action="store_true", help="run prompts that name nothing the model knows")
     c.add_argument("--allow-gaps", action="store_true", help="resample DICOM series with missing slices (warns)")
     c.add_argument("--resume", action="store_true",

@@ -44,6 +44,7 @@ class ScanOptions:
     seed: int = 0
     min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3
     fp_reduction: bool = True
+    nodule_detector: bool = False  # lung nodule prompts on HU CT: the opt-in 3D nodule detector
     force_prompt: bool = False
     batch_size: int | None = None  # slices per batch (default: 8 CPU, 32 GPU); the draws follow it
     allow_gaps: bool = False
@@ -52,13 +53,20 @@ class ScanOptions:
     def key(self) -> str:
         """A readable, stable description: the `options` column of report.csv. With the 3D
         filter on, it names the false-positive classifier's weights too (their sha256, first 12
-        digits): new classifier weights give other masks, so --resume must not skip."""
+        digits) and the smallest nodule it keeps for nodule prompts, and with the 3D nodule
+        detector its weights: other weights or rules give other masks, so --resume must not skip."""
         from ..fp_classifier import bundled_sha256
+        from ..fp_filter import MIN_NODULE_VOLUME_MM3
+        from ..nodule_detector import DETECTOR_WEIGHTS_NAME
+        from ..weights import bundled_dir, sha256
 
         fp = "off"
         if self.fp_reduction:
             digest = bundled_sha256()
-            fp = f"on:{digest[:12]}" if digest else "on"
+            fp = (f"on:{digest[:12]}" if digest else "on") + f":nodule>={MIN_NODULE_VOLUME_MM3:.1f}mm3"
+            if self.nodule_detector:
+                path = bundled_dir() / DETECTOR_WEIGHTS_NAME
+                fp += f" nodule_detector={'on:' + sha256(path)[:12] if path.is_file() else 'on'}"
         return (f"threshold={self.threshold:g} window={self.window or 'auto'} modality={self.modality or 'auto'} "
                 f"runs={self.runs} seed={self.seed} min_lesion_mm3={self.min_lesion_mm3:g} "
                 f"fp_filter={fp} force_prompt={'yes' if self.force_prompt else 'no'} "

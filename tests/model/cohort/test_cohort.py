@@ -332,3 +332,11 @@ def test_prompt_and_window_are_checked_by_the_library_rules_before_any_scan(tmp_
     with pytest.raises(BoltzformerError, match=message.replace("(", r"\(")):
         run_cohort(tmp_path / "nothing", tmp_path / "out", prompt, ScanOptions(window=window), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_options_key_names_the_filter_rules_and_the_nodule_detector():
+    """--resume compares the key: other filter rules or the detector give other masks."""
+    plain, detector = ScanOptions(), ScanOptions(nodule_detector=True)
+    assert "nodule>=14.1mm3" in plain.key() and "nodule_detector" not in plain.key()
+    assert "nodule_detector=on" in detector.key() and detector.key() != plain.key()
+    assert "nodule" not in ScanOptions(fp_reduction=False).key()
