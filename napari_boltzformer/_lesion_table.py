@@ -46,6 +46,10 @@ ORGAN_COLUMNS = (
     ("p̄", "model confidence: mean probability over the structure"),
 )
 INTENSITY_COLUMN = next(i for i, c in enumerate(LESION_COLUMNS) if c[2] == "mean_intensity")
+# The 3D nodule detector's lesions: whose outline the mask shows (boltzformer.nodule_detector.merge)
+OUTLINE_TIPS = {"slice model": "3D nodule detector: a nodule-like blob the network found too; the outline is the network's",
+                "3D region": "3D nodule detector: a nodule-like blob the network did not mark; the outline is a region "
+                             "grown from it in the CT (review it)"}
 FILTER_SCORES = ("nodule_score", "blobness")  # columns of the 3D filter: hidden where it did not run
 STATUS_MARKS = {"accepted": "✓", "rejected": "✗", "unreviewed": "·"}
 ORIGIN_MARKS = {"edited": "✎", "look here": "◎", "drawn": "✎"}
@@ -271,7 +275,10 @@ def _lesion_cell(lesion: dict, key: str, is_ct: bool) -> QTableWidgetItem:
     if key == "volume_mm3":
         return _NumericItem(f"{value:.0f}" if value >= 100 else f"{value:.1f}", value)
     if key in ("mean_probability", "max_probability", *FILTER_SCORES):
-        return _NumericItem(f"{value:.2f}", value)
+        item = _NumericItem(f"{value:.2f}", value)
+        if key == "nodule_score" and lesion.get("outline") in OUTLINE_TIPS:
+            item.setToolTip(OUTLINE_TIPS[lesion["outline"]])
+        return item
     return _NumericItem(f"{value:.1f}", value)
 
 

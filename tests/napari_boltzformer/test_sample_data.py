@@ -63,6 +63,10 @@ def test_bundled_model_segments_the_sample_lesions(viewer, qtbot, key):
     mask = viewer.layers[prompt]
     score = dice(mask.data, truth.data)
     assert score >= min_dice, f"Dice {score:.3f} of '{prompt}' on the {key} sample is below {min_dice}"
+    if key == "chest_ct":  # the nodule score says whose outline the mask shows
+        headers = [panel.table.horizontalHeaderItem(c).text() for c in range(panel.table.columnCount())]
+        tips = {panel.table.item(r, headers.index("nodule")).toolTip() for r in range(panel.table.rowCount())}
+        assert tips and all(t.startswith("3D nodule detector: ") for t in tips)
     if key == "chest_ct":  # the switch re-thresholds the stored result, no new run
         panel.detector_check.setChecked(False)
         assert dice(viewer.layers[prompt].data, truth.data) < score
