@@ -118,7 +118,10 @@ def _work_grid(hu: np.ndarray, spacing_xyz):
     """(CT block-averaged to about WORK_SPACING_MM, factors (z, y, x), its spacing (z, y, x) mm)."""
     sx, sy, sz = spacing_xyz
     f = [max(1, int(round(WORK_SPACING_MM / s))) for s in (sz, sy, sx)]
-    img = np.clip(hu, *HU_CLIP).astype(np.float32)
+    # Clip in the CT's own integer type when it has one: float bounds would first copy a 512² scan
+    # to float64 (1.3 s of 2.5 s at 300 slices). The values are the same.
+    bounds = tuple(int(b) for b in HU_CLIP) if np.issubdtype(hu.dtype, np.integer) and hu.dtype.itemsize >= 2 else HU_CLIP
+    img = np.clip(hu, *bounds).astype(np.float32)
     if f != [1, 1, 1]:
         n = [(d // k) * k for d, k in zip(img.shape, f)]
         img = img[: n[0], : n[1], : n[2]].reshape(n[0] // f[0], f[0], n[1] // f[1], f[1], n[2] // f[2], f[2])
