@@ -162,24 +162,25 @@ def load(path: str | Path) -> Classifier:
     return Classifier(net, float(meta["threshold"]), meta)
 
 
-_BUNDLED: Classifier | None = None
+_BUNDLED: dict[str, Classifier] = {}  # weights file name -> classifier, loaded once
 
 
-def bundled() -> Classifier | None:
-    """The classifier shipped in boltzformer.resources (loaded once), or None if it is absent."""
-    global _BUNDLED
-    if _BUNDLED is None:
+def bundled(name: str = WEIGHTS_NAME) -> Classifier | None:
+    """A CandidateNet shipped in boltzformer.resources (loaded once), or None if it is absent.
+    name: its weights file: this filter's (default) or the 3D nodule detector's."""
+    if name not in _BUNDLED:
         from .weights import bundled_dir
 
-        path = bundled_dir() / WEIGHTS_NAME
-        if path.is_file():
-            _BUNDLED = load(path)
-    return _BUNDLED
+        path = bundled_dir() / name
+        if not path.is_file():
+            return None
+        _BUNDLED[name] = load(path)
+    return _BUNDLED[name]
 
 
-def bundled_sha256() -> str | None:
-    """sha256 of the bundled classifier's weights, or None when there are none."""
+def bundled_sha256(name: str = WEIGHTS_NAME) -> str | None:
+    """sha256 of a bundled CandidateNet's weights (see `bundled`), or None when there are none."""
     from .weights import bundled_dir, sha256
 
-    path = bundled_dir() / WEIGHTS_NAME
+    path = bundled_dir() / name
     return sha256(path) if path.is_file() else None

@@ -82,6 +82,12 @@ def applies(prompt: str, modality: str | None, window: str | None) -> bool:
     return any(w in text for w in ("nodul", "lung tum", "lung mass", "pulmonary mass", "lung cancer", "lung lesion"))
 
 
+def is_nodule_prompt(prompt: str) -> bool:
+    """Whether a lung prompt asks for nodules (3-30 mm), not tumours or masses."""
+    target = vocab.target_of_prompt(prompt)
+    return target == "lung_nodule" if target is not None else "nodul" in prompt.lower()
+
+
 def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: np.ndarray,
                        classifier: "fp_classifier.Classifier | None" = None) -> list[dict]:
     """One dict of FEATURES per candidate (row order). labels: int (z, y, x) on `volume`'s grid.

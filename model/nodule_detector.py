@@ -26,7 +26,6 @@ Figures, and how the thresholds were chosen (phantom validation only): resources
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -274,27 +273,13 @@ def applies(prompt: str, modality: str | None, window: str | None) -> bool:
     """Lung nodule prompts on HU CT (fp_filter.applies, less lung tumours: masses of several
     centimetres are beyond RADII_MM, and the slice model finds them)."""
     from . import fp_filter
-    from .synth import prompts as vocab
 
-    if not fp_filter.applies(prompt, modality, window):
-        return False
-    target = vocab.target_of_prompt(prompt)
-    return target == "lung_nodule" if target is not None else "nodul" in prompt.lower()
-
-
-_BUNDLED: "fp_classifier.Classifier | None" = None
+    return fp_filter.applies(prompt, modality, window) and fp_filter.is_nodule_prompt(prompt)
 
 
 def bundled() -> "fp_classifier.Classifier | None":
     """The detector's classifier shipped in boltzformer.resources (loaded once), or None."""
-    global _BUNDLED
-    if _BUNDLED is None:
-        from .weights import bundled_dir
-
-        path = Path(bundled_dir()) / DETECTOR_WEIGHTS_NAME
-        if path.is_file():
-            _BUNDLED = fp_classifier.load(path)
-    return _BUNDLED
+    return fp_classifier.bundled(DETECTOR_WEIGHTS_NAME)
 
 
 def merge(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: np.ndarray,

@@ -58,15 +58,14 @@ class ScanOptions:
         from ..fp_classifier import bundled_sha256
         from ..fp_filter import MIN_NODULE_VOLUME_MM3
         from ..nodule_detector import DETECTOR_WEIGHTS_NAME
-        from ..weights import bundled_dir, sha256
 
         fp = "off"
         if self.fp_reduction:
             digest = bundled_sha256()
             fp = (f"on:{digest[:12]}" if digest else "on") + f":nodule>={MIN_NODULE_VOLUME_MM3:.1f}mm3"
             if self.nodule_detector:
-                path = bundled_dir() / DETECTOR_WEIGHTS_NAME
-                fp += f" nodule_detector={'on:' + sha256(path)[:12] if path.is_file() else 'on'}"
+                digest = bundled_sha256(DETECTOR_WEIGHTS_NAME)
+                fp += f" nodule_detector={'on:' + digest[:12] if digest else 'on'}"
         return (f"threshold={self.threshold:g} window={self.window or 'auto'} modality={self.modality or 'auto'} "
                 f"runs={self.runs} seed={self.seed} min_lesion_mm3={self.min_lesion_mm3:g} "
                 f"fp_filter={fp} force_prompt={'yes' if self.force_prompt else 'no'} "
