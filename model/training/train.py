@@ -45,6 +45,10 @@ class TrainConfig:
     synth_train: int = 8000  # synthetic training examples (generated once, cached)
     synth_val: int = 400  # held-out synthetic examples (a different seed)
     real_weight: float = 0.15  # probability that a batch item is a real training case
+    # How a real item is drawn: "example" (each equally often, so the many liver slices and MS
+    # brain slices crowd out the 13 lung tumours) or "sqrt_group": each (target, has-lesion)
+    # group as often as the square root of its size, examples equally often within a group.
+    real_sampling: str = "example"
     negative_fraction: float = 0.15
     lesion_fraction: float = 0.75  # share of synthetic batch items whose prompt asks for a lesion (or its absence)
     # Share of positive synthetic lesion items swapped for one whose lesion covers < 0.1 % of the
@@ -211,6 +215,20 @@ def as_channels(images: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(images[:, :1], channels, axis=1)
 
 
+def real_draw_probabilities(real, how: str) -> np.ndarray | None:
+    """Per-example draw probabilities of the real set (None: uniform). "sqrt_group": a group of n
+    examples sharing (target, has-lesion) is drawn sqrt(n) times as often as a single example."""
+    if how == "example" or len(real) == 0:
+        return None
+    if how != "sqrt_group":
+        raise ValueError(f"real_sampling must be 'example' or 'sqrt_group', got {how!r}")
+    has = real.masks.reshape(len(real), -1).any(axis=1)
+    keys = [(t, bool(h)) for t, h in zip(real.targets, has)]
+    counts = {k: keys.count(k) for k in set(keys)}
+    w = np.array([counts[k] ** -0.5 for k in keys])
+    return w / w.sum()
+
+
 class BatchSampler:
     """Random batches mixing synthetic (2D slices and 3D phantoms with context) and real training
     examples, with light augmentation (flips, gamma), context dropout and prompt synonyms for
@@ -224,6 +242,7 @@ class BatchSampler:
         self.lesion_idx, self.organ_idx = np.flatnonzero(is_lesion), np.flatnonzero(~is_lesion)
         self.area = synth.area
         self.small_idx = np.flatnonzero(is_lesion & (self.area > 0) & (self.area < SMALL_AREA))
+        self.real_p = real_draw_probabilities(real, cfg.real_sampling)
 
     def _synonym(self, prompt: str, target: str) -> str:
         spec = vocab.TARGETS.get(target)
@@ -238,7 +257,9 @@ class BatchSampler:
             use_phantom = (not use_real and self.phantom is not None and len(self.phantom) > 0
                            and self.rng.random() < self.cfg.phantom_weight)
             src = self.real if use_real else self.phantom if use_phantom else self.synth
-            if use_real or use_phantom:
+            if use_real and self.real_p is not None:
+                i = int(self.rng.choice(len(src), p=self.real_p))
+            elif use_real or use_phantom:
                 i = int(self.rng.integers(len(src)))
             else:
                 pool = self.lesion_idx if (self.rng.random() < self.cfg.lesion_fraction or not len(self.organ_idx)) else self.organ_idx

@@ -103,7 +103,8 @@ def test_config_rejects_unknown_options(tmp_path):
         TrainConfig.load(p)
 
 
-@pytest.mark.parametrize("name", ["boltzformer-s.train.json", "boltzformer-s.finetune.json", "boltzformer-s.stage3.json"])
+@pytest.mark.parametrize("name", ["boltzformer-s.train.json", "boltzformer-s.finetune.json", "boltzformer-s.stage3.json",
+                                  "boltzformer-s.stage4.json", "boltzformer-s.stage11.json"])
 def test_recorded_training_configs_load(name):
     """The configs that produced the bundled weights stay readable by `boltzformer train`."""
     from pathlib import Path
@@ -189,3 +190,29 @@ def test_2d_model_trains_on_channel_0_of_the_shared_phantom_cache(cfg, tmp_path)
     assert phantom_cache_path(cfg, 1, cfg.seed, 64, (-5.0, -2.5, 2.5, 5.0)).is_file()
     rows = list(csv.DictReader(open(tmp_path / "flat" / "log.csv")))
     assert "val_phantom_dice" in rows[-1] and "val_phantom_negative_fp_rate" in rows[-1]
+
+
+def test_sqrt_group_sampling_lifts_rare_real_targets():
+    """real_sampling="sqrt_group": 90 liver slices no longer crowd out 10 lung tumours 9 to 1."""
+    from boltzformer.training.data import ExampleSet
+    from boltzformer.training.train import BatchSampler, real_draw_probabilities
+
+    s = 16
+    masks = np.zeros((100, s, s), bool)
+    masks[:, 4:8, 4:8] = True
+    targets = ["liver"] * 90 + ["lung_tumor"] * 10
+    real = ExampleSet(np.zeros((100, s, s), np.uint8), masks, ["x"] * 100, targets)
+    assert real_draw_probabilities(real, "example") is None
+    p = real_draw_probabilities(real, "sqrt_group")
+    assert p.sum() == pytest.approx(1.0)
+    assert p[90:].sum() == pytest.approx(np.sqrt(10) / (np.sqrt(10) + np.sqrt(90)))  # 0.25 instead of 0.10
+    with pytest.raises(ValueError, match="real_sampling"):
+        real_draw_probabilities(real, "uniform")
+
+    synth = ExampleSet(np.zeros((4, s, s), np.uint8), np.zeros((4, s, s), bool), ["x"] * 4, ["liver"] * 4)
+    cfg = TrainConfig(real_weight=1.0, real_sampling="sqrt_group")
+    sampler = BatchSampler(synth, real, cfg, np.random.default_rng(0))
+    sampler.real.prompts = ["liver"] * 90 + ["lung tumor"] * 10
+    _, _, prompts = sampler.sample(800)
+    share = np.mean([p in ("lung tumor", "lung tumour", "lung mass", "lung cancer") or "lung" in p for p in prompts])
+    assert 0.18 < share < 0.32
