@@ -58,12 +58,22 @@ def find_objects(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
             for o in ndimage.find_objects(labels[box])]
 
 
+def _lut_nonzero(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``lut[labels]`` for lut[0] == 0, looked up at the non-zero voxels only: a full lookup casts
+    every index to int64 first (0.4 s for the 50 M voxels around a chest's vessel trees)."""
+    flat = labels.reshape(-1)
+    idx = np.flatnonzero(flat)
+    out = np.zeros(flat.shape, lut.dtype)
+    out[idx] = lut[flat[idx]]
+    return out.reshape(labels.shape)
+
+
 def relabel(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """``lut[labels]`` (lut[0] must be 0), computed inside the labels' foreground box only."""
     out = np.zeros(labels.shape, lut.dtype)
     box = foreground_box(labels)
     if box is not None:
-        out[box] = lut[labels[box]]
+        out[box] = _lut_nonzero(labels[box], lut)
     return out
 
 
@@ -104,7 +114,7 @@ def label_components(
     if not (len(order) == n and np.array_equal(order, np.arange(n))):  # not already in order, or some dropped
         lut = np.zeros(n + 1, dtype=np.int32)
         lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
-        inner = lut[inner]
+        inner = _lut_nonzero(inner, lut)
     labels[box] = inner
     return labels, len(order)
 
