@@ -31,6 +31,7 @@ from scipy import ndimage
 from torch import nn
 
 from . import postprocess
+from .parallel import thread_map
 
 PATCH_SHAPE = (16, 32, 32)  # z, y, x voxels
 PATCH_SPACING_MM = (2.0, 1.25, 1.25)  # z, y, x
@@ -85,18 +86,22 @@ def extract_patches(hu: np.ndarray, labels: np.ndarray, centroids_zyx, spacing_x
     gz, gy, gx = np.meshgrid(*grid, indexing="ij")
     lo, hi = HU_RANGE
     out = np.zeros((len(lesion_ids), 2, *PATCH_SHAPE), np.float32)
-    for i, (c, lid) in enumerate(zip(centroids_zyx, lesion_ids)):
+
+    def fill(i_c_lid):
+        i, c, lid = i_c_lid
         coords = np.stack([gz + c[0], gy + c[1], gx + c[2]])
         # Read only the box the patch covers: map_coordinates on the whole volume would copy it.
         box = [slice(max(0, int(np.floor(coords[a].min())) - 1), min(hu.shape[a], int(np.ceil(coords[a].max())) + 2))
                for a in range(3)]
         if any(b.start >= b.stop for b in box):
-            continue
+            return
         local = coords - np.array([b.start for b in box], dtype=np.float64)[:, None, None, None]
         ct = ndimage.map_coordinates(hu[tuple(box)].astype(np.float32), local, order=1, mode="constant", cval=lo)
         out[i, 0] = np.clip((ct - lo) / (hi - lo), 0.0, 1.0)
         out[i, 1] = ndimage.map_coordinates((labels[tuple(box)] == lid).astype(np.float32), local, order=0,
                                             mode="constant", cval=0.0)
+
+    thread_map(fill, [(i, c, lid) for i, (c, lid) in enumerate(zip(centroids_zyx, lesion_ids))])
     return out
 
 
@@ -106,14 +111,15 @@ def candidate_centres(labels: np.ndarray, lesion_ids, spacing_xyz, boxes=None) -
     boxes: the labels' `postprocess.find_objects`, when the caller has them already."""
     sx, sy, sz = spacing_xyz
     boxes = postprocess.find_objects(labels) if boxes is None else boxes
-    out = []
-    for lid in lesion_ids:
+
+    def centre(lid):
         box = boxes[lid - 1]
         padded = np.pad(labels[box] == lid, 1)  # the box edge is outside the component
         depth = ndimage.distance_transform_edt(padded, sampling=(sz, sy, sx))
         k = np.unravel_index(int(np.argmax(depth)), depth.shape)
-        out.append(tuple(float(k[a] - 1 + box[a].start) for a in range(3)))
-    return out
+        return tuple(float(k[a] - 1 + box[a].start) for a in range(3))
+
+    return thread_map(centre, lesion_ids)
 
 
 @dataclass

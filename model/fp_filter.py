@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import fp_classifier, postprocess
+from .parallel import thread_map
 from .io import Volume
 from .synth import prompts as vocab
 
@@ -102,8 +103,9 @@ def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, pro
               else np.full(len(rows), np.nan))
     sx, sy, sz = volume.spacing_mm
     shell_vox = (max(1, round(SHELL_MM / sz)), max(1, round(SHELL_MM / sy)), max(1, round(SHELL_MM / sx)))
-    out = []
-    for row in rows:
+
+    def features(i_row):
+        i, row = i_row
         lid = row["lesion_id"]
         box = boxes[lid - 1]
         pad = [max(shell_vox[a], 2) + 1 for a in range(3)]
@@ -113,15 +115,16 @@ def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, pro
         grown = _dilate(region, shell_vox)
         shell = grown & ~region
         lung_shell = float(np.mean(local[shell] < AERATED_HU)) if shell.any() else 1.0  # no shell: no evidence
-        out.append({
+        return {
             "lung_shell": lung_shell,
             "blobness": _blobness(hu, labels, lid, box, volume.spacing_mm, row["longest_axial_diameter_mm"]),
             "z_continuation": _z_continuation(hu, labels, lid, box, sz),
             "mean_hu": float(local[region].mean()),
             "max_probability": float(probabilities[box][labels[box] == lid].max()),
-            "nodule_score": float(scores[len(out)]),
-        })
-    return out
+            "nodule_score": float(scores[i]),
+        }
+
+    return thread_map(features, enumerate(rows))
 
 
 def classifier_skipped(volume: Volume) -> str | None:
@@ -153,11 +156,12 @@ def verdict(features: dict, min_nodule_score: float | None = None) -> str:
 
 
 def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: np.ndarray,
-                      min_nodule_score: float | None = None, nodules: bool = False):
+                      min_nodule_score: float | None = None, nodules: bool = False, in_place: bool = False):
     """-> (labels with dropped candidates removed and the rest renumbered 1..n, kept rows,
     rejected rows). Rows gain the FEATURES and ``fp_verdict``. min_nodule_score: the 3D
     classifier's threshold (None: the one shipped with its weights). nodules: the prompt asks
-    for lung nodules, so candidates smaller than a 3 mm ball (MIN_NODULE_VOLUME_MM3) go too."""
+    for lung nodules, so candidates smaller than a 3 mm ball (MIN_NODULE_VOLUME_MM3) go too.
+    in_place: renumber `labels` itself (the caller's array is spent) instead of a new array."""
     feats = candidate_features(labels, rows, volume, probabilities)
     kept, rejected = [], []
     for row, f in zip(rows, feats):
@@ -172,7 +176,7 @@ def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, prob
     for new_id, row in enumerate(kept, start=1):
         lut[row["lesion_id"]] = new_id
         row["lesion_id"] = new_id
-    return postprocess.relabel(labels, lut), kept, rejected
+    return postprocess.relabel(labels, lut, in_place=in_place), kept, rejected
 
 
 # -- features -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from .errors import OutputError
 from .io import OutputSet, Volume
+from .parallel import thread_map
 
 __all__ = [
     "label_components", "remove_small_lesions", "lesion_table", "write_lesion_table", "lesion_table_bytes", "flat_lesion_row", "dice",
@@ -58,22 +59,18 @@ def find_objects(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
             for o in ndimage.find_objects(labels[box])]
 
 
-def _lut_nonzero(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """``lut[labels]`` for lut[0] == 0, looked up at the non-zero voxels only: a full lookup casts
-    every index to int64 first (0.4 s for the 50 M voxels around a chest's vessel trees)."""
-    flat = labels.reshape(-1)
-    idx = np.flatnonzero(flat)
-    out = np.zeros(flat.shape, lut.dtype)
-    out[idx] = lut[flat[idx]]
-    return out.reshape(labels.shape)
+def relabel(labels: np.ndarray, lut: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """``lut[labels]`` (lut[0] must be 0), looked up at the foreground voxels only.
 
-
-def relabel(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """``lut[labels]`` (lut[0] must be 0), computed inside the labels' foreground box only."""
-    out = np.zeros(labels.shape, lut.dtype)
+    in_place: overwrite `labels` (its dtype must hold lut's values) instead of filling a new
+    scan-sized array: the first touch of a fresh 300 x 512 x 512 int32 array costs about 0.6 s
+    of page faults on 2 cores, several times the lookup itself."""
+    out = labels if in_place else np.zeros(labels.shape, lut.dtype)
     box = foreground_box(labels)
     if box is not None:
-        out[box] = _lut_nonzero(labels[box], lut)
+        inner = labels[box]
+        fg = inner != 0
+        out[box][fg] = lut[inner[fg]]
     return out
 
 
@@ -114,7 +111,8 @@ def label_components(
     if not (len(order) == n and np.array_equal(order, np.arange(n))):  # not already in order, or some dropped
         lut = np.zeros(n + 1, dtype=np.int32)
         lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
-        inner = _lut_nonzero(inner, lut)
+        fg = inner != 0
+        inner[fg] = lut[inner[fg]]
     labels[box] = inner
     return labels, len(order)
 
@@ -161,10 +159,9 @@ def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | Non
         raise ValueError(f"probabilities shape {np.shape(probabilities)} differs from the labels' {labels.shape}")
     sx, sy, _ = volume.spacing_mm
     voxel_mm3 = float(np.prod(volume.spacing_mm))
-    rows = []
-    for index, box in enumerate(find_objects(labels)):
-        if box is None:
-            continue
+
+    def row_of(index_box):
+        index, box = index_box
         lesion_id = index + 1
         region = labels[box] == lesion_id
         voxels = int(np.count_nonzero(region))
@@ -191,8 +188,9 @@ def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | Non
             inside = np.asarray(probabilities[box])[region]
             row["mean_probability"] = float(inside.mean(dtype=np.float64))
             row["max_probability"] = float(inside.max())
-        rows.append(row)
-    return rows
+        return row
+
+    return thread_map(row_of, [(i, box) for i, box in enumerate(find_objects(labels)) if box is not None])
 
 
 def _longest_axial_diameter_mm(region: np.ndarray, sy: float, sx: float) -> float:

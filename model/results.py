@@ -254,7 +254,7 @@ class SegmentationResult:
         if self.fp_reduction and n and fp_filter.applies(self.prompt, self.modality, self.window):
             labels, rows, self.rejected = fp_filter.filter_candidates(
                 labels, rows, frame, probabilities, min_nodule_score=self.min_nodule_score,
-                nodules=fp_filter.is_nodule_prompt(self.prompt))
+                nodules=fp_filter.is_nodule_prompt(self.prompt), in_place=True)
             skipped = fp_filter.classifier_skipped(frame)
             if skipped and skipped not in self.warnings:
                 self.warnings.append(skipped)
