@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from . import fp_classifier
 from .io import Volume
+from .parallel import thread_map
 
 AERATED_HU = -400.0  # lung and air are below; soft tissue above
 OUTSIDE_AIR_HU = -960.0  # median of air around the body (-1000); lung parenchyma is about -850
@@ -76,15 +77,18 @@ def lung_mask(hu: np.ndarray, spacing_xyz) -> np.ndarray:
     filled: vessels, airway walls and nodules on the pleura lie inside."""
     air = hu < AERATED_HU
     inside = air.copy()
-    for k in range(air.shape[0]):
+
+    def drop_outside_air(k):  # slice k only: the slices run on threads
         lab, n = ndimage.label(air[k])
         if n == 0:
-            continue
+            return
         edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
         for lid in edge[edge > 0]:
             comp = lab == lid
             if np.median(hu[k][comp]) < OUTSIDE_AIR_HU:
                 inside[k][comp] = False
+
+    thread_map(drop_outside_air, range(air.shape[0]))
     lab, n = ndimage.label(inside)
     if n == 0:
         return inside
@@ -98,10 +102,11 @@ def lung_mask(hu: np.ndarray, spacing_xyz) -> np.ndarray:
         zs, ys, xs = boxes[lid - 1]
         ys = slice(max(0, ys.start - pad[0]), min(hu.shape[1], ys.stop + pad[0]))
         xs = slice(max(0, xs.start - pad[1]), min(hu.shape[2], xs.stop + pad[1]))
-        for k in range(zs.start, zs.stop):
+
+        def close_slice(k, lid=lid, ys=ys, xs=xs):  # slice k of this lung: the slices run on threads
             one = lab[k, ys, xs] == lid
             if not one.any():
-                continue
+                return
             # A closing by a CLOSING_MM disc (two distance transforms), in-plane: a nodule on the
             # pleura is a bite out of the lung's outline in its slices.
             padded = np.pad(one, [(p, p) for p in pad])
@@ -109,6 +114,8 @@ def lung_mask(hu: np.ndarray, spacing_xyz) -> np.ndarray:
             closed = ndimage.distance_transform_edt(grown, sampling=(sy, sx)) > CLOSING_MM
             closed = ndimage.binary_fill_holes(closed[pad[0] : -pad[0], pad[1] : -pad[1]] | one)
             lung[k, ys, xs] |= closed
+
+        thread_map(close_slice, range(zs.start, zs.stop))
     return lung
 
 
@@ -133,9 +140,12 @@ def blob_response(img: np.ndarray, spacing_zyx) -> tuple[np.ndarray, np.ndarray]
     radius). σ = r / √3 in mm, per axis in voxels."""
     best = np.full(img.shape, -np.inf, np.float32)
     scale = np.zeros(img.shape, np.uint8)
-    for k, r in enumerate(RADII_MM):
+
+    def response(r):  # the scales are filtered on threads, then merged in order
         s = r / np.sqrt(3)
-        resp = -(s**2) * ndimage.gaussian_laplace(img, [s / v for v in spacing_zyx])
+        return -(s**2) * ndimage.gaussian_laplace(img, [s / v for v in spacing_zyx])
+
+    for k, resp in enumerate(thread_map(response, RADII_MM)):
         better = resp > best
         best[better], scale[better] = resp[better], k
     return best, scale
