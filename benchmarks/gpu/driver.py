@@ -11,7 +11,8 @@ Order (issue 12): training first, exactly the pre-registered recipe (STAGE below
 ran in the first lease, stage 11 in the second), then the GPU benchmarks (decoder sparse vs
 dense, the 300 x 512^2 CT of `bench volume`). Every section is guarded so a failure in one still
 lets the others report.
-SMOKE=1: a tiny CPU run of every section (to test this script here). ONLY=bench: the benchmarks only.
+SMOKE=1: a tiny CPU run of every section (to test this script here). ONLY=bench: the benchmarks only;
+ONLY=fp: the 3D false-positive classifier (mine candidates on training phantoms, fit) only.
 """
 import json
 import lzma
@@ -306,11 +307,56 @@ def bench_volume():
             break
 
 
+# -- the 3D false-positive classifier: mined on many phantoms at once, then trained ------------------
+FP_RECIPE = {"volumes": 600, "seed": 7, "steps": 3000, "candidate_share": 0.5, "width": 16}
+
+
+def _mine_part(args):
+    """One miner process: its share of the volumes, on the GPU, until the deadline."""
+    out, part, parts, deadline = args
+    torch.set_num_threads(1)
+    from boltzformer.training import train_fp
+
+    only = {v for v in range(FP_RECIPE["volumes"]) if v % parts == part}
+    train_fp.mine(FP_RECIPE["volumes"], Path(out), seed=FP_RECIPE["seed"], device=DEVICE, only=only, deadline=deadline)
+
+
+def fp_classifier_stage():
+    """Mine candidates of the bundled slice model on training phantoms with every core, then fit the
+    classifier on the GPU; its weights and .json come back in fp3/."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from boltzformer.training import train_fp
+
+    data = WORK / "fpcand"
+    parts = 4 if SMOKE else max(1, (os.cpu_count() or 2) - 2)
+    fit_reserve = 25 if SMOKE else 75  # the fit (3 000 steps) and the copy back
+    deadline = T0 + BUDGET_S - fit_reserve
+    t = time.time()
+    with ProcessPoolExecutor(parts, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_mine_part, [(str(data), i, parts, deadline) for i in range(parts)]))
+    files = sorted(data.glob("vol*.npz"))
+    say(f"fp: mined {len(files)} volumes in {time.time() - t:.0f} s with {parts} processes")
+    t = time.time()
+    steps = 20 if SMOKE else FP_RECIPE["steps"]
+    info = train_fp.fit(data, OUT / "fp3", steps=steps, width=FP_RECIPE["width"],
+                        candidate_share=FP_RECIPE["candidate_share"], device=DEVICE)
+    info["mined_volumes"] = len(files)
+    info["mining_seed"] = FP_RECIPE["seed"]
+    (OUT / "fp3" / "fit.json").write_text(json.dumps(info, indent=2))
+    say(f"fp: fit {steps} steps in {time.time() - t:.0f} s: {info['held_out']}")
+
+
 def main():
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     setup()
+    if os.environ.get("ONLY") == "fp":  # the 3D classifier's recipe only
+        guarded("fp classifier", fp_classifier_stage)
+        say("done")
+        return
     if os.environ.get("ONLY") != "bench":  # ONLY=bench: a second call of a lease, after training came back
         guarded("training", training)
     guarded("bench decoder", bench_decoder)

@@ -79,14 +79,19 @@ def save_mined(path: Path, patches: np.ndarray, is_true: np.ndarray, ph, vol, *,
     tmp.rename(path)
 
 
-def mine(volumes: int, out: Path, seed: int = 5, weights=None, negatives_per_volume: int = 80) -> None:
+def mine(volumes: int, out: Path, seed: int = 5, weights=None, negatives_per_volume: int = 80, device: str = "cpu",
+         only=None, deadline: float | None = None) -> None:
+    """only: the volume indices this call mines (None: all; parallel miners split them);
+    deadline: time.time() after which no new volume starts."""
     from ..segmenter import Segmenter
 
     out.mkdir(parents=True, exist_ok=True)
-    seg = Segmenter.from_pretrained(weights, device="cpu")
+    seg = Segmenter.from_pretrained(weights, device=device)
     for v, vseed, path in training_volumes(volumes, seed, out):
-        if path.exists():
+        if path.exists() or (only is not None and v not in only):
             continue
+        if deadline is not None and time.time() > deadline:
+            break
         vol_rng = np.random.default_rng([vseed, 1])
         t = time.perf_counter()
         ph, vol = phantom_volume(vseed, vol_rng)
@@ -136,7 +141,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1e-3, seed: int = 0,
-        width: int = 16, candidate_share: float | None = None) -> dict:
+        width: int = 16, candidate_share: float | None = None, device: str = "cpu") -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y, vols, source, n_vols = load_mined(data)
@@ -148,7 +153,7 @@ def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1
     train_mask = np.flatnonzero(~is_val & (y == 1) & (source == 1))  # true nodule masks
     print(f"{n_vols} volumes: train {len(train_pos)} nodule / {len(train_neg)} other patches, "
           f"held out {int((is_val & (y == 1)).sum())} / {int((is_val & (y == 0)).sum())}", flush=True)
-    net = fpc.CandidateNet(width)
+    net = fpc.CandidateNet(width).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
@@ -160,8 +165,8 @@ def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1
             n_cand = int(round(candidate_share * (batch // 2)))
             pos = np.concatenate([rng.choice(train_cand, n_cand), rng.choice(train_mask, batch // 2 - n_cand)])
         idx = np.concatenate([pos, rng.choice(train_neg, batch - batch // 2)])
-        xb = augment(torch.from_numpy(x[idx]).float() / 255.0, gen)
-        yb = torch.from_numpy(y[idx]).float()
+        xb = augment(torch.from_numpy(x[idx]).float() / 255.0, gen).to(device)
+        yb = torch.from_numpy(y[idx]).float().to(device)
         net.train()
         loss = F.binary_cross_entropy_with_logits(net(xb), yb)
         opt.zero_grad(set_to_none=True)
@@ -169,9 +174,12 @@ def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1
         opt.step()
         sched.step()
         if step % 250 == 0 or step == steps:
+            net.cpu()  # evaluated (and saved) on the CPU, as the product runs it
             report = evaluate(net, x[is_val], y[is_val], source[is_val])
+            net.to(device)
             print(f"step {step} loss {loss.item():.4f} held-out {report} ({(time.perf_counter() - t0) / 60:.1f} min)",
                   flush=True)
+    net.cpu()
     report = evaluate(net, x[is_val], y[is_val], source[is_val])
     info = {"width": width, "steps": steps, "candidate_share": candidate_share, "volumes": n_vols,
             "held_out_volumes": len(val_vols),
@@ -199,6 +207,7 @@ def main(argv=None) -> int:
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--seed", type=int, default=5)
     m.add_argument("--weights", default=None, help="slice-model weights (default: the bundled ones)")
+    m.add_argument("--device", default="cpu", help="where the slice model runs (cpu, cuda)")
     f = sub.add_parser("fit", help="train the classifier on mined candidates")
     f.add_argument("--data", type=Path, required=True)
     f.add_argument("--out", type=Path, required=True)
@@ -206,13 +215,14 @@ def main(argv=None) -> int:
     f.add_argument("--width", type=int, default=16)
     f.add_argument("--candidate-share", type=float, default=None,
                    help="share of the nodule patches drawn from the slice model's true candidates (default: in proportion)")
+    f.add_argument("--device", default="cpu", help="where the classifier trains (cpu, cuda)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     if args.command == "mine":
-        mine(args.volumes, args.out, args.seed, args.weights)
+        mine(args.volumes, args.out, args.seed, args.weights, device=args.device)
     else:
         print(json.dumps(fit(args.data, args.out, steps=args.steps, width=args.width,
-                                  candidate_share=args.candidate_share), indent=2))
+                                  candidate_share=args.candidate_share, device=args.device), indent=2))
     return 0
 
 
