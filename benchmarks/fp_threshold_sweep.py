@@ -56,6 +56,32 @@ def sweep_classifier(cands: list[dict], max_lost: float, max_fp: float | None = 
     return max(ok, key=lambda r: r["threshold"]), rows
 
 
+def sweep_sensitivity(cands: list[dict], cases: list[dict], max_fp: float) -> tuple[dict, list[dict]]:
+    """The 3D classifier's threshold by nodule sensitivity (the default pipeline's other rules as
+    they are: lung shell, vessel rule, the 3 mm size rule of nodule prompts). cases: the
+    phantom_chest.py --json cases (their nodules); candidates need "nodule_labels". Picks the T
+    with the highest sensitivity >= 4 mm among those with at most `max_fp` false positives per
+    volume; ties: fewer false positives, then the higher T."""
+    from boltzformer import fp_filter as f
+
+    big = {(c["case"], n["label"]) for c in cases for n in c["nodules"] if n["diameter_mm"] >= 4.0}
+    small = {(c["case"], n["label"]) for c in cases for n in c["nodules"] if n["diameter_mm"] < 4.0}
+    base = [x for x in cands if x["lung_shell"] >= f.MIN_LUNG_SHELL
+            and not (x["blobness"] < f.MIN_BLOBNESS and x["z_continuation"] > f.MAX_CONTINUATION)
+            and x["volume_mm3"] >= f.MIN_NODULE_VOLUME_MM3]
+    rows = []
+    for t in np.round(np.arange(0.0, 1.0, 0.01), 2):
+        kept = [x for x in base if x["nodule_score"] >= t]
+        hit = {(x["case"], lab) for x in kept for lab in x["nodule_labels"]}
+        rows.append({"threshold": float(t), "sensitivity_ge4mm": len(hit & big) / len(big),
+                     "found_ge4mm": len(hit & big), "nodules_ge4mm": len(big),
+                     "sensitivity_3_4mm": len(hit & small) / len(small) if small else None,
+                     "fp_per_volume": sum(not x["nodule_labels"] for x in kept) / len(cases)})
+    ok = [r for r in rows if r["fp_per_volume"] <= max_fp + 1e-9]
+    best = max(ok, key=lambda r: (r["found_ge4mm"], -r["fp_per_volume"], r["threshold"]))
+    return best, rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("candidates", type=Path)
@@ -64,8 +90,19 @@ def main():
     ap.add_argument("--classifier", action="store_true", help="sweep the 3D classifier's threshold instead")
     ap.add_argument("--max-fp-per-volume", type=float, default=None,
                     help="with --classifier: the lowest threshold leaving at most this many false positives per volume")
+    ap.add_argument("--cases", type=Path, default=None,
+                    help="with --classifier and --max-fp-per-volume: phantom_chest.py's --json of the same run; "
+                         "choose by nodule sensitivity >= 4 mm (see sweep_sensitivity)")
     args = ap.parse_args()
     cands = json.loads(args.candidates.read_text())
+    if args.classifier and args.cases:
+        cases = json.loads(args.cases.read_text())["cases"]
+        best, rows = sweep_sensitivity(cands, cases, args.max_fp_per_volume)
+        print(json.dumps(best, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps({"chosen": best, "max_fp_per_volume": args.max_fp_per_volume,
+                                             "candidates": len(cands), "grid": rows}, indent=1))
+        return
     if args.classifier:
         best, rows = sweep_classifier(cands, args.max_lost, args.max_fp_per_volume)
         print(json.dumps(best, indent=2))

@@ -107,7 +107,8 @@ def run(set_name: str, count: int, seg: Segmenter, want_candidates: bool, thresh
                     candidates.append({"case": i, **f, "diameter_mm": r["longest_axial_diameter_mm"],
                                        "volume_mm3": r["volume_mm3"], "short_axis_mm": r["short_axis_diameter_mm"],
                                        "z_extent_mm": (r["slice_end"] - r["slice_start"] + 1) * float(vol.spacing_mm[2]),
-                                       "true": bool((ph.nodule_labels[labels == r["lesion_id"]] > 0).any())})
+                                       "true": bool((ph.nodule_labels[labels == r["lesion_id"]] > 0).any()),
+                                       "nodule_labels": sorted(set(np.unique(ph.nodule_labels[labels == r["lesion_id"]]).tolist()) - {0})})
         cand = res._candidates
         if cand is not None:  # the 3D detector alone: its kept points, on a nodule when within one voxel
             near = ndimage.grey_dilation(ph.nodule_labels, size=(3, 3, 3))
@@ -161,10 +162,17 @@ def main():
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--candidates", type=Path, default=None)
+    ap.add_argument("--fp-classifier", type=Path, default=None,
+                    help="a 3D classifier's .safetensors (with its .json) in place of the bundled one")
     args = ap.parse_args()
+    if args.fp_classifier:
+        from boltzformer import fp_classifier
+
+        fp_classifier._BUNDLED[fp_classifier.WEIGHTS_NAME] = fp_classifier.load(args.fp_classifier)
     seg = Segmenter.from_pretrained(args.weights, device="cpu")
     cases, candidates = run(args.set, args.count, seg, args.candidates is not None, args.threshold)
     summary = {"set": args.set, "count": args.count, "threshold": args.threshold, "weights_sha256": seg.info.get("sha256"),
+               "fp_classifier": str(args.fp_classifier) if args.fp_classifier else "bundled",
                "weights": seg.info.get("weights_path"), **summarise(cases)}
     print(json.dumps(summary, indent=2))
     if args.json:
