@@ -1,11 +1,12 @@
-"""Per-candidate work on a thread pool.
+"""Independent pieces of post-processing on a thread pool.
 
-The false-positive filter and the 3D classifier measure each candidate in its own box (a
-dilation, a distance transform, Gaussian derivatives, an interpolation): independent, in-place
-free, and spent inside numpy and scipy.ndimage, which release the GIL for most of it. A 3D
-phantom chest gives over a hundred such candidates, so threads shorten post-processing on any
-machine with more than one core (the GPU machines have 16) and change no result: each
-candidate's work is the same, and the results come back in input order.
+The lesion table, the false-positive filter and the 3D classifier measure each candidate in its
+own box (a dilation, a distance transform, Gaussian derivatives, an interpolation); the 3D nodule
+detector filters each scale and closes each slice of a lung. The pieces write nothing shared and
+spend their time inside numpy and scipy.ndimage, which release the GIL for most of it. A 3D
+phantom chest gives over a hundred candidates, so threads shorten post-processing on any
+machine with more than one core (the GPU machines have 16) and change no result: each piece's
+work is the same, and the results come back in input order.
 """
 from __future__ import annotations
 
@@ -34,5 +35,5 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T], max_threads: int = MAX_
     workers = min(len(items), cores(), max_threads)
     if workers <= 1:
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(workers, thread_name_prefix="boltzformer-candidates") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="boltzformer-worker") as pool:
         return list(pool.map(fn, items))

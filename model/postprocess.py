@@ -63,8 +63,8 @@ def relabel(labels: np.ndarray, lut: np.ndarray, *, in_place: bool = False) -> n
     """``lut[labels]`` (lut[0] must be 0), looked up at the foreground voxels only.
 
     in_place: overwrite `labels` (its dtype must hold lut's values) instead of filling a new
-    scan-sized array: the first touch of a fresh 300 x 512 x 512 int32 array costs about 0.6 s
-    of page faults on 2 cores, several times the lookup itself."""
+    scan-sized array, whose first touch can cost more than the lookup itself (0.1-0.6 s for a
+    300 x 512 x 512 int32 array on 2 cores, varying from run to run)."""
     out = labels if in_place else np.zeros(labels.shape, lut.dtype)
     box = foreground_box(labels)
     if box is not None:

@@ -14,7 +14,7 @@ def test_thread_map_keeps_input_order_and_uses_threads(monkeypatch):
         return x * x
 
     assert parallel.thread_map(square, range(50)) == [x * x for x in range(50)]
-    assert any(n.startswith("boltzformer-candidates") for n in seen)
+    assert any(n.startswith("boltzformer-worker") for n in seen)
 
 
 def test_thread_map_runs_inline_on_one_core_and_raises_like_a_loop(monkeypatch):
