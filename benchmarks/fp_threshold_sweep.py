@@ -36,11 +36,17 @@ def evaluate(cands: list[dict], s: float, b: float, c: float) -> dict:
             "fp_left_per_volume": float((keep & ~true).sum() / cases), "fp_before_per_volume": float((~true).sum() / cases)}
 
 
-def sweep_classifier(cands: list[dict], max_lost: float, max_fp: float | None = None) -> tuple[dict, list[dict]]:
+def before_classifier(cands: list[dict], nodules: bool = False) -> list[dict]:
+    """The candidates fp_filter keeps before its classifier's threshold (fp_filter.verdict with
+    no score rule); with `nodules`, also the 3 mm size rule of nodule prompts."""
     from boltzformer import fp_filter as f
 
-    base = [x for x in cands if x["lung_shell"] >= f.MIN_LUNG_SHELL
-            and not (x["blobness"] < f.MIN_BLOBNESS and x["z_continuation"] > f.MAX_CONTINUATION)]
+    return [x for x in cands if f.verdict(x, min_nodule_score=0.0) == "kept"
+            and (not nodules or x["volume_mm3"] >= f.MIN_NODULE_VOLUME_MM3)]
+
+
+def sweep_classifier(cands: list[dict], max_lost: float, max_fp: float | None = None) -> tuple[dict, list[dict]]:
+    base = before_classifier(cands)
     true = np.array([x["true"] for x in base])
     score = np.array([x["nodule_score"] for x in base])
     cases = len({x["case"] for x in cands}) or 1
@@ -62,13 +68,9 @@ def sweep_sensitivity(cands: list[dict], cases: list[dict], max_fp: float) -> tu
     phantom_chest.py --json cases (their nodules); candidates need "nodule_labels". Picks the T
     with the highest sensitivity >= 4 mm among those with at most `max_fp` false positives per
     volume; ties: fewer false positives, then the higher T."""
-    from boltzformer import fp_filter as f
-
     big = {(c["case"], n["label"]) for c in cases for n in c["nodules"] if n["diameter_mm"] >= 4.0}
     small = {(c["case"], n["label"]) for c in cases for n in c["nodules"] if n["diameter_mm"] < 4.0}
-    base = [x for x in cands if x["lung_shell"] >= f.MIN_LUNG_SHELL
-            and not (x["blobness"] < f.MIN_BLOBNESS and x["z_continuation"] > f.MAX_CONTINUATION)
-            and x["volume_mm3"] >= f.MIN_NODULE_VOLUME_MM3]
+    base = before_classifier(cands, nodules=True)
     rows = []
     for t in np.round(np.arange(0.0, 1.0, 0.01), 2):
         kept = [x for x in base if x["nodule_score"] >= t]

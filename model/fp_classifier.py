@@ -48,6 +48,14 @@ def covers(shape_zyx, spacing_xyz) -> bool:
     return shape_zyx[0] * float(spacing_xyz[2]) >= PATCH_EXTENT_Z_MM
 
 
+def too_shallow(shape_zyx, spacing_xyz) -> str | None:
+    """Why a scan is too thin for a CandidateNet (see `covers`), as the end of a sentence, or
+    None when it is deep enough. The 3D filter and the 3D nodule detector both say it."""
+    if covers(shape_zyx, spacing_xyz):
+        return None
+    return f"the scan spans {shape_zyx[0] * float(spacing_xyz[2]):g} mm along z, less than the {PATCH_EXTENT_Z_MM:g} mm"
+
+
 class CandidateNet(nn.Module):
     """B x 2 x 16 x 32 x 32 -> B logits (nodule vs not). About 0.2 M parameters."""
 

@@ -44,8 +44,8 @@ import numpy as np
 from scipy import ndimage
 
 from . import fp_classifier, postprocess
-from .parallel import thread_map
 from .io import Volume
+from .parallel import thread_map
 from .synth import prompts as vocab
 
 LUNG_TARGETS = ("lung_nodule", "lung_tumor")
@@ -131,12 +131,10 @@ def classifier_skipped(volume: Volume) -> str | None:
     """Why the 3D classifier gives no scores on this (canonical axial) volume, or None when it
     does: a scan thinner than its patch (a single slice, say) keeps its lung candidates on the
     lung rule alone."""
-    if fp_classifier.bundled() is None or fp_classifier.covers(volume.shape, volume.spacing_mm):
+    thin = fp_classifier.too_shallow(volume.shape, volume.spacing_mm)
+    if fp_classifier.bundled() is None or thin is None:
         return None
-    depth_mm = volume.shape[0] * float(volume.spacing_mm[2])
-    return (f"the 3D nodule classifier was not applied: the scan spans {depth_mm:g} mm along z, less than "
-            f"the {fp_classifier.PATCH_EXTENT_Z_MM:g} mm it looks at; lung candidates were filtered by the "
-            "lung rule only")
+    return f"the 3D nodule classifier was not applied: {thin} it looks at; lung candidates were filtered by the lung rule only"
 
 
 def verdict(features: dict, min_nodule_score: float | None = None) -> str:

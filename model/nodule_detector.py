@@ -3,8 +3,9 @@
 The slice-wise network misses most nodules under 8 mm: in one slice they look like the vessel
 cross-sections around them, and every slice-model fine-tune that learnt to drop the vessels
 dropped the small nodules with them (model card, stages 5-10). In 3D a nodule is a blob and a
-vessel a tube. This module finds blobs; `results.SegmentationResult` adds the ones the slice
-model did not already keep. Steps, on the CT alone:
+vessel a tube. This module finds blobs; with the detector on, `results.SegmentationResult` keeps
+the slice model's lesions that hold a kept blob and outlines the other kept blobs itself
+(``merge``). Steps, on the CT alone:
 
 1. ``lung_mask``: aerated voxels (< AERATED_HU) inside the body, closed by CLOSING_MM per lung so
    that juxta-pleural nodules and vessels lie inside.
@@ -318,7 +319,7 @@ def merge(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: n
     lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
     for new_id, lid in enumerate(sorted(confirmed), start=1):
         lut[lid] = new_id
-    out = postprocess.relabel(labels, lut).astype(np.int32, copy=False)
+    out = postprocess.relabel(labels, lut)  # int32, as lut
     taken = out > 0
     grown = np.zeros(labels.shape, np.int32)
     new_candidates = []
@@ -346,5 +347,6 @@ def merge(labels: np.ndarray, rows: list[dict], volume: Volume, probabilities: n
                         "nodule_score": round(float(candidates.score[i]), 4),
                         "blobness": round(float(candidates.blobness[i]), 4), "fp_verdict": "kept"})
             out_rows.append(row)
-        out[grown > 0] = grown[grown > 0] + n
+        mine = grown > 0
+        out[mine] = grown[mine] + n
     return out, out_rows, unconfirmed

@@ -221,11 +221,8 @@ class SegmentationResult:
             return head + (f"it serves lung nodule prompts on CT in Hounsfield units, not '{self.prompt}' on "
                            f"{self.modality or 'this image'}" + ("" if self.window or self.modality != "CT"
                                                                  else " without HU values"))
-        if not fp_classifier.covers(frame.shape, frame.spacing_mm):
-            depth_mm = frame.shape[0] * float(frame.spacing_mm[2])
-            return head + (f"the scan spans {depth_mm:g} mm along z, less than the "
-                           f"{fp_classifier.PATCH_EXTENT_Z_MM:g} mm its classifier looks at")
-        return None
+        thin = fp_classifier.too_shallow(frame.shape, frame.spacing_mm)
+        return None if thin is None else head + f"{thin} its classifier looks at"
 
     def mask_volume(self) -> Volume:
         return self.volume.with_array(self.mask)
