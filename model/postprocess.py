@@ -33,6 +33,7 @@ CSV_COLUMNS = (
 )
 
 _STRUCTURES = {6: 1, 18: 2, 26: 3}  # connectivity → rank of ndimage.generate_binary_structure
+LABEL_UINT16_MAX = int(np.iinfo(np.uint16).max)  # label_components' ids fit uint16 up to this
 _HULL_ABOVE = 64  # more boundary pixels than this in a slice: reduce them to the convex hull first
 
 
@@ -87,8 +88,10 @@ def label_components(
             slices even when it shifts diagonally), 18 or 6.
 
     Returns:
-        (labels, n): int32 (z, y, x) with 0 for background and 1..n in descending volume order
-        (ties: the component met first in z, y, x scan order comes first), and n.
+        (labels, n): (z, y, x) with 0 for background and 1..n in descending volume order
+        (ties: the component met first in z, y, x scan order comes first), and n. uint16 when
+        the components found number at most LABEL_UINT16_MAX, else int32: a scan-sized int32
+        array is twice the memory, and its first touch costs more than the labelling itself.
     """
     mask = np.asarray(mask)
     if mask.ndim != 3:
@@ -97,22 +100,26 @@ def label_components(
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
     structure = ndimage.generate_binary_structure(3, _STRUCTURES[connectivity])
     foreground = mask if mask.dtype == bool else mask != 0
-    labels = np.zeros(mask.shape, dtype=np.int32)
     box = foreground_box(foreground)
     if box is None:
-        return labels, 0
+        return np.zeros(mask.shape, dtype=np.uint16), 0
     # Labelling inside the box numbers components in the same z, y, x scan order as the whole scan.
-    inner = np.zeros(foreground[box].shape, dtype=np.int32)
-    n = ndimage.label(foreground[box], structure=structure, output=inner)
+    try:
+        inner = np.zeros(foreground[box].shape, dtype=np.uint16)
+        n = ndimage.label(foreground[box], structure=structure, output=inner)
+    except RuntimeError:  # more components than uint16 holds
+        inner = np.zeros(foreground[box].shape, dtype=np.int32)
+        n = ndimage.label(foreground[box], structure=structure, output=inner)
     voxel_mm3 = float(np.prod(spacing_mm))
     counts = np.bincount(inner.ravel(), minlength=n + 1)[1:]
     order = np.argsort(-counts, kind="stable")  # old label - 1, largest first
     order = order[counts[order] * voxel_mm3 >= min_lesion_mm3]
     if not (len(order) == n and np.array_equal(order, np.arange(n))):  # not already in order, or some dropped
-        lut = np.zeros(n + 1, dtype=np.int32)
-        lut[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
+        lut = np.zeros(n + 1, dtype=inner.dtype)
+        lut[order + 1] = np.arange(1, len(order) + 1)
         fg = inner != 0
         inner[fg] = lut[inner[fg]]
+    labels = np.zeros(mask.shape, dtype=inner.dtype)
     labels[box] = inner
     return labels, len(order)
 

@@ -267,14 +267,18 @@ class SegmentationResult:
             self.rejected += unconfirmed
         labels = np.ascontiguousarray(reo.from_canonical(labels))
         rows_to_input(rows, labels, reo, frame.shape)
-        # uint8 mask and uint16 labels written inside the lesions' box (the rest of a scan is zeros)
+        # uint8 mask and uint16 labels written inside the lesions' box (the rest of a scan is zeros);
+        # labels already uint16 (label_components' own, renumbered in place) are kept as they are
         box = postprocess.foreground_box(labels)
         self.mask = np.zeros(labels.shape, np.uint8)
-        self.labels = np.zeros(labels.shape, np.uint16) if len(rows) < 65535 else labels
+        if labels.dtype == np.uint16 or len(rows) > postprocess.LABEL_UINT16_MAX:
+            self.labels = labels
+        else:
+            self.labels = np.zeros(labels.shape, np.uint16)
+            if box is not None:
+                self.labels[box] = labels[box]
         if box is not None:
             self.mask[box] = labels[box] > 0
-            if self.labels is not labels:
-                self.labels[box] = labels[box]
         self.lesions = rows
         return self
 

@@ -27,7 +27,7 @@ def test_components_connect_across_slices():
     mask = np.zeros((3, 5, 5), bool)
     mask[0, 1, 1] = mask[1, 2, 2] = mask[2, 3, 3] = True  # a diagonal chain through 3 slices
     labels, n = label_components(mask, (1, 1, 1))
-    assert n == 1 and labels.dtype == np.int32 and set(np.unique(labels)) == {0, 1}
+    assert n == 1 and labels.dtype == np.uint16 and set(np.unique(labels)) == {0, 1}
     assert label_components(mask, (1, 1, 1), connectivity=6)[1] == 3
 
 
@@ -245,5 +245,16 @@ def test_label_components_in_the_box_equals_whole_volume_labelling(min_mm3):
     order = [i for i in np.argsort(-counts, kind="stable") if counts[i] >= min_mm3]
     lut = np.zeros(m + 1, np.int32)
     lut[np.array(order) + 1] = np.arange(1, len(order) + 1)
-    assert n == len(order) and labels.dtype == np.int32
+    assert n == len(order) and labels.dtype == np.uint16
     np.testing.assert_array_equal(labels, lut[ref])
+
+
+def test_labels_fall_back_to_int32_beyond_uint16():
+    """More components than uint16 can number: int32 labels, still complete and ordered."""
+    mask = np.zeros((82, 82, 82), bool)
+    mask[::2, ::2, ::2] = True  # 41**3 = 68 921 isolated voxels
+    labels, n = label_components(mask, (1, 1, 1))
+    assert n == 41**3 and labels.dtype == np.int32
+    assert labels[0, 0, 0] == 1 and labels[-2, -2, -2] == n and labels.max() == n
+    small, m = label_components(mask[:40], (1, 1, 1))
+    assert m == 20 * 41 * 41 and small.dtype == np.uint16
