@@ -179,11 +179,25 @@ def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, prob
 
 # -- features -----------------------------------------------------------------------------------
 def _dilate(region: np.ndarray, radius_vox) -> np.ndarray:
-    """Dilation by an axis-aligned ellipsoid of the given radii (voxels, z y x)."""
-    rz, ry, rx = radius_vox
-    z, y, x = np.ogrid[-rz : rz + 1, -ry : ry + 1, -rx : rx + 1]
-    ball = (z / max(rz, 1e-6)) ** 2 + (y / max(ry, 1e-6)) ** 2 + (x / max(rx, 1e-6)) ** 2 <= 1.0
-    return ndimage.binary_dilation(region, structure=ball)
+    """Dilation by an axis-aligned ellipsoid of the given radii (voxels, z y x): the voxels whose
+    offset (dz, dy, dx) from some region voxel has (dz/rz)² + (dy/ry)² + (dx/rx)² <= 1.
+
+    Thresholding the distance transform (each axis scaled by 1/radius) gives the same set as a
+    binary dilation by that ellipsoid and costs one pass instead of one per structure element:
+    half the time on the bench CT's large candidates. Offsets on the ellipsoid come out of the
+    transform within 1e-12 of 1, and with radii up to _EDT_MAX_RADIUS no offset off it is that close."""
+    radius = np.maximum(np.asarray(radius_vox, float), 1e-6)
+    if not region.any():
+        return np.zeros(region.shape, bool)
+    if radius.max() > _EDT_MAX_RADIUS:
+        z, y, x = (np.arange(-int(r), int(r) + 1) / r for r in radius)
+        ball = z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2 <= 1.0
+        return ndimage.binary_dilation(region, structure=ball)
+    distance = ndimage.distance_transform_edt(~region, sampling=1.0 / radius)
+    return distance <= 1.0 + 1e-12
+
+
+_EDT_MAX_RADIUS = 50  # voxels; a 3 mm shell reaches 50 voxels only below 0.06 mm spacing
 
 
 def _blobness(hu, labels, lid, box, spacing_xyz, diameter_mm: float) -> float:
