@@ -80,13 +80,16 @@ class CandidateNet(nn.Module):
         return self.head(self.features(x))[:, 0]
 
 
-def extract_patches(hu: np.ndarray, labels: np.ndarray, centroids_zyx, spacing_xyz, lesion_ids) -> np.ndarray:
+def extract_patches(hu: np.ndarray, labels: np.ndarray | None, centroids_zyx, spacing_xyz, lesion_ids,
+                    mask_of=None) -> np.ndarray:
     """Patches around candidates -> N x 2 x 16 x 32 x 32 float32.
 
     hu: (z, y, x) Hounsfield units on an axial grid; labels: int (z, y, x) components;
     centroids_zyx: N voxel positions; spacing_xyz: the grid's (x, y, z) spacing in mm (the
     Volume convention); lesion_ids: the component of each candidate. Trilinear for the CT,
     nearest for the component mask; outside the volume the CT reads as air.
+    mask_of: instead of `labels`, a function (candidate index, box of the scan) -> the candidate's
+    bool mask in that box, for masks that exist only around each candidate.
     """
     sx, sy, sz = spacing_xyz
     step = np.array(PATCH_SPACING_MM) / np.array([sz, sy, sx])  # patch voxel in scan voxels
@@ -106,8 +109,8 @@ def extract_patches(hu: np.ndarray, labels: np.ndarray, centroids_zyx, spacing_x
         local = coords - np.array([b.start for b in box], dtype=np.float64)[:, None, None, None]
         ct = ndimage.map_coordinates(hu[tuple(box)].astype(np.float32), local, order=1, mode="constant", cval=lo)
         out[i, 0] = np.clip((ct - lo) / (hi - lo), 0.0, 1.0)
-        out[i, 1] = ndimage.map_coordinates((labels[tuple(box)] == lid).astype(np.float32), local, order=0,
-                                            mode="constant", cval=0.0)
+        mask = labels[tuple(box)] == lid if mask_of is None else mask_of(i, tuple(box))
+        out[i, 1] = ndimage.map_coordinates(mask.astype(np.float32), local, order=0, mode="constant", cval=0.0)
 
     thread_map(fill, [(i, c, lid) for i, (c, lid) in enumerate(zip(centroids_zyx, lesion_ids))])
     return out

@@ -233,17 +233,36 @@ def find_candidates(volume: Volume, classifier: "fp_classifier.Classifier") -> C
 
 def ball_patches(hu: np.ndarray, points_zyx: np.ndarray, radius_mm: np.ndarray, spacing_xyz) -> np.ndarray:
     """Classifier patches (N x 2 x 16 x 32 x 32) around points, the mask channel a ball of each
-    point's radius (a candidate has no outline yet)."""
+    point's radius (a candidate has no outline yet).
+
+    The balls are painted in point order, a later one over an earlier one where they meet (the
+    classifier was trained on such patches), but only inside each patch's box: no scan-sized
+    label array."""
     sx, sy, sz = spacing_xyz
-    ids = list(range(1, len(points_zyx) + 1))
-    labels = np.zeros(hu.shape, np.uint16 if len(ids) < 65535 else np.int32)
-    for lid, (z, y, x), r in zip(ids, points_zyx, radius_mm):
-        half = [int(np.ceil(r / v)) for v in (sz, sy, sx)]
-        box = tuple(slice(max(0, c - h), min(n, c + h + 1)) for c, h, n in zip((z, y, x), half, hu.shape))
-        gz, gy, gx = np.ogrid[box]
-        ball = ((gz - z) * sz) ** 2 + ((gy - y) * sy) ** 2 + ((gx - x) * sx) ** 2 <= r * r
-        labels[box][ball] = lid
-    return fp_classifier.extract_patches(hu, labels, points_zyx, spacing_xyz, ids)
+    mm = np.array([sz, sy, sx])
+    points = np.asarray(points_zyx, int).reshape(-1, 3)
+    radius = np.asarray(radius_mm, float).reshape(-1)
+    half = np.ceil(radius[:, None] / mm).astype(int)
+    lo = np.maximum(points - half, 0)
+    hi = np.minimum(points + half + 1, np.array(hu.shape))
+
+    def mask_of(i: int, box: tuple[slice, ...]) -> np.ndarray:
+        start = np.array([b.start for b in box])
+        stop = np.array([b.stop for b in box])
+        out = np.zeros(tuple(stop - start), bool)
+        # Ball i, then every later ball that reaches the box, which took its voxels from ball i.
+        later = i + np.flatnonzero(np.all((lo[i:] < stop) & (hi[i:] > start), axis=1))
+        for j in later:
+            a, b = np.maximum(lo[j], start), np.minimum(hi[j], stop)
+            gz, gy, gx = np.ogrid[a[0] : b[0], a[1] : b[1], a[2] : b[2]]
+            z, y, x = points[j]
+            ball = ((gz - z) * sz) ** 2 + ((gy - y) * sy) ** 2 + ((gx - x) * sx) ** 2 <= radius[j] * radius[j]
+            out[a[0] - start[0] : b[0] - start[0], a[1] - start[1] : b[1] - start[1],
+                a[2] - start[2] : b[2] - start[2]][ball] = j == i
+        return out
+
+    ids = list(range(1, len(points) + 1))
+    return fp_classifier.extract_patches(hu, None, points, spacing_xyz, ids, mask_of=mask_of)
 
 
 # -- outlines -----------------------------------------------------------------------------------

@@ -123,3 +123,24 @@ def test_applies_to_nodule_prompts_on_hu_ct_only():
     assert not nd.applies("lung nodule", "MR", "lung")
     assert not nd.applies("lung nodule", "CT", None)
     assert not nd.applies("liver", "CT", "abdomen")
+
+
+def test_ball_patches_equal_patches_cut_from_a_painted_label_scan():
+    """Balls painted per patch box give the patches of balls painted into one scan-sized label
+    array in point order (a later ball over an earlier one), overlaps and scan edges included."""
+    rng = np.random.default_rng(3)
+    hu = rng.normal(-600, 300, (30, 48, 52)).astype(np.float32)
+    spacing = (0.8, 0.7, 1.5)  # x, y, z mm
+    points = np.array([[15, 24, 26], [15, 26, 27], [0, 0, 0], [29, 47, 51], [14, 20, 30], [5, 40, 3]])
+    radius = np.array([4.0, 3.0, 5.0, 2.5, 6.0, 3.5])
+    labels = np.zeros(hu.shape, np.uint16)
+    sx, sy, sz = spacing
+    for lid, (z, y, x), r in zip(range(1, len(points) + 1), points, radius):
+        half = [int(np.ceil(r / v)) for v in (sz, sy, sx)]
+        box = tuple(slice(max(0, c - h), min(n, c + h + 1)) for c, h, n in zip((z, y, x), half, hu.shape))
+        gz, gy, gx = np.ogrid[box]
+        labels[box][((gz - z) * sz) ** 2 + ((gy - y) * sy) ** 2 + ((gx - x) * sx) ** 2 <= r * r] = lid
+    expected = fp_classifier.extract_patches(hu, labels, points, spacing, list(range(1, len(points) + 1)))
+    got = nd.ball_patches(hu, points, radius, spacing)
+    np.testing.assert_array_equal(got, expected)
+    assert got[1, 1].sum() > 0 and got[0, 1].sum() < expected[0, 1].size  # the overlap is there to test
