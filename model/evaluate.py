@@ -128,11 +128,19 @@ def summarise(cases: list[dict]) -> dict:
     }
     for key in ("target", "size_band", "prompt"):
         if cases and key in cases[0]:
-            groups = {}
-            for c in positives:
-                groups.setdefault(c[key], []).append(c["dice"])
-            out[f"dice_by_{key}"] = {k: {"mean_dice": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())}
+            out[f"dice_by_{key}"] = _dice_by(positives, lambda c: c[key])
+    # One prompt over several sequences (MS lesions on FLAIR, T2 and T1) is several tasks: a mean
+    # over them hides which one fails.
+    if cases and "prompt" in cases[0] and "modality" in cases[0]:
+        out["dice_by_prompt_and_modality"] = _dice_by(positives, lambda c: f"{c['prompt']} | {c['modality'] or '?'}")
     return out
+
+
+def _dice_by(cases: list[dict], key) -> dict:
+    groups: dict = {}
+    for c in cases:
+        groups.setdefault(key(c), []).append(c["dice"])
+    return {k: {"mean_dice": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())}
 
 
 def format_table(summary: dict) -> str:
@@ -147,8 +155,8 @@ def format_table(summary: dict) -> str:
     lines.append(f"mean Dice (cases with lesions) {summary['mean_dice']:.3f} | lesion-wise sensitivity "
                  f"{summary['mean_sensitivity']:.3f} | false-positive components per lesion-free case {fp_free} | "
                  f"{summary['n_cases']} cases")
-    for key in ("target", "size_band"):
+    for key in ("target", "size_band", "prompt_and_modality"):
         if f"dice_by_{key}" in summary:
             parts = ", ".join(f"{k} {v['mean_dice']:.3f} (n={v['n']})" for k, v in summary[f"dice_by_{key}"].items())
-            lines.append(f"Dice by {key}: {parts}")
+            lines.append(f"Dice by {key.replace('_', ' ')}: {parts}")
     return "\n".join(lines)
