@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     s.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
     s.add_argument("--no-fp-filter", action="store_true",
-                   help="keep every candidate: skip the 3D false-positive filter (lung prompts on CT in HU)")
+                   help="keep every candidate: skip the false-positive filters (lung prompts on CT in HU: 3D "
+                        "filter; MS lesion prompts on MR: candidates darker than their surroundings on FLAIR/T2)")
     s.add_argument("--min-nodule-score", type=number(0.0, 1.0), default=None,
                    help="drop lung candidates whose 3D classifier score is below this (default: 0.73, at most 4 "
                         "false positives per validation phantom; 0 keeps every candidate the lung rule keeps)")
@@ -461,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³)")
     c.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     c.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
-    c.add_argument("--no-fp-filter", action="store_true", help="keep every candidate: skip the 3D false-positive filter")
+    c.add_argument("--no-fp-filter", action="store_true", help="keep every candidate: skip the false-positive filters (see segment)")
     c.add_argument("--nodule-detector", action="store_true",
                    help="lung nodule prompts on CT in HU: lesions from the opt-in 3D nodule detector (see segment)")
     c.add_argument("--force-prompt", action="store_true", help="run prompts that name nothing the model knows")

@@ -20,7 +20,7 @@ from .io import OutputSet, Volume
 from .parallel import thread_map
 
 __all__ = [
-    "label_components", "remove_small_lesions", "lesion_table", "write_lesion_table", "lesion_table_bytes", "flat_lesion_row", "dice",
+    "label_components", "dilate_ellipsoid", "keep_only", "remove_small_lesions", "lesion_table", "write_lesion_table", "lesion_table_bytes", "flat_lesion_row", "dice",
     "lesion_detection", "CSV_COLUMNS",
 ]
 
@@ -122,6 +122,39 @@ def label_components(
     labels = np.zeros(mask.shape, dtype=inner.dtype)
     labels[box] = inner
     return labels, len(order)
+
+
+def dilate_ellipsoid(region: np.ndarray, radius_vox) -> np.ndarray:
+    """Dilation by an axis-aligned ellipsoid of the given radii (voxels, z y x): the voxels whose
+    offset (dz, dy, dx) from some region voxel has (dz/rz)² + (dy/ry)² + (dx/rx)² <= 1.
+
+    Thresholding the distance transform (each axis scaled by 1/radius) gives the same set as a
+    binary dilation by that ellipsoid and costs one pass instead of one per structure element:
+    half the time on the bench CT's large candidates. A radius of 0 leaves that axis alone. Offsets on the ellipsoid come out of the
+    transform within 1e-12 of 1, and with radii up to ELLIPSOID_EDT_MAX_RADIUS no offset off it is that close."""
+    radius = np.maximum(np.asarray(radius_vox, float), 1e-6)
+    if not region.any():
+        return np.zeros(region.shape, bool)
+    if radius.max() > ELLIPSOID_EDT_MAX_RADIUS:
+        z, y, x = (np.arange(-int(r), int(r) + 1) / r for r in radius)
+        ball = z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2 <= 1.0
+        return ndimage.binary_dilation(region, structure=ball)
+    distance = ndimage.distance_transform_edt(~region, sampling=1.0 / radius)
+    return distance <= 1.0 + 1e-12
+
+
+ELLIPSOID_EDT_MAX_RADIUS = 50  # voxels; a 3 mm shell reaches 50 voxels only below 0.06 mm spacing
+
+
+def keep_only(labels: np.ndarray, n_rows: int, kept: list[dict], *, in_place: bool = False) -> np.ndarray:
+    """Labels with only the `kept` rows' lesions, renumbered 1..len(kept) in their order; the kept
+    rows' ``lesion_id`` renumbered to match. labels: (z, y, x) lesions 1..n_rows.
+    in_place: renumber `labels` itself (the caller's array is spent)."""
+    lut = np.zeros(n_rows + 1, dtype=labels.dtype)
+    for new_id, row in enumerate(kept, start=1):
+        lut[row["lesion_id"]] = new_id
+        row["lesion_id"] = new_id
+    return relabel(labels, lut, in_place=in_place)
 
 
 def remove_small_lesions(mask: np.ndarray, spacing_mm, min_lesion_mm3: float) -> np.ndarray:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import fp_classifier, fp_filter, postprocess
+from . import fp_classifier, fp_filter, polarity_filter, postprocess
 from . import nodule_detector as detector  # `nodule_detector` is the switch's name
 from .io import Volume
 from .orientation import IDENTITY, Reorientation
@@ -201,7 +201,9 @@ class SegmentationResult:
     # and the mapping back to the input grid; None = the input itself.
     frame: Volume | None = None
     reorientation: Reorientation | None = None
-    fp_reduction: bool = True  # drop candidates the false-positive filter rejects (lung prompts on HU CT)
+    # drop candidates the false-positive filters reject: lung prompts on HU CT (fp_filter), MS lesion
+    # prompts on MR (polarity_filter)
+    fp_reduction: bool = True
     min_nodule_score: float | None = None  # the 3D classifier's threshold; None = the one shipped with it
     rejected: list[dict] = field(default_factory=list)  # candidates the filter dropped, with their scores
     # With fp_reduction, for lung nodule prompts on HU CT: the 3D nodule detector decides which
@@ -255,6 +257,8 @@ class SegmentationResult:
             skipped = fp_filter.classifier_skipped(frame)
             if skipped and skipped not in self.warnings:
                 self.warnings.append(skipped)
+        if self.fp_reduction and n and polarity_filter.applies(self.prompt, self.modality):
+            labels, rows, self.rejected = polarity_filter.filter_candidates(labels, rows, frame, in_place=True)
         skipped = self._detector_skipped(frame) if self.fp_reduction and self.nodule_detector else "off"
         if skipped not in (None, "off") and skipped not in self.warnings:
             self.warnings.append(skipped)

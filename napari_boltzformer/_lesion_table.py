@@ -15,7 +15,7 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QSizePolicy, QTableWidget, QTableWidgetItem
 
 # Lesion mode: one row per candidate. (header, tooltip, row key); the intensity header follows
-# the modality, and columns no row has a value for (the 3D filter's scores off lung CT) hide.
+# the modality, and columns no row has a value for (a filter's scores where it did not run) hide.
 LESION_COLUMNS = (
     ("id", "lesion id (1 = largest)", "lesion_id"),
     ("status", "review: ✓ accepted, ✗ rejected, · unreviewed; ✎ edited by hand, ◎ found by look here "
@@ -31,6 +31,9 @@ LESION_COLUMNS = (
      "not a vessel or a wall (for lung nodules: the 3D nodule detector's network)", "nodule_score"),
     ("round", "3D false-positive filter: blobness from the Hessian (1 = round like a nodule, 0 = a tube like "
      "a vessel)", "blobness"),
+    ("contrast", "MS lesion filter: mean intensity inside minus a 3 mm shell around it (image units). On a scan "
+     "where most candidates are brighter than their surroundings (FLAIR, T2), the darker ones are dropped",
+     "local_contrast"),
     ("mm³", "volume in mm³", "volume_mm3"),
     ("slices", "first–last slice (z index)", "slice_start"),
     ("HU", "mean intensity", "mean_intensity"),
@@ -50,7 +53,7 @@ INTENSITY_COLUMN = next(i for i, c in enumerate(LESION_COLUMNS) if c[2] == "mean
 OUTLINE_TIPS = {"slice model": "3D nodule detector: a nodule-like blob the network found too; the outline is the network's",
                 "3D region": "3D nodule detector: a nodule-like blob the network did not mark; the outline is a region "
                              "grown from it in the CT (review it)"}
-FILTER_SCORES = ("nodule_score", "blobness")  # columns of the 3D filter: hidden where it did not run
+FILTER_SCORES = ("nodule_score", "blobness", "local_contrast")  # the filters' columns: hidden where none ran
 STATUS_MARKS = {"accepted": "✓", "rejected": "✗", "unreviewed": "·"}
 ORIGIN_MARKS = {"edited": "✎", "look here": "◎", "drawn": "✎"}
 # item data: UserRole + 1, the row's index in result.lesions (a model candidate; -1 the organ
@@ -84,7 +87,7 @@ def lesion_totals(result, shown: list[dict], hidden: list[dict], min_diameter_mm
     if hidden:
         details.append(f"{len(hidden)} hidden (mean Ø < {min_diameter_mm:g} mm)")
     if result.rejected:
-        details.append(f"{len(result.rejected)} dropped by the 3D filter")
+        details.append(f"{len(result.rejected)} dropped by the false-positive filter")
     if not result.complete:
         details.append("cancelled: finished slices only")
     return f"{len(shown)} {noun} · {total_ml:.2f} mL", " · ".join(details)
@@ -274,6 +277,8 @@ def _lesion_cell(lesion: dict, key: str, is_ct: bool) -> QTableWidgetItem:
         return _NumericItem(f"{value:.0f}" if is_ct else f"{value:.3g}", value)
     if key == "volume_mm3":
         return _NumericItem(f"{value:.0f}" if value >= 100 else f"{value:.1f}", value)
+    if key == "local_contrast":
+        return _NumericItem(f"{value:+.0f}" if is_ct else f"{value:+.3g}", value)
     if key in ("mean_probability", "max_probability", *FILTER_SCORES):
         item = _NumericItem(f"{value:.2f}", value)
         if key == "nodule_score" and lesion.get("outline") in OUTLINE_TIPS:

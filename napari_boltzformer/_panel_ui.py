@@ -159,7 +159,9 @@ def build_ui(panel) -> None:
     panel.fp_check = QCheckBox("3D false-positive filter")
     panel.fp_check.setChecked(True)
     panel.fp_check.setToolTip("Lung prompts on CT in HU: drop candidates outside the lungs, then those the 3D "
-                             "classifier scores below its threshold, mostly vessels (nodule_score in the lesion table)")
+                             "classifier scores below its threshold, mostly vessels (nodule_score in the lesion table). "
+                             "MS lesion prompts on MR: where most candidates are brighter than their surroundings "
+                             "(FLAIR, T2), drop the darker ones (contrast in the lesion table)")
     panel.fp_check.toggled.connect(lambda _=None: panel.apply_threshold(force=True))
     panel.detector_check = QCheckBox("3D nodule detector")
     panel.detector_check.setChecked(False)

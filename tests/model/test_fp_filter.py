@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from boltzformer import fp_filter, postprocess
 from boltzformer.io import Volume
@@ -159,17 +158,3 @@ def test_a_nodule_prompt_drops_candidates_smaller_than_a_3_mm_nodule():
     assert [r["fp_verdict"] for r in rejected] == ["smaller than a 3 mm nodule"]
     assert fp_filter.MIN_NODULE_VOLUME_MM3 == pytest.approx(14.137, abs=1e-3)
 
-
-@pytest.mark.parametrize("radius_vox", [(1, 1, 1), (3, 4, 4), (2, 5, 3), (5, 3, 4), (1, 7, 10), (4, 4, 1)])
-def test_shell_dilation_is_the_ellipsoid_dilation(radius_vox):
-    """The distance-transform dilation gives exactly the binary dilation by the ellipsoid of those
-    radii (integer arithmetic: boundary offsets such as (3, 4) on a radius-5 circle are inside)."""
-    rz, ry, rx = radius_vox
-    z, y, x = np.ogrid[-rz : rz + 1, -ry : ry + 1, -rx : rx + 1]
-    ball = (z * ry * rx) ** 2 + (y * rz * rx) ** 2 + (x * rz * ry) ** 2 <= (rz * ry * rx) ** 2
-    rng = np.random.default_rng(sum(radius_vox))
-    region = rng.random((17, 25, 23)) < 0.01
-    region[0, 0, 0] = region[-1, 12, -1] = True  # at the faces: the dilation is clipped there, not wrapped
-    np.testing.assert_array_equal(fp_filter._dilate(region, radius_vox),
-                                  ndimage.binary_dilation(region, structure=ball))
-    assert not fp_filter._dilate(np.zeros((3, 4, 5), bool), radius_vox).any()

@@ -9,11 +9,12 @@ import os
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from boltzformer.errors import OutputError
 from boltzformer.io import Volume
 from boltzformer.postprocess import (
-    CSV_COLUMNS, dice, label_components, lesion_detection, lesion_table, remove_small_lesions,
+    CSV_COLUMNS, dice, dilate_ellipsoid, label_components, lesion_detection, lesion_table, remove_small_lesions,
     write_lesion_table,
 )
 
@@ -258,3 +259,21 @@ def test_labels_fall_back_to_int32_beyond_uint16():
     assert labels[0, 0, 0] == 1 and labels[-2, -2, -2] == n and labels.max() == n
     small, m = label_components(mask[:40], (1, 1, 1))
     assert m == 20 * 41 * 41 and small.dtype == np.uint16
+
+
+@pytest.mark.parametrize("radius_vox", [(1, 1, 1), (3, 4, 4), (2, 5, 3), (5, 3, 4), (1, 7, 10), (4, 4, 1), (0, 3, 2)])
+def test_ellipsoid_dilation_by_distance_transform_is_the_binary_dilation(radius_vox):
+    """The distance-transform dilation gives exactly the binary dilation by the ellipsoid of those
+    radii (integer arithmetic: boundary offsets such as (3, 4) on a radius-5 circle are inside)."""
+    rz, ry, rx = radius_vox
+    z, y, x = np.ogrid[-rz : rz + 1, -ry : ry + 1, -rx : rx + 1]
+    if rz == 0:  # an axis of radius 0 is not dilated: the in-plane ellipse
+        ball = (y * rx) ** 2 + (x * ry) ** 2 <= (ry * rx) ** 2
+    else:
+        ball = (z * ry * rx) ** 2 + (y * rz * rx) ** 2 + (x * rz * ry) ** 2 <= (rz * ry * rx) ** 2
+    rng = np.random.default_rng(sum(radius_vox))
+    region = rng.random((17, 25, 23)) < 0.01
+    region[0, 0, 0] = region[-1, 12, -1] = True  # at the faces: the dilation is clipped there, not wrapped
+    np.testing.assert_array_equal(dilate_ellipsoid(region, radius_vox),
+                                  ndimage.binary_dilation(region, structure=ball))
+    assert not dilate_ellipsoid(np.zeros((3, 4, 5), bool), radius_vox).any()

@@ -303,7 +303,7 @@ def test_false_positive_filter_switch_reapplies_without_inference(panel, qtbot, 
     filtered = len(result.lesions)
     rejected = len(result.rejected)
     assert result.fp_reduction and rejected > 0
-    assert "dropped by the 3D filter" in panel.result_detail.text()
+    assert "dropped by the false-positive filter" in panel.result_detail.text()
     headers = [panel.table.horizontalHeaderItem(c).text() for c in range(panel.table.columnCount())]
     assert not panel.table.isColumnHidden(headers.index("round"))
     panel.fp_check.setChecked(False)
