@@ -120,6 +120,40 @@ def detect_modality(volume) -> str:
     return "MR"
 
 
+# MR weighting from a series description or a BIDS file-name suffix (sub-01_FLAIR.nii.gz,
+# sub-01_T1w.nii.gz). FLAIR before T2 ("t2_tirm_tra_dark-fluid" is a FLAIR), T1 before FLAIR
+# ("T1 FLAIR" is T1-weighted), T2* apart from T2.
+_SEQUENCE_PATTERNS = (
+    ("T1", re.compile(r"t1(?!\d)|mp-?2?rage|spgr|bravo", re.I)),
+    ("FLAIR", re.compile(r"flair|tirm|dark.?fluid", re.I)),
+    ("T2*", re.compile(r"t2\*|t2star|(?<![a-z])(swi|gre)(?![a-z])", re.I)),
+    ("T2", re.compile(r"t2(?!\d)", re.I)),
+    ("PD", re.compile(r"(?<![a-z])pdw?(?![a-z])|proton.?density", re.I)),
+)
+_BIDS_SUFFIX = re.compile(r"_(T1w|T2w|FLAIR|PDw|T2starw)\.(nii(\.gz)?|nrrd|mha)$", re.I)
+
+
+def mr_sequence(volume) -> str | None:
+    """"T1", "FLAIR", "T2*", "T2" or "PD" when the file says which weighting an MR series has
+    (its DICOM series description or sequence name, else a BIDS suffix of its file name), else
+    None: a NIfTI file that does not say it."""
+    return stated_mr_sequence(volume)[0]
+
+
+def stated_mr_sequence(volume) -> tuple[str | None, str | None]:
+    """(weighting as `mr_sequence` gives it, the words of the file that say it), or (None, None)."""
+    description = volume.sequence()
+    name = str(volume.path or "").replace("\\", "/").rsplit("/", 1)[-1]
+    suffix = _BIDS_SUFFIX.search(name)
+    # (the words matched, the words shown to the user)
+    sources = ([(description, description)] if description else []) + ([(suffix.group(1), name)] if suffix else [])
+    for text, said in sources:
+        for weighting, pattern in _SEQUENCE_PATTERNS:
+            if pattern.search(text):
+                return weighting, said
+    return None, None
+
+
 SHIFTED_HU_OFFSET = 1024
 
 

@@ -15,6 +15,9 @@ shell). The sequence is not known (a NIfTI file does not say it), so the candida
 - otherwise nothing is dropped. On T1 most lesions are dark and, after contrast, some are bright:
   neither polarity can be ruled out there.
 
+When the file does say the sequence (a DICOM series description, a BIDS file name:
+intensity.mr_sequence) and it is T1, nothing is dropped whatever the candidates say.
+
 No threshold here was tuned on data: the sign of the contrast, the shell (the lung filter's), the
 majority and the minimum count follow from the reasoning above
 (benchmarks/results/ms_polarity_preregistration.txt, written before any held-out measurement).
@@ -78,14 +81,16 @@ def bright_scan(contrast: np.ndarray) -> bool:
     return len(known) >= MIN_CANDIDATES and np.mean(known > 0) >= 0.5
 
 
-def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, in_place: bool = False):
+def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, in_place: bool = False,
+                      sequence: str | None = None):
     """-> (labels with dropped candidates removed and the rest renumbered 1..n, kept rows,
     rejected rows). Every row gains ``local_contrast``; the rejected ones ``fp_verdict``.
-    in_place: renumber `labels` itself (the caller's array is spent) instead of a new array."""
+    in_place: renumber `labels` itself (the caller's array is spent) instead of a new array.
+    sequence: the MR weighting the file states (intensity.mr_sequence), None when it does not."""
     contrast = local_contrast(labels, rows, volume)
     for row, c in zip(rows, contrast):
         row["local_contrast"] = round(float(c), 4)
-    if not bright_scan(contrast):
+    if sequence == "T1" or not bright_scan(contrast):
         return labels, rows, []
     kept, rejected = [], []
     for row, c in zip(rows, contrast):

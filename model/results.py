@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import fp_classifier, fp_filter, polarity_filter, postprocess
+from . import fp_classifier, fp_filter, intensity, polarity_filter, postprocess
 from . import nodule_detector as detector  # `nodule_detector` is the switch's name
 from .io import Volume
 from .orientation import IDENTITY, Reorientation
@@ -258,7 +258,8 @@ class SegmentationResult:
             if skipped and skipped not in self.warnings:
                 self.warnings.append(skipped)
         if self.fp_reduction and n and polarity_filter.applies(self.prompt, self.modality):
-            labels, rows, self.rejected = polarity_filter.filter_candidates(labels, rows, frame, in_place=True)
+            labels, rows, self.rejected = polarity_filter.filter_candidates(
+                labels, rows, frame, in_place=True, sequence=intensity.mr_sequence(self.volume))
         skipped = self._detector_skipped(frame) if self.fp_reduction and self.nodule_detector else "off"
         if skipped not in (None, "off") and skipped not in self.warnings:
             self.warnings.append(skipped)

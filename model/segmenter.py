@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from . import intensity
+from . import intensity, polarity_filter
 from .checkpoint import load_model
 from .context import context_margin, context_stack
 from .devices import resolve_device, sampling_generator
@@ -88,6 +88,18 @@ def _undo_shifted_hu(frame: Volume, modality: str, warnings: list) -> Volume:
     warnings.append(f"the values look like Hounsfield units + {offset} (air near 0, soft tissue near "
                     f"{offset + 40}); {offset} was subtracted. Check the file's rescale intercept.")
     return frame.with_array(frame.array.astype(np.float32) - offset)
+
+
+def _warn_untrained_sequence(volume: Volume, prompt: str, modality: str, warnings: list) -> None:
+    """MS lesions on a series the file calls T1-weighted: the bundled model never saw one (on 20
+    held-out T1 slices it found almost nothing; model card, Dice by sequence)."""
+    if modality != "MR" or not polarity_filter.applies(prompt, modality):
+        return
+    sequence, said = intensity.stated_mr_sequence(volume)
+    if sequence == "T1":
+        warnings.append(f"'{prompt}' on a T1-weighted series ({said}): the model learnt MS lesions on FLAIR images "
+                        "and finds almost none on T1 (model card: held-out Dice by sequence); segment the FLAIR "
+                        "or T2 series of this study instead")
 
 
 class _Sweep:
@@ -320,6 +332,7 @@ class Segmenter:
         # 2. intensities: modality, CT stored as HU + 1024 brought back, window or normalisation
         modality = intensity.normalise_modality(modality or intensity.detect_modality(volume))
         frame = _undo_shifted_hu(frame, modality, warnings)
+        _warn_untrained_sequence(volume, text, modality, warnings)
         t = time.perf_counter()
         prepared, lo, window = self._prepare(frame, start, stop, modality, window, text, warnings)
         timings["preprocess"] = time.perf_counter() - t

@@ -213,9 +213,13 @@ class Volume:
     def from_geometry_dict(cls, array, geometry: dict, modality: str | None = None) -> "Volume":
         """A Volume around ``array`` (z, y, x) with the geometry of a :meth:`geometry_dict`.
 
-        ``modality`` overrides the dict's; path and file_ndim (as ``metadata["ndim"]``) come
-        from the dict, the other metadata do not travel.
+        ``modality`` overrides the dict's; path, file_ndim (as ``metadata["ndim"]``) and the
+        sequence (as ``metadata["SeriesDescription"]``) come from the dict, the other metadata
+        do not travel.
         """
+        metadata = {"ndim": int(geometry.get("file_ndim", geometry.get("ndim", 3)))}
+        if geometry.get("sequence"):
+            metadata["SeriesDescription"] = str(geometry["sequence"])
         return cls(
             array=array,
             spacing_mm=tuple(float(v) for v in geometry["spacing_mm"]),
@@ -223,7 +227,7 @@ class Volume:
             direction=np.asarray(geometry["direction"], float).reshape(3, 3),
             modality=modality if modality is not None else geometry.get("modality"),
             path=geometry.get("path"),
-            metadata={"ndim": int(geometry.get("file_ndim", geometry.get("ndim", 3)))},
+            metadata=metadata,
         )
 
     def same_geometry(self, other: "Volume", atol: float = 1e-5) -> bool:

@@ -153,3 +153,21 @@ def test_ct_stored_as_hu_plus_1024_is_recognised_and_shifted_back():
     mr = SAMPLES["brain_mri"]().volume().array
     for scale in (1.0, 1000.0 / mr.max(), 4000.0 / mr.max()):  # MR at any gain is not taken for it
         assert intensity.shifted_hu_offset(np.round(mr * scale).astype(np.uint16)) == 0
+
+
+@pytest.mark.parametrize("description, path, weighting", [
+    ("t1_mprage_sag_p2", None, "T1"), ("MPRAGE", None, "T1"), ("T1 FLAIR SAG", None, "T1"),
+    ("AX T2 FLAIR", None, "FLAIR"), ("t2_tirm_tra_dark-fluid", None, "FLAIR"), ("AX T2 FSE", None, "T2"),
+    ("AX T2* GRE", None, "T2*"), ("SWI_Images", None, "T2*"), ("PD TSE", None, "PD"), ("ep2d_diff_b1000", None, None),
+    (None, "/data/sub-01/anat/sub-01_ses-1_T1w.nii.gz", "T1"), (None, "/d/sub-02_FLAIR.nii.gz", "FLAIR"),
+    (None, "/d/sub-02_T2w.nii", "T2"), (None, "/d/sub-02_PDw.nii.gz", "PD"), (None, "/d/sub-02_T2starw.nii.gz", "T2*"),
+    ("ep2d_diff", "/d/sub-02_FLAIR.nii.gz", "FLAIR"),  # a description that says nothing: the file name
+    (None, "/d/openms_p07_flair_image.nii.gz", None),  # not a BIDS suffix: not guessed from a name
+    ("Progress report", None, None), (None, None, None),
+])
+def test_mr_sequence_from_the_series_description_or_a_bids_name(description, path, weighting):
+    vol = Volume(np.zeros((1, 4, 4), np.float32), (1.0, 1.0, 1.0), path=path,
+                 metadata={"SeriesDescription": description} if description else {})
+    assert intensity.mr_sequence(vol) == weighting
+    said = intensity.stated_mr_sequence(vol)[1]
+    assert (said is None) == (weighting is None) and (said is None or said in (description, (path or "").rsplit("/", 1)[-1]))

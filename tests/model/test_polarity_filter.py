@@ -89,3 +89,30 @@ def test_the_result_filters_by_default_and_the_switch_turns_it_off():
     brain_tumour = SegmentationResult(volume=vol, prompt="brain tumor", probabilities=probabilities, mask=None,
                                       threshold=0.5, min_lesion_mm3=0.0, slices=(0, vol.shape[0]), runs=1, modality="MR")
     assert len(brain_tumour.rethreshold(0.5).lesions) == 4
+
+
+def test_a_series_the_file_calls_t1_keeps_every_candidate():
+    vol, candidates, _ = _brain(lesion_value=100.0, putamen_value=45.0)
+    labels, rows = _labelled(vol, candidates)
+    assert pf.filter_candidates(labels, rows, vol, sequence="T1")[2] == []
+    assert len(pf.filter_candidates(labels, rows, vol, sequence="FLAIR")[2]) == 1
+    t1 = Volume(vol.array, vol.spacing_mm, modality="MR", metadata={"SeriesDescription": "t1_mprage_sag"})
+    result = SegmentationResult(volume=t1, prompt="multiple sclerosis lesion", mask=None, threshold=0.5,
+                                probabilities=np.where(candidates, 0.9, 0.0).astype(np.float32), min_lesion_mm3=0.0,
+                                slices=(0, vol.shape[0]), runs=1, modality="MR")
+    assert len(result.rethreshold(0.5).lesions) == 4 and result.rejected == []
+
+
+def test_ms_lesions_on_a_t1_series_are_warned_about():
+    from boltzformer.segmenter import _warn_untrained_sequence
+
+    image = np.zeros((1, 4, 4), np.float32)
+    cases = {("t1_mprage_sag", "multiple sclerosis lesion", "MR"): True, ("AX T2 FLAIR", "multiple sclerosis lesion", "MR"): False,
+             (None, "multiple sclerosis lesion", "MR"): False, ("t1_mprage_sag", "brain tumor", "MR"): False}
+    for (description, prompt, modality), warned in cases.items():
+        vol = Volume(image, (1.0, 1.0, 1.0), metadata={"SeriesDescription": description} if description else {})
+        warnings = []
+        _warn_untrained_sequence(vol, prompt, modality, warnings)
+        assert bool(warnings) == warned, (description, prompt)
+        if warned:
+            assert "t1_mprage_sag" in warnings[0] and "FLAIR or T2 series" in warnings[0]

@@ -99,7 +99,7 @@ def test_geometry_dict_round_trip(oblique):
     assert oblique.geometry_dict(layer_ndim=2)["ndim"] == 2
     back = Volume.from_geometry_dict(oblique.array, geometry)
     assert back.same_geometry(oblique, atol=0) and back.modality == "CT" and back.path == oblique.path
-    assert back.metadata == {"ndim": 3}
+    assert back.metadata == {"ndim": 3, "SeriesDescription": "FLAIR"} and back.sequence() == "FLAIR"
     assert Volume.from_geometry_dict(oblique.array, geometry, modality="MR").modality == "MR"
 
 
