@@ -64,7 +64,8 @@ def local_contrast(labels: np.ndarray, rows: list[dict], volume: Volume, boxes=N
     def contrast(row: dict) -> float:
         lid = row["lesion_id"]
         box = boxes[lid - 1]
-        big = tuple(slice(max(0, b.start - r - 1), min(n, b.stop + r + 1)) for b, r, n in zip(box, shell_vox, image.shape))
+        big = tuple(slice(max(0, b.start - r - 1), min(n, b.stop + r + 1))
+                    for b, r, n in zip(box, shell_vox, image.shape))
         region = labels[big] == lid
         local = image[big].astype(np.float32)
         shell = postprocess.dilate_ellipsoid(region, shell_vox) & ~region & (local > background)

@@ -20,8 +20,8 @@ from .io import OutputSet, Volume
 from .parallel import thread_map
 
 __all__ = [
-    "label_components", "dilate_ellipsoid", "keep_only", "remove_small_lesions", "lesion_table", "write_lesion_table", "lesion_table_bytes", "flat_lesion_row", "dice",
-    "lesion_detection", "CSV_COLUMNS",
+    "label_components", "dilate_ellipsoid", "keep_only", "remove_small_lesions", "lesion_table", "write_lesion_table",
+    "lesion_table_bytes", "flat_lesion_row", "dice", "lesion_detection", "CSV_COLUMNS",
 ]
 
 # Column order of the CSV lesion table (the JSON rows keep the centroids as 3-element lists).
@@ -34,6 +34,7 @@ CSV_COLUMNS = (
 
 _STRUCTURES = {6: 1, 18: 2, 26: 3}  # connectivity → rank of ndimage.generate_binary_structure
 LABEL_UINT16_MAX = int(np.iinfo(np.uint16).max)  # label_components' ids fit uint16 up to this
+ELLIPSOID_EDT_MAX_RADIUS = 50  # voxels; a 3 mm shell reaches 50 voxels only below 0.06 mm spacing
 _HULL_ABOVE = 64  # more boundary pixels than this in a slice: reduce them to the convex hull first
 
 
@@ -130,8 +131,10 @@ def dilate_ellipsoid(region: np.ndarray, radius_vox) -> np.ndarray:
 
     Thresholding the distance transform (each axis scaled by 1/radius) gives the same set as a
     binary dilation by that ellipsoid and costs one pass instead of one per structure element:
-    half the time on the bench CT's large candidates. A radius of 0 leaves that axis alone. Offsets on the ellipsoid come out of the
-    transform within 1e-12 of 1, and with radii up to ELLIPSOID_EDT_MAX_RADIUS no offset off it is that close."""
+    half the time on the bench CT's large candidates. Offsets on the ellipsoid come out of the
+    transform within 1e-12 of 1, and with radii up to ELLIPSOID_EDT_MAX_RADIUS no offset off it
+    is that close. A radius of 0 leaves that axis alone.
+    """
     radius = np.maximum(np.asarray(radius_vox, float), 1e-6)
     if not region.any():
         return np.zeros(region.shape, bool)
@@ -142,8 +145,6 @@ def dilate_ellipsoid(region: np.ndarray, radius_vox) -> np.ndarray:
     distance = ndimage.distance_transform_edt(~region, sampling=1.0 / radius)
     return distance <= 1.0 + 1e-12
 
-
-ELLIPSOID_EDT_MAX_RADIUS = 50  # voxels; a 3 mm shell reaches 50 voxels only below 0.06 mm spacing
 
 
 def keep_only(labels: np.ndarray, n_rows: int, kept: list[dict], *, in_place: bool = False) -> np.ndarray:

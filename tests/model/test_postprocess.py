@@ -277,3 +277,16 @@ def test_ellipsoid_dilation_by_distance_transform_is_the_binary_dilation(radius_
     np.testing.assert_array_equal(dilate_ellipsoid(region, radius_vox),
                                   ndimage.binary_dilation(region, structure=ball))
     assert not dilate_ellipsoid(np.zeros((3, 4, 5), bool), radius_vox).any()
+
+
+def test_ellipsoid_dilation_beyond_the_distance_transform_radius():
+    """Radii past ELLIPSOID_EDT_MAX_RADIUS take the binary dilation: the same ellipsoid."""
+    from boltzformer.postprocess import ELLIPSOID_EDT_MAX_RADIUS
+
+    ry = ELLIPSOID_EDT_MAX_RADIUS + 5
+    region = np.zeros((3, 2 * ry + 9, 7), bool)
+    region[1, ry + 4, 3] = True
+    grown = dilate_ellipsoid(region, (0, ry, 2))
+    y, x = np.ogrid[-ry : ry + 1, -2:3]
+    np.testing.assert_array_equal(grown[1, 4 : 2 * ry + 5, 1:6], (y * 2) ** 2 + (x * ry) ** 2 <= (2 * ry) ** 2)
+    assert not grown[0].any() and not grown[2].any() and grown.sum() == ((y * 2) ** 2 + (x * ry) ** 2 <= (2 * ry) ** 2).sum()
