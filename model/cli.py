@@ -215,11 +215,17 @@ def cmd_segment(args) -> int:
         if args.lesions:
             outputs.write_bytes("--lesions", lesion_table_bytes(result.lesions, args.lesions))
     args.committed = True
-    total_ml = sum(r["volume_mm3"] for r in result.lesions) / 1000
-    print(f"{len(result.lesions)} lesion(s) for '{result.prompt}', total {total_ml:.2f} mL; "
-          f"{result.slices[1] - result.slices[0]} slices in {time.perf_counter() - t0:.1f} s on {seg.device}; "
-          f"mask -> {args.output}")
+    print(summary_line(result, time.perf_counter() - t0, seg.device, args.output))
     return 0
+
+
+def summary_line(result, seconds: float, device, output) -> str:
+    """What `segment` prints when it is done: lesions, volume, what the filters dropped, time."""
+    total_ml = sum(r["volume_mm3"] for r in result.lesions) / 1000
+    dropped = (f" ({len(result.rejected)} more dropped by the false-positive filter; --no-fp-filter keeps them)"
+               if result.rejected else "")
+    return (f"{len(result.lesions)} lesion(s) for '{result.prompt}', total {total_ml:.2f} mL{dropped}; "
+            f"{result.slices[1] - result.slices[0]} slices in {seconds:.1f} s on {device}; mask -> {output}")
 
 
 # -- cohort ---------------------------------------------------------------------------------------
