@@ -146,7 +146,6 @@ def dilate_ellipsoid(region: np.ndarray, radius_vox) -> np.ndarray:
     return distance <= 1.0 + 1e-12
 
 
-
 def keep_only(labels: np.ndarray, n_rows: int, kept: list[dict], *, in_place: bool = False) -> np.ndarray:
     """Labels with only the `kept` rows' lesions, renumbered 1..len(kept) in their order; the kept
     rows' ``lesion_id`` renumbered to match. labels: (z, y, x) lesions 1..n_rows.

@@ -314,8 +314,8 @@ class Segmenter:
         canonical axial orientation (boltzformer.orientation) and every output is mapped back
         to its grid. min_nodule_score: with fp_reduction, drop candidates whose 3D classifier
         score is below it (None: the threshold shipped with the classifier's weights).
-        fp_reduction: the 3D false-positive filter for lung prompts on HU CT
-        (boltzformer.fp_filter). force_prompt: run a prompt that names nothing known. prior: a
+        fp_reduction: the false-positive filters: 3D, for lung prompts on HU CT (boltzformer.fp_filter);
+        contrast polarity, for MS lesion prompts on MR (boltzformer.polarity_filter). force_prompt: run a prompt that names nothing known. prior: a
         boltzformer.look_here.ClickPrior pulling the sampling toward a clicked voxel (None: none).
         nodule_detector: with fp_reduction, lung nodule prompts on HU CT take their lesions from the
         3D nodule detector (boltzformer.nodule_detector; off by default, see the model card).

@@ -156,20 +156,16 @@ def build_ui(panel) -> None:
     panel.attention_check.setChecked(True)
     panel.attention_check.setToolTip("Where each decoder layer sampled its tokens (one layer, a 'decoder layer' slider)")
     panel.keep_partial_check = QCheckBox("keep finished slices on cancel")
-    panel.fp_check = QCheckBox("3D false-positive filter")
-    panel.fp_check.setChecked(True)
-    panel.fp_check.setToolTip("Lung prompts on CT in HU: drop candidates outside the lungs, then those the 3D "
-                             "classifier scores below its threshold, mostly vessels (nodule_score in the lesion table). "
-                             "MS lesion prompts on MR: where most candidates are brighter than their surroundings "
-                             "(FLAIR, T2), drop the darker ones (contrast in the lesion table)")
-    panel.fp_check.toggled.connect(lambda _=None: panel.apply_threshold(force=True))
-    panel.detector_check = QCheckBox("3D nodule detector")
-    panel.detector_check.setChecked(False)
-    panel.detector_check.setToolTip("Lung nodules on CT in HU, with the FP filter: a 3D blob detector decides which "
-                                    "lesions there are, outlined by the network where it found them too. Off by "
-                                    "default: more nodules and fewer false positives on phantom chests, but more "
-                                    "false positives on a real chest CT (model card)")
-    panel.detector_check.toggled.connect(lambda _=None: panel.apply_threshold(force=True))
+    panel.fp_check = _post_processing_switch(
+        panel, "3D false-positive filter", True,
+        "Lung prompts on CT in HU: drop candidates outside the lungs, then those the 3D classifier scores below its "
+        "threshold, mostly vessels (nodule_score in the lesion table). MS lesion prompts on MR: where most candidates "
+        "are brighter than their surroundings (FLAIR, T2), drop the darker ones (contrast in the lesion table)")
+    panel.detector_check = _post_processing_switch(
+        panel, "3D nodule detector", False,
+        "Lung nodules on CT in HU, with the FP filter: a 3D blob detector decides which lesions there are, outlined "
+        "by the network where it found them too. Off by default: more nodules and fewer false positives on phantom "
+        "chests, but more false positives on a real chest CT (model card)")
     panel.force_prompt_check = QCheckBox("force prompt")
     panel.force_prompt_check.setToolTip("Run a prompt even when it names nothing the model was trained to find")
     panel.probability_check.setText("probability")
@@ -266,3 +262,12 @@ def build_ui(panel) -> None:
     panel._rethreshold_timer.timeout.connect(panel.apply_threshold)
     panel.threshold_slider.valueChanged.connect(panel._on_threshold_moved)
     panel.min_lesion_spin.valueChanged.connect(lambda _: panel._rethreshold_timer.start())
+
+
+def _post_processing_switch(panel, text: str, checked: bool, tip: str) -> QCheckBox:
+    """A checkbox for a step after inference: toggling it re-thresholds the stored result (no new run)."""
+    check = QCheckBox(text)
+    check.setChecked(checked)
+    check.setToolTip(tip)
+    check.toggled.connect(lambda _=None: panel.apply_threshold(force=True))
+    return check
