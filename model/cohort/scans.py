@@ -53,8 +53,9 @@ class ScanOptions:
     def key(self) -> str:
         """A readable, stable description: the `options` column of report.csv. With the 3D
         filter on, it names the false-positive classifier's weights too (their sha256, first 12
-        digits) and the smallest nodule it keeps for nodule prompts, and with the 3D nodule
-        detector its weights: other weights or rules give other masks, so --resume must not skip."""
+        digits), the smallest nodule it keeps for nodule prompts and the MS lesion polarity rule
+        (boltzformer.polarity_filter), and with the 3D nodule detector its weights: other weights
+        or rules give other masks, so --resume must not skip."""
         from ..fp_classifier import bundled_sha256
         from ..fp_filter import MIN_NODULE_VOLUME_MM3
         from ..nodule_detector import DETECTOR_WEIGHTS_NAME
@@ -62,7 +63,7 @@ class ScanOptions:
         fp = "off"
         if self.fp_reduction:
             digest = bundled_sha256()
-            fp = (f"on:{digest[:12]}" if digest else "on") + f":nodule>={MIN_NODULE_VOLUME_MM3:.1f}mm3"
+            fp = (f"on:{digest[:12]}" if digest else "on") + f":nodule>={MIN_NODULE_VOLUME_MM3:.1f}mm3:ms_polarity"
             if self.nodule_detector:
                 digest = bundled_sha256(DETECTOR_WEIGHTS_NAME)
                 fp += f" nodule_detector={'on:' + digest[:12] if digest else 'on'}"

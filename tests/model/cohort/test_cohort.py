@@ -338,5 +338,6 @@ def test_options_key_names_the_filter_rules_and_the_nodule_detector():
     """--resume compares the key: other filter rules or the detector give other masks."""
     plain, detector = ScanOptions(), ScanOptions(nodule_detector=True)
     assert "nodule>=14.1mm3" in plain.key() and "nodule_detector" not in plain.key()
+    assert ":ms_polarity" in plain.key() and "ms_polarity" not in ScanOptions(fp_reduction=False).key()
     assert "nodule_detector=on" in detector.key() and detector.key() != plain.key()
     assert "nodule" not in ScanOptions(fp_reduction=False).key()
