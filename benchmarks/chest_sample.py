@@ -8,12 +8,14 @@ replaced (boltzformer.synth.ct, vessels drawn independently on every slice).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 
 from boltzformer import postprocess
+from boltzformer.options import DEFAULT_MIRROR
 from boltzformer.segmenter import Segmenter
 from boltzformer.synth import ct
 from boltzformer.synth.sample import SAMPLES
@@ -31,12 +33,15 @@ def old_sample():
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
+                    help="average each slice with its mirror image (Segmenter.iter_segment)")
     args = ap.parse_args()
     seg = Segmenter.from_pretrained(None, device="cpu")
+    seg.segment_volume = functools.partial(seg.segment_volume, mirror=args.mirror)  # every run here
     case = SAMPLES["chest_ct"]()
     samples = {"chest_ct (bundled, 3D phantom)": (case.volume(), case.masks["lung_nodule"] > 0),
                "chest_ct before 2026-11-27 (per-slice vessel dots)": old_sample()}
-    out = {}
+    out = {"mirror": args.mirror}
     for name, (vol, truth) in samples.items():
         res = seg.segment_volume(vol, "lung nodule", seed=0)
         for mode in ("default", "nodule_detector"):

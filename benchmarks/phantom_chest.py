@@ -15,6 +15,7 @@ filter features with whether it hit a nodule (for the threshold sweep in fp_thre
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from scipy import ndimage
 
 from boltzformer import fp_filter
 from boltzformer.io import Volume
+from boltzformer.options import DEFAULT_MIRROR
 from boltzformer.segmenter import Segmenter
 from boltzformer.synth.lung3d import chest_phantom
 
@@ -161,6 +163,8 @@ def main():
     ap.add_argument("--weights", default=None)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
+                    help="average each slice with its mirror image (Segmenter.iter_segment)")
     ap.add_argument("--candidates", type=Path, default=None)
     ap.add_argument("--fp-classifier", type=Path, default=None,
                     help="a 3D classifier's .safetensors (with its .json) in place of the bundled one")
@@ -170,8 +174,10 @@ def main():
 
         fp_classifier._BUNDLED[fp_classifier.WEIGHTS_NAME] = fp_classifier.load(args.fp_classifier)
     seg = Segmenter.from_pretrained(args.weights, device="cpu")
+    seg.segment_volume = functools.partial(seg.segment_volume, mirror=args.mirror)  # every run here
     cases, candidates = run(args.set, args.count, seg, args.candidates is not None, args.threshold)
-    summary = {"set": args.set, "count": args.count, "threshold": args.threshold, "weights_sha256": seg.info.get("sha256"),
+    summary = {"set": args.set, "count": args.count, "threshold": args.threshold, "mirror": args.mirror,
+               "weights_sha256": seg.info.get("sha256"),
                "fp_classifier": str(args.fp_classifier) if args.fp_classifier else "bundled",
                "weights": seg.info.get("weights_path"), **summarise(cases)}
     print(json.dumps(summary, indent=2))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import BoltzformerError
-from .options import DEFAULT_MIN_LESION_MM3
+from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -174,7 +174,7 @@ def cmd_segment(args) -> int:
             volume, args.prompt, window=args.window, modality=modality, slices=slices, runs=args.runs, seed=args.seed,
             threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, return_attention=bool(args.attention),
             batch_size=args.batch_size, fp_reduction=not args.no_fp_filter, force_prompt=args.force_prompt,
-            min_nodule_score=args.min_nodule_score, nodule_detector=args.nodule_detector,
+            min_nodule_score=args.min_nodule_score, nodule_detector=args.nodule_detector, mirror=args.mirror,
         )
         bar = None
         if not args.quiet:
@@ -238,7 +238,7 @@ def cmd_cohort(args) -> int:
     options = ScanOptions(
         threshold=args.threshold, window=args.window, modality=None if args.modality == "auto" else args.modality,
         runs=args.runs, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, fp_reduction=not args.no_fp_filter,
-        nodule_detector=args.nodule_detector,
+        nodule_detector=args.nodule_detector, mirror=args.mirror,
         force_prompt=args.force_prompt, batch_size=args.batch_size, allow_gaps=args.allow_gaps, device=args.device,
     )
     summary = run_cohort(args.input, args.out_dir, args.prompt, options, weights=args.weights, workers=args.workers,
@@ -277,7 +277,8 @@ def cmd_evaluate(args) -> int:
         seg = Segmenter.from_pretrained(args.weights, device=args.device)
         cases = [c for c in args.cases.split(",") if c] if args.cases else None
         summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, split_file=args.split_file,
-                               progress=not args.quiet, seed=args.seed, threshold=args.threshold, runs=args.runs)
+                               progress=not args.quiet, seed=args.seed, threshold=args.threshold, runs=args.runs,
+                               mirror=args.mirror)
         print(format_table(summary))
         if args.json:
             summary["command"] = "boltzformer " + " ".join(sys.argv[1:]) if args.argv is None else "boltzformer " + " ".join(args.argv)
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", default=None, help="slice range START:STOP (0-based, stop excluded)")
     s.add_argument("--runs", type=RUNS, default=1,
                    help=f"sampling runs, 1 to {MAX_RUNS}; > 1 gives mean probability and uncertainty")
+    s.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
+                   help="average each slice with its left-right mirror image (a second network pass per slice; "
+                        f"{'on' if DEFAULT_MIRROR else 'off'} by default)")
     s.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³, >= 0)")
     s.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     s.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
@@ -465,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", default=None, help="CT window: lung, mediastinum, soft_tissue, liver, bone, brain")
     c.add_argument("--modality", default="auto", choices=("auto", "CT", "MR"))
     c.add_argument("--runs", type=RUNS, default=1, help=f"sampling runs per scan, 1 to {MAX_RUNS}")
+    c.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
+                   help="average each slice with its left-right mirror image (a second network pass per slice; "
+                        f"{'on' if DEFAULT_MIRROR else 'off'} by default)")
     c.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³)")
     c.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     c.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
@@ -491,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--threshold", type=PROBABILITY, default=0.5, help="probability threshold, as in segment")
     e.add_argument("--runs", type=RUNS, default=1, help="sampling runs averaged per slice, as in segment")
+    e.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
+                   help="average each slice with its left-right mirror image (a second network pass per slice; "
+                        f"{'on' if DEFAULT_MIRROR else 'off'} by default)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -527,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=whole(1, 100_000), default=30)
     b.add_argument("--slices", default="100,300", help="volume: slice counts to time")
     b.add_argument("--weights", default=None, help="volume: weights to time (default: bundled)")
+    b.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
+                   help="volume: with mirror averaging, as in segment")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import BoltzformerError
+from .options import DEFAULT_MIRROR
 
 AMPLITUDE = 3.0  # energy at the click: exp(3 / tau) = 20x likelier in the first block (tau = 1)
 SIGMA_TOKENS = 2.0  # Gaussian width in tokens of each block's own token map
@@ -122,14 +123,16 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
               reach_mm: float = REACH_MM, threshold: float = 0.5, min_lesion_mm3: float = 0.0, seed: int = 0,
               window: str | None = None, modality: str | None = None, force_prompt: bool = False,
               amplitude: float = AMPLITUDE, sigma_tokens: float = SIGMA_TOKENS, layers: int = LAYERS,
-              batch_size: int | None = None, return_attention: bool = False) -> LookHereResult:
+              batch_size: int | None = None, return_attention: bool = False,
+              mirror: bool = DEFAULT_MIRROR) -> LookHereResult:
     """Re-run the slices around `point_zyx` (input voxel index, z y x) with the sampling pulled
     toward it and return the candidate there (see the module docstring).
 
     z_range: the (first, last) slice of the lesion clicked on, if any. amplitude 0 runs the same
     slices without a prior (the control of benchmarks/look_here.py). The 3D false-positive filter
     is not applied: the reader is pointing at the spot. Raises BoltzformerError for a click
-    outside the volume or a volume that is not axial (only its slices can be re-run).
+    outside the volume or a volume that is not axial (only its slices can be re-run). mirror: as
+    in Segmenter.iter_segment (the panel passes the setting of the run it reviews).
     """
     from . import fp_classifier, fp_filter, postprocess
 
@@ -143,7 +146,7 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
     result = segmenter.segment_volume(
         volume, prompt, slices=(start, stop), threshold=threshold, min_lesion_mm3=min_lesion_mm3, seed=seed,
         window=window, modality=modality, fp_reduction=False, force_prompt=force_prompt, prior=prior,
-        batch_size=batch_size, return_attention=return_attention)
+        batch_size=batch_size, return_attention=return_attention, mirror=mirror)
     probabilities = np.ascontiguousarray(result.probabilities[start:stop])
     spacing_zyx = np.asarray(volume.spacing_mm, float)[::-1]
     labels = result.labels[start:stop]

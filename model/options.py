@@ -1,5 +1,5 @@
 """What a user gives a segmentation run, checked once for the library, the CLI, the cohort and
-the panel: the prompt text and the default smallest lesion kept.
+the panel: the prompt text, the default smallest lesion kept and whether slices are mirrored.
 
 Imports nothing heavy, so the CLI checks its command line before torch loads.
 """
@@ -9,6 +9,9 @@ from __future__ import annotations
 from .errors import PromptError
 
 DEFAULT_MIN_LESION_MM3 = 5.0  # components smaller than this (mm³) are dropped from masks and tables
+# Average each slice with its left-right mirror image (test-time augmentation, a second network
+# pass per slice); the rule that decides the default: benchmarks/results/mirror_preregistration.txt
+DEFAULT_MIRROR = False
 MAX_PROMPT_CHARS = 500  # prompts are short phrases ("lung nodule"); a page of text is a mistake
 
 

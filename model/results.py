@@ -188,6 +188,7 @@ class SegmentationResult:
     slices: tuple[int, int]  # processed [start, stop) in input slice indices
     runs: int
     uncertainty: np.ndarray | None = None  # float32 (z, y, x), variance over sampling seeds
+    mirror: bool = False  # each slice averaged with its left-right mirror image (Segmenter.predict_batch)
     attention: AttentionMaps | None = None
     lesions: list[dict] = field(default_factory=list)
     window: str | None = None

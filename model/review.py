@@ -323,6 +323,7 @@ class Review:
             "nodule_detector": bool(result.fp_reduction and result.nodule_detector),
             "slices_processed": [int(result.slices[0]), int(result.slices[1])],
             "runs": int(result.runs),
+            "mirror": bool(result.mirror),
             "window": result.window,
             "modality": result.modality,
             "mask_holds": "accepted and unreviewed lesions" if include_unreviewed else "accepted lesions only",

@@ -28,7 +28,7 @@ from .errors import BoltzformerError, PromptError
 from .io import Volume
 from .network.boltzformer import BoltzFormer
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
-from .options import DEFAULT_MIN_LESION_MM3, check_prompt_text
+from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, check_prompt_text
 from .orientation import to_canonical
 from .results import AttentionMaps, SegmentationResult, attention_to_input, to_input
 
@@ -211,9 +211,15 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict_batch(self, slices01: np.ndarray, embedding: PromptEmbedding, generator: torch.Generator,
-                      return_attention: bool = False, stage_times: dict | None = None, out_hw=None, prior=None):
+                      return_attention: bool = False, stage_times: dict | None = None, out_hw=None, prior=None,
+                      mirror: bool = False):
         """slices01: n x H x W, or n x C x H x W with 2.5D context, float32 in [0, 1]
         -> (probabilities n x out_h x out_w float32, attention).
+
+        mirror: also run the slices mirrored left-right and average the two probabilities (the
+        second mirrored back). The network trained with random left-right flips, so the mirrored
+        slice is a second view of a kind it knows; both passes draw the same sampling noise, so
+        mirroring the input mirrors the output exactly. The attention is the first pass's.
 
         A 2D batch given to a context model has its neighbours replicated from the slice (what a
         single-slice image gives). Slices are resized to the network size and the probabilities
@@ -237,10 +243,19 @@ class Segmenter:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=(h > size or w > size))
         tokens, valid, pooled = batch_embeddings([embedding] * n, self.model.cfg.max_text_tokens, self.device)
         use_bf16 = self.device.type == "cuda"
+        noise = generator.get_state() if mirror else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = self.model(x, tokens, valid, pooled, generator=generator, return_attention=return_attention,
                              stage_times=stage_times, prior=prior)
         prob = torch.sigmoid(out["logits"].float())
+        if mirror:
+            after = generator.get_state()
+            generator.set_state(noise)  # the same draws as the first pass: an exactly mirror-symmetric mean
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                flipped = self.model(x.flip(-1), tokens, valid, pooled, generator=generator, stage_times=stage_times,
+                                     prior=None if prior is None else prior.mirrored())
+            prob = (prob + torch.sigmoid(flipped["logits"].float()).flip(-1)) / 2
+            generator.set_state(after)  # later batches draw as they would without the mirror
         out_hw = tuple(out_hw or (h, w))
         if out_hw != (size, size):
             prob = F.interpolate(prob, size=out_hw, mode="bilinear", align_corners=False)
@@ -305,6 +320,7 @@ class Segmenter:
         force_prompt: bool = False,
         prior=None,
         nodule_detector: bool = False,
+        mirror: bool = DEFAULT_MIRROR,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Segment every slice (or slices [start, stop)) of `volume` for `prompt`.
 
@@ -319,6 +335,9 @@ class Segmenter:
         boltzformer.look_here.ClickPrior pulling the sampling toward a clicked voxel (None: none).
         nodule_detector: with fp_reduction, lung nodule prompts on HU CT take their lesions from the
         3D nodule detector (boltzformer.nodule_detector; off by default, see the model card).
+        mirror: average every slice's probabilities with those of the slice mirrored left-right
+        (test-time augmentation: a second network pass per slice; see predict_batch and the model
+        card).
         """
         t_start = time.perf_counter()
         timings = {}
@@ -344,7 +363,7 @@ class Segmenter:
         sweep = _Sweep(frame.shape, stop - start, runs)
         yield from self._run_slices(sweep, prepared, lo, start, frame, embedding, click_yx, prior, seed,
                                     batch_size or self.default_batch_size(), return_attention, should_stop,
-                                    stage_times, timings, t_start)
+                                    stage_times, timings, t_start, mirror)
         # 4. back on the input's grid; threshold, components, lesion table, false-positive filter
         t = time.perf_counter()
         uncertainty = None if sweep.m2 is None else sweep.m2 / runs
@@ -357,7 +376,7 @@ class Segmenter:
             # slices_done - slices[0] = slices finished (on a z-flipped input they are the last ones)
             timings_s=timings, complete=sweep.complete, slices_done=input_range[0] + min(sweep.done, sweep.n),
             frame=frame, reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
-            nodule_detector=nodule_detector,
+            nodule_detector=nodule_detector, mirror=mirror,
         )
         result.rethreshold(threshold)
         timings["postprocess"] = time.perf_counter() - t
@@ -380,7 +399,8 @@ class Segmenter:
         return prepared, lo, window
 
     def _run_slices(self, sweep: "_Sweep", prepared, lo, start, frame, embedding, click_yx, prior, seed, bs,
-                    return_attention, should_stop, stage_times, timings, t_start) -> Generator[Progress, None, None]:
+                    return_attention, should_stop, stage_times, timings, t_start,
+                    mirror: bool) -> Generator[Progress, None, None]:
         """Batches of slices through the network, run after run, into ``sweep``; yields Progress."""
         offsets = self.model.cfg.context_offsets_mm
         z_mm = frame.spacing_mm[2]
@@ -398,7 +418,7 @@ class Segmenter:
                 batch = context_stack(prepared, index, z_mm, offsets) if offsets else prepared[index]
                 point = None if prior is None else prior.point_prior(b1 - b0, click_yx)
                 prob, layers = self.predict_batch(batch, embedding, generator, want_att, stage_times,
-                                                  out_hw=frame.shape[1:], prior=point)
+                                                  out_hw=frame.shape[1:], prior=point, mirror=mirror)
                 timings["inference"] += time.perf_counter() - t
                 sweep.add(run, slice(start + b0, start + b1), prob)
                 if want_att:

@@ -49,7 +49,7 @@ def build_ui(panel) -> None:
     """The controls of a BoltzFormerWidget, laid out in `panel` and wired to its methods."""
     from boltzformer import intensity
     from boltzformer.devices import available_devices
-    from boltzformer.options import DEFAULT_MIN_LESION_MM3
+    from boltzformer.options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR
 
     # Everything in a scroll area: a short window scrolls the panel instead of squeezing its
     # rows into each other.
@@ -166,6 +166,11 @@ def build_ui(panel) -> None:
         "Lung nodules on CT in HU, with the FP filter: a 3D blob detector decides which lesions there are, outlined "
         "by the network where it found them too. Off by default: more nodules and fewer false positives on phantom "
         "chests, but more false positives on a real chest CT (model card)")
+    panel.mirror_check = QCheckBox("mirror")
+    panel.mirror_check.setChecked(DEFAULT_MIRROR)
+    panel.mirror_check.setToolTip("Average each slice with its left-right mirror image (test-time augmentation): a "
+                                  "second network pass per slice, about twice the inference time; applies to the "
+                                  "next run")
     panel.force_prompt_check = QCheckBox("force prompt")
     panel.force_prompt_check.setToolTip("Run a prompt even when it names nothing the model was trained to find")
     panel.probability_check.setText("probability")
@@ -181,6 +186,7 @@ def build_ui(panel) -> None:
     checks.addWidget(panel.force_prompt_check, 1, 1)
     checks.addWidget(panel.detector_check, 2, 0)
     checks.addWidget(panel.keep_partial_check, 2, 1)
+    checks.addWidget(panel.mirror_check, 3, 0)
     rform.addRow("Outputs", checks)
     buttons = QHBoxLayout()
     panel.run_button = QPushButton("Run")

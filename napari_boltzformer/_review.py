@@ -569,7 +569,7 @@ def _look_here_job(load_segmenter, session: ReviewSession, point_zyx, z_range):
         found = look_here(segmenter, request.volume, result.prompt, point_zyx, z_range=z_range,
                           threshold=result.threshold, min_lesion_mm3=result.min_lesion_mm3,
                           seed=request.options.get("seed", 0), window=result.window, modality=result.modality,
-                          force_prompt=bool(request.options.get("force_prompt")))
+                          force_prompt=bool(request.options.get("force_prompt")), mirror=result.mirror)
         return found, None
     except BoltzformerError as exc:
         return None, f"look here: {exc}"

@@ -262,6 +262,7 @@ class BoltzFormerWidget(QWidget):
             "batch_size": self.batch_size,
             "fp_reduction": self.fp_check.isChecked(),
             "nodule_detector": self.detector_check.isChecked(),
+            "mirror": self.mirror_check.isChecked(),
             "force_prompt": self.force_prompt_check.isChecked(),
         }
         return RunRequest(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..options import DEFAULT_MIRROR
 from .machine import machine_description, write_text
 
 
@@ -48,7 +49,8 @@ def make_ct(path: Path, slices: int, size: int = 512, seed: int = 0) -> Path:
     return path
 
 
-def measure(input_path: str, output_path: str, device: str, prompt: str = "lung nodule", weights: str | None = None) -> dict:
+def measure(input_path: str, output_path: str, device: str, prompt: str = "lung nodule", weights: str | None = None,
+            mirror: bool = DEFAULT_MIRROR) -> dict:
     """One `segment` run with stage times; meant to run in its own process."""
     t0 = time.perf_counter()
     import torch
@@ -65,7 +67,7 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
     t = time.perf_counter()
     vol = read_volume(input_path)
     stages["read"] = time.perf_counter() - t
-    result = seg.segment_volume(vol, prompt, stage_times=stages)
+    result = seg.segment_volume(vol, prompt, stage_times=stages, mirror=mirror)
     stages["preprocess"] = result.timings_s["preprocess"]
     stages["postprocess"] = result.timings_s["postprocess"]
     other = result.timings_s["inference"] - sum(stages.get(k, 0.0) for k in ("encoder", "decoder", "pigma"))
@@ -84,7 +86,7 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
         "import_s": t_import, "model_load_s": t_load,
         "seconds_with_start_up": end_to_end + t_import + t_load,  # what `boltzformer segment` costs in all
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "lesions_found": len(result.lesions), "sampling": seg.config.sampling,
+        "lesions_found": len(result.lesions), "sampling": seg.config.sampling, "mirror": mirror,
         "attention_impl": seg.config.attention_impl, "batch_size": seg.default_batch_size(),
         "context_offsets_mm": list(seg.config.context_offsets_mm), "fp_filter_rejected": len(result.rejected),
         "nodule_detector_s": detector_s,  # not in seconds_end_to_end: the detector is opt-in
@@ -99,15 +101,16 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
 
 def main(args) -> int:
     """`boltzformer bench volume`: ``args.slices`` ("100,300"), ``args.device``, ``args.weights``,
-    ``args.json`` (also writes the table beside it as .md)."""
+    ``args.json`` (also writes the table beside it as .md), ``args.mirror``."""
     slices_list = [int(s) for s in str(getattr(args, "slices", None) or "100,300").split(",")]
     device = getattr(args, "device", None) or "auto"
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in slices_list:
             src = make_ct(Path(tmp) / f"ct_{n}.nii.gz", n)
+            mirror = getattr(args, "mirror", DEFAULT_MIRROR)
             cmd = [sys.executable, "-m", "boltzformer.bench.volume", "--measure", str(src),
-                   str(Path(tmp) / f"mask_{n}.nii.gz"), device]
+                   str(Path(tmp) / f"mask_{n}.nii.gz"), device, "mirror" if mirror else "no-mirror"]
             if getattr(args, "weights", None):
                 cmd.append(str(args.weights))
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -116,7 +119,7 @@ def main(args) -> int:
                 return 1
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
-            print(f"{n} slices on {r['device']}: {r['seconds_end_to_end']:.1f} s end to end "
+            print(f"{n} slices on {r['device']}{' (mirror)' if r['mirror'] else ''}: {r['seconds_end_to_end']:.1f} s end to end "
                   f"({r['slices_per_s']:.1f} slices/s), peak RSS {r['peak_rss_mb']:.0f} MB")
     if len(results) >= 2:
         a, b = results[0], results[-1]
@@ -140,7 +143,7 @@ def volume_markdown(report: dict) -> str:
              + " | ".join(f"{s} s" for s in stages) + " |",
              "|---" * (7 + len(stages)) + "|"]
     for r in report["results"]:
-        lines.append(f"| {r['slices']} | {r['device']} | {r['seconds_end_to_end']:.1f} | {r['seconds_with_start_up']:.1f} | "
+        lines.append(f"| {r['slices']} | {r['device']}{' (mirror)' if r.get('mirror') else ''} | {r['seconds_end_to_end']:.1f} | {r['seconds_with_start_up']:.1f} | "
                      f"{r['slices_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('peak_gpu_mb', float('nan')):.0f} | "
                      + " | ".join(f"{r['stages_s'].get(s, 0.0):.2f}" for s in stages) + " |")
     if "seconds_per_additional_slice" in report:
@@ -149,5 +152,6 @@ def volume_markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":  # the measuring subprocess that main() starts, not an entry point
-    if len(sys.argv) in (5, 6) and sys.argv[1] == "--measure":
-        print(json.dumps(measure(sys.argv[2], sys.argv[3], sys.argv[4], weights=(sys.argv[5:] or [None])[0])))
+    if len(sys.argv) in (6, 7) and sys.argv[1] == "--measure" and sys.argv[5] in ("mirror", "no-mirror"):
+        print(json.dumps(measure(sys.argv[2], sys.argv[3], sys.argv[4], weights=(sys.argv[6:] or [None])[0],
+                                 mirror=sys.argv[5] == "mirror")))

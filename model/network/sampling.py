@@ -17,7 +17,7 @@ layers, so the queries explore there first; without one the sampling is untouche
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -115,6 +115,12 @@ class PointPrior:
         dx = (xs[None, :] - c[:, 1:]) * w / self.sigma_tokens  # B x w
         bump = torch.exp(-0.5 * (dy[:, :, None] ** 2 + dx[:, None, :] ** 2)) * float(self.amplitude)
         return torch.nan_to_num(bump, nan=0.0).reshape(c.shape[0], h * w)
+
+    def mirrored(self) -> "PointPrior":
+        """The same prior on the images mirrored left-right: x fraction -> 1 - x (NaN stays)."""
+        c = self.centers_yx.clone()
+        c[:, 1] = 1.0 - c[:, 1]
+        return replace(self, centers_yx=c)
 
 
 def threshold_mask(confidence: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

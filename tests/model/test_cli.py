@@ -18,6 +18,7 @@ from boltzformer.io import Volume, read_volume, write_volume
 from boltzformer.network.boltzformer import build_model
 from boltzformer.network.config import get_config
 from boltzformer.network.text import PromptEmbedding
+from boltzformer.options import DEFAULT_MIRROR
 
 PROMPT = "lung nodule"
 
@@ -328,3 +329,22 @@ def test_the_summary_line_says_what_the_filters_dropped():
                     "filter; --no-fp-filter keeps them); 182 slices in 4.7 s on cpu; mask -> out.nii.gz")
     result.rejected = []
     assert "dropped" not in cli.summary_line(result, 4.7, "cpu", "out.nii.gz")
+
+
+@pytest.mark.parametrize("flag, expected", [("--mirror", True), ("--no-mirror", False), (None, DEFAULT_MIRROR)])
+def test_mirror_switch_reaches_every_network_pass(ct_path, tmp_path, tiny_weights, capsys, monkeypatch, flag, expected):
+    """segment --mirror / --no-mirror (default: options.DEFAULT_MIRROR) sets predict_batch's mirror."""
+    from boltzformer.segmenter import Segmenter
+
+    seen = []
+    original = Segmenter.predict_batch
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("mirror"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "predict_batch", spy)
+    extra = [flag] if flag else []
+    code, _, err = run(segment_args(ct_path, tmp_path / "m.nii.gz", tiny_weights, *extra), capsys)
+    assert code == 0, err
+    assert seen and set(seen) == {expected}

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from boltzformer.checkpoint import save_model
 from boltzformer.errors import BoltzformerError, PromptError
@@ -137,3 +138,29 @@ def test_phrasings_of_known_targets_are_accepted(segmenter_with_prompts, prompt)
 def test_a_page_of_text_is_not_a_prompt(segmenter, volume):
     with pytest.raises(PromptError, match="10000 characters long; at most 500"):
         segmenter.segment_volume(volume, "nodule " * 1428 + "lung")
+
+
+def test_mirror_averaging_mirrors_exactly_and_keeps_the_first_pass(segmenter, volume):
+    """mirror=True is the mean of the slice's pass and its mirrored pass (mirrored back), both with
+    the same sampling noise: a mirrored input gives the mirrored output, and the attention and the
+    draws of later batches stay those of mirror=False."""
+    volume = Volume(volume.array, volume.spacing_mm, volume.origin_mm, np.eye(3), "CT", None, {})  # already canonical
+    mirrored = volume.with_array(np.ascontiguousarray(volume.array[:, :, ::-1]))  # left-right
+    on = segmenter.segment_volume(volume, "lung nodule", mirror=True, return_attention=True, batch_size=2)
+    flip = segmenter.segment_volume(mirrored, "lung nodule", mirror=True, batch_size=2)
+    off = segmenter.segment_volume(volume, "lung nodule", mirror=False, return_attention=True, batch_size=2)
+    assert on.mirror and not off.mirror
+    np.testing.assert_allclose(on.probabilities, flip.probabilities[:, :, ::-1], atol=1e-5)
+    assert not np.allclose(off.probabilities, on.probabilities, atol=1e-3)  # the mirror pass does something
+    np.testing.assert_array_equal(on.attention.counts, off.attention.counts)
+    # the mean of the two passes, computed by hand on one batch with the same seed
+    slices = np.random.default_rng(1).random((2, 40, 48), dtype=np.float32)
+    emb = segmenter.embed(["lung nodule"])[0]
+    p, _ = segmenter.predict_batch(slices, emb, segmenter._generator(5), mirror=True)
+    a, _ = segmenter.predict_batch(slices, emb, segmenter._generator(5))
+    b, _ = segmenter.predict_batch(np.ascontiguousarray(slices[..., ::-1]), emb, segmenter._generator(5))
+    np.testing.assert_allclose(p, (a + b[..., ::-1]) / 2, atol=1e-6)
+    g_on, g_off = segmenter._generator(5), segmenter._generator(5)
+    segmenter.predict_batch(slices, emb, g_on, mirror=True)
+    segmenter.predict_batch(slices, emb, g_off)
+    assert torch.equal(g_on.get_state(), g_off.get_state())

@@ -339,3 +339,24 @@ def test_nodule_detector_switch_says_why_it_cannot_run_here(panel, qtbot, monkey
     panel.threshold_slider.setValue(40)
     panel.apply_threshold(force=True)
     assert len([m for s, m in notifications if "3D nodule detector" in m]) == 1
+
+
+def test_mirror_switch_runs_each_slice_mirrored_too(panel, qtbot, tiny_segmenter, monkeypatch):
+    """The 'mirror' box (default: options.DEFAULT_MIRROR) reaches every network pass of the next run
+    and is recorded on the result (the review sidecar writes it)."""
+    from boltzformer.options import DEFAULT_MIRROR
+
+    assert panel.mirror_check.isChecked() == DEFAULT_MIRROR
+    seen = []
+    original = tiny_segmenter.predict_batch
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("mirror"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_segmenter, "predict_batch", spy)
+    for checked in (not DEFAULT_MIRROR, DEFAULT_MIRROR):
+        seen.clear()
+        panel.mirror_check.setChecked(checked)
+        run_and_wait(panel, qtbot)
+        assert seen and set(seen) == {checked} and panel.active_result().mirror == checked

@@ -341,3 +341,9 @@ def test_options_key_names_the_filter_rules_and_the_nodule_detector():
     assert ":ms_polarity" in plain.key() and "ms_polarity" not in ScanOptions(fp_reduction=False).key()
     assert "nodule_detector=on" in detector.key() and detector.key() != plain.key()
     assert "nodule" not in ScanOptions(fp_reduction=False).key()
+
+
+def test_options_key_names_mirror_averaging():
+    """Mirror averaging changes every probability: --resume must not keep masks made without it."""
+    on, off = ScanOptions(mirror=True), ScanOptions(mirror=False)
+    assert "mirror=on" in on.key() and "mirror=off" in off.key()

@@ -90,3 +90,16 @@ def test_mask2former_and_uniform_sampling_ignore_the_prior():
         inputs = _inputs(cfg)
         prior = sampling.PointPrior(torch.tensor([[0.5, 0.5]] * 2), amplitude=8.0, layers=cfg.num_layers)
         assert torch.equal(_run(model, inputs)["logits"], _run(model, inputs, prior=prior)["logits"])
+
+
+def test_the_mirrored_prior_is_the_bump_mirrored_left_right():
+    prior = sampling.PointPrior(torch.tensor([[0.4, 0.25], [float("nan"), float("nan")]]), amplitude=2.0,
+                                sigma_tokens=1.5, layers=3)
+    m = prior.mirrored()
+    assert (m.amplitude, m.sigma_tokens, m.layers) == (2.0, 1.5, 3)
+    assert prior.centers_yx[0, 1] == 0.25  # the original is untouched
+    for h, w in ((16, 16), (8, 12)):
+        e = prior.energies(0, h, w, "cpu").reshape(2, h, w)
+        f = m.energies(0, h, w, "cpu").reshape(2, h, w)
+        torch.testing.assert_close(f, e.flip(-1))
+        assert not f[1].any()  # NaN stays: still no prior for that image
