@@ -279,7 +279,9 @@ def bench_volume():
     vol = bench_ct(slices, size)
     say(f"bench CT {slices} x {size}^2 made in {time.time() - t:.1f} s")
     res = {"slices": slices, "size": size, "input": "boltzformer.bench.volume.bench_ct(300, 512)", "runs": []}
-    for impl, detector in (("auto", False), ("auto", False), ("gather", False), ("dense", False), ("auto", True)):
+    # the last run: the opt-in mirror averaging (a second network pass per slice)
+    for impl, detector, mirror in (("auto", False, False), ("auto", False, False), ("gather", False, False),
+                                   ("dense", False, False), ("auto", True, False), ("auto", False, True)):
         t = time.time()
         seg = Segmenter.from_pretrained("resources/boltzformer-s.safetensors", device=DEVICE, attention_impl=impl)
         load_s = time.time() - t
@@ -288,11 +290,12 @@ def bench_volume():
             torch.cuda.reset_peak_memory_stats()
         stages = {}
         t = time.time()
-        r = seg.segment_volume(vol, "lung nodule", stage_times=stages, nodule_detector=detector)
+        r = seg.segment_volume(vol, "lung nodule", stage_times=stages, nodule_detector=detector, mirror=mirror)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         s = time.time() - t
-        row = {"attention_impl": impl, "nodule_detector": detector, "seconds_segment": s, "model_load_s": load_s,
+        row = {"attention_impl": impl, "nodule_detector": detector, "mirror": mirror, "seconds_segment": s,
+               "model_load_s": load_s,
                "stages_s": {k: float(v) for k, v in stages.items() if isinstance(v, (int, float))},
                "timings_s": {k: float(v) for k, v in r.timings_s.items() if isinstance(v, (int, float))},
                "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None,
@@ -300,7 +303,8 @@ def bench_volume():
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "lesions": int(len(r.lesions)) if hasattr(r, "lesions") else None}
         res["runs"].append(row)
-        say(f"volume {slices}x{size}^2 impl={impl} detector={detector}: {s:.2f} s segment (load {load_s:.2f} s), "
+        say(f"volume {slices}x{size}^2 impl={impl} detector={detector} mirror={mirror}: {s:.2f} s segment "
+            f"(load {load_s:.2f} s), "
             f"GPU peak {row['gpu_peak_mb']} MB, stages {row['stages_s']} timings {row['timings_s']}")
         _add_bench("volume", res)
         if left_s() < 15:
