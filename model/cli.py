@@ -285,6 +285,7 @@ def cmd_evaluate(args) -> int:
             summary["weights"] = seg.info.get("weights_source")
             summary["weights_sha256"] = sha256(seg.info["weights_path"])
             summary["fp_classifier_sha256"] = fp_classifier.bundled_sha256()
+            summary["mirror"] = bool(args.mirror)
             outputs.write_bytes("--json", json.dumps(summary, indent=2, default=float).encode())
     args.committed = True
     return 0

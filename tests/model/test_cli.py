@@ -117,6 +117,7 @@ def test_sample_then_evaluate_writes_a_json_summary(tmp_path, tiny_weights, caps
     assert code == 0, err
     summary = json.loads(js.read_text())
     assert summary["mean_dice"] == 0.0 and "--runs 2 --threshold 1" in summary["command"]
+    assert summary["mirror"] is DEFAULT_MIRROR
 
 
 def test_info_names_the_weights_and_their_prompts(tiny_weights, capsys):
