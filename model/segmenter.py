@@ -219,7 +219,8 @@ class Segmenter:
         mirror: also run the slices mirrored left-right and average the two probabilities (the
         second mirrored back). The network trained with random left-right flips, so the mirrored
         slice is a second view of a kind it knows; both passes draw the same sampling noise, so
-        mirroring the input mirrors the output exactly. The attention is the first pass's.
+        mirroring the input mirrors the output (up to float rounding). The attention is the first
+        pass's, and the generator ends where it would without the mirror.
 
         A 2D batch given to a context model has its neighbours replicated from the slice (what a
         single-slice image gives). Slices are resized to the network size and the probabilities

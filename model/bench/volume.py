@@ -104,11 +104,11 @@ def main(args) -> int:
     ``args.json`` (also writes the table beside it as .md), ``args.mirror``."""
     slices_list = [int(s) for s in str(getattr(args, "slices", None) or "100,300").split(",")]
     device = getattr(args, "device", None) or "auto"
+    mirror = getattr(args, "mirror", DEFAULT_MIRROR)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in slices_list:
             src = make_ct(Path(tmp) / f"ct_{n}.nii.gz", n)
-            mirror = getattr(args, "mirror", DEFAULT_MIRROR)
             cmd = [sys.executable, "-m", "boltzformer.bench.volume", "--measure", str(src),
                    str(Path(tmp) / f"mask_{n}.nii.gz"), device, "mirror" if mirror else "no-mirror"]
             if getattr(args, "weights", None):
