@@ -1,0 +1,41 @@
+"""`bench volume`'s measuring subprocess: its command line and what it reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from boltzformer.checkpoint import save_model
+from boltzformer.io import Volume, write_volume
+from boltzformer.network.boltzformer import build_model
+from boltzformer.network.config import get_config
+from boltzformer.network.text import PromptEmbedding
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Untrained test weights that know "lung nodule", and a small HU CT."""
+    folder = tmp_path_factory.mktemp("bench")
+    rng = np.random.default_rng(0)
+    bank = {"lung nodule": PromptEmbedding(rng.normal(size=(3, 384)).astype(np.float32),
+                                           rng.normal(size=384).astype(np.float32))}
+    weights = save_model(build_model(get_config("boltzformer-test"), seed=0), folder / "w.safetensors", bank)
+    hu = rng.normal(-700, 60, size=(4, 32, 32)).astype(np.int16)
+    ct = write_volume(Volume(hu, (0.8, 0.8, 2.0), (0.0, 0.0, 0.0), np.eye(3), "CT"), folder / "ct.nii.gz")
+    return str(weights), str(ct), folder
+
+
+@pytest.mark.parametrize("mirror", ["mirror", "no-mirror"])
+def test_the_measuring_process_runs_with_and_without_mirror_averaging(tiny, mirror):
+    weights, ct, folder = tiny
+    out = folder / f"mask_{mirror}.nii.gz"
+    proc = subprocess.run([sys.executable, "-m", "boltzformer.bench.volume", "--measure", ct, str(out), "cpu",
+                           mirror, weights], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["mirror"] is (mirror == "mirror") and row["slices"] == 4 and out.is_file()
+    assert row["seconds_end_to_end"] > 0 and {"encoder", "decoder", "postprocess"} <= set(row["stages_s"])
