@@ -225,7 +225,8 @@ def summary_line(result, seconds: float, device, output) -> str:
     dropped = (f" ({len(result.rejected)} more dropped by the false-positive filter; --no-fp-filter keeps them)"
                if result.rejected else "")
     return (f"{len(result.lesions)} lesion(s) for '{result.prompt}', total {total_ml:.2f} mL{dropped}; "
-            f"{result.slices[1] - result.slices[0]} slices in {seconds:.1f} s on {device}; mask -> {output}")
+            f"{result.slices[1] - result.slices[0]} slices{' (each also mirrored)' if result.mirror else ''} in "
+            f"{seconds:.1f} s on {device}; mask -> {output}")
 
 
 # -- cohort ---------------------------------------------------------------------------------------

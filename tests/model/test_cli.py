@@ -320,16 +320,17 @@ def test_a_closed_output_pipe_is_one_line_and_exit_141(tmp_path):
     assert "no output was written" in lines[0] and "Traceback" not in proc.stderr
 
 
-def test_the_summary_line_says_what_the_filters_dropped():
+def test_the_summary_line_says_what_the_filters_dropped_and_whether_slices_were_mirrored():
     from types import SimpleNamespace
 
     result = SimpleNamespace(lesions=[{"volume_mm3": 1500.0}, {"volume_mm3": 500.0}], rejected=[{}] * 9,
-                             prompt="multiple sclerosis lesion", slices=(0, 182))
+                             prompt="multiple sclerosis lesion", slices=(0, 182), mirror=False)
     line = cli.summary_line(result, 4.7, "cpu", "out.nii.gz")
     assert line == ("2 lesion(s) for 'multiple sclerosis lesion', total 2.00 mL (9 more dropped by the false-positive "
                     "filter; --no-fp-filter keeps them); 182 slices in 4.7 s on cpu; mask -> out.nii.gz")
-    result.rejected = []
-    assert "dropped" not in cli.summary_line(result, 4.7, "cpu", "out.nii.gz")
+    result.rejected, result.mirror = [], True
+    line = cli.summary_line(result, 9.1, "cpu", "out.nii.gz")
+    assert "dropped" not in line and "182 slices (each also mirrored) in 9.1 s on cpu" in line
 
 
 @pytest.mark.parametrize("flag, expected", [("--mirror", True), ("--no-mirror", False), (None, DEFAULT_MIRROR)])
