@@ -360,3 +360,4 @@ def test_mirror_switch_runs_each_slice_mirrored_too(panel, qtbot, tiny_segmenter
         panel.mirror_check.setChecked(checked)
         run_and_wait(panel, qtbot)
         assert seen and set(seen) == {checked} and panel.active_result().mirror == checked
+        assert ("each slice also mirrored" in panel.status_label.text()) == checked
