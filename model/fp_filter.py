@@ -108,12 +108,8 @@ def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, pro
         i, row = i_row
         lid = row["lesion_id"]
         box = boxes[lid - 1]
-        pad = [max(shell_vox[a], 2) + 1 for a in range(3)]
-        big = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, hu.shape))
-        region = labels[big] == lid
+        big, region, shell = postprocess.candidate_shell(labels, lid, box, shell_vox, min_pad=2)
         local = hu[big].astype(np.float32)
-        grown = postprocess.dilate_ellipsoid(region, shell_vox)
-        shell = grown & ~region
         lung_shell = float(np.mean(local[shell] < AERATED_HU)) if shell.any() else 1.0  # no shell: no evidence
         return {
             "lung_shell": lung_shell,

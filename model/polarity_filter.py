@@ -64,11 +64,9 @@ def local_contrast(labels: np.ndarray, rows: list[dict], volume: Volume, boxes=N
     def contrast(row: dict) -> float:
         lid = row["lesion_id"]
         box = boxes[lid - 1]
-        big = tuple(slice(max(0, b.start - r - 1), min(n, b.stop + r + 1))
-                    for b, r, n in zip(box, shell_vox, image.shape))
-        region = labels[big] == lid
+        big, region, shell = postprocess.candidate_shell(labels, lid, box, shell_vox)
         local = image[big].astype(np.float32)
-        shell = postprocess.dilate_ellipsoid(region, shell_vox) & ~region & (local > background)
+        shell &= local > background
         if not shell.any():
             return float("nan")
         return float(local[region].mean() - local[shell].mean())

@@ -20,7 +20,7 @@ from .io import OutputSet, Volume
 from .parallel import thread_map
 
 __all__ = [
-    "label_components", "dilate_ellipsoid", "keep_only", "remove_small_lesions", "lesion_table", "write_lesion_table",
+    "label_components", "dilate_ellipsoid", "candidate_shell", "keep_only", "remove_small_lesions", "lesion_table", "write_lesion_table",
     "lesion_table_bytes", "flat_lesion_row", "dice", "lesion_detection", "CSV_COLUMNS",
 ]
 
@@ -144,6 +144,18 @@ def dilate_ellipsoid(region: np.ndarray, radius_vox) -> np.ndarray:
         return ndimage.binary_dilation(region, structure=ball)
     distance = ndimage.distance_transform_edt(~region, sampling=1.0 / radius)
     return distance <= 1.0 + 1e-12
+
+
+def candidate_shell(labels: np.ndarray, lesion_id: int, box: tuple[slice, ...], radius_vox,
+                    min_pad: int = 0) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    """A candidate and the shell around it, in its box grown by the shell (at least `min_pad`
+    voxels) plus one voxel: (that grown box, the candidate's voxels there, its shell: the dilation
+    by an ellipsoid of radii `radius_vox` (voxels, z y x), less the candidate). labels: int (z, y,
+    x); box: the candidate's find_objects box."""
+    pad = [max(int(r), min_pad) + 1 for r in radius_vox]
+    big = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, labels.shape))
+    region = labels[big] == lesion_id
+    return big, region, dilate_ellipsoid(region, radius_vox) & ~region
 
 
 def keep_only(labels: np.ndarray, n_rows: int, kept: list[dict], *, in_place: bool = False) -> np.ndarray:

@@ -290,3 +290,18 @@ def test_ellipsoid_dilation_beyond_the_distance_transform_radius():
     y, x = np.ogrid[-ry : ry + 1, -2:3]
     np.testing.assert_array_equal(grown[1, 4 : 2 * ry + 5, 1:6], (y * 2) ** 2 + (x * ry) ** 2 <= (2 * ry) ** 2)
     assert not grown[0].any() and not grown[2].any() and grown.sum() == ((y * 2) ** 2 + (x * ry) ** 2 <= (2 * ry) ** 2).sum()
+
+
+def test_candidate_shell_is_the_ellipsoid_ring_around_the_candidate_in_its_grown_box():
+    from boltzformer.postprocess import candidate_shell, dilate_ellipsoid, find_objects
+
+    labels = np.zeros((9, 20, 20), np.uint16)
+    labels[4, 8:11, 8:11] = 1
+    labels[0:2, 0:3, 17:20] = 2  # at the scan's corner: the grown box is clipped there
+    boxes = find_objects(labels)
+    big, region, shell = candidate_shell(labels, 1, boxes[0], (1, 2, 2))
+    assert big == (slice(2, 7), slice(5, 14), slice(5, 14))
+    assert region.sum() == 9 and not (shell & region).any()
+    np.testing.assert_array_equal(shell, dilate_ellipsoid(region, (1, 2, 2)) & ~region)
+    big, region, shell = candidate_shell(labels, 2, boxes[1], (1, 1, 1), min_pad=2)
+    assert big == (slice(0, 5), slice(0, 6), slice(14, 20)) and region.sum() == 18 and shell.any()
