@@ -401,6 +401,13 @@ def cmd_bench(args) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------------
+def _add_mirror_option(parser: argparse.ArgumentParser) -> None:
+    """--mirror / --no-mirror, as segment, cohort and evaluate share it (default: DEFAULT_MIRROR)."""
+    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
+                        help="average each slice with its left-right mirror image (a second network pass per "
+                             f"slice; {'on' if DEFAULT_MIRROR else 'off'} by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="boltzformer", description="Text-prompted lesion segmentation in CT and MRI (BoltzFormer).")
     p.add_argument("--version", action="version", version=f"boltzformer {__version__}")
@@ -423,9 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", default=None, help="slice range START:STOP (0-based, stop excluded)")
     s.add_argument("--runs", type=RUNS, default=1,
                    help=f"sampling runs, 1 to {MAX_RUNS}; > 1 gives mean probability and uncertainty")
-    s.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
-                   help="average each slice with its left-right mirror image (a second network pass per slice; "
-                        f"{'on' if DEFAULT_MIRROR else 'off'} by default)")
+    _add_mirror_option(s)
     s.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³, >= 0)")
     s.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     s.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
@@ -471,9 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", default=None, help="CT window: lung, mediastinum, soft_tissue, liver, bone, brain")
     c.add_argument("--modality", default="auto", choices=("auto", "CT", "MR"))
     c.add_argument("--runs", type=RUNS, default=1, help=f"sampling runs per scan, 1 to {MAX_RUNS}")
-    c.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
-                   help="average each slice with its left-right mirror image (a second network pass per slice; "
-                        f"{'on' if DEFAULT_MIRROR else 'off'} by default)")
+    _add_mirror_option(c)
     c.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³)")
     c.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     c.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
@@ -500,9 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--threshold", type=PROBABILITY, default=0.5, help="probability threshold, as in segment")
     e.add_argument("--runs", type=RUNS, default=1, help="sampling runs averaged per slice, as in segment")
-    e.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
-                   help="average each slice with its left-right mirror image (a second network pass per slice; "
-                        f"{'on' if DEFAULT_MIRROR else 'off'} by default)")
+    _add_mirror_option(e)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
