@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from boltzformer import postprocess
 from boltzformer.evaluate import read_split
 from boltzformer.io import Volume, read_volume
-from boltzformer.options import DEFAULT_MIRROR
+from boltzformer.options import DEFAULT_MIRROR, DEFAULT_PLANES, PLANES
 from boltzformer.segmenter import Segmenter
 from boltzformer.synth.sample import SAMPLES
 from boltzformer.training.data import REAL_SPLIT, default_real_dir
@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
                     help="average each slice with its mirror image (Segmenter.iter_segment)")
+    ap.add_argument("--planes", choices=PLANES, default=DEFAULT_PLANES, help="which planes (Segmenter.iter_segment)")
     ap.add_argument("--real-dir", type=Path, default=default_real_dir() or CHECKOUT_REAL_DIR,
                     help="folder of the real cases (default: $BOLTZFORMER_REAL_DATA, else ../shared/data/real)")
     args = ap.parse_args()
@@ -102,8 +103,8 @@ def main():
     if not (folder / "cases.csv").is_file():
         raise SystemExit(f"{folder}: no cases.csv (give --real-dir or set BOLTZFORMER_REAL_DATA)")
     seg = Segmenter.from_pretrained(args.weights, device="cpu")
-    seg.segment_volume = functools.partial(seg.segment_volume, mirror=args.mirror)  # every run here
-    result = {"weights": seg.info.get("weights_path"), "mirror": args.mirror,
+    seg.segment_volume = functools.partial(seg.segment_volume, mirror=args.mirror, planes=args.planes)  # every run here
+    result = {"weights": seg.info.get("weights_path"), "mirror": args.mirror, "planes": args.planes,
               "chest_false_positives": chest_false_positives(seg, folder),
               "ms_brains": ms_brains(seg, folder), "lps_vs_ras": orientation_agreement(seg)}
     if args.json:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import BoltzformerError
-from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR
+from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, PLANES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -175,6 +175,7 @@ def cmd_segment(args) -> int:
             threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, return_attention=bool(args.attention),
             batch_size=args.batch_size, fp_reduction=not args.no_fp_filter, force_prompt=args.force_prompt,
             min_nodule_score=args.min_nodule_score, nodule_detector=args.nodule_detector, mirror=args.mirror,
+            planes=args.planes,
         )
         bar = None
         if not args.quiet:
@@ -225,8 +226,15 @@ def summary_line(result, seconds: float, device, output) -> str:
     dropped = (f" ({len(result.rejected)} more dropped by the false-positive filter; --no-fp-filter keeps them)"
                if result.rejected else "")
     return (f"{len(result.lesions)} lesion(s) for '{result.prompt}', total {total_ml:.2f} mL{dropped}; "
-            f"{result.slices[1] - result.slices[0]} slices{' (each also mirrored)' if result.mirror else ''} in "
+            f"{result.slices[1] - result.slices[0]} slices{_passes_note(result)} in "
             f"{seconds:.1f} s on {device}; mask -> {output}")
+
+
+def _passes_note(result) -> str:
+    """What the network ran besides one pass per axial slice, for the summary line."""
+    notes = (["each also mirrored"] if result.mirror else []) + (
+        ["three planes: the coronal and sagittal slices too"] if result.planes == "three" else [])
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 # -- cohort ---------------------------------------------------------------------------------------
@@ -239,7 +247,7 @@ def cmd_cohort(args) -> int:
     options = ScanOptions(
         threshold=args.threshold, window=args.window, modality=None if args.modality == "auto" else args.modality,
         runs=args.runs, seed=args.seed, min_lesion_mm3=args.min_lesion_mm3, fp_reduction=not args.no_fp_filter,
-        nodule_detector=args.nodule_detector, mirror=args.mirror,
+        nodule_detector=args.nodule_detector, mirror=args.mirror, planes=args.planes,
         force_prompt=args.force_prompt, batch_size=args.batch_size, allow_gaps=args.allow_gaps, device=args.device,
     )
     summary = run_cohort(args.input, args.out_dir, args.prompt, options, weights=args.weights, workers=args.workers,
@@ -279,7 +287,7 @@ def cmd_evaluate(args) -> int:
         cases = [c for c in args.cases.split(",") if c] if args.cases else None
         summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, split_file=args.split_file,
                                progress=not args.quiet, seed=args.seed, threshold=args.threshold, runs=args.runs,
-                               mirror=args.mirror)
+                               mirror=args.mirror, planes=args.planes)
         print(format_table(summary))
         if args.json:
             summary["command"] = "boltzformer " + " ".join(sys.argv[1:]) if args.argv is None else "boltzformer " + " ".join(args.argv)
@@ -287,6 +295,7 @@ def cmd_evaluate(args) -> int:
             summary["weights_sha256"] = sha256(seg.info["weights_path"])
             summary["fp_classifier_sha256"] = fp_classifier.bundled_sha256()
             summary["mirror"] = bool(args.mirror)
+            summary["planes"] = args.planes
             outputs.write_bytes("--json", json.dumps(summary, indent=2, default=float).encode())
     args.committed = True
     return 0
@@ -401,11 +410,15 @@ def cmd_bench(args) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------------
-def _add_mirror_option(parser: argparse.ArgumentParser) -> None:
-    """--mirror / --no-mirror, as segment, cohort and evaluate share it (default: DEFAULT_MIRROR)."""
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """--mirror / --no-mirror and --planes, as segment, cohort and evaluate share them."""
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
                         help="average each slice with its left-right mirror image (a second network pass per "
                              f"slice; {'on' if DEFAULT_MIRROR else 'off'} by default)")
+    parser.add_argument("--planes", choices=PLANES, default=DEFAULT_PLANES,
+                        help="segment the axial slices only; or three planes (also the coronal and sagittal slices, "
+                             "the median of the three per voxel: two more network sweeps); or auto (three planes on "
+                             f"nearly isotropic 3D MR, axial otherwise). Default: {DEFAULT_PLANES}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", default=None, help="slice range START:STOP (0-based, stop excluded)")
     s.add_argument("--runs", type=RUNS, default=1,
                    help=f"sampling runs, 1 to {MAX_RUNS}; > 1 gives mean probability and uncertainty")
-    _add_mirror_option(s)
+    _add_inference_options(s)
     s.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³, >= 0)")
     s.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     s.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
@@ -476,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", default=None, help="CT window: lung, mediastinum, soft_tissue, liver, bone, brain")
     c.add_argument("--modality", default="auto", choices=("auto", "CT", "MR"))
     c.add_argument("--runs", type=RUNS, default=1, help=f"sampling runs per scan, 1 to {MAX_RUNS}")
-    _add_mirror_option(c)
+    _add_inference_options(c)
     c.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³)")
     c.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
     c.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
@@ -503,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--threshold", type=PROBABILITY, default=0.5, help="probability threshold, as in segment")
     e.add_argument("--runs", type=RUNS, default=1, help="sampling runs averaged per slice, as in segment")
-    _add_mirror_option(e)
+    _add_inference_options(e)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 

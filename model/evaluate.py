@@ -19,7 +19,7 @@ import numpy as np
 from . import postprocess
 from .errors import InputError
 from .io import read_volume
-from .options import DEFAULT_MIRROR
+from .options import DEFAULT_MIRROR, DEFAULT_PLANES
 
 
 def read_cases(folder: Path) -> list[dict]:
@@ -66,7 +66,7 @@ def modality_of(text: str | None) -> str | None:
 
 def evaluate_dir(folder, segmenter, case_ids=None, split: str | None = None, progress: bool = True,
                  seed: int = 0, threshold: float = 0.5, runs: int = 1, split_file=None,
-                 mirror: bool = DEFAULT_MIRROR) -> dict:
+                 mirror: bool = DEFAULT_MIRROR, planes: str = DEFAULT_PLANES) -> dict:
     """Segment every case and compare with its mask. Returns {"cases": [...], means...}.
 
     ``case_ids``: only these cases; ``split``: only the cases that ``split_file`` (see
@@ -93,7 +93,7 @@ def evaluate_dir(folder, segmenter, case_ids=None, split: str | None = None, pro
             raise InputError(folder / f"{cid}_mask.nii.gz", f"shape {truth.shape} differs from its image {image.shape}")
         t = time.perf_counter()
         res = segmenter.segment_volume(image, row["prompt"], modality=modality_of(row.get("modality")), seed=seed,
-                                       threshold=threshold, runs=runs, mirror=mirror)
+                                       threshold=threshold, runs=runs, mirror=mirror, planes=planes)
         seconds = time.perf_counter() - t
         det = postprocess.lesion_detection(res.mask > 0, truth, image.spacing_mm, min_lesion_mm3=res.min_lesion_mm3)
         extra = {k: v for k, v in row.items() if k not in ("case_id", "prompt", "source_repo_or_package", "license", "notes")}

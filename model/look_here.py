@@ -132,7 +132,8 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
     slices without a prior (the control of benchmarks/look_here.py). The 3D false-positive filter
     is not applied: the reader is pointing at the spot. Raises BoltzformerError for a click
     outside the volume or a volume that is not axial (only its slices can be re-run). mirror: as
-    in Segmenter.iter_segment (the panel passes the setting of the run it reviews).
+    in Segmenter.iter_segment (the panel passes the setting of the run it reviews). The slices are
+    re-run axially, whichever planes the run reviewed used.
     """
     from . import fp_classifier, fp_filter, postprocess
 
@@ -146,7 +147,8 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
     result = segmenter.segment_volume(
         volume, prompt, slices=(start, stop), threshold=threshold, min_lesion_mm3=min_lesion_mm3, seed=seed,
         window=window, modality=modality, fp_reduction=False, force_prompt=force_prompt, prior=prior,
-        batch_size=batch_size, return_attention=return_attention, mirror=mirror)
+        batch_size=batch_size, return_attention=return_attention, mirror=mirror,
+        planes="axial")  # the click pulls each axial slice's sampling; coronal and sagittal passes would dilute it
     probabilities = np.ascontiguousarray(result.probabilities[start:stop])
     spacing_zyx = np.asarray(volume.spacing_mm, float)[::-1]
     labels = result.labels[start:stop]

@@ -189,6 +189,7 @@ class SegmentationResult:
     runs: int
     uncertainty: np.ndarray | None = None  # float32 (z, y, x), variance over sampling seeds
     mirror: bool = False  # each slice averaged with its left-right mirror image (Segmenter.predict_batch)
+    planes: str = "axial"  # "three": the median of the axial, coronal and sagittal passes (boltzformer.planes)
     attention: AttentionMaps | None = None
     lesions: list[dict] = field(default_factory=list)
     window: str | None = None

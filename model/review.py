@@ -324,6 +324,7 @@ class Review:
             "slices_processed": [int(result.slices[0]), int(result.slices[1])],
             "runs": int(result.runs),
             "mirror": bool(result.mirror),
+            "planes": result.planes,
             "window": result.window,
             "modality": result.modality,
             "mask_holds": "accepted and unreviewed lesions" if include_unreviewed else "accepted lesions only",

@@ -28,7 +28,8 @@ from .errors import BoltzformerError, PromptError
 from .io import Volume
 from .network.boltzformer import BoltzFormer
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
-from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, check_prompt_text
+from . import planes as planes_mod
+from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, check_prompt_text
 from .orientation import to_canonical
 from .results import AttentionMaps, SegmentationResult, attention_to_input, to_input
 
@@ -42,7 +43,7 @@ MIN_PROMPT_SIMILARITY = 0.54
 @dataclass
 class Progress:
     slices_done: int
-    slices_total: int  # slices x runs
+    slices_total: int  # slices x runs (with three planes, the coronal and sagittal slices too)
     elapsed_s: float
 
     @property
@@ -104,14 +105,16 @@ def _warn_untrained_sequence(volume: Volume, prompt: str, modality: str, warning
 
 class _Sweep:
     """What the runs over n slices accumulate on the canonical grid (z, y, x): the running mean
-    probability and, for runs > 1, Welford's sum of squares across sampling seeds."""
+    probability and, for runs > 1, Welford's sum of squares across sampling seeds. extra: slices
+    of the coronal and sagittal passes per run (three planes), counted in the progress only."""
 
-    def __init__(self, shape, n: int, runs: int):
+    def __init__(self, shape, n: int, runs: int, extra: int = 0):
         self.n, self.runs = n, runs
         self.mean = np.zeros(shape, np.float32)
         self.m2 = np.zeros(shape, np.float32) if runs > 1 else None
         self.attention: AttentionMaps | None = None
-        self.done = 0  # slices processed, all runs together
+        self.done = 0  # axial slices processed, all runs together
+        self.steps, self.total_steps = 0, (n + extra) * runs  # slices of every plane, for the progress
         self.complete = True
 
     def add(self, run: int, sl: slice, prob: np.ndarray) -> None:
@@ -322,6 +325,7 @@ class Segmenter:
         prior=None,
         nodule_detector: bool = False,
         mirror: bool = DEFAULT_MIRROR,
+        planes: str = DEFAULT_PLANES,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Segment every slice (or slices [start, stop)) of `volume` for `prompt`.
 
@@ -338,7 +342,9 @@ class Segmenter:
         3D nodule detector (boltzformer.nodule_detector; off by default, see the model card).
         mirror: average every slice's probabilities with those of the slice mirrored left-right
         (test-time augmentation: a second network pass per slice; see predict_batch and the model
-        card).
+        card). planes: "axial"; "three" (the coronal and sagittal slices too, the median of the
+        three planes per voxel); "auto" (three on nearly isotropic 3D MR, else axial); see
+        boltzformer.planes. The result's ``planes`` says which ran.
         """
         t_start = time.perf_counter()
         timings = {}
@@ -347,6 +353,7 @@ class Segmenter:
             raise BoltzformerError("runs must be at least 1")
         if not 0.0 <= threshold <= 1.0:
             raise BoltzformerError("threshold must be between 0 and 1")
+        planes_mod.check_planes(planes)
         # 1. the canonical axial grid (the orientation the network was trained in) and the range on it
         frame, reo, input_range, (start, stop) = _canonical_range(volume, slices, warnings)
         # 2. intensities: modality, CT stored as HU + 1024 brought back, window or normalisation
@@ -354,17 +361,25 @@ class Segmenter:
         frame = _undo_shifted_hu(frame, modality, warnings)
         _warn_untrained_sequence(volume, text, modality, warnings)
         t = time.perf_counter()
-        prepared, lo, window = self._prepare(frame, start, stop, modality, window, text, warnings)
+        native, lo, window = self._prepare(frame, start, stop, modality, window, text, warnings)
+        offsets = self.model.cfg.context_offsets_mm
+        prepared = self._to_network_size(native) if offsets else native  # each slice resized once
+        three = planes_mod.choose(planes, modality, (stop - start,) + frame.shape[1:], frame.spacing_mm, warnings)
+        cuts = [planes_mod.PlaneCut(p, (stop - start,) + frame.shape[1:], frame.spacing_mm)
+                for p in planes_mod.CUT_PLANES] if three else []
         timings["preprocess"] = time.perf_counter() - t
         # 3. the network over the slices, `runs` times: mean, variance, attention maps
         embedding = self.embed([text])[0]
         # the click's in-plane position as fractions of the canonical slice (any network size)
         click_yx = None if prior is None else prior.yx_fraction(reo, volume.shape, frame.shape)
         timings["inference"] = 0.0
-        sweep = _Sweep(frame.shape, stop - start, runs)
+        sweep = _Sweep(frame.shape, stop - start, runs, extra=sum(c.n_slices for c in cuts))
         yield from self._run_slices(sweep, prepared, lo, start, frame, embedding, click_yx, prior, seed,
                                     batch_size or self.default_batch_size(), return_attention, should_stop,
-                                    stage_times, timings, t_start, mirror)
+                                    stage_times, timings, t_start, mirror, cuts, native[start - lo : stop - lo])
+        if cuts and not sweep.complete:
+            warnings.append("stopped before the coronal and sagittal passes ended: the probabilities are the "
+                            "axial pass's")
         # 4. back on the input's grid; threshold, components, lesion table, false-positive filter
         t = time.perf_counter()
         uncertainty = None if sweep.m2 is None else sweep.m2 / runs
@@ -377,7 +392,7 @@ class Segmenter:
             # slices_done - slices[0] = slices finished (on a z-flipped input they are the last ones)
             timings_s=timings, complete=sweep.complete, slices_done=input_range[0] + min(sweep.done, sweep.n),
             frame=frame, reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
-            nodule_detector=nodule_detector, mirror=mirror,
+            nodule_detector=nodule_detector, mirror=mirror, planes="three" if cuts and sweep.complete else "axial",
         )
         result.rethreshold(threshold)
         timings["postprocess"] = time.perf_counter() - t
@@ -386,7 +401,7 @@ class Segmenter:
 
     def _prepare(self, frame: Volume, start: int, stop: int, modality: str, window, text: str, warnings: list):
         """Slices [start, stop) of the canonical frame, and the 2.5D context a few mm beyond, as
-        network input -> (prepared (z, S, S) float32 in [0, 1], index of its first slice, window
+        network input -> (prepared (z, H, W) float32 in [0, 1], index of its first slice, window
         used or None)."""
         offsets = self.model.cfg.context_offsets_mm
         margin = context_margin(frame.spacing_mm[2], offsets) if frame.shape[0] > 1 else 0
@@ -395,20 +410,23 @@ class Segmenter:
         prepared, info = intensity.prepare_slices(frame.array[lo:hi], modality=modality, window=window, prompt=text)
         warnings += info.get("warnings", [])
         window = info.get("window", window)  # None when the CT was not in HU and windowing was skipped
-        if offsets:  # resize each slice once, not once per context channel that uses it
-            prepared = self._to_network_size(prepared)
         return prepared, lo, window
 
     def _run_slices(self, sweep: "_Sweep", prepared, lo, start, frame, embedding, click_yx, prior, seed, bs,
                     return_attention, should_stop, stage_times, timings, t_start,
-                    mirror: bool) -> Generator[Progress, None, None]:
-        """Batches of slices through the network, run after run, into ``sweep``; yields Progress."""
+                    mirror: bool, cuts=(), native=None) -> Generator[Progress, None, None]:
+        """Batches of slices through the network, run after run, into ``sweep``; yields Progress.
+        cuts: the coronal and sagittal planes.PlaneCut to run after each run's axial pass, on
+        ``native`` (the range's prepared slices, (n, H, W)); the run then adds the median of the
+        three planes (the axial pass alone when stopped before the cuts end)."""
         offsets = self.model.cfg.context_offsets_mm
         z_mm = frame.spacing_mm[2]
         n = sweep.n
         for run in range(sweep.runs):
             generator = self._generator(seed + run)
             want_att = return_attention and run == 0
+            axial = np.zeros((n,) + frame.shape[1:], np.float32) if cuts else None
+            done = 0  # axial slices of this run
             for b0 in range(0, n, bs):
                 if should_stop is not None and should_stop():
                     sweep.complete = False
@@ -421,12 +439,51 @@ class Segmenter:
                 prob, layers = self.predict_batch(batch, embedding, generator, want_att, stage_times,
                                                   out_hw=frame.shape[1:], prior=point, mirror=mirror)
                 timings["inference"] += time.perf_counter() - t
-                sweep.add(run, slice(start + b0, start + b1), prob)
+                if axial is None:
+                    sweep.add(run, slice(start + b0, start + b1), prob)
+                else:
+                    axial[b0:b1] = prob
                 if want_att:
                     if sweep.attention is None:
                         sweep.attention = AttentionMaps.empty(layers, n, start, frame.shape[1:], self.model.cfg.num_queries)
                     sweep.attention.store(layers, b0)
+                done = b1
                 sweep.done += b1 - b0
-                yield Progress(sweep.done, n * sweep.runs, time.perf_counter() - t_start)
+                sweep.steps += b1 - b0
+                yield Progress(sweep.steps, sweep.total_steps, time.perf_counter() - t_start)
+            if axial is not None:
+                views = [axial]
+                for cut in cuts if sweep.complete else ():
+                    view = yield from self._run_cut(cut, native, embedding, generator, bs, sweep, should_stop,
+                                                    stage_times, timings, t_start, mirror)
+                    if view is None:
+                        break
+                    views.append(view)
+                fused = planes_mod.median_of_three(*views) if len(views) == 3 else axial[:done]
+                sweep.add(run, slice(start, start + len(fused)), fused)
             if not sweep.complete:
                 break
+
+    def _run_cut(self, cut: "planes_mod.PlaneCut", native: np.ndarray, embedding, generator, bs, sweep: "_Sweep",
+                 should_stop, stage_times, timings, t_start, mirror: bool):
+        """One coronal or sagittal pass over ``native`` (n, H, W) -> its probabilities on that
+        axial grid (n, H, W) float32, or None when stopped; yields Progress."""
+        offsets = self.model.cfg.context_offsets_mm
+        out = np.zeros(native.shape, np.float32)
+        # a context model needs each cut slice's neighbours: the whole stack at the network size
+        stack = self._to_network_size(cut.images(native, 0, cut.n_slices)) if offsets else None
+        for b0 in range(0, cut.n_slices, bs):
+            if should_stop is not None and should_stop():
+                sweep.complete = False
+                return None
+            b1 = min(cut.n_slices, b0 + bs)
+            t = time.perf_counter()
+            batch = (context_stack(stack, np.arange(b0, b1), cut.slice_spacing_mm, offsets) if offsets
+                     else cut.images(native, b0, b1))
+            prob, _ = self.predict_batch(batch, embedding, generator, stage_times=stage_times,
+                                         out_hw=(cut.side, cut.side), mirror=mirror)
+            timings["inference"] += time.perf_counter() - t
+            cut.to_axial(prob, out, b0)
+            sweep.steps += b1 - b0
+            yield Progress(sweep.steps, sweep.total_steps, time.perf_counter() - t_start)
+        return out

@@ -49,7 +49,7 @@ def build_ui(panel) -> None:
     """The controls of a BoltzFormerWidget, laid out in `panel` and wired to its methods."""
     from boltzformer import intensity
     from boltzformer.devices import available_devices
-    from boltzformer.options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR
+    from boltzformer.options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES
 
     # Everything in a scroll area: a short window scrolls the panel instead of squeezing its
     # rows into each other.
@@ -171,6 +171,13 @@ def build_ui(panel) -> None:
     panel.mirror_check.setToolTip("Average each slice with its left-right mirror image (test-time augmentation): a "
                                   "second network pass per slice, about twice the inference time; applies to the "
                                   "next run")
+    panel.planes_combo = QComboBox()
+    for label, value in (("axial", "axial"), ("3 planes", "three"), ("planes: auto", "auto")):
+        panel.planes_combo.addItem(label, value)
+    panel.planes_combo.setCurrentIndex(panel.planes_combo.findData(DEFAULT_PLANES))
+    panel.planes_combo.setToolTip("axial: segment the axial slices. 3 planes: also the coronal and sagittal slices, "
+                                  "the median of the three per voxel (about three times the inference time). auto: "
+                                  "3 planes on nearly isotropic 3D MR, axial otherwise; applies to the next run")
     panel.force_prompt_check = QCheckBox("force prompt")
     panel.force_prompt_check.setToolTip("Run a prompt even when it names nothing the model was trained to find")
     panel.probability_check.setText("probability")
@@ -187,6 +194,7 @@ def build_ui(panel) -> None:
     checks.addWidget(panel.detector_check, 2, 0)
     checks.addWidget(panel.keep_partial_check, 2, 1)
     checks.addWidget(panel.mirror_check, 3, 0)
+    checks.addWidget(panel.planes_combo, 3, 1)
     rform.addRow("Outputs", checks)
     buttons = QHBoxLayout()
     panel.run_button = QPushButton("Run")

@@ -263,6 +263,7 @@ class BoltzFormerWidget(QWidget):
             "fp_reduction": self.fp_check.isChecked(),
             "nodule_detector": self.detector_check.isChecked(),
             "mirror": self.mirror_check.isChecked(),
+            "planes": self.planes_combo.currentData(),
             "force_prompt": self.force_prompt_check.isChecked(),
         }
         return RunRequest(
@@ -370,7 +371,8 @@ class BoltzFormerWidget(QWidget):
             # No count here: the threshold, the filters and the detector switch change it later,
             # and the Lesions box above the table always shows the current one.
             mirrored = ", each slice also mirrored" if result.mirror else ""
-            self.status_label.setText(f"done in {_format_seconds(elapsed)} on {outcome.device}{mirrored}")
+            planes = ", in three planes" if result.planes == "three" else ""
+            self.status_label.setText(f"done in {_format_seconds(elapsed)} on {outcome.device}{mirrored}{planes}")
         self.show_result(result, request, num_queries=outcome.num_queries, target=outcome.target, kind=outcome.kind)
 
     def _on_finished(self):

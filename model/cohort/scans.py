@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from ..errors import BoltzformerError, InputError, os_problem
 from ..io import DICOM_EXTENSIONS, extension_of, has_dicom_preamble, INPUT_EXTENSIONS
-from ..options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR
+from ..options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES
 
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class ScanOptions:
     fp_reduction: bool = True
     nodule_detector: bool = False  # lung nodule prompts on HU CT: the opt-in 3D nodule detector
     mirror: bool = DEFAULT_MIRROR  # each slice averaged with its left-right mirror image
+    planes: str = DEFAULT_PLANES  # "axial", "three" or "auto" (boltzformer.planes)
     force_prompt: bool = False
     batch_size: int | None = None  # slices per batch (default: 8 CPU, 32 GPU); the draws follow it
     allow_gaps: bool = False
@@ -69,7 +70,7 @@ class ScanOptions:
                 digest = bundled_sha256(DETECTOR_WEIGHTS_NAME)
                 fp += f" nodule_detector={'on:' + digest[:12] if digest else 'on'}"
         return (f"threshold={self.threshold:g} window={self.window or 'auto'} modality={self.modality or 'auto'} "
-                f"runs={self.runs} seed={self.seed} mirror={'on' if self.mirror else 'off'} "
+                f"runs={self.runs} seed={self.seed} mirror={'on' if self.mirror else 'off'} planes={self.planes} "
                 f"min_lesion_mm3={self.min_lesion_mm3:g} "
                 f"fp_filter={fp} force_prompt={'yes' if self.force_prompt else 'no'} "
                 f"batch_size={self.batch_size or 'auto'} allow_gaps={'yes' if self.allow_gaps else 'no'} "

@@ -179,7 +179,7 @@ def segment_scan(plugin_name: str, scan: Scan, options: ScanOptions, out_dir: st
             volume, scan.prompt, window=options.window, modality=options.modality, runs=options.runs, seed=options.seed,
             threshold=options.threshold, min_lesion_mm3=options.min_lesion_mm3, batch_size=options.batch_size,
             fp_reduction=options.fp_reduction, force_prompt=options.force_prompt,
-            nodule_detector=options.nodule_detector, mirror=options.mirror,
+            nodule_detector=options.nodule_detector, mirror=options.mirror, planes=options.planes,
         )
         warnings += result.warnings
         write_volume(result.mask_volume(), mask, overwrite=True)  # atomic: temporary, checked, renamed

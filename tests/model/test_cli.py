@@ -320,17 +320,22 @@ def test_a_closed_output_pipe_is_one_line_and_exit_141(tmp_path):
     assert "no output was written" in lines[0] and "Traceback" not in proc.stderr
 
 
-def test_the_summary_line_says_what_the_filters_dropped_and_whether_slices_were_mirrored():
+def test_the_summary_line_says_what_the_filters_dropped_and_which_passes_ran():
     from types import SimpleNamespace
 
     result = SimpleNamespace(lesions=[{"volume_mm3": 1500.0}, {"volume_mm3": 500.0}], rejected=[{}] * 9,
-                             prompt="multiple sclerosis lesion", slices=(0, 182), mirror=False)
+                             prompt="multiple sclerosis lesion", slices=(0, 182), mirror=False, planes="axial")
     line = cli.summary_line(result, 4.7, "cpu", "out.nii.gz")
     assert line == ("2 lesion(s) for 'multiple sclerosis lesion', total 2.00 mL (9 more dropped by the false-positive "
                     "filter; --no-fp-filter keeps them); 182 slices in 4.7 s on cpu; mask -> out.nii.gz")
     result.rejected, result.mirror = [], True
     line = cli.summary_line(result, 9.1, "cpu", "out.nii.gz")
     assert "dropped" not in line and "182 slices (each also mirrored) in 9.1 s on cpu" in line
+    result.planes = "three"
+    line = cli.summary_line(result, 27.0, "cpu", "out.nii.gz")
+    assert ("182 slices (each also mirrored; three planes: the coronal and sagittal slices too) in 27.0 s" in line)
+    result.mirror = False
+    assert "182 slices (three planes: the coronal and sagittal slices too) in" in cli.summary_line(result, 1, "cpu", "o")
 
 
 @pytest.mark.parametrize("flag, expected", [("--mirror", True), ("--no-mirror", False), (None, DEFAULT_MIRROR)])
