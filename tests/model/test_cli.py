@@ -18,7 +18,7 @@ from boltzformer.io import Volume, read_volume, write_volume
 from boltzformer.network.boltzformer import build_model
 from boltzformer.network.config import get_config
 from boltzformer.network.text import PromptEmbedding
-from boltzformer.options import DEFAULT_MIRROR
+from boltzformer.options import DEFAULT_MIRROR, DEFAULT_PLANES
 
 PROMPT = "lung nodule"
 
@@ -336,6 +336,29 @@ def test_the_summary_line_says_what_the_filters_dropped_and_which_passes_ran():
     assert ("182 slices (each also mirrored; three planes: the coronal and sagittal slices too) in 27.0 s" in line)
     result.mirror = False
     assert "182 slices (three planes: the coronal and sagittal slices too) in" in cli.summary_line(result, 1, "cpu", "o")
+
+
+@pytest.mark.parametrize("flag, expected", [("three", "three"), ("auto", "auto"), (None, DEFAULT_PLANES)])
+def test_planes_option_reaches_the_segmenter(ct_path, tmp_path, tiny_weights, capsys, monkeypatch, flag, expected):
+    """segment --planes (default: options.DEFAULT_PLANES) reaches iter_segment; the run's last line
+    says when three planes ran."""
+    from boltzformer.segmenter import Segmenter
+
+    seen = []
+    original = Segmenter.iter_segment
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("planes"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "iter_segment", spy)
+    extra = ["--planes", flag] if flag else []
+    code, out, err = run(segment_args(ct_path, tmp_path / "m.nii.gz", tiny_weights, *extra), capsys)
+    assert code == 0, err
+    assert seen == [expected]
+    # the small CT (auto: CT stays axial; three: too thin along one axis, said as a warning)
+    assert "three planes" not in out
+    assert ("three planes were not run" in err) == (flag == "three")
 
 
 @pytest.mark.parametrize("flag, expected", [("--mirror", True), ("--no-mirror", False), (None, DEFAULT_MIRROR)])

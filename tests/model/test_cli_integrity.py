@@ -251,6 +251,7 @@ def test_sform_that_disagrees_with_the_qform_is_followed(tmp_path, tiny_weights,
     (["--runs", "1000"], "--runs 1000: must be at most 100"),
     (["--seed", str(2**63 - 1), "--runs", "2"], "run seeds go up to seed + runs - 1"),
     (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    (["--planes", "coronal"], "--planes: invalid choice: 'coronal'"),
 ])
 def test_option_values_are_checked_as_they_are_parsed(extra, expected, ct_path, tmp_path, tiny_weights, capsys,
                                                       no_inference):

@@ -203,7 +203,7 @@ def test_sidecar_records_the_run_the_statuses_and_the_actions():
     assert rv.sidecar_path("t.CSV").name == "t.review.json"
     assert back["format"] == rv.SIDECAR_FORMAT and back["prompt"] == "liver lesion"
     assert back["weights_sha256"] == "ab" * 32 and back["threshold"] == 0.5 and back["seed"] == 3
-    assert back["runs"] == 1 and back["mirror"] is False
+    assert back["runs"] == 1 and back["mirror"] is False and back["planes"] == "axial"
     assert back["mask_holds"] == "accepted lesions only" and back["files"]["mask"] == "/x/m.nii.gz"
     assert back["counts"] == {"unreviewed": 3, "accepted": 1, "rejected": 0}
     assert [a["action"] for a in back["actions"]] == ["accept", "reject", "undo"]

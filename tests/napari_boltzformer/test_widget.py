@@ -361,3 +361,31 @@ def test_mirror_switch_runs_each_slice_mirrored_too(panel, qtbot, tiny_segmenter
         run_and_wait(panel, qtbot)
         assert seen and set(seen) == {checked} and panel.active_result().mirror == checked
         assert ("each slice also mirrored" in panel.status_label.text()) == checked
+
+
+def test_planes_choice_reaches_the_run_and_the_status_line(viewer, tiny_segmenter, qtbot, monkeypatch):
+    """The planes box (default: options.DEFAULT_PLANES) reaches the next run; a three-plane run is
+    said in the status line and recorded on the result."""
+    from boltzformer.options import DEFAULT_PLANES
+
+    from .conftest import panel_on, stop
+
+    add_volume(viewer, ct_volume(shape=(14, 48, 42)))  # 35 x 34 x 34 mm: deep enough for coronal and sagittal cuts
+    panel = panel_on(viewer, tiny_segmenter)
+    assert panel.planes_combo.currentData() == DEFAULT_PLANES
+    seen = []
+    original = tiny_segmenter.iter_segment
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("planes"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_segmenter, "iter_segment", spy)
+    try:
+        for value in ("three", "axial"):
+            panel.planes_combo.setCurrentIndex(panel.planes_combo.findData(value))
+            run_and_wait(panel, qtbot)
+            assert seen[-1] == value and panel.active_result().planes == value
+            assert ("in three planes" in panel.status_label.text()) == (value == "three")
+    finally:
+        stop(panel)

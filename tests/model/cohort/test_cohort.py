@@ -347,3 +347,9 @@ def test_options_key_names_mirror_averaging():
     """Mirror averaging changes every probability: --resume must not keep masks made without it."""
     on, off = ScanOptions(mirror=True), ScanOptions(mirror=False)
     assert "mirror=on" in on.key() and "mirror=off" in off.key()
+
+
+def test_options_key_names_the_planes():
+    """Three planes change the probabilities of the volumes they run on: --resume must not skip."""
+    keys = {p: ScanOptions(planes=p).key() for p in ("axial", "three", "auto")}
+    assert all(f"planes={p}" in k for p, k in keys.items()) and len(set(keys.values())) == 3
