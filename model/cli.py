@@ -223,10 +223,11 @@ def cmd_segment(args) -> int:
 def summary_line(result, seconds: float, device, output) -> str:
     """What `segment` prints when it is done: lesions, volume, what the filters dropped, time."""
     total_ml = sum(r["volume_mm3"] for r in result.lesions) / 1000
+    n_slices = result.slices[1] - result.slices[0]
     dropped = (f" ({len(result.rejected)} more dropped by the false-positive filter; --no-fp-filter keeps them)"
                if result.rejected else "")
     return (f"{len(result.lesions)} lesion(s) for '{result.prompt}', total {total_ml:.2f} mL{dropped}; "
-            f"{result.slices[1] - result.slices[0]} slices{_passes_note(result)} in "
+            f"{n_slices} slice{'' if n_slices == 1 else 's'}{_passes_note(result)} in "
             f"{seconds:.1f} s on {device}; mask -> {output}")
 
 

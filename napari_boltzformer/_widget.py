@@ -370,9 +370,8 @@ class BoltzFormerWidget(QWidget):
         else:
             # No count here: the threshold, the filters and the detector switch change it later,
             # and the Lesions box above the table always shows the current one.
-            mirrored = ", each slice also mirrored" if result.mirror else ""
-            planes = ", in three planes" if result.planes == "three" else ""
-            self.status_label.setText(f"done in {_format_seconds(elapsed)} on {outcome.device}{mirrored}{planes}")
+            passes = (", each slice also mirrored" if result.mirror else "") + (", in three planes" if result.planes == "three" else "")
+            self.status_label.setText(f"done in {_format_seconds(elapsed)} on {outcome.device}{passes}")
         self.show_result(result, request, num_queries=outcome.num_queries, target=outcome.target, kind=outcome.kind)
 
     def _on_finished(self):

@@ -336,6 +336,8 @@ def test_the_summary_line_says_what_the_filters_dropped_and_which_passes_ran():
     assert ("182 slices (each also mirrored; three planes: the coronal and sagittal slices too) in 27.0 s" in line)
     result.mirror = False
     assert "182 slices (three planes: the coronal and sagittal slices too) in" in cli.summary_line(result, 1, "cpu", "o")
+    result.slices, result.planes = (4, 5), "axial"
+    assert "; 1 slice in 1.0 s on cpu" in cli.summary_line(result, 1, "cpu", "o")  # a single 2D image
 
 
 @pytest.mark.parametrize("flag, expected", [("three", "three"), ("auto", "auto"), (None, DEFAULT_PLANES)])
