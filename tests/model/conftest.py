@@ -13,3 +13,16 @@ def ctrl_c_raises():
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter(tmp_path_factory):
+    """A Segmenter on an untrained 'boltzformer-test' network (seed 0): fast, deterministic."""
+    from boltzformer.checkpoint import save_model
+    from boltzformer.network.boltzformer import build_model
+    from boltzformer.network.config import get_config
+    from boltzformer.segmenter import Segmenter
+
+    path = tmp_path_factory.mktemp("w") / "w.safetensors"
+    save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank={})
+    return Segmenter.from_pretrained(path, device="cpu")

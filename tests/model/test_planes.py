@@ -5,11 +5,8 @@ import numpy as np
 import pytest
 
 from boltzformer import planes
-from boltzformer.checkpoint import save_model
 from boltzformer.errors import BoltzformerError
 from boltzformer.io import Volume
-from boltzformer.network.boltzformer import build_model
-from boltzformer.network.config import get_config
 from boltzformer.segmenter import Segmenter
 
 
@@ -63,10 +60,8 @@ def test_which_volumes_get_three_planes():
 
 
 @pytest.fixture(scope="module")
-def segmenter(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "w.safetensors"
-    save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank={})
-    return Segmenter.from_pretrained(path, device="cpu")
+def segmenter(tiny_segmenter):
+    return tiny_segmenter
 
 
 @pytest.fixture

@@ -14,10 +14,8 @@ from boltzformer.segmenter import Segmenter
 
 
 @pytest.fixture(scope="module")
-def segmenter(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "w.safetensors"
-    save_model(build_model(get_config("boltzformer-test"), seed=0), path, prompt_bank={})
-    return Segmenter.from_pretrained(path, device="cpu")
+def segmenter(tiny_segmenter):
+    return tiny_segmenter
 
 
 @pytest.fixture
