@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from . import intensity, polarity_filter
+from . import planes as planes_mod  # `planes` is iter_segment's argument
 from .checkpoint import load_model
 from .context import context_margin, context_stack
 from .devices import resolve_device, sampling_generator
@@ -28,7 +29,6 @@ from .errors import BoltzformerError, PromptError
 from .io import Volume
 from .network.boltzformer import BoltzFormer
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
-from . import planes as planes_mod
 from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, check_prompt_text
 from .orientation import to_canonical
 from .results import AttentionMaps, SegmentationResult, attention_to_input, to_input
