@@ -341,19 +341,12 @@ def test_the_summary_line_says_what_the_filters_dropped_and_which_passes_ran():
 
 
 @pytest.mark.parametrize("flag, expected", [("three", "three"), ("auto", "auto"), (None, DEFAULT_PLANES)])
-def test_planes_option_reaches_the_segmenter(ct_path, tmp_path, tiny_weights, capsys, monkeypatch, flag, expected):
+def test_planes_option_reaches_the_segmenter(ct_path, tmp_path, tiny_weights, capsys, keyword_spy, flag, expected):
     """segment --planes (default: options.DEFAULT_PLANES) reaches iter_segment; the run's last line
     says when three planes ran."""
     from boltzformer.segmenter import Segmenter
 
-    seen = []
-    original = Segmenter.iter_segment
-
-    def spy(self, *args, **kwargs):
-        seen.append(kwargs.get("planes"))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Segmenter, "iter_segment", spy)
+    seen = keyword_spy(Segmenter, "iter_segment", "planes")
     extra = ["--planes", flag] if flag else []
     code, out, err = run(segment_args(ct_path, tmp_path / "m.nii.gz", tiny_weights, *extra), capsys)
     assert code == 0, err
@@ -364,18 +357,11 @@ def test_planes_option_reaches_the_segmenter(ct_path, tmp_path, tiny_weights, ca
 
 
 @pytest.mark.parametrize("flag, expected", [("--mirror", True), ("--no-mirror", False), (None, DEFAULT_MIRROR)])
-def test_mirror_switch_reaches_every_network_pass(ct_path, tmp_path, tiny_weights, capsys, monkeypatch, flag, expected):
+def test_mirror_switch_reaches_every_network_pass(ct_path, tmp_path, tiny_weights, capsys, keyword_spy, flag, expected):
     """segment --mirror / --no-mirror (default: options.DEFAULT_MIRROR) sets predict_batch's mirror."""
     from boltzformer.segmenter import Segmenter
 
-    seen = []
-    original = Segmenter.predict_batch
-
-    def spy(self, *args, **kwargs):
-        seen.append(kwargs.get("mirror"))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Segmenter, "predict_batch", spy)
+    seen = keyword_spy(Segmenter, "predict_batch", "mirror")
     extra = [flag] if flag else []
     code, _, err = run(segment_args(ct_path, tmp_path / "m.nii.gz", tiny_weights, *extra), capsys)
     assert code == 0, err

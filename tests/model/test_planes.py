@@ -59,11 +59,6 @@ def test_which_volumes_get_three_planes():
         planes.choose("coronal", "MR", *iso_mr, warnings)
 
 
-@pytest.fixture(scope="module")
-def segmenter(tiny_segmenter):
-    return tiny_segmenter
-
-
 @pytest.fixture
 def mr_volume():
     rng = np.random.default_rng(3)
@@ -80,7 +75,7 @@ def _network_echoes_its_input(self, slices01, embedding, generator, return_atten
     return x.astype(np.float32), None
 
 
-def test_three_planes_land_on_the_axial_grid(segmenter, mr_volume, monkeypatch):
+def test_three_planes_land_on_the_axial_grid(tiny_segmenter, mr_volume, monkeypatch):
     """With a network that returns its input, the coronal and sagittal passes give back the
     prepared volume itself only if every cut maps back to the right voxels (a flipped or
     transposed cut would move the bright block); the median is then the axial pass."""
@@ -88,17 +83,17 @@ def test_three_planes_land_on_the_axial_grid(segmenter, mr_volume, monkeypatch):
     views = []
     median = planes.median_of_three
     monkeypatch.setattr(planes, "median_of_three", lambda *v: views.extend(v) or median(*v))
-    axial = segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="axial", batch_size=7)
-    three = segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="three", batch_size=7)
+    axial = tiny_segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="axial", batch_size=7)
+    three = tiny_segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="three", batch_size=7)
     assert axial.planes == "axial" and three.planes == "three" and len(views) == 3
     for view in views:
         np.testing.assert_allclose(view, axial.probabilities, atol=1e-6)
     np.testing.assert_allclose(three.probabilities, axial.probabilities, atol=1e-6)
 
 
-def test_three_planes_take_the_median_of_real_passes(segmenter, mr_volume):
+def test_three_planes_take_the_median_of_real_passes(tiny_segmenter, mr_volume):
     seen = []
-    gen = segmenter.iter_segment(mr_volume, "multiple sclerosis lesion", planes="auto", batch_size=8)
+    gen = tiny_segmenter.iter_segment(mr_volume, "multiple sclerosis lesion", planes="auto", batch_size=8)
     while True:
         try:
             seen.append(next(gen))
@@ -107,21 +102,21 @@ def test_three_planes_take_the_median_of_real_passes(segmenter, mr_volume):
             break
     assert result.planes == "three" and result.complete
     assert seen[-1].slices_done == seen[-1].slices_total == 40 + 36 + 38  # axial, coronal, sagittal slices
-    axial = segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="axial", batch_size=8)
+    axial = tiny_segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="axial", batch_size=8)
     assert not np.allclose(axial.probabilities, result.probabilities, atol=1e-3)
     ct = mr_volume.with_array(np.full(mr_volume.shape, -800, np.int16))
-    assert segmenter.segment_volume(ct, "lung nodule", modality="CT", planes="auto").planes == "axial"
+    assert tiny_segmenter.segment_volume(ct, "lung nodule", modality="CT", planes="auto").planes == "axial"
 
 
-def test_stopping_during_a_cut_keeps_the_axial_pass(segmenter, mr_volume):
+def test_stopping_during_a_cut_keeps_the_axial_pass(tiny_segmenter, mr_volume):
     calls = []
 
     def stop_in_the_coronal_pass():
         calls.append(1)
         return len(calls) > 6  # 40 axial slices in batches of 8: 5 polls, then the coronal pass
 
-    axial = segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="axial", batch_size=8)
-    res = segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="three", batch_size=8,
+    axial = tiny_segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="axial", batch_size=8)
+    res = tiny_segmenter.segment_volume(mr_volume, "multiple sclerosis lesion", planes="three", batch_size=8,
                                    should_stop=stop_in_the_coronal_pass)
     assert not res.complete and res.planes == "axial"
     assert any("stopped before the coronal and sagittal passes" in w for w in res.warnings)

@@ -341,20 +341,13 @@ def test_nodule_detector_switch_says_why_it_cannot_run_here(panel, qtbot, monkey
     assert len([m for s, m in notifications if "3D nodule detector" in m]) == 1
 
 
-def test_mirror_switch_runs_each_slice_mirrored_too(panel, qtbot, tiny_segmenter, monkeypatch):
+def test_mirror_switch_runs_each_slice_mirrored_too(panel, qtbot, tiny_segmenter, keyword_spy):
     """The 'mirror' box (default: options.DEFAULT_MIRROR) reaches every network pass of the next run
     and is recorded on the result (the review sidecar writes it)."""
     from boltzformer.options import DEFAULT_MIRROR
 
     assert panel.mirror_check.isChecked() == DEFAULT_MIRROR
-    seen = []
-    original = tiny_segmenter.predict_batch
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("mirror"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tiny_segmenter, "predict_batch", spy)
+    seen = keyword_spy(tiny_segmenter, "predict_batch", "mirror")
     for checked in (not DEFAULT_MIRROR, DEFAULT_MIRROR):
         seen.clear()
         panel.mirror_check.setChecked(checked)
@@ -363,7 +356,7 @@ def test_mirror_switch_runs_each_slice_mirrored_too(panel, qtbot, tiny_segmenter
         assert ("each slice also mirrored" in panel.status_label.text()) == checked
 
 
-def test_planes_choice_reaches_the_run_and_the_status_line(viewer, tiny_segmenter, qtbot, monkeypatch):
+def test_planes_choice_reaches_the_run_and_the_status_line(viewer, tiny_segmenter, qtbot, keyword_spy):
     """The planes box (default: options.DEFAULT_PLANES) reaches the next run; a three-plane run is
     said in the status line and recorded on the result."""
     from boltzformer.options import DEFAULT_PLANES
@@ -373,14 +366,7 @@ def test_planes_choice_reaches_the_run_and_the_status_line(viewer, tiny_segmente
     add_volume(viewer, ct_volume(shape=(14, 48, 42)))  # 35 x 34 x 34 mm: deep enough for coronal and sagittal cuts
     panel = panel_on(viewer, tiny_segmenter)
     assert panel.planes_combo.currentData() == DEFAULT_PLANES
-    seen = []
-    original = tiny_segmenter.iter_segment
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("planes"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tiny_segmenter, "iter_segment", spy)
+    seen = keyword_spy(tiny_segmenter, "iter_segment", "planes")
     try:
         for value in ("three", "axial"):
             panel.planes_combo.setCurrentIndex(panel.planes_combo.findData(value))
