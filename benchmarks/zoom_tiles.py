@@ -35,6 +35,12 @@ from boltzformer.io import read_volume  # noqa: E402
 from boltzformer.segmenter import Segmenter  # noqa: E402
 
 
+def tile_starts(n_px: int, size: int) -> list[int]:
+    """First pixel of each tile along an axis of n_px >= size pixels: every half tile, and the last
+    tile flush with the end."""
+    return sorted({*range(0, n_px - size + 1, size // 2), n_px - size})
+
+
 def tiled(predict, size: int, zoom: float):
     """Wrap Segmenter.predict_batch: slices (n, [C,] H, W) -> probabilities (n, H, W) from
     magnified, overlapping size x size tiles."""
@@ -46,13 +52,12 @@ def tiled(predict, size: int, zoom: float):
         n, _, h, w = x.shape
         big_h, big_w = max(size, round(h * zoom)), max(size, round(w * zoom))
         up = F.interpolate(x, size=(big_h, big_w), mode="bilinear", align_corners=False)
-        starts = lambda n_px: sorted({*range(0, n_px - size + 1, size // 2), n_px - size})  # noqa: E731
         hann = torch.hann_window(size, periodic=False).numpy() * 0.98 + 0.02  # never 0: every pixel weighed
         window = hann[:, None] * hann[None, :]
         acc = np.zeros((n, big_h, big_w), np.float32)
         weight = np.zeros((big_h, big_w), np.float32)
-        for y0 in starts(big_h):
-            for x0 in starts(big_w):
+        for y0 in tile_starts(big_h, size):
+            for x0 in tile_starts(big_w, size):
                 tile = up[:, :, y0 : y0 + size, x0 : x0 + size].numpy()
                 prob, _ = predict(tile, embedding, generator, False, stage_times, out_hw=(size, size), mirror=mirror)
                 acc[:, y0 : y0 + size, x0 : x0 + size] += prob * window
