@@ -18,6 +18,7 @@ Not product code: the product runs whole slices (model card, "Zoomed tiles").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -68,20 +69,27 @@ def tiled(predict, size: int, zoom: float):
     return run
 
 
-def phantoms(seg: Segmenter, zoom: float, count: int) -> list[dict]:
+@contextlib.contextmanager
+def tiles_in(seg: Segmenter, zoom: float):
+    """Within the block, ``seg`` runs the network on magnified tiles (see `tiled`)."""
     whole = seg.predict_batch
+    seg.predict_batch = tiled(whole, seg.model.cfg.image_size, zoom)
+    try:
+        yield
+    finally:
+        seg.predict_batch = whole
+
+
+def phantoms(seg: Segmenter, zoom: float, count: int) -> list[dict]:
     rows = []
     for i in range(count):
         ph, vol = phantom_case("val", i)
         t = time.perf_counter()
         res = seg.segment_volume(vol, "lung nodule", fp_reduction=False)
         seconds = [time.perf_counter() - t]
-        seg.predict_batch = tiled(whole, seg.model.cfg.image_size, zoom)
         t = time.perf_counter()
-        try:
+        with tiles_in(seg, zoom):
             p_tiles = seg.segment_volume(vol, "lung nodule", fp_reduction=False).probabilities
-        finally:
-            seg.predict_batch = whole
         seconds.append(time.perf_counter() - t)
         p_whole = res.probabilities
         row = {"case": i, "seconds_whole_tiles": seconds,
@@ -114,17 +122,13 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def ms_brain(seg: Segmenter, zoom: float, folder: Path) -> list[dict]:
-    whole = seg.predict_batch
     rows = []
     for cid in ("openms_p07_flair", "openms_p07_t2"):  # the training split's 3D brain only
         vol = read_volume(folder / f"{cid}_image.nii.gz")
         truth = read_volume(folder / f"{cid}_mask.nii.gz").array > 0
         for name in ("whole", "tiles"):
-            seg.predict_batch = whole if name == "whole" else tiled(whole, seg.model.cfg.image_size, zoom)
-            try:
+            with tiles_in(seg, zoom) if name == "tiles" else contextlib.nullcontext():
                 res = seg.segment_volume(vol, "multiple sclerosis lesion", modality="MR")
-            finally:
-                seg.predict_batch = whole
             det = postprocess.lesion_detection(res.mask > 0, truth, vol.spacing_mm, min_lesion_mm3=res.min_lesion_mm3)
             rows.append({"case": cid, "run": name, "dice": postprocess.dice(res.mask, truth), **det})
             print(f"{cid} {name}: Dice {rows[-1]['dice']:.3f}, found {det['detected']}/{det['true_lesions']}, "
