@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import sampling
-from .attention import TokenCrossAttention
+from .attention import TokenCrossAttention, token_table
 from .config import BoltzFormerConfig
 
 POS_DIM = 32  # Fourier position features per token (8 frequencies x sin/cos x y/x)
@@ -97,9 +97,9 @@ class DecoderBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, d))
         self.ffn_norm = nn.LayerNorm(d)
 
-    def forward(self, queries, query_pos, tokens, pos, text, text_padding, indices, mask, impl):
+    def forward(self, queries, query_pos, tokens, pos, text, text_padding, indices, mask, impl, table=None):
         queries = self.cross_norm(
-            queries + self.cross(queries + query_pos, tokens, pos, indices=indices, mask=mask, impl=impl)
+            queries + self.cross(queries + query_pos, tokens, pos, indices=indices, mask=mask, impl=impl, table=table)
         )
         queries = self.self_attn(queries, query_pos, text, text_padding)
         return self.ffn_norm(queries + self.ffn(queries))
@@ -146,14 +146,23 @@ class BoltzDecoder(nn.Module):
         for s in set(cfg.attention_strides):
             if s not in pixel_at:
                 pixel_at[s] = F.avg_pool2d(pixel_map, kernel_size=s // mask_stride)
-        # Token maps flattened once (B x N x D, contiguous for fast row gathers), with their
-        # position features (N x POS_DIM; each block projects them into its keys).
+        impl = cfg.attention_impl
+        if impl == "auto":  # measured: benchmarks/results/decoder_*.md
+            impl = "gather"
+        # The sparse inference path reads sampled tokens as rows of a token table (features and
+        # position features side by side, attention.token_table), built here once per token map
+        # and shared by the blocks that attend to it; training and the dense path keep B x N x D.
+        table_rows = impl == "gather" and cfg.sampling in ("boltzmann", "uniform") and not torch.is_grad_enabled()
+        # Token maps flattened once (B x N x D, contiguous for fast row gathers, or a view into
+        # the table), with their position features (N x POS_DIM; each block projects them into its keys).
         tokens = {}
         for s in set(cfg.attention_strides):
             fmap = features[s]
             h, w = fmap.shape[-2:]
-            flat = fmap.flatten(2).transpose(1, 2).contiguous()
-            tokens[s] = (flat, sine_positions(h, w, POS_DIM, fmap.device, fmap.dtype), (h, w))
+            pos = sine_positions(h, w, POS_DIM, fmap.device, fmap.dtype)
+            table = token_table(fmap, pos) if table_rows else None
+            flat = fmap.flatten(2).transpose(1, 2).contiguous() if table is None else table[..., : fmap.shape[1]]
+            tokens[s] = (flat, pos, (h, w), table)
 
         query_pos = self.query_pos
         queries = self.query_feat[None].expand(b, -1, -1)
@@ -163,13 +172,10 @@ class BoltzDecoder(nn.Module):
             queries = self.init_attn(queries, query_pos, None, None)
         masks = self.predict_masks(queries, pixel_at[self.layer_stride(0)])  # layer "-1"
 
-        impl = cfg.attention_impl
-        if impl == "auto":
-            impl = "gather" if pixel_map.device.type == "cpu" else "dense"
         attention = []
         for layer, block in enumerate(self.blocks):
             s = self.layer_stride(layer)
-            flat, pos, (h, w) = tokens[s]
+            flat, pos, (h, w), table = tokens[s]
             n = h * w
             confidence = torch.sigmoid(masks.detach().float()).flatten(2)  # U: B x Q x N
             if prior is not None and cfg.sampling == "boltzmann":
@@ -188,7 +194,7 @@ class BoltzDecoder(nn.Module):
                 mask = sampling.threshold_mask(confidence)
             if return_attention:
                 attention.append(self._attention_record(layer, s, (h, w), confidence, tau, indices, mask, k))
-            queries = block(queries, query_pos, flat, pos, text, text_padding, indices, mask, impl)
+            queries = block(queries, query_pos, flat, pos, text, text_padding, indices, mask, impl, table)
             last = layer == len(self.blocks) - 1
             next_stride = mask_stride if last else self.layer_stride(layer + 1)
             masks = self.predict_masks(queries, pixel_at[next_stride])

@@ -65,3 +65,16 @@ def test_folded_inference_path_equals_the_training_path_and_follows_weight_chang
         changed = attn(q, tokens, pos, indices=idx)
     torch.testing.assert_close(changed, attn._gather_training(q, tokens, pos, idx).detach(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(changed, trained.detach())
+
+
+def test_fused_row_mixing_used_on_gpus_equals_the_cpu_chain():
+    """mix_rows' one-call SDPA form (run on GPUs) and its bmm-softmax-bmm form agree."""
+    from boltzformer.network.attention import mix_rows
+
+    g = torch.Generator().manual_seed(1)
+    q_cat, xe = torch.randn(6, 4, 40, generator=g), torch.randn(6, 9, 40, generator=g)
+    fused, chain = mix_rows(q_cat, xe, 32, fused=True), mix_rows(q_cat, xe, 32, fused=False)
+    assert fused.shape == (6, 4, 32)
+    torch.testing.assert_close(fused, chain, atol=1e-5, rtol=1e-4)
+    ref = torch.softmax(q_cat @ xe.transpose(1, 2), -1) @ xe[..., :32]  # the definition
+    torch.testing.assert_close(chain, ref, atol=1e-5, rtol=1e-4)

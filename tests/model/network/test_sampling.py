@@ -106,3 +106,39 @@ def test_cpu_selection_picks_the_same_tokens_as_topk():
     assert picked.shape == (3, 10, 410) and picked.dtype == torch.int64
     expected = torch.topk(scores, 410, dim=-1).indices
     assert torch.equal(picked.sort(-1).values, expected.sort(-1).values)
+
+
+# -- the GPU draw (exponential_scores), checked here on the CPU ------------------------------------
+def _gpu_draw(conf, k, tau, gen):
+    """sample_tokens as it runs on a GPU (exponential noise, three ops), on this CPU."""
+    return sampling.top_k_indices(sampling.exponential_scores(conf, tau, gen), k)
+
+
+def test_gpu_draw_single_token_matches_softmax_of_u_over_tau():
+    gen = torch.Generator().manual_seed(99)
+    u = torch.tensor([0.05, 0.2, 0.5, 0.8, 0.95, 0.6, 0.1, 0.4])
+    tau, n = 1 / 3, 40_000
+    idx = _gpu_draw(u.expand(n, 1, -1).contiguous(), 1, tau, gen)[:, 0, 0]
+    observed = torch.bincount(idx, minlength=len(u)).numpy()
+    expected = torch.softmax(u.double() / tau, 0).numpy() * n
+    assert stats.chisquare(observed, expected)[1] > 0.001, (observed, expected)
+
+
+def test_gpu_draw_has_the_same_inclusion_frequencies_as_the_cpu_draw():
+    """K > 1 without replacement: both noises give one law (compared by simulation), and
+    infinite tau is uniform."""
+    u = torch.rand(12, generator=torch.Generator().manual_seed(3))
+    tau, k, n = 0.5, 4, 20_000
+    conf = u.expand(n, 1, -1).contiguous()
+
+    def freq(idx):
+        return torch.zeros(12).index_add_(0, idx.reshape(-1), torch.ones(idx.numel())).numpy() / n
+
+    gpu = freq(_gpu_draw(conf, k, tau, torch.Generator().manual_seed(5)))
+    cpu = freq(sampling.sample_tokens(conf, k, tau, torch.Generator().manual_seed(6)))
+    assert np.abs(gpu - cpu).max() < 0.02
+    assert gpu[u.argmax()] > 0.5 > gpu[u.argmin()]  # not uniform at this temperature
+    uniform = freq(_gpu_draw(conf, k, math.inf, torch.Generator().manual_seed(8)))
+    assert np.abs(uniform - k / 12).max() < 0.02
+    idx = _gpu_draw(torch.rand(3, 5, 200), 20, 0.25, torch.Generator().manual_seed(0))
+    assert all(len(set(row.tolist())) == 20 for row in idx.reshape(-1, 20))  # k distinct tokens
