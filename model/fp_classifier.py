@@ -91,46 +91,60 @@ def extract_patches(hu: np.ndarray, labels: np.ndarray | None, centroids_zyx, sp
     mask_of: instead of `labels`, a function (candidate index, box of the scan) -> the candidate's
     bool mask in that box, for masks that exist only around each candidate.
     """
-    sx, sy, sz = spacing_xyz
-    step = np.array(PATCH_SPACING_MM) / np.array([sz, sy, sx])  # patch voxel in scan voxels
-    grid = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(PATCH_SHAPE, step)]
-    gz, gy, gx = np.meshgrid(*grid, indexing="ij")
-    lo, hi = HU_RANGE
+    grid = patch_grid(spacing_xyz)
     out = np.zeros((len(lesion_ids), 2, *PATCH_SHAPE), np.float32)
 
     def fill(i_c_lid):
         i, c, lid = i_c_lid
-        coords = np.stack([gz + c[0], gy + c[1], gx + c[2]])
-        # Read only the box the patch covers: map_coordinates on the whole volume would copy it.
-        box = [slice(max(0, int(np.floor(coords[a].min())) - 1), min(hu.shape[a], int(np.ceil(coords[a].max())) + 2))
-               for a in range(3)]
-        if any(b.start >= b.stop for b in box):
-            return
-        local = coords - np.array([b.start for b in box], dtype=np.float64)[:, None, None, None]
-        ct = ndimage.map_coordinates(hu[tuple(box)].astype(np.float32), local, order=1, mode="constant", cval=lo)
-        out[i, 0] = np.clip((ct - lo) / (hi - lo), 0.0, 1.0)
-        mask = labels[tuple(box)] == lid if mask_of is None else mask_of(i, tuple(box))
-        out[i, 1] = ndimage.map_coordinates(mask.astype(np.float32), local, order=0, mode="constant", cval=0.0)
+        mask = None if mask_of is None else (lambda box: mask_of(i, box))
+        fill_patch(out[i], hu, labels, c, lid, grid, mask)
 
     thread_map(fill, [(i, c, lid) for i, (c, lid) in enumerate(zip(centroids_zyx, lesion_ids))])
     return out
 
 
-def candidate_centres(labels: np.ndarray, lesion_ids, spacing_xyz, boxes=None) -> list[tuple[float, float, float]]:
-    """The thickest point of each component: argmax of its Euclidean distance transform (in mm,
-    anisotropic spacing honoured), as a (z, y, x) voxel position. labels: int (z, y, x).
-    boxes: the labels' `postprocess.find_objects`, when the caller has them already."""
+def patch_grid(spacing_xyz) -> np.ndarray:
+    """3 x 16 x 32 x 32 offsets (z, y, x scan voxels) of a patch's voxels from its centre."""
     sx, sy, sz = spacing_xyz
+    step = np.array(PATCH_SPACING_MM) / np.array([sz, sy, sx])  # patch voxel in scan voxels
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(PATCH_SHAPE, step)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"))
+
+
+def fill_patch(out: np.ndarray, hu: np.ndarray, labels: np.ndarray | None, centre_zyx, lesion_id: int,
+               grid: np.ndarray, mask_in=None) -> None:
+    """One candidate's patch into `out` (2 x 16 x 32 x 32, zeros): the CT around `centre_zyx`
+    (a voxel position) and its component. grid: `patch_grid`; mask_in: instead of `labels`,
+    a function (box of the scan) -> the candidate's bool mask in that box."""
+    lo, hi = HU_RANGE
+    coords = grid + np.asarray(centre_zyx, dtype=np.float64)[:, None, None, None]
+    # Read only the box the patch covers: map_coordinates on the whole volume would copy it.
+    box = tuple(slice(max(0, int(np.floor(coords[a].min())) - 1), min(hu.shape[a], int(np.ceil(coords[a].max())) + 2))
+                for a in range(3))
+    if any(b.start >= b.stop for b in box):
+        return
+    local = coords - np.array([b.start for b in box], dtype=np.float64)[:, None, None, None]
+    ct = ndimage.map_coordinates(hu[box].astype(np.float32), local, order=1, mode="constant", cval=lo)
+    out[0] = np.clip((ct - lo) / (hi - lo), 0.0, 1.0)
+    mask = labels[box] == lesion_id if mask_in is None else mask_in(box)
+    out[1] = ndimage.map_coordinates(mask.astype(np.float32), local, order=0, mode="constant", cval=0.0)
+
+
+def candidate_centres(labels: np.ndarray, lesion_ids, spacing_xyz, boxes=None) -> list[tuple[float, float, float]]:
+    """The thickest point of each component (`candidate_centre`). labels: int (z, y, x).
+    boxes: the labels' `postprocess.find_objects`, when the caller has them already."""
     boxes = postprocess.find_objects(labels) if boxes is None else boxes
+    return thread_map(lambda lid: candidate_centre(labels, lid, boxes[lid - 1], spacing_xyz), lesion_ids)
 
-    def centre(lid):
-        box = boxes[lid - 1]
-        padded = np.pad(labels[box] == lid, 1)  # the box edge is outside the component
-        depth = ndimage.distance_transform_edt(padded, sampling=(sz, sy, sx))
-        k = np.unravel_index(int(np.argmax(depth)), depth.shape)
-        return tuple(float(k[a] - 1 + box[a].start) for a in range(3))
 
-    return thread_map(centre, lesion_ids)
+def candidate_centre(labels: np.ndarray, lesion_id: int, box, spacing_xyz) -> tuple[float, float, float]:
+    """The thickest point of a component: argmax of its Euclidean distance transform (in mm,
+    anisotropic spacing honoured), as a (z, y, x) voxel position. box: its find_objects box."""
+    sx, sy, sz = spacing_xyz
+    padded = np.pad(labels[box] == lesion_id, 1)  # the box edge is outside the component
+    depth = ndimage.distance_transform_edt(padded, sampling=(sz, sy, sx))
+    k = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return tuple(float(k[a] - 1 + box[a].start) for a in range(3))
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -37,3 +38,41 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T], max_threads: int = MAX_
         return [fn(x) for x in items]
     with ThreadPoolExecutor(workers, thread_name_prefix="boltzformer-worker") as pool:
         return list(pool.map(fn, items))
+
+
+def start_tasks(pool: ThreadPoolExecutor | None, tasks: list[Callable[[], R]], costs: Iterable[float]) -> list:
+    """Submit zero-argument `tasks` to `pool`, the costliest first (by `costs`, one per task), so
+    the longest starts at once and the short ones fill the other threads around it: a scan's
+    few large vessel trees, not the many small candidates, set how long its post-processing
+    takes. -> one future per task, in task order (pool None: each task run here, in cost order)."""
+    costs = [float(c) for c in costs]
+    order = sorted(range(len(tasks)), key=lambda i: -costs[i])  # stable: equal costs keep task order
+    futures: list = [None] * len(tasks)
+    for i in order:
+        if pool is None:
+            futures[i] = _Done(tasks[i]())
+        else:
+            futures[i] = pool.submit(tasks[i])
+    return futures
+
+
+class _Done:
+    """A finished result with the part of Future's interface start_tasks' callers use."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+@contextmanager
+def task_pool(n_tasks: int, max_threads: int = MAX_THREADS):
+    """with task_pool(n) as pool: a pool for `start_tasks` of up to min(cores, max_threads)
+    threads, or None where one thread would do (the tasks then run in the caller's thread)."""
+    workers = min(n_tasks, cores(), max_threads)
+    if workers <= 1:
+        yield None
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="boltzformer-worker") as pool:
+        yield pool

@@ -176,7 +176,7 @@ def remove_small_lesions(mask: np.ndarray, spacing_mm, min_lesion_mm3: float) ->
 
 
 def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | None = None,
-                 probabilities: np.ndarray | None = None) -> list[dict]:
+                 probabilities: np.ndarray | None = None, boxes: list | None = None) -> list[dict]:
     """One row (dict) per labelled component, in label order.
 
     Args:
@@ -185,6 +185,7 @@ def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | Non
         intensity: optional (z, y, x) array for ``mean_intensity`` (e.g. probabilities).
         probabilities: optional (z, y, x) model probabilities: the rows get their mean and
             maximum over the lesion (how sure the model is of it).
+        boxes: the labels' `find_objects`, when the caller has them already (a pass over the scan).
 
     Row keys:
         lesion_id (label value), voxels, volume_mm3,
@@ -242,7 +243,8 @@ def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | Non
             row["max_probability"] = float(inside.max())
         return row
 
-    return thread_map(row_of, [(i, box) for i, box in enumerate(find_objects(labels)) if box is not None])
+    boxes = find_objects(labels) if boxes is None else boxes
+    return thread_map(row_of, [(i, box) for i, box in enumerate(boxes) if box is not None])
 
 
 def _longest_axial_diameter_mm(region: np.ndarray, sy: float, sx: float) -> float:

@@ -250,12 +250,13 @@ class SegmentationResult:
         probabilities = reo.to_canonical(self.probabilities)
         raw = probabilities > self.threshold  # strictly: slices left out (probability 0) stay empty at any threshold
         labels, n = postprocess.label_components(raw, frame.spacing_mm, min_lesion_mm3=self.min_lesion_mm3)
-        rows = postprocess.lesion_table(labels, frame, probabilities=probabilities)
+        boxes = postprocess.find_objects(labels)  # one pass over the scan, for the table and the filter
+        rows = postprocess.lesion_table(labels, frame, probabilities=probabilities, boxes=boxes)
         self.rejected = []
         if self.fp_reduction and n and fp_filter.applies(self.prompt, self.modality, self.window):
             labels, rows, self.rejected = fp_filter.filter_candidates(
                 labels, rows, frame, probabilities, min_nodule_score=self.min_nodule_score,
-                nodules=fp_filter.is_nodule_prompt(self.prompt), in_place=True)
+                nodules=fp_filter.is_nodule_prompt(self.prompt), in_place=True, boxes=boxes)
             skipped = fp_filter.classifier_skipped(frame)
             if skipped and skipped not in self.warnings:
                 self.warnings.append(skipped)

@@ -30,7 +30,7 @@ LESION_COLUMNS = (
     ("nodule", "3D false-positive filter: probability from a 3D network that the candidate is a nodule, "
      "not a vessel or a wall (for lung nodules: the 3D nodule detector's network)", "nodule_score"),
     ("round", "3D false-positive filter: blobness from the Hessian (1 = round like a nodule, 0 = a tube like "
-     "a vessel)", "blobness"),
+     "a vessel); blank for candidates the filter dropped, where no rule uses it", "blobness"),
     ("contrast", "MS lesion filter: mean intensity inside minus a 3 mm shell around it (image units). On a scan "
      "where most candidates are brighter than their surroundings (FLAIR, T2), the darker ones are dropped",
      "local_contrast"),

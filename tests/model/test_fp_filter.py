@@ -54,6 +54,22 @@ def test_filter_keeps_the_nodule_and_drops_vessel_and_fat(monkeypatch):
     assert all(k in kept[0] for k in fp_filter.FEATURES)
 
 
+def test_with_the_vessel_rule_off_blobness_is_measured_for_kept_candidates_only():
+    """No verdict depends on blobness while MIN_BLOBNESS is 0: dropped candidates skip the Hessian
+    (NaN), kept ones get the same value as when every candidate is measured."""
+    assert fp_filter.MIN_BLOBNESS == 0
+    vol, candidates, nodule = _lung_with_nodule_vessel_and_fat()
+    labels, n = postprocess.label_components(candidates, vol.spacing_mm)
+    rows = postprocess.lesion_table(labels, vol)
+    full = fp_filter.candidate_features(labels, rows, vol, candidates.astype(np.float32))
+    _, kept, rejected = fp_filter.filter_candidates(labels, [dict(r) for r in rows], vol, candidates.astype(np.float32))
+    assert kept and rejected
+    assert all(np.isnan(r["blobness"]) for r in rejected)
+    for r in kept:
+        original = next(f for row, f in zip(rows, full) if row["centroid_voxel_zyx"] == r["centroid_voxel_zyx"])
+        assert r["blobness"] == round(original["blobness"], 4) > 0.5
+
+
 def test_filter_applies_to_lung_prompts_on_hu_ct_only():
     assert fp_filter.applies("lung nodule", "CT", "lung")
     assert fp_filter.applies("pulmonary nodules in the left lung", "CT", "lung")
@@ -102,9 +118,9 @@ def test_a_scan_thinner_than_the_classifier_patch_is_not_scored(monkeypatch):
     class Recording:
         threshold = 0.73
 
-        def score(self, hu, labels, rows, spacing, boxes=None):
-            calls.append(hu.shape)
-            return np.zeros(len(rows), np.float32)  # "not a nodule" for everything it sees
+        def probabilities(self, patches):
+            calls.append(len(patches))
+            return np.zeros(len(patches), np.float32)  # "not a nodule" for everything it sees
 
     monkeypatch.setattr(fp_classifier, "bundled", lambda: Recording())
     vol, candidates, nodule = _lung_with_nodule_vessel_and_fat()
@@ -120,7 +136,7 @@ def test_a_scan_thinner_than_the_classifier_patch_is_not_scored(monkeypatch):
     labels, _ = postprocess.label_components(candidates, vol.spacing_mm)  # 40 slices of 1 mm: deep enough
     rows = postprocess.lesion_table(labels, vol)
     _, kept, rejected = fp_filter.filter_candidates(labels, rows, vol, candidates.astype(np.float32))
-    assert calls == [vol.array.shape] and kept == []
+    assert calls == [len(rows)] and kept == []
     assert fp_filter.classifier_skipped(vol) is None
 
 

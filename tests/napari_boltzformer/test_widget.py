@@ -305,7 +305,9 @@ def test_false_positive_filter_switch_reapplies_without_inference(panel, qtbot, 
     assert result.fp_reduction and rejected > 0
     assert "dropped by the false-positive filter" in panel.result_detail.text()
     headers = [panel.table.horizontalHeaderItem(c).text() for c in range(panel.table.columnCount())]
-    assert not panel.table.isColumnHidden(headers.index("round"))
+    # blobness is measured for kept candidates only (no rule uses it for dropped ones): none kept, none shown
+    assert all(r["blobness"] != r["blobness"] for r in result.rejected)
+    assert panel.table.isColumnHidden(headers.index("round"))
     panel.fp_check.setChecked(False)
     assert not result.fp_reduction and not result.rejected and len(result.lesions) == filtered + rejected
     assert panel.table.rowCount() == filtered + rejected
