@@ -13,6 +13,8 @@ dense, the 300 x 512^2 CT of `bench volume`). Every section is guarded so a fail
 lets the others report.
 SMOKE=1: a tiny CPU run of every section (to test this script here). ONLY=bench: the benchmarks only;
 ONLY=fp: the 3D false-positive classifier (mine candidates on training phantoms, fit) only.
+To time a change against the commit before it on one machine, run ab_bench.py beside this file
+instead (both versions in turn, two rounds); decoder_graphs.py times the attention as CUDA graphs.
 """
 import json
 import lzma
