@@ -23,7 +23,6 @@ Results: $OUT/ab_<round>_<version>.json and the log.
 """
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys

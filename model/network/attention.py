@@ -74,7 +74,6 @@ class TokenCrossAttention(nn.Module):
     def _gather_training(self, queries, tokens, pos, indices):
         """The sparse path written as the math reads (autograd through every projection)."""
         b, q, _ = queries.shape
-        n, k = tokens.shape[1], indices.shape[-1]
         h, dh, d = self.num_heads, self.head_dim, self.dim
         qh = self.q_proj(queries).view(b, q, h, dh)
         q_abs = torch.einsum("bqhe,hed->bqhd", qh, self.k_proj.weight.view(h, dh, d))  # W_k absorbed: B Q H D
