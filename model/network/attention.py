@@ -69,7 +69,7 @@ class TokenCrossAttention(nn.Module):
     def _gather(self, queries, tokens, pos, indices, table=None):
         if torch.is_grad_enabled() and self.q_proj.weight.requires_grad:
             return self._gather_training(queries, tokens, pos, indices)
-        return self._gather_inference(queries, tokens if table is None else table, pos, indices, table is not None)
+        return self._gather_inference(queries, tokens, pos, indices, table)
 
     def _gather_training(self, queries, tokens, pos, indices):
         """The sparse path written as the math reads (autograd through every projection)."""
@@ -88,7 +88,7 @@ class TokenCrossAttention(nn.Module):
         out = torch.einsum("bqhd,hed->bqhe", mixed, self.v_proj.weight.view(h, dh, d)) + self.v_proj.bias.view(h, dh)
         return self.out_proj(out.reshape(b, q, d))
 
-    def _gather_inference(self, queries, tokens, pos, indices, is_table: bool = False):
+    def _gather_inference(self, queries, tokens, pos, indices, table=None):
         """The same sparse attention with the projections folded into two matrices (`_folded`)
         and each sampled token read once as one row of the token table (its D features and F
         position features side by side), so the D- and F-parts of the logits are one matmul:
@@ -98,10 +98,10 @@ class TokenCrossAttention(nn.Module):
         Four to six tensor ops, where the math as written takes fourteen: at these sizes the
         per-op overhead, not the arithmetic, sets the time (on 2 CPU cores at 64² tokens it was
         half of the call; on a GPU each op is a kernel launch, about 20 us of host time on the
-        H100 machine). tokens: B x N x D, or with `is_table` the B x N x (D + F) `token_table`."""
+        H100 machine). tokens: B x N x D; table: their `token_table` (built here when None)."""
         b, q, _ = queries.shape
         h, d = self.num_heads, self.dim
-        table = tokens if is_table else token_table(tokens, pos)
+        table = token_table(tokens, pos) if table is None else table
         n, c = table.shape[1], table.shape[2]  # c = D + F
         k = indices.shape[-1]
         w_in, b_in, w_out, b_out = self._folded()
