@@ -25,6 +25,10 @@ from .io import Volume
 # Through-plane spacing (mm) above which a non-axial acquisition is worth a warning: its axial
 # slices are then interpolated from thick sagittal/coronal sections.
 COARSE_THROUGH_PLANE_MM = 3.0
+# Tilt (degrees) of the slice normal from the patient's inferior-superior axis above which the
+# slices are worth a warning: gantry-tilted CT (often 15-30 degrees) and oblique MR planning.
+# An in-plane rotation leaves the slices axial and is not warned about.
+OBLIQUE_TILT_DEG = 10.0
 _AXIS_NAMES = ("x (left-right)", "y (anterior-posterior)", "z (inferior-superior)")
 
 
@@ -116,6 +120,16 @@ def find_reorientation(direction: np.ndarray) -> Reorientation:
     return Reorientation(tuple(int(p) for p in best), flip)
 
 
+def slice_tilt_deg(direction: np.ndarray, r: Reorientation) -> float:
+    """Angle (degrees) between the canonical slice normal and the world z (inferior-superior) axis.
+
+    direction: 3 x 3 ITK matrix (columns = image axes in LPS world); r: its `find_reorientation`.
+    """
+    normal = np.asarray(direction, float).reshape(3, 3)[:, r.source_axis[2]]
+    cos = abs(normal[2]) / max(float(np.linalg.norm(normal)), 1e-12)
+    return float(np.degrees(np.arccos(min(1.0, cos))))
+
+
 def to_canonical(volume: Volume) -> tuple[Volume, Reorientation, list[str]]:
     """-> (the volume on the canonical axial grid, the mapping back, warnings).
 
@@ -124,10 +138,16 @@ def to_canonical(volume: Volume) -> tuple[Volume, Reorientation, list[str]]:
     voxel that becomes index (0, 0, 0).
     """
     r = find_reorientation(volume.direction)
+    d = np.asarray(volume.direction, float)
     warnings: list[str] = []
+    tilt = slice_tilt_deg(d, r)
+    if tilt > OBLIQUE_TILT_DEG:
+        warnings.append(
+            f"the slices are tilted {tilt:.0f}° from axial (gantry tilt or an oblique acquisition); they are "
+            "segmented as acquired, not resampled, so the model sees oblique sections; the mask keeps the "
+            "input's exact geometry")
     if r.is_identity:
         return volume, r, warnings
-    d = np.asarray(volume.direction, float)
     size_xyz = volume.shape[::-1]
     spacing = tuple(volume.spacing_mm[r.source_axis[j]] for j in range(3))
     direction = np.stack([(-1.0 if r.flip[j] else 1.0) * d[:, r.source_axis[j]] for j in range(3)], axis=1)

@@ -60,6 +60,32 @@ def test_non_axial_acquisition_is_warned_about():
     assert not reo.keeps_slices and warnings and "axial slices" in warnings[0]
 
 
+def _rotation(axis: int, degrees: float) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    i, j = [a for a in range(3) if a != axis]
+    m = np.eye(3)
+    m[i, i] = m[j, j] = np.cos(t)
+    m[i, j], m[j, i] = -np.sin(t), np.sin(t)
+    return m
+
+
+@pytest.mark.parametrize("axis, degrees, warned", [(0, 20, True), (1, -25, True), (0, 5, False), (2, 30, False)])
+def test_tilted_slices_are_warned_about_and_in_plane_rotation_is_not(axis, degrees, warned):
+    # rotation about x or y tilts the slice normal (gantry tilt); about z the slices stay axial
+    canon, reo, warnings = to_canonical(_volume(_rotation(axis, degrees)))
+    tilt = [w for w in warnings if "tilted" in w]
+    assert bool(tilt) == warned
+    if warned:
+        assert f"{abs(degrees)}°" in tilt[0]
+    np.testing.assert_array_equal(reo.from_canonical(canon.array), _volume().array)
+
+
+def test_tilted_ras_volume_is_warned_once_and_reoriented():
+    direction = np.diag([-1.0, -1.0, 1.0]) @ _rotation(0, 20)
+    _, reo, warnings = to_canonical(_volume(direction))
+    assert not reo.is_identity and sum("tilted" in w for w in warnings) == 1
+
+
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / "w.safetensors"
