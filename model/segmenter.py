@@ -91,6 +91,18 @@ def _undo_shifted_hu(frame: Volume, modality: str, warnings: list) -> Volume:
     return frame.with_array(frame.array.astype(np.float32) - offset)
 
 
+def _warn_constant(frame: Volume, warnings: list) -> None:
+    """A blank image (every voxel the same value) has nothing to segment: say so rather than return
+    an empty mask that reads as "no lesion"."""
+    a = frame.array
+    value = a.flat[0]
+    if a.size == 0 or np.any(a[0] != value):  # almost every scan varies within its first slice
+        return
+    if np.all(a == value):
+        warnings.append(f"every voxel of the image is {float(value):g}: there is nothing to segment (a blank "
+                        "series, or pixel data lost on export?)")
+
+
 def _warn_untrained_sequence(volume: Volume, prompt: str, modality: str, warnings: list) -> None:
     """MS lesions on a series the file calls T1-weighted: the bundled model never saw one (on 20
     held-out T1 slices it found almost nothing; model card, Dice by sequence)."""
@@ -359,6 +371,7 @@ class Segmenter:
         # 2. intensities: modality, CT stored as HU + 1024 brought back, window or normalisation
         modality = intensity.normalise_modality(modality or intensity.detect_modality(volume))
         frame = _undo_shifted_hu(frame, modality, warnings)
+        _warn_constant(frame, warnings)
         _warn_untrained_sequence(volume, text, modality, warnings)
         t = time.perf_counter()
         native, lo, window = self._prepare(frame, start, stop, modality, window, text, warnings)

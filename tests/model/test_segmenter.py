@@ -35,6 +35,17 @@ def test_result_matches_input_geometry(segmenter, volume):
     assert r.window == "lung" and r.modality == "CT"
 
 
+def test_a_blank_image_is_warned_about_and_a_varied_one_is_not(segmenter, volume):
+    assert not [w for w in segmenter.segment_volume(volume, "lung nodule").warnings if "every voxel" in w]
+    blank = volume.with_array(np.full(volume.shape, -1000, np.int16))
+    warned = [w for w in segmenter.segment_volume(blank, "lung nodule").warnings if "every voxel" in w]
+    assert len(warned) == 1 and "-1000" in warned[0]
+    # constant first slice, varied below: not blank
+    arr = volume.array.copy()
+    arr[0] = 0
+    assert not [w for w in segmenter.segment_volume(volume.with_array(arr), "lung nodule").warnings if "every voxel" in w]
+
+
 def test_slice_range_only_touches_those_slices(segmenter, volume):
     r = segmenter.segment_volume(volume, "lung nodule", slices=(1, 3), threshold=0.0)
     assert r.slices == (1, 3)
