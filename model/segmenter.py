@@ -31,6 +31,7 @@ from .network.boltzformer import BoltzFormer
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
 from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, check_prompt_text
 from .orientation import to_canonical
+from .synth.prompts import TARGETS, target_of_prompt
 from .results import AttentionMaps, SegmentationResult, attention_to_input, to_input
 
 # A prompt whose sentence embedding has a lower cosine similarity than this to every known prompt
@@ -220,6 +221,24 @@ class Segmenter:
                 )
         return text, warnings
 
+    def trained_modality(self, text: str) -> str | None:
+        """The modality ("CT" or "MR") the target a prompt names was trained on: its own target
+        when it is a known phrasing, else that of the nearest known prompt when it is near enough
+        (MIN_PROMPT_SIMILARITY); None for a prompt that names nothing known."""
+        target = target_of_prompt(text)
+        if target is None:
+            near = self.nearest_prompts(text, n=1)
+            if near and near[0][1] >= MIN_PROMPT_SIMILARITY:
+                target = target_of_prompt(near[0][0])
+        return TARGETS[target].modality if target in TARGETS else None
+
+    def _warn_modality(self, text: str, modality: str, warnings: list) -> None:
+        """A target asked for on the other modality ("lung nodule" on MR): the model never saw one."""
+        trained = self.trained_modality(text)
+        if trained and modality in ("CT", "MR") and trained != modality:
+            warnings.append(f"'{text}' is a target the model learnt on {trained} images only; this image is "
+                            f"{modality}, where it was never trained or tested: treat the result as unverified")
+
     # -- 2D core --------------------------------------------------------------------------
     def _generator(self, seed: int) -> torch.Generator:
         return sampling_generator(self.device, seed)
@@ -372,6 +391,7 @@ class Segmenter:
         modality = intensity.normalise_modality(modality or intensity.detect_modality(volume))
         frame = _undo_shifted_hu(frame, modality, warnings)
         _warn_constant(frame, warnings)
+        self._warn_modality(text, modality, warnings)
         _warn_untrained_sequence(volume, text, modality, warnings)
         t = time.perf_counter()
         native, lo, window = self._prepare(frame, start, stop, modality, window, text, warnings)

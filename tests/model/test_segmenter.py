@@ -46,6 +46,17 @@ def test_a_blank_image_is_warned_about_and_a_varied_one_is_not(segmenter, volume
     assert not [w for w in segmenter.segment_volume(volume.with_array(arr), "lung nodule").warnings if "every voxel" in w]
 
 
+@pytest.mark.parametrize("prompt, modality, warned", [
+    ("lung nodule", "MR", True), ("multiple sclerosis lesion", "CT", True), ("Pulmonary Nodule", "MR", True),
+    ("lung nodule", "CT", False), ("ms lesion", "MR", False)])
+def test_a_target_asked_for_on_the_other_modality_is_warned_about(segmenter, volume, prompt, modality, warned):
+    r = segmenter.segment_volume(volume, prompt, modality=modality)
+    said = [w for w in r.warnings if "learnt on" in w]
+    assert bool(said) == warned
+    if warned:
+        assert f"this image is {modality}" in said[0]
+
+
 def test_slice_range_only_touches_those_slices(segmenter, volume):
     r = segmenter.segment_volume(volume, "lung nodule", slices=(1, 3), threshold=0.0)
     assert r.slices == (1, 3)
