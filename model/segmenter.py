@@ -236,8 +236,8 @@ class Segmenter:
         """A target asked for on the other modality ("lung nodule" on MR): the model never saw one."""
         trained = self.trained_modality(text)
         if trained and modality in ("CT", "MR") and trained != modality:
-            warnings.append(f"'{text}' is a target the model learnt on {trained} images only; this image is "
-                            f"{modality}, where it was never trained or tested: treat the result as unverified")
+            warnings.append(f"untested on {modality}: the model learnt '{text}' on {trained} images only and was never "
+                            f"trained or tested on it in {modality}; treat the result as unverified")
 
     # -- 2D core --------------------------------------------------------------------------
     def _generator(self, seed: int) -> torch.Generator:
