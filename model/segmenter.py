@@ -145,6 +145,12 @@ class Segmenter:
     def __init__(self, model: BoltzFormer, prompt_bank: dict[str, PromptEmbedding], device="auto", info=None):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            # oneDNN's own layout: the encoder's convolutions, the depthwise ones above all, ran
+            # 1.6x faster channels-last (2 CPU cores, batch 8 at 256²: 207 -> 129 ms; the whole
+            # network 325 -> 224 ms, probabilities within 4e-5). GPUs keep the default layout
+            # (not measured there).
+            self.model.encoder.to(memory_format=torch.channels_last)
         self.prompt_bank = dict(prompt_bank)
         self.info = info or {}
         self._encoder = SentenceEncoder(model.cfg.max_text_tokens)
