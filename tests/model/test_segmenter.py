@@ -73,8 +73,8 @@ def test_same_seed_reproduces_and_runs_give_uncertainty(segmenter, volume):
     assert r.uncertainty is not None and r.uncertainty.shape == volume.shape and r.uncertainty.max() > 0
 
 
-def test_cpu_encoder_runs_channels_last_and_gives_the_default_layouts_probabilities(tmp_path, volume):
-    """The CPU segmenter keeps its encoder channels-last (faster there); the probabilities must not
+def test_cpu_network_runs_channels_last_and_gives_the_default_layouts_probabilities(tmp_path, volume):
+    """The CPU segmenter keeps its convolutions channels-last (faster there); the probabilities must not
     depend on the layout beyond float rounding."""
     from boltzformer.checkpoint import save_model
     from boltzformer.network.boltzformer import build_model
@@ -86,7 +86,8 @@ def test_cpu_encoder_runs_channels_last_and_gives_the_default_layouts_probabilit
     conv = seg.model.encoder.stages[0][0][0].weight  # C_out x C_in x 3 x 3, C_in > 1: the layouts differ
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     fast = seg.segment_volume(volume, "lung nodule", seed=2).probabilities
-    seg.model.encoder.to(memory_format=torch.contiguous_format)
+    assert seg.model.pigma.up.weight.is_contiguous(memory_format=torch.channels_last)
+    seg.model.to(memory_format=torch.contiguous_format)
     default = seg.segment_volume(volume, "lung nodule", seed=2).probabilities
     np.testing.assert_allclose(fast, default, atol=1e-4)
     assert fast.max() > 0.01  # not two empty outputs
