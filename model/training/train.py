@@ -383,6 +383,10 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     train_bank = {**bank, **dict(zip(data_mod.UNRELATED_PROMPTS, encoder.encode(list(data_mod.UNRELATED_PROMPTS))))}
 
     model = build_model(net_cfg, seed=cfg.seed).to(device)
+    if device.type == "cpu":
+        # Channels-last convolutions (oneDNN's layout): a training step of batch 16 at 256² took
+        # 1.2-1.6 s instead of 2.2-2.3 s on 2 cores. Checkpoints are saved contiguous.
+        model.to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n and "query" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n and "query" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
