@@ -147,9 +147,9 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
             # oneDNN's own layout for the convolutions (the encoder's and PiGMA's; the decoder has
-            # none): on 2 CPU cores, batch 8 at 256², the encoder ran 207 -> 129 ms and PiGMA
-            # 162 -> 42 ms channels-last, probabilities within 4e-5. GPUs keep the default
-            # layout (not measured there).
+            # none): on 2 CPU cores, batch 8 at 256², the encoder ran 207 -> 129 ms, PiGMA
+            # 40-44 -> 11 ms and the whole network 322 -> 207-222 ms channels-last, probabilities
+            # within 4e-5. GPUs keep the default layout (not measured there).
             self.model.to(memory_format=torch.channels_last)
         self.prompt_bank = dict(prompt_bank)
         self.info = info or {}
