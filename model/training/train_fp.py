@@ -154,6 +154,9 @@ def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1
     print(f"{n_vols} volumes: train {len(train_pos)} nodule / {len(train_neg)} other patches, "
           f"held out {int((is_val & (y == 1)).sum())} / {int((is_val & (y == 0)).sum())}", flush=True)
     net = fpc.CandidateNet(width).to(device)
+    if torch.device(device).type == "cpu":
+        # channels-last 3D convolutions: a batch-32 step took 194-218 instead of 263-266 ms (2 cores)
+        net.to(memory_format=torch.channels_last_3d)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
