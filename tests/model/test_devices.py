@@ -42,3 +42,26 @@ def test_sampling_ops_run_in_float16_and_bfloat16_inputs():
         idx = sampling.sample_tokens(conf, 10, 0.25, torch.Generator().manual_seed(0))
         assert idx.shape == (2, 3, 10) and idx.dtype == torch.int64
         assert sampling.boltzmann_probabilities(conf, 0.5).dtype == torch.float32
+
+
+def test_fast_layout_is_channels_last_on_the_cpu_only_and_keeps_outputs():
+    import torch
+    from torch import nn
+
+    from boltzformer.devices import fast_layout
+
+    torch.manual_seed(0)
+    net2d = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1))
+    net3d = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1))
+    x2, x3 = torch.randn(2, 3, 16, 16), torch.randn(2, 2, 6, 8, 8)
+    y2, y3 = net2d(x2), net3d(x3)
+    assert fast_layout(net2d, "cpu") is net2d
+    fast_layout(net3d, torch.device("cpu"))
+    w2, w3 = net2d[0].weight, net3d[0].weight
+    assert w2.is_contiguous(memory_format=torch.channels_last) and not w2.is_contiguous()
+    assert w3.is_contiguous(memory_format=torch.channels_last_3d) and not w3.is_contiguous()
+    torch.testing.assert_close(net2d(x2), y2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net3d(x3), y3, atol=1e-5, rtol=1e-5)
+    other = nn.Conv2d(3, 8, 3)
+    fast_layout(other, "meta")  # any device but the CPU: left as it is
+    assert other.weight.is_contiguous()
