@@ -12,6 +12,7 @@ between batches.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Generator
@@ -28,6 +29,7 @@ from .devices import fast_layout, resolve_device, sampling_generator
 from .errors import BoltzformerError, PromptError
 from .io import Volume
 from .network.boltzformer import BoltzFormer
+from .network.graphs import GraphedNetwork
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
 from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, check_prompt_text
 from .orientation import to_canonical
@@ -142,9 +144,15 @@ class _Sweep:
 class Segmenter:
     """A trained BoltzFormer on a device, with its known prompts."""
 
-    def __init__(self, model: BoltzFormer, prompt_bank: dict[str, PromptEmbedding], device="auto", info=None):
+    def __init__(self, model: BoltzFormer, prompt_bank: dict[str, PromptEmbedding], device="auto", info=None,
+                 cuda_graphs: bool | None = None):
+        """cuda_graphs: on a CUDA device, replay the network's forward pass as CUDA graphs
+        (network/graphs.py); None reads BOLTZFORMER_CUDA_GRAPHS (on unless it is "0")."""
         self.device = resolve_device(device)
         self.model = fast_layout(model.to(self.device), self.device).eval()  # the encoder's and PiGMA's convolutions
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("BOLTZFORMER_CUDA_GRAPHS", "1") != "0"
+        self._graphs = GraphedNetwork(self.model, self.device, enabled=cuda_graphs)
         self.prompt_bank = dict(prompt_bank)
         self.info = info or {}
         self._encoder = SentenceEncoder(model.cfg.max_text_tokens)
@@ -152,7 +160,8 @@ class Segmenter:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, source=None, device="auto", **inference_options) -> "Segmenter":
+    def from_pretrained(cls, source=None, device="auto", cuda_graphs: bool | None = None,
+                        **inference_options) -> "Segmenter":
         """source: None (bundled), a .safetensors file, a folder, or "hf:owner/name" (Hugging Face).
 
         inference_options: sampling ('boltzmann', 'uniform', 'mask2former', 'dense'),
@@ -164,11 +173,12 @@ class Segmenter:
         info = {k: v for k, v in meta.items() if k != "prompts"}
         info["weights_path"] = str(src.weights_path)
         info["weights_source"] = src.description
-        return cls(model, bank, device=device, info=info)
+        return cls(model, bank, device=device, info=info, cuda_graphs=cuda_graphs)
 
     def release_memory(self) -> None:
         """Give cached accelerator memory back (after an out-of-memory error, say)."""
         if self.device.type == "cuda":
+            self._graphs.clear()  # their memory pool too
             torch.cuda.empty_cache()
         elif self.device.type == "mps" and hasattr(torch, "mps"):
             torch.mps.empty_cache()
@@ -278,18 +288,27 @@ class Segmenter:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=(h > size or w > size))
         tokens, valid, pooled = batch_embeddings([embedding] * n, self.model.cfg.max_text_tokens, self.device)
         use_bf16 = self.device.type == "cuda"
+
+        def logits_of(image, prior, want_attention=False):
+            """The network's logits (and its output dict when attention is asked for): replayed as a
+            CUDA graph when nothing is asked of the pass but its logits (network/graphs.py)."""
+            if not want_attention and stage_times is None and prior is None:
+                replayed = self._graphs.run(image, tokens, valid, pooled, generator)
+                if replayed is not None:
+                    return replayed, None
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = self.model(image, tokens, valid, pooled, generator=generator, return_attention=want_attention,
+                                 stage_times=stage_times, prior=prior)
+            return out["logits"], out
+
         noise = generator.get_state() if mirror else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = self.model(x, tokens, valid, pooled, generator=generator, return_attention=return_attention,
-                             stage_times=stage_times, prior=prior)
-        prob = torch.sigmoid(out["logits"].float())
+        logits, out = logits_of(x, prior, return_attention)
+        prob = torch.sigmoid(logits.float())
         if mirror:
             after = generator.get_state()
             generator.set_state(noise)  # the same draws as the first pass: an exactly mirror-symmetric mean
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                flipped = self.model(x.flip(-1), tokens, valid, pooled, generator=generator, stage_times=stage_times,
-                                     prior=None if prior is None else prior.mirrored())
-            prob = (prob + torch.sigmoid(flipped["logits"].float()).flip(-1)) / 2
+            flipped, _ = logits_of(x.flip(-1), None if prior is None else prior.mirrored())
+            prob = (prob + torch.sigmoid(flipped.float()).flip(-1)) / 2
             generator.set_state(after)  # later batches draw as they would without the mirror
         out_hw = tuple(out_hw or (h, w))
         if out_hw != (size, size):
