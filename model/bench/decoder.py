@@ -17,6 +17,7 @@ import torch
 from ..network import sampling
 from ..network.attention import TokenCrossAttention, cross_attention_macs, token_table
 from ..network.decoder import POS_DIM, sine_positions
+from ..network.graphs import capture, graphs_available
 from ..runtime import tune_allocator
 from ..devices import resolve_device
 from .machine import machine_description, write_text
@@ -38,13 +39,16 @@ def _time(fn, device, repeats: int, warmup: int = 3) -> float:
 
 
 @torch.inference_mode()
-def bench_decoder(sizes=(32, 64, 128), num_queries=10, dim=128, heads=4, ratio=0.10, batch=1, repeats=30,
-                  device="cpu", seed=0) -> dict:
+def bench_decoder(sizes=(16, 32, 64, 128), num_queries=10, dim=128, heads=4, ratio=0.10, batch=1, repeats=30,
+                  device="cpu", seed=0, graphs=True) -> dict:
+    """Time each variant at each token map side; on CUDA (graphs=True) also replayed as CUDA graphs,
+    as the product runs the network there."""
     device = torch.device(device)
     tune_allocator()
     torch.manual_seed(seed)
     attn = TokenCrossAttention(dim, heads).to(device).eval()
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+    use_graphs = graphs and graphs_available(device)
     rows = []
     for side in sizes:
         n = side * side
@@ -69,6 +73,14 @@ def bench_decoder(sizes=(32, 64, 128), num_queries=10, dim=128, heads=4, ratio=0
             "mask2former": lambda: attn(q, tokens, pos, mask=sampling.threshold_mask(conf, 0.9)),
         }
         times = {name: _time(fn, device, repeats) for name, fn in variants.items()}
+        # On CUDA the product replays the network as CUDA graphs (network/graphs.py): time the
+        # three variants that way too, each recorded once and replayed.
+        graphed = {}
+        if use_graphs:
+            for name in _GRAPHED:
+                fn = variants[name]
+                graph, _ = capture(fn, generators=(gen,) if "sampling" in name else (), warmup=2)
+                graphed[name] = _time(graph.replay, device, repeats)
         macs_dense = cross_attention_macs(num_queries, n, dim, heads, None) * batch
         macs_sparse = cross_attention_macs(num_queries, n, dim, heads, k) * batch
         rows.append({
@@ -81,12 +93,20 @@ def bench_decoder(sizes=(32, 64, 128), num_queries=10, dim=128, heads=4, ratio=0
             "speedup_masked_dense_with_sampling_vs_dense": times["dense"] / times["sparse_as_dense_mask+sampling"],
             "flop_ratio_dense_over_sparse": macs_dense / macs_sparse,
         })
+        if graphed:
+            rows[-1]["graph_time_ms"] = {name: 1000 * t for name, t in graphed.items()}
+            rows[-1]["speedup_graphed_sparse_with_sampling_vs_dense"] = (graphed["dense"]
+                                                                          / graphed["sparse_gather+sampling"])
     # What attention_impl="auto" runs on this device (network/decoder.py), so the choice can be
     # checked against the two sampled-pattern columns measured here.
     auto = "gather"
     return {"benchmark": "decoder_cross_attention", "device": str(device), "machine": machine_description(),
-            "num_queries": num_queries, "dim": dim, "heads": heads, "ratio": ratio, "auto_impl": auto, "rows": rows}
+            "num_queries": num_queries, "dim": dim, "heads": heads, "ratio": ratio, "auto_impl": auto,
+            "batch": batch, "cuda_graphs": use_graphs, "rows": rows}
 
+
+# The variants timed as CUDA graph replays too (on CUDA).
+_GRAPHED = ("dense", "sparse_gather+sampling", "sparse_as_dense_mask+sampling")
 
 # The decoder's impl names, as the table's columns call them ("dense" there is unsampled attention).
 _AUTO_NAMES = {"gather": "gather", "dense": "masked (attention_impl 'dense' over the sampled tokens)"}
@@ -110,6 +130,17 @@ def decoder_markdown(result: dict) -> str:
                      f"{masked:.3f} | {t['sparse_gather']:.3f} | {t['mask2former']:.3f} | "
                      f"{r['speedup_sparse_with_sampling_vs_dense']:.1f}× | {t['dense'] / masked:.1f}× | "
                      f"{r['flop_ratio_dense_over_sparse']:.1f}× |")
+    graphed = [r for r in result["rows"] if "graph_time_ms" in r]
+    if graphed:
+        lines += ["", "As the product runs them on CUDA: each variant recorded once as a CUDA graph and replayed "
+                  "(network/graphs.py), so the host launches one graph instead of each kernel.", "",
+                  "| tokens | K | dense ms | gather+sampling ms | masked+sampling ms | speed-up (gather+sampling) |",
+                  "|---|---|---|---|---|---|"]
+        for r in graphed:
+            t = r["graph_time_ms"]
+            lines.append(f"| {r['side']}² | {r['k']} | {t['dense']:.3f} | {t['sparse_gather+sampling']:.3f} | "
+                         f"{t['sparse_as_dense_mask+sampling']:.3f} | "
+                         f"{r['speedup_graphed_sparse_with_sampling_vs_dense']:.2f}× |")
     return "\n".join(lines) + "\n"
 
 
