@@ -36,7 +36,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def fast_layout(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
     """On the CPU, store the module's convolution weights channels-last (5D ones channels-last 3D),
-    oneDNN's own layout, and return it; on other devices leave it as it is (not measured there).
+    oneDNN's own layout, and return it; on other devices leave it as it is (on an H200 under bf16
+    it changed nothing measurable: benchmarks/results/cuda_graphs_h200.md).
 
     Measured on 2 CPU cores: the slice network's batch of 8 at 256² 322 -> 207-222 ms (encoder
     207 -> 129 ms, PiGMA 40-44 -> 11 ms), the 3D classifier on 120 candidates 0.59-0.62 ->

@@ -1,4 +1,8 @@
-"""Does the slice network run faster channels-last on a GPU too? An A/B for the next lease.
+"""Does the slice network run faster channels-last on a GPU too? An A/B for a lease.
+
+Answered on an H200, 2026-11-27 (benchmarks/results/cuda_graphs_h200.md): no measurable gain, so
+GPUs keep the default layout. Run it with BOLTZFORMER_CUDA_GRAPHS=0: the layout change gives the
+weights new storage, and graphs (the product's default on CUDA) would be recorded again.
 
 On the CPU the Segmenter keeps its convolutions channels-last (oneDNN's layout: 300 x 512² CT
 15.1 -> 10.5 s on 2 cores). GPUs keep the default layout because it was never measured there;
