@@ -8,6 +8,11 @@ Each case runs in a fresh process on the 300 x 512² bench CT ("lung nodule", bu
 - plain: CUDA set-up, model load, then two volumes with the network's stage times;
 - profiled: the first batch of 32 under torch.profiler (top ops by host time), then a second;
 - no_cudnn: as plain, with cuDNN off (PyTorch's own convolution kernels);
+- no_cudnn_sdpa: as plain, with cuDNN's attention backend off;
+- perbatch: as plain, each stage of each batch timed (synchronised hooks);
+- dummy_first / ct_first: perbatch after one batch of 32 random slices / of the CT's first 32
+  slices through predict_batch (is the first call's cost the data's or the first call's?);
+(CASES=a,b picks cases; default: plain, profiled, no_cudnn and the VARIANTS)
 - each of the environment settings in VARIANTS, as plain.
 Result: $OUT/cold_start.json and the log. SMOKE=1: a small CT on the CPU (a check of the script).
 """
@@ -40,6 +45,8 @@ def child(mode: str):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if mode == "no_cudnn":  # PyTorch's own convolution kernels instead of cuDNN's (no per-shape plans)
         torch.backends.cudnn.enabled = False
+    if mode == "no_cudnn_sdpa" and dev == "cuda":  # attention through flash / memory-efficient kernels only
+        torch.backends.cuda.enable_cudnn_sdp(False)
     row = {"mode": mode, "import_s": time.perf_counter() - t0}
     t = time.perf_counter()
     if dev == "cuda":
@@ -67,6 +74,32 @@ def child(mode: str):
         row["top_ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         print(row["top_ops"])
     else:
+        if mode in ("dummy_first", "ct_first"):  # one batch through predict_batch before the volumes
+            if mode == "dummy_first":
+                slices = np.random.default_rng(0).random((32, 256, 256), dtype=np.float32)
+            else:  # the CT's first 32 slices in a lung window, at 512² as the volume gives them
+                slices = np.clip((vol.array[:32].astype(np.float32) + 1350) / 1500, 0, 1)
+            t = time.perf_counter()
+            seg.predict_batch(slices, seg.prompt_bank["lung nodule"], seg._generator(0))
+            row["first_batch_s"] = time.perf_counter() - t
+        if mode in ("perbatch", "dummy_first", "ct_first"):  # each network stage's time per batch, synchronised
+            calls = row["calls"] = []
+            sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+            def timed(module, name):
+                def pre(*_):
+                    sync()
+                    module._t = time.perf_counter()
+
+                def post(*_):
+                    sync()
+                    calls.append((name, round(time.perf_counter() - module._t, 4)))
+
+                module.register_forward_pre_hook(pre)
+                module.register_forward_hook(post)
+
+            for name in ("encoder", "decoder", "pigma"):
+                timed(getattr(seg.model, name), name)
         row["volumes"] = []
         for _ in range(2):
             stages = {}
@@ -98,7 +131,8 @@ def main():
     with open(WORK / "ct.pkl", "wb") as f:
         pickle.dump(vol, f)
     rows = []
-    cases = [("plain", {}), ("profiled", {}), ("no_cudnn", {})] + [(name, env) for name, env in VARIANTS.items()]
+    cases = [(m, {}) for m in os.environ.get("CASES", "plain,profiled,no_cudnn").split(",")]
+    cases += [(name, env) for name, env in VARIANTS.items() if name in os.environ.get("CASES", name)]
     for mode, env in cases:
         t = time.time()
         p = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True, text=True,
