@@ -56,9 +56,12 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
     import torch
 
     from ..io import read_volume, write_volume
+    from ..runtime import tune_allocator
     from ..segmenter import Segmenter
 
     t_import = time.perf_counter() - t0
+    # as `boltzformer segment` does: without it the same CT took 11.2 s instead of 8.8 s (2 cores)
+    tune_allocator()
     seg = Segmenter.from_pretrained(weights, device=device)
     t_load = time.perf_counter() - t0 - t_import
     if seg.device.type == "cuda":
@@ -76,6 +79,7 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
     write_volume(result.mask_volume(), output_path, overwrite=True)
     stages["write"] = time.perf_counter() - t
     end_to_end = sum(stages.values())
+    lesions, rejected = len(result.lesions), len(result.rejected)  # the default pipeline's, before the detector's
     # What the opt-in 3D nodule detector adds (lung nodule prompts): its blobs, its classifier, the merge.
     t = time.perf_counter()
     result.rethreshold(result.threshold, nodule_detector=True)
@@ -86,9 +90,9 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
         "import_s": t_import, "model_load_s": t_load,
         "seconds_with_start_up": end_to_end + t_import + t_load,  # what `boltzformer segment` costs in all
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "lesions_found": len(result.lesions), "sampling": seg.config.sampling, "mirror": mirror,
+        "lesions_found": lesions, "sampling": seg.config.sampling, "mirror": mirror,
         "attention_impl": seg.config.attention_impl, "batch_size": seg.default_batch_size(),
-        "context_offsets_mm": list(seg.config.context_offsets_mm), "fp_filter_rejected": len(result.rejected),
+        "context_offsets_mm": list(seg.config.context_offsets_mm), "fp_filter_rejected": rejected,
         "nodule_detector_s": detector_s,  # not in seconds_end_to_end: the detector is opt-in
         "nodule_detector_find_s": result.timings_s.get("nodule_detector"),  # of which finding the blobs
         "lesions_found_with_nodule_detector": len(result.lesions),

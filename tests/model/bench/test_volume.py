@@ -39,3 +39,28 @@ def test_the_measuring_process_runs_with_and_without_mirror_averaging(tiny, mirr
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["mirror"] is (mirror == "mirror") and row["slices"] == 4 and out.is_file()
     assert row["seconds_end_to_end"] > 0 and {"encoder", "decoder", "postprocess"} <= set(row["stages_s"])
+
+
+def test_lesion_counts_are_the_default_pipelines_not_the_detectors(tiny, monkeypatch):
+    """`measure` times the opt-in 3D nodule detector after the default run; the counts it reports
+    must be the default pipeline's (they were read after the detector's re-threshold once)."""
+    from boltzformer.bench.volume import measure
+    from boltzformer.io import read_volume
+    from boltzformer.results import SegmentationResult
+    from boltzformer.segmenter import Segmenter
+
+    weights, ct, folder = tiny
+    want = Segmenter.from_pretrained(weights, device="cpu").segment_volume(read_volume(ct), "lung nodule")
+    assert len(want.lesions) and len(want.rejected)  # the counts below can tell the two apart
+    original = SegmentationResult.rethreshold
+
+    def rethreshold(self, threshold, *args, nodule_detector=None, **kwargs):
+        out = original(self, threshold, *args, nodule_detector=nodule_detector, **kwargs)
+        if nodule_detector:  # a stand-in detector that keeps nothing
+            self.lesions, self.rejected = [], []
+        return out
+
+    monkeypatch.setattr(SegmentationResult, "rethreshold", rethreshold)
+    row = measure(ct, str(folder / "mask_counts.nii.gz"), "cpu", weights=weights)
+    assert row["lesions_found"] == len(want.lesions) and row["fp_filter_rejected"] == len(want.rejected)
+    assert row["lesions_found_with_nodule_detector"] == 0
