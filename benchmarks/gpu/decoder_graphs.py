@@ -1,5 +1,5 @@
-"""Decoder cross-attention with the host's launch overhead removed (a benchmark only: the product
-runs eagerly). Each variant, dense attention and sparse attention with its Boltzmann sampling, is
+"""Decoder cross-attention with the host's launch overhead removed (written when the product ran
+eagerly; it now replays the network as CUDA graphs on CUDA, and `bench decoder` times that). Each variant, dense attention and sparse attention with its Boltzmann sampling, is
 captured once as a CUDA graph and replayed; the sampling draws from the default CUDA generator,
 which graph replays advance. Eager times beside them, in the same process. Per cell: the median of
 single synchronised calls (`_ms`, as boltzformer.bench.decoder times them) and the mean of 200
