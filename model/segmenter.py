@@ -165,7 +165,7 @@ class Segmenter:
         """source: None (bundled), a .safetensors file, a folder, or "hf:owner/name" (Hugging Face).
 
         inference_options: sampling ('boltzmann', 'uniform', 'mask2former', 'dense'),
-        token_ratio, tau0, attention_impl ('auto', 'gather', 'dense').
+        token_ratio, tau0, attention_impl ('auto', 'gather', 'dense'). cuda_graphs: see __init__.
         """
         model, bank, meta, src = load_model(source)
         if inference_options:

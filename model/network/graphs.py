@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def graphs_available(device: torch.device) -> bool:
     """Whether forward passes on `device` can be captured: CUDA, with a torch whose graphs can
-    register a custom generator (torch >= 2.5; the sampling draws from a seeded one)."""
+    register a custom generator (`CUDAGraph.register_generator_state`; the sampling draws from a
+    seeded one)."""
     return device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
@@ -79,10 +80,11 @@ class GraphedNetwork:
         self._failed: set = set()
         self._pool = None
         self._stream = None
-        self._weights = None  # the storage addresses the graphs were recorded with
+        self._weights = None  # a hash of the weights' storage addresses and versions at recording
 
     def clear(self) -> None:
-        """Forget every graph (after the weights or the inference options change)."""
+        """Forget every graph and its memory pool (after an out-of-memory error; changed weights
+        clear them by themselves, changed inference options are part of each graph's key)."""
         self._seen.clear()
         self._graphs.clear()
         self._failed.clear()
@@ -118,13 +120,11 @@ class GraphedNetwork:
                 log.warning("CUDA graph capture failed (%s); this batch shape runs eagerly", err)
                 return None
         graph, static, out, gen = self._graphs[key]
-        if gen is not generator:  # a graph replays with the generator it recorded: share its state
-            gen.set_state(generator.get_state())
+        gen.set_state(generator.get_state())  # the graph draws from the generator it recorded
         for dst, src in zip(static, (image, tokens, valid, pooled)):
             dst.copy_(src, non_blocking=True)
         graph.replay()
-        if gen is not generator:
-            generator.set_state(gen.get_state())
+        generator.set_state(gen.get_state())  # ... and the caller's ends where an eager pass leaves it
         return out.clone()
 
     def _capture(self, image, tokens, valid, pooled, generator):

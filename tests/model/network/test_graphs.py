@@ -90,14 +90,16 @@ def test_segmenter_masks_with_and_without_graphs_agree():
 
     emb = PromptEmbedding(rng.standard_normal((3, cfg.text_dim)).astype(np.float32),
                           rng.standard_normal(cfg.text_dim).astype(np.float32))
-    probs = {}
-    for on in (False, True):
-        seg = Segmenter(model, {}, device="cuda", cuda_graphs=on)
-        gen = seg._generator(3)
-        probs[on] = np.concatenate([seg.predict_batch(slices[i:i + 4], emb, gen)[0] for i in range(0, 12, 4)])
-        if on:
-            assert len(seg._graphs._graphs) == 1
-    assert np.abs(probs[True] - probs[False]).max() < 1e-2
+    for mirror in (False, True):  # mirrored: two passes per batch, the second with the first's noise
+        probs = {}
+        for on in (False, True):
+            seg = Segmenter(model, {}, device="cuda", cuda_graphs=on)
+            gen = seg._generator(3)
+            probs[on] = np.concatenate([seg.predict_batch(slices[i:i + 4], emb, gen, mirror=mirror)[0]
+                                        for i in range(0, 12, 4)])
+            if on:
+                assert len(seg._graphs._graphs) == 1
+        assert np.abs(probs[True] - probs[False]).max() < 1e-2
 
 
 @cuda
