@@ -64,3 +64,13 @@ def test_lesion_counts_are_the_default_pipelines_not_the_detectors(tiny, monkeyp
     row = measure(ct, str(folder / "mask_counts.nii.gz"), "cpu", weights=weights)
     assert row["lesions_found"] == len(want.lesions) and row["fp_filter_rejected"] == len(want.rejected)
     assert row["lesions_found_with_nodule_detector"] == 0
+
+
+def test_stages_split_the_inference_with_or_without_network_stages():
+    from boltzformer.bench.volume import split_stages
+
+    timings = {"preprocess": 0.5, "inference": 4.0, "postprocess": 1.0}
+    cpu = split_stages(timings, {"encoder": 2.0, "decoder": 1.0, "pigma": 0.5}, True)
+    assert cpu == {"preprocess": 0.5, "postprocess": 1.0, "resize_and_copy": 0.5}
+    cuda = split_stages(timings, {}, False)  # CUDA: the network runs as graphs, timed as a whole
+    assert cuda == {"preprocess": 0.5, "postprocess": 1.0, "network": 4.0}
