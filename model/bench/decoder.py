@@ -16,7 +16,7 @@ import torch
 
 from ..network import sampling
 from ..network.attention import TokenCrossAttention, cross_attention_macs, token_table
-from ..network.decoder import POS_DIM, sine_positions
+from ..network.decoder import AUTO_ATTENTION_IMPL, POS_DIM, sine_positions
 from ..network.graphs import capture, graphs_available
 from ..runtime import tune_allocator
 from ..devices import resolve_device
@@ -97,9 +97,9 @@ def bench_decoder(sizes=(16, 32, 64, 128), num_queries=10, dim=128, heads=4, rat
             rows[-1]["graph_time_ms"] = {name: 1000 * t for name, t in graphed.items()}
             rows[-1]["speedup_graphed_sparse_with_sampling_vs_dense"] = (graphed["dense"]
                                                                           / graphed["sparse_gather+sampling"])
-    # What attention_impl="auto" runs on this device (network/decoder.py), so the choice can be
-    # checked against the two sampled-pattern columns measured here.
-    auto = "gather"
+    # What attention_impl="auto" runs (network/decoder.py), so the choice can be checked against
+    # the two sampled-pattern columns measured here.
+    auto = AUTO_ATTENTION_IMPL
     return {"benchmark": "decoder_cross_attention", "device": str(device), "machine": machine_description(),
             "num_queries": num_queries, "dim": dim, "heads": heads, "ratio": ratio, "auto_impl": auto,
             "batch": batch, "cuda_graphs": use_graphs, "rows": rows}

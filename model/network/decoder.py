@@ -27,6 +27,8 @@ from .attention import TokenCrossAttention, token_table
 from .config import BoltzFormerConfig
 
 POS_DIM = 32  # Fourier position features per token (8 frequencies x sin/cos x y/x)
+# What attention_impl="auto" runs, on every device (measured: benchmarks/results/decoder_*.md)
+AUTO_ATTENTION_IMPL = "gather"
 
 
 def sine_positions(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
@@ -146,9 +148,7 @@ class BoltzDecoder(nn.Module):
         for s in set(cfg.attention_strides):
             if s not in pixel_at:
                 pixel_at[s] = F.avg_pool2d(pixel_map, kernel_size=s // mask_stride)
-        impl = cfg.attention_impl
-        if impl == "auto":  # measured: benchmarks/results/decoder_*.md
-            impl = "gather"
+        impl = AUTO_ATTENTION_IMPL if cfg.attention_impl == "auto" else cfg.attention_impl
         # The sparse inference path reads sampled tokens as rows of a token table (features and
         # position features side by side, attention.token_table), built here once per token map
         # and shared by the blocks that attend to it; training and the dense path keep B x N x D.
