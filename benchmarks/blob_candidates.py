@@ -78,11 +78,11 @@ def gated_candidates(ph, lung_mask: str = "phantom"):
     return pts, response, blobness, scale[zz, yy, xx], hit
 
 
-def ball_patches(ph, pts, scale_idx) -> np.ndarray:
+def ball_patches(ph, pts, scale_idx, geometry=fp_classifier.COARSE) -> np.ndarray:
     """Classifier patches (N x 2 x D x H x W) around points, the mask channel a ball of each
     point's best radius."""
     radius = np.array([RADII_MM[k] for k in scale_idx], float)
-    return nodule_detector.ball_patches(ph.image, pts, radius, ph.spacing_mm)
+    return nodule_detector.ball_patches(ph.image, pts, radius, ph.spacing_mm, geometry)
 
 
 def count_case(ph, clf, lung_mask: str = "phantom") -> tuple[list[dict], ...]:
@@ -99,7 +99,7 @@ def count_case(ph, clf, lung_mask: str = "phantom") -> tuple[list[dict], ...]:
 
     sel = np.flatnonzero(gated & (blobness > min(BLOBNESS)))
     score = np.zeros(len(pts), np.float32)
-    score[sel] = clf.probabilities(ball_patches(ph, pts[sel], scale_idx[sel]))
+    score[sel] = clf.probabilities(ball_patches(ph, pts[sel], scale_idx[sel], clf.geometry))
     kept = score >= clf.threshold
     return ([row_for(response > t, threshold=t) for t in THRESHOLDS],
             [row_for(gated & (blobness > g), blobness=g) for g in BLOBNESS],
@@ -107,8 +107,9 @@ def count_case(ph, clf, lung_mask: str = "phantom") -> tuple[list[dict], ...]:
             [row_for(gated & (blobness > min(BLOBNESS)) & (score >= t), score=t) for t in SCORE_SWEEP])
 
 
-def mine(volumes: int, out: Path, seed: int = 5, lung_mask: str = "phantom") -> None:
-    """Training patches of the gated blob candidates, in train_fp's per-volume format."""
+def mine(volumes: int, out: Path, seed: int = 5, lung_mask: str = "phantom", arch: str = "coarse") -> None:
+    """Training patches of the gated blob candidates, in train_fp's per-volume format, on the
+    patch geometry of a CandidateNet of `arch`."""
     from boltzformer.training.train_fp import phantom_volume, save_mined, training_volumes
 
     out.mkdir(parents=True, exist_ok=True)
@@ -119,8 +120,9 @@ def mine(volumes: int, out: Path, seed: int = 5, lung_mask: str = "phantom") -> 
         pts, response, blobness, scale_idx, hit = gated_candidates(ph, lung_mask)
         sel = np.flatnonzero((response > GATE_THRESHOLD) & (blobness > min(BLOBNESS)))
         on_nodule = hit[sel] > 0
-        save_mined(path, ball_patches(ph, pts[sel], scale_idx[sel]), on_nodule, ph, vol,
-                   candidates=len(sel), true_candidates=int(on_nodule.sum()))
+        geometry = fp_classifier.GEOMETRIES[arch]
+        save_mined(path, ball_patches(ph, pts[sel], scale_idx[sel], geometry), on_nodule, ph, vol,
+                   candidates=len(sel), true_candidates=int(on_nodule.sum()), geometry=geometry)
         print(f"volume {v}: {len(sel)} gated candidates, {int(on_nodule.sum())} on nodules", flush=True)
 
 
@@ -135,9 +137,11 @@ def main() -> int:
     ap.add_argument("--mine-seed", type=int, default=5)
     ap.add_argument("--lung", choices=("phantom", "hu"), default="phantom",
                     help="lung mask: the phantom's own (default) or the product's from the CT")
+    ap.add_argument("--arch", choices=tuple(fp_classifier.GEOMETRIES), default="coarse",
+                    help="with --mine: the patch geometry of the CandidateNet to be trained")
     args = ap.parse_args()
     if args.mine:
-        mine(args.mine, args.mine_out, args.mine_seed, args.lung)
+        mine(args.mine, args.mine_out, args.mine_seed, args.lung, args.arch)
         return 0
     clf = fp_classifier.load(args.classifier) if args.classifier else fp_classifier.bundled()
     per_case = [count_case(phantom_case(args.set, i)[0], clf, args.lung) for i in range(args.count)]

@@ -168,17 +168,22 @@ def main():
     ap.add_argument("--candidates", type=Path, default=None)
     ap.add_argument("--fp-classifier", type=Path, default=None,
                     help="a 3D classifier's .safetensors (with its .json) in place of the bundled one")
+    ap.add_argument("--detector-classifier", type=Path, default=None,
+                    help="the 3D nodule detector's classifier (.safetensors with its .json) in place of the bundled one")
     args = ap.parse_args()
-    if args.fp_classifier:
-        from boltzformer import fp_classifier
+    from boltzformer import fp_classifier, nodule_detector
 
+    if args.fp_classifier:
         fp_classifier._BUNDLED[fp_classifier.WEIGHTS_NAME] = fp_classifier.load(args.fp_classifier)
+    if args.detector_classifier:
+        fp_classifier._BUNDLED[nodule_detector.DETECTOR_WEIGHTS_NAME] = fp_classifier.load(args.detector_classifier)
     seg = Segmenter.from_pretrained(args.weights, device="cpu")
     seg.segment_volume = functools.partial(seg.segment_volume, mirror=args.mirror)  # every run here
     cases, candidates = run(args.set, args.count, seg, args.candidates is not None, args.threshold)
     summary = {"set": args.set, "count": args.count, "threshold": args.threshold, "mirror": args.mirror,
                "weights_sha256": seg.info.get("sha256"),
                "fp_classifier": str(args.fp_classifier) if args.fp_classifier else "bundled",
+               "detector_classifier": str(args.detector_classifier) if args.detector_classifier else "bundled",
                "weights": seg.info.get("weights_path"), **summarise(cases)}
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -6,13 +6,17 @@ in the lung but cannot tell a nodule touching a vessel from the vessel. Nodule-d
 settle this with a second stage, a small 3D network that looks at a cube of CT around each
 candidate; this module is that stage.
 
-Each candidate is cut out as a patch on a fixed physical grid, whatever the scan's spacing:
-PATCH_SHAPE = 16 x 32 x 32 voxels (z, y, x) of PATCH_SPACING_MM = 2 x 1.25 x 1.25 mm, i.e.
-32 x 40 x 40 mm centred on the candidate's thickest point (the voxel deepest inside it, in mm):
+Each candidate is cut out as a patch on a fixed physical grid, whatever the scan's spacing. The
+bundled filter's network reads COARSE patches: PATCH_SHAPE = 16 x 32 x 32 voxels (z, y, x) of
+PATCH_SPACING_MM = 2 x 1.25 x 1.25 mm, i.e. 32 x 40 x 40 mm (its first layer then pools to about
+2 mm voxels), centred on the candidate's thickest point (the voxel deepest inside it, in mm):
 a nodule that the slice model merged with the vessels it touches is one large component whose
 centroid can lie anywhere along the vessels, but its thickest point is the nodule. Channel 0 is the CT in a lung window
 (HU_RANGE mapped to [0, 1]), channel 1 the candidate's own component (which object is meant,
 when a patch holds several). CandidateNet maps 2 x 16 x 32 x 32 to one logit: nodule vs not.
+A FINE network (arch "fine") reads 24 x 24 x 24 voxels of 1.25 mm (30 mm a side) and keeps that
+resolution through its first two layers: a 3 mm nodule is 1.5 voxels across at 2 mm, about 2.4 at
+1.25 mm. Which one a weights file holds, and so its patch geometry, is stored next to it.
 
 Training (boltzformer.training.train_fp) uses candidates of the bundled slice model on 3D phantom chests
 (boltzformer.synth.lung3d), never the evaluation phantoms or any real scan. The decision
@@ -41,6 +45,19 @@ WEIGHTS_NAME = "fp-classifier.safetensors"
 PATCH_EXTENT_Z_MM = PATCH_SHAPE[0] * PATCH_SPACING_MM[0]  # 32 mm
 
 
+@dataclass(frozen=True)
+class PatchGeometry:
+    """The physical grid a CandidateNet reads: shape_zyx voxels of spacing_mm_zyx."""
+
+    shape_zyx: tuple[int, int, int]
+    spacing_mm_zyx: tuple[float, float, float]
+
+
+COARSE = PatchGeometry(PATCH_SHAPE, PATCH_SPACING_MM)  # the bundled 3D filter's
+FINE = PatchGeometry((24, 24, 24), (1.25, 1.25, 1.25))
+GEOMETRIES = {"coarse": COARSE, "fine": FINE}  # by CandidateNet arch
+
+
 def covers(shape_zyx, spacing_xyz) -> bool:
     """Whether a scan is deep enough to score its candidates: it must span the patch's z extent
     (PATCH_EXTENT_Z_MM). In a single slice or a thin stack most of every patch lies outside the
@@ -58,21 +75,36 @@ def too_shallow(shape_zyx, spacing_xyz) -> str | None:
 
 
 class CandidateNet(nn.Module):
-    """B x 2 x 16 x 32 x 32 -> B logits (nodule vs not). About 0.2 M parameters."""
+    """B x 2 x D x H x W (its `geometry`) -> B logits (nodule vs not). About 0.2 M parameters.
 
-    def __init__(self, width: int = 16):
+    arch "coarse": 16 x 32 x 32 patches, pooled in-plane at once to about 2 mm voxels;
+    "fine": 24 x 24 x 24 patches of 1.25 mm, two convolutions at that resolution before pooling.
+    Both cost about 0.16 G multiply-adds per patch."""
+
+    def __init__(self, width: int = 16, arch: str = "coarse"):
         super().__init__()
+        if arch not in GEOMETRIES:
+            raise ValueError(f"unknown CandidateNet arch {arch!r} (known: {', '.join(GEOMETRIES)})")
+        self.arch = arch
+        self.geometry = GEOMETRIES[arch]
 
         def conv(c_in, c_out):
             return [nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
 
         w = width
-        # One convolution at the two fine scales, two at the coarsest: a CPU trains it in minutes.
-        self.features = nn.Sequential(
-            *conv(2, w), nn.MaxPool3d((1, 2, 2)),  # 16 x 16 x 16: voxels of about 2 mm in every axis
-            *conv(w, 2 * w), nn.MaxPool3d(2),  # 8 x 8 x 8
-            *conv(2 * w, 4 * w), *conv(4 * w, 4 * w), nn.MaxPool3d(2),  # 4 x 4 x 4
-        )
+        if arch == "coarse":
+            # One convolution at the two fine scales, two at the coarsest: a CPU trains it in minutes.
+            self.features = nn.Sequential(
+                *conv(2, w), nn.MaxPool3d((1, 2, 2)),  # 16 x 16 x 16: voxels of about 2 mm in every axis
+                *conv(w, 2 * w), nn.MaxPool3d(2),  # 8 x 8 x 8
+                *conv(2 * w, 4 * w), *conv(4 * w, 4 * w), nn.MaxPool3d(2),  # 4 x 4 x 4
+            )
+        else:
+            self.features = nn.Sequential(
+                *conv(2, w), *conv(w, w), nn.MaxPool3d(2),  # 12 x 12 x 12: 2.5 mm voxels
+                *conv(w, 2 * w), nn.MaxPool3d(2),  # 6 x 6 x 6
+                *conv(2 * w, 4 * w), *conv(4 * w, 4 * w), nn.MaxPool3d(2),  # 3 x 3 x 3
+            )
         # Pooled to 2 x 2 x 2: where in the cube still counts (centre vs edge), little else.
         self.head = nn.Sequential(nn.AdaptiveAvgPool3d(2), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * w * 8, 64),
                                   nn.ReLU(inplace=True), nn.Linear(64, 1))
@@ -82,8 +114,8 @@ class CandidateNet(nn.Module):
 
 
 def extract_patches(hu: np.ndarray, labels: np.ndarray | None, centroids_zyx, spacing_xyz, lesion_ids,
-                    mask_of=None) -> np.ndarray:
-    """Patches around candidates -> N x 2 x 16 x 32 x 32 float32.
+                    mask_of=None, geometry: PatchGeometry = COARSE) -> np.ndarray:
+    """Patches around candidates -> N x 2 x D x H x W float32 (`geometry`'s shape).
 
     hu: (z, y, x) Hounsfield units on an axial grid; labels: int (z, y, x) components;
     centroids_zyx: N voxel positions; spacing_xyz: the grid's (x, y, z) spacing in mm (the
@@ -92,8 +124,8 @@ def extract_patches(hu: np.ndarray, labels: np.ndarray | None, centroids_zyx, sp
     mask_of: instead of `labels`, a function (candidate index, box of the scan) -> the candidate's
     bool mask in that box, for masks that exist only around each candidate.
     """
-    grid = patch_grid(spacing_xyz)
-    out = np.zeros((len(lesion_ids), 2, *PATCH_SHAPE), np.float32)
+    grid = patch_grid(spacing_xyz, geometry)
+    out = np.zeros((len(lesion_ids), 2, *geometry.shape_zyx), np.float32)
 
     def fill(i_c_lid):
         i, c, lid = i_c_lid
@@ -104,17 +136,17 @@ def extract_patches(hu: np.ndarray, labels: np.ndarray | None, centroids_zyx, sp
     return out
 
 
-def patch_grid(spacing_xyz) -> np.ndarray:
-    """3 x 16 x 32 x 32 offsets (z, y, x scan voxels) of a patch's voxels from its centre."""
+def patch_grid(spacing_xyz, geometry: PatchGeometry = COARSE) -> np.ndarray:
+    """3 x D x H x W offsets (z, y, x scan voxels) of a patch's voxels from its centre."""
     sx, sy, sz = spacing_xyz
-    step = np.array(PATCH_SPACING_MM) / np.array([sz, sy, sx])  # patch voxel in scan voxels
-    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(PATCH_SHAPE, step)]
+    step = np.array(geometry.spacing_mm_zyx) / np.array([sz, sy, sx])  # patch voxel in scan voxels
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(geometry.shape_zyx, step)]
     return np.stack(np.meshgrid(*axes, indexing="ij"))
 
 
 def fill_patch(out: np.ndarray, hu: np.ndarray, labels: np.ndarray | None, centre_zyx, lesion_id: int,
                grid: np.ndarray, mask_in=None) -> None:
-    """One candidate's patch into `out` (2 x 16 x 32 x 32, zeros): the CT around `centre_zyx`
+    """One candidate's patch into `out` (2 x D x H x W, zeros, the grid's shape): the CT around `centre_zyx`
     (a voxel position) and its component. grid: `patch_grid`; mask_in: instead of `labels`,
     a function (box of the scan) -> the candidate's bool mask in that box."""
     lo, hi = HU_RANGE
@@ -154,9 +186,14 @@ class Classifier:
     threshold: float  # keep a candidate whose nodule probability is at least this
     info: dict
 
+    @property
+    def geometry(self) -> PatchGeometry:
+        """The patches its network reads."""
+        return self.net.geometry
+
     @torch.no_grad()
     def probabilities(self, patches: np.ndarray, batch: int = 256) -> np.ndarray:
-        """N x 2 x 16 x 32 x 32 -> N nodule probabilities (CPU)."""
+        """N x 2 x D x H x W (its `geometry`) -> N nodule probabilities (CPU)."""
         self.net.eval()
         out = [torch.sigmoid(self.net(torch.from_numpy(patches[i : i + batch]))).numpy()
                for i in range(0, len(patches), batch)]
@@ -168,7 +205,8 @@ class Classifier:
         if not rows:
             return np.zeros(0, np.float32)
         ids = [r["lesion_id"] for r in rows]
-        patches = extract_patches(hu, labels, candidate_centres(labels, ids, spacing_xyz, boxes), spacing_xyz, ids)
+        patches = extract_patches(hu, labels, candidate_centres(labels, ids, spacing_xyz, boxes), spacing_xyz, ids,
+                                  geometry=self.geometry)
         return self.probabilities(patches)
 
 
@@ -188,7 +226,7 @@ def load(path: str | Path) -> Classifier:
 
     path = Path(path)
     meta = json.loads(path.with_suffix(".json").read_text())
-    net = CandidateNet(width=int(meta.get("width", 16)))
+    net = CandidateNet(width=int(meta.get("width", 16)), arch=str(meta.get("arch", "coarse")))
     net.load_state_dict(load_file(str(path)))
     fast_layout(net, "cpu")  # it always runs on the CPU
     net.eval()

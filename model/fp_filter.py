@@ -113,8 +113,9 @@ def candidate_features(labels: np.ndarray, rows: list[dict], volume: Volume, pro
     scoring = classifier is not None and fp_classifier.covers(hu.shape, volume.spacing_mm)
     sx, sy, sz = volume.spacing_mm
     shell_vox = (max(1, round(SHELL_MM / sz)), max(1, round(SHELL_MM / sy)), max(1, round(SHELL_MM / sx)))
-    patches = np.zeros((len(rows) if scoring else 0, 2, *fp_classifier.PATCH_SHAPE), np.float32)
-    grid = fp_classifier.patch_grid(volume.spacing_mm) if scoring else None
+    geometry = classifier.geometry if scoring else fp_classifier.COARSE
+    patches = np.zeros((len(rows) if scoring else 0, 2, *geometry.shape_zyx), np.float32)
+    grid = fp_classifier.patch_grid(volume.spacing_mm, geometry) if scoring else None
 
     def patch(i, lid, box):
         centre = fp_classifier.candidate_centre(labels, lid, box, volume.spacing_mm)

@@ -14,7 +14,8 @@ the slice model's lesions that hold a kept blob and outlines the other kept blob
    WORK_SPACING_MM in-plane (block means of the CT when its pixels are finer).
 3. Candidates: local maxima in the lungs above MIN_RESPONSE, then a Hessian gate at each one's
    best scale: blobness |λ3| / |λ1| (eigenvalues by magnitude: 1 for a ball, near 0 for a tube)
-   above MIN_BLOBNESS.
+   above MIN_BLOBNESS, or the ``min_blobness`` stored with the classifier (the gate its training
+   candidates passed).
 4. A 3D classifier (`fp_classifier.CandidateNet`, weights DETECTOR_WEIGHTS_NAME: trained on such
    candidates of phantom chests, never evaluation ones) scores a cube of CT around each, its
    mask channel a ball of the candidate's best radius; kept at the threshold stored with it.
@@ -221,19 +222,27 @@ def find_candidates(volume: Volume, classifier: "fp_classifier.Classifier") -> C
     response = best[tuple(pts.T)]
     scale_idx = scale[tuple(pts.T)]
     blobness = blobness_at(sub, work_mm, pts, scale_idx)
-    gated = blobness > MIN_BLOBNESS
+    gated = blobness > min_blobness(classifier)
     pts, response, blobness, scale_idx = pts[gated], response[gated], blobness[gated], scale_idx[gated]
     # Back to the volume's voxels: the centre of each work-grid block.
     native = (pts + offset) * np.array(f) + (np.array(f) - 1) // 2
     native = np.minimum(native, np.array(hu.shape) - 1)
     radius = np.array([RADII_MM[k] for k in scale_idx], float)
-    score = classifier.probabilities(ball_patches(hu, native, radius, volume.spacing_mm)) if len(native) else np.zeros(0)
+    score = (classifier.probabilities(ball_patches(hu, native, radius, volume.spacing_mm, classifier.geometry))
+             if len(native) else np.zeros(0))
     return Candidates(native.astype(int), radius, response, blobness, score.astype(float), classifier.threshold)
 
 
-def ball_patches(hu: np.ndarray, points_zyx: np.ndarray, radius_mm: np.ndarray, spacing_xyz) -> np.ndarray:
-    """Classifier patches (N x 2 x 16 x 32 x 32) around points, the mask channel a ball of each
-    point's radius (a candidate has no outline yet).
+def min_blobness(classifier: "fp_classifier.Classifier") -> float:
+    """The Hessian gate for a classifier: the one its training candidates passed (stored with its
+    weights as ``min_blobness``), else MIN_BLOBNESS."""
+    return float(classifier.info.get("min_blobness", MIN_BLOBNESS))
+
+
+def ball_patches(hu: np.ndarray, points_zyx: np.ndarray, radius_mm: np.ndarray, spacing_xyz,
+                 geometry: "fp_classifier.PatchGeometry" = fp_classifier.COARSE) -> np.ndarray:
+    """Classifier patches (N x 2 x D x H x W, `geometry`'s shape) around points, the mask channel
+    a ball of each point's radius (a candidate has no outline yet).
 
     The balls are painted in point order, a later one over an earlier one where they meet (the
     classifier was trained on such patches), but only inside each patch's box: no scan-sized
@@ -262,7 +271,7 @@ def ball_patches(hu: np.ndarray, points_zyx: np.ndarray, radius_mm: np.ndarray, 
         return out
 
     ids = list(range(1, len(points) + 1))
-    return fp_classifier.extract_patches(hu, None, points, spacing_xyz, ids, mask_of=mask_of)
+    return fp_classifier.extract_patches(hu, None, points, spacing_xyz, ids, mask_of=mask_of, geometry=geometry)
 
 
 # -- outlines -----------------------------------------------------------------------------------

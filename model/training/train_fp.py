@@ -61,16 +61,17 @@ def training_volumes(volumes: int, seed: int, out: Path):
 
 
 def save_mined(path: Path, patches: np.ndarray, is_true: np.ndarray, ph, vol, *, candidates: int,
-               true_candidates: int) -> None:
+               true_candidates: int, geometry: fpc.PatchGeometry = fpc.COARSE) -> None:
     """One volume's mined file: the candidates' patches (N x 2 x D x H x W, source 0) with their
-    labels, then every true nodule cut around its own mask (source 1), written atomically."""
+    labels, then every true nodule cut around its own mask (source 1, on `geometry`, the
+    candidates' own), written atomically."""
     labels = np.asarray(is_true).astype(np.uint8)
     source = np.zeros(len(labels), np.uint8)  # 0: a candidate
     truth = ph.nodule_labels
     gt_ids = [n.label for n in ph.nodules if (truth == n.label).any()]
     if gt_ids:
         gt = fpc.extract_patches(vol.array, truth, fpc.candidate_centres(truth, gt_ids, vol.spacing_mm),
-                                 vol.spacing_mm, gt_ids)
+                                 vol.spacing_mm, gt_ids, geometry=geometry)
         patches = np.concatenate([patches, gt])
         labels = np.concatenate([labels, np.ones(len(gt_ids), np.uint8)])
         source = np.concatenate([source, np.ones(len(gt_ids), np.uint8)])  # 1: a true nodule's mask
@@ -142,10 +143,15 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1e-3, seed: int = 0,
-        width: int = 16, candidate_share: float | None = None, device: str = "cpu") -> dict:
+        width: int = 16, candidate_share: float | None = None, device: str = "cpu", arch: str = "coarse") -> dict:
+    """Train a CandidateNet of `arch` on the patches mined into `data` (they must be on its
+    geometry) and save it to `out` at threshold 0.5 (chosen later, on validation phantoms)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y, vols, source, n_vols = load_mined(data)
+    geometry = fpc.GEOMETRIES[arch]
+    if x.shape[2:] != geometry.shape_zyx:
+        raise ValueError(f"{data}: patches of {x.shape[2:]} voxels, but a {arch!r} CandidateNet reads {geometry.shape_zyx}")
     val_vols = set(range(n_vols - max(1, n_vols // 10), n_vols))
     is_val = np.isin(vols, list(val_vols))
     train_pos = np.flatnonzero(~is_val & (y == 1))
@@ -154,7 +160,7 @@ def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1
     train_mask = np.flatnonzero(~is_val & (y == 1) & (source == 1))  # true nodule masks
     print(f"{n_vols} volumes: train {len(train_pos)} nodule / {len(train_neg)} other patches, "
           f"held out {int((is_val & (y == 1)).sum())} / {int((is_val & (y == 0)).sum())}", flush=True)
-    net = fast_layout(fpc.CandidateNet(width).to(device), device)
+    net = fast_layout(fpc.CandidateNet(width, arch).to(device), device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
@@ -182,10 +188,10 @@ def fit(data: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1
                   flush=True)
     net.cpu()
     report = evaluate(net, x[is_val], y[is_val], source[is_val])
-    info = {"width": width, "steps": steps, "candidate_share": candidate_share, "volumes": n_vols,
+    info = {"width": width, "arch": arch, "steps": steps, "candidate_share": candidate_share, "volumes": n_vols,
             "held_out_volumes": len(val_vols),
-            "held_out": report, "patch_shape_zyx": list(fpc.PATCH_SHAPE),
-            "patch_spacing_mm_zyx": list(fpc.PATCH_SPACING_MM), "hu_range": list(fpc.HU_RANGE)}
+            "held_out": report, "patch_shape_zyx": list(geometry.shape_zyx),
+            "patch_spacing_mm_zyx": list(geometry.spacing_mm_zyx), "hu_range": list(fpc.HU_RANGE)}
     fpc.save(net, 0.5, info, out)
     return info
 
@@ -214,6 +220,8 @@ def main(argv=None) -> int:
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--steps", type=int, default=3000)
     f.add_argument("--width", type=int, default=16)
+    f.add_argument("--arch", choices=tuple(fpc.GEOMETRIES), default="coarse",
+                   help="network and patch geometry (the mined patches must match it)")
     f.add_argument("--candidate-share", type=float, default=None,
                    help="share of the nodule patches drawn from the slice model's true candidates (default: in proportion)")
     f.add_argument("--device", default="cpu", help="where the classifier trains (cpu, cuda)")
@@ -223,7 +231,7 @@ def main(argv=None) -> int:
         mine(args.volumes, args.out, args.seed, args.weights, device=args.device)
     else:
         print(json.dumps(fit(args.data, args.out, steps=args.steps, width=args.width,
-                                  candidate_share=args.candidate_share, device=args.device), indent=2))
+                                  candidate_share=args.candidate_share, device=args.device, arch=args.arch), indent=2))
     return 0
 
 

@@ -18,18 +18,19 @@ def _sphere_volume(spacing_xyz, radius_mm=6.0, shape=(40, 96, 96)):
     return hu, (r2 <= radius_mm**2), c
 
 
+@pytest.mark.parametrize("geometry", [fpc.COARSE, fpc.FINE], ids=["coarse", "fine"])
 @pytest.mark.parametrize("spacing", [(0.7, 0.7, 2.5), (1.5, 1.5, 1.0)])
-def test_patch_is_on_a_physical_grid_whatever_the_spacing(spacing):
+def test_patch_is_on_a_physical_grid_whatever_the_spacing(spacing, geometry):
     hu, ball, centre = _sphere_volume(spacing)
     labels = ball.astype(np.int32)
-    p = fpc.extract_patches(hu, labels, [centre], spacing, [1])
-    assert p.shape == (1, 2, *fpc.PATCH_SHAPE)
+    p = fpc.extract_patches(hu, labels, [centre], spacing, [1], geometry=geometry)
+    assert p.shape == (1, 2, *geometry.shape_zyx)
     # A ball of radius R has a spread of R / sqrt(5) (2.7 mm) along every axis, in mm of the
     # patch's own grid whatever the scan's spacing.
     w = np.clip(p[0, 0] - p[0, 0].min(), 0, None)
     spread_mm = []
-    for axis, step in enumerate(fpc.PATCH_SPACING_MM):
-        pos = (np.arange(fpc.PATCH_SHAPE[axis]) - (fpc.PATCH_SHAPE[axis] - 1) / 2) * step
+    for axis, step in enumerate(geometry.spacing_mm_zyx):
+        pos = (np.arange(geometry.shape_zyx[axis]) - (geometry.shape_zyx[axis] - 1) / 2) * step
         prof = w.sum(tuple(a for a in range(3) if a != axis))
         mean = (prof * pos).sum() / prof.sum()
         assert abs(mean) < 0.5  # centred
@@ -56,6 +57,27 @@ def test_network_shapes_and_size():
     out = net(torch.zeros(3, 2, *fpc.PATCH_SHAPE))
     assert out.shape == (3,)
     assert sum(p.numel() for p in net.parameters()) < 300_000
+    fine = fpc.CandidateNet(arch="fine")
+    assert fine.geometry == fpc.FINE and fine(torch.zeros(3, 2, *fpc.FINE.shape_zyx)).shape == (3,)
+    assert sum(p.numel() for p in fine.parameters()) < 300_000
+    with pytest.raises(ValueError, match="unknown CandidateNet arch"):
+        fpc.CandidateNet(arch="huge")
+
+
+def test_a_saved_fine_classifier_loads_with_its_geometry_and_scores_on_it(tmp_path):
+    """The arch is stored with the weights: a loaded classifier cuts its own patches."""
+    torch.manual_seed(0)
+    net = fpc.CandidateNet(arch="fine").eval()
+    fpc.save(net, 0.6, {"arch": "fine", "width": 16}, tmp_path)
+    clf = fpc.load(tmp_path / fpc.WEIGHTS_NAME)
+    assert clf.geometry == fpc.FINE and clf.threshold == 0.6
+    hu, ball, centre = _sphere_volume((1.0, 1.0, 1.0))
+    labels = ball.astype(np.int32)
+    rows = postprocess.lesion_table(labels, Volume(hu, (1.0, 1.0, 1.0), modality="CT"))
+    got = clf.score(hu, labels, rows, (1.0, 1.0, 1.0))
+    patches = fpc.extract_patches(hu, labels, fpc.candidate_centres(labels, [1], (1.0, 1.0, 1.0)), (1.0, 1.0, 1.0), [1],
+                                  geometry=fpc.FINE)
+    np.testing.assert_allclose(got, torch.sigmoid(net(torch.from_numpy(patches))).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def _tube_and_ball(spacing=(0.8, 0.8, 1.25), marked_half_mm=3.0):

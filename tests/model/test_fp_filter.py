@@ -117,6 +117,7 @@ def test_a_scan_thinner_than_the_classifier_patch_is_not_scored(monkeypatch):
 
     class Recording:
         threshold = 0.73
+        geometry = fp_classifier.COARSE
 
         def probabilities(self, patches):
             calls.append(len(patches))

@@ -125,6 +125,28 @@ def test_applies_to_nodule_prompts_on_hu_ct_only():
     assert not nd.applies("liver", "CT", "abdomen")
 
 
+def test_the_gate_is_the_one_stored_with_the_classifier_and_patches_are_on_its_geometry():
+    """A classifier trained on candidates of a looser Hessian gate says so (``min_blobness``):
+    the detector then gates at that value and cuts patches on the classifier's own grid."""
+    vol, *_ = _chest()
+    strict = nd.find_candidates(vol, _keep_all())
+    torch = pytest.importorskip("torch")
+    seen = []
+
+    class Fine(fp_classifier.Classifier):
+        def probabilities(self, patches, batch=256):
+            seen.append(patches.shape[1:])
+            return super().probabilities(patches, batch)
+
+    torch.manual_seed(0)
+    loose = Fine(fp_classifier.CandidateNet(arch="fine"), threshold=0.0, info={"min_blobness": 0.05})
+    assert nd.min_blobness(loose) == 0.05 and nd.min_blobness(_keep_all()) == nd.MIN_BLOBNESS
+    cand = nd.find_candidates(vol, loose)
+    assert len(cand.points_zyx) > len(strict.points_zyx) and (cand.blobness > 0.05).all()
+    assert (cand.blobness <= nd.MIN_BLOBNESS).any()
+    assert seen == [(2, *fp_classifier.FINE.shape_zyx)]
+
+
 def test_ball_patches_equal_patches_cut_from_a_painted_label_scan():
     """Balls painted per patch box give the patches of balls painted into one scan-sized label
     array in point order (a later ball over an earlier one), overlaps and scan edges included."""
@@ -143,4 +165,7 @@ def test_ball_patches_equal_patches_cut_from_a_painted_label_scan():
     expected = fp_classifier.extract_patches(hu, labels, points, spacing, list(range(1, len(points) + 1)))
     got = nd.ball_patches(hu, points, radius, spacing)
     np.testing.assert_array_equal(got, expected)
+    fine = nd.ball_patches(hu, points, radius, spacing, fp_classifier.FINE)
+    np.testing.assert_array_equal(fine, fp_classifier.extract_patches(
+        hu, labels, points, spacing, list(range(1, len(points) + 1)), geometry=fp_classifier.FINE))
     assert got[1, 1].sum() > 0 and got[0, 1].sum() < expected[0, 1].size  # the overlap is there to test

@@ -3,6 +3,7 @@ deadline) and fitting on them."""
 import time
 
 import numpy as np
+import pytest
 
 from boltzformer import fp_classifier
 from boltzformer.training import train_fp
@@ -24,3 +25,6 @@ def test_miners_split_the_volumes_stop_at_their_deadline_and_fit_trains_on_what_
     assert info["volumes"] == 2 and info["held_out_volumes"] == 1
     clf = fp_classifier.load(tmp_path / "fp" / fp_classifier.WEIGHTS_NAME)
     assert clf.probabilities(np.zeros((1, 2, *fp_classifier.PATCH_SHAPE), np.float32)).shape == (1,)
+
+    with pytest.raises(ValueError, match="reads"):  # coarse patches cannot train a fine network
+        train_fp.fit(data, tmp_path / "fine", steps=2, arch="fine")
