@@ -60,7 +60,7 @@ GEOMETRIES = {"coarse": COARSE, "fine": FINE}  # by CandidateNet arch
 
 def covers(shape_zyx, spacing_xyz) -> bool:
     """Whether a scan is deep enough to score its candidates: it must span the patch's z extent
-    (PATCH_EXTENT_Z_MM). In a single slice or a thin stack most of every patch lies outside the
+    (PATCH_EXTENT_Z_MM, the COARSE one; FINE patches span 30 mm, so this holds for both). In a single slice or a thin stack most of every patch lies outside the
     scan and reads as air, which the network never saw in training: it then calls every nodule a
     flat disc, not a nodule (on the 2D synthetic validation slices it dropped all 52 nodules)."""
     return shape_zyx[0] * float(spacing_xyz[2]) >= PATCH_EXTENT_Z_MM
