@@ -2,6 +2,7 @@
 
     python benchmarks/blob_candidates.py [--set val] [--count 12] [--classifier W] --json benchmarks/results/blob_candidates.json
     python benchmarks/blob_candidates.py --mine 80 --mine-out .devdata/fpcand_blob   # training patches
+    python benchmarks/blob_candidates.py --mine 80 --lung hu --arch fine ...          # on the FINE patch grid
 
 A feasibility count for a 3D candidate generator (the model card's next step after stage 10),
 not part of the product. On each phantom chest of `phantom_chest.py`'s set: a scale-normalised
@@ -21,7 +22,9 @@ threshold and at each of SCORE_SWEEP.
 gated candidates (blobness > min(BLOBNESS)) as classifier patches in train_fp's format, each
 labelled true when it lies within one voxel of a nodule, plus every nodule cut around its mask.
 The lung mask is the phantom's own (an oracle) unless `--lung hu`: then the product's, from the
-CT alone (nodule_detector.lung_mask).
+CT alone (nodule_detector.lung_mask). `--arch fine` cuts the patches on fp_classifier.FINE's grid,
+for `train_fp fit --arch fine` (tried for the detector and not adopted:
+benchmarks/results/detector_fine_preregistration.txt).
 
 The filters have been the product's (boltzformer.nodule_detector) since that module landed; the
 figures in benchmarks/results/blob_candidates*.json and fp-classifier-blob's training patches came
