@@ -29,6 +29,8 @@ import traceback
 import types
 from pathlib import Path
 
+from timelog import logger  # this folder: the script's own (sys.path[0])
+
 T0 = time.time()
 SMOKE = os.environ.get("SMOKE") == "1"
 BUDGET_S = float(os.environ.get("BUDGET_S", 545))
@@ -38,13 +40,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 HERE = Path("runs/gpu")
 WORK = Path("/tmp/gpu_work")
 WORK.mkdir(exist_ok=True)
-
-
-def say(*a):
-    line = f"[{time.time() - T0:6.1f} s] " + " ".join(str(x) for x in a)
-    print(line, flush=True)
-    with open(OUT / "gpu_log.txt", "a") as log:
-        log.write(line + "\n")
+say = logger(OUT / "gpu_log.txt", T0)
 
 
 def left_s():

@@ -35,6 +35,7 @@ if not (PKG / "boltzformer").exists():  # the package as installed: model/ with 
 sys.path.insert(0, str(PKG))
 sys.path.insert(0, str(Path(__file__).parent))
 from ab_bench import stub_missing  # noqa: E402  SimpleITK and the MiniLM wheel are absent there
+from timelog import logger  # noqa: E402
 
 stub_missing()
 import numpy as np  # noqa: E402
@@ -45,11 +46,7 @@ RESULT = {"device": DEVICE, "gpu": torch.cuda.get_device_name(0) if DEVICE == "c
           "torch": torch.__version__, "cpus": os.cpu_count()}
 
 
-def say(*a):
-    line = f"[{time.time() - T0:6.1f} s] " + " ".join(str(x) for x in a)
-    print(line, flush=True)
-    with open(OUT / "graphs_log.txt", "a") as f:
-        f.write(line + "\n")
+say = logger(OUT / "graphs_log.txt", T0)
 
 
 def save():
