@@ -348,6 +348,23 @@ def sidecar_path(path) -> Path:
     return path.with_name(name + ".review.json")
 
 
+def sidecar_owner(path) -> str | None:
+    """Another existing file that the sidecar `path` would be written for already records
+    (a mask 'x.nii.gz' and a table 'x.csv' share 'x.review.json'), else None.
+
+    Writing it for `path` would silently drop that file's record, so exports refuse instead."""
+    path = Path(path)
+    side = sidecar_path(path)
+    try:
+        files = json.loads(side.read_text(encoding="utf-8")).get("files", {})
+    except (OSError, ValueError, AttributeError):  # none, unreadable or not ours: nothing to keep
+        return None
+    for kind, other in (files.items() if isinstance(files, dict) else ()):
+        if kind != "sidecar" and Path(other) != path and Path(other).is_file():
+            return str(other)
+    return None
+
+
 def sidecar_bytes(sidecar: dict) -> bytes:
     """A sidecar (Review.sidecar) as UTF-8 JSON, numpy values as plain numbers."""
     return (json.dumps(postprocess._jsonable(sidecar), indent=1) + "\n").encode("utf-8")

@@ -27,7 +27,7 @@ from .checkpoint import load_model
 from .context import context_margin, context_stack
 from .devices import fast_layout, resolve_device, sampling_generator
 from .errors import BoltzformerError, PromptError
-from .io import Volume
+from .io import Volume, require_finite
 from .network.boltzformer import BoltzFormer
 from .network.graphs import GraphedNetwork
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
@@ -404,6 +404,7 @@ class Segmenter:
         if not 0.0 <= threshold <= 1.0:
             raise BoltzformerError("threshold must be between 0 and 1")
         planes_mod.check_planes(planes)
+        require_finite(volume.array, volume.path or "the image")  # NaN would empty the mask silently
         # 1. the canonical axial grid (the orientation the network was trained in) and the range on it
         frame, reo, input_range, (start, stop) = _canonical_range(volume, slices, warnings)
         # 2. intensities: modality, CT stored as HU + 1024 brought back, window or normalisation

@@ -43,6 +43,7 @@ class Exports:
         from napari.utils.notifications import show_error, show_info
 
         from boltzformer.io import write_volume
+        from boltzformer.review import sidecar_path
 
         panel = self.panel
         layer = panel.viewer.layers.selection.active
@@ -59,7 +60,7 @@ class Exports:
         if panel.reviewer.handles(layer):  # the review decides what the mask holds; a sidecar records it
             written = _written(lambda: panel.reviewer.export("mask", Path(path)))
             if written is not None:
-                show_info(f"saved the reviewed {layer.name} to {written} (and {written.name.split('.')[0]}.review.json)")
+                show_info(f"saved the reviewed {layer.name} to {written} (and {sidecar_path(written).name})")
             return written
         written = _written(lambda: write_volume(
             mask_volume(np.asarray(layer_array(layer)), geometry_from_layer(layer)), path, overwrite=True))

@@ -68,7 +68,10 @@ def geometry_from_layer(layer) -> dict:
     matrix[:ndim, ndim] = origin
     for i in range(ndim):
         matrix[:ndim, i] = np.asarray(layer.data_to_world(np.eye(ndim)[i]), float) - origin
-    return Volume.from_affine_zyx(_placeholder(data_shape), matrix).geometry_dict(layer_ndim=ndim)
+    geom = Volume.from_affine_zyx(_placeholder(data_shape), matrix).geometry_dict(layer_ndim=ndim)
+    if all(str(u) == "pixel" for u in getattr(layer, "units", ())):  # napari's default: no physical size
+        geom["units"] = "pixel"  # its scale is read as mm (the panel warns); result layers keep pixel units
+    return geom
 
 
 def geometry_shape(geom: dict) -> tuple:
@@ -193,7 +196,7 @@ def labels_layer_data(mask: np.ndarray, geom: dict, name: str, prompt: str | Non
 def placement_kwargs(geom: dict) -> dict:
     """Axis names, units and the world transform shared by every layer laid over the image."""
     ndim = int(geom.get("ndim", 3))
-    return {"axis_labels": ("z", "y", "x")[-ndim:], "units": "mm",
+    return {"axis_labels": ("z", "y", "x")[-ndim:], "units": geom.get("units", "mm"),
             **geometry_volume(geom).napari_transform(layer_ndim=ndim)}
 
 
@@ -337,7 +340,7 @@ def attention_layer_data(attention, geom: dict, name: str, prompt: str, source: 
             "tokens_per_query": list(attention.tokens_per_query),
         },
         "axis_labels": ("decoder layer", *spatial),
-        "units": ("pixel", *(["mm"] * len(spatial))),
+        "units": ("pixel", *([geom.get("units", "mm")] * len(spatial))),
         **placement,
     }
     return data, kwargs, "image"

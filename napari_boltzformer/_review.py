@@ -489,9 +489,14 @@ class ReviewPanel:
         """Write the mask ('mask', NIfTI) or the table ('table', CSV/JSON) with its .review.json
         sidecar, both atomically and together (boltzformer.io.OutputSet). Raises BoltzformerError."""
         from boltzformer import postprocess
+        from boltzformer.errors import OutputError
         from boltzformer.io import OutputSet
-        from boltzformer.review import sidecar_bytes, sidecar_path
+        from boltzformer.review import sidecar_bytes, sidecar_owner, sidecar_path
 
+        owner = sidecar_owner(path)
+        if owner is not None:
+            raise OutputError(sidecar_path(path), f"already records the review of {owner}; save this {what} "
+                                                  "under another name so that both records stay")
         self.flush_edits()
         session = self.session()
         view = self.view()

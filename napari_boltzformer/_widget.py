@@ -1,6 +1,6 @@
 """The BoltzFormer dock panel: prompt -> segmentation layers, lesion table, exports.
 
-The panel gathers its settings into a `RunRequest`, runs `segmentation_job` (_job) in napari's
+The panel gathers its settings into a `RunRequest` (_request), runs `segmentation_job` (_job) in napari's
 `thread_worker`, so the viewer never freezes and Cancel stops it between two batches of slices,
 and shows what comes back as layers (_result_layers), a table (_lesion_table) and notifications;
 it keeps the runs of its viewer and which one is active. Its layout is _panel_ui's; its parts
@@ -26,11 +26,11 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFormLayout, QWidget
 
 from ._job import SEGMENTERS, JobOutcome, JobStatus, RunRequest, segmentation_job
-from ._layers import GEOMETRY_KEY, ROLE_KEY, geometry_from_layer, layer_array, to_layer_shape, volume_from_layer
+from ._layers import GEOMETRY_KEY, layer_array, to_layer_shape
 from ._lesion_table import intensity_header, lesion_totals, organ_totals
 from ._panel_ui import THRESHOLD_STEPS, build_ui
+from ._request import build_request, usable_image
 from ._result_layers import (
-    RESULT_ROLES,
     RUN_KEY,
     keep_ground_truth_on_top,
     layer_of,
@@ -42,8 +42,6 @@ from ._result_layers import (
 from ._view import CanvasLabels, _camera, zoom_to
 from ._windowing import apply_window, follow_window
 
-EMPTY_PROMPT = 'the prompt is empty; type what to segment, e.g. "lung nodule"'
-NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File > Open Sample > napari-boltzformer)"
 
 
 def _format_seconds(seconds: float) -> str:
@@ -74,6 +72,7 @@ class BoltzFormerWidget(QWidget):
         self._active_run: str | None = None
         self._saved_view: tuple | None = None  # camera (center, zoom) before the first jump to a lesion
         self._organ_cache: tuple | None = None  # (key, summary): organ_summary of the active view
+        self._chosen_image = None  # the layer picked in the Image box (it follows a rename)
         self._run_started = 0.0
         self.model_calls = 0  # runs started (tests check that re-thresholding starts none)
         self.batch_size: int | None = None  # slices per batch; None: the Segmenter's default
@@ -97,6 +96,7 @@ class BoltzFormerWidget(QWidget):
         layers.events.inserted.connect(self._on_layers_changed)
         layers.events.removed.connect(self._on_layers_changed)
         layers.events.moved.connect(self._on_layers_changed)
+        layers.events.renamed.connect(self._on_layers_changed)  # the Image box lists layers by name
         layers.selection.events.active.connect(self._on_active_layer)
         self.viewer.dims.events.current_step.connect(self.heatmap.on_step)
         self.viewer.dims.events.axis_labels.connect(self.heatmap.apply_tau_label)
@@ -133,16 +133,7 @@ class BoltzFormerWidget(QWidget):
 
     # ---- viewer bookkeeping -------------------------------------------------------------------
     def _image_layers(self):
-        from napari.layers import Image
-
-        out = []
-        for layer in self.viewer.layers:
-            if not isinstance(layer, Image) or getattr(layer, "rgb", False):
-                continue
-            if (layer.metadata or {}).get(ROLE_KEY) in RESULT_ROLES or layer.ndim not in (2, 3):
-                continue
-            out.append(layer)
-        return out
+        return [layer for layer in self.viewer.layers if usable_image(layer)]
 
     def _on_layers_changed(self, event=None):
         outline_ground_truth(self.viewer)
@@ -156,8 +147,10 @@ class BoltzFormerWidget(QWidget):
             self._set_active_run(None)
 
     def _refresh_images(self):
-        current = self.image_combo.currentText()
-        names = [layer.name for layer in self._image_layers()]
+        images = self._image_layers()
+        names = [layer.name for layer in images]
+        chosen = next((layer for layer in images if layer is self._chosen_image), None)
+        current = chosen.name if chosen is not None else self.image_combo.currentText()
         self.image_combo.blockSignals(True)
         self.image_combo.clear()
         self.image_combo.addItems(names)
@@ -178,6 +171,7 @@ class BoltzFormerWidget(QWidget):
 
     def _on_image_changed(self, *_):
         layer = self.image_layer()
+        self._chosen_image = layer
         nz = 1
         if layer is not None and layer.ndim == 3:
             nz = int(layer_array(layer).shape[0])
@@ -220,64 +214,6 @@ class BoltzFormerWidget(QWidget):
     def running(self) -> bool:
         return self._worker is not None
 
-    def _scope_slices(self, layer) -> tuple[int, int] | None:
-        scope = self.scope_combo.currentText()
-        if layer.ndim == 2 or scope == "all slices":
-            return None
-        nz = int(layer_array(layer).shape[0])
-        if scope == "current slice":
-            z = int(round(float(layer.world_to_data(self.viewer.dims.point)[-3])))
-            z = min(max(z, 0), nz - 1)
-            return (z, z + 1)
-        start, stop = sorted((self.range_start.value(), self.range_stop.value()))
-        return (start, stop + 1)
-
-    def build_request(self) -> RunRequest | None:
-        """The run the panel's settings describe; None (after a notification) when impossible."""
-        from napari.utils.notifications import show_error
-
-        prompt = self.prompt_edit.text().strip()
-        layer = self.image_layer()
-        if layer is None:
-            show_error(NO_IMAGE)
-            return None
-        if not prompt:
-            show_error(EMPTY_PROMPT)
-            return None
-        modality = self.modality_combo.currentData()
-        try:
-            volume = volume_from_layer(layer, modality=modality)
-        except ValueError as exc:
-            show_error(f"{layer.name}: {exc}")
-            return None
-        options = {
-            "window": self.window_combo.currentData() if self.window_combo.isEnabled() else None,
-            "modality": modality,
-            "slices": self._scope_slices(layer),
-            "runs": self.runs_spin.value(),
-            "seed": self.seed_spin.value(),
-            "threshold": self.threshold(),
-            "min_lesion_mm3": self.min_lesion_spin.value(),
-            "return_attention": self.attention_check.isChecked(),
-            "batch_size": self.batch_size,
-            "fp_reduction": self.fp_check.isChecked(),
-            "nodule_detector": self.detector_check.isChecked(),
-            "mirror": self.mirror_check.isChecked(),
-            "planes": self.planes_combo.currentData(),
-            "force_prompt": self.force_prompt_check.isChecked(),
-        }
-        return RunRequest(
-            volume=volume,
-            prompt=prompt,
-            device=self.device_combo.currentData(),
-            image_name=layer.name,
-            geometry=geometry_from_layer(layer),
-            options=options,
-            want_probability=self.probability_check.isChecked(),
-            want_attention=self.attention_check.isChecked(),
-            keep_partial=self.keep_partial_check.isChecked(),
-        )
-
     def load_segmenter(self, device: str):
         """The Segmenter for `device` (called in the worker thread)."""
         injected = self._segmenter
@@ -293,8 +229,9 @@ class BoltzFormerWidget(QWidget):
 
         if self.running:
             return
-        request = self.build_request()
+        request = build_request(self)
         if request is None:
+            self.status_label.setText("not started: see the message")
             return
         self.prompt_edit.remember(request.prompt)
         self._request = request
@@ -350,6 +287,9 @@ class BoltzFormerWidget(QWidget):
         request = self._request
         if outcome.error is not None:
             self.status_label.setText("failed")
+            self.progress_bar.setRange(0, 1)
+            self.progress_bar.setValue(0)
+            self.progress_bar.setFormat("failed")
             show_error(outcome.error)
             return
         result = outcome.result
@@ -372,6 +312,11 @@ class BoltzFormerWidget(QWidget):
             # and the Lesions box above the table always shows the current one.
             passes = (", each slice also mirrored" if result.mirror else "") + (", in three planes" if result.planes == "three" else "")
             self.status_label.setText(f"done in {_format_seconds(elapsed)} on {outcome.device}{passes}")
+        if self._post_settings() != (result.threshold, result.min_lesion_mm3, result.fp_reduction,
+                                     result.nodule_detector):  # changed while it ran: the panel's settings win
+            threshold, min_mm3, fp_on, detector_on = self._post_settings()
+            result.rethreshold(threshold, min_mm3, fp_reduction=fp_on, nodule_detector=detector_on)
+            show_info("BoltzFormer: applied the threshold and filter settings changed during the run")
         self.show_result(result, request, num_queries=outcome.num_queries, target=outcome.target, kind=outcome.kind)
 
     def _on_finished(self):
@@ -442,6 +387,10 @@ class BoltzFormerWidget(QWidget):
             self.min_lesion_spin.blockSignals(True)
             self.min_lesion_spin.setValue(result.min_lesion_mm3)
             self.min_lesion_spin.blockSignals(False)
+            for check, on in ((self.fp_check, result.fp_reduction), (self.detector_check, result.nodule_detector)):
+                check.blockSignals(True)
+                check.setChecked(bool(on))
+                check.blockSignals(False)
         self.heatmap.sync()
         self.refresh_view()
         self.exports.update()
@@ -455,20 +404,33 @@ class BoltzFormerWidget(QWidget):
         if schedule:
             self._rethreshold_timer.start()
 
+    def _post_settings(self) -> tuple[float, float, bool, bool]:
+        """(threshold, min. lesion mm³, FP filter on, nodule detector on) as the panel shows them."""
+        return (self.threshold(), self.min_lesion_spin.value(), self.fp_check.isChecked(),
+                self.detector_check.isChecked())
+
     def apply_threshold(self, force: bool = False):
-        """Re-threshold the active result's stored probabilities (no inference) and redraw."""
+        """Re-threshold the active result's stored probabilities (no inference) and redraw.
+
+        It runs here, on the main thread (the layers change with it): a second or two on a
+        whole CT, several with the 3D nodule detector's first pass, under a busy cursor."""
+        from qtpy.QtWidgets import QApplication
+
         self._rethreshold_timer.stop()
         entry = self._results.get(self._active_run)
         if entry is None:
             return
         result, request = entry
-        threshold, min_mm3, fp_on = self.threshold(), self.min_lesion_spin.value(), self.fp_check.isChecked()
-        detector_on = self.detector_check.isChecked()
+        threshold, min_mm3, fp_on, detector_on = self._post_settings()
         if (not force and threshold == result.threshold and min_mm3 == result.min_lesion_mm3
                 and fp_on == result.fp_reduction and detector_on == result.nodule_detector):
             return
         known = set(result.warnings)
-        result.rethreshold(threshold, min_mm3, fp_reduction=fp_on, nodule_detector=detector_on)
+        QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
+        try:
+            result.rethreshold(threshold, min_mm3, fp_reduction=fp_on, nodule_detector=detector_on)
+        finally:
+            QApplication.restoreOverrideCursor()
         if new := [w for w in result.warnings if w not in known]:  # e.g. the detector cannot run here
             from napari.utils.notifications import show_warning
 

@@ -34,10 +34,11 @@ from .formats import (DICOM_EXTENSIONS, INPUT_EXTENSIONS, INPUT_FORMATS, OUTPUT_
                       has_dicom_preamble)
 from .output import OutputSet, atomic_output, check_output_path, write_volume
 from .read import read_volume
-from .volume import Volume
+from .volume import Volume, require_finite
 
 __all__ = [
     "Volume",
+    "require_finite",
     "SeriesInfo",
     "OutputSet",
     "read_volume",

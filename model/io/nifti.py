@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from .volume import LPS_TO_RAS, Volume
+from .volume import LPS_TO_RAS, Volume, require_finite
 
 
 _AXES = "xyz"
@@ -160,10 +160,7 @@ def check_nifti_finite(p: Path) -> None:
         return
     if np.dtype(img.get_data_dtype()).kind != "f":
         return
-    data = np.asarray(img.dataobj)
-    bad = data.size - int(np.count_nonzero(np.isfinite(data)))
-    if bad:
-        raise InputError(p, f"has {bad} NaN or infinite voxels (of {data.size}); fix or mask them first")
+    require_finite(np.asarray(img.dataobj), p)
 
 
 def _gzip_payload_size(p: Path) -> int | None:

@@ -23,6 +23,20 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _IDENTITY_ATOL = 1e-6  # a direction this close to the identity is axis-aligned
 
 
+def require_finite(array: np.ndarray, where) -> None:
+    """Raise InputError(where, ...) when a float array holds NaN or infinite voxels.
+
+    The network would turn one such voxel into NaN probabilities for the whole slice, and an
+    empty mask with no error. min/max propagate NaN and show ±inf, without a boolean copy of
+    the volume; the voxels are counted only when there are some."""
+    if np.asarray(array).dtype.kind not in "fc" or array.size == 0:
+        return
+    if np.isfinite(np.min(array)) and np.isfinite(np.max(array)):
+        return
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    raise InputError(where, f"has {bad} NaN or infinite voxels (of {array.size}); fix or mask them first")
+
+
 @dataclass
 class Volume:
     """An image volume with its geometry.
@@ -292,10 +306,7 @@ class Volume:
         if dim not in (2, 3):
             raise InputError(path, f"is {dim}D; a 2D image or a 3D volume is needed")
         array = sitk.GetArrayFromImage(image)
-        if array.dtype.kind == "f":
-            bad = array.size - int(np.count_nonzero(np.isfinite(array)))
-            if bad:
-                raise InputError(path, f"has {bad} NaN or infinite voxels (of {array.size}); fix or mask them first")
+        require_finite(array, path)
         spacing, origin = image.GetSpacing(), image.GetOrigin()
         direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)
         if dim == 2:

@@ -222,3 +222,15 @@ def test_bad_input_is_refused():
         review.decide(view, view.rows[0], "maybe")
     with pytest.raises(ValueError, match="shape"):
         review.apply_edit(np.zeros(SHAPE), np.zeros((2, 2, 2)))
+
+
+def test_sidecar_owner_names_another_existing_file_that_the_sidecar_records(tmp_path):
+    mask, table = tmp_path / "x.nii.gz", tmp_path / "x.csv"
+    assert rv.sidecar_owner(table) is None  # no sidecar yet
+    (tmp_path / "x.review.json").write_text(json.dumps({"files": {"mask": str(mask), "sidecar": "x.review.json"}}))
+    assert rv.sidecar_owner(table) is None  # the file it records is gone: nothing to keep
+    mask.write_bytes(b"mask")
+    assert rv.sidecar_owner(table) == str(mask)
+    assert rv.sidecar_owner(mask) is None  # its own record
+    (tmp_path / "x.review.json").write_text("not json")
+    assert rv.sidecar_owner(table) is None

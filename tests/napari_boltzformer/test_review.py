@@ -223,6 +223,27 @@ def test_exports_hold_the_review_and_read_back(reviewing, qtbot, tmp_path, tiny_
     missing = tmp_path / "no_such_folder" / "m.nii.gz"
     assert panel.exports.mask(missing) is None and not missing.parent.exists()
 
+def test_an_export_never_overwrites_another_files_review_record(reviewing, qtbot, tmp_path, notifications):
+    """A mask 'x.nii.gz' and a table 'x.csv' would share 'x.review.json': the second export is
+    refused with a message, the first one's record stays; the message names the real sidecar."""
+    viewer, panel = reviewing
+    panel.reviewer.select(0)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    mask = panel.exports.mask(tmp_path / "x.nii.gz")
+    record = (tmp_path / "x.review.json").read_text()
+    assert "mask_lesion_ids" in json.loads(record)
+    assert panel.exports.table(tmp_path / "x.csv") is None
+    assert not (tmp_path / "x.csv").exists() and (tmp_path / "x.review.json").read_text() == record
+    errors = [m for s, m in notifications if s == "error"]
+    assert "x.review.json" in errors[-1] and str(mask) in errors[-1]
+    assert panel.exports.mask(tmp_path / "x.nii.gz") == mask  # the same file again: its own record, replaced
+    assert panel.exports.table(tmp_path / "x_lesions.csv") is not None
+    # a name with dots: the notification names the sidecar actually written
+    dotted = panel.exports.mask(tmp_path / "scan.v2.nii.gz")
+    infos = [m for s, m in notifications if s == "info"]
+    assert dotted is not None and "scan.v2.review.json" in infos[-1] and (tmp_path / "scan.v2.review.json").is_file()
+
+
 
 def test_alt_click_looks_here_and_adds_a_candidate_to_review(reviewing, qtbot, tiny_segmenter, notifications):
     viewer, panel = reviewing

@@ -1,0 +1,114 @@
+"""What the panel's settings ask for: the `RunRequest` of a run, or a notification saying why
+none can start (no usable image, an empty prompt, NaN voxels), and a warning where a run would
+rest on a guess (an image layer with no physical voxel size).
+
+Reads the panel it is given (its Image box, prompt, options and switches); imports nothing of
+the plugin's but the layer helpers and the job's request type.
+"""
+
+from __future__ import annotations
+
+from ._job import RunRequest
+from ._layers import ROLE_KEY, geometry_from_layer, layer_array, volume_from_layer
+from ._result_layers import RESULT_ROLES
+
+EMPTY_PROMPT = 'the prompt is empty; type what to segment, e.g. "lung nodule"'
+NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File > Open Sample > napari-boltzformer)"
+
+
+def build_request(panel) -> RunRequest | None:
+    """The run `panel`'s settings describe; None (after a notification) when impossible."""
+    from boltzformer.errors import BoltzformerError
+    from boltzformer.io import require_finite
+    from napari.utils.notifications import show_error, show_warning
+
+    prompt = panel.prompt_edit.text().strip()
+    layer = panel.image_layer()
+    if layer is None:
+        unusable = unusable_images(panel.viewer)
+        show_error(f"no usable image layer: {'; '.join(unusable)}" if unusable else NO_IMAGE)
+        return None
+    if not prompt:
+        show_error(EMPTY_PROMPT)
+        return None
+    modality = panel.modality_combo.currentData()
+    try:
+        volume = volume_from_layer(layer, modality=modality)
+        require_finite(volume.array, layer.name)  # as the readers refuse such a file
+    except ValueError as exc:
+        show_error(f"{layer.name}: {exc}")
+        return None
+    except BoltzformerError as exc:
+        show_error(str(exc))
+        return None
+    geometry = geometry_from_layer(layer)
+    if geometry.get("units") == "pixel":
+        spacing = " x ".join(f"{v:g}" for v in volume.spacing_mm)
+        show_warning(f"'{layer.name}' has no physical voxel size (its napari units are pixels): sizes and volumes "
+                     f"are computed as if its voxels were {spacing} mm. Open the scan with File > Open to keep "
+                     "its geometry, or give the layer a scale and units")
+    options = {
+        "window": panel.window_combo.currentData() if panel.window_combo.isEnabled() else None,
+        "modality": modality,
+        "slices": scope_slices(panel, layer),
+        "runs": panel.runs_spin.value(),
+        "seed": panel.seed_spin.value(),
+        "threshold": panel.threshold(),
+        "min_lesion_mm3": panel.min_lesion_spin.value(),
+        "return_attention": panel.attention_check.isChecked(),
+        "batch_size": panel.batch_size,
+        "fp_reduction": panel.fp_check.isChecked(),
+        "nodule_detector": panel.detector_check.isChecked(),
+        "mirror": panel.mirror_check.isChecked(),
+        "planes": panel.planes_combo.currentData(),
+        "force_prompt": panel.force_prompt_check.isChecked(),
+    }
+    return RunRequest(
+        volume=volume,
+        prompt=prompt,
+        device=panel.device_combo.currentData(),
+        image_name=layer.name,
+        geometry=geometry,
+        options=options,
+        want_probability=panel.probability_check.isChecked(),
+        want_attention=panel.attention_check.isChecked(),
+        keep_partial=panel.keep_partial_check.isChecked(),
+    )
+
+
+def scope_slices(panel, layer) -> tuple[int, int] | None:
+    """The [start, stop) slice range of the panel's scope on `layer`; None: all slices."""
+    scope = panel.scope_combo.currentText()
+    if layer.ndim == 2 or scope == "all slices":
+        return None
+    nz = int(layer_array(layer).shape[0])
+    if scope == "current slice":
+        z = int(round(float(layer.world_to_data(panel.viewer.dims.point)[-3])))
+        z = min(max(z, 0), nz - 1)
+        return (z, z + 1)
+    start, stop = sorted((panel.range_start.value(), panel.range_stop.value()))
+    return (start, stop + 1)
+
+
+def usable_image(layer) -> bool:
+    """A greyscale 2D or 3D image layer that is not one of the panel's own results."""
+    from napari.layers import Image
+
+    return (isinstance(layer, Image) and not getattr(layer, "rgb", False) and layer.ndim in (2, 3)
+            and (layer.metadata or {}).get(ROLE_KEY) not in RESULT_ROLES)
+
+
+def unusable_images(viewer) -> list[str]:
+    """Why each image layer that `usable_image` leaves out cannot be segmented ("'x' is RGB ...")."""
+    from napari.layers import Image
+
+    out = []
+    for layer in viewer.layers:
+        if not isinstance(layer, Image) or (layer.metadata or {}).get(ROLE_KEY) in RESULT_ROLES:
+            continue
+        if getattr(layer, "rgb", False):
+            out.append(f"'{layer.name}' is RGB (a greyscale CT or MRI is needed)")
+        elif layer.ndim not in (2, 3):
+            out.append(f"'{layer.name}' has {layer.ndim} dimensions (a 2D slice or a 3D volume is needed: "
+                       "pick one time point or channel)")
+    return out
