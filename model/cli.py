@@ -278,14 +278,18 @@ def cmd_evaluate(args) -> int:
     if args.split and not args.split_file:
         raise BoltzformerError(f"--split {args.split} needs --split-file, the CSV (case_id,split) that defines it, "
                                "e.g. model/training/real_split.csv")
+    if args.split_file and not args.split:
+        raise BoltzformerError(f"--split-file {args.split_file} needs --split NAME: which of its splits to evaluate")
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases is not None else None
+    if cases == []:
+        raise BoltzformerError(f"--cases {args.cases!r} names no case; give case ids separated by commas")
     with OutputSet(overwrite=args.overwrite) as outputs:
-        if args.json:
-            outputs.add(args.json, "--json")  # checked before the (long) evaluation
+        if args.json:  # checked before the (long) evaluation; a .json, so never one of the inputs
+            outputs.add(args.json, "--json", kind="json")
         from .runtime import tune_allocator
 
         tune_allocator()
         seg = Segmenter.from_pretrained(args.weights, device=args.device)
-        cases = [c for c in args.cases.split(",") if c] if args.cases else None
         summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, split_file=args.split_file,
                                progress=not args.quiet, seed=args.seed, threshold=args.threshold, runs=args.runs,
                                mirror=args.mirror, planes=args.planes)

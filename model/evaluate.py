@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import postprocess
-from .errors import InputError
+from .errors import InputError, PromptError
 from .io import read_volume
 from .options import DEFAULT_MIRROR, DEFAULT_PLANES
 
@@ -34,10 +34,24 @@ def read_cases(folder: Path) -> list[dict]:
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise InputError(path, f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
-    rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    if not rows or not {"case_id", "prompt"} <= set(rows[0]):
-        found = ",".join(str(k) for k in (rows[0] if rows else [])) or "none"
-        raise InputError(path, f"needs at least the columns case_id,prompt and one row (columns found: {found})")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = list(reader)
+    columns = reader.fieldnames or []
+    if not rows or not {"case_id", "prompt"} <= set(columns):
+        found = ",".join(str(k) for k in columns) or "none"
+        what = "and one row" if {"case_id", "prompt"} <= set(columns) else f"(columns found: {found})"
+        raise InputError(path, f"needs at least the columns case_id,prompt {what}")
+    first_line = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        cid = (row.get("case_id") or "").strip()
+        if not cid:
+            raise InputError(path, f"line {line}: empty case_id")
+        if cid in first_line:
+            raise InputError(path, f"line {line}: case_id {cid!r} again (first on line {first_line[cid]}); "
+                                   "each case once, or its Dice would count twice")
+        first_line[cid] = line
+        if row.get("modality") and modality_of(row["modality"]) is None:
+            raise InputError(path, f"line {line}: modality {row['modality']!r} of {cid!r} is neither CT nor MR")
     return rows
 
 
@@ -92,8 +106,11 @@ def evaluate_dir(folder, segmenter, case_ids=None, split: str | None = None, pro
         if truth.shape != image.shape:
             raise InputError(folder / f"{cid}_mask.nii.gz", f"shape {truth.shape} differs from its image {image.shape}")
         t = time.perf_counter()
-        res = segmenter.segment_volume(image, row["prompt"], modality=modality_of(row.get("modality")), seed=seed,
-                                       threshold=threshold, runs=runs, mirror=mirror, planes=planes)
+        try:
+            res = segmenter.segment_volume(image, row["prompt"], modality=modality_of(row.get("modality")), seed=seed,
+                                           threshold=threshold, runs=runs, mirror=mirror, planes=planes)
+        except PromptError as exc:  # the prompt came from cases.csv: say which row
+            raise InputError(folder / "cases.csv", f"case {cid!r}: {exc}") from None
         seconds = time.perf_counter() - t
         det = postprocess.lesion_detection(res.mask > 0, truth, image.spacing_mm, min_lesion_mm3=res.min_lesion_mm3)
         extra = {k: v for k, v in row.items() if k not in ("case_id", "prompt", "source_repo_or_package", "license", "notes")}

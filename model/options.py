@@ -22,9 +22,15 @@ MAX_PROMPT_CHARS = 500  # prompts are short phrases ("lung nodule"); a page of t
 
 
 def check_prompt_text(prompt) -> None:
-    """Raise PromptError when ``prompt`` is empty (or blank) or longer than MAX_PROMPT_CHARS."""
+    """Raise PromptError when ``prompt`` is empty (or blank), longer than MAX_PROMPT_CHARS, or not
+    text (bytes that are not UTF-8 reach Python's argv as lone surrogates, which no tokenizer reads)."""
     if prompt is None or not str(prompt).strip():
         raise PromptError("the prompt is empty; type what to segment, e.g. \"lung nodule\"")
+    try:
+        str(prompt).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError(f"the prompt {str(prompt).encode('utf-8', 'backslashreplace').decode()!r} is not valid "
+                          "UTF-8 text; check the terminal's or the file's encoding") from None
     if len(str(prompt)) > MAX_PROMPT_CHARS:
         raise PromptError(f"the prompt is {len(str(prompt))} characters long; at most {MAX_PROMPT_CHARS} "
                           "(a short phrase such as \"lung nodule\" works best)")

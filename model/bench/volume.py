@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BoltzformerError
 from ..options import DEFAULT_MIRROR
 from .machine import machine_description, write_text
 
@@ -120,7 +121,13 @@ def split_stages(timings_s: dict, network: dict, network_stages: bool) -> dict:
 def main(args) -> int:
     """`boltzformer bench volume`: ``args.slices`` ("100,300"), ``args.device``, ``args.weights``,
     ``args.json`` (also writes the table beside it as .md), ``args.mirror``."""
-    slices_list = [int(s) for s in str(getattr(args, "slices", None) or "100,300").split(",")]
+    text = str(getattr(args, "slices", None) or "100,300")
+    try:
+        slices_list = [int(s) for s in text.split(",")]
+    except ValueError:
+        slices_list = []
+    if not slices_list or min(slices_list) < 1:
+        raise BoltzformerError(f"--slices {text!r}: give slice counts of at least 1, separated by commas, e.g. 100,300")
     device = getattr(args, "device", None) or "auto"
     mirror = getattr(args, "mirror", DEFAULT_MIRROR)
     results = []

@@ -106,6 +106,9 @@ def run_cohort(
     if weights is not None and not str(weights).startswith("hf:") and os.path.exists(weights):
         weights = os.path.abspath(weights)
     warn = warn or log.warning
+    if os.path.isdir(source) and os.path.realpath(source) == os.path.realpath(out):
+        raise OutputError(out, "is the input folder: the masks written there would be read as scans by the next "
+                               "run; give another folder for the masks and tables")
     scans = list_scans(source, prompt, exclude=[out], warn=warn)
     _check_out_dir(out)
     report, lesions = Table(out / REPORT_NAME, REPORT_COLUMNS), Table(out / LESIONS_NAME, LESION_COLUMNS)

@@ -497,6 +497,32 @@ def _write_log(rows: list[dict], path: Path) -> None:
 
 
 # -- CLI (`boltzformer train`, parser in cli.py) ----------------------------------------------------
+def _as_option_type(item: str, key: str, old, new):
+    """`new` for the option `key` whose current value is `old`, checked against old's type (an
+    int also serves where a float is wanted); raises BoltzformerError naming the --set item, so a
+    mistyped value stops the run at once instead of minutes later, and never reaches its saved config."""
+    from ..errors import BoltzformerError
+
+    if old is None:
+        return new
+    if isinstance(old, bool):
+        ok = isinstance(new, bool)
+    elif isinstance(old, int):
+        ok = isinstance(new, int) and not isinstance(new, bool)
+    elif isinstance(old, float):
+        ok = isinstance(new, (int, float)) and not isinstance(new, bool)
+        new = float(new) if ok else new
+    elif isinstance(old, (list, tuple)):
+        ok = isinstance(new, list)
+        new = type(old)(new) if ok else new
+    else:
+        ok = isinstance(new, type(old))
+    if not ok:
+        raise BoltzformerError(f"--set {item}: {key} takes a value of type {type(old).__name__} "
+                               f"(now {json.dumps(old)}), not {json.dumps(new)}")
+    return new
+
+
 def run_train(args) -> int:
     from ..errors import BoltzformerError
 
@@ -509,9 +535,10 @@ def run_train(args) -> int:
         if not hasattr(cfg, key):
             raise BoltzformerError(f"--set {item}: unknown training option {key!r}")
         try:
-            setattr(cfg, key, json.loads(value))
+            new = json.loads(value)
         except ValueError:
-            setattr(cfg, key, value)
+            new = value
+        setattr(cfg, key, _as_option_type(item, key, getattr(cfg, key), new))
     pyplot()  # every epoch writes curves.png: without matplotlib, say so now, not after the first epoch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     best = train(cfg, args.out, max_minutes=args.max_minutes)

@@ -291,6 +291,41 @@ def test_evaluate_bad_folders(tmp_path, tiny_weights, capsys):
     assert code == 2 and "c1_image.nii.gz" in err  # c1 selected by the split file
 
 
+def test_evaluate_never_writes_over_its_inputs_and_names_the_bad_row(tmp_path, tiny_weights, capsys):
+    folder = tmp_path / "d"
+    assert run(["sample", folder, "--name", "chest_ct"], capsys)[0] == 0
+    cases = (folder / "cases.csv").read_bytes()
+    mask = (folder / "chest_ct_mask.nii.gz").read_bytes()
+    for target in ("cases.csv", "chest_ct_mask.nii.gz"):  # --json on an input: data loss, even with --overwrite
+        code, _, err = run(["evaluate", folder, "--weights", tiny_weights, "--json", folder / target, "--overwrite",
+                            "--quiet"], capsys)
+        assert code == 2 and "--json is JSON: use .json" in err
+    assert (folder / "cases.csv").read_bytes() == cases and (folder / "chest_ct_mask.nii.gz").read_bytes() == mask
+    code, _, err = run(["evaluate", folder, "--weights", tiny_weights, "--cases", ","], capsys)
+    assert code == 2 and "names no case" in err
+    code, _, err = run(["evaluate", folder, "--weights", tiny_weights, "--split-file", folder / "cases.csv"], capsys)
+    assert code == 2 and "needs --split NAME" in err
+    for rows, expected in (
+            ("chest_ct,lung nodule,CT\nchest_ct,aorta,CT\n", "cases.csv: line 3: case_id 'chest_ct' again (first on line 2)"),
+            ("chest_ct,lung nodule,XRAY\n", "cases.csv: line 2: modality 'XRAY' of 'chest_ct' is neither CT nor MR"),
+            ("chest_ct, ,CT\n", "cases.csv: case 'chest_ct': the prompt is empty")):
+        (folder / "cases.csv").write_text("case_id,prompt,modality\n" + rows)
+        code, _, err = run(["evaluate", folder, "--weights", tiny_weights, "--quiet"], capsys)
+        assert code == 2 and expected in err, err
+
+
+def test_a_prompt_that_is_not_utf8_is_a_one_line_error(ct_path, tmp_path, tiny_weights, capsys):
+    """Bytes that are not UTF-8 reach argv as lone surrogates; the tokenizer failed on them."""
+    out = tmp_path / "o.nii.gz"
+    code, _, err = run(["segment", ct_path, "-p", "lung \udcff nodule", "-o", out, "--weights", tiny_weights], capsys)
+    assert code == 2 and "is not valid UTF-8 text" in err and "Traceback" not in err and not out.exists()
+
+
+def test_bench_slices_must_be_counts(capsys):
+    code, _, err = run(["bench", "volume", "--slices", "abc"], capsys)
+    assert code == 2 and "--slices 'abc'" in err
+
+
 def test_sample_refuses_to_overwrite(tmp_path, capsys):
     assert run(["sample", tmp_path, "--name", "brain_mri"], capsys)[0] == 0
     before = (tmp_path / "brain_mri_image.nii.gz").read_bytes()

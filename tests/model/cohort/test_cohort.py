@@ -247,6 +247,7 @@ def test_a_scan_whose_worker_dies_runs_once_more_then_fails(scans, tmp_path, tin
     ("too many workers", "use at most"),
     ("resume and overwrite", "choose one"),
     ("empty folder", "holds no scan"),
+    ("output is the input folder", "is the input folder"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(case, expected, scans, tmp_path, tiny_weights, cluster, capsys):
     table = tmp_path / "list.csv"
@@ -273,7 +274,7 @@ def test_bad_arguments_are_one_line_and_exit_2(case, expected, scans, tmp_path, 
     elif case == "empty folder":
         source = tmp_path / "empty"
         source.mkdir()
-    out = tmp_path / "out"
+    out = scans if case == "output is the input folder" else tmp_path / "out"
     code, stdout, err = run(cohort_args(source, out, tiny_weights, *extra), capsys)
     assert code == 2, err
     assert err.startswith("boltzformer: error: ") and len(err.strip().splitlines()) == 1 and expected in err

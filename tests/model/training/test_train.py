@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from boltzformer.checkpoint import load_model
 from boltzformer.training.train import TrainConfig, component_multipliers, dice_loss, segmentation_loss, train
+
+RESOURCES = Path(__file__).resolve().parents[3] / "resources"
 
 
 def test_dice_loss_rewards_overlap_and_empty_predictions_for_empty_targets():
@@ -94,6 +97,26 @@ def test_short_run_writes_log_plot_weights_and_resumes(cfg, tmp_path):
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     assert json.loads((out / "train_config.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("steps=abc", 'steps takes a value of type int (now 3000), not "abc"'),
+    ("steps=2.5", "steps takes a value of type int"),
+    ("lr=true", "lr takes a value of type float"),
+])
+def test_set_values_of_the_wrong_type_stop_train_before_it_starts(item, expected, tmp_path, capsys):
+    from boltzformer import cli
+
+    out = tmp_path / "run"
+    code = cli.main(["train", "--config", str(RESOURCES / "boltzformer-s.train.json"), "--out", str(out), "--set", item])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and not out.exists()
+
+
+def test_set_accepts_an_int_where_a_float_is_wanted():
+    from boltzformer.training.train import _as_option_type
+
+    assert _as_option_type("lr=1", "lr", 1e-4, 1) == 1.0 and isinstance(_as_option_type("lr=1", "lr", 1e-4, 1), float)
 
 
 def test_config_rejects_unknown_options(tmp_path):
