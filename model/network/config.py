@@ -7,7 +7,7 @@ so ablations at inference time only change `sampling` / `token_ratio` / `tau0`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SAMPLING_MODES = ("boltzmann", "uniform", "mask2former", "dense")
 ATTENTION_IMPLS = ("auto", "gather", "dense")
