@@ -104,7 +104,7 @@ def main(argv=None, results: Path | None = None, real_dir: Path | None = None) -
         out = Path(args.out) / name.replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace(",", "")
         cfg = TrainConfig(model_overrides={**BASE, **overrides}, **common)
         t = time.perf_counter()
-        train(cfg, out)  # evaluated from last.safetensors below: the rows compare equal step counts
+        train(cfg, out)  # each row is evaluated from its last.safetensors, below
         minutes = (time.perf_counter() - t) / 60
         model, bank, meta, _ = load_model(out / "last.safetensors")
         evaluate_row(name, overrides, model, bank, minutes)
