@@ -30,7 +30,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if kind not in avail:
         raise BoltzformerError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     if not avail[kind]:
-        raise BoltzformerError(f"device {name!r} is not available on this machine; use --device cpu or auto")
+        raise BoltzformerError(f"device {name!r} is not available on this machine; choose cpu or auto")
     return torch.device(name)
 
 

@@ -205,5 +205,8 @@ class HeatmapControls(QGroupBox):
 
 
 def _percent(share: float) -> str:
-    """0.0012 -> '0.1 %', 0.25 -> '25 %': small shares keep a decimal."""
-    return f"{share * 100:.1f} %" if share < 0.1 else f"{share * 100:.0f} %"
+    """0.0012 -> '0.12 %', 0.25 -> '25 %', 0.00024 -> '0.024 %': small shares keep two significant
+    digits (one cell of 4 096 is 0.024 %, not '0.0 %')."""
+    if share >= 0.1:
+        return f"{share * 100:.0f} %"
+    return f"{share * 100:.2g} %" if share > 0 else "0 %"

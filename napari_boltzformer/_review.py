@@ -275,8 +275,11 @@ class ReviewPanel:
         """next | previous | accept | reject | undo (a key, a button or a table shortcut)."""
         from napari.utils.notifications import show_error, show_info
 
-        if self.view() is None or self.panel.current_mode() != "lesion":
-            show_info("review: run a lesion prompt first (organ mode has nothing to review)")
+        if self.view() is None:
+            show_info("review: nothing to review yet; run a lesion prompt first")
+            return
+        if self.panel.current_mode() != "lesion":
+            show_info("review: organ mode shows one structure, nothing to accept or reject; switch the mode to lesions")
             return
         try:
             if action in ("next", "previous"):

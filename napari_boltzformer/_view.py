@@ -52,15 +52,16 @@ def orientation_letters(displayed: tuple[int, int], ndim: int, orientation2d=("d
 
 def slice_text(axis: int, ndim: int, position_mm: float, index: int | None, count: int | None,
                spatial: int = 3) -> str:
-    """'axial 18 / 48 · 12.5 mm S': the plane, the slice of the image and its world position."""
+    """'axial 18 / 48\n12.5 mm S': the plane, the slice of the image and, on a line of its own (the
+    top corner of a narrow canvas also holds an orientation letter), its world position."""
     lps = lps_axis(axis, ndim, spatial)
     if lps is None:
         return ""
     neg, pos = LPS_ENDS[lps]
     where = f"{abs(position_mm):.1f} mm {pos if position_mm >= 0 else neg}"
     if index is None or count is None:
-        return f"{PLANE_OF_AXIS[lps]} · {where}"
-    return f"{PLANE_OF_AXIS[lps]} {index + 1} / {count} · {where}"
+        return f"{PLANE_OF_AXIS[lps]}\n{where}"
+    return f"{PLANE_OF_AXIS[lps]} {index + 1} / {count}\n{where}"
 
 
 class CanvasLabels:
