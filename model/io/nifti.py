@@ -55,9 +55,11 @@ def _nifti_geometry(volume: Volume, p: Path, header, warnings: list[str]) -> Non
     if source != "sform":
         pixdim = _raw_pixdim(p)  # nibabel's header has already replaced zeros by 1
         pixdim = np.asarray(header["pixdim"][1:4] if pixdim is None else pixdim, float)
-        zero = [_AXES[k] for k in range(spatial) if not (np.isfinite(pixdim[k]) and pixdim[k] != 0)]
-        if zero:
-            warnings.append(f"{p}: voxel size (pixdim) along {', '.join(zero)} is 0; 1 mm is assumed")
+        zero = [_AXES[k] for k in range(spatial) if pixdim[k] == 0]
+        nan = [_AXES[k] for k in range(spatial) if not np.isfinite(pixdim[k])]
+        for axes, what in ((zero, "0"), (nan, "not a number")):
+            if axes:
+                warnings.append(f"{p}: voxel size (pixdim) along {', '.join(axes)} is {what}; 1 mm is assumed")
     if affine is None:
         return  # neither transform is set (method 1): ITK's pixdim-only geometry
     if s_code > 0 and q_code > 0:
@@ -131,9 +133,14 @@ def check_nifti_complete(p: Path) -> None:
         # the data offset of the file (the loaded header's own get_data_offset() is reset to 0)
         offset = int(getattr(image.dataobj, "offset", image.header["vox_offset"]))
         header = image.header
-        expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        shape = tuple(int(v) for v in header.get_data_shape())
+        expected = offset + int(np.prod(shape)) * header.get_data_dtype().itemsize
     except Exception:  # noqa: BLE001 - nibabel cannot parse what ITK accepted: check the gzip stream only
-        expected = None
+        shape, expected = (), None
+    if 0 in shape:  # ITK reads a 0 as 1: one slice of a volume, silently
+        axis = "xyzt"[shape.index(0)] if shape.index(0) < 4 else f"dimension {shape.index(0) + 1}"
+        raise InputError(p, f"its header gives {' x '.join(map(str, shape))} voxels, none along {axis} "
+                            "(dim = 0); the header is corrupt")
     if p.name.lower().endswith(".gz"):
         if expected is not None:
             with open(p, "rb") as f:

@@ -46,15 +46,28 @@ def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = Fal
             raise InputError(p, f"is a symbolic link to {os.readlink(p)}, which does not exist")
         raise InputError(p, "does not exist")
     if p.is_dir():
-        return read_dicom_folder(p, series, allow_gaps)
+        return _checked_spacing(read_dicom_folder(p, series, allow_gaps), p)
     if not p.is_file():  # a FIFO would block the readers for ever, a device is not an image
         raise InputError(p, f"is {file_kind(p)}, not a regular file; give an image file or a DICOM folder")
     ext = extension_of(p.name)
     if ext in INPUT_EXTENSIONS:
-        return _read_itk_file(p, INPUT_EXTENSIONS[ext])
+        return _checked_spacing(_read_itk_file(p, INPUT_EXTENSIONS[ext]), p)
     if ext in DICOM_EXTENSIONS or has_dicom_preamble(p):
-        return read_dicom_file(p)
+        return _checked_spacing(read_dicom_file(p), p)
     raise InputError(p, f"not a supported format; use {INPUT_FORMATS}")
+
+
+MAX_VOXEL_MM = 1000.0  # no scanner's voxel is a metre across: a larger one is a corrupt header
+
+
+def _checked_spacing(volume: Volume, p: Path) -> Volume:
+    """`volume`, unless a voxel size is absurd (sizes and volumes would be too: 1e30 mm gave a
+    92-digit number of mL)."""
+    for axis, mm in zip("xyz", volume.spacing_mm):
+        if not mm <= MAX_VOXEL_MM:
+            raise InputError(p, f"its voxel size along {axis} is {mm:g} mm; no scan has voxels over "
+                                f"{MAX_VOXEL_MM:g} mm: the header is corrupt")
+    return volume
 
 
 def _read_itk_file(p: Path, format_name: str) -> Volume:
@@ -69,11 +82,17 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         raise InputError(p, f"cannot be read as {format_name}: not a valid {format_name} file or corrupt"
                             f"{detail(exc)}") from None
     components = reader.GetNumberOfComponents()
+    if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(p, "has complex-valued voxels (raw k-space or phase data?); a real-valued greyscale volume "
+                            "is needed")
     if components > 1:  # checked before loading the pixels
-        raise InputError(p, f"has {components} components per voxel (RGB?); a greyscale volume is needed")
+        raise InputError(p, f"has {components} components per voxel (RGB or a vector image?); a greyscale volume "
+                            "is needed")
     size = reader.GetSize()
     if len(size) >= 4 and any(s > 1 for s in size[3:]):
-        raise InputError(p, f"is {len(size)}D ({size[3]} volumes, a time series?); a single 3D volume is needed")
+        extra = " x ".join(str(s) for s in size[3:])
+        what = f"{size[3]} volumes, a time series?" if len(size) == 4 else f"{extra} beyond x, y, z: a vector image?"
+        raise InputError(p, f"is {len(size)}D ({what}); a single 3D volume is needed")
     if format_name == "NIfTI":
         check_nifti_complete(p)  # ITK silently reads truncated NIfTI files as zeros
         check_nifti_finite(p)  # ... and NaN voxels as zeros

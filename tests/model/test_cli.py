@@ -154,8 +154,45 @@ def _nan(tmp_path):
     return p
 
 
+def _nifti_with_header(tmp_path, name, edit, data=None):
+    """A small NIfTI whose header `edit(header)` then corrupts (nibabel writes what it is given)."""
+    p = tmp_path / name
+    img = nib.Nifti1Image(np.zeros((8, 8, 4), np.float32) if data is None else data, np.eye(4))
+    edit(img.header)
+    nib.save(img, str(p))
+    return p
+
+
+def _zero_dim(tmp_path):  # ITK read dim[3] = 0 as one slice, silently
+    p = _nifti_with_header(tmp_path, "dim0.nii", lambda h: None)
+    raw = bytearray(p.read_bytes())
+    raw[46:48] = (0).to_bytes(2, "little")  # dim[3]: the header's shorts dim[0..7] start at byte 40
+    p.write_bytes(bytes(raw))
+    return p
+
+
+def _huge_voxels(tmp_path):
+    p = tmp_path / "huge.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.diag([1e30, 1.0, 1.0, 1.0])), str(p))
+    return p
+
+
+def _complex(tmp_path):
+    p = tmp_path / "kspace.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.complex64)), str(p))
+    return p
+
+
+def _vector_5d(tmp_path):
+    return _nifti_with_header(tmp_path, "vec.nii.gz", lambda h: None, np.zeros((8, 8, 4, 1, 3), np.float32))
+
+
 @pytest.mark.parametrize("make, expected", [
     (lambda t: t / "missing.nii.gz", "does not exist"),
+    (_zero_dim, "dim0.nii: its header gives 8 x 8 x 0 voxels, none along z"),
+    (_huge_voxels, "huge.nii.gz: its voxel size along x is 1e+30 mm"),
+    (_complex, "kspace.nii.gz: has complex-valued voxels"),
+    (_vector_5d, "vec.nii.gz: is 5D (1 x 3 beyond x, y, z: a vector image?)"),
     (_corrupt, "corrupt.nii.gz"),
     (_four_d, "fmri.nii.gz"),
     (_rgb, "rgb.nii.gz"),
