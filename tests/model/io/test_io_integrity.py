@@ -395,6 +395,11 @@ def test_pixdim_zero_warns(tmp_path):
     vol = read_volume(tmp_path / "p0.nii")
     assert vol.spacing_mm == (pytest.approx(0.8), 1.0, 1.0)
     assert vol.metadata["warnings"] == [f"{tmp_path / 'p0.nii'}: voxel size (pixdim) along y, z is 0; 1 mm is assumed"]
+    img.header["pixdim"][1:4] = [np.nan, 0.0, 0.8]
+    nib.save(img, str(tmp_path / "pnan.nii"))
+    assert read_volume(tmp_path / "pnan.nii").metadata["warnings"] == [
+        f"{tmp_path / 'pnan.nii'}: voxel size (pixdim) along y is 0; 1 mm is assumed",
+        f"{tmp_path / 'pnan.nii'}: voxel size (pixdim) along x is not a number; 1 mm is assumed"]
 
 
 # ----------------------------------------------------------------------------------------------
