@@ -1,13 +1,13 @@
 """The BoltzFormer dock panel: prompt -> segmentation layers, lesion table, exports.
 
-The panel gathers its settings into a `RunRequest` (_request), runs `segmentation_job` (_job) in napari's
-`thread_worker`, so the viewer never freezes and Cancel stops it between two batches of slices,
-and shows what comes back as layers (_result_layers), a table (_lesion_table) and notifications;
-it keeps the runs of its viewer and which one is active. Its layout is _panel_ui's; its parts
-have modules of their own: the prompt field (_prompt), the heatmap controls (_heatmap), the
-review loop (_review), the exports (_export), display windows (_windowing) and the canvas text
-and camera (_view). The parts read the active run through the panel they are given; none
-imports this module.
+The panel gathers its settings into a `RunRequest` (_request), runs `segmentation_job` (_job) in
+napari's `thread_worker`, so the viewer never freezes and Cancel stops it between two batches of
+slices, and shows what comes back as layers (_result_layers), a table (_lesion_table) and
+notifications; it keeps the runs of its viewer and which one is active. Its layout is
+_panel_ui's; its parts have modules of their own: the prompt field (_prompt), the heatmap
+controls (_heatmap), the review loop (_review), the exports (_export), display windows
+(_windowing) and the canvas text and camera (_view). The parts read the active run through the
+panel they are given; none imports this module.
 
 No tensor math here: the model, thresholds, components and the lesion table all come from
 `boltzformer`. torch is imported only when the panel is created (to list devices) and when it
@@ -41,7 +41,6 @@ from ._result_layers import (
 )
 from ._view import CanvasLabels, _camera, zoom_to
 from ._windowing import apply_window, follow_window
-
 
 
 def _format_seconds(seconds: float) -> str:
