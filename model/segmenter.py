@@ -26,7 +26,7 @@ from . import planes as planes_mod  # `planes` is iter_segment's argument
 from .checkpoint import load_model
 from .context import context_margin, context_stack
 from .devices import fast_layout, resolve_device, sampling_generator
-from .errors import BoltzformerError, PromptError
+from .errors import BoltzformerError, InputError, PromptError
 from .io import Volume, require_finite
 from .network.boltzformer import BoltzFormer
 from .network.graphs import GraphedNetwork
@@ -72,7 +72,10 @@ def _canonical_range(volume: Volume, slices, warnings: list):
     z = volume.shape[0]
     start, stop = (0, z) if slices is None else (max(0, slices[0]), min(z, slices[1]))
     if start >= stop:
-        raise BoltzformerError(f"slice range {slices} selects no slice of a volume with {z} slices")
+        raise InputError(volume.path, f"slice range {slices[0]}:{slices[1]} selects no slice of its {z} slices")
+    if slices is not None and tuple(slices) != (start, stop):
+        warnings.append(f"slice range {slices[0]}:{slices[1]} reaches past the volume's {z} slices; "
+                        f"slices {start}:{stop} were segmented")
     if (start, stop) != (0, z) and not reo.keeps_slices:
         raise BoltzformerError("a slice range needs an axially acquired volume; this one is "
                                f"{reo.describe()}: segment all slices instead")

@@ -211,7 +211,7 @@ def test_unreadable_inputs_are_one_line_errors(make, expected, tmp_path, tiny_we
 @pytest.mark.parametrize("extra, expected", [
     (["--slices", "9:3"], "--slices"),
     (["--slices", "a:b"], "--slices"),
-    (["--slices", "50:60"], "slice"),
+    (["--slices", "50:60"], "ct.nii.gz: slice range 50:60 selects no slice of its 6 slices"),
     (["--window", "disco"], "unknown CT window 'disco'; choose one of lung,"),  # the library's message (intensity.check_window)
     (["--threshold", "1.5"], "--threshold"),
     (["--min-nodule-score", "2"], "--min-nodule-score"),
@@ -224,6 +224,11 @@ def test_bad_options_are_refused_before_any_output(extra, expected, ct_path, tmp
     code, _, err = run(segment_args(ct_path, out, tiny_weights, *extra), capsys)
     assert code == 2 and expected in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_slice_range_past_the_end_is_segmented_up_to_the_end_with_a_warning(ct_path, tmp_path, tiny_weights, capsys):
+    code, _, err = run(segment_args(ct_path, tmp_path / "o.nii.gz", tiny_weights, "--slices", "2:100"), capsys)
+    assert code == 0 and "slice range 2:100 reaches past the volume's 6 slices; slices 2:6 were segmented" in err
 
 
 def test_empty_prompt(ct_path, tmp_path, tiny_weights, capsys):
