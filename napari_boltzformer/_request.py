@@ -13,7 +13,7 @@ from ._layers import ROLE_KEY, geometry_from_layer, layer_array, volume_from_lay
 from ._result_layers import RESULT_ROLES
 
 EMPTY_PROMPT = 'the prompt is empty; type what to segment, e.g. "lung nodule"'
-NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File > Open Sample > napari-boltzformer)"
+NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File > Open Sample > BoltzFormer)"
 
 
 def build_request(panel) -> RunRequest | None:
