@@ -127,14 +127,14 @@ def main() -> int:
         args.json.write_text(json.dumps({"set": args.set, "stage1": str(args.stage1), "stage2": str(args.stage2),
                                          "min_stage1": MIN_STAGE1, "cases": cases}) + "\n")
     else:
+        from detector_sweep import row_text, write_json
+
         result = sweep(json.loads(args.result.read_text())["cases"], args.max_fp)
         for name, r in result.items():
             for row in r["sweep"]:
-                print(f"{name} >= {row['threshold']:.2f}: >= 4 mm {row['found_ge4mm']}, 3-4 mm {row['found_3_4mm']}, "
-                      f"FP/volume {row['fp_per_volume']:.2f}")
+                print(f"{name} >= {row['threshold']:.2f}: {row_text(row)}")
             print(f"{name}: operating point {r['operating_point']}")
-        if args.json:
-            args.json.write_text(json.dumps({"source": str(args.result), "max_fp": args.max_fp, **result}, indent=1) + "\n")
+        write_json(args.json, args.result, args.max_fp, result)
     return 0
 
 

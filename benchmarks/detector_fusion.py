@@ -113,15 +113,13 @@ def main() -> int:
     ap.add_argument("--max-fp", type=float, default=1.0)
     args = ap.parse_args()
     if args.sweep:
-        data = json.loads(args.sweep.read_text())
-        result = sweep(data["cases"], args.max_fp)
+        from detector_sweep import row_text, write_json
+
+        result = sweep(json.loads(args.sweep.read_text())["cases"], args.max_fp)
         for config, r in result.items():
-            b, p = r["classifier_alone_at_0.8"], r["operating_point"]
-            print(f"{config}: classifier alone at 0.8: >= 4 mm {b['found_ge4mm']}, 3-4 mm {b['found_3_4mm']}, "
-                  f"FP/volume {b['fp_per_volume']:.2f}")
-            print(f"{config}: operating point: {p}")
-        if args.json:
-            args.json.write_text(json.dumps({"source": str(args.sweep), "max_fp": args.max_fp, **result}, indent=1) + "\n")
+            print(f"{config}: classifier alone at 0.8: {row_text(r['classifier_alone_at_0.8'])}")
+            print(f"{config}: operating point: {r['operating_point']}")
+        write_json(args.json, args.sweep, args.max_fp, result)
         return 0
     cases = record(args.set, args.count, args.fine)
     if args.json:

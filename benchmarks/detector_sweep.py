@@ -41,6 +41,18 @@ def sweep(cases: list[dict], thresholds=THRESHOLDS) -> list[dict]:
     return rows
 
 
+def row_text(row: dict) -> str:
+    """'>= 4 mm 25/43, 3-4 mm 1/24, FP/volume 1.05 (max 4)': one sweep row, as the scripts print it."""
+    (a, b), (c, d) = row["found_ge4mm"], row["found_3_4mm"]
+    return f">= 4 mm {a}/{b}, 3-4 mm {c}/{d}, FP/volume {row['fp_per_volume']:.2f} (max {row['fp_max']})"
+
+
+def write_json(path: Path | None, source: Path, max_fp: float, result: dict) -> None:
+    """A sweep's result beside the file it came from (None: not written)."""
+    if path:
+        path.write_text(json.dumps({"source": str(source), "max_fp": max_fp, **result}, indent=1) + "\n")
+
+
 def operating_point(rows: list[dict], max_fp: float) -> dict | None:
     """The lowest threshold with at most max_fp false positives per volume (None if none)."""
     ok = [r for r in rows if r["fp_per_volume"] <= max_fp]
@@ -56,14 +68,10 @@ def main() -> int:
     cases = json.loads(args.result.read_text())["cases"]
     rows = sweep(cases)
     for r in rows:
-        print(f"score >= {r['threshold']:.2f}: >= 4 mm {r['found_ge4mm'][0]}/{r['found_ge4mm'][1]} "
-              f"({r['sensitivity_ge4mm']:.3f}), 3-4 mm {r['found_3_4mm'][0]}/{r['found_3_4mm'][1]}, "
-              f"FP/volume {r['fp_per_volume']:.2f} (max {r['fp_max']})")
+        print(f"score >= {r['threshold']:.2f}: {row_text(r)}")
     point = operating_point(rows, args.max_fp)
     print("operating point:", point)
-    if args.json:
-        args.json.write_text(json.dumps({"result": str(args.result), "max_fp": args.max_fp, "sweep": rows,
-                                         "operating_point": point}, indent=1) + "\n")
+    write_json(args.json, args.result, args.max_fp, {"sweep": rows, "operating_point": point})
     return 0
 
 
