@@ -228,6 +228,12 @@ class SegmentationResult:
         thin = fp_classifier.too_shallow(frame.shape, frame.spacing_mm)
         return None if thin is None else head + f"{thin} its classifier looks at"
 
+    @property
+    def detector_candidates_found(self) -> bool:
+        """Whether the 3D nodule detector's candidates were found already (its one slow pass: a
+        rethreshold with the detector on takes seconds on a CT until they are)."""
+        return self._candidates is not None
+
     def mask_volume(self) -> Volume:
         return self.volume.with_array(self.mask)
 

@@ -425,11 +425,16 @@ class BoltzFormerWidget(QWidget):
                 and fp_on == result.fp_reduction and detector_on == result.nodule_detector):
             return
         known = set(result.warnings)
+        status = self.status_label.text()
+        first_detector = detector_on and fp_on and not result.detector_candidates_found
+        self.status_label.setText("finding 3D nodule candidates…" if first_detector else "re-thresholding…")
+        self.status_label.repaint()  # painted now: the event loop waits for this call
         QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
         try:
             result.rethreshold(threshold, min_mm3, fp_reduction=fp_on, nodule_detector=detector_on)
         finally:
             QApplication.restoreOverrideCursor()
+            self.status_label.setText(status)
         if new := [w for w in result.warnings if w not in known]:  # e.g. the detector cannot run here
             from napari.utils.notifications import show_warning
 

@@ -104,13 +104,17 @@ def test_rethresholding_shows_a_busy_cursor(panel, qtbot, monkeypatch):
     original = result.rethreshold
 
     def spy(*args, **kwargs):
-        seen.append(QApplication.overrideCursor() is not None)
+        seen.append((QApplication.overrideCursor() is not None, panel.status_label.text()))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(result, "rethreshold", spy)
+    status = panel.status_label.text()
     panel.threshold_slider.setValue(40)
     panel.apply_threshold()
-    assert seen == [True] and QApplication.overrideCursor() is None
+    assert seen == [(True, "re-thresholding…")] and QApplication.overrideCursor() is None
+    assert panel.status_label.text() == status
+    panel.detector_check.setChecked(True)  # its first pass says what takes the time
+    assert seen[-1] == (True, "finding 3D nodule candidates…") and panel.status_label.text() == status
 
 
 def test_a_failed_run_says_so_in_the_progress_bar(panel, qtbot, tmp_path, notifications):
