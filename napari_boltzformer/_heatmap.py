@@ -18,6 +18,8 @@ from ._qt import compact
 
 HEAT_VALUES = (("queries per cell", "counts"), ("sampling probability", "probabilities"))
 TOP_FRACTION = 0.5
+# exp(entropy) / cells at or above this: a flat distribution, whose "hottest cells" would be all of them
+FLAT_SPREAD = 0.995
 
 
 class HeatmapControls(QGroupBox):
@@ -177,7 +179,10 @@ class HeatmapControls(QGroupBox):
         else:
             z = 0
         spread = stats["spread"][layer_index, z] if 0 <= z < stats["spread"].shape[1] else np.nan
-        if np.isfinite(spread):
+        if np.isfinite(spread) and spread >= FLAT_SPREAD:
+            text += (f"this slice: the sampling is flat (spread over {_percent(spread)} of the frame): no cell "
+                     "stands out")
+        elif np.isfinite(spread):
             area, mass = stats["area"][layer_index, z], stats["mass"][layer_index, z]
             text += (f"this slice: spread over {_percent(spread)} of the frame (effective); "
                      f"the hottest {_percent(area)} of cells hold {_percent(mass)} of the mass")

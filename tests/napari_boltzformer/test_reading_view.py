@@ -73,6 +73,19 @@ def test_heatmap_has_a_colour_bar_a_legend_and_opens_on_the_sharpest_layer(reade
     assert panel.canvas_labels.text("legend") == "" and not heat.colorbar.visible
 
 
+def test_heatmap_info_calls_a_flat_slice_flat(reader, qtbot):
+    """A uniform sampling has no 'hottest cells' (they would be 100 % of them holding 100 %)."""
+    viewer, panel = reader
+    run_and_wait(panel, qtbot)
+    stats = panel.heatmap._stats(panel.active_result().attention)
+    stats["spread"][:] = 1.0
+    panel.heatmap.update_info()
+    assert "the sampling is flat (spread over 100 % of the frame): no cell stands out" in panel.heatmap.info_label.text()
+    stats["spread"][:], stats["area"][:], stats["mass"][:] = 0.4, 0.00024, 0.013
+    panel.heatmap.update_info()
+    assert "the hottest 0.024 % of cells hold 1.3 % of the mass" in panel.heatmap.info_label.text()
+
+
 def test_zero_is_transparent_and_the_heat_shows_on_dark_and_white(reader, qtbot):
     """Canvas pixels change, heatmap shown vs hidden, exactly over the cells it colours: none
     over a zero cell, and the colours show over black air and over white tissue alike."""
