@@ -110,6 +110,7 @@ def sample_figures(weights):
     # the same result with the opt-in 3D nodule detector: the switch re-thresholds, no new run
     panel.restore_view_button.click()  # back from the zoom on one lesion
     panel.detector_check.setChecked(True)
+    panel.wait(300)  # its candidate pass runs on a worker thread
     s.pump(1.5)
     s.go_to_slice(z)
     print(f"nodule detector: {panel.result_label.text()} | {panel.result_detail.text()}")

@@ -234,6 +234,24 @@ class SegmentationResult:
         rethreshold with the detector on takes seconds on a CT until they are)."""
         return self._candidates is not None
 
+    def detector_skip_reason(self) -> str | None:
+        """Why the 3D nodule detector would not run on this result (None: it would)."""
+        return self._detector_skipped(self.frame if self.frame is not None else self.volume)
+
+    def find_detector_candidates(self) -> bool:
+        """The 3D nodule detector's candidate pass, now (seconds on a CT; safe on a worker thread
+        while nothing else rethresholds this result): a later rethreshold with the detector on
+        reuses it. -> whether the detector runs on this result (False: nothing was found)."""
+        if self.detector_skip_reason() is not None:
+            return False
+        if self._candidates is None:
+            t0 = time.perf_counter()
+            candidates = detector.find_candidates(self.frame if self.frame is not None else self.volume,
+                                                  detector.bundled())
+            self.timings_s["nodule_detector"] = time.perf_counter() - t0
+            self._candidates = candidates
+        return True
+
     def mask_volume(self) -> Volume:
         return self.volume.with_array(self.mask)
 
@@ -273,10 +291,7 @@ class SegmentationResult:
         if skipped not in (None, "off") and skipped not in self.warnings:
             self.warnings.append(skipped)
         if skipped is None:
-            if self._candidates is None:
-                t0 = time.perf_counter()
-                self._candidates = detector.find_candidates(frame, detector.bundled())
-                self.timings_s["nodule_detector"] = time.perf_counter() - t0
+            self.find_detector_candidates()
             labels, rows, unconfirmed = detector.merge(labels, rows, frame, probabilities, self._candidates)
             self.rejected += unconfirmed
         labels = np.ascontiguousarray(reo.from_canonical(labels))

@@ -72,6 +72,7 @@ class BoltzFormerWidget(QWidget):
         self._saved_view: tuple | None = None  # camera (center, zoom) before the first jump to a lesion
         self._organ_cache: tuple | None = None  # (key, summary): organ_summary of the active view
         self._chosen_image = None  # the layer picked in the Image box (it follows a rename)
+        self._finder = None  # the worker finding the 3D detector's candidates, while it runs
         self._run_started = 0.0
         self.model_calls = 0  # runs started (tests check that re-thresholding starts none)
         self.batch_size: int | None = None  # slices per batch; None: the Segmenter's default
@@ -323,14 +324,15 @@ class BoltzFormerWidget(QWidget):
         self._set_running(False)
 
     def wait(self, timeout_s: float = 60.0):
-        """Block (processing Qt events) until the running job ends; for scripts and tests."""
+        """Block (processing Qt events) until the running job, and the 3D detector's candidate
+        pass, end; for scripts and tests."""
         from qtpy.QtWidgets import QApplication
 
         deadline = time.perf_counter() + timeout_s
-        while self.running and time.perf_counter() < deadline:
+        while (self.running or self._finder is not None) and time.perf_counter() < deadline:
             QApplication.processEvents()
             time.sleep(0.005)
-        if self.running:
+        if self.running or self._finder is not None:
             raise TimeoutError(f"BoltzFormer run still going after {timeout_s} s")
 
     # ---- results -> layers --------------------------------------------------------------------
@@ -411,23 +413,27 @@ class BoltzFormerWidget(QWidget):
     def apply_threshold(self, force: bool = False):
         """Re-threshold the active result's stored probabilities (no inference) and redraw.
 
-        It runs here, on the main thread (the layers change with it): a second or two on a
-        whole CT, several with the 3D nodule detector's first pass, under a busy cursor."""
+        It runs here, on the main thread (the layers change with it; a second or two on a whole
+        CT, under a busy cursor), but for the 3D nodule detector's first pass (several seconds):
+        that runs on a worker thread, and its end applies the settings shown then."""
         from qtpy.QtWidgets import QApplication
 
         self._rethreshold_timer.stop()
         entry = self._results.get(self._active_run)
-        if entry is None:
+        if entry is None or self._finder is not None:  # a finder's end applies the settings
             return
         result, request = entry
         threshold, min_mm3, fp_on, detector_on = self._post_settings()
         if (not force and threshold == result.threshold and min_mm3 == result.min_lesion_mm3
                 and fp_on == result.fp_reduction and detector_on == result.nodule_detector):
             return
+        if (detector_on and fp_on and not result.detector_candidates_found
+                and result.detector_skip_reason() is None):
+            self._find_detector_candidates(result)
+            return
         known = set(result.warnings)
         status = self.status_label.text()
-        first_detector = detector_on and fp_on and not result.detector_candidates_found
-        self.status_label.setText("finding 3D nodule candidates…" if first_detector else "re-thresholding…")
+        self.status_label.setText("re-thresholding…")
         self.status_label.repaint()  # painted now: the event loop waits for this call
         QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
         try:
@@ -442,6 +448,29 @@ class BoltzFormerWidget(QWidget):
                 show_warning(text)
         self._organ_cache = None
         self.refresh_view()
+
+    def _find_detector_candidates(self, result):
+        """The 3D nodule detector's candidate pass on a worker thread; then apply_threshold."""
+        from napari.qt.threading import thread_worker
+        from napari.utils.notifications import show_error
+
+        status = self.status_label.text()
+        self.status_label.setText("finding 3D nodule candidates…")
+
+        def done(*_):
+            self._finder = None
+            self.status_label.setText(status)
+            self.apply_threshold(force=True)
+
+        def failed(exc):
+            self.detector_check.setChecked(False)  # off again: the result stays as it was shown
+            show_error(f"BoltzFormer: the 3D nodule detector failed: {type(exc).__name__}: {exc}".splitlines()[0])
+
+        worker = thread_worker(result.find_detector_candidates, start_thread=False, ignore_errors=True)()
+        worker.errored.connect(failed)
+        worker.finished.connect(done)
+        self._finder = worker
+        worker.start()
 
     # ---- what is shown: mode, size filter, table ------------------------------------------------
     def current_mode(self) -> str:

@@ -113,8 +113,26 @@ def test_rethresholding_shows_a_busy_cursor(panel, qtbot, monkeypatch):
     panel.apply_threshold()
     assert seen == [(True, "re-thresholding…")] and QApplication.overrideCursor() is None
     assert panel.status_label.text() == status
-    panel.detector_check.setChecked(True)  # its first pass says what takes the time
-    assert seen[-1] == (True, "finding 3D nodule candidates…") and panel.status_label.text() == status
+
+
+def test_the_detectors_first_pass_runs_off_the_main_thread(viewer, tiny_segmenter, qtbot):
+    """Its candidate pass takes seconds on a CT: a worker finds them, then the switch applies."""
+    from .conftest import panel_on
+
+    add_volume(viewer, ct_volume(shape=(16, 48, 40)))  # 40 mm deep: the detector's classifier fits
+    panel = panel_on(viewer, tiny_segmenter)
+    run_and_wait(panel, qtbot)
+    result = panel.active_result()
+    assert result.detector_skip_reason() is None and not result.detector_candidates_found
+    status = panel.status_label.text()
+    panel.detector_check.setChecked(True)
+    assert panel._finder is not None and panel.status_label.text() == "finding 3D nodule candidates…"
+    panel.threshold_slider.setValue(30)  # moved meanwhile: applied when the pass ends
+    panel.apply_threshold()
+    assert not result.nodule_detector
+    panel.wait(120)
+    assert panel._finder is None and result.detector_candidates_found and result.nodule_detector
+    assert result.threshold == 0.30 and panel.status_label.text() == status
 
 
 def test_a_failed_run_says_so_in_the_progress_bar(panel, qtbot, tmp_path, notifications):
