@@ -29,8 +29,9 @@ def check_prompt_text(prompt) -> None:
     try:
         str(prompt).encode("utf-8")
     except UnicodeEncodeError:
-        raise PromptError(f"the prompt {str(prompt).encode('utf-8', 'backslashreplace').decode()!r} is not valid "
-                          "UTF-8 text; check the terminal's or the file's encoding") from None
+        shown = str(prompt).encode("utf-8", "backslashreplace").decode()  # the bad bytes as \udcff
+        raise PromptError(f"the prompt '{shown}' is not valid UTF-8 text; check the terminal's or the file's "
+                          "encoding") from None
     if len(str(prompt)) > MAX_PROMPT_CHARS:
         raise PromptError(f"the prompt is {len(str(prompt))} characters long; at most {MAX_PROMPT_CHARS} "
                           "(a short phrase such as \"lung nodule\" works best)")

@@ -242,14 +242,14 @@ class SegmentationResult:
         """The 3D nodule detector's candidate pass, now (seconds on a CT; safe on a worker thread
         while nothing else rethresholds this result): a later rethreshold with the detector on
         reuses it. -> whether the detector runs on this result (False: nothing was found)."""
-        if self.detector_skip_reason() is not None:
+        frame = self.frame if self.frame is not None else self.volume
+        if self._detector_skipped(frame) is not None:
             return False
         if self._candidates is None:
             t0 = time.perf_counter()
-            candidates = detector.find_candidates(self.frame if self.frame is not None else self.volume,
-                                                  detector.bundled())
+            candidates = detector.find_candidates(frame, detector.bundled())
             self.timings_s["nodule_detector"] = time.perf_counter() - t0
-            self._candidates = candidates
+            self._candidates = candidates  # set last: a reader on the main thread sees none or all
         return True
 
     def mask_volume(self) -> Volume:

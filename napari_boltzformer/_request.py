@@ -2,8 +2,9 @@
 none can start (no usable image, an empty prompt, NaN voxels), and a warning where a run would
 rest on a guess (an image layer with no physical voxel size).
 
-Reads the panel it is given (its Image box, prompt, options and switches); imports nothing of
-the plugin's but the layer helpers and the job's request type.
+Reads the panel it is given (its Image box, prompt, options and switches); of the plugin it
+imports only the layer helpers (_layers), the result roles (_result_layers) and the job's
+request type (_job).
 """
 
 from __future__ import annotations
