@@ -20,6 +20,7 @@ import numpy as np
 from ._windowing import WINDOW_KEY, display_window
 
 GEOMETRY_KEY = "boltzformer_volume"  # Volume.geometry_dict of the source volume
+FILE_GEOMETRY = "file_geometry"  # in a geometry dict: the file's own grid, when shown reoriented
 ROLE_KEY = "boltzformer_role"  # image | mask | probability | uncertainty | attention
 PROMPT_KEY = "boltzformer_prompt"  # the (normalised) prompt of a result layer
 SOURCE_KEY = "boltzformer_source"  # name of the image layer a result layer was computed from
@@ -116,9 +117,18 @@ def mask_array(array: np.ndarray) -> np.ndarray:
 
 
 def mask_volume(array: np.ndarray, geom: dict):
-    """A mask Volume (z, y, x) of a labels layer's data (2D or 3D) with `geom`'s geometry."""
+    """A mask Volume (z, y, x) of a labels layer's data (2D or 3D) with `geom`'s geometry; on
+    the file's own grid when the layer shows it reoriented (``geom["file_geometry"]``, see
+    `image_layer_data`): the same voxels, in the file's axis order."""
     array = mask_array(array)
-    return geometry_volume(geom, array[None] if array.ndim == 2 else array)
+    array = array[None] if array.ndim == 2 else array
+    file_geom = geom.get(FILE_GEOMETRY)
+    if file_geom is None:
+        return geometry_volume(geom, array)
+    from boltzformer.orientation import find_reorientation
+
+    reorientation = find_reorientation(geometry_volume(file_geom).direction)  # the one to_canonical used
+    return geometry_volume(file_geom, np.ascontiguousarray(reorientation.from_canonical(array)))
 
 
 def to_layer_shape(array_zyx: np.ndarray, geom: dict) -> np.ndarray:
@@ -142,11 +152,25 @@ def layer_name_for(volume, fallback: str = "volume") -> str:
 
 # -- layer data tuples (data, kwargs, layer_type) --------------------------------------------
 def image_layer_data(volume, name: str | None = None, window: str | None = None) -> tuple:
-    """An Image layer at the volume's physical position; HU kept, contrast from a window."""
-    from boltzformer import intensity
+    """An Image layer at the volume's physical position; HU kept, contrast from a window.
 
+    A volume acquired sagittally or coronally is shown on its canonical axial grid
+    (orientation.to_canonical: the same voxels, axes permuted and flipped, nothing resampled):
+    napari slices a layer along its data axes, and cannot draw a grid whose slices are not
+    axial (vispy fails on the singular 2D transform). Its geometry keeps the file's grid as
+    ``file_geometry``, so masks drawn or found on it are written back on that grid (`mask_volume`)."""
+    from boltzformer import intensity
+    from boltzformer.orientation import find_reorientation, to_canonical
+
+    modality = intensity.detect_modality(volume)  # the file's own modality wins
+    file_geom = None
+    if not find_reorientation(volume.direction).keeps_slices:
+        file_geom = dict(volume.geometry_dict(), modality=modality)
+        volume = to_canonical(volume)[0]
     geom = volume.geometry_dict()
-    geom["modality"] = intensity.detect_modality(volume)  # the file's own modality wins
+    geom["modality"] = modality
+    if file_geom is not None:
+        geom[FILE_GEOMETRY] = file_geom
     window_name, limits = display_window(volume, window)
     kwargs = {
         "name": name or layer_name_for(volume),

@@ -66,7 +66,7 @@ def read_layers(path):
 
     from boltzformer.errors import BoltzformerError
 
-    from ._layers import image_layer_data
+    from ._layers import FILE_GEOMETRY, GEOMETRY_KEY, image_layer_data
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -84,6 +84,9 @@ def read_layers(path):
         return [(None,)]
     for warning in volume.metadata.get("warnings", []):
         show_warning(warning)
+    if FILE_GEOMETRY in layer[1]["metadata"][GEOMETRY_KEY]:
+        show_info(f"{path}: acquired sagittally or coronally; shown in axial slices (the same voxels, reordered). "
+                  "Masks saved from it are written on the file's own grid.")
     note = volume.metadata.get("series_note")
     if note:  # --series is the command line's; here the user picks by folder
         show_info(f"{path}: {note} To open another series, put its files in a folder of their own and open that folder.")

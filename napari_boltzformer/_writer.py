@@ -21,6 +21,8 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     from boltzformer.errors import BoltzformerError
 
     try:
+        if meta.get("multiscale") or type(data).__name__ == "MultiScaleData":
+            data = data[0]  # full resolution (np.asarray of multiscale data gives its coarsest level)
         volume = labels_volume(np.asarray(data), meta)
         from boltzformer.io import write_volume
 
@@ -62,4 +64,8 @@ def layer_matrix(ndim: int, meta: dict) -> np.ndarray:
     matrix = data2physical.affine_matrix
     if physical2world is not None:
         matrix = np.asarray(getattr(physical2world, "affine_matrix", physical2world), float) @ matrix
+    columns = matrix[:ndim, :ndim] / np.linalg.norm(matrix[:ndim, :ndim], axis=0)
+    if not np.allclose(columns.T @ columns, np.eye(ndim), atol=1e-4):  # NIfTI through ITK: no shear
+        raise ValueError("its transform is sheared; a NIfTI file holds rotations and voxel sizes only, so the "
+                         "mask would land elsewhere: remove the shear first")
     return matrix

@@ -216,3 +216,74 @@ def test_writer_on_a_full_disk_keeps_the_old_file(viewer, tmp_path, notification
     (error,) = _messages(notifications, "error")
     assert error == f"{out}: could not be written: no space left on device"
     assert out.read_bytes() == b"the previous mask" and sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
+
+
+@pytest.mark.parametrize("plane", ["sagittal", "coronal"])
+def test_a_sagittal_or_coronal_volume_is_shown_axially_and_masks_go_back_on_its_grid(viewer, tmp_path, plane,
+                                                                                    notifications):
+    """napari cannot slice a grid whose slices are not axial (vispy failed on a singular
+    transform and left a broken layer): such a volume is shown on its canonical axial grid, and
+    a mask drawn on it is written on the file's own grid."""
+    from boltzformer.io import Volume, read_volume, write_volume
+    from boltzformer.orientation import to_canonical
+
+    # image axes (x, y, z) in LPS world: sagittal slices stack along x, coronal along y
+    direction = (np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float) if plane == "sagittal"
+                 else np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float))
+    rng = np.random.default_rng(0)
+    volume = Volume(rng.integers(-1000, 400, (10, 24, 20)).astype(np.int16), (0.9, 1.1, 2.0), (5.0, -7.0, 30.0),
+                    direction, "CT")
+    write_volume(volume, tmp_path / "scan.nii.gz")
+    [image] = viewer.open(tmp_path / "scan.nii.gz", plugin=PLUGIN)
+    canonical, reo, _ = to_canonical(read_volume(tmp_path / "scan.nii.gz"))
+    assert np.array_equal(image.data, canonical.array) and not reo.keeps_slices
+    for index in ([0, 0, 0], [3, 5, 7], [canonical.shape[0] - 1, canonical.shape[1] - 1, canonical.shape[2] - 1]):
+        assert np.allclose(_world_of_index(image, index), canonical.index_to_world(index), atol=1e-3)
+    assert any("shown in axial slices" in m for s, m in notifications if s == "info")
+    mask = (image.data > 0).astype(np.uint8)
+    labels = viewer.add_labels(mask, scale=image.scale, translate=image.translate, affine=image.affine,
+                               metadata=dict(image.metadata))
+    out = tmp_path / "mask.nii.gz"
+    assert labels.save(str(out), plugin=PLUGIN) == [str(out)]
+    back = read_volume(out)
+    assert back.shape == volume.shape and back.same_geometry(read_volume(tmp_path / "scan.nii.gz"), atol=1e-4)
+    assert np.array_equal(back.array, (volume.array > 0).astype(np.uint8))  # the same voxels, the file's order
+
+
+def test_writer_writes_a_multiscale_labels_layer_at_full_resolution_and_refuses_a_shear(viewer, tmp_path,
+                                                                                        notifications):
+    from boltzformer.io import read_volume
+
+    full = np.zeros((8, 32, 32), np.uint8)
+    full[2:5, 10:20, 8:14] = 1
+    layer = viewer.add_labels([full, full[::2, ::2, ::2]], multiscale=True, scale=(2.5, 0.8, 0.7))
+    out = tmp_path / "ms.nii.gz"
+    assert layer.save(str(out), plugin=PLUGIN) == [str(out)]
+    back = read_volume(out)
+    assert back.shape == full.shape and np.array_equal(back.array, full)
+    assert np.allclose(back.spacing_mm, (0.7, 0.8, 2.5))
+    sheared = viewer.add_labels(full, scale=(2, 1, 1), shear=(0.3, 0, 0))
+    assert sheared.save(str(tmp_path / "sh.nii.gz"), plugin=PLUGIN) == []
+    assert not (tmp_path / "sh.nii.gz").exists()
+    assert any("sheared" in m for s, m in notifications if s == "error")
+
+
+def test_the_panel_on_a_sagittal_volume_exports_its_mask_on_the_files_grid(viewer, tmp_path, tiny_segmenter, qtbot):
+    from boltzformer.io import Volume, read_volume, write_volume
+
+    from .conftest import panel_on, run_and_wait, stop
+
+    direction = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)  # slices stack along x
+    volume = Volume(ct_volume().array, (1.0, 1.0, 2.5), (0.0, 0.0, 0.0), direction, "CT")
+    write_volume(volume, tmp_path / "sag.nii.gz")
+    [image] = viewer.open(tmp_path / "sag.nii.gz", plugin=PLUGIN)
+    panel = panel_on(viewer, tiny_segmenter)
+    panel.threshold_slider.setValue(1)  # the untrained net: some voxels for sure
+    panel.fp_check.setChecked(False)
+    run_and_wait(panel, qtbot)
+    shown = viewer.layers["lung nodule"].data
+    written = panel.exports.mask(tmp_path / "m.nii.gz")
+    back = read_volume(written)
+    assert back.shape == volume.shape and back.same_geometry(read_volume(tmp_path / "sag.nii.gz"), atol=1e-4)
+    assert back.array.sum() == (shown > 0).sum() > 0
+    stop(panel)
