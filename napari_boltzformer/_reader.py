@@ -1,4 +1,5 @@
-"""napari reader: NIfTI, NRRD, MetaImage files and DICOM series folders via boltzformer.io.
+"""napari reader: NIfTI, NRRD, MetaImage, DICOM series folders and single DICOM files, through
+boltzformer.io.
 
 `napari_get_reader` only looks at the path (and, for a folder, at the first bytes of a few
 files), so it is cheap and never imports torch; what it accepts is the core's one list
@@ -29,13 +30,13 @@ def napari_get_reader(path):
         path = path[0]
     if not isinstance(path, (str, os.PathLike)):
         return None
-    from boltzformer.io import INPUT_EXTENSIONS, extension_of
+    from boltzformer.io import DICOM_EXTENSIONS, INPUT_EXTENSIONS, extension_of
 
     p = Path(path)
-    if p.is_dir():
-        return read_layers if looks_like_dicom_folder(p) else None
-    if extension_of(p.name) in INPUT_EXTENSIONS:
-        return read_layers
+    if p.is_dir():  # DICOM files in it, or in its sub-folders (the core then says which to open)
+        return read_layers if looks_like_dicom_folder(p) or _dicom_in_subfolders(p) else None
+    if extension_of(p.name) in INPUT_EXTENSIONS or p.name.lower().endswith(DICOM_EXTENSIONS):
+        return read_layers  # a single DICOM file too: its slice in place, rescaled to HU
     return None
 
 
@@ -58,6 +59,14 @@ def looks_like_dicom_folder(folder: Path) -> bool:
             if has_dicom_preamble(entry):
                 return True
     return False
+
+
+def _dicom_in_subfolders(folder: Path) -> bool:
+    try:
+        subfolders = sorted(entry for entry in folder.iterdir() if entry.is_dir())
+    except OSError:
+        return False
+    return any(looks_like_dicom_folder(sub) for sub in subfolders[:_FILES_TO_PROBE])
 
 
 def read_layers(path):

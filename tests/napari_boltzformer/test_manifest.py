@@ -36,15 +36,15 @@ def test_manifest_validates_with_its_imports():
 
 
 def test_manifest_file_types_are_the_cores():
-    """The reader's patterns are the core's readable extensions, no more, no fewer; the writer
-    offers NIfTI extensions the core writes."""
+    """The reader's patterns are the core's readable extensions (single DICOM files included), no
+    more, no fewer; the writer offers NIfTI extensions the core writes."""
     from npe2 import PluginManifest
 
-    from boltzformer.io import INPUT_EXTENSIONS, OUTPUT_EXTENSIONS
+    from boltzformer.io import DICOM_EXTENSIONS, INPUT_EXTENSIONS, OUTPUT_EXTENSIONS
 
     contrib = PluginManifest.from_file(TOP / "napari.yaml").contributions
     patterns = contrib.readers[0].filename_patterns
-    assert sorted(patterns) == sorted(f"*{ext}" for ext in INPUT_EXTENSIONS)
+    assert sorted(patterns) == sorted(f"*{ext}" for ext in (*INPUT_EXTENSIONS, *DICOM_EXTENSIONS))
     extensions = contrib.writers[0].filename_extensions
     assert set(extensions) <= set(OUTPUT_EXTENSIONS) and {INPUT_EXTENSIONS[e] for e in extensions} == {"NIfTI"}
 

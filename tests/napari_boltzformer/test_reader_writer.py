@@ -287,3 +287,30 @@ def test_the_panel_on_a_sagittal_volume_exports_its_mask_on_the_files_grid(viewe
     assert back.shape == volume.shape and back.same_geometry(read_volume(tmp_path / "sag.nii.gz"), atol=1e-4)
     assert back.array.sum() == (shown > 0).sum() > 0
     stop(panel)
+
+
+def test_a_single_dicom_file_is_read_in_hu_and_in_place(viewer, tmp_path):
+    """napari's own reader took .dcm files as raw pixels (no rescale to HU, no geometry)."""
+    from boltzformer.io import read_volume
+
+    from ..model.io.test_io import write_ct_series
+
+    hu = np.full((3, 16, 12), -800, np.int16)
+    hu[:, 5:9, 4:8] = 40
+    write_ct_series(tmp_path / "series", hu)
+    one = sorted((tmp_path / "series").glob("*.dcm"))[0]
+    assert napari_get_reader(str(one)) is not None
+    [layer] = viewer.open(one, plugin=PLUGIN)
+    volume = read_volume(one)
+    assert layer.data.min() == -800 and layer.data.max() == 40  # HU, the intercept applied
+    assert np.allclose(_world_of_index(layer, (0, 3, 2)), volume.index_to_world((0, 3, 2)), atol=1e-3)
+
+
+def test_a_folder_of_series_folders_says_which_to_open(viewer, tmp_path, notifications):
+    from ..model.io.test_io import write_ct_series
+
+    write_ct_series(tmp_path / "study" / "series1", np.full((2, 8, 8), -800, np.int16))
+    assert napari_get_reader(str(tmp_path / "study")) is not None
+    viewer.open(tmp_path / "study", plugin=PLUGIN)
+    errors = [m for s, m in notifications if s == "error"]
+    assert errors and "series1" in errors[-1]
