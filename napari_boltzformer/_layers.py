@@ -59,16 +59,18 @@ def geometry_from_layer(layer) -> dict:
 
     data_shape = tuple(int(v) for v in layer_array(layer).shape)
     geom = (layer.metadata or {}).get(GEOMETRY_KEY)
-    if geom is not None and geometry_shape(geom) == data_shape:
-        return dict(geom)
     ndim = layer.ndim
-    if ndim not in (2, 3):
+    if ndim not in (2, 3) and (geom is None or geometry_shape(geom) != data_shape):
         raise ValueError(f"layer '{layer.name}' has {ndim} dimensions; BoltzFormer needs a 2D slice or a 3D volume")
     origin = np.asarray(layer.data_to_world(np.zeros(ndim)), float)
     matrix = np.eye(ndim + 1)
     matrix[:ndim, ndim] = origin
     for i in range(ndim):
         matrix[:ndim, i] = np.asarray(layer.data_to_world(np.eye(ndim)[i]), float) - origin
+    if geom is not None and geometry_shape(geom) == data_shape:
+        # kept unless a 3D layer was moved, scaled or turned by hand since: then it is where it is shown
+        if ndim != 3 or np.allclose(matrix, geometry_volume(geom).affine_zyx(), atol=1e-3):
+            return dict(geom)
     geom = Volume.from_affine_zyx(_placeholder(data_shape), matrix).geometry_dict(layer_ndim=ndim)
     if all(str(u) == "pixel" for u in getattr(layer, "units", ())):  # napari's default: no physical size
         geom["units"] = "pixel"  # its scale is read as mm (the panel warns); result layers keep pixel units

@@ -16,14 +16,19 @@ from ._layers import GEOMETRY_KEY, geometry_shape, mask_array, mask_volume
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
     """npe2 single-layer writer: returns [path] written, or [] after a notification."""
-    from napari.utils.notifications import show_error
+    from napari.utils.notifications import show_error, show_warning
 
     from boltzformer.errors import BoltzformerError
 
     try:
         if meta.get("multiscale") or type(data).__name__ == "MultiScaleData":
             data = data[0]  # full resolution (np.asarray of multiscale data gives its coarsest level)
-        volume = labels_volume(np.asarray(data), meta)
+        data = np.asarray(data)
+        geom = (meta.get("metadata") or {}).get(GEOMETRY_KEY)
+        if geom is not None and geometry_shape(geom) == data.shape and moved_since_made(data.ndim, meta, geom):
+            show_warning(f"{path}: the layer was moved or rescaled after it was made; the file puts the mask where "
+                         "the viewer shows it, not on the source scan's grid")
+        volume = labels_volume(data, meta)
         from boltzformer.io import write_volume
 
         written = write_volume(volume, path, overwrite=True)
@@ -41,10 +46,20 @@ def labels_volume(data: np.ndarray, meta: dict):
     from boltzformer.io import Volume
 
     geom = (meta.get("metadata") or {}).get(GEOMETRY_KEY)
-    if geom is not None and geometry_shape(geom) == tuple(data.shape):
+    if geom is not None and geometry_shape(geom) == tuple(data.shape) and not moved_since_made(data.ndim, meta, geom):
         return mask_volume(data, geom)
-    # none, or the layer was resized or cropped: its own transform is the truth now
+    # none, or the layer was resized, cropped or moved: its own transform is the truth now
     return Volume.from_affine_zyx(mask_array(data), layer_matrix(data.ndim, meta))
+
+
+def moved_since_made(ndim: int, meta: dict, geom: dict) -> bool:
+    """Whether a 3D layer is no longer where its stored geometry puts it (scaled, moved or turned
+    by hand): then the file follows what the viewer shows, not the stored geometry."""
+    from ._layers import geometry_volume
+
+    if ndim != 3:
+        return False
+    return not np.allclose(layer_matrix(ndim, meta), geometry_volume(geom).affine_zyx(), atol=1e-3)
 
 
 def layer_matrix(ndim: int, meta: dict) -> np.ndarray:

@@ -314,3 +314,23 @@ def test_a_folder_of_series_folders_says_which_to_open(viewer, tmp_path, notific
     viewer.open(tmp_path / "study", plugin=PLUGIN)
     errors = [m for s, m in notifications if s == "error"]
     assert errors and "series1" in errors[-1]
+
+
+def test_a_labels_layer_moved_after_it_was_made_is_written_where_it_is_shown(viewer, tmp_path, notifications):
+    from boltzformer.io import read_volume, write_volume
+
+    volume = ct_volume()
+    write_volume(volume, tmp_path / "ct.nii.gz")
+    [image] = viewer.open(tmp_path / "ct.nii.gz", plugin=PLUGIN)
+    labels = viewer.add_labels((image.data > 0).astype(np.uint8), scale=image.scale, translate=image.translate,
+                               affine=image.affine, metadata=dict(image.metadata))
+    labels.translate = np.asarray(labels.translate) + np.array([10.0, 0.0, 0.0])  # moved 10 mm by hand
+    out = tmp_path / "moved.nii.gz"
+    assert labels.save(str(out), plugin=PLUGIN) == [str(out)]
+    back = read_volume(out)
+    assert np.allclose(back.index_to_world((3, 4, 5)), _world_of_index(labels, (3, 4, 5)), atol=1e-3)
+    assert any("moved or rescaled" in m for s, m in notifications if s == "warning")
+    from napari_boltzformer._layers import geometry_from_layer, mask_volume  # the panel's export path too
+
+    exported = mask_volume(np.asarray(labels.data), geometry_from_layer(labels))
+    assert np.allclose(exported.index_to_world((3, 4, 5)), _world_of_index(labels, (3, 4, 5)), atol=1e-3)
