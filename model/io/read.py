@@ -79,6 +79,9 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         with itk_warnings_off():
             reader.ReadImageInformation()
     except RuntimeError as exc:
+        if "orthonormal direction cosines" in str(exc):  # a valid file, a geometry ITK cannot hold
+            raise InputError(p, "its orientation matrix is sheared (not a rotation and voxel sizes), which ITK "
+                                "cannot read; resample it onto an orthonormal grid first") from None
         raise InputError(p, f"cannot be read as {format_name}: not a valid {format_name} file or corrupt"
                             f"{detail(exc)}") from None
     components = reader.GetNumberOfComponents()

@@ -187,8 +187,16 @@ def _vector_5d(tmp_path):
     return _nifti_with_header(tmp_path, "vec.nii.gz", lambda h: None, np.zeros((8, 8, 4, 1, 3), np.float32))
 
 
+def _sheared(tmp_path):
+    p = tmp_path / "sheared.nii.gz"
+    affine = np.array([[1.0, 0.4, 0, 0], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), affine), str(p))
+    return p
+
+
 @pytest.mark.parametrize("make, expected", [
     (lambda t: t / "missing.nii.gz", "does not exist"),
+    (_sheared, "sheared.nii.gz: its orientation matrix is sheared"),
     (_zero_dim, "dim0.nii: its header gives 8 x 8 x 0 voxels, none along z"),
     (_huge_voxels, "huge.nii.gz: its voxel size along x is 1e+30 mm"),
     (_complex, "kspace.nii.gz: has complex-valued voxels"),
