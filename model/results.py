@@ -245,12 +245,16 @@ class SegmentationResult:
         frame = self.frame if self.frame is not None else self.volume
         if self._detector_skipped(frame) is not None:
             return False
+        self._ensure_candidates(frame)
+        return True
+
+    def _ensure_candidates(self, frame: Volume) -> None:
+        """The detector's candidates on `frame`, found once (for a result it runs on)."""
         if self._candidates is None:
             t0 = time.perf_counter()
             candidates = detector.find_candidates(frame, detector.bundled())
             self.timings_s["nodule_detector"] = time.perf_counter() - t0
             self._candidates = candidates  # set last: a reader on the main thread sees none or all
-        return True
 
     def mask_volume(self) -> Volume:
         return self.volume.with_array(self.mask)
@@ -291,7 +295,7 @@ class SegmentationResult:
         if skipped not in (None, "off") and skipped not in self.warnings:
             self.warnings.append(skipped)
         if skipped is None:
-            self.find_detector_candidates()
+            self._ensure_candidates(frame)
             labels, rows, unconfirmed = detector.merge(labels, rows, frame, probabilities, self._candidates)
             self.rejected += unconfirmed
         labels = np.ascontiguousarray(reo.from_canonical(labels))

@@ -67,14 +67,19 @@ def geometry_from_layer(layer) -> dict:
     matrix[:ndim, ndim] = origin
     for i in range(ndim):
         matrix[:ndim, i] = np.asarray(layer.data_to_world(np.eye(ndim)[i]), float) - origin
-    if geom is not None and geometry_shape(geom) == data_shape:
-        # kept unless a 3D layer was moved, scaled or turned by hand since: then it is where it is shown
-        if ndim != 3 or np.allclose(matrix, geometry_volume(geom).affine_zyx(), atol=1e-3):
-            return dict(geom)
+    if geom is not None and geometry_shape(geom) == data_shape and (ndim != 3 or placed_by(geom, matrix)):
+        return dict(geom)
     geom = Volume.from_affine_zyx(_placeholder(data_shape), matrix).geometry_dict(layer_ndim=ndim)
     if all(str(u) == "pixel" for u in getattr(layer, "units", ())):  # napari's default: no physical size
         geom["units"] = "pixel"  # its scale is read as mm (the panel warns); result layers keep pixel units
     return geom
+
+
+def placed_by(geom: dict, matrix: np.ndarray) -> bool:
+    """Whether a 3D layer whose data -> world (z, y, x) matrix (4 x 4) is `matrix` still sits where
+    `geom` puts it; one moved, scaled or turned by hand since it was made does not, and is then
+    where the viewer shows it, not on the stored grid."""
+    return bool(np.allclose(matrix, geometry_volume(geom).affine_zyx(), atol=1e-3))
 
 
 def geometry_shape(geom: dict) -> tuple:

@@ -91,25 +91,28 @@ def scope_slices(panel, layer) -> tuple[int, int] | None:
     return (start, stop + 1)
 
 
-def usable_image(layer) -> bool:
-    """A greyscale 2D or 3D image layer that is not one of the panel's own results."""
+def _an_image(layer) -> bool:
+    """An image layer that is not one of the panel's own results."""
     from napari.layers import Image
 
-    return (isinstance(layer, Image) and not getattr(layer, "rgb", False) and layer.ndim in (2, 3)
-            and (layer.metadata or {}).get(ROLE_KEY) not in RESULT_ROLES)
+    return isinstance(layer, Image) and (layer.metadata or {}).get(ROLE_KEY) not in RESULT_ROLES
+
+
+def _why_not(layer) -> str | None:
+    """Why such an image layer cannot be segmented (None: it can)."""
+    if getattr(layer, "rgb", False):
+        return "is RGB (a greyscale CT or MRI is needed)"
+    if layer.ndim not in (2, 3):
+        return f"has {layer.ndim} dimensions (a 2D slice or a 3D volume is needed: pick one time point or channel)"
+    return None
+
+
+def usable_image(layer) -> bool:
+    """A greyscale 2D or 3D image layer that is not one of the panel's own results."""
+    return _an_image(layer) and _why_not(layer) is None
 
 
 def unusable_images(viewer) -> list[str]:
     """Why each image layer that `usable_image` leaves out cannot be segmented ("'x' is RGB ...")."""
-    from napari.layers import Image
-
-    out = []
-    for layer in viewer.layers:
-        if not isinstance(layer, Image) or (layer.metadata or {}).get(ROLE_KEY) in RESULT_ROLES:
-            continue
-        if getattr(layer, "rgb", False):
-            out.append(f"'{layer.name}' is RGB (a greyscale CT or MRI is needed)")
-        elif layer.ndim not in (2, 3):
-            out.append(f"'{layer.name}' has {layer.ndim} dimensions (a 2D slice or a 3D volume is needed: "
-                       "pick one time point or channel)")
-    return out
+    return [f"'{layer.name}' {why}" for layer in viewer.layers
+            if _an_image(layer) and (why := _why_not(layer)) is not None]

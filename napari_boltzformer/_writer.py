@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._layers import GEOMETRY_KEY, geometry_shape, mask_array, mask_volume
+from ._layers import GEOMETRY_KEY, geometry_shape, mask_array, mask_volume, placed_by
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
@@ -23,12 +23,10 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     try:
         if meta.get("multiscale") or type(data).__name__ == "MultiScaleData":
             data = data[0]  # full resolution (np.asarray of multiscale data gives its coarsest level)
-        data = np.asarray(data)
-        geom = (meta.get("metadata") or {}).get(GEOMETRY_KEY)
-        if geom is not None and geometry_shape(geom) == data.shape and moved_since_made(data.ndim, meta, geom):
+        volume, moved = labels_volume(np.asarray(data), meta)
+        if moved:
             show_warning(f"{path}: the layer was moved or rescaled after it was made; the file puts the mask where "
                          "the viewer shows it, not on the source scan's grid")
-        volume = labels_volume(data, meta)
         from boltzformer.io import write_volume
 
         written = write_volume(volume, path, overwrite=True)
@@ -42,24 +40,20 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
 
 
 def labels_volume(data: np.ndarray, meta: dict):
-    """A boltzformer Volume of `data` (a labels layer's data) with its source geometry."""
+    """-> (a boltzformer Volume of `data`, a labels layer's data, with its source geometry;
+    whether the layer was moved since it was made, and so is written where the viewer shows it)."""
     from boltzformer.io import Volume
 
     geom = (meta.get("metadata") or {}).get(GEOMETRY_KEY)
-    if geom is not None and geometry_shape(geom) == tuple(data.shape) and not moved_since_made(data.ndim, meta, geom):
-        return mask_volume(data, geom)
-    # none, or the layer was resized, cropped or moved: its own transform is the truth now
-    return Volume.from_affine_zyx(mask_array(data), layer_matrix(data.ndim, meta))
-
-
-def moved_since_made(ndim: int, meta: dict, geom: dict) -> bool:
-    """Whether a 3D layer is no longer where its stored geometry puts it (scaled, moved or turned
-    by hand): then the file follows what the viewer shows, not the stored geometry."""
-    from ._layers import geometry_volume
-
-    if ndim != 3:
-        return False
-    return not np.allclose(layer_matrix(ndim, meta), geometry_volume(geom).affine_zyx(), atol=1e-3)
+    if geom is not None and geometry_shape(geom) == tuple(data.shape):
+        if data.ndim != 3:
+            return mask_volume(data, geom), False
+        matrix = layer_matrix(3, meta)
+        if placed_by(geom, matrix):
+            return mask_volume(data, geom), False
+        return Volume.from_affine_zyx(mask_array(data), matrix), True
+    # none, or the layer was resized or cropped: its own transform is the truth now
+    return Volume.from_affine_zyx(mask_array(data), layer_matrix(data.ndim, meta)), False
 
 
 def layer_matrix(ndim: int, meta: dict) -> np.ndarray:
