@@ -5,11 +5,15 @@
 
 Scans are Dask tasks. Each worker loads the model once, through a :class:`SegmenterPlugin`, and
 keeps it for every scan it is given; the task reads the scan, segments it as ``boltzformer
-segment`` would (same options, same seed: the same mask) and writes ``<case_id>_mask.nii.gz``
-(uint8 (z, y, x), 1 = lesion, the scan's exact geometry) atomically (``io.write_volume``). Only a small row (status, seconds, lesions) travels back; the
-client writes ``lesions.csv`` and ``report.csv`` as the results arrive, one durable append per
-scan (lesions first, then the report row that records the scan as done), so a cohort that is
-killed half-way loses nothing that was recorded and ``--resume`` redoes exactly the rest.
+segment`` would (same options, same seed: the same mask) and writes its mask (uint8 (z, y, x),
+1 = lesion, the scan's exact geometry) atomically (``io.write_volume``) as
+``<case_id>_mask.unrecorded.nii.gz``. Only a small row (status, seconds, lesions) travels back;
+the client renames the mask to ``<case_id>_mask.nii.gz`` and writes ``lesions.csv`` and
+``report.csv`` as the results arrive, one durable append per scan (lesions first, then the
+report row that records the scan as done), so a cohort that is killed half-way loses nothing
+that was recorded, a mask under its final name is one the report lists, and ``--resume`` redoes
+exactly the rest (removing the unrecorded masks). ``--overwrite`` removes the earlier cohort's
+masks before it starts again.
 
 Workers and OUT_DIR: the workers write the masks themselves, so OUT_DIR and the scans must be
 reachable from every worker under the same paths (a shared file system on a cluster).

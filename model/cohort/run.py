@@ -18,7 +18,7 @@ from ..postprocess import CSV_COLUMNS
 from .cluster import check_memory, default_workers, LocalClusterClient, machine_cpus
 from .scans import list_scans, Scan, ScanOptions
 from .tables import Table
-from .worker import check_worker, MASK_SUFFIX, ModelSpec, one_line, segment_scan, SegmenterPlugin
+from .worker import check_worker, MASK_SUFFIX, ModelSpec, one_line, segment_scan, SegmenterPlugin, STAGED_SUFFIX
 
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ def run_cohort(
             raise OutputError(existing[0], f"exists{more}; pass --resume to finish that cohort or --overwrite to start again")
     if resume:  # unreadable tables are refused before the cluster starts
         old_report, old_lesions = report.read_rows(), lesions.read_rows()
+    elif overwrite:
+        earlier_masks = _earlier_masks(out, report, scans, warn)
 
     own = None
     local_workers = None
@@ -151,6 +153,9 @@ def run_cohort(
                 raise BoltzformerError((f"{s.where}: " if s.where else "") + check["prompt_errors"][s.prompt])
         digest = check["sha256"]
         _make_out_dir(out)
+        _remove(sorted(out.glob(f"*{STAGED_SUFFIX}")), "unrecorded mask")  # an interrupted run's
+        if overwrite:
+            _remove(earlier_masks, "mask of the earlier cohort")
         done: set[str] = set()
         if resume:
             done = _resumable(scans, old_report, options, digest, out)
@@ -170,7 +175,8 @@ def run_cohort(
             _run_scans(client, spec, todo, options, out, report, lesions, summary, progress, on_result)
         except KeyboardInterrupt as exc:
             exc.note = (f"{summary.ok + summary.failed + summary.skipped} of {len(scans)} scans are recorded in "
-                        f"{report.path}; run the same command with --resume to finish the rest")
+                        f"{report.path}; run the same command with --resume to finish the rest (it removes the "
+                        f"masks of scans not recorded, *{STAGED_SUFFIX})")
             raise
         finally:
             report.close()
@@ -209,6 +215,32 @@ def _make_out_dir(out: Path) -> None:
         raise OutputError(out, f"cannot be created ({os_problem(exc)})") from None
 
 
+def _earlier_masks(out: Path, report: Table, scans: list[Scan], warn) -> list[Path]:
+    """--overwrite: the masks a cohort in ``out`` wrote, to go before it starts again: those its
+    report.csv lists and those named for this run's scans (a scan that fails this time must not
+    keep an old mask beside its failed row)."""
+    try:
+        rows = report.read_rows()
+    except BoltzformerError as exc:
+        warn(f"{exc}; only the masks named for this run's scans are replaced")
+        rows = []
+    names = {f"{r.get('case_id')}{MASK_SUFFIX}" for r in rows if r.get("mask")}
+    names |= {f"{s.case_id}{MASK_SUFFIX}" for s in scans}
+    return sorted(p for p in (out / n for n in names) if p.parent == out and p.is_file())
+
+
+def _remove(paths: list[Path], what: str) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(p, f"cannot be removed ({os_problem(exc)})") from None
+    if paths:
+        log.info("removed %d %s file(s) from %s", len(paths), what, paths[0].parent)
+
+
 def _last_rows(rows: list[dict]) -> list[dict]:
     """One row per case id, the last one written (a case redone after a failure, say)."""
     last = {}
@@ -230,6 +262,14 @@ def _resumable(scans: list[Scan], rows: list[dict], options: ScanOptions, digest
                 and (out / f"{s.case_id}{MASK_SUFFIX}").is_file()):
             done.add(s.case_id)
     return done
+
+
+def _publish(staged: Path, mask: Path) -> None:
+    try:
+        os.replace(staged, mask)
+    except OSError as exc:
+        raise OutputError(mask, f"could not be written: {os_problem(exc)} (renaming {staged.name}); rerun with "
+                                "--resume (the scans recorded so far are kept)") from None
 
 
 def _run_scans(client, spec: ModelSpec, todo: list[Scan], options: ScanOptions, out: Path, report: Table,
@@ -274,6 +314,8 @@ def _run_scans(client, spec: ModelSpec, todo: list[Scan], options: ScanOptions, 
                           "lesions": []}
             fut.release()  # nothing of a finished scan stays on the cluster
             row = result["report"]
+            if result.get("staged"):  # the mask takes its final name as its scan is recorded
+                _publish(Path(result["staged"]), Path(row["mask"]))
             lesions.append(result["lesions"])  # first the lesions, then the row that records the scan as done
             report.append([row])
             if row["status"] == "ok":

@@ -1,6 +1,8 @@
 """The worker side: `SegmenterPlugin` loads the model once per Dask worker and keeps it for every
 scan it is given; `segment_scan` (a task) reads one scan, segments it as `boltzformer segment`
-would and writes `<case_id>_mask.nii.gz` atomically, returning only a small report row.
+would and writes its mask atomically as `<case_id>_mask.unrecorded.nii.gz`, returning only a small
+report row; the client renames the mask to `<case_id>_mask.nii.gz` when it records the row, so a
+mask under its final name is always one that report.csv lists.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from .scans import Scan, ScanOptions
 
 
 MASK_SUFFIX = "_mask.nii.gz"
+# A mask written by a worker and not yet recorded by the client (an interrupted run leaves some;
+# the next --resume or --overwrite run removes them).
+STAGED_SUFFIX = "_mask.unrecorded.nii.gz"
 PLUGIN_PREFIX = "boltzformer-segmenter"
 
 
@@ -148,16 +153,19 @@ def check_worker(plugin_name: str, prompts: list[str], force_prompt: bool) -> di
 
 
 def segment_scan(plugin_name: str, scan: Scan, options: ScanOptions, out_dir: str) -> dict:
-    """Task: read, segment and write one scan on a worker -> {"report": row, "lesions": rows}.
+    """Task: read, segment and write one scan on a worker -> {"report": row, "lesions": rows,
+    "staged": the mask's path until the client records it (ok rows only)}.
 
     Does what `boltzformer segment SCAN -p PROMPT -o OUT_DIR/<case_id>_mask.nii.gz` does with
-    the same options; never raises for a bad scan: the row says failed, with the reason.
+    the same options, the mask written under STAGED_SUFFIX (row["mask"] is its final name);
+    never raises for a bad scan: the row says failed, with the reason.
     """
     from ..errors import SliceSpacingError
     from ..io import read_volume, write_volume
 
     t0 = time.perf_counter()
     mask = Path(out_dir) / f"{scan.case_id}{MASK_SUFFIX}"
+    staged = Path(out_dir) / f"{scan.case_id}{STAGED_SUFFIX}"
     row = {"case_id": scan.case_id, "status": "failed", "reason": "", "lesions": "", "path": scan.path,
            "prompt": scan.prompt, "mask": "", "weights_sha256": "", "options": options.key(), "device": "", "worker": "",
            "warnings": ""}
@@ -182,7 +190,7 @@ def segment_scan(plugin_name: str, scan: Scan, options: ScanOptions, out_dir: st
             nodule_detector=options.nodule_detector, mirror=options.mirror, planes=options.planes,
         )
         warnings += result.warnings
-        write_volume(result.mask_volume(), mask, overwrite=True)  # atomic: temporary, checked, renamed
+        write_volume(result.mask_volume(), staged, overwrite=True)  # atomic: temporary, checked, renamed
         lesions = _lesion_rows(scan.case_id, result)
         row.update(status="ok", lesions=len(lesions), mask=str(mask), warnings=" | ".join(one_line(w) for w in warnings))
     except BoltzformerError as exc:
@@ -200,7 +208,7 @@ def segment_scan(plugin_name: str, scan: Scan, options: ScanOptions, out_dir: st
     row["reason"] = one_line(row["reason"])
     row["seconds"] = round(time.perf_counter() - t0, 2)
     row["worker_peak_rss_mb"] = _peak_rss_mb()
-    return {"report": row, "lesions": lesions}
+    return {"report": row, "lesions": lesions, "staged": str(staged) if row["status"] == "ok" else ""}
 
 
 def _lesion_rows(case_id: str, result) -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -132,7 +133,10 @@ def test_resume_after_an_interrupted_run_finishes_the_rest_without_duplicates(sc
 
     def stop_after_two(row):
         seen.append(row["case_id"])
-        if len(seen) == 2:
+        if len(seen) == 2:  # the interrupt comes once a third scan's worker has written its mask
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not [p for p in out.glob("*_mask*") if p.name.split("_mask")[0] not in seen]:
+                time.sleep(0.05)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt) as info:
@@ -141,6 +145,9 @@ def test_resume_after_an_interrupted_run_finishes_the_rest_without_duplicates(sc
     assert "2 of 4 scans are recorded" in info.value.note and "--resume" in info.value.note
     first = read_csv(out / "report.csv")
     assert [r["case_id"] for r in first] == seen
+    # a mask under its final name is one the report lists; a scan finished but not recorded is not one
+    assert sorted(p.name for p in out.glob("*_mask.nii.gz")) == sorted(f"{c}_mask.nii.gz" for c in seen)
+    (out / "p9_late_mask.unrecorded.nii.gz").write_bytes(b"a scan still running at the interrupt, written late")
     done_masks = {c: (out / f"{c}_mask.nii.gz").stat().st_mtime_ns for c in seen}
     # A kill in the middle of the next scan's appends: its lesion rows are in, its report row half written.
     with open(out / "lesions.csv", "a") as f:
@@ -154,6 +161,8 @@ def test_resume_after_an_interrupted_run_finishes_the_rest_without_duplicates(sc
 
     summary = run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False, resume=True)
     assert (summary.total, summary.skipped, summary.ok, summary.failed) == (4, 2, 2, 0) and summary.exit_status == 0
+    assert not list(out.glob("*unrecorded*"))  # the interrupted run's unrecorded masks are gone
+    assert sorted(p.name for p in out.glob("*_mask.nii.gz")) == [f"{c}_mask.nii.gz" for c in ("a", "b", "p2_c", "p3_series")]
     rows = read_csv(out / "report.csv")
     assert sorted(r["case_id"] for r in rows) == ["a", "b", "p2_c", "p3_series"]  # each once, the torn row gone
     assert rows[:2] == first
@@ -172,6 +181,25 @@ def test_resume_after_an_interrupted_run_finishes_the_rest_without_duplicates(sc
     assert (summary.skipped, summary.ok) == (0, 4)
     rows = read_csv(out / "report.csv")
     assert len(rows) == 4 and all("seed=2" in r["options"] for r in rows)
+
+
+def test_overwrite_removes_the_earlier_cohorts_masks(scans, tmp_path, tiny_weights, client):
+    """--overwrite starts again: no mask is left of a scan no longer in the input, nor beside a
+    scan that fails this time; files the cohort did not write stay."""
+    (scans / "broken.nii.gz").unlink()
+    out = tmp_path / "out"
+    options = ScanOptions(device="cpu", seed=1)
+    summary = run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False)
+    assert summary.ok == 4
+    (out / "notes_mask.nii.gz").write_bytes(b"someone else's file")
+    (scans / "b.nii.gz").unlink()  # gone from the input
+    (scans / "a.nii.gz").write_bytes(b"now broken")  # fails this time
+    summary = run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False, overwrite=True)
+    assert (summary.total, summary.ok, summary.failed) == (3, 2, 1)
+    report = {r["case_id"]: r for r in read_csv(out / "report.csv")}
+    assert sorted(report) == ["a", "p2_c", "p3_series"] and report["a"]["status"] == "failed"
+    assert sorted(p.name for p in out.glob("*_mask.nii.gz")) == ["notes_mask.nii.gz", "p2_c_mask.nii.gz",
+                                                                   "p3_series_mask.nii.gz"]
 
 
 # -- a CSV with per-row prompts (the bundled model) -----------------------------------------------------
