@@ -10,6 +10,7 @@ torch is imported only by the core, when a model loads.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,14 @@ class JobOutcome:
     notes: list[str] = field(default_factory=list)
     target: str | None = None  # the vocabulary target the prompt names (boltzformer.synth.prompts)
     kind: str = "lesion"  # 'organ' (one structure) or 'lesion' (a candidate list): the default view
+
+
+def format_seconds(seconds: float) -> str:
+    """'42 s', '3 min 05 s'; '…' while unknown (an ETA before the first batch)."""
+    if not math.isfinite(seconds):
+        return "…"
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

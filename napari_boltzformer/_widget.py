@@ -21,11 +21,10 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import QFormLayout, QWidget
 
-from ._job import SEGMENTERS, JobOutcome, JobStatus, RunRequest, segmentation_job
+from ._job import SEGMENTERS, JobOutcome, JobStatus, RunRequest, format_seconds, segmentation_job
 from ._layers import GEOMETRY_KEY, layer_array, to_layer_shape
 from ._lesion_table import intensity_header, lesion_totals, organ_totals
 from ._panel_ui import THRESHOLD_STEPS, build_ui
@@ -41,13 +40,6 @@ from ._result_layers import (
 )
 from ._view import CanvasLabels, _camera, zoom_to
 from ._windowing import apply_window, follow_window
-
-
-def _format_seconds(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "…"
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 # -- the panel -----------------------------------------------------------------------------------
@@ -74,6 +66,7 @@ class BoltzFormerWidget(QWidget):
         self._chosen_image = None  # the layer picked in the Image box (it follows a rename)
         self._finder = None  # the worker finding the 3D detector's candidates, while it runs
         self._run_started = 0.0
+        self._closed_mid_run = False  # the dock was closed while a run went on: it stops, shows nothing
         self.model_calls = 0  # runs started (tests check that re-thresholding starts none)
         self.batch_size: int | None = None  # slices per batch; None: the Segmenter's default
 
@@ -236,6 +229,7 @@ class BoltzFormerWidget(QWidget):
         self.prompt_edit.remember(request.prompt)
         self._request = request
         self._stop.clear()
+        self._closed_mid_run = False
         self.model_calls += 1
         self._run_started = time.perf_counter()
         worker = thread_worker(segmentation_job, start_thread=False, ignore_errors=True)(
@@ -259,6 +253,13 @@ class BoltzFormerWidget(QWidget):
             self.status_label.setText("cancelling after the current batch…")
             self.cancel_button.setEnabled(False)
 
+    def event(self, event):
+        # napari's close button takes the panel out of its dock (parent None) without deleting it
+        if event.type() == QEvent.Type.ParentChange and self.parent() is None and self.running:
+            self._closed_mid_run = True
+            self._stop.set()
+        return super().event(event)
+
     def _set_running(self, running: bool):
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
@@ -278,13 +279,16 @@ class BoltzFormerWidget(QWidget):
         self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(int(item.slices_done))
         self.status_label.setText(
-            f"{item.slices_done} / {item.slices_total} slices · {_format_seconds(item.eta_s)} left"
+            f"{item.slices_done} / {item.slices_total} slices · {format_seconds(item.eta_s)} left"
         )
 
     def _on_returned(self, outcome: JobOutcome):
         from napari.utils.notifications import show_error, show_info, show_warning
 
         request = self._request
+        if self._closed_mid_run:  # layers from a panel no longer shown would come out of nowhere
+            show_info("BoltzFormer: the panel was closed during the run; it was stopped and no layer was changed")
+            return
         if outcome.error is not None:
             self.status_label.setText("failed")
             self.progress_bar.setRange(0, 1)
@@ -311,7 +315,7 @@ class BoltzFormerWidget(QWidget):
             # No count here: the threshold, the filters and the detector switch change it later,
             # and the Lesions box above the table always shows the current one.
             passes = (", each slice also mirrored" if result.mirror else "") + (", in three planes" if result.planes == "three" else "")
-            self.status_label.setText(f"done in {_format_seconds(elapsed)} on {outcome.device}{passes}")
+            self.status_label.setText(f"done in {format_seconds(elapsed)} on {outcome.device}{passes}")
         if self._post_settings() != (result.threshold, result.min_lesion_mm3, result.fp_reduction,
                                      result.nodule_detector):  # changed while it ran: the panel's settings win
             threshold, min_mm3, fp_on, detector_on = self._post_settings()

@@ -144,6 +144,22 @@ def test_cancel_stops_within_a_batch(panel, viewer, qtbot, tiny_segmenter, monke
         assert "attention" in roles and roles["attention"].data.shape[1] == n_slices
 
 
+def test_closing_the_dock_during_a_run_stops_it_and_changes_no_layer(panel, viewer, qtbot, tiny_segmenter,
+                                                                     monkeypatch, notifications):
+    """napari's close button takes the panel out of its dock without deleting it: the run must
+    stop there, not add its layers to the viewer later, out of nowhere."""
+    calls = _count_batches(monkeypatch, tiny_segmenter, delay_s=0.3)
+    panel.batch_size = 2
+    n_slices = viewer.layers["ct"].data.shape[0]
+    panel.run()
+    qtbot.waitUntil(lambda: len(calls) >= 1, timeout=30_000)
+    viewer.window.remove_dock_widget(panel)
+    qtbot.waitUntil(lambda: not panel.running, timeout=30_000)
+    assert len(calls) <= 2 < n_slices // 2
+    assert set(_roles(viewer)) == {"image"}
+    assert any("panel was closed during the run" in m for _, m in notifications)
+
+
 def test_current_slice_scope_runs_one_slice(panel, viewer, qtbot, tiny_segmenter, monkeypatch):
     calls = _count_batches(monkeypatch, tiny_segmenter)
     panel.scope_combo.setCurrentText("current slice")
