@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError, SliceSpacingError
 from .formats import DICOM_EXTENSIONS, has_dicom_preamble, refuse_special_files
-from .itk import detail, itk_warnings_off
+from .itk import detail, itk_quiet
 from .volume import Volume
 
 
@@ -53,14 +53,11 @@ def list_dicom_series(folder) -> list[SeriesInfo]:
     """
     folder = os.fspath(folder)
     refuse_special_files(Path(folder))
-    warnings_on = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" is reported by us
     try:
-        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+        with itk_quiet() as printed:  # "No Series were found" is reported by us
+            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     except RuntimeError as exc:
-        raise InputError(folder, f"cannot be scanned for DICOM files{detail(exc)}") from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_on)
+        raise InputError(folder, f"cannot be scanned for DICOM files{detail(exc, printed)}") from None
     infos = []
     for uid in uids:
         files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
@@ -91,10 +88,10 @@ def read_dicom_file(p: Path, context: str = "") -> Volume:
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(p))
     try:
-        with itk_warnings_off():
+        with itk_quiet() as printed:
             image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(p, f"cannot be read as DICOM: not a DICOM image or corrupt{detail(exc)}") from None
+        raise InputError(p, f"cannot be read as DICOM: not a DICOM image or corrupt{detail(exc, printed)}") from None
     tags = _dicom_tags(str(p))
     if image.GetDimension() == 3 and image.GetSize()[2] == 1:
         thickness = _slice_thickness(str(p))
@@ -162,10 +159,10 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(list(plan.files))
         try:
-            with itk_warnings_off():  # "Non uniform sampling": checked (and reported) by _plan_slices
+            with itk_quiet() as printed:  # "Non uniform sampling": checked (and reported) by _plan_slices
                 image = reader.Execute()
         except RuntimeError as exc:
-            raise InputError(folder, f"DICOM series {label} cannot be read{detail(exc)}") from None
+            raise InputError(folder, f"DICOM series {label} cannot be read{detail(exc, printed)}") from None
         tags = _dicom_tags(plan.files[0])
         volume = Volume.from_sitk(image, path=folder, modality=_modality_of(tags.get("Modality")), metadata=tags)
         if plan.step is not None:

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError, os_problem, OutputError
 from .formats import extension_of, file_kind, OUTPUT_EXTENSIONS
-from .itk import detail, itk_warnings_off
+from .itk import detail, itk_quiet
 from .nifti import check_nifti_complete
 from .volume import Volume
 
@@ -370,7 +370,7 @@ def _check_image_file(tmp: Path, ext: str, image: sitk.Image) -> str | None:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(tmp))
     try:
-        with itk_warnings_off():
+        with itk_quiet():
             reader.ReadImageInformation()
     except RuntimeError:
         return f"its header cannot be read back ({size} bytes written)"

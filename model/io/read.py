@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from ..errors import InputError
 from .dicom import read_dicom_file, read_dicom_folder
 from .formats import DICOM_EXTENSIONS, extension_of, file_kind, has_dicom_preamble, INPUT_EXTENSIONS, INPUT_FORMATS, starts_with
-from .itk import detail, itk_warnings_off
+from .itk import detail, itk_quiet
 from .nifti import apply_nifti_geometry, check_nifti_complete, check_nifti_finite
 from .volume import Volume
 
@@ -76,14 +76,14 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        with itk_warnings_off():
+        with itk_quiet() as printed:
             reader.ReadImageInformation()
     except RuntimeError as exc:
         if "orthonormal direction cosines" in str(exc):  # a valid file, a geometry ITK cannot hold
             raise InputError(p, "its orientation matrix is sheared (not a rotation and voxel sizes), which ITK "
                                 "cannot read; resample it onto an orthonormal grid first") from None
         raise InputError(p, f"cannot be read as {format_name}: not a valid {format_name} file or corrupt"
-                            f"{detail(exc)}") from None
+                            f"{detail(exc, printed)}") from None
     components = reader.GetNumberOfComponents()
     if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError(p, "has complex-valued voxels (raw k-space or phase data?); a real-valued greyscale volume "
@@ -103,11 +103,11 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
     if missing:
         raise InputError(p, f"its data file {missing} is missing (a .mhd/.nhdr header needs it beside it)")
     try:
-        with itk_warnings_off():
+        with itk_quiet() as printed:
             image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(p, f"cannot be read: corrupt or truncated {format_name} file"
-                            f"{detail(exc)}") from None
+                            f"{detail(exc, printed)}") from None
     volume = Volume.from_sitk(image, path=p)
     if format_name == "NIfTI":
         apply_nifti_geometry(volume, p, image)

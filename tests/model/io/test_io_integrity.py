@@ -429,3 +429,35 @@ def test_dangling_symlink_input(tmp_path):
     (tmp_path / "in.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
     with pytest.raises(InputError, match="symbolic link to .*gone.nii.gz, which does not exist"):
         read_volume(tmp_path / "in.nii.gz")
+
+
+def test_itks_own_printing_stays_off_the_terminal_and_goes_into_the_message(tmp_path, small, capfd):
+    """MetaIO prints its reasons to the process's stderr before ITK raises: the user saw that
+    text, then our line. Now only our line, carrying the reason."""
+    good = write_volume(small, tmp_path / "ok.mha")
+    data = good.read_bytes()
+    (tmp_path / "short.mha").write_bytes(data[:-300])
+    (tmp_path / "header.mha").write_bytes(b"ObjectType = Image\nNDims = 3\n")
+    capfd.readouterr()
+    with pytest.raises(InputError) as short:
+        read_volume(tmp_path / "short.mha")
+    with pytest.raises(InputError) as header:
+        read_volume(tmp_path / "header.mha")
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""
+    assert "truncated MetaImage file (data not read completely)" in str(short.value)
+    assert "not a valid MetaImage file or corrupt (DimSize required and not defined)" in str(header.value)
+    assert one_line(str(short.value)) and one_line(str(header.value))
+
+
+def test_itk_quiet_gives_back_what_was_printed_when_the_call_succeeds(capfd):
+    from boltzformer.io.itk import itk_quiet
+
+    with itk_quiet() as printed:
+        os.write(2, b"another thread's line\n")
+    assert printed.text == "another thread's line\n"
+    assert capfd.readouterr().err == "another thread's line\n"
+    with pytest.raises(RuntimeError), itk_quiet() as printed:
+        os.write(2, b"MetaImage: M_Read: Error parsing file\n")
+        raise RuntimeError
+    assert printed.summary() == "Error parsing file" and capfd.readouterr().err == ""
