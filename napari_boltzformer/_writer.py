@@ -14,9 +14,16 @@ import numpy as np
 from ._layers import GEOMETRY_KEY, geometry_shape, mask_array, mask_volume, placed_by
 
 
+class NotWritten(OSError):
+    """The writer's refusal, with one line naming the file and the problem. napari shows a
+    writer's exception as one error notification; a writer that returned [] after its own
+    notification got napari's 'File ... save failed' error as well. (An OSError: npe2 takes a
+    ValueError from a writer for 'no writer found'.)"""
+
+
 def write_labels(path: str, data, meta: dict) -> list[str]:
-    """npe2 single-layer writer: returns [path] written, or [] after a notification."""
-    from napari.utils.notifications import show_error, show_warning
+    """npe2 single-layer writer: returns [path] written; raises NotWritten with the reason."""
+    from napari.utils.notifications import show_warning
 
     from boltzformer.errors import BoltzformerError
 
@@ -31,11 +38,9 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
 
         written = write_volume(volume, path, overwrite=True)
     except BoltzformerError as exc:
-        show_error(str(exc))
-        return []
+        raise NotWritten(str(exc)) from None
     except ValueError as exc:  # a layer that is not 2D/3D, or other geometry trouble
-        show_error(f"{path}: not written ({exc})")
-        return []
+        raise NotWritten(f"{path}: not written ({exc})") from None
     return [str(written)]
 
 

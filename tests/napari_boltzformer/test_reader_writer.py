@@ -7,6 +7,7 @@ import pytest
 
 from napari_boltzformer._layers import GEOMETRY_KEY
 from napari_boltzformer._reader import napari_get_reader
+from napari_boltzformer._writer import NotWritten
 
 from .conftest import ct_volume, oblique_direction
 
@@ -212,9 +213,9 @@ def test_writer_on_a_full_disk_keeps_the_old_file(viewer, tmp_path, notification
 
     monkeypatch.setattr(SimpleITK, "WriteImage", full)
     labels = viewer.add_labels(np.zeros((4, 8, 8), np.uint8))
-    assert labels.save(str(out), plugin=PLUGIN) == []
-    (error,) = _messages(notifications, "error")
-    assert error == f"{out}: could not be written: no space left on device"
+    with pytest.raises(NotWritten) as refused:  # napari shows it as one error notification
+        labels.save(str(out), plugin=PLUGIN)
+    assert str(refused.value) == f"{out}: could not be written: no space left on device"
     assert out.read_bytes() == b"the previous mask" and sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
 
 
@@ -263,9 +264,28 @@ def test_writer_writes_a_multiscale_labels_layer_at_full_resolution_and_refuses_
     assert back.shape == full.shape and np.array_equal(back.array, full)
     assert np.allclose(back.spacing_mm, (0.7, 0.8, 2.5))
     sheared = viewer.add_labels(full, scale=(2, 1, 1), shear=(0.3, 0, 0))
-    assert sheared.save(str(tmp_path / "sh.nii.gz"), plugin=PLUGIN) == []
+    with pytest.raises(NotWritten, match="sheared"):
+        sheared.save(str(tmp_path / "sh.nii.gz"), plugin=PLUGIN)
     assert not (tmp_path / "sh.nii.gz").exists()
-    assert any("sheared" in m for s, m in notifications if s == "error")
+
+
+def test_a_refused_save_from_the_dialog_is_one_error_with_our_reason(viewer, tmp_path, monkeypatch):
+    """napari's Save dialog raises its own 'File ... save failed' when a writer returns []
+    (after the writer's own notification: two errors). The writer's exception, with its
+    reason, is what leaves the dialog now: napari shows it as the one error."""
+    from qtpy.QtWidgets import QFileDialog
+
+    out = tmp_path / "sh.nii.gz"
+
+    def choose(*args, **kwargs):
+        filters = kwargs.get("filter") or next(a for a in args if isinstance(a, str) and ";;" in a)
+        return str(out), next(f for f in filters.split(";;") if "oltz" in f)  # this plugin's NIfTI filter
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(choose))
+    viewer.add_labels(np.zeros((4, 8, 8), np.uint8), scale=(2, 1, 1), shear=(0.3, 0, 0))
+    with pytest.raises(NotWritten, match=f"^{out}: not written .*sheared"):
+        viewer.window._qt_viewer._save_layers_dialog(selected=True)
+    assert not out.exists()
 
 
 def test_the_panel_on_a_sagittal_volume_exports_its_mask_on_the_files_grid(viewer, tmp_path, tiny_segmenter, qtbot):
