@@ -11,7 +11,6 @@ Heavy imports (torch) happen inside the commands, so `boltzformer --help` is ins
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import signal
@@ -270,7 +269,7 @@ def cmd_cohort(args) -> int:
 # -- evaluate -------------------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
     from . import fp_classifier
-    from .evaluate import evaluate_dir, format_table
+    from .evaluate import evaluate_dir, format_table, json_bytes
     from .io import OutputSet
     from .segmenter import Segmenter
     from .weights import sha256
@@ -292,7 +291,7 @@ def cmd_evaluate(args) -> int:
         seg = Segmenter.from_pretrained(args.weights, device=args.device)
         summary = evaluate_dir(args.dir, seg, case_ids=cases, split=args.split, split_file=args.split_file,
                                progress=not args.quiet, seed=args.seed, threshold=args.threshold, runs=args.runs,
-                               mirror=args.mirror, planes=args.planes)
+                               mirror=args.mirror, planes=args.planes, warn=_warn)
         print(format_table(summary))
         if args.json:
             summary["command"] = "boltzformer " + " ".join(sys.argv[1:]) if args.argv is None else "boltzformer " + " ".join(args.argv)
@@ -301,7 +300,7 @@ def cmd_evaluate(args) -> int:
             summary["fp_classifier_sha256"] = fp_classifier.bundled_sha256()
             summary["mirror"] = bool(args.mirror)
             summary["planes"] = args.planes
-            outputs.write_bytes("--json", json.dumps(summary, indent=2, default=float).encode())
+            outputs.write_bytes("--json", json_bytes(summary))
     args.committed = True
     return 0
 

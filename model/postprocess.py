@@ -355,7 +355,12 @@ def organ_summary(labels: np.ndarray, volume: Volume, target: str | None = None,
     Returns None when nothing is labelled, else {structure, lesion_ids (the kept labels),
     components_found, volume_mm3, volume_ml, measure (its name or None), measure_mm,
     longest_axial_diameter_mm, slice_start, slice_end, centroid_voxel_zyx, centroid_world_mm,
-    mean_intensity, and mean_probability / max_probability with ``probabilities``}.
+    mean_intensity, and mean_probability / max_probability with ``probabilities``}. A pair
+    found as two components (two kidneys) is measured side by side: ``sides`` holds
+    {side ("right", "left": from the world x of each centroid, LPS), volume_mm3, volume_ml,
+    measure_mm, longest_axial_diameter_mm}, right first, and the pair's own measure_mm is None
+    (a craniocaudal length over both kidneys is no kidney's length); its longest axial diameter
+    stays the pair's extent (what a view must show).
     """
     from .synth.prompts import PAIRED_TARGETS
 
@@ -366,25 +371,42 @@ def organ_summary(labels: np.ndarray, volume: Volume, target: str | None = None,
     kept = list(range(1, min(found, 2 if target in PAIRED_TARGETS else 1) + 1))
     region_mask = select_labels(labels, kept).astype(bool)
     (row,) = lesion_table(region_mask.astype(np.int32), volume, probabilities=probabilities)
-    sx, sy, sz = volume.spacing_mm
     measure = ORGAN_MEASURES.get(target or "")
-    value = None
-    if measure == "max axial calibre":
-        value = _max_axial_calibre_mm(region_mask, sy, sx)
-    elif measure == "craniocaudal length":
-        value = (row["slice_end"] - row["slice_start"] + 1) * sz
-    return {
+    summary = {
         "structure": (target or "structure").replace("_", " "),
         "lesion_ids": kept,
         "components_found": found,
         "volume_mm3": row["volume_mm3"],
         "volume_ml": row["volume_mm3"] / 1000.0,
         "measure": measure,
-        "measure_mm": value,
+        "measure_mm": _organ_measure_mm(region_mask, row, measure, volume.spacing_mm),
         **{k: row[k] for k in ("longest_axial_diameter_mm", "slice_start", "slice_end", "centroid_voxel_zyx",
                                "centroid_world_mm", "mean_intensity", "mean_probability", "max_probability")
            if k in row},
     }
+    if len(kept) == 2:
+        sides = []
+        for lesion_id in kept:
+            part = labels == lesion_id
+            (part_row,) = lesion_table(part.astype(np.int32), volume)
+            sides.append({"x_mm": part_row["centroid_world_mm"][0], "volume_mm3": part_row["volume_mm3"],
+                          "volume_ml": part_row["volume_mm3"] / 1000.0,
+                          "measure_mm": _organ_measure_mm(part, part_row, measure, volume.spacing_mm),
+                          "longest_axial_diameter_mm": part_row["longest_axial_diameter_mm"]})
+        sides.sort(key=lambda side: side.pop("x_mm"))  # LPS: x grows to the patient's left
+        summary["sides"] = [{"side": name, **side} for name, side in zip(("right", "left"), sides)]
+        summary["measure_mm"] = None
+    return summary
+
+
+def _organ_measure_mm(mask: np.ndarray, row: dict, measure: str | None, spacing_mm) -> float | None:
+    """The organ's size measure (ORGAN_MEASURES) of a (z, y, x) mask on an axial grid, or None."""
+    sx, sy, sz = spacing_mm
+    if measure == "max axial calibre":
+        return _max_axial_calibre_mm(mask, sy, sx)
+    if measure == "craniocaudal length":
+        return (row["slice_end"] - row["slice_start"] + 1) * sz
+    return None
 
 
 def organ_summary_of(result, target: str | None = None) -> dict | None:
@@ -504,18 +526,25 @@ def lesion_detection(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing_mm, 
 
     Returns:
         {"true_lesions": int, "detected": int, "sensitivity": detected / true_lesions (NaN when
-        there is no true lesion), "false_positive_components": int}
+        there is no true lesion), "false_positive_components": int,
+        "true_lesion_diameters_mm": each true lesion's mean axial diameter (as `lesion_table`'s
+        mean_axial_diameter_mm, in the stored slices), "true_lesion_detected": bool for each}
     """
     pred, truth = np.asarray(pred_mask) != 0, np.asarray(truth_mask) != 0
     if pred.shape != truth.shape:
         raise ValueError(f"mask shapes differ: {pred.shape} vs {truth.shape}")
     truth_labels, n_true = label_components(truth, spacing_mm)
     pred_labels, n_pred = label_components(pred, spacing_mm, min_lesion_mm3=min_lesion_mm3)
-    detected = int(np.count_nonzero(np.unique(truth_labels[pred_labels > 0])))
+    hit = np.unique(truth_labels[pred_labels > 0])
     pred_hitting_truth = int(np.count_nonzero(np.unique(pred_labels[truth])))
+    sx, sy = float(spacing_mm[0]), float(spacing_mm[1])
+    diameters = [sum(_axial_diameters_mm(truth_labels[box] == i + 1, sy, sx)) / 2.0
+                 for i, box in enumerate(find_objects(truth_labels))]
     return {
         "true_lesions": n_true,
-        "detected": detected,
-        "sensitivity": detected / n_true if n_true else float("nan"),
+        "detected": int(np.count_nonzero(hit)),
+        "sensitivity": np.count_nonzero(hit) / n_true if n_true else float("nan"),
         "false_positive_components": n_pred - pred_hitting_truth,
+        "true_lesion_diameters_mm": [round(float(d), 3) for d in diameters],
+        "true_lesion_detected": [bool(i + 1 in hit) for i in range(n_true)],
     }

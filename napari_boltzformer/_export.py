@@ -81,7 +81,7 @@ class Exports:
             return None
         if panel.current_mode() == "organ":
             summary = panel.organ_summary()
-            rows = [] if summary is None else [{k: v for k, v in summary.items() if k != "lesion_ids"}]
+            rows = [] if summary is None else organ_rows(summary)
         else:
             rows = panel.shown_lesions()[0]
         if path is None:
@@ -171,6 +171,18 @@ def _written(write, errors: tuple | None = None) -> Path | None:
     except errors or (BoltzformerError, ValueError) as exc:
         show_error(str(exc))
         return None
+
+
+def organ_rows(summary: dict) -> list[dict]:
+    """Table rows of an organ summary: the structure, then for a pair measured side by side
+    one row per side (its volume, measure and diameter; the pair's row keeps its volume, its
+    measure and diameter are blank)."""
+    row = {k: v for k, v in summary.items() if k not in ("lesion_ids", "sides")}
+    if summary.get("sides"):
+        row["longest_axial_diameter_mm"] = None  # across both organs: no organ's diameter
+    sides = [{"structure": f"{summary['structure']} ({side['side']})", "measure": summary["measure"],
+              **{k: v for k, v in side.items() if k != "side"}} for side in summary.get("sides", [])]
+    return [row, *sides]
 
 
 def _slug(text: str) -> str:

@@ -102,9 +102,20 @@ def organ_totals(result, summary: dict | None, target: str | None) -> tuple[str,
     left_out = summary["components_found"] - len(summary["lesion_ids"])
     if left_out:
         details.append(f"{left_out} stray component(s) left out")
-    if summary["measure"]:
+    if summary["measure"] and summary.get("sides"):  # a pair: each side its own measure
+        details.append(summary["measure"] + " " + ", ".join(f"{side['side']} {side['measure_mm']:.1f} mm"
+                                                            for side in summary["sides"]))
+    elif summary["measure"]:
         details.append(f"{summary['measure']} {summary['measure_mm']:.1f} mm")
     return f"{summary['structure']} · {summary['volume_ml']:.1f} mL", " · ".join(details)
+
+
+def _per_side(summary: dict, key: str) -> tuple[str, float] | None:
+    """('R 115.0 · L 113.2', the larger) for a pair measured side by side, else None."""
+    sides = summary.get("sides")
+    if not sides or any(side[key] is None for side in sides):
+        return None
+    return " · ".join(f"{side['side'][0].upper()} {side[key]:.1f}" for side in sides), max(side[key] for side in sides)
 
 
 class LesionTable(QTableWidget):
@@ -195,11 +206,13 @@ class LesionTable(QTableWidget):
             self.setRowCount(1)
             start, end = summary["slice_start"], summary["slice_end"]
             measure = summary["measure_mm"]
+            diameter = summary["longest_axial_diameter_mm"]
             cells = (
                 QTableWidgetItem(summary["structure"]),
                 _NumericItem(f"{summary['volume_ml']:.1f}", summary["volume_ml"]),
-                _NumericItem("–" if measure is None else f"{measure:.1f}", -1.0 if measure is None else measure),
-                _NumericItem(f"{summary['longest_axial_diameter_mm']:.1f}", summary["longest_axial_diameter_mm"]),
+                _NumericItem(*(_per_side(summary, "measure_mm")
+                               or (("–", -1.0) if measure is None else (f"{measure:.1f}", measure)))),
+                _NumericItem(*(_per_side(summary, "longest_axial_diameter_mm") or (f"{diameter:.1f}", diameter))),
                 _NumericItem(f"{start}–{end}" if end > start else f"{start}", start),
                 _NumericItem(f"{summary['mean_intensity']:.0f}" if is_ct else f"{summary['mean_intensity']:.3g}",
                              summary["mean_intensity"]),

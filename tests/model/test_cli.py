@@ -320,7 +320,7 @@ def test_evaluate_bad_folders(tmp_path, tiny_weights, capsys):
     code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--quiet"], capsys)
     assert code == 2 and "c1_image.nii.gz" in err and "does not exist" in err
     code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--cases", "zz", "--quiet"], capsys)
-    assert code == 2 and "no cases" in err
+    assert code == 2 and "has no case 'zz' (--cases)" in err
     code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--runs", "0"], capsys)
     assert code == 2 and "--runs 0" in err
     code, _, err = run(["evaluate", tmp_path / "d", "--weights", tiny_weights, "--threshold", "1.5"], capsys)

@@ -107,6 +107,28 @@ def test_organ_summary_keeps_the_structure_and_measures_it():
     assert not select_labels(labels, []).any()
 
 
+def test_two_kidneys_are_measured_each_on_its_own():
+    """Kidney length is read per kidney: two kidneys of 115 mm, one 20 mm higher, measured as
+    one region gave 135 mm (and an axial diameter across both)."""
+    shape, spacing = (80, 60, 100), (1.0, 1.0, 2.5)  # x, y, z mm
+    mask = np.zeros(shape, bool)
+    z = np.arange(shape[0])[:, None, None]
+    y, x = np.ogrid[:shape[1], :shape[2]]
+    section = ((y - 30) / 14) ** 2 + ((x - 20) / 12) ** 2 <= 1
+    mask[4:50] |= section  # 46 slices x 2.5 mm = 115 mm; at low x: the patient's right (LPS)
+    mask[12:58] |= np.roll(section, 55, axis=1)  # the left one, 20 mm lower in z index, same length
+    vol = Volume(np.zeros(shape, np.int16), spacing, (-50.0, -30.0, 0.0))
+    labels, n = label_components(mask, spacing)
+    kidneys = organ_summary(labels, vol, "kidney")
+    assert n == 2 and kidneys["measure_mm"] is None
+    right, left = kidneys["sides"]
+    assert (right["side"], left["side"]) == ("right", "left")
+    assert right["measure_mm"] == left["measure_mm"] == pytest.approx(115.0)
+    assert right["longest_axial_diameter_mm"] == pytest.approx(29, abs=1.5)  # its own, not across both
+    assert right["volume_ml"] + left["volume_ml"] == pytest.approx(kidneys["volume_ml"])
+    assert "sides" not in organ_summary(labels, vol, "liver")  # one structure: the largest component
+
+
 def test_organ_summary_of_a_reoriented_result_measures_axially_and_reports_input_indices():
     """A coronal acquisition: the calibre of a vertical tube is measured on axial cuts, and the
     slice range and centroid come back as input indices."""

@@ -193,7 +193,9 @@ def test_lesion_detection():
     pred[0, 15:18, 15:18] = True  # false positive, 9 voxels
     pred[5, 0, 19] = True  # false positive, 1 voxel
     result = lesion_detection(pred, truth, (1, 1, 1))
-    assert result == {"true_lesions": 3, "detected": 2, "sensitivity": pytest.approx(2 / 3), "false_positive_components": 2}
+    assert result == {"true_lesions": 3, "detected": 2, "sensitivity": pytest.approx(2 / 3), "false_positive_components": 2,
+                      "true_lesion_detected": [True, True, False],  # A, B (9 voxels each, A first in z), C
+                      "true_lesion_diameters_mm": [3.828, 3.828, 2.414]}  # 3x3 and 2x2 px: both diagonals + 1 px
     assert lesion_detection(pred, truth, (1, 1, 1), min_lesion_mm3=2)["false_positive_components"] == 1
     none = lesion_detection(pred, np.zeros_like(truth), (1, 1, 1))
     assert none["true_lesions"] == 0 and math.isnan(none["sensitivity"]) and none["false_positive_components"] == 4

@@ -179,6 +179,38 @@ def test_an_organ_prompt_opens_organ_mode_with_one_structure(reader, qtbot):
     assert panel.current_mode() == "lesion" and panel.result_box.title() == "Lesions"
 
 
+def test_a_pair_of_kidneys_is_shown_and_exported_side_by_side(qtbot, tmp_path):
+    """Each kidney's own length and diameter in the organ row, the details line and the table
+    export; never one length over both."""
+    from types import SimpleNamespace
+
+    from boltzformer.postprocess import write_lesion_table
+
+    from napari_boltzformer._export import organ_rows
+    from napari_boltzformer._lesion_table import LesionTable, organ_totals
+
+    summary = {"structure": "kidney", "lesion_ids": [1, 2], "components_found": 2, "volume_mm3": 343000.0,
+               "volume_ml": 343.0, "measure": "craniocaudal length", "measure_mm": None,
+               "longest_axial_diameter_mm": 144.1, "slice_start": 4, "slice_end": 57, "centroid_voxel_zyx": (30, 30, 50),
+               "centroid_world_mm": (0.0, 0.0, 75.0), "mean_intensity": 30.0,
+               "sides": [{"side": "right", "volume_mm3": 171000.0, "volume_ml": 171.0, "measure_mm": 115.0,
+                          "longest_axial_diameter_mm": 63.0},
+                         {"side": "left", "volume_mm3": 172000.0, "volume_ml": 172.0, "measure_mm": 112.5,
+                          "longest_axial_diameter_mm": 61.2}]}
+    result = SimpleNamespace(prompt="kidneys", threshold=0.5)
+    assert organ_totals(result, summary, "kidney")[1].endswith("craniocaudal length right 115.0 mm, left 112.5 mm")
+    table = LesionTable()
+    qtbot.addWidget(table)
+    table.show_organ(summary, ("HU", "mean HU"), True)
+    assert table.item(0, 2).text() == "R 115.0 · L 112.5" and table.item(0, 3).text() == "R 63.0 · L 61.2"
+    rows = organ_rows(summary)
+    assert [r["structure"] for r in rows] == ["kidney", "kidney (right)", "kidney (left)"]
+    assert rows[0]["measure_mm"] is None and rows[0]["longest_axial_diameter_mm"] is None
+    written = write_lesion_table(rows, tmp_path / "kidneys.csv")
+    text = written.read_text()
+    assert "kidney (right)" in text and "115.0" in text and "144.1" not in text
+
+
 def test_lesion_mode_has_confidence_and_both_axes_and_hu_only_for_ct(reader, qtbot):
     viewer, panel = reader
     run_and_wait(panel, qtbot)
