@@ -165,6 +165,8 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
     if candidate is not None:
         full = np.zeros(shape, np.int32)
         full[start:stop][candidate] = 1
+        if result.frame is not None and result.reorientation is not None:  # the intensities the run read (CT
+            volume = volume.with_array(result.reorientation.from_canonical(result.frame.array))  # stored HU+1024: HU)
         (row,) = postprocess.lesion_table(full, volume, probabilities=result.probabilities)
         if source == "half maximum" and fp_filter.applies(prompt, result.modality, result.window):
             clf = fp_classifier.bundled()

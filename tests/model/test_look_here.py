@@ -141,3 +141,20 @@ def test_on_a_scan_thinner_than_its_patch_the_classifier_does_not_judge_a_click(
     assert found.candidate is not None and found.source == "half maximum"
     assert "nodule_score" not in found.row
     assert any("3D nodule classifier was not applied" in w for w in found.warnings)
+
+
+def test_the_candidate_row_reads_the_intensities_the_run_read(segmenter):
+    """CT stored as HU + 1024 without its intercept is brought back to HU for the run; the
+    clicked candidate's row reads those HU too (it read the stored values, 1024 higher, and
+    the 3D classifier would have scored them)."""
+    volume = make_volume(np.diag([-1.0, -1.0, 1.0]))  # RAS: the frame is flipped back too
+    hu = np.clip(volume.array, -1024, None)  # stored unsigned: nothing below -1024
+    hu[:, :8] = -1024  # air around the body, soft tissue beside the lung
+    hu[:, 8:20] = np.random.default_rng(1).normal(30, 20, size=hu[:, 8:20].shape)
+    volume = volume.with_array(hu)
+    shifted = volume.with_array((hu.astype(np.int32) + 1024).astype(np.uint16))
+    point = (4, 20, 24)
+    plain = look_here(segmenter, volume, "lung nodule", point, threshold=0.0)
+    stored = look_here(segmenter, shifted, "lung nodule", point, threshold=0.0)
+    assert any("Hounsfield units + 1024" in w for w in stored.warnings)
+    assert stored.row["mean_intensity"] == pytest.approx(plain.row["mean_intensity"], abs=1e-3)
