@@ -7,6 +7,7 @@ Slope/Intercept are applied, so CT comes out in Hounsfield units.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ _DICOM_TAGS = (
     "Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber", "StudyInstanceUID",
     "StudyDescription", "BodyPartExamined", "Manufacturer", "ManufacturerModelName",
     "RescaleSlope", "RescaleIntercept", "RescaleType", "SliceThickness", "ConvolutionKernel",
-    "MagneticFieldStrength", "SequenceName", "PhotometricInterpretation",
+    "MagneticFieldStrength", "SequenceName", "PhotometricInterpretation", "ImageType", "NumberOfFrames",
 )
 
 
@@ -39,10 +40,21 @@ class SeriesInfo:
     modality: str | None
     series_number: int | None = None
     files: tuple[str, ...] = field(default=(), repr=False)
+    n_images: int = 0  # slices: frames of multi-frame files counted (0: as n_files)
+    localizer: bool = False  # its first image is a localizer (scout, topogram)
+
+    @property
+    def images(self) -> int:
+        return self.n_images or self.n_files
 
     def label(self, index: int) -> str:
-        """Short human description, e.g. ``[0] 'Axial 1mm' (120 files, CT)``."""
-        return f"[{index}] {self.description or '(no description)'!r} ({self.n_files} files, {self.modality or '?'})"
+        """Short human description, e.g. ``[0] #3 'Axial 1mm' (120 files, CT)``: the index
+        `--series` takes, then the DICOM SeriesNumber."""
+        number = f" #{self.series_number}" if self.series_number is not None else ""
+        size = (f"{self.images} images in {self.n_files} file{'s' if self.n_files > 1 else ''}"
+                if self.images != self.n_files else f"{self.n_files} files")
+        scout = ", localizer" if self.localizer else ""
+        return f"[{index}]{number} {self.description or '(no description)'!r} ({size}, {self.modality or '?'}{scout})"
 
 
 def list_dicom_series(folder) -> list[SeriesInfo]:
@@ -63,6 +75,8 @@ def list_dicom_series(folder) -> list[SeriesInfo]:
         files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
         tags = _dicom_tags(files[0]) if files else {}
         number = tags.get("SeriesNumber")
+        frames = tags.get("NumberOfFrames")
+        image_type = tags.get("ImageType") or []
         infos.append(SeriesInfo(
             uid=uid,
             description=str(tags.get("SeriesDescription", "")),
@@ -70,6 +84,8 @@ def list_dicom_series(folder) -> list[SeriesInfo]:
             modality=tags.get("Modality"),
             series_number=int(number) if isinstance(number, (int, float)) else None,
             files=files,
+            n_images=len(files) * int(frames) if isinstance(frames, (int, float)) and frames > 1 else 0,
+            localizer="LOCALIZER" in [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)],
         ))
     infos.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.uid))
     return infos
@@ -77,13 +93,15 @@ def list_dicom_series(folder) -> list[SeriesInfo]:
 
 
 
-def read_dicom_file(p: Path, context: str = "") -> Volume:
+def read_dicom_file(p: Path, context: str = "", allow_gaps: bool = False) -> Volume:
     """One DICOM file (one slice, or a multi-frame image) with its position in 3D.
 
     A single slice keeps its z position and gets the slice thickness (Spacing Between Slices,
     else Slice Thickness) as its z voxel size, so a mask written from it lies where the slice is.
+    The frames of an enhanced multi-frame image are checked as a series' slices are (order,
+    gaps, duplicates, echoes, shear; see `_plan_slices`) from their per-frame positions.
     """
-    _slice_header(str(p), context)  # truncated pixel data: GDCM would read zeros or garbage
+    header = _slice_header(str(p), context)  # truncated pixel data: GDCM would read zeros or garbage
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(p))
@@ -93,29 +111,78 @@ def read_dicom_file(p: Path, context: str = "") -> Volume:
     except RuntimeError as exc:
         raise InputError(p, f"cannot be read as DICOM: not a DICOM image or corrupt{detail(exc, printed)}") from None
     tags = _dicom_tags(str(p))
-    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
-        thickness = _slice_thickness(str(p))
-        if thickness:
-            spacing = image.GetSpacing()
-            image.SetSpacing((spacing[0], spacing[1], thickness))
-    return Volume.from_sitk(image, path=p, modality=_modality_of(tags.get("Modality")), metadata=tags)
+    volume = Volume.from_sitk(image, path=p, modality=_modality_of(tags.get("Modality")), metadata=tags)
+    frames = _frame_headers(str(p), header)
+    if frames is not None and len(frames) == volume.shape[0]:
+        plan = _plan_slices(frames, p, f"multi-frame image {p.name}", allow_gaps)
+        order = [int(label.rsplit(" ", 1)[1]) - 1 for label in plan.files]
+        volume = _apply_plan(volume.with_array(np.ascontiguousarray(volume.array[order])), plan)
+        notes = plan.warnings
+    elif volume.shape[0] == 1:
+        notes = _single_slice_geometry(volume, header, p)
+    else:
+        notes = []
+    if notes:
+        volume.metadata.setdefault("warnings", []).extend(notes)
+    return volume
 
 
-def _slice_thickness(file: str) -> float | None:
+def _single_slice_geometry(volume: Volume, header: _SliceHeader, p: Path) -> list[str]:
+    """One slice: its thickness as z size, and the pixel size and orientation from its header
+    (what ITK would have taken for 1 mm or the identity); returns warnings."""
+    notes = []
+    if header.thickness_mm:
+        volume.spacing_mm = (*volume.spacing_mm[:2], header.thickness_mm)
+    spacing_xy, said = _pixel_spacing([header], p, f"DICOM file {p.name}")
+    if spacing_xy is not None:
+        volume.spacing_mm = (*spacing_xy, volume.spacing_mm[2])
+    if header.orientation is not None:
+        volume.direction, turned = _orthonormal_direction(header.orientation, p, f"DICOM file {p.name}")
+        notes.append(turned)
+    if header.position is not None:
+        volume.origin_mm = tuple(float(v) for v in header.position)
+    return [f"{p}: {n}" for n in (said, *notes) if n]
+
+
+def _frame_headers(file: str, header: _SliceHeader) -> list[_SliceHeader] | None:
+    """One _SliceHeader per frame of an enhanced multi-frame image (labelled '<name> frame k',
+    k from 1), from its per-frame and shared functional groups; None for other files."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(file, stop_before_pixels=True)
-    except Exception:  # noqa: BLE001 - GDCM read the pixels; the thickness is a bonus
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(file, stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - _slice_header read it; nothing more to learn
         return None
-    for name in ("SpacingBetweenSlices", "SliceThickness"):
-        try:
-            value = float(ds.get(name) or 0)
-        except (TypeError, ValueError):
-            continue
-        if np.isfinite(value) and value > 0:
-            return value
-    return None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    n = int(ds.get("NumberOfFrames") or 1)
+    if n < 2 or per_frame is None or len(per_frame) != n:
+        return None
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+
+    def find(frame, sequence: str, name: str):
+        for group in (frame, shared):
+            items = group.get(sequence) if group is not None else None
+            if items and items[0].get(name) not in (None, ""):
+                return items[0].get(name)
+        return None
+
+    name = os.path.basename(file)
+    headers = []
+    for k, frame in enumerate(per_frame, start=1):
+        spacing = _floats(find(frame, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        thickness = _floats([find(frame, "PixelMeasuresSequence", "SpacingBetweenSlices")
+                             or find(frame, "PixelMeasuresSequence", "SliceThickness") or 0], 1)
+        echo = _floats([find(frame, "MREchoSequence", "EffectiveEchoTime") or "nan"], 1)
+        headers.append(_SliceHeader(
+            f"{name} frame {k}", header.rows, header.columns,
+            _floats(find(frame, "PlanePositionSequence", "ImagePositionPatient"), 3),
+            _floats(find(frame, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            None if spacing is None else tuple(spacing), header.image_type,
+            None if echo is None else float(echo[0]), None,
+            float(thickness[0]) if thickness is not None and thickness[0] > 0 else header.thickness_mm))
+    return headers
 
 
 def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool = False) -> Volume:
@@ -132,7 +199,7 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
         raise InputError(folder, problem)
     note = others = None
     if series is None:
-        chosen = max(infos, key=lambda s: s.n_files)  # first of the largest
+        chosen = max(infos, key=lambda s: (not s.localizer, s.images))  # first of the largest, scouts last
         if len(infos) > 1:
             others = [s.label(i) for i, s in enumerate(infos) if s is not chosen]
             note = (f"Found {len(infos)} DICOM series; read the largest, {chosen.label(infos.index(chosen))}; "
@@ -149,11 +216,13 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
                                  "(corrupt, truncated or not DICOM), so the series may be incomplete; fix or remove "
                                  f"{'it' if len(unreadable) == 1 else 'them'}")
     warnings: list[str] = []
-    if len(chosen.files) == 1:
-        volume = read_dicom_file(Path(chosen.files[0]), f"; it is DICOM series {label} in {folder}")
+    files, left_out = _images_of_series(chosen.files, label, folder)
+    warnings += left_out
+    if len(files) == 1:
+        volume = read_dicom_file(Path(files[0]), f"; it is DICOM series {label} in {folder}", allow_gaps)
         volume.path = os.fspath(folder)
     else:
-        headers = [_slice_header(f, f"; it is a slice of DICOM series {label} in {folder}") for f in chosen.files]
+        headers = [_slice_header(f, f"; it is a slice of DICOM series {label} in {folder}") for f in files]
         plan = _plan_slices(headers, folder, label, allow_gaps)
         warnings += plan.warnings
         reader = sitk.ImageSeriesReader()
@@ -164,11 +233,8 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
         except RuntimeError as exc:
             raise InputError(folder, f"DICOM series {label} cannot be read{detail(exc, printed)}") from None
         tags = _dicom_tags(plan.files[0])
-        volume = Volume.from_sitk(image, path=folder, modality=_modality_of(tags.get("Modality")), metadata=tags)
-        if plan.step is not None:
-            if plan.grid is not None:
-                volume = _resample_slices(volume, plan)
-            volume.spacing_mm = (*volume.spacing_mm[:2], plan.step)
+        volume = _apply_plan(Volume.from_sitk(image, path=folder, modality=_modality_of(tags.get("Modality")),
+                                              metadata=tags), plan)
     volume.metadata["n_series"] = len(infos)
     if note:
         volume.metadata["series_note"] = note
@@ -176,6 +242,65 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
     if warnings:
         volume.metadata.setdefault("warnings", []).extend(warnings)
     return volume
+
+
+def _images_of_series(files, label: str, folder) -> tuple[list[str], list[str]]:
+    """The files of a series to stack, and notes on those left out: objects that hold no image
+    (a dose report or presentation state sharing the series UID) and localizer (scout) images
+    among the slices (ImageType LOCALIZER); a series of localizers only is kept as it is."""
+    notes = []
+    images = [f for f in files if is_image_object(f)]
+    if len(images) < len(files):
+        skipped = [f for f in files if f not in images]
+        notes.append(f"{folder}: DICOM series {label}: left out {_names(skipped)}, which hold no image")
+    if len(images) > 1:
+        scouts = [f for f in images if _slice_header(f).localizer]
+        if scouts and len(scouts) < len(images):
+            images = [f for f in images if f not in scouts]
+            notes.append(f"{folder}: DICOM series {label}: left out the localizer (scout) image"
+                         f"{'s' if len(scouts) > 1 else ''} {_names(scouts)}")
+    if not images:
+        raise InputError(folder, f"DICOM series {label} holds no image ({_names(files)})")
+    return images, notes
+
+
+def _apply_plan(volume: Volume, plan: _SlicePlan) -> Volume:
+    """The planned geometry on a stack read by ITK (its slices in plan order): pixel size,
+    direction and origin from the headers (ITK takes 1 mm for a missing PixelSpacing and the
+    identity for cosines that are not exactly orthonormal), a sheared stack straightened, and
+    the slices resampled onto plan.grid when it has one (allow_gaps)."""
+    if plan.pixel_spacing_xy is not None:
+        volume.spacing_mm = (*plan.pixel_spacing_xy, volume.spacing_mm[2])
+    if plan.direction is not None:
+        volume.direction = plan.direction
+        volume.origin_mm = tuple(float(v) for v in plan.origin)
+    if plan.drift_mm is not None:
+        volume = _straighten(volume, plan.drift_mm)
+    if plan.step is not None:
+        if plan.grid is not None:
+            volume = _resample_slices(volume, plan)
+        volume.spacing_mm = (*volume.spacing_mm[:2], plan.step)
+    return volume
+
+
+def _straighten(volume: Volume, drift_mm: np.ndarray) -> Volume:
+    """A sheared stack on the straight grid of its first slice: slice k shifted within its
+    plane by -drift_mm[k] (mm along its rows, along its columns), linearly interpolated; what
+    comes in from outside the slice is the slice's lowest value (air on CT)."""
+    from scipy import ndimage
+
+    src = volume.array
+    sx, sy = volume.spacing_mm[0], volume.spacing_mm[1]
+    out = np.empty_like(src)
+    for k, (dx, dy) in enumerate(drift_mm):
+        shifted = ndimage.shift(src[k].astype(np.float32), (dy / sy, dx / sx), order=1, mode="constant",
+                                cval=float(src[k].min()))
+        if np.issubdtype(src.dtype, np.integer):
+            info = np.iinfo(src.dtype)
+            shifted = np.clip(np.rint(shifted), info.min, info.max)
+        out[k] = shifted.astype(src.dtype)
+    return Volume(out, volume.spacing_mm, volume.origin_mm, volume.direction, volume.modality, volume.path,
+                  dict(volume.metadata, straightened_shear=True))
 
 
 def _names(files, limit: int = 4) -> str:
@@ -193,8 +318,8 @@ def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: Serie
     listed = {os.path.realpath(f) for s in infos for f in s.files}
     bad = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.is_file() or os.path.realpath(entry.path) in listed:
-            continue
+        if not entry.is_file() or os.path.realpath(entry.path) in listed or entry.name.startswith("._"):
+            continue  # ._name: macOS's resource-fork copy of a file, not DICOM
         if not (entry.name.lower().endswith(DICOM_EXTENSIONS) or has_dicom_preamble(Path(entry.path))):
             continue
         try:
@@ -202,7 +327,7 @@ def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: Serie
         except Exception:  # noqa: BLE001 - any parse failure is "cannot be read"
             bad.append((entry.path, False))
             continue
-        if chosen is not None and str(ds.get("SeriesInstanceUID", "")) == chosen.uid:
+        if chosen is not None and str(ds.get("SeriesInstanceUID", "")) == chosen.uid and _holds_image(ds):
             bad.append((entry.path, True))
     return bad
 
@@ -214,7 +339,15 @@ class _SliceHeader:
     columns: int
     position: np.ndarray | None  # ImagePositionPatient (LPS mm)
     orientation: np.ndarray | None  # ImageOrientationPatient (row, column cosines)
-    pixel_spacing: tuple | None
+    pixel_spacing: tuple | None  # PixelSpacing (between rows = y, between columns = x), mm
+    image_type: tuple[str, ...] = ()  # ImageType values, upper case (LOCALIZER: a scout)
+    echo_time: float | None = None  # EchoTime (ms): two echoes share their positions
+    imager_pixel_spacing: tuple | None = None  # at the detector: the fallback when PixelSpacing is absent
+    thickness_mm: float | None = None  # SpacingBetweenSlices, else SliceThickness
+
+    @property
+    def localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type
 
 
 @dataclass
@@ -225,6 +358,11 @@ class _SlicePlan:
     grid: np.ndarray | None = None  # positions to resample onto (allow_gaps), else None
     tolerance: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    direction: np.ndarray | None = None  # (3, 3) columns row, column, normal (orthonormal)
+    origin: np.ndarray | None = None  # the first slice's position (LPS mm)
+    drift_mm: np.ndarray | None = None  # (n, 2) sheared stack (gantry tilt): each slice's in-plane
+    # offset (along the rows, along the columns) from where an orthogonal stack would put it
+    pixel_spacing_xy: tuple | None = None  # the series' (x, y) pixel size when its headers give one
 
 
 def _slice_header(file: str, context: str = "") -> _SliceHeader:
@@ -234,13 +372,18 @@ def _slice_header(file: str, context: str = "") -> _SliceHeader:
 
     try:
         # large values (the pixels) are not loaded; force: files without the preamble are DICOM too
-        ds = pydicom.dcmread(file, defer_size=1024, force=True)
+        with warnings.catch_warnings():  # pydicom's own words on a damaged file: our message says it
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(file, defer_size=1024, force=True)
     except Exception as exc:  # noqa: BLE001
         raise InputError(file, f"cannot be read as DICOM ({type(exc).__name__}){context}") from None
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
-        raise InputError(file, f"has no image size (Rows/Columns){context}") from None
+        if "PixelData" in ds or "FloatPixelData" in ds:
+            raise InputError(file, f"has pixel data but no image size (Rows/Columns){context}") from None
+        raise InputError(file, f"is truncated or damaged: its header ends before the image size (Rows/Columns)"
+                               f"{context}") from None
     pixels = ds.get_item(0x7FE00010, keep_deferred=True)
     if pixels is None:
         raise InputError(file, f"has no pixel data{context}")
@@ -256,7 +399,52 @@ def _slice_header(file: str, context: str = "") -> _SliceHeader:
     position = _floats(ds.get("ImagePositionPatient"), 3)
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
     spacing = _floats(ds.get("PixelSpacing"), 2)
-    return _SliceHeader(file, rows, columns, position, orientation, None if spacing is None else tuple(spacing))
+    imager = _floats(ds.get("ImagerPixelSpacing"), 2)
+    image_type = ds.get("ImageType") or ()
+    image_type = tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type))
+    echo = _floats([ds.get("EchoTime")], 1) if ds.get("EchoTime") not in (None, "") else None
+    return _SliceHeader(file, rows, columns, position, orientation, None if spacing is None else tuple(spacing),
+                        image_type, None if echo is None else float(echo[0]),
+                        None if imager is None else tuple(imager), _thickness_of(ds))
+
+
+def _thickness_of(ds) -> float | None:
+    """SpacingBetweenSlices, else SliceThickness (mm), when positive."""
+    for name in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            value = float(ds.get(name) or 0)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+def is_image_object(file: str) -> bool:
+    """False for DICOM objects that hold no image (structured reports, presentation states, raw
+    data, ...), told by their SOP Class; True for images and whenever that cannot be told (a
+    damaged image must not be skipped as 'not an image')."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(file, stop_before_pixels=True, force=True,
+                                 specific_tags=["SOPClassUID", "MediaStorageSOPClassUID"])
+    except Exception:  # noqa: BLE001
+        return True
+    return _holds_image(ds)
+
+
+def _holds_image(ds) -> bool:
+    """is_image_object of a dataset already read."""
+    import pydicom
+
+    sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    if not sop:
+        return True
+    name = pydicom.uid.UID(str(sop)).name
+    return "Image" in name or name == str(sop)  # an unknown class: treated as an image
 
 
 def _floats(value, n: int) -> np.ndarray | None:
@@ -283,23 +471,27 @@ def _plan_slices(headers: list[_SliceHeader], folder: Path, label: str, allow_ga
         raise InputError(folder, f"{where}: {sizes} pixels, the other slices {size[0]}x{size[1]}; "
                                  f"remove or fix the odd {'slice' if len(odd) == 1 else 'slices'}")
     files = [h.file for h in headers]
+    spacing_xy, spacing_warning = _pixel_spacing(headers, folder, where)
     if any(h.position is None or h.orientation is None for h in headers):
-        return _SlicePlan(files, warnings=[f"{folder}: {where}: slices without ImagePositionPatient/"
-                                           "ImageOrientationPatient; stacked in GDCM's order, spacing not checked"])
+        thickness = headers[0].thickness_mm
+        said = f"{thickness:g} mm apart (its slice thickness)" if thickness else "1 mm apart (no slice thickness either)"
+        plan = _SlicePlan(files, step=thickness, pixel_spacing_xy=spacing_xy, warnings=[
+            f"{folder}: {where}: slices without ImagePositionPatient/ImageOrientationPatient; stacked in GDCM's order "
+            f"and taken as {said}: gaps and the order cannot be checked"])
+        plan.warnings += [f"{folder}: {spacing_warning}"] if spacing_warning else []
+        return plan
     ref = headers[0].orientation
     tilted = [h for h in headers if np.max(np.abs(h.orientation - ref)) > 1e-4]
     if tilted:
         raise InputError(folder, f"{where}: {_names([h.file for h in tilted])} {'has' if len(tilted) == 1 else 'have'} "
                                  "another orientation (ImageOrientationPatient) than the rest of the series")
-    spacings = {h.pixel_spacing for h in headers if h.pixel_spacing is not None}
-    if len(spacings) > 1 and np.ptp(np.array(sorted(spacings)), axis=0).max() > 1e-4:
-        raise InputError(folder, f"{where}: the slices have different pixel spacings ({', '.join(map(str, sorted(spacings)))})")
-    normal = np.cross(ref[:3], ref[3:])
-    normal /= np.linalg.norm(normal)
+    direction, orientation_warning = _orthonormal_direction(ref, folder, where)
+    normal = direction[:, 2]
     along = np.array([float(h.position @ normal) for h in headers])
     order = np.argsort(along, kind="stable")
     z = along[order]
     files = [files[i] for i in order]
+    headers = [headers[i] for i in order]
     steps = np.diff(z)
     moving = steps[steps > 1e-3]
     if len(moving) == 0:
@@ -309,12 +501,20 @@ def _plan_slices(headers: list[_SliceHeader], folder: Path, label: str, allow_ga
     tol = max(1e-3, 0.02 * step)
     dup = np.flatnonzero(steps <= max(1e-3, 0.1 * step))
     if len(dup):
+        echoes = sorted({h.echo_time for h in headers if h.echo_time is not None})
+        if len(echoes) > 1:
+            raise InputError(folder, f"{where} holds {len(echoes)} echoes (EchoTime {', '.join(f'{e:g}' for e in echoes)} "
+                                     "ms) at the same slice positions: one volume per echo is needed; put each echo's "
+                                     "files in a folder of their own")
         pairs = "; ".join(f"{z[i]:.2f} mm ({os.path.basename(files[i])}, {os.path.basename(files[i + 1])})" for i in dup[:3])
         more = f" and {len(dup) - 3} more" if len(dup) > 3 else ""
         raise InputError(folder, f"{where}: {len(dup)} duplicate slice position{'s' if len(dup) > 1 else ''} along the "
                                  f"slice normal: {pairs}{more}; remove the copies")
     bad = np.flatnonzero(np.abs(steps - step) > tol)
-    plan = _SlicePlan(files, step=step, positions=z, tolerance=tol)
+    plan = _SlicePlan(files, step=step, positions=z, tolerance=tol, direction=direction, origin=headers[0].position,
+                      pixel_spacing_xy=spacing_xy)
+    plan.warnings += [f"{folder}: {w}" for w in (spacing_warning, orientation_warning) if w]
+    _plan_shear(plan, headers, where)
     if len(bad) == 0:
         plan.step = float((z[-1] - z[0]) / (len(z) - 1))  # the best uniform step through all of them
         return plan
@@ -338,6 +538,72 @@ def _plan_slices(headers: list[_SliceHeader], folder: Path, label: str, allow_ga
                          f"apart ({kept} of {len(z)} slices kept as they are, {n - kept} interpolated linearly "
                          "between their neighbours)")
     return plan
+
+
+def _pixel_spacing(headers: list[_SliceHeader], folder, where: str) -> tuple[tuple | None, str | None]:
+    """The series' (x, y) pixel size in mm, and a warning when it is not its PixelSpacing.
+
+    PixelSpacing of the slices that have it (they must agree); without it on any slice the
+    detector's ImagerPixelSpacing (a projection's size at the detector, not in the patient),
+    else None: ITK then takes 1 mm, and the warning says so.
+    """
+    spacings = {h.pixel_spacing for h in headers if h.pixel_spacing is not None}
+    if len(spacings) > 1 and np.ptp(np.array(sorted(spacings)), axis=0).max() > 1e-4:
+        shown = ", ".join("x".join(f"{float(v):g}" for v in sp) for sp in sorted(spacings))
+        raise InputError(folder, f"{where}: the slices have different pixel spacings ({shown} mm)")
+    if spacings:
+        row_mm, col_mm = sorted(spacings)[0]
+        return (float(col_mm), float(row_mm)), None
+    imager = next((h.imager_pixel_spacing for h in headers if h.imager_pixel_spacing is not None), None)
+    if imager is not None:
+        return (float(imager[1]), float(imager[0])), (
+            f"{where} has no PixelSpacing; its ImagerPixelSpacing ({float(imager[1]):g} x {float(imager[0]):g} mm, "
+            "at the detector) was used: sizes and volumes may be off by the magnification")
+    return None, (f"{where} has no PixelSpacing (0028,0030): 1 mm pixels assumed, so every size and volume in mm "
+                  "is only as right as that guess")
+
+
+def _orthonormal_direction(orientation: np.ndarray, folder, where: str) -> tuple[np.ndarray, str | None]:
+    """(3, 3) columns row, column, normal from ImageOrientationPatient, and a warning when it
+    had to be made orthonormal (cosines rounded to a few decimals: up to 1 degree off).
+
+    ITK takes a row and column that are not perpendicular unit vectors for the identity
+    (an oblique series would be read as axial); one further off is a damaged header: refused.
+    """
+    row, col = orientation[:3], orientation[3:]
+    norms = np.linalg.norm(row), np.linalg.norm(col)
+    off_deg = float(np.degrees(np.arcsin(min(1.0, abs(row @ col) / max(norms[0] * norms[1], 1e-12)))))
+    if min(norms) < 0.98 or max(norms) > 1.02 or off_deg > 1.0:
+        raise InputError(folder, f"{where}: its ImageOrientationPatient ({', '.join(f'{v:g}' for v in orientation)}) "
+                                 f"is not two perpendicular unit vectors (lengths {norms[0]:.3f} and {norms[1]:.3f}, "
+                                 f"{off_deg:.1f} degrees off a right angle): the header is damaged")
+    row = row / norms[0]
+    col = col - (col @ row) * row
+    col /= np.linalg.norm(col)
+    direction = np.stack([row, col, np.cross(row, col)], axis=1)
+    if max(abs(norms[0] - 1), abs(norms[1] - 1)) > 1e-4 or off_deg > 0.01:
+        return direction, (f"{where}: its ImageOrientationPatient is {off_deg:.2f} degrees off perpendicular unit "
+                           "vectors (cosines rounded?); made orthonormal")
+    return direction, None
+
+
+def _plan_shear(plan: _SlicePlan, headers: list[_SliceHeader], where: str) -> None:
+    """A stack whose slices do not lie straight along their normal (gantry tilt: the table moves
+    along z while the slices are tilted) is sheared: each slice is offset in its own plane.
+    Sets ``plan.drift_mm`` (and a warning) when that offset reaches 0.05 pixels anywhere."""
+    row, col = plan.direction[:, 0], plan.direction[:, 1]
+    delta = np.array([h.position - plan.origin for h in headers])
+    drift = np.stack([delta @ row, delta @ col], axis=1)
+    pixel = min(plan.pixel_spacing_xy or (1.0, 1.0))
+    if np.abs(drift).max() < max(1e-3, 0.05 * pixel):
+        return
+    plan.drift_mm = drift
+    length = plan.positions[-1] - plan.positions[0]
+    angle = float(np.degrees(np.arctan2(np.hypot(*drift[-1]), length))) if length > 0 else 0.0
+    plan.warnings.append(f"{where}: its slices are sheared (gantry tilt of {angle:.1f} degrees: the last slice lies "
+                         f"{np.hypot(*drift[-1]):.1f} mm across from where a straight stack would put it); each slice "
+                         "was shifted within its plane onto a straight grid (linear interpolation, as dcm2niix does), "
+                         "and the mask is written on that grid")
 
 
 def _usual_step(steps: np.ndarray) -> float:
@@ -385,7 +651,8 @@ def _select_series(folder: Path, infos: list[SeriesInfo], series: str | int) -> 
         index = int(text)
         if 0 <= index < len(infos):
             return infos[index]
-        raise InputError(folder, f"has no DICOM series number {index} (0-based); available: {listing}")
+        raise InputError(folder, f"has no DICOM series [{index}] (the index counts from 0 in this listing; #N is the "
+                                 f"DICOM SeriesNumber); available: {listing}")
     matches = [s for s in infos if text.lower() in s.description.lower()] if text else []
     if len(matches) == 1:
         return matches[0]

@@ -53,7 +53,11 @@ def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = Fal
     if ext in INPUT_EXTENSIONS:
         return _checked_spacing(_read_itk_file(p, INPUT_EXTENSIONS[ext]), p)
     if ext in DICOM_EXTENSIONS or has_dicom_preamble(p):
-        return _checked_spacing(read_dicom_file(p), p)
+        volume = _checked_spacing(read_dicom_file(p, allow_gaps=allow_gaps), p)
+        if series is not None:
+            volume.metadata.setdefault("warnings", []).append(
+                f"{p}: a series ({series!r}) is chosen in a folder of DICOM files; this is one file, read as it is")
+        return volume
     raise InputError(p, f"not a supported format; use {INPUT_FORMATS}")
 
 

@@ -143,12 +143,13 @@ def test_2d_round_trip(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def write_ct_series(folder, hu, *, spacing_xy=(0.6, 0.7), thickness=2.0, origin=(-5.0, 8.0, 100.0),
                     angle_deg=30.0, description="Axial CT", series_number=2, study_uid=None, prefix="s",
-                    offsets_mm=None):
+                    offsets_mm=None, edit=None):
     """Write ``hu`` (z, y, x) as an oblique CT series, stored as uint16 with intercept -1024.
 
     Slice k lies ``offsets_mm[k]`` (default ``k * thickness``) along the slice normal from
     ``origin``. Files are named in reverse slice order so that the reader has to sort them by
-    position. Returns (series uid, direction (3, 3) with columns row, column, normal).
+    position. ``edit(ds, k)``, if given, changes slice k's dataset before it is saved. Returns
+    (series uid, direction (3, 3) with columns row, column, normal).
     """
     folder.mkdir(parents=True, exist_ok=True)
     a = np.radians(angle_deg)
@@ -177,6 +178,8 @@ def write_ct_series(folder, hu, *, spacing_xy=(0.6, 0.7), thickness=2.0, origin=
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "HU"
         ds.PixelData = (hu[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        if edit is not None:
+            edit(ds, k)
         ds.save_as(str(folder / f"{prefix}{hu.shape[0] - k:03d}.dcm"), enforce_file_format=True)
     return series_uid, np.stack([row, col, normal], axis=1)
 
@@ -220,7 +223,7 @@ def test_dicom_folder_with_two_series(tmp_path, hu):
     note = default.metadata["series_note"]
     assert "2 DICOM series" in note and "Axial CT" in note and "Scout" in note
     assert "--series" not in note  # the way to choose is the caller's (CLI option, napari panel)
-    assert default.metadata["series_others"] == ["[0] 'Scout' (2 files, CT)"]
+    assert default.metadata["series_others"] == ["[0] #1 'Scout' (2 files, CT)"]  # index, then SeriesNumber
     np.testing.assert_array_equal(default.array, hu)
 
     for choice in ("scout", "SCO", 0, "0", small_uid):
