@@ -102,6 +102,8 @@ def read_dicom_file(p: Path, context: str = "", allow_gaps: bool = False) -> Vol
     gaps, duplicates, echoes, shear; see `_plan_slices`) from their per-frame positions.
     """
     header = _slice_header(str(p), context)  # truncated pixel data: GDCM would read zeros or garbage
+    if not header.holds_image:
+        raise InputError(p, f"is a DICOM object that holds no image (a report or presentation state?){context}")
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(p))
@@ -216,13 +218,13 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
                                  "(corrupt, truncated or not DICOM), so the series may be incomplete; fix or remove "
                                  f"{'it' if len(unreadable) == 1 else 'them'}")
     warnings: list[str] = []
-    files, left_out = _images_of_series(chosen.files, label, folder)
+    headers = [_slice_header(f, f"; it is a slice of DICOM series {label} in {folder}") for f in chosen.files]
+    headers, left_out = _images_of_series(headers, label, folder)
     warnings += left_out
-    if len(files) == 1:
-        volume = read_dicom_file(Path(files[0]), f"; it is DICOM series {label} in {folder}", allow_gaps)
+    if len(headers) == 1:
+        volume = read_dicom_file(Path(headers[0].file), f"; it is DICOM series {label} in {folder}", allow_gaps)
         volume.path = os.fspath(folder)
     else:
-        headers = [_slice_header(f, f"; it is a slice of DICOM series {label} in {folder}") for f in files]
         plan = _plan_slices(headers, folder, label, allow_gaps)
         warnings += plan.warnings
         reader = sitk.ImageSeriesReader()
@@ -244,23 +246,22 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
     return volume
 
 
-def _images_of_series(files, label: str, folder) -> tuple[list[str], list[str]]:
-    """The files of a series to stack, and notes on those left out: objects that hold no image
+def _images_of_series(headers: list[_SliceHeader], label: str, folder) -> tuple[list[_SliceHeader], list[str]]:
+    """The slices of a series to stack, and notes on those left out: objects that hold no image
     (a dose report or presentation state sharing the series UID) and localizer (scout) images
     among the slices (ImageType LOCALIZER); a series of localizers only is kept as it is."""
     notes = []
-    images = [f for f in files if is_image_object(f)]
-    if len(images) < len(files):
-        skipped = [f for f in files if f not in images]
-        notes.append(f"{folder}: DICOM series {label}: left out {_names(skipped)}, which hold no image")
-    if len(images) > 1:
-        scouts = [f for f in images if _slice_header(f).localizer]
-        if scouts and len(scouts) < len(images):
-            images = [f for f in images if f not in scouts]
-            notes.append(f"{folder}: DICOM series {label}: left out the localizer (scout) image"
-                         f"{'s' if len(scouts) > 1 else ''} {_names(scouts)}")
+    images = [h for h in headers if h.holds_image]
+    if len(images) < len(headers):
+        notes.append(f"{folder}: DICOM series {label}: left out "
+                     f"{_names([h.file for h in headers if not h.holds_image])}, which hold no image")
+    scouts = [h for h in images if h.localizer]
+    if scouts and len(scouts) < len(images):
+        images = [h for h in images if not h.localizer]
+        notes.append(f"{folder}: DICOM series {label}: left out the localizer (scout) image"
+                     f"{'s' if len(scouts) > 1 else ''} {_names([h.file for h in scouts])}")
     if not images:
-        raise InputError(folder, f"DICOM series {label} holds no image ({_names(files)})")
+        raise InputError(folder, f"DICOM series {label} holds no image ({_names([h.file for h in headers])})")
     return images, notes
 
 
@@ -344,6 +345,7 @@ class _SliceHeader:
     echo_time: float | None = None  # EchoTime (ms): two echoes share their positions
     imager_pixel_spacing: tuple | None = None  # at the detector: the fallback when PixelSpacing is absent
     thickness_mm: float | None = None  # SpacingBetweenSlices, else SliceThickness
+    holds_image: bool = True  # False: a report or other non-image object (see _holds_image)
 
     @property
     def localizer(self) -> bool:
@@ -377,6 +379,8 @@ def _slice_header(file: str, context: str = "") -> _SliceHeader:
             ds = pydicom.dcmread(file, defer_size=1024, force=True)
     except Exception as exc:  # noqa: BLE001
         raise InputError(file, f"cannot be read as DICOM ({type(exc).__name__}){context}") from None
+    if not _holds_image(ds):
+        return _SliceHeader(file, 0, 0, None, None, None, holds_image=False)
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
@@ -420,24 +424,10 @@ def _thickness_of(ds) -> float | None:
     return None
 
 
-def is_image_object(file: str) -> bool:
+def _holds_image(ds) -> bool:
     """False for DICOM objects that hold no image (structured reports, presentation states, raw
     data, ...), told by their SOP Class; True for images and whenever that cannot be told (a
     damaged image must not be skipped as 'not an image')."""
-    import pydicom
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(file, stop_before_pixels=True, force=True,
-                                 specific_tags=["SOPClassUID", "MediaStorageSOPClassUID"])
-    except Exception:  # noqa: BLE001
-        return True
-    return _holds_image(ds)
-
-
-def _holds_image(ds) -> bool:
-    """is_image_object of a dataset already read."""
     import pydicom
 
     sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
