@@ -270,6 +270,7 @@ class OutputSet:
             except OSError:  # no hard links here: move it aside instead
                 os.replace(out.path, backup)
             out.backup = backup
+        _usual_mode(out.tmp)
         os.replace(out.tmp, out.path)
         out.placed, out.tmp = True, None
 
@@ -327,6 +328,30 @@ def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
             yield tmp
 
 
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it: not thread-safe);
+    0o022 where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _usual_mode(tmp: Path) -> None:
+    """The permissions a plain new file gets (0o666 less the umask): some writers create theirs
+    owner-only (safetensors: 0o600), so a colleague could not read the weights or a mask."""
+    wanted = 0o666 & ~_umask()
+    try:
+        if os.stat(tmp).st_mode & 0o777 != wanted:
+            os.chmod(tmp, wanted)
+    except OSError:  # a file system without modes: nothing to set
+        pass
 
 
 def _why_short(tmp: Path, fallback: str) -> str:

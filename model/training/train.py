@@ -1,21 +1,31 @@
 """`boltzformer train`: Dice + BCE, AdamW, cosine schedule, checkpoint + resume, logs and a plot.
 
-    boltzformer train --config configs/bundled.json --out runs/bundled
+    boltzformer train --config resources/boltzformer-s.train.json --out runs/retrain [--max-minutes 10]
 
 The config (JSON) records everything needed to retrain the bundled weights: network config
 name and overrides, data sizes and seeds, optimiser settings. Training resumes from
-`<out>/last.pt` when it exists, so long runs can go in chunks (e.g. 10-minute GPU leases).
+`<out>/last.pt` when it exists, so long runs can go in chunks (e.g. 10-minute GPU leases): the
+checkpoint holds the weights, the optimiser, the step, the random generators' states (a run in
+chunks gives the same weights as one straight run) and the config, which a resumed run must
+keep (only RESUME_MAY_CHANGE may differ). It is written at every epoch's end, when
+--max-minutes runs out, and on Ctrl-C or SIGTERM between two steps.
 Outputs: `<out>/log.csv` (one row per epoch: losses, held-out Dice), `<out>/curves.png`,
-`<out>/best.safetensors` + `.json` (best Dice on the synthetic validation split) and `<out>/last.safetensors`.
+`<out>/best.safetensors` + `.json` (best score on the synthetic validation split),
+`<out>/last.safetensors` + `.json` (the last epoch), `<out>/last.pt` (the checkpoint) and
+`<out>/train_config.json` (this leg's config).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +111,40 @@ class TrainConfig:
     @classmethod
     def load(cls, path) -> "TrainConfig":
         d = json.loads(Path(path).read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a training config is a JSON object of options")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
-        return cls(**d)
+        defaults = cls()
+        return cls(**{k: _as_option_type(f"{path}: {k}={json.dumps(v)}", k, getattr(defaults, k), v)
+                      for k, v in d.items()})
+
+    def check(self) -> None:
+        """BoltzformerError for a value no run can use, before any data is made."""
+        from ..errors import BoltzformerError
+
+        bad = [f"{k}={getattr(self, k)} (at least 1)" for k in ("steps", "steps_per_epoch", "batch_size")
+               if getattr(self, k) < 1]
+        bad += [f"{k}={getattr(self, k)} (0 or more)" for k in ("lr", "weight_decay", "warmup_steps", "synth_train",
+                                                                "synth_val") if not getattr(self, k) >= 0]
+        bad += [f"{k}={getattr(self, k)} (between 0 and 1)" for k in
+                ("real_weight", "negative_fraction", "lesion_fraction", "small_lesion_fraction", "phantom_weight",
+                 "phantom_negative_fraction", "context_dropout") if not 0.0 <= getattr(self, k) <= 1.0]
+        if bad:
+            raise BoltzformerError(f"training options out of range: {', '.join(bad)}")
+        try:
+            get_config(self.model, **self.model_overrides)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BoltzformerError(f"network {self.model!r} with {self.model_overrides}: {exc}") from None
+        if self.init_weights and not Path(self.init_weights).is_file():
+            raise BoltzformerError(f"{self.init_weights}: init_weights does not exist")
+
+
+# A resumed run goes on as it started; only these may differ from the checkpoint's config (more
+# steps, another machine: its device, cores and paths).
+RESUME_MAY_CHANGE = ("steps", "device", "threads", "workers", "cache_dir", "real_dir", "split_file")
 
 
 # -- losses ------------------------------------------------------------------------------------
@@ -342,9 +381,20 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     """Train (or resume) into out_dir; stop after cfg.steps or max_minutes. Returns best weights path."""
     from ..devices import resolve_device
 
+    from ..errors import BoltzformerError, OutputError, os_problem
+
+    cfg.check()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(out, f"cannot be made a folder for the run ({os_problem(exc)})") from None
+    ckpt = out / "last.pt"
+    state = _read_checkpoint(ckpt, cfg) if ckpt.is_file() else None
+    try:
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    except OSError as exc:
+        raise OutputError(out / "train_config.json", f"cannot be written ({os_problem(exc)})") from None
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -354,12 +404,14 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
 
     synth_train = synthetic_cache(cfg, cfg.synth_train, cfg.seed, size)
     synth_val = synthetic_cache(cfg, cfg.synth_val, cfg.seed + 10_000, size)
+    env = os.environ.get("BOLTZFORMER_REAL_DATA")
+    if cfg.use_real and not cfg.real_dir and env and not (Path(env) / "cases.csv").is_file():
+        raise BoltzformerError(f"BOLTZFORMER_REAL_DATA={env}: no cases.csv there (the folder of the real cases; "
+                               "a relative path counts from where the command runs); fix it, or set use_real=false")
     real_dir = Path(cfg.real_dir) if cfg.real_dir else data_mod.default_real_dir()
     if not cfg.use_real:
         real_dir = None
     elif real_dir is not None and not (real_dir / "cases.csv").is_file():
-        from ..errors import BoltzformerError
-
         raise BoltzformerError(f"{real_dir}: no cases.csv; set real_dir or use_real=false")
     empty = data_mod.ExampleSet(np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), bool), [], [])
     offsets = net_cfg.context_offsets_mm
@@ -395,17 +447,26 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
         frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
-    step, best, rows = 0, -1.0, []
+    step, best, rows, running = 0, -1.0, [], []
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ckpt = out / "last.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)  # plain tensors and numbers
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    torch.manual_seed(cfg.seed)
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise BoltzformerError(f"{ckpt}: its weights do not fit this network ({str(exc).splitlines()[0][:160]}); "
+                                   "give another --out for a new run") from None
         step, best, rows = state["step"], state["best"], state["rows"]
-        rng = np.random.default_rng([cfg.seed, step])
-        gen.manual_seed(cfg.seed + step)
+        running = list(state.get("running", []))
+        if "rng" in state:  # the generators as they were: the run goes on as if never stopped
+            rng.bit_generator.state = json.loads(state["rng"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        else:  # a checkpoint from before 2026-11-27: new draws, seeded by the step
+            rng = np.random.default_rng([cfg.seed, step])
+            gen.manual_seed(cfg.seed + step)
         log.info("resumed from %s at step %d", ckpt, step)
     elif cfg.init_weights:
         from safetensors.torch import load_file
@@ -419,71 +480,159 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     info = {"training": {"config": dataclasses.asdict(cfg), "parameters": count_parameters(model)}}
     use_amp = cfg.amp and device.type == "cuda"
 
+    def checkpoint():
+        _write_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                 "best": best, "rows": rows, "running": running,
+                                 "config": json.dumps(dataclasses.asdict(cfg)),
+                                 "rng": json.dumps(rng.bit_generator.state), "generator": gen.get_state(),
+                                 "torch_rng": torch.get_rng_state()})
+
     model.train()
     started = time.perf_counter()
-    running = []
-    while step < cfg.steps:
-        if max_minutes is not None and (time.perf_counter() - started) > 60 * max_minutes:
-            log.info("time budget reached at step %d; resume later", step)
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        images, masks, batch_prompts = sampler.sample(cfg.batch_size)
-        x = torch.from_numpy(images).to(device)
-        y = torch.from_numpy(masks)[:, None].to(device)
-        tokens, valid, pooled = batch_embeddings([train_bank[normalise_prompt(p)] for p in batch_prompts],
-                                                 net_cfg.max_text_tokens, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out_ = model(x, tokens, valid, pooled, generator=gen)
-        pos_w = cfg.positive_weight_max if step >= cfg.positive_weight_from_step else 1.0
-        mult = None
-        if cfg.component_area_ref_px > 0:
-            mult = torch.from_numpy(component_multipliers(masks > 0.5, cfg.component_area_ref_px,
-                                                          cfg.component_weight_max))[:, None].to(device)
-        loss, parts = segmentation_loss(out_["logits"].float(), y, pos_w, mult)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        running.append(float(loss.detach()))
-        step += 1
-        if step % cfg.steps_per_epoch == 0 or step == cfg.steps:
-            row = {"epoch": len(rows) + 1, "step": step, "loss": float(np.mean(running)), "lr": lr_at(step),
-                   "minutes": (time.perf_counter() - started) / 60}
-            running = []
-            v = evaluate_examples(model, synth_val, bank, device)
-            row.update({f"val_synth_{k}": v_ for k, v_ in v.items()})
-            if len(real_val):
-                r = evaluate_examples(model, real_val, bank, device)
-                row["val_real_dice"] = r["dice"]
-            if phantom_val is not None:
-                pv = evaluate_examples(model, phantom_val, train_bank, device)
-                row.update({f"val_phantom_{k}": v_ for k, v_ in pv.items()})
-            rows.append(row)
-            log.info("epoch %d step %d loss %.4f synth Dice %.3f (small %.3f) real Dice %.3f fp-neg %.3f",
-                     row["epoch"], step, row["loss"], row["val_synth_dice"], row["val_synth_dice_small"],
-                     row.get("val_real_dice", math.nan), row["val_synth_negative_fp_rate"])
-            if phantom_val is not None:
-                log.info("   phantom Dice %.3f (small %.3f) fp-neg %.3f", row["val_phantom_dice"],
-                         row["val_phantom_dice_small"], row["val_phantom_negative_fp_rate"])
-            # Selection on synthetic validation only: the real held-out split is reported, never tuned on.
-            # With phantom chests, their Dice counts as much as the 2D slices' and each false
-            # positive on a lesion-free phantom slice costs as much as a missed lesion.
-            score = row["val_synth_dice"]
-            if phantom_val is not None:
-                score = 0.5 * (score + row["val_phantom_dice"]) - 0.5 * row["val_phantom_negative_fp_rate"]
-            meta = {**info, "trained_steps": step, "validation": row}
-            if score > best:
-                best = score
-                save_model(model, out / "best.safetensors", bank, meta)
-            save_model(model, out / "last.safetensors", bank, meta)
-            _write_log(rows, out / "log.csv")
-            plot_curves(rows, out / "curves.png")
-            tmp = out / "last.pt.tmp"
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                        "rows": rows}, tmp)
-            tmp.replace(ckpt)
+    saved_at = step
+    with _stop_between_steps() as stop:
+        while step < cfg.steps and not stop.is_set():
+            if max_minutes is not None and (time.perf_counter() - started) > 60 * max_minutes:
+                log.info("time budget reached at step %d; the same command goes on from there", step)
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            images, masks, batch_prompts = sampler.sample(cfg.batch_size)
+            x = torch.from_numpy(images).to(device)
+            y = torch.from_numpy(masks)[:, None].to(device)
+            tokens, valid, pooled = batch_embeddings([train_bank[normalise_prompt(p)] for p in batch_prompts],
+                                                     net_cfg.max_text_tokens, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out_ = model(x, tokens, valid, pooled, generator=gen)
+            pos_w = cfg.positive_weight_max if step >= cfg.positive_weight_from_step else 1.0
+            mult = None
+            if cfg.component_area_ref_px > 0:
+                mult = torch.from_numpy(component_multipliers(masks > 0.5, cfg.component_area_ref_px,
+                                                              cfg.component_weight_max))[:, None].to(device)
+            loss, parts = segmentation_loss(out_["logits"].float(), y, pos_w, mult)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            running.append(float(loss.detach()))
+            step += 1
+            if step % cfg.steps_per_epoch == 0 or step == cfg.steps:
+                best = _end_epoch(model, bank, train_bank, rows, running, step, best, lr_at(step), started, info,
+                                  synth_val, real_val, phantom_val, device, out)
+                running = []
+                checkpoint()
+                saved_at = step
+        if step > saved_at:  # stopped mid-epoch (--max-minutes, Ctrl-C, SIGTERM): keep the steps done
+            checkpoint()
+        if stop.is_set():
+            stopped = KeyboardInterrupt()
+            stopped.note = f"the checkpoint {ckpt} holds step {step}; the same command goes on from there"
+            raise stopped
     return out / "best.safetensors"
+
+
+@contextlib.contextmanager
+def _stop_between_steps():
+    """Ctrl-C and SIGTERM set a flag that the training loop reads between two steps, so the
+    checkpoint it then writes never holds a half-applied optimiser step; a second Ctrl-C stops
+    at once (the last checkpoint stays as it was). Off the main thread: a flag nobody sets."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def ask(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.info("stopping after this step; Ctrl-C again stops at once")
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _end_epoch(model, bank, train_bank, rows, running, step, best, lr, started, info, synth_val, real_val,
+               phantom_val, device, out: Path) -> float:
+    """Validate, log, save best/last weights, log.csv and curves.png; returns the best score."""
+    row = {"epoch": len(rows) + 1, "step": step, "loss": float(np.mean(running)) if running else math.nan, "lr": lr,
+           "minutes": (time.perf_counter() - started) / 60}
+    v = evaluate_examples(model, synth_val, bank, device)
+    row.update({f"val_synth_{k}": v_ for k, v_ in v.items()})
+    if len(real_val):
+        r = evaluate_examples(model, real_val, bank, device)
+        row["val_real_dice"] = r["dice"]
+    if phantom_val is not None:
+        pv = evaluate_examples(model, phantom_val, train_bank, device)
+        row.update({f"val_phantom_{k}": v_ for k, v_ in pv.items()})
+    rows.append(row)
+    log.info("epoch %d step %d loss %.4f synth Dice %.3f (small %.3f) real Dice %.3f fp-neg %.3f",
+             row["epoch"], step, row["loss"], row["val_synth_dice"], row["val_synth_dice_small"],
+             row.get("val_real_dice", math.nan), row["val_synth_negative_fp_rate"])
+    if phantom_val is not None:
+        log.info("   phantom Dice %.3f (small %.3f) fp-neg %.3f", row["val_phantom_dice"],
+                 row["val_phantom_dice_small"], row["val_phantom_negative_fp_rate"])
+    # Selection on synthetic validation only: the real held-out split is reported, never tuned on.
+    # With phantom chests, their Dice counts as much as the 2D slices' and each false
+    # positive on a lesion-free phantom slice costs as much as a missed lesion.
+    score = row["val_synth_dice"]
+    if phantom_val is not None:
+        score = 0.5 * (score + row["val_phantom_dice"]) - 0.5 * row["val_phantom_negative_fp_rate"]
+    meta = {**info, "trained_steps": step, "validation": row}
+    if score > best:
+        best = score
+        save_model(model, out / "best.safetensors", bank, meta)
+    save_model(model, out / "last.safetensors", bank, meta)
+    _write_log(rows, out / "log.csv")
+    plot_curves(rows, out / "curves.png")
+    return best
+
+
+def _read_checkpoint(ckpt: Path, cfg: TrainConfig) -> dict:
+    """The checkpoint's state; BoltzformerError when it cannot be read, or when it was trained
+    with another config (beyond RESUME_MAY_CHANGE)."""
+    from ..errors import BoltzformerError
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain tensors and numbers
+    except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, another torch's format
+        raise BoltzformerError(f"{ckpt}: cannot be read as a training checkpoint ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:120]}); move it away to start the run again") from None
+    if "config" in state:
+        was, now = json.loads(state["config"]), dataclasses.asdict(cfg)
+        changed = [k for k in now if k not in RESUME_MAY_CHANGE and was.get(k) != now[k]]
+        if changed:
+            said = ", ".join(f"{k} {json.dumps(was.get(k))} -> {json.dumps(now[k])}" for k in changed[:6])
+            raise BoltzformerError(
+                f"{ckpt} was trained with other options ({said}); a resumed run goes on as it started (only "
+                f"{', '.join(RESUME_MAY_CHANGE)} may change): give another --out, or fine-tune from "
+                f"{ckpt.with_name('last.safetensors')} with init_weights")
+    if state.get("step", 0) >= cfg.steps:
+        log.info("%s is at step %d, the run's %d steps are done; raise steps to train on", ckpt, state["step"], cfg.steps)
+    return state
+
+
+def _write_checkpoint(ckpt: Path, state: dict) -> None:
+    """torch.save to a temporary file, fsynced, then renamed over ``ckpt``: a kill or a full disk
+    never leaves a half-written checkpoint under its name (nor a temporary one behind)."""
+    from ..errors import OutputError, os_problem
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(ckpt)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) or "enforce fail" in str(exc) or "unexpected pos" in str(exc):
+            problem = os_problem(exc) if isinstance(exc, OSError) else "no space left on device?"
+            raise OutputError(ckpt, f"could not be written ({problem}); the previous checkpoint is kept") from None
+        raise
 
 
 def _write_log(rows: list[dict], path: Path) -> None:
@@ -499,8 +648,9 @@ def _write_log(rows: list[dict], path: Path) -> None:
 # -- CLI (`boltzformer train`, parser in cli.py) ----------------------------------------------------
 def _as_option_type(item: str, key: str, old, new):
     """`new` for the option `key` whose current value is `old`, checked against old's type (an
-    int also serves where a float is wanted); raises BoltzformerError naming the --set item, so a
-    mistyped value stops the run at once instead of minutes later, and never reaches its saved config."""
+    int also serves where a float is wanted); raises BoltzformerError naming ``item`` (where the
+    value came from: "--set steps=abc", "run.json: steps=..."), so a mistyped value stops the run
+    at once instead of minutes later, and never reaches its saved config."""
     from ..errors import BoltzformerError
 
     if old is None:
@@ -518,7 +668,7 @@ def _as_option_type(item: str, key: str, old, new):
     else:
         ok = isinstance(new, type(old))
     if not ok:
-        raise BoltzformerError(f"--set {item}: {key} takes a value of type {type(old).__name__} "
+        raise BoltzformerError(f"{item}: {key} takes a value of type {type(old).__name__} "
                                f"(now {json.dumps(old)}), not {json.dumps(new)}")
     return new
 
@@ -538,9 +688,20 @@ def run_train(args) -> int:
             new = json.loads(value)
         except ValueError:
             new = value
-        setattr(cfg, key, _as_option_type(item, key, getattr(cfg, key), new))
+        setattr(cfg, key, _as_option_type(f"--set {item}", key, getattr(cfg, key), new))
     pyplot()  # every epoch writes curves.png: without matplotlib, say so now, not after the first epoch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    best = train(cfg, args.out, max_minutes=args.max_minutes)
-    print(f"best weights: {best}")
+    out = Path(args.out)
+    try:
+        best = train(cfg, out, max_minutes=args.max_minutes)
+    except KeyboardInterrupt as exc:  # before the loop, or a second Ctrl-C inside it
+        if not getattr(exc, "note", None):
+            exc.note = (f"{out / 'last.pt'} holds the last checkpoint; the same command goes on from there"
+                        if (out / "last.pt").is_file() else "no checkpoint was written yet")
+        raise
+    step = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] if (out / "last.pt").is_file() else 0
+    if step < cfg.steps:
+        print(f"stopped at step {step} of {cfg.steps}; the same command goes on from there")
+    if best.is_file():
+        print(f"best weights: {best}")
     return 0

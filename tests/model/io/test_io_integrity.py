@@ -461,3 +461,16 @@ def test_itk_quiet_gives_back_what_was_printed_when_the_call_succeeds(capfd):
         os.write(2, b"MetaImage: M_Read: Error parsing file\n")
         raise RuntimeError
     assert printed.summary() == "Error parsing file" and capfd.readouterr().err == ""
+
+
+def test_outputs_get_the_usual_permissions_whatever_their_writer_chose(tmp_path):
+    """safetensors creates its files owner-only (0o600): the weights a run wrote could not be
+    read by a colleague. Every output ends with the mode of a plain new file (0o666 - umask)."""
+    previous = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "w.safetensors") as tmp:
+            tmp.write_bytes(b"weights")
+            os.chmod(tmp, 0o600)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644

@@ -99,6 +99,68 @@ def test_short_run_writes_log_plot_weights_and_resumes(cfg, tmp_path):
     assert json.loads((out / "train_config.json").read_text())["steps"] == 6
 
 
+def test_a_run_stopped_mid_epoch_and_resumed_gives_the_weights_of_a_straight_run(cfg, tmp_path, monkeypatch):
+    """Ctrl-C is taken between two steps: the checkpoint holds step 3 (mid-epoch) with the
+    random generators' states, and the resumed run ends on the very weights of a run never
+    stopped; a resumed run must keep its options."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from boltzformer.errors import BoltzformerError
+    from boltzformer.training import train as train_mod
+
+    straight = train(cfg, tmp_path / "straight")
+    sample, calls = train_mod.BatchSampler.sample, []
+
+    def ctrl_c_on_third(self, n):
+        calls.append(n)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # arrives mid-step: the step finishes first
+        return sample(self, n)
+
+    monkeypatch.setattr(train_mod.BatchSampler, "sample", ctrl_c_on_third)
+    out = tmp_path / "chunks"
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(cfg, out)
+    assert "holds step 3" in stopped.value.note
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(train_mod.BatchSampler, "sample", sample)
+    changed = TrainConfig(**{**cfg.__dict__, "lr": 0.5})
+    with pytest.raises(BoltzformerError, match=r"other options \(lr 0.001 -> 0.5\)"):
+        train(changed, out)
+    train(cfg, out)
+    a, b = load_file(str(straight.with_name("last.safetensors"))), load_file(str(out / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+
+
+def test_bad_training_input_is_one_line_before_any_work(cfg, tmp_path, monkeypatch):
+    from boltzformer.errors import BoltzformerError, OutputError
+
+    for field, value, said in (("steps", 0, "steps=0 (at least 1)"), ("lr", -1.0, "lr=-1.0 (0 or more)"),
+                               ("batch_size", 0, "batch_size=0"), ("negative_fraction", 1.5, "between 0 and 1"),
+                               ("model", "boltzformer-xxl", "boltzformer-xxl"),
+                               ("init_weights", str(tmp_path / "none.safetensors"), "init_weights does not exist")):
+        with pytest.raises(BoltzformerError, match=said.replace("(", r"\(").replace(")", r"\)")):
+            train(TrainConfig(**{**cfg.__dict__, field: value}), tmp_path / field)
+        assert not (tmp_path / field).exists()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OutputError, match="cannot be made a folder"):
+        train(cfg, tmp_path / "file")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "last.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(BoltzformerError, match="last.pt: cannot be read as a training checkpoint"):
+        train(cfg, tmp_path / "broken")
+    monkeypatch.setenv("BOLTZFORMER_REAL_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(BoltzformerError, match="BOLTZFORMER_REAL_DATA=.*nowhere: no cases.csv"):
+        train(TrainConfig(**{**cfg.__dict__, "use_real": True}), tmp_path / "real")
+    (tmp_path / "c.json").write_text(json.dumps({"steps": "many"}))
+    with pytest.raises(BoltzformerError, match='c.json: steps="many": steps takes a value of type int'):
+        TrainConfig.load(tmp_path / "c.json")
+
+
 @pytest.mark.parametrize("item, expected", [
     ("steps=abc", 'steps takes a value of type int (now 3000), not "abc"'),
     ("steps=2.5", "steps takes a value of type int"),
