@@ -211,7 +211,7 @@ def cmd_segment(args) -> int:
                 outputs.write_volume("--uncertainty", volume.with_array(result.uncertainty))
         if args.attention:
             with outputs.temporary("--attention") as tmp:
-                result.attention.write_npz(tmp)
+                result.attention.write_npz(tmp, volume)
         if args.lesions:
             outputs.write_bytes("--lesions", lesion_table_bytes(result.lesions, args.lesions))
     args.committed = True
@@ -378,8 +378,10 @@ def cmd_info(args) -> int:
     try:
         src = weights.resolve(args.weights)
     except BoltzformerError as exc:
+        if args.weights:  # asked-for weights that are not there are an error, on stderr
+            raise
         print(f"weights: none ({exc})")
-        return 2 if args.weights else 0  # asked-for weights that are not there are an error
+        return 0
     from .checkpoint import load_model
 
     load_model(src.weights_path)  # raises a one-line WeightsError (exit 2) when they cannot be loaded
@@ -409,7 +411,22 @@ def cmd_train(args) -> int:
 # -- bench --------------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     from .bench import decoder, volume
+    from .devices import resolve_device
+    from .errors import OutputError
 
+    # checked before minutes of timing: the device, the weights, where the results go
+    resolve_device(args.device)
+    if args.what == "volume" and args.weights:
+        from . import weights
+
+        weights.resolve(args.weights)
+    if args.json:
+        target = Path(args.json)
+        if target.suffix.lower() != ".json":
+            raise OutputError(target, "--json writes JSON: give a .json path (bench volume also writes the table "
+                                      "beside it, as .md)")
+        if not target.resolve().parent.is_dir():
+            raise OutputError(target, f"its folder {target.parent} does not exist")
     return decoder.main(args) if args.what == "decoder" else volume.main(args)
 
 
@@ -463,9 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "positives and more nodules on phantom chests, but more false positives on a real chest CT")
     s.add_argument("--force-prompt", action="store_true",
                    help="run a prompt even when it names nothing the model was trained to find")
-    s.add_argument("--probabilities", default=None, help="also write the probability volume")
-    s.add_argument("--uncertainty", default=None, help="also write the variance across runs")
-    s.add_argument("--attention", default=None, help="also write per-layer attention maps (.npz)")
+    s.add_argument("--probabilities", default=None,
+                   help="also write the probability volume (float32, 0 to 1; 0 outside --slices)")
+    s.add_argument("--uncertainty", default=None,
+                   help="also write the variance of the probability across --runs (float32, divided by the number "
+                        "of runs; zeros with a warning when --runs is 1)")
+    s.add_argument("--attention", default=None,
+                   help="also write per-layer attention maps (.npz; its arrays: README, 'The attention file')")
     s.add_argument("--lesions", default=None, help="also write the lesion table (.csv or .json)")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -551,10 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="speed benchmarks")
-    b.add_argument("what", choices=("decoder", "volume"))
-    b.add_argument("--json", default=None)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--repeats", type=whole(1, 100_000), default=30)
+    b.add_argument("what", choices=("decoder", "volume"),
+                   help="decoder: sparse vs dense cross-attention per token grid; volume: `segment` of a "
+                        "synthetic 512 x 512 CT, end to end")
+    b.add_argument("--json", default=None, help="also write the results here (.json; volume: a .md table beside it)")
+    b.add_argument("--device", default="cpu", choices=devices)
+    b.add_argument("--repeats", type=whole(1, 100_000), default=30, help="decoder: timed repeats per setting")
     b.add_argument("--slices", default="100,300", help="volume: slice counts to time")
     b.add_argument("--weights", default=None, help="volume: weights to time (default: bundled)")
     b.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,

@@ -163,7 +163,8 @@ def to_canonical(volume: Volume) -> tuple[Volume, Reorientation, list[str]]:
     if not r.keeps_slices:
         thick = volume.spacing_mm[2]
         warnings.append(
-            f"the volume was acquired along {_AXIS_NAMES[r.source_axis[2]]}; it is segmented in axial slices "
+            # the world axis of the input's slice stacking: the canonical axis its slice axis becomes
+            f"the volume was acquired along {_AXIS_NAMES[list(r.source_axis).index(2)]}; it is segmented in axial slices "
             f"taken across its {thick:g} mm sections"
             + (" (coarse: expect jagged outlines along the original slice direction)" if max(spacing[:2]) > COARSE_THROUGH_PLANE_MM else "")
         )

@@ -73,15 +73,31 @@ class AttentionMaps:
             if self.query_bits is not None and bits is not None:
                 self.query_bits[i, b0 : b0 + bits.shape[0]] = bits.numpy().astype(self.query_bits.dtype)
 
-    def write_npz(self, path) -> None:
-        """The `--attention` file: a compressed .npz with counts, probabilities (L x Z x G x G
-        float16), strides, temperatures, tokens_per_query (per layer), slice_start,
-        grid_scale_yx (y, x) and num_queries."""
+    def grid_geometry(self, volume: Volume) -> Volume:
+        """The maps' cells as a Volume (Z x G x G, zeros) placed in the world: one voxel per
+        cell, at the centre of the image voxels it covers; on the canonical axial frame the
+        maps lie on (``frame``), else on ``volume``, the input they were computed from."""
+        frame = self.frame if self.frame is not None else volume
+        scale_y, scale_x = self.grid_scale_yx
+        sx, sy, sz = frame.spacing_mm
+        origin = frame.index_to_world((self.slice_start, 0.5 * scale_y - 0.5, 0.5 * scale_x - 0.5))
+        return Volume(np.zeros(self.counts.shape[1:], np.uint8), (sx * scale_x, sy * scale_y, sz),
+                      tuple(float(v) for v in origin), frame.direction, frame.modality)
+
+    def write_npz(self, path, volume: Volume) -> None:
+        """The `--attention` file, a compressed .npz (README, "The attention file"):
+        counts, probabilities (L x Z x G x G float16, layer, slice, cell row, cell column),
+        strides, temperatures, tokens_per_query (per layer), slice_start, grid_scale_yx (y, x),
+        num_queries, and affine_ras: the (4, 4) NIfTI affine of one layer's map as a volume,
+        ``nibabel.Nifti1Image(maps[layer].transpose(2, 1, 0), affine_ras)``, which lies where it
+        belongs over ``volume`` whatever its orientation (for a sagittal input the maps are on
+        axial slices of the same voxels)."""
         with open(path, "wb") as f:
             np.savez_compressed(
                 f, counts=self.counts, probabilities=self.probabilities, strides=np.array(self.strides),
                 temperatures=np.array(self.temperatures), tokens_per_query=np.array(self.tokens_per_query),
                 slice_start=self.slice_start, grid_scale_yx=np.array(self.grid_scale_yx), num_queries=self.num_queries,
+                affine_ras=self.grid_geometry(volume).affine_ras(),
             )
 
     @property

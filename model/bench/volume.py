@@ -121,7 +121,7 @@ def split_stages(timings_s: dict, network: dict, network_stages: bool) -> dict:
 def main(args) -> int:
     """`boltzformer bench volume`: ``args.slices`` ("100,300"), ``args.device``, ``args.weights``,
     ``args.json`` (also writes the table beside it as .md), ``args.mirror``."""
-    text = str(getattr(args, "slices", None) or "100,300")
+    text = str("100,300" if getattr(args, "slices", None) is None else args.slices)
     try:
         slices_list = [int(s) for s in text.split(",")]
     except ValueError:
@@ -139,9 +139,9 @@ def main(args) -> int:
             if getattr(args, "weights", None):
                 cmd.append(str(args.weights))
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                return 1
+            if proc.returncode != 0:  # the measuring process's last words, as one line
+                last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+                raise BoltzformerError(f"bench volume: timing {n} slices failed ({last})")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
             print(f"{n} slices on {r['device']}{' (mirror)' if r['mirror'] else ''}: {r['seconds_end_to_end']:.1f} s end to end "

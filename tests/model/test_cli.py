@@ -78,6 +78,34 @@ def test_segment_writes_mask_with_the_input_geometry(ct_path, tmp_path, tiny_wei
     assert rows and {"volume_mm3", "longest_axial_diameter_mm"} <= set(rows[0])
 
 
+@pytest.mark.parametrize("stored", ["oblique axial", "sagittal"])
+def test_the_attention_file_places_its_cells_over_the_input_in_the_world(stored, tmp_path, tiny_weights, capsys):
+    """affine_ras puts each cell of a layer's map where its voxels are, for an axial input and
+    for a sagittal one (whose maps lie on axial slices of the same voxels): the cells' centres
+    span the scan's extent in world space."""
+    rng = np.random.default_rng(0)
+    if stored == "sagittal":
+        direction = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # slices along world x
+        vol = Volume(rng.normal(-700, 50, (40, 8, 48)).astype(np.int16), (0.8, 2.5, 0.7), (5.0, -3.0, 20.0), direction, "CT")
+    else:
+        c, s_ = np.cos(0.3), np.sin(0.3)
+        vol = Volume(rng.normal(-700, 50, (8, 40, 48)).astype(np.int16), (0.7, 0.8, 2.5), (-12.5, 30.0, 101.0),
+                     np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1.0]]), "CT")
+    path = write_volume(vol, tmp_path / "in.nii.gz")
+    att = tmp_path / "a.npz"
+    code, _, err = run(segment_args(path, tmp_path / "m.nii.gz", tiny_weights, "--attention", att), capsys)
+    assert code == 0, err
+    with np.load(att) as a:
+        affine, shape = a["affine_ras"], a["counts"].shape[1:]  # (Z, G, G)
+    corners_xyz = np.array([[i, j, k, 1.0] for i in (0, shape[2] - 1) for j in (0, shape[1] - 1) for k in (0, shape[0] - 1)])
+    cells = (affine @ corners_xyz.T).T[:, :3]
+    voxels = np.array([[i, j, k, 1.0] for i in (0, vol.shape[2] - 1) for j in (0, vol.shape[1] - 1) for k in (0, vol.shape[0] - 1)])
+    scan = (vol.affine_ras() @ voxels.T).T[:, :3]
+    cell_mm = np.abs(affine[:3, :3]).sum(axis=1)  # one cell along each world axis
+    assert np.all(cells.min(0) >= scan.min(0) - 1e-3) and np.all(cells.max(0) <= scan.max(0) + 1e-3)
+    assert np.all(cells.min(0) - scan.min(0) <= cell_mm) and np.all(scan.max(0) - cells.max(0) <= cell_mm)
+
+
 def test_same_seed_gives_the_same_mask_and_slices_limit_the_work(ct_path, tmp_path, tiny_weights, capsys):
     a, b, c = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "c.nii.gz"
     for out in (a, b):
@@ -369,6 +397,18 @@ def test_a_prompt_that_is_not_utf8_is_a_one_line_error(ct_path, tmp_path, tiny_w
     out = tmp_path / "o.nii.gz"
     code, _, err = run(["segment", ct_path, "-p", "lung \udcff nodule", "-o", out, "--weights", tiny_weights], capsys)
     assert code == 2 and "is not valid UTF-8 text" in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["bench", "volume", "--slices", ""], "give slice counts of at least 1"),
+    (["bench", "volume", "--slices", "8", "--weights", "/nowhere/w.safetensors"], "/nowhere/w.safetensors"),
+    (["bench", "volume", "--slices", "8", "--json", "v.md"], "give a .json path"),
+    (["bench", "decoder", "--json", "/nowhere/x.json"], "its folder /nowhere does not exist"),
+    (["bench", "decoder", "--device", "foo"], "invalid choice: 'foo'"),
+])
+def test_bench_arguments_are_checked_before_any_timing(argv, said, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2 and said in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
 
 
 def test_bench_slices_must_be_counts(capsys):

@@ -65,7 +65,7 @@ def test_info_fails_when_the_weights_it_names_cannot_be_loaded(tmp_path, weights
     code, out, _ = run(["info", "--weights", weights_with_prompts], capsys)
     assert code == 0 and "sha256" in out
     code, _, err = run(["info", "--weights", tmp_path / "missing.safetensors"], capsys)
-    assert code == 2
+    assert code == 2 and "missing.safetensors" in err  # on stderr, as every error
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
     (tmp_path / "broken.json").write_text(Path(weights_with_prompts).with_suffix(".json").read_text())

@@ -60,6 +60,18 @@ def test_non_axial_acquisition_is_warned_about():
     assert not reo.keeps_slices and warnings and "axial slices" in warnings[0]
 
 
+@pytest.mark.parametrize("slice_axis, named", [((1.0, 0.0, 0.0), "x (left-right)"), ((0.0, 1.0, 0.0), "y (anterior-posterior)")])
+def test_the_warning_names_the_world_axis_the_slices_are_stacked_along(slice_axis, named):
+    """A sagittal series (slices stacked along world x) is named so; it read 'along y'."""
+    normal = np.array(slice_axis)
+    in_plane = [np.array(v) for v in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)) if not np.allclose(v, normal)]
+    direction = np.stack([in_plane[0], in_plane[1], normal], axis=1)
+    if np.linalg.det(direction) < 0:
+        direction[:, 0] *= -1
+    _, _, warnings = to_canonical(_volume(direction))
+    assert f"acquired along {named}" in warnings[0]
+
+
 def _rotation(axis: int, degrees: float) -> np.ndarray:
     t = np.deg2rad(degrees)
     i, j = [a for a in range(3) if a != axis]
