@@ -165,8 +165,9 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
     if candidate is not None:
         full = np.zeros(shape, np.int32)
         full[start:stop][candidate] = 1
-        if result.frame is not None and result.reorientation is not None:  # the intensities the run read (CT
-            volume = volume.with_array(result.reorientation.from_canonical(result.frame.array))  # stored HU+1024: HU)
+        if result.frame is not None and result.reorientation is not None:
+            # the intensities the run read: a CT stored as HU + 1024 is back in HU there
+            volume = volume.with_array(result.reorientation.from_canonical(result.frame.array))
         (row,) = postprocess.lesion_table(full, volume, probabilities=result.probabilities)
         if source == "half maximum" and fp_filter.applies(prompt, result.modality, result.window):
             clf = fp_classifier.bundled()

@@ -140,6 +140,12 @@ class TrainConfig:
             raise BoltzformerError(f"network {self.model!r} with {self.model_overrides}: {exc}") from None
         if self.init_weights and not Path(self.init_weights).is_file():
             raise BoltzformerError(f"{self.init_weights}: init_weights does not exist")
+        env = os.environ.get("BOLTZFORMER_REAL_DATA")
+        if self.use_real and self.real_dir and not (Path(self.real_dir) / "cases.csv").is_file():
+            raise BoltzformerError(f"{self.real_dir}: no cases.csv; set real_dir or use_real=false")
+        if self.use_real and not self.real_dir and env and not (Path(env) / "cases.csv").is_file():
+            raise BoltzformerError(f"BOLTZFORMER_REAL_DATA={env}: no cases.csv there (the folder of the real cases; a "
+                                   "relative path counts from where the command runs); fix it, or set use_real=false")
 
 
 # A resumed run goes on as it started; only these may differ from the checkpoint's config (more
@@ -402,17 +408,9 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     size = net_cfg.image_size
     t0 = time.perf_counter()
 
+    real_dir = (Path(cfg.real_dir) if cfg.real_dir else data_mod.default_real_dir()) if cfg.use_real else None
     synth_train = synthetic_cache(cfg, cfg.synth_train, cfg.seed, size)
     synth_val = synthetic_cache(cfg, cfg.synth_val, cfg.seed + 10_000, size)
-    env = os.environ.get("BOLTZFORMER_REAL_DATA")
-    if cfg.use_real and not cfg.real_dir and env and not (Path(env) / "cases.csv").is_file():
-        raise BoltzformerError(f"BOLTZFORMER_REAL_DATA={env}: no cases.csv there (the folder of the real cases; "
-                               "a relative path counts from where the command runs); fix it, or set use_real=false")
-    real_dir = Path(cfg.real_dir) if cfg.real_dir else data_mod.default_real_dir()
-    if not cfg.use_real:
-        real_dir = None
-    elif real_dir is not None and not (real_dir / "cases.csv").is_file():
-        raise BoltzformerError(f"{real_dir}: no cases.csv; set real_dir or use_real=false")
     empty = data_mod.ExampleSet(np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), bool), [], [])
     offsets = net_cfg.context_offsets_mm
     split_file = cfg.split_file or data_mod.REAL_SPLIT

@@ -156,6 +156,7 @@ def test_bad_training_input_is_one_line_before_any_work(cfg, tmp_path, monkeypat
     monkeypatch.setenv("BOLTZFORMER_REAL_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(BoltzformerError, match="BOLTZFORMER_REAL_DATA=.*nowhere: no cases.csv"):
         train(TrainConfig(**{**cfg.__dict__, "use_real": True}), tmp_path / "real")
+    assert not (tmp_path / "real").exists()
     (tmp_path / "c.json").write_text(json.dumps({"steps": "many"}))
     with pytest.raises(BoltzformerError, match='c.json: steps="many": steps takes a value of type int'):
         TrainConfig.load(tmp_path / "c.json")
