@@ -1,8 +1,8 @@
 """The panel's exports: the mask as NIfTI with the source geometry, the lesion table as CSV or
 JSON, the view as PNG.
 
-A mask under review is written by the review (with its .review.json sidecar, see _review);
-everything else here, atomically (boltzformer.io). A failed write is a notification, never an
+A mask or table under review goes with its .review.json sidecar (what the review decided,
+boltzformer.review); everything is written atomically (boltzformer.io). A failed write is a notification, never an
 exception into Qt, and an existing file is replaced only after the save dialog (or, for a name
 typed without its extension, this module) asked.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QMessageBox, QPushButton
 
-from ._layers import geometry_from_layer, layer_array, mask_volume
+from ._layers import geometry_from_layer, layer_array, mask_volume, to_layer_shape
 
 
 class Exports:
@@ -23,6 +23,7 @@ class Exports:
 
     def __init__(self, panel):
         self.panel = panel
+        self._weights_sha: dict = {}  # weights path -> sha256, hashed once per file for the sidecars
         self.mask_button = QPushButton("Mask → NIfTI…")
         self.mask_button.setToolTip("The selected labels layer, or the result's mask as shown")
         self.mask_button.clicked.connect(lambda: self.mask())
@@ -58,7 +59,7 @@ class Exports:
             if path is None:
                 return None
         if panel.reviewer.handles(layer):  # the review decides what the mask holds; a sidecar records it
-            written = _written(lambda: panel.reviewer.export("mask", Path(path)))
+            written = _written(lambda: self.reviewed("mask", Path(path)))
             if written is not None:
                 show_info(f"saved the reviewed {layer.name} to {written} (and {sidecar_path(written).name})")
             return written
@@ -90,7 +91,7 @@ class Exports:
             if path is None:
                 return None
         if panel.reviewer.handles(panel._mask_layer_of(panel._active_run)):  # with a status column and a sidecar
-            written = _written(lambda: panel.reviewer.export("table", Path(path)))
+            written = _written(lambda: self.reviewed("table", Path(path)))
             if written is not None:
                 show_info(f"saved {len(rows)} row(s) with their review status to {written}")
             return written
@@ -123,6 +124,62 @@ class Exports:
         if written is not None:
             show_info(f"saved the view to {path}")
         return written
+
+    def reviewed(self, what: str, path: Path) -> Path:
+        """The mask ('mask', NIfTI) or the table ('table', CSV/JSON) of the result under review,
+        with its .review.json sidecar, both atomically and together (boltzformer.io.OutputSet).
+        Raises BoltzformerError."""
+        from boltzformer import postprocess
+        from boltzformer.errors import OutputError
+        from boltzformer.io import OutputSet
+        from boltzformer.review import sidecar_bytes, sidecar_owner, sidecar_path
+
+        owner = sidecar_owner(path)
+        if owner is not None:
+            raise OutputError(sidecar_path(path), f"already records the review of {owner}; save this {what} "
+                                                  "under another name so that both records stay")
+        reviewer = self.panel.reviewer
+        reviewer.flush_edits()
+        session = reviewer.session()
+        view = reviewer.view()
+        shown = self.panel.shown_lesions()[0]
+        include = reviewer.export_unreviewed_check.isChecked()
+        in_mask = [r for r in shown if r["status"] == "accepted" or (include and r["status"] == "unreviewed")]
+        side_path = sidecar_path(path)
+        files = {what: path, "sidecar": side_path}
+        sidecar = session.review.sidecar(session.result, shown, settings=self._settings(session), files=files,
+                                         include_unreviewed=include)
+        sidecar["mask_lesion_ids"] = [r["lesion_id"] for r in in_mask]
+        with OutputSet(overwrite=True) as outputs:
+            outputs.add(path, kind="volume" if what == "mask" else "table")
+            outputs.add(side_path, kind="json")
+            if what == "mask":
+                geom = session.request.geometry
+                outputs.write_volume(str(path), mask_volume(to_layer_shape(view.mask(in_mask), geom), geom))
+            else:
+                rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in shown]
+                outputs.write_bytes(str(path), postprocess.lesion_table_bytes(rows, path))
+            outputs.write_bytes(str(side_path), sidecar_bytes(sidecar))
+        return path
+
+    def _settings(self, session) -> dict:
+        from boltzformer import weights as weights_mod
+        from boltzformer.errors import BoltzformerError
+
+        options = session.request.options
+        try:  # the weights this panel runs: injected, or resolved like its runs (hashed once per file)
+            path = (self.panel._segmenter.info.get("weights_path") if self.panel._segmenter is not None
+                    else str(weights_mod.resolve(self.panel._weights).weights_path))
+        except BoltzformerError:
+            path = None
+        if path is not None and path not in self._weights_sha and Path(path).is_file():
+            self._weights_sha[path] = weights_mod.sha256(path)
+        return {
+            "image": session.request.image_name, "image_path": session.request.geometry.get("path"),
+            "weights_path": path, "weights_sha256": self._weights_sha.get(path),
+            "seed": options.get("seed"), "device": session.request.device, "force_prompt": options.get("force_prompt"),
+            "size_filter_min_mean_diameter_mm": self.panel.min_diameter_mm(),
+        }
 
     def ask_save_path(self, title: str, default: Path, name_filter: str, extensions: tuple[str, ...]) -> Path | None:
         """A save dialog (it confirms replacing a file); adds the extension when missing."""

@@ -80,10 +80,15 @@ def intensity_header(is_ct: bool, sequence: str | None) -> tuple[str, str]:
 
 
 def lesion_totals(result, shown: list[dict], hidden: list[dict], min_diameter_mm: float) -> tuple[str, str]:
-    """(total, details) above the lesion rows: what is shown, and what is hidden or dropped."""
+    """(total, details) above the lesion rows: what is shown, and what is hidden or dropped.
+    Rows the reader rejected in review are not in the mask, nor in the total."""
+    rejected = [r for r in shown if r.get("status") == "rejected"]
+    shown = [r for r in shown if r.get("status") != "rejected"]
     total_ml = sum(r["volume_mm3"] for r in shown) / 1000.0
     noun = "lesion" if len(shown) == 1 else "lesions"
     details = [f"'{result.prompt}', threshold {result.threshold:.2f}"]
+    if rejected:
+        details.append(f"{len(rejected)} rejected in review")
     if hidden:
         details.append(f"{len(hidden)} hidden (mean Ø < {min_diameter_mm:g} mm)")
     if result.rejected:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from ._layers import layer_array, mask_volume, to_layer_shape
+from ._layers import layer_array
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ class ReviewPanel:
         self.looking = False  # a look-here run in flight
         self._look_worker = None
         self._view_cache: tuple | None = None
-        self._weights_sha: dict = {}
         self._wired = weakref.WeakSet()  # mask layers whose edit events reach this panel
         self._replaced: dict = {}  # layer name -> the session a re-run replaces (see remember_replaced)
         self._build()
@@ -164,12 +162,19 @@ class ReviewPanel:
         image keeps the decisions of the review it replaces (they are voxels on the same grid)."""
         from boltzformer.review import Review
 
+        from napari.utils.notifications import show_warning
+
         layer = self.panel._mask_layer_of(run_id)
         if layer is None or result.labels is None:
             return
         old = self._replaced.pop(layer.name, None)
-        review = old.review if old is not None and old.review.shape == tuple(result.labels.shape) else Review(
-            result.labels.shape)
+        review = Review(result.labels.shape)
+        if old is not None and old.review.shape == tuple(result.labels.shape):
+            if _same_image(old.result.volume, result.volume):
+                review = old.review
+            elif old.review.actions:  # decisions about other voxels: never carried onto another scan
+                show_warning(f"{layer.name}: the image is not the one reviewed before (its voxels or geometry "
+                             "differ); its review starts afresh")
         layer.metadata[REVIEW_KEY] = ReviewSession(review, result, request, info, run_id, self._layer_mask(layer))
         self._connect_layer(layer)
         self._view_cache = None
@@ -193,6 +198,9 @@ class ReviewPanel:
                 self.panel._run_info[session.run_id] = session.info
                 self._connect_layer(layer)
                 last = session.run_id
+        selected = (getattr(self.panel.viewer.layers.selection.active, "metadata", None) or {}).get(REVIEW_KEY)
+        if isinstance(selected, ReviewSession) and selected.run_id in self.panel._results:
+            last = selected.run_id  # the result the reader had selected, not the last in the list
         if last is not None:
             self.panel._set_active_run(last)
 
@@ -281,6 +289,8 @@ class ReviewPanel:
         if self.panel.current_mode() != "lesion":
             show_info("review: organ mode shows one structure, nothing to accept or reject; switch the mode to lesions")
             return
+        if self._edit_timer.isActive():  # a stroke still waiting to be taken in: first, or it would undo this
+            self.flush_edits()
         try:
             if action in ("next", "previous"):
                 self.step(+1 if action == "next" else -1)
@@ -384,7 +394,13 @@ class ReviewPanel:
             show_error(f"{layer.name}: edit not taken into the review ({exc})")
             return False
         if session.run_id == self.panel._active_run:
+            _, selected = self.current()
             self.panel.refresh_view()
+            if selected is not None:  # the row the reader was on stays selected (its centroid may move a little)
+                row = self.find_row(selected["centroid_voxel_zyx"], tolerance=2.0)
+                if row is not None:
+                    self.panel.table.setCurrentCell(row, 0)
+                    self.panel.table.selectRow(row)
         return True
 
     # ---- look here ---------------------------------------------------------------------------------
@@ -395,6 +411,7 @@ class ReviewPanel:
         if not (alt or self.look_button.isChecked()):
             return
         self.look_button.setChecked(False)
+        _hold_the_brush(self.panel.viewer.layers.selection.active)
         try:
             self.look_here_at(event.position)
         except Exception as exc:  # noqa: BLE001 - a mouse callback must not raise into napari
@@ -427,9 +444,12 @@ class ReviewPanel:
         z_range = None
         view = self.view()
         flat = int(np.ravel_multi_index(index, shape))
-        for row in view.rows:  # a click on a shown lesion re-runs its slices
-            if row["status"] != "rejected" and row["slice_start"] <= index[0] <= row["slice_end"] \
-                    and flat in set(view.voxels(row).tolist()):
+        for row in view.rows:  # a click on an unreviewed lesion re-runs its slices
+            if row["slice_start"] <= index[0] <= row["slice_end"] and flat in set(view.voxels(row).tolist()):
+                if row["status"] != "unreviewed":  # what it finds would grow or split a decided lesion
+                    show_info(f"look here: this spot is on a lesion already {row['status']}; undo (U) that "
+                              "decision to look here again")
+                    return
                 z_range = (row["slice_start"], row["slice_end"])
                 break
         self.looking = True
@@ -482,65 +502,29 @@ class ReviewPanel:
                 return row
         return None
 
-    # ---- exports ------------------------------------------------------------------------------------
+    # ---- which layer is under review (the exports ask) ------------------------------------------------
     def handles(self, layer) -> bool:
         """True when `layer` is the active result's mask under review in lesion mode."""
         return (layer is not None and self.panel.current_mode() == "lesion" and self.view() is not None
                 and layer is self.panel._mask_layer_of(self.panel._active_run))
 
-    def export(self, what: str, path: Path) -> Path:
-        """Write the mask ('mask', NIfTI) or the table ('table', CSV/JSON) with its .review.json
-        sidecar, both atomically and together (boltzformer.io.OutputSet). Raises BoltzformerError."""
-        from boltzformer import postprocess
-        from boltzformer.errors import OutputError
-        from boltzformer.io import OutputSet
-        from boltzformer.review import sidecar_bytes, sidecar_owner, sidecar_path
 
-        owner = sidecar_owner(path)
-        if owner is not None:
-            raise OutputError(sidecar_path(path), f"already records the review of {owner}; save this {what} "
-                                                  "under another name so that both records stay")
-        self.flush_edits()
-        session = self.session()
-        view = self.view()
-        shown = self.panel.shown_lesions()[0]
-        include = self.export_unreviewed_check.isChecked()
-        in_mask = [r for r in shown if r["status"] == "accepted" or (include and r["status"] == "unreviewed")]
-        side_path = sidecar_path(path)
-        files = {what: path, "sidecar": side_path}
-        sidecar = session.review.sidecar(session.result, shown, settings=self._settings(session), files=files,
-                                         include_unreviewed=include)
-        sidecar["mask_lesion_ids"] = [r["lesion_id"] for r in in_mask]
-        with OutputSet(overwrite=True) as outputs:
-            outputs.add(path, kind="volume" if what == "mask" else "table")
-            outputs.add(side_path, kind="json")
-            if what == "mask":
-                geom = session.request.geometry
-                outputs.write_volume(str(path), mask_volume(to_layer_shape(view.mask(in_mask), geom), geom))
-            else:
-                rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in shown]
-                outputs.write_bytes(str(path), postprocess.lesion_table_bytes(rows, path))
-            outputs.write_bytes(str(side_path), sidecar_bytes(sidecar))
-        return path
+def _hold_the_brush(layer) -> None:
+    """A look-here click on a labels layer in a drawing mode must not also draw: napari hands the
+    press to the viewer's callbacks (this one) and then to the active layer's, so the layer
+    goes to pan/zoom for this press and back to its mode right after."""
+    from napari.layers import Labels
 
-    def _settings(self, session: ReviewSession) -> dict:
-        from boltzformer import weights as weights_mod
-        from boltzformer.errors import BoltzformerError
+    if isinstance(layer, Labels) and str(layer.mode) in ("paint", "erase", "fill", "polygon"):
+        mode = layer.mode
+        layer.mode = "pan_zoom"
+        QTimer.singleShot(0, lambda: setattr(layer, "mode", mode))
 
-        options = session.request.options
-        try:  # the weights this panel runs: injected, or resolved like its runs (hashed once per file)
-            path = (self.panel._segmenter.info.get("weights_path") if self.panel._segmenter is not None
-                    else str(weights_mod.resolve(self.panel._weights).weights_path))
-        except BoltzformerError:
-            path = None
-        if path is not None and path not in self._weights_sha and Path(path).is_file():
-            self._weights_sha[path] = weights_mod.sha256(path)
-        return {
-            "image": session.request.image_name, "image_path": session.request.geometry.get("path"),
-            "weights_path": path, "weights_sha256": self._weights_sha.get(path),
-            "seed": options.get("seed"), "device": session.request.device, "force_prompt": options.get("force_prompt"),
-            "size_filter_min_mean_diameter_mm": self.panel.min_diameter_mm(),
-        }
+
+def _same_image(a, b) -> bool:
+    """The same scan: same geometry and the same voxels (a re-run of a prompt keeps its review;
+    another scan loaded under the same layer name must not)."""
+    return a is b or (a.same_geometry(b) and np.array_equal(a.array, b.array))
 
 
 class _TableKeys(QObject):

@@ -304,3 +304,97 @@ def test_look_here_on_nothing_adds_nothing_and_bad_clicks_are_notifications(revi
     panel.mode_combo.setCurrentIndex(panel.mode_combo.findData("organ"))
     key(viewer, qtbot, Qt.Key.Key_A)  # organ mode: nothing to review, said so
     assert any("organ mode shows one structure, nothing to accept or reject" in m for _, m in notifications)
+
+
+def test_rejected_lesions_leave_the_total_and_a_key_right_after_a_stroke_is_kept(reviewing, qtbot):
+    """The total above the table counts what the mask holds; R pressed within the edit delay of
+    an erase stroke is kept (the stroke used to be taken in after it, and undid it)."""
+    viewer, panel = reviewing
+    n = panel.table.rowCount()
+    layer = mask_layer(viewer)
+    panel.reviewer.select(0)
+    target = panel.table.lesion_at(0)
+    voxel = np.unravel_index(int(panel.reviewer.view().voxels(target)[0]), layer.data.shape)
+    data = layer.data.copy()
+    data[voxel] = 0  # erase one voxel of the selected lesion, as a stroke would
+    layer.data = data
+    assert panel.reviewer._edit_timer.isActive()
+    key(viewer, qtbot, Qt.Key.Key_R)  # at once
+    qtbot.wait(600)  # past the edit delay
+    rows = [panel.table.lesion_at(r) for r in range(panel.table.rowCount())]
+    near = [r for r in rows if np.allclose(r["centroid_voxel_zyx"], target["centroid_voxel_zyx"], atol=2.0)]
+    assert near and near[0]["status"] == "rejected"
+    for _ in range(3 * n):  # reject every lesion left (rows move as statuses change)
+        left = [r for r in range(panel.table.rowCount()) if panel.table.lesion_at(r)["status"] != "rejected"]
+        if not left:
+            break
+        panel.reviewer.select(left[0])
+        key(viewer, qtbot, Qt.Key.Key_R)
+    assert not mask_layer(viewer).data.any()
+    assert panel.result_label.toolTip().startswith("0 lesions · 0.00 mL")
+    assert f"{panel.table.rowCount()} rejected in review" in panel.result_detail.text() and n > 0
+
+
+def test_alt_click_in_paint_mode_looks_without_painting(reviewing, qtbot):
+    viewer, panel = reviewing
+    layer = mask_layer(viewer)
+    z = int(round(panel.table.lesion_at(0)["centroid_voxel_zyx"][0]))
+    before = layer.data.copy()
+    viewer.layers.selection.active = layer
+    layer.mode = "paint"
+    layer.brush_size = 5
+    layer.selected_label = 1
+    click(viewer, qtbot, layer, (z, 3, 3), Qt.KeyboardModifier.AltModifier)  # a corner: nothing to find
+    qtbot.waitUntil(lambda: not panel.reviewer.looking, timeout=60_000)
+    qtbot.wait(400)
+    assert np.array_equal(layer.data, before) and str(layer.mode) == "paint"
+    assert not any("drawn" in r["origin"] for r in panel.reviewer.view().rows)
+
+
+def test_a_review_is_not_carried_onto_another_scan(reviewing, qtbot, notifications):
+    """Another scan under the same layer name, the same prompt run again: its review starts afresh
+    (the decisions were about other voxels), and a notification says so."""
+    viewer, panel = reviewing
+    panel.reviewer.select(0)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    image = next(layer for layer in viewer.layers if layer.name not in (PROMPT,) and layer.data.ndim == 3
+                 and "image" in str(type(layer)).lower())
+    name, other = image.name, np.asarray(image.data)[::-1].copy()  # the same shape, other voxels
+    image.data = other
+    run_and_wait(panel, qtbot)
+    assert panel.reviewer.counter_label.text().startswith("0 of ")
+    assert all(r["status"] == "unreviewed" for r in panel.reviewer.view().rows)
+    assert any("is not the one reviewed before" in m for _, m in notifications)
+    assert viewer.layers[name] is image
+
+
+def test_look_here_on_a_decided_lesion_is_refused_and_a_reopened_panel_shows_the_selected_result(
+        reviewing, qtbot, tiny_segmenter, notifications):
+    """Looking at an accepted lesion would grow it unreviewed (and a rejected one split into
+    one-voxel rows): refused with a word. A panel reopened shows the result whose layer is
+    selected, not the last one in the list."""
+    viewer, panel = reviewing
+    panel.reviewer.select(0)
+    lesion = panel.table.lesion_at(0)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    layer = mask_layer(viewer)
+    voxel = np.unravel_index(int(panel.reviewer.view().voxels(lesion)[0]), layer.data.shape)
+    n = panel.table.rowCount()
+    viewer.layers.selection.active = layer
+    layer.mode = "pan_zoom"
+    click(viewer, qtbot, layer, voxel, Qt.KeyboardModifier.AltModifier)
+    assert not panel.reviewer.looking and panel.table.rowCount() == n
+    assert any("already accepted" in m for _, m in notifications)
+    # a second result, then the first one's layer selected, the panel closed and reopened
+    first_run = panel._active_run
+    panel.prompt_edit.setText("brain lesion")
+    run_and_wait(panel, qtbot)
+    assert panel._active_run != first_run
+    viewer.layers.selection.active = layer
+    viewer.window.remove_dock_widget(panel)
+    panel.close()
+    panel.deleteLater()
+    qtbot.wait(100)
+    reopened = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
+    viewer.window.add_dock_widget(reopened, name="BoltzFormer", area="right")
+    assert reopened._active_run == first_run and reopened.table.rowCount() == n
