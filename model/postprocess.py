@@ -404,7 +404,7 @@ def _organ_measure_mm(mask: np.ndarray, row: dict, measure: str | None, spacing_
     sx, sy, sz = spacing_mm
     if measure == "max axial calibre":
         return _max_axial_calibre_mm(mask, sy, sx)
-    if measure == "craniocaudal length":
+    if measure == "craniocaudal length" and mask.shape[0] > 1:  # one slice has no craniocaudal extent
         return (row["slice_end"] - row["slice_start"] + 1) * sz
     return None
 

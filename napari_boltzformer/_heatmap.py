@@ -93,8 +93,21 @@ class HeatmapControls(QGroupBox):
         self.query_combo.setEnabled(len(wanted) > 1 and self.values_combo.currentData() == "counts")
         if layer is not None and att is not None and not self._matches(layer, att):
             self.redraw()  # another run's settings: show this one as the controls say
+        self._one_heatmap_shown(layer)
         self.update_info()
         self.update_legend()
+
+    def _one_heatmap_shown(self, active) -> None:
+        """Only the active result's heatmap stays visible: the colour bar, legend and controls
+        describe it, and another run's drawn above it would be read as this one. Shown when
+        any heatmap was (the reader had heatmaps on), else left hidden."""
+        others = [layer for layer in self.panel.viewer.layers
+                  if (layer.metadata or {}).get(ROLE_KEY) == "attention" and layer is not active]
+        shown = any(layer.visible for layer in others)
+        for layer in others:
+            layer.visible = False
+        if active is not None and shown:
+            active.visible = True
 
     def _matches(self, layer, att) -> bool:
         md = layer.metadata

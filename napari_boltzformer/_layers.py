@@ -22,6 +22,7 @@ from ._windowing import WINDOW_KEY, display_window
 GEOMETRY_KEY = "boltzformer_volume"  # Volume.geometry_dict of the source volume
 FILE_GEOMETRY = "file_geometry"  # in a geometry dict: the file's own grid, when shown reoriented
 ROLE_KEY = "boltzformer_role"  # image | mask | probability | uncertainty | attention
+GROUND_TRUTH_PREFIX = "ground truth: "  # a sample's mask layer: this, then the prompt it answers
 PROMPT_KEY = "boltzformer_prompt"  # the (normalised) prompt of a result layer
 SOURCE_KEY = "boltzformer_source"  # name of the image layer a result layer was computed from
 COLOR_KEY = "boltzformer_color"  # the colour of a mask layer

@@ -70,10 +70,26 @@ def status_text(row: dict) -> tuple[str, str]:
     return STATUS_MARKS[row["status"]] + marks, tip
 
 
-def intensity_header(is_ct: bool, sequence: str | None) -> tuple[str, str]:
-    """(header, tooltip) of the intensity column: HU for CT, arbitrary units naming the MR
-    sequence (if the file does) otherwise."""
+_UNITS: dict = {}  # id(the intensities a result read) -> classify_units: one pass per result, not per redraw
+
+
+def intensity_header(is_ct: bool, sequence: str | None, result=None) -> tuple[str, str]:
+    """(header, tooltip) of the intensity column: HU for CT in Hounsfield units (a CT that is
+    not, e.g. an 8-bit export, says so), arbitrary units naming the MR sequence (if the file
+    does) otherwise. ``result``: the SegmentationResult whose values the column shows."""
     if is_ct:
+        units = "HU"
+        if result is not None:
+            values = (result.frame if result.frame is not None else result.volume).array
+            if id(values) not in _UNITS:
+                from boltzformer.intensity import classify_units
+
+                if len(_UNITS) > 8:
+                    _UNITS.clear()
+                _UNITS[id(values)] = classify_units(values)
+            units = _UNITS[id(values)]
+        if units != "HU":
+            return "grey", f"mean grey level: this CT is not in Hounsfield units ({units} values)"
         return "HU", "mean intensity in Hounsfield units"
     sequence = sequence or "sequence not stated by the file"
     return "a.u.", f"mean intensity in arbitrary units (MR: {sequence}); not comparable between scans"
@@ -107,10 +123,11 @@ def organ_totals(result, summary: dict | None, target: str | None) -> tuple[str,
     left_out = summary["components_found"] - len(summary["lesion_ids"])
     if left_out:
         details.append(f"{left_out} stray component(s) left out")
-    if summary["measure"] and summary.get("sides"):  # a pair: each side its own measure
+    sides = summary.get("sides") or []
+    if summary["measure"] and sides and all(side["measure_mm"] is not None for side in sides):  # a pair: each its own
         details.append(summary["measure"] + " " + ", ".join(f"{side['side']} {side['measure_mm']:.1f} mm"
-                                                            for side in summary["sides"]))
-    elif summary["measure"]:
+                                                            for side in sides))
+    elif summary["measure"] and summary["measure_mm"] is not None:  # None: one slice has no length
         details.append(f"{summary['measure']} {summary['measure_mm']:.1f} mm")
     return f"{summary['structure']} · {summary['volume_ml']:.1f} mL", " · ".join(details)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from qtpy.QtCore import QStringListModel, Qt
 from qtpy.QtWidgets import QCompleter, QLineEdit
 
+from ._layers import GROUND_TRUTH_PREFIX, ROLE_KEY
+
 MAX_RECENT_PROMPTS = 12
 
 
@@ -40,6 +42,16 @@ class PromptEdit(QLineEdit):
         recent = [p for p in PromptEdit.recent if p != text]
         PromptEdit.recent[:] = [text, *recent][:MAX_RECENT_PROMPTS]
         self._update()
+
+    def suggest_from(self, viewer) -> None:
+        """An empty field takes the prompt of a ground-truth layer ("ground truth: lung nodule",
+        as the bundled samples open), so Run works on a sample as it opens."""
+        if self.text().strip():
+            return
+        for layer in viewer.layers:
+            if (layer.metadata or {}).get(ROLE_KEY) == "ground truth" and layer.name.startswith(GROUND_TRUTH_PREFIX):
+                self.setText(layer.name[len(GROUND_TRUTH_PREFIX):])
+                return
 
     def _update(self):
         self._model.setStringList(list(dict.fromkeys([*PromptEdit.recent, *self._known])))

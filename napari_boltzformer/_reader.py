@@ -69,6 +69,12 @@ def _dicom_in_subfolders(folder: Path) -> bool:
     return any(looks_like_dicom_folder(sub) for sub in subfolders[:_FILES_TO_PROBE])
 
 
+def _tilt_deg(volume) -> float:
+    from boltzformer.orientation import find_reorientation, slice_tilt_deg
+
+    return slice_tilt_deg(volume.direction, find_reorientation(volume.direction))
+
+
 def read_layers(path):
     """[(array, kwargs, 'image')] for one volume; [(None,)] (napari's 'nothing here') on error."""
     from napari.utils.notifications import show_error, show_info, show_warning
@@ -96,6 +102,11 @@ def read_layers(path):
     if FILE_GEOMETRY in layer[1]["metadata"][GEOMETRY_KEY]:
         show_info(f"{path}: acquired sagittally or coronally; shown in axial slices (the same voxels, reordered). "
                   "Masks saved from it are written on the file's own grid.")
+    tilt = _tilt_deg(volume)
+    if tilt > 1.0:  # napari slices a grid turned out of the axial plane as if it were not
+        show_warning(f"{path}: its slices are tilted {tilt:.0f} degrees from axial; napari draws them as stored, "
+                     "turned in plane only, so the mm positions on the status bar and the jumps to lesions are "
+                     "approximate (the masks, heatmaps and files written are exact on the scan's own grid)")
     note = volume.metadata.get("series_note")
     if note:  # --series is the command line's; here the user picks by folder
         show_info(f"{path}: {note} To open another series, put its files in a folder of their own and open that folder.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._layers import GEOMETRY_KEY, GROUND_TRUTH_COLOR, ROLE_KEY, image_layer_data, mask_colormap
+from ._layers import GEOMETRY_KEY, GROUND_TRUTH_COLOR, GROUND_TRUTH_PREFIX, ROLE_KEY, image_layer_data, mask_colormap
 
 # Display window of each CT sample (lesions are easiest to see in it); None: percentiles (MR).
 SAMPLE_WINDOWS = {"chest_ct": "lung", "brain_mri": None}
@@ -41,7 +41,7 @@ def sample_layers(key: str) -> list[tuple]:
     labels = (
         truth,
         {
-            "name": f"ground truth: {case.prompt}",
+            "name": f"{GROUND_TRUTH_PREFIX}{case.prompt}",
             "metadata": {GEOMETRY_KEY: volume.geometry_dict(), ROLE_KEY: "ground truth"},
             "colormap": mask_colormap(GROUND_TRUTH_COLOR),
             "opacity": 1.0,  # the panel draws it as an outline (napari takes `contour` only after creation)

@@ -130,6 +130,7 @@ class BoltzFormerWidget(QWidget):
 
     def _on_layers_changed(self, event=None):
         outline_ground_truth(self.viewer)
+        self.prompt_edit.suggest_from(self.viewer)  # a sample opened: its prompt, ready to run
         self._refresh_images()
         live = {(layer.metadata or {}).get(RUN_KEY) for layer in self.viewer.layers}
         for run_id in list(self._results):
@@ -553,7 +554,7 @@ class BoltzFormerWidget(QWidget):
         from boltzformer.intensity import normalise_modality
 
         is_ct = normalise_modality(result.modality) == "CT"
-        header = intensity_header(is_ct, self._results[self._active_run][1].geometry.get("sequence"))
+        header = intensity_header(is_ct, self._results[self._active_run][1].geometry.get("sequence"), result)
         if self.current_mode() == "organ":
             summary = self.organ_summary()
             self.table.show_organ(summary, header, is_ct)

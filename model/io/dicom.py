@@ -504,7 +504,7 @@ def _plan_slices(headers: list[_SliceHeader], folder: Path, label: str, allow_ga
     plan = _SlicePlan(files, step=step, positions=z, tolerance=tol, direction=direction, origin=headers[0].position,
                       pixel_spacing_xy=spacing_xy)
     plan.warnings += [f"{folder}: {w}" for w in (spacing_warning, orientation_warning) if w]
-    _plan_shear(plan, headers, where)
+    _plan_shear(plan, headers, f"{folder}: {where}")
     if len(bad) == 0:
         plan.step = float((z[-1] - z[0]) / (len(z) - 1))  # the best uniform step through all of them
         return plan

@@ -84,6 +84,15 @@ def _tube(shape=(20, 40, 40), radius=6, spacing=(0.8, 0.8, 2.0)):
     return mask, Volume(np.zeros(shape, np.int16), spacing)
 
 
+def test_one_slice_has_no_craniocaudal_length():
+    mask = np.zeros((1, 40, 40), bool)
+    mask[0, 10:30, 10:30] = True
+    vol = Volume(np.zeros(mask.shape, np.int16), (0.8, 0.8, 2.5))
+    labels, _ = label_components(mask, vol.spacing_mm)
+    liver = organ_summary(labels, vol, "liver")
+    assert liver["measure"] == "craniocaudal length" and liver["measure_mm"] is None  # it said 2.5 mm
+
+
 def test_organ_summary_keeps_the_structure_and_measures_it():
     mask, vol = _tube()
     mask[5, 1:3, 1:3] = True  # a stray island

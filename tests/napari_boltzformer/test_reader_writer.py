@@ -19,6 +19,19 @@ def _world_of_index(layer, index_zyx):
     return np.asarray(layer.data_to_world(np.asarray(index_zyx, float)))[::-1]
 
 
+def test_a_volume_tilted_out_of_the_axial_plane_is_said_to_be_drawn_approximately(viewer, tmp_path, notifications):
+    """napari draws a grid turned out of the axial plane without that turn: the reader says the
+    status bar's mm and the jumps are approximate there (an axial one opens without a word)."""
+    from boltzformer.io import write_volume
+
+    write_volume(ct_volume(direction=oblique_direction()), tmp_path / "oblique.nii.gz")
+    write_volume(ct_volume(), tmp_path / "axial.nii.gz")
+    viewer.open(tmp_path / "axial.nii.gz", plugin=PLUGIN)
+    assert not any("tilted" in m for _, m in notifications)
+    viewer.open(tmp_path / "oblique.nii.gz", plugin=PLUGIN)
+    assert any("oblique.nii.gz: its slices are tilted" in m and "approximate" in m for _, m in notifications)
+
+
 @pytest.mark.parametrize("direction", ["axis-aligned", "oblique"])
 def test_reader_places_the_volume_at_its_physical_position(viewer, tmp_path, direction):
     from boltzformer.io import write_volume

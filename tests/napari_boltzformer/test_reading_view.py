@@ -73,6 +73,36 @@ def test_heatmap_has_a_colour_bar_a_legend_and_opens_on_the_sharpest_layer(reade
     assert panel.canvas_labels.text("legend") == "" and not heat.colorbar.visible
 
 
+def test_only_the_active_results_heatmap_is_shown(reader, qtbot):
+    """Two prompts: the colour bar and legend describe the active result's heatmap, so another
+    run's drawn above it would be read as this one's."""
+    viewer, panel = reader
+    run_and_wait(panel, qtbot)
+    first_run = panel._active_run
+    panel.prompt_edit.setText(ORGAN_PROMPT)
+    run_and_wait(panel, qtbot)
+    heats = {layer.metadata.get("boltzformer_run"): layer for layer in viewer.layers
+             if layer.metadata.get(ROLE_KEY) == "attention"}
+    assert len(heats) == 2
+    assert [layer.visible for run, layer in heats.items() if run != first_run] == [True]
+    assert not heats[first_run].visible
+    panel._set_active_run(first_run)
+    assert heats[first_run].visible and not any(l.visible for r, l in heats.items() if r != first_run)
+
+
+def test_the_intensity_column_says_hu_only_for_a_ct_in_hounsfield_units():
+    from types import SimpleNamespace
+
+    from boltzformer.io import Volume
+    from napari_boltzformer._lesion_table import intensity_header
+
+    hu = SimpleNamespace(frame=None, volume=Volume(np.array([[[-1000, 40]]], np.int16), (1, 1, 1)))
+    grey = SimpleNamespace(frame=None, volume=Volume(np.array([[[0, 125, 255]]], np.uint8), (1, 1, 1)))
+    assert intensity_header(True, None, hu)[0] == "HU"
+    assert intensity_header(True, None, grey) == ("grey", "mean grey level: this CT is not in Hounsfield units (8bit values)")
+    assert intensity_header(False, "FLAIR", grey)[0] == "a.u."
+
+
 def test_heatmap_info_calls_a_flat_slice_flat(reader, qtbot):
     """A uniform sampling has no 'hottest cells' (they would be 100 % of them holding 100 %)."""
     viewer, panel = reader
@@ -199,6 +229,9 @@ def test_a_pair_of_kidneys_is_shown_and_exported_side_by_side(qtbot, tmp_path):
                           "longest_axial_diameter_mm": 61.2}]}
     result = SimpleNamespace(prompt="kidneys", threshold=0.5)
     assert organ_totals(result, summary, "kidney")[1].endswith("craniocaudal length right 115.0 mm, left 112.5 mm")
+    one_slice = {**summary, "sides": [{**side, "measure_mm": None} for side in summary["sides"]]}
+    assert "length" not in organ_totals(result, one_slice, "kidney")[1]  # a single slice: no length to give
+    assert "length" not in organ_totals(result, {**summary, "sides": [], "measure_mm": None}, "kidney")[1]
     table = LesionTable()
     qtbot.addWidget(table)
     table.show_organ(summary, ("HU", "mean HU"), True)

@@ -36,6 +36,18 @@ def test_sample_opens_an_image_and_its_ground_truth(viewer, key):
         assert image.data.min() < -500  # Hounsfield units, not rescaled
 
 
+def test_an_open_panel_takes_the_samples_prompt(viewer, tiny_segmenter):
+    """File > Open Sample, then Run: the sample's prompt is in the field (it said 'the prompt is empty')."""
+    from napari_boltzformer._widget import BoltzFormerWidget
+
+    panel = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
+    viewer.open_sample(PLUGIN, "brain_mri")
+    assert panel.prompt_edit.text() == "multiple sclerosis lesion"
+    panel.prompt_edit.setText("brain tumour")
+    viewer.open_sample(PLUGIN, "chest_ct")
+    assert panel.prompt_edit.text() == "brain tumour"  # what the reader typed stays
+
+
 @pytest.mark.skipif(
     _bundled_weights() is None,
     reason="trained bundled weights (resources/boltzformer-s.safetensors + .json) are not there yet; "
