@@ -212,12 +212,13 @@ def _mean(values) -> float:
 def summarise(cases: list[dict]) -> dict:
     positives = [c for c in cases if c["true_lesions"] > 0]
     negatives = [c for c in cases if c["true_lesions"] == 0]
+    pooled = _pooled(cases)
     out = {
         "cases": cases,
         "n_cases": len(cases),
         "mean_dice": _mean(c["dice"] for c in positives),
-        "lesion_sensitivity": _pooled(cases)["sensitivity"],
-        "true_lesions": _pooled(cases)["lesions"],
+        "lesion_sensitivity": pooled["sensitivity"],
+        "true_lesions": pooled["lesions"],
         "mean_case_sensitivity": _mean(c["sensitivity"] for c in positives),
         "false_positives_per_case": _mean(c["false_positive_components"] for c in cases),
         "false_positives_per_lesion_free_case": _mean(c["false_positive_components"] for c in negatives),

@@ -76,7 +76,6 @@ def list_dicom_series(folder) -> list[SeriesInfo]:
         tags = _dicom_tags(files[0]) if files else {}
         number = tags.get("SeriesNumber")
         frames = tags.get("NumberOfFrames")
-        image_type = tags.get("ImageType") or []
         infos.append(SeriesInfo(
             uid=uid,
             description=str(tags.get("SeriesDescription", "")),
@@ -85,7 +84,7 @@ def list_dicom_series(folder) -> list[SeriesInfo]:
             series_number=int(number) if isinstance(number, (int, float)) else None,
             files=files,
             n_images=len(files) * int(frames) if isinstance(frames, (int, float)) and frames > 1 else 0,
-            localizer="LOCALIZER" in [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)],
+            localizer="LOCALIZER" in _image_type(tags.get("ImageType")),
         ))
     infos.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.uid))
     return infos
@@ -294,12 +293,8 @@ def _straighten(volume: Volume, drift_mm: np.ndarray) -> Volume:
     sx, sy = volume.spacing_mm[0], volume.spacing_mm[1]
     out = np.empty_like(src)
     for k, (dx, dy) in enumerate(drift_mm):
-        shifted = ndimage.shift(src[k].astype(np.float32), (dy / sy, dx / sx), order=1, mode="constant",
-                                cval=float(src[k].min()))
-        if np.issubdtype(src.dtype, np.integer):
-            info = np.iinfo(src.dtype)
-            shifted = np.clip(np.rint(shifted), info.min, info.max)
-        out[k] = shifted.astype(src.dtype)
+        out[k] = _as_dtype(ndimage.shift(src[k].astype(np.float32), (dy / sy, dx / sx), order=1, mode="constant",
+                                         cval=float(src[k].min())), src.dtype)
     return Volume(out, volume.spacing_mm, volume.origin_mm, volume.direction, volume.modality, volume.path,
                   dict(volume.metadata, straightened_shear=True))
 
@@ -404,12 +399,18 @@ def _slice_header(file: str, context: str = "") -> _SliceHeader:
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
     spacing = _floats(ds.get("PixelSpacing"), 2)
     imager = _floats(ds.get("ImagerPixelSpacing"), 2)
-    image_type = ds.get("ImageType") or ()
-    image_type = tuple(str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type))
+    image_type = _image_type(ds.get("ImageType"))
     echo = _floats([ds.get("EchoTime")], 1) if ds.get("EchoTime") not in (None, "") else None
     return _SliceHeader(file, rows, columns, position, orientation, None if spacing is None else tuple(spacing),
                         image_type, None if echo is None else float(echo[0]),
                         None if imager is None else tuple(imager), _thickness_of(ds))
+
+
+def _image_type(value) -> tuple[str, ...]:
+    """ImageType's values, upper case ("ORIGINAL", "PRIMARY", "LOCALIZER"); () when absent."""
+    if not value:
+        return ()
+    return tuple(str(v).upper() for v in ([value] if isinstance(value, str) else value))
 
 
 def _thickness_of(ds) -> float | None:
@@ -480,8 +481,8 @@ def _plan_slices(headers: list[_SliceHeader], folder: Path, label: str, allow_ga
     along = np.array([float(h.position @ normal) for h in headers])
     order = np.argsort(along, kind="stable")
     z = along[order]
-    files = [files[i] for i in order]
     headers = [headers[i] for i in order]
+    files = [h.file for h in headers]
     steps = np.diff(z)
     moving = steps[steps > 1e-3]
     if len(moving) == 0:
@@ -621,13 +622,17 @@ def _resample_slices(volume: Volume, plan: _SlicePlan) -> Volume:
             out[j] = src[i + 1]
         else:
             w = (g - z[i]) / (z[i + 1] - z[i])
-            mixed = (1.0 - w) * src[i].astype(np.float64) + w * src[i + 1].astype(np.float64)
-            if np.issubdtype(src.dtype, np.integer):
-                info = np.iinfo(src.dtype)
-                mixed = np.clip(np.rint(mixed), info.min, info.max)
-            out[j] = mixed.astype(src.dtype)
+            out[j] = _as_dtype((1.0 - w) * src[i].astype(np.float64) + w * src[i + 1].astype(np.float64), src.dtype)
     return Volume(out, volume.spacing_mm, volume.origin_mm, volume.direction, volume.modality, volume.path,
                   dict(volume.metadata, resampled_from_slices=len(z)))
+
+
+def _as_dtype(values: np.ndarray, dtype) -> np.ndarray:
+    """Interpolated values back in the stack's dtype: integers rounded and kept in range."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    return values.astype(dtype)
 
 
 def _select_series(folder: Path, infos: list[SeriesInfo], series: str | int) -> SeriesInfo:

@@ -522,6 +522,8 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
                 saved_at = step
         if step > saved_at:  # stopped mid-epoch (--max-minutes, Ctrl-C, SIGTERM): keep the steps done
             checkpoint()
+        if step < cfg.steps and not stop.is_set():
+            print(f"stopped at step {step} of {cfg.steps}; the same command goes on from there")
         if stop.is_set():
             stopped = KeyboardInterrupt()
             stopped.note = f"the checkpoint {ckpt} holds step {step}; the same command goes on from there"
@@ -697,9 +699,6 @@ def run_train(args) -> int:
             exc.note = (f"{out / 'last.pt'} holds the last checkpoint; the same command goes on from there"
                         if (out / "last.pt").is_file() else "no checkpoint was written yet")
         raise
-    step = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] if (out / "last.pt").is_file() else 0
-    if step < cfg.steps:
-        print(f"stopped at step {step} of {cfg.steps}; the same command goes on from there")
     if best.is_file():
         print(f"best weights: {best}")
     return 0
