@@ -315,9 +315,7 @@ def cmd_sample(args) -> int:
     from .synth.sample import SAMPLES
 
     names = list(SAMPLES) if args.name == "all" else [args.name]
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(out, "exists and is not a folder; give a folder for the sample cases")
+    out = _case_folder(args.out_dir, "the sample cases")
     created = []  # folders this run makes, removed again if it fails
     folder = out
     while not folder.exists() and folder != folder.parent:
@@ -358,9 +356,25 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _case_folder(arg: str, what: str) -> Path:
+    """The folder `sample` / `testset` write into, refused when it is a file or named like one
+    (`sample out/x.nii.gz` would otherwise make a folder called x.nii.gz)."""
+    from .errors import OutputError
+    from .io.formats import DICOM_EXTENSIONS, INPUT_EXTENSIONS, extension_of
+
+    out = Path(arg)
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, f"exists and is not a folder; give a folder for {what}")
+    ext = extension_of(out.name)
+    if not out.exists() and (ext in INPUT_EXTENSIONS or ext in DICOM_EXTENSIONS or ext in (".csv", ".json")):
+        raise OutputError(out, f"is named like a {ext} file, but {what} are several files: give a folder")
+    return out
+
+
 def cmd_testset(args) -> int:
     from .training.testset import write_testset
 
+    _case_folder(args.out_dir, "the test cases")
     out = write_testset(args.out_dir, count=args.count, seed=args.seed, overwrite=args.overwrite)
     print(f"held-out synthetic cases -> {out}")
     return 0

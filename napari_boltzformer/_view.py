@@ -52,8 +52,9 @@ def orientation_letters(displayed: tuple[int, int], ndim: int, orientation2d=("d
 
 def slice_text(axis: int, ndim: int, position_mm: float, index: int | None, count: int | None,
                spatial: int = 3) -> str:
-    """'axial 18 / 48\n12.5 mm S': the plane, the slice of the image and, on a line of its own (the
-    top corner of a narrow canvas also holds an orientation letter), its world position."""
+    """'axial 17 of 0–47\n12.5 mm S': the plane, the slice of the image and, on a line of its own (the
+    top corner of a narrow canvas also holds an orientation letter), its world position. The slice
+    is 0-based, as napari's slider and the lesion table's slices count it."""
     lps = lps_axis(axis, ndim, spatial)
     if lps is None:
         return ""
@@ -61,7 +62,7 @@ def slice_text(axis: int, ndim: int, position_mm: float, index: int | None, coun
     where = f"{abs(position_mm):.1f} mm {pos if position_mm >= 0 else neg}"
     if index is None or count is None:
         return f"{PLANE_OF_AXIS[lps]}\n{where}"
-    return f"{PLANE_OF_AXIS[lps]} {index + 1} / {count}\n{where}"
+    return f"{PLANE_OF_AXIS[lps]} {index} of 0–{count - 1}\n{where}"
 
 
 class CanvasLabels:
@@ -103,11 +104,14 @@ class CanvasLabels:
         return overlay.text if overlay.visible else ""
 
     def image_layer(self):
-        """The bottom-most image layer this plugin placed (LPS world coordinates), or None."""
-        for layer in self.viewer.layers:
-            md = layer.metadata or {}
-            if md.get(ROLE_KEY) == "image" and GEOMETRY_KEY in md:
-                return layer
+        """The bottom-most image layer this plugin placed (LPS world coordinates); when the image
+        was closed, a mask, probability or ground-truth layer on its grid; else None. (Heatmaps
+        have an extra leading axis, the decoder layer, and are not used.)"""
+        placed = [layer for layer in self.viewer.layers if GEOMETRY_KEY in (layer.metadata or {})]
+        for roles in (("image",), ("mask", "probability", "uncertainty", "ground truth")):
+            for layer in placed:
+                if layer.metadata.get(ROLE_KEY) in roles:
+                    return layer
         return None
 
     def update(self, event=None):

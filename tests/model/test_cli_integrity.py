@@ -293,6 +293,16 @@ def test_sample_into_a_file(tmp_path, capsys):
     one_line_error(*run(["sample", tmp_path / "f"], capsys)[::2], f"{tmp_path / 'f'}: exists and is not a folder")
 
 
+def test_sample_and_testset_refuse_a_file_name(tmp_path, capsys):
+    """`sample out/x.nii.gz` used to make a folder called x.nii.gz."""
+    for cmd in (["sample", tmp_path / "out" / "x.nii.gz"], ["testset", tmp_path / "t.csv", "--count", "1"]):
+        one_line_error(*run(cmd, capsys)[::2], "file, but the")
+    (tmp_path / "f").write_text("x")
+    one_line_error(*run(["testset", tmp_path / "f", "--count", "1"], capsys)[::2],
+                   f"{tmp_path / 'f'}: exists and is not a folder")
+    assert files_in(tmp_path) == ["f"]
+
+
 def test_sample_leaves_nothing_when_it_fails(tmp_path, capsys, monkeypatch):
     real_fsync = os.fsync
 

@@ -341,7 +341,7 @@ def test_orientation_letters_and_slice_position(reader, qtbot):
     image = viewer.layers["ct"]
     viewer.dims.set_current_step(0, 7)
     z_mm = float(image.data_to_world([7, 0, 0])[0])
-    assert labels.text("slice") == f"axial 8 / 12\n{abs(z_mm):.1f} mm {'S' if z_mm >= 0 else 'I'}"
+    assert labels.text("slice") == f"axial 7 of 0–11\n{abs(z_mm):.1f} mm {'S' if z_mm >= 0 else 'I'}"
     camera = _camera(viewer)
     camera.orientation2d = ("up", "left")  # flipped both ways: the letters follow
     assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["L", "R", "P", "A"]
@@ -351,6 +351,10 @@ def test_orientation_letters_and_slice_position(reader, qtbot):
     assert {labels.text("top"), labels.text("bottom")} == {"S", "I"}
     viewer.dims.order = (0, 1, 2)
     run_and_wait(panel, qtbot)  # the heatmap's extra axis does not confuse them
+    assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["R", "L", "A", "P"]
+    assert labels.text("slice").startswith("axial ")
+    # the image closed, its results still open: they carry the same geometry, the letters stay
+    viewer.layers.remove(image)
     assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["R", "L", "A", "P"]
     assert labels.text("slice").startswith("axial ")
     # a layer placed by someone else (no LPS promise): no letters
@@ -402,4 +406,4 @@ def test_orientation_letters_of_a_single_axial_slice_under_the_heatmap_axis():
     assert orientation_letters((1, 2), 3, spatial=2) == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
     assert orientation_letters((0, 2), 3, spatial=2) is None
     assert slice_text(0, 3, 5.0, 0, 1, spatial=2) == ""
-    assert slice_text(1, 4, -12.34, 3, 40) == "axial 4 / 40\n12.3 mm I"  # (decoder, z, y, x)
+    assert slice_text(1, 4, -12.34, 3, 40) == "axial 3 of 0–39\n12.3 mm I"  # (decoder, z, y, x)
