@@ -313,10 +313,10 @@ def attention_legend(values: str, num_queries: int | None, query: int | None, to
     if values == "counts":
         text = (f"sampled by\nquery {query + 1}" if query is not None
                 else f"queries (of {num_queries or '?'})\nthat sampled\nthis cell")
-    else:
-        text = "sampling\nprobability\n(× uniform)"
-    if top_fraction is not None:
-        text += f"\ntop {top_fraction * 100:.0f} % of mass"
+    else:  # one scale for every slice and layer, so that slices compare
+        text = "sampling\nprobability\n(× uniform;\nbar: 0 to the\nvolume's max)"
+    if top_fraction is not None:  # a slice's shown share is on the panel (top_mass: ties, floors)
+        text += f"\nhottest cells,\n~{top_fraction * 100:.0f} % of the mass"
     return text
 
 
