@@ -123,9 +123,11 @@ class CanvasLabels:
         spatial = image.ndim if image is not None else 3
         if image is not None and dims.ndisplay == 2:
             letters = orientation_letters(tuple(dims.displayed), dims.ndim, _camera(viewer).orientation2d, spatial)
+        # a file that gave no orientation: the letters are our assumption (the reader warned)
+        doubt = "?" if image is not None and image.metadata[GEOMETRY_KEY].get("orientation_unknown") else ""
         for edge in EDGES:
             overlay = overlays[_edge_key(edge)]
-            overlay.text = letters[edge] if letters else ""
+            overlay.text = letters[edge] + doubt if letters else ""
             overlay.visible = letters is not None
         text = ""
         if image is not None and dims.ndisplay == 2 and spatial == 3:  # a 2D image has no slices

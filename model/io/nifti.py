@@ -60,8 +60,11 @@ def _nifti_geometry(volume: Volume, p: Path, header, warnings: list[str]) -> Non
         for axes, what in ((zero, "0"), (nan, "not a number")):
             if axes:
                 warnings.append(f"{p}: voxel size (pixdim) along {', '.join(axes)} is {what}; 1 mm is assumed")
-    if affine is None:
-        return  # neither transform is set (method 1): ITK's pixdim-only geometry
+    if affine is None:  # neither transform is set (method 1): ITK's pixdim-only geometry, RAS by default
+        volume.metadata["orientation_unknown"] = True
+        warnings.append(f"{p}: says nothing of how it lies in the patient (qform_code and sform_code are 0); "
+                        f"{volume.assumed_orientation()}")
+        return
     if s_code > 0 and q_code > 0:
         qform = np.asarray(header.get_qform(), float)
         corners = np.array([[i, j, k, 1.0] for i in (0, max(volume.shape[2] - 1, 0)) for j in (0, max(volume.shape[1] - 1, 0))

@@ -115,6 +115,10 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
     volume = Volume.from_sitk(image, path=p)
     if format_name == "NIfTI":
         apply_nifti_geometry(volume, p, image)
+    if format_name == "NRRD" and not reader.HasMetaDataKey("NRRD_space"):
+        volume.metadata["orientation_unknown"] = True
+        volume.metadata.setdefault("warnings", []).append(
+            f"{p}: says nothing of how it lies in the patient (no 'space' field); {volume.assumed_orientation()}")
     return volume
 
 

@@ -208,9 +208,11 @@ class Volume:
         """The geometry as plain lists and numbers (JSON-able, e.g. for napari layer metadata).
 
         Keys: spacing_mm, origin_mm, direction, path, modality, shape (z, y, x), ndim (of the
-        layer: 3, or 2 for a single slice), file_ndim (of the source file), sequence.
+        layer: 3, or 2 for a single slice), file_ndim (of the source file), sequence; and
+        orientation_unknown, only when the file did not say how it lies in the patient.
         Inverse of :meth:`from_geometry_dict`.
         """
+        extra = {"orientation_unknown": True} if self.metadata.get("orientation_unknown") else {}
         return {
             "spacing_mm": [float(v) for v in self.spacing_mm],
             "origin_mm": [float(v) for v in self.origin_mm],
@@ -221,17 +223,20 @@ class Volume:
             "ndim": int(layer_ndim),
             "file_ndim": int(self.metadata.get("ndim", 3)),
             "sequence": self.sequence(),
+            **extra,
         }
 
     @classmethod
     def from_geometry_dict(cls, array, geometry: dict, modality: str | None = None) -> "Volume":
         """A Volume around ``array`` (z, y, x) with the geometry of a :meth:`geometry_dict`.
 
-        ``modality`` overrides the dict's; path, file_ndim (as ``metadata["ndim"]``) and the
-        sequence (as ``metadata["SeriesDescription"]``) come from the dict, the other metadata
-        do not travel.
+        ``modality`` overrides the dict's; path, file_ndim (as ``metadata["ndim"]``), the
+        sequence (as ``metadata["SeriesDescription"]``) and orientation_unknown come from the
+        dict, the other metadata do not travel.
         """
         metadata = {"ndim": int(geometry.get("file_ndim", geometry.get("ndim", 3)))}
+        if geometry.get("orientation_unknown"):
+            metadata["orientation_unknown"] = True
         if geometry.get("sequence"):
             metadata["SeriesDescription"] = str(geometry["sequence"])
         return cls(
@@ -243,6 +248,14 @@ class Volume:
             path=geometry.get("path"),
             metadata=metadata,
         )
+
+    def assumed_orientation(self) -> str:
+        """Said of a file whose header gives no orientation: what this volume takes it to be."""
+        code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(self.direction.ravel().tolist())
+        ends = {"L": "left", "R": "right", "P": "posterior", "A": "anterior", "S": "superior", "I": "inferior"}
+        towards = ", ".join(f"{axis} towards {ends[c]}" for axis, c in zip("xyz", code))
+        return (f"its axes are taken as {code} ({towards}), so left and right, and the side of a kidney or "
+                "lung, may be swapped: check against a landmark, or fix the header")
 
     def same_geometry(self, other: "Volume", atol: float = 1e-5) -> bool:
         """True when shape, spacing, origin and direction agree (to ``atol``)."""

@@ -333,7 +333,7 @@ def test_a_row_click_jumps_and_zooms_restore_goes_back_and_the_next_run_starts_u
     assert np.allclose(camera.center, before[0]) and camera.zoom == pytest.approx(before[1])
 
 
-def test_orientation_letters_and_slice_position(reader, qtbot):
+def test_orientation_letters_and_slice_position(reader, qtbot, tmp_path):
     viewer, panel = reader
     labels = panel.canvas_labels
     # an axial LPS volume: the patient's right on the viewer's left, anterior at the top
@@ -357,6 +357,13 @@ def test_orientation_letters_and_slice_position(reader, qtbot):
     viewer.layers.remove(image)
     assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["R", "L", "A", "P"]
     assert labels.text("slice").startswith("axial ")
+    # a file that says nothing of its orientation: the letters are marked as assumed
+    nrrd = tmp_path / "nospace.nrrd"
+    nrrd.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 20 24 6\nencoding: raw\nendian: little\n\n"
+                     + bytes(2 * 20 * 24 * 6))
+    viewer.layers.clear()
+    viewer.open(nrrd, plugin="napari-boltzformer")
+    assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["R?", "L?", "A?", "P?"]
     # a layer placed by someone else (no LPS promise): no letters
     viewer.layers.clear()
     viewer.add_image(np.zeros((5, 20, 20)), name="plain")

@@ -394,12 +394,37 @@ def test_pixdim_zero_warns(tmp_path):
     nib.save(img, str(tmp_path / "p0.nii"))
     vol = read_volume(tmp_path / "p0.nii")
     assert vol.spacing_mm == (pytest.approx(0.8), 1.0, 1.0)
-    assert vol.metadata["warnings"] == [f"{tmp_path / 'p0.nii'}: voxel size (pixdim) along y, z is 0; 1 mm is assumed"]
+    assert vol.metadata["warnings"][0] == f"{tmp_path / 'p0.nii'}: voxel size (pixdim) along y, z is 0; 1 mm is assumed"
     img.header["pixdim"][1:4] = [np.nan, 0.0, 0.8]
     nib.save(img, str(tmp_path / "pnan.nii"))
-    assert read_volume(tmp_path / "pnan.nii").metadata["warnings"] == [
+    assert read_volume(tmp_path / "pnan.nii").metadata["warnings"][:2] == [
         f"{tmp_path / 'pnan.nii'}: voxel size (pixdim) along y is 0; 1 mm is assumed",
         f"{tmp_path / 'pnan.nii'}: voxel size (pixdim) along x is not a number; 1 mm is assumed"]
+
+
+def test_a_file_without_orientation_says_what_is_assumed(tmp_path):
+    """A NIfTI with qform_code = sform_code = 0, or an NRRD without 'space', gives no orientation:
+    the reader used to take ITK's default silently, and left and right are then a guess."""
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), None)
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    nib.save(img, str(tmp_path / "m1.nii.gz"))
+    nrrd = tmp_path / "nospace.nrrd"
+    nrrd.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 3 2\nencoding: raw\nendian: little\n\n"
+                     + bytes(48))
+    for path in (tmp_path / "m1.nii.gz", nrrd):
+        vol = read_volume(path)
+        (w,) = vol.metadata["warnings"]
+        assert w.startswith(f"{path}: says nothing of how it lies in the patient")
+        assert "taken as LPS (x towards left, y towards posterior, z towards superior)" in w
+        assert vol.geometry_dict()["orientation_unknown"] is True
+        back = Volume.from_geometry_dict(vol.array, vol.geometry_dict())
+        assert back.metadata["orientation_unknown"] is True
+    for path in (write_volume(vol, tmp_path / "ours.nrrd"), tmp_path / "ours.nii.gz"):
+        if not path.exists():
+            write_volume(vol, path)
+        plain = read_volume(path)  # what we write always says where it lies
+        assert "orientation_unknown" not in plain.metadata and not plain.metadata.get("warnings")
 
 
 # ----------------------------------------------------------------------------------------------
