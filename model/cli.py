@@ -21,12 +21,11 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import BoltzformerError
-from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, PLANES
+from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, MAX_SEED, PLANES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 MAX_RUNS = 100  # each run repeats the whole inference
-MAX_SEED = 2**63 - 1  # seeds travel on as signed 64-bit integers
 
 
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE

@@ -14,6 +14,7 @@ from . import fp_classifier, fp_filter, intensity, polarity_filter, postprocess
 from . import nodule_detector as detector  # `nodule_detector` is the switch's name
 from .io import Volume
 from .orientation import IDENTITY, Reorientation
+from .options import check_threshold
 
 
 @dataclass
@@ -282,6 +283,7 @@ class SegmentationResult:
                     fp_reduction: bool | None = None, nodule_detector: bool | None = None) -> "SegmentationResult":
         """Re-threshold the stored probabilities (no inference); updates mask and lesion table.
         None keeps the current setting."""
+        check_threshold(threshold, min_lesion_mm3)
         self.threshold = float(threshold)
         if min_lesion_mm3 is not None:
             self.min_lesion_mm3 = float(min_lesion_mm3)

@@ -31,7 +31,7 @@ from .io import Volume, require_finite
 from .network.boltzformer import BoltzFormer
 from .network.graphs import GraphedNetwork
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
-from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, check_prompt_text
+from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, check_prompt_text, check_run_options
 from .orientation import to_canonical
 from .synth.prompts import TARGETS, target_of_prompt
 from .results import AttentionMaps, SegmentationResult, attention_to_input, to_input
@@ -72,7 +72,8 @@ def _canonical_range(volume: Volume, slices, warnings: list):
     z = volume.shape[0]
     start, stop = (0, z) if slices is None else (max(0, slices[0]), min(z, slices[1]))
     if start >= stop:
-        raise InputError(volume.path, f"slice range {slices[0]}:{slices[1]} selects no slice of its {z} slices")
+        asked = "the volume" if slices is None else f"slice range {slices[0]}:{slices[1]}"
+        raise InputError(volume.path, f"{asked} selects no slice of its {z} slices")
     if slices is not None and tuple(slices) != (start, stop):
         warnings.append(f"slice range {slices[0]}:{slices[1]} reaches past the volume's {z} slices; "
                         f"slices {start}:{stop} were segmented")
@@ -227,7 +228,8 @@ class Segmenter:
                     raise PromptError(
                         f"prompt '{text}' names nothing this model was trained to find (nearest known prompts, "
                         f"cosine similarity: {listed}; at least {MIN_PROMPT_SIMILARITY:.2f} is needed); "
-                        "rephrase it, or force it (--force-prompt, or 'force prompt' in the panel)")
+                        "rephrase it, or force it (--force-prompt; 'force prompt' in the panel; "
+                        "force_prompt=True in Python)")
                 warnings.append(
                     f"prompt '{text}' is far from everything the model was trained on (forced); nearest known "
                     f"prompts (cosine similarity): {listed}. Results may be meaningless."
@@ -349,6 +351,9 @@ class Segmenter:
         return 32 if self.device.type in ("cuda", "mps") else 8
 
     def segment_volume(self, volume: Volume, prompt: str, **kwargs) -> SegmentationResult:
+        """Segment `volume` (a boltzformer.io.Volume, array (z, y, x)) for `prompt`, one text;
+        the options are iter_segment's (slices, runs, seed, threshold, mirror, planes, ...).
+        Runs to the end; iter_segment yields progress on the way."""
         gen = self.iter_segment(volume, prompt, **kwargs)
         while True:
             try:
@@ -401,11 +406,16 @@ class Segmenter:
         """
         t_start = time.perf_counter()
         timings = {}
+        if not isinstance(volume, Volume):
+            raise TypeError(f"segment a boltzformer.io.Volume, not {type(volume).__name__}: read a file with "
+                            "read_volume(path), wrap an array with Volume(array_zyx, spacing_mm=(x, y, z)), or a "
+                            "SimpleITK image with Volume.from_sitk(image)")
+        modality = check_run_options(
+            prompt=prompt, runs=runs, seed=seed, slices=slices, batch_size=batch_size, threshold=threshold,
+            min_lesion_mm3=min_lesion_mm3, min_nodule_score=min_nodule_score, modality=modality,
+            flags=dict(return_attention=return_attention, fp_reduction=fp_reduction, force_prompt=force_prompt,
+                       nodule_detector=nodule_detector, mirror=mirror))
         text, warnings = self.check_prompt(prompt, force=force_prompt)
-        if runs < 1:
-            raise BoltzformerError("runs must be at least 1")
-        if not 0.0 <= threshold <= 1.0:
-            raise BoltzformerError("threshold must be between 0 and 1")
         planes_mod.check_planes(planes)
         require_finite(volume.array, volume.path or "the image")  # NaN would empty the mask silently
         # 1. the canonical axial grid (the orientation the network was trained in) and the range on it

@@ -70,7 +70,7 @@ def check_output_path(path, overwrite: bool = False) -> Path:
         raise OutputError(p, f"exists as a symbolic link to {os.readlink(p)}, which is missing; "
                              "pass --overwrite to replace the link")
     if p.exists() and not overwrite:
-        raise OutputError(p, "exists; pass --overwrite to replace it")
+        raise OutputError(p, "exists; pass --overwrite (overwrite=True in Python) to replace it")
     return p
 
 

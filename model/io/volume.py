@@ -10,6 +10,7 @@ Geometry: ``spacing_mm`` and ``origin_mm`` in (x, y, z) order, LPS world coordin
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -69,8 +70,18 @@ class Volume:
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
         if len(self.spacing_mm) != 3 or len(self.origin_mm) != 3:
             raise ValueError("spacing_mm and origin_mm need 3 values (x, y, z)")
-        if min(self.spacing_mm) <= 0:
-            raise ValueError(f"spacing_mm must be positive, got {self.spacing_mm}")
+        if not all(math.isfinite(s) and s > 0 for s in self.spacing_mm):
+            raise ValueError(f"spacing_mm must be positive and finite (x, y, z in mm), got {self.spacing_mm}")
+        if not all(math.isfinite(o) for o in self.origin_mm):
+            raise ValueError(f"origin_mm must be finite (x, y, z in mm), got {self.origin_mm}")
+        if not (np.all(np.isfinite(self.direction))
+                and np.allclose(self.direction.T @ self.direction, np.eye(3), atol=1e-3)):
+            raise ValueError("direction must be a rotation (orthonormal columns: the x, y, z axes' unit "
+                             f"vectors in LPS), got {self.direction.tolist()}")
+        if self.array.size == 0:
+            raise ValueError(f"Volume.array holds no voxel: shape {self.array.shape}")
+        if self.array.dtype.kind not in "biuf":
+            raise ValueError(f"Volume.array must hold real numbers (bool, integers or floats), got {self.array.dtype}")
         self.path = None if self.path is None else os.fspath(self.path)
         self.metadata = dict(self.metadata or {})
 

@@ -19,6 +19,7 @@ CPU and MPS never use graphs; every function here is then a no-op or returns Non
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 import torch
@@ -81,6 +82,9 @@ class GraphedNetwork:
         self._pool = None
         self._stream = None
         self._weights = None  # a hash of the weights' storage addresses and versions at recording
+        # one replay at a time: a graph's input, output and generator are shared by every caller
+        # of its batch shape (two threads sharing a Segmenter would read each other's slices)
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
         """Forget every graph and its memory pool (after an out-of-memory error; changed weights
@@ -96,6 +100,10 @@ class GraphedNetwork:
         -> logits B x 1 x S x S (bf16 autocast, a fresh tensor) or None (run it eagerly)."""
         if not self.enabled or generator is None or generator.device.type != "cuda":
             return None
+        with self._lock:
+            return self._run(image, tokens, valid, pooled, generator)
+
+    def _run(self, image, tokens, valid, pooled, generator) -> torch.Tensor | None:
         # A graph replays fixed addresses, and what was computed from the weights when it was
         # recorded (the attention's folded projections): weights given new storage (module.to(),
         # another memory format) or changed in place (load_state_dict bumps their version) need

@@ -204,3 +204,68 @@ def test_mirror_averaging_mirrors_exactly_and_keeps_the_first_pass(segmenter, vo
     segmenter.predict_batch(slices, emb, g_on, mirror=True)
     segmenter.predict_batch(slices, emb, g_off)
     assert torch.equal(g_on.get_state(), g_off.get_state())
+
+
+# -- the Python API's arguments (a review as a notebook user) -------------------------------------
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(batch_size=-1), "batch_size must be a whole number of at least 1"),  # ran no slice: an empty "result"
+    (dict(batch_size=0), "batch_size must be"),  # was taken as the default
+    (dict(batch_size=2.5), "batch_size must be"),
+    (dict(runs="2"), "runs must be a whole number"),
+    (dict(runs=1.5), "runs must be"),
+    (dict(seed=None), "seed must be a whole number from 0"),
+    (dict(seed=-1), "seed must be"),
+    (dict(seed=2**63), "seed must be"),  # gave seed 0's result
+    (dict(seed=1.5), "seed must be"),
+    (dict(slices=(2,)), "slices must be (start, stop)"),
+    (dict(slices="2:4"), "slices must be (start, stop)"),
+    (dict(slices=(-5, 3)), "slice indices count from 0"),
+    (dict(threshold=float("nan")), "threshold must be between 0 and 1"),
+    (dict(min_lesion_mm3=float("nan")), "min_lesion_mm3 must be a finite number"),  # emptied the mask
+    (dict(min_lesion_mm3=-1), "min_lesion_mm3 must be"),
+    (dict(min_nodule_score=2), "min_nodule_score must be between 0 and 1"),
+    (dict(mirror="no"), "mirror must be True or False"),  # "no" turned mirroring on
+    (dict(fp_reduction="False"), "fp_reduction must be True or False"),
+    (dict(modality="PET"), "modality must be 'CT', 'MR' or 'auto'"),
+])
+def test_bad_arguments_are_refused_before_any_work(segmenter, volume, kwargs, says, monkeypatch):
+    monkeypatch.setattr(Segmenter, "predict_batch", lambda *a, **k: pytest.fail("the network ran"))
+    with pytest.raises(BoltzformerError) as err:
+        segmenter.segment_volume(volume, "lung nodule", **kwargs)
+    assert says in str(err.value)
+
+
+def test_what_is_not_one_prompt_or_a_volume_is_refused(segmenter, volume):
+    for prompt in (["lung nodule", "heart"], b"lung nodule"):  # were segmented as "['lung nodule', 'heart']"
+        with pytest.raises(PromptError, match="one text"):
+            segmenter.segment_volume(volume, prompt)
+    with pytest.raises(TypeError, match="Volume.array_zyx|wrap an array with Volume"):
+        segmenter.segment_volume(volume.array, "lung nodule")  # was an AttributeError from deep inside
+
+
+def test_auto_modality_and_numpy_flags_are_accepted(segmenter, volume):
+    r = segmenter.segment_volume(volume, "lung nodule", modality="auto", mirror=np.bool_(False), batch_size=np.int64(2))
+    assert r.modality == "CT" and r.complete
+
+
+def test_rethreshold_refuses_what_segment_refuses(segmenter, volume):
+    r = segmenter.segment_volume(volume, "lung nodule")
+    for bad in (2.0, float("nan")):
+        with pytest.raises(BoltzformerError, match="threshold must be between 0 and 1"):
+            r.rethreshold(bad)
+    assert r.threshold == 0.5
+
+
+@pytest.mark.parametrize("change, says", [
+    (dict(spacing_mm=(1.0, 1.0, float("nan"))), "spacing_mm must be positive and finite"),  # gave an empty mask
+    (dict(spacing_mm=(1.0, 1.0, float("inf"))), "spacing_mm must be positive and finite"),
+    (dict(origin_mm=(0.0, float("nan"), 0.0)), "origin_mm must be finite"),
+    (dict(direction=np.zeros((3, 3))), "direction must be a rotation"),
+    (dict(direction=[[1, .5, 0], [0, 1, 0], [0, 0, 1]]), "direction must be a rotation"),
+    (dict(array=np.zeros((0, 10, 10))), "holds no voxel"),  # a TypeError from the range message
+    (dict(array=np.zeros((2, 10, 10), np.complex64)), "must hold real numbers"),
+])
+def test_a_volume_refuses_geometry_read_volume_would_refuse(change, says):
+    base = dict(array=np.zeros((2, 10, 10), np.int16), spacing_mm=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=says.replace("(", r"\(")):
+        Volume(**{**base, **change})
