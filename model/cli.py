@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(s)
     s.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³, >= 0)")
     s.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
-    s.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
+    s.add_argument("--weights", default=None, help="weights file/folder, or hf:owner/name from the local Hugging Face cache (default: bundled)")
     s.add_argument("--no-fp-filter", action="store_true",
                    help="keep every candidate: skip the false-positive filters (lung prompts on CT in HU: 3D "
                         "filter; MS lesion prompts on MR: candidates darker than their surroundings on FLAIR/T2)")
@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(c)
     c.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³)")
     c.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
-    c.add_argument("--weights", default=None, help="weights file/folder or hf:owner/name (default: bundled)")
+    c.add_argument("--weights", default=None, help="weights file/folder, or hf:owner/name from the local Hugging Face cache (default: bundled)")
     c.add_argument("--no-fp-filter", action="store_true", help="keep every candidate: skip the false-positive filters (see segment)")
     c.add_argument("--nodule-detector", action="store_true",
                    help="lung nodule prompts on CT in HU: lesions from the opt-in 3D nodule detector (see segment)")

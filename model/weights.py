@@ -2,10 +2,10 @@
 
 A checkpoint is two files side by side: `<name>.safetensors` (tensors; also the cached frozen
 text embeddings of the prompts seen in training, under `text_cache.*`) and `<name>.json`
-(network config, prompt list, training provenance). Nothing is downloaded unless the user names
-a Hugging Face repo explicitly as `hf:owner/name`, and then the local cache is honoured
-(`HF_HUB_OFFLINE=1` never touches the network). Anything else is a local path: a mistyped
-folder such as `runs/v4` fails at once naming the path, never turns into a network lookup.
+(network config, prompt list, training provenance). Nothing is ever downloaded: a Hugging Face
+repo named as `hf:owner/name` is read from the local Hugging Face cache only (fetched beforehand
+by the user, e.g. `huggingface-cli download owner/name`). Anything else is a local path: a
+mistyped folder such as `runs/v4` fails at once naming the path.
 """
 
 from __future__ import annotations
@@ -94,16 +94,13 @@ def _from_hub(repo_id: str) -> WeightsSource:
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise WeightsError("huggingface_hub is not installed; cannot load weights from the Hub") from exc
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    try:
-        w = hf_hub_download(repo_id, f"{BUNDLED_NAME}.safetensors", local_files_only=offline)
-        c = hf_hub_download(repo_id, f"{BUNDLED_NAME}.json", local_files_only=offline)
+    try:  # the cache only: nothing is downloaded at run time
+        w = hf_hub_download(repo_id, f"{BUNDLED_NAME}.safetensors", local_files_only=True)
+        c = hf_hub_download(repo_id, f"{BUNDLED_NAME}.json", local_files_only=True)
     except LocalEntryNotFoundError as exc:
-        why = ("offline mode is on (HF_HUB_OFFLINE=1)" if offline
-               else "it could not be downloaded (no network?)")
         raise WeightsError(
-            f"hf:{repo_id}: not in the local Hugging Face cache and {why}; download it once with network "
-            "access or pass a local file"
+            f"hf:{repo_id}: not in the local Hugging Face cache (nothing is downloaded at run time); fetch it "
+            f"first with `huggingface-cli download {repo_id}`, or pass a local file"
         ) from exc
     except Exception as exc:  # network errors, missing repo, auth: one clear line
         raise WeightsError(f"hf:{repo_id}: could not fetch weights ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
