@@ -45,6 +45,11 @@ class AttentionMaps:
     query_bits: np.ndarray | None = None
     _top_mass_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __repr__(self) -> str:  # the shapes, not the arrays
+        return (f"AttentionMaps(counts {self.counts.shape} (layer, slice, row, column), slice_start={self.slice_start}, "
+                f"strides={list(self.strides)}, temperatures={[round(float(t), 3) for t in self.temperatures]}, "
+                f"num_queries={self.num_queries})")
+
     @classmethod
     def empty(cls, layers: list, n: int, slice_start: int, hw, num_queries: int) -> "AttentionMaps":
         """Zeroed maps for ``n`` slices, shaped after the first batch's per-layer records.
@@ -230,6 +235,12 @@ class SegmentationResult:
     # candidates do not depend on the threshold: found once, on the first rethreshold that needs them.
     nodule_detector: bool = False  # off by default: it missed the real-CT false-positive target (model card)
     _candidates: "detector.Candidates | None" = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:  # a notebook prints this: a summary, not the arrays (about 32 kB of them)
+        done = "" if self.complete else f", stopped after slice {self.slices_done}"
+        return (f"SegmentationResult(prompt={self.prompt!r}, shape={self.volume.shape}, slices={self.slices}{done}, "
+                f"lesions={len(self.lesions)}, threshold={self.threshold}, modality={self.modality!r}, "
+                f"attention={'yes' if self.attention is not None else 'no'}, warnings={len(self.warnings)})")
 
     def _detector_skipped(self, frame: Volume) -> str | None:
         """Why the 3D nodule detector, asked for, does not run on this result (None: it runs). It

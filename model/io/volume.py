@@ -85,6 +85,11 @@ class Volume:
         self.path = None if self.path is None else os.fspath(self.path)
         self.metadata = dict(self.metadata or {})
 
+    def __repr__(self) -> str:  # the geometry, not the voxels
+        return (f"Volume(shape {self.shape} (z, y, x) {self.array.dtype}, spacing_mm={self.spacing_mm}, "
+                f"origin_mm={self.origin_mm}, direction={np.round(self.direction, 4).tolist()}, "
+                f"modality={self.modality!r}, path={self.path!r})")
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape (z, y, x)."""

@@ -269,3 +269,11 @@ def test_a_volume_refuses_geometry_read_volume_would_refuse(change, says):
     base = dict(array=np.zeros((2, 10, 10), np.int16), spacing_mm=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match=says.replace("(", r"\(")):
         Volume(**{**base, **change})
+
+
+def test_a_notebook_prints_a_summary_not_the_arrays(segmenter, volume):
+    r = segmenter.segment_volume(volume, "lung nodule", return_attention=True)
+    for obj in (r, r.attention, volume):
+        text = repr(obj)
+        assert len(text) < 400 and "array(" not in text, text
+    assert "prompt='lung nodule'" in repr(r) and "(5, 40, 48)" in repr(volume)
