@@ -239,6 +239,11 @@ def prepare_slices(
     info: dict = {"window": None, "units": units, "warnings": []}
 
     if modality == "MR":
+        if window is not None:  # checked all the same: a misspelt name is a mistake on any scan
+            if not isinstance(window, Window):
+                check_window(window)
+            info["warnings"].append(f"the CT window {getattr(window, 'name', window)!r} is not applied: MR has no "
+                                    "Hounsfield units and is normalised per volume")
         lo, hi = _percentile_range(array, foreground=True)
         return _rescale(array, lo, hi), info
 

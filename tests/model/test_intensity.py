@@ -171,3 +171,17 @@ def test_mr_sequence_from_the_series_description_or_a_bids_name(description, pat
     assert intensity.mr_sequence(vol) == weighting
     said = intensity.stated_mr_sequence(vol)[1]
     assert (said is None) == (weighting is None) and (said is None or said in (description, (path or "").rsplit("/", 1)[-1]))
+
+
+def test_a_ct_window_asked_for_on_mr_is_checked_and_said_to_be_unused():
+    """It was ignored silently on MR, even a misspelt name ('lungs') that CT refuses."""
+    from boltzformer.errors import BoltzformerError
+    from boltzformer.intensity import prepare_slices
+
+    mr = np.random.default_rng(0).normal(300, 50, (2, 16, 16)).astype(np.float32)
+    with pytest.raises(BoltzformerError, match="unknown CT window 'lungs'"):
+        prepare_slices(mr, modality="MR", window="lungs")
+    _, info = prepare_slices(mr, modality="MR", window="lung")
+    assert info["warnings"] == ["the CT window 'lung' is not applied: MR has no Hounsfield units and is normalised "
+                                "per volume"]
+    assert prepare_slices(mr, modality="MR")[1]["warnings"] == []
