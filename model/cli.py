@@ -359,14 +359,14 @@ def _case_folder(arg: str, what: str) -> Path:
     """The folder `sample` / `testset` write into, refused when it is a file or named like one
     (`sample out/x.nii.gz` would otherwise make a folder called x.nii.gz)."""
     from .errors import OutputError
-    from .io.formats import DICOM_EXTENSIONS, INPUT_EXTENSIONS, extension_of
+    from .io.formats import extension_of, named_like_a_file
 
     out = Path(arg)
     if out.exists() and not out.is_dir():
         raise OutputError(out, f"exists and is not a folder; give a folder for {what}")
-    ext = extension_of(out.name)
-    if not out.exists() and (ext in INPUT_EXTENSIONS or ext in DICOM_EXTENSIONS or ext in (".csv", ".json")):
-        raise OutputError(out, f"is named like a {ext} file, but {what} are several files: give a folder")
+    if not out.exists() and named_like_a_file(out):
+        raise OutputError(out, f"is named like a {extension_of(out.name)} file, but {what} are several files: "
+                               "give a folder")
     return out
 
 

@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 
 from ..errors import BoltzformerError
 
@@ -73,13 +76,40 @@ class LocalClusterClient:
         # saturation 1.0: a worker holds only the scans it is running, so a lost worker loses no
         # queued scans and results stream in submission order.
         with dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                              "distributed.scheduler.worker-saturation": 1.0}):
+                              "distributed.scheduler.worker-saturation": 1.0}), _children_ignore_ctrl_c():
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                                        dashboard_address=None, silence_logs=logging.ERROR)
+                                        # any free port: None still takes 8787, and a second cohort
+                                        # on the machine warned that it was in use
+                                        dashboard_address=":0", silence_logs=logging.ERROR)
         self.client = Client(self.cluster)
+        # A lost worker's scan is said once, by the cohort ("worker lost; running it again"), not
+        # also as the scheduler's ERROR line about the task it marks as failed.
+        self._quiet = [(name, logging.getLogger(name).level) for name in ("distributed.scheduler", "distributed.nanny")]
+        for name, _ in self._quiet:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     def close(self) -> None:
         try:
             self.client.close()
         finally:
             self.cluster.close()
+            for name, level in self._quiet:
+                logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _children_ignore_ctrl_c():
+    """Start the worker processes with SIGINT ignored: they inherit that (a signal mask would not
+    reach them: Dask starts them from its event-loop thread), and Python and asyncio leave an
+    inherited SIG_IGN alone. Ctrl-C, which a terminal sends to the whole process group, then no
+    longer makes each Dask process print its own KeyboardInterrupt traceback; the cohort process
+    takes it and closes the cluster. The price: a Ctrl-C in the few seconds the workers take to
+    start is lost (press it again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)

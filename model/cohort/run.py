@@ -4,6 +4,7 @@ once more, `--resume` redoing exactly what is not recorded; returns a `CohortSum
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ from ..errors import BoltzformerError, OutputError, os_problem
 from ..options import check_prompt_text
 from ..postprocess import CSV_COLUMNS
 from .cluster import check_memory, default_workers, LocalClusterClient, machine_cpus
-from .scans import list_scans, Scan, ScanOptions
+from .scans import input_stamp, list_scans, Scan, ScanOptions
 from .tables import Table
 from .worker import check_worker, MASK_SUFFIX, ModelSpec, one_line, segment_scan, SegmenterPlugin, STAGED_SUFFIX
 
@@ -26,8 +27,11 @@ EXIT_SOME_FAILED = 3  # the cohort ran to its end but at least one scan failed (
 REPORT_NAME, LESIONS_NAME = "report.csv", "lesions.csv"
 # seconds: read -> write of the scan on its worker; worker_peak_rss_mb: the worker process's peak
 # resident memory so far (MB); warnings: the reader's and segmenter's notes, ' | '-separated.
-REPORT_COLUMNS = ("case_id", "status", "reason", "seconds", "lesions", "path", "prompt", "mask", "weights_sha256",
-                  "options", "device", "worker", "worker_peak_rss_mb", "warnings")
+# input_stamp: the scan's file size and time (scans.input_stamp), so that --resume redoes a replaced file.
+REPORT_COLUMNS = ("case_id", "status", "reason", "seconds", "lesions", "path", "input_stamp", "prompt", "mask",
+                  "weights_sha256", "options", "device", "worker", "worker_peak_rss_mb", "warnings")
+LOCK_NAME = ".cohort.lock"  # held while a cohort writes to OUT_DIR: a second one is refused
+DISK_FULL = "no space left on device"  # os_problem's words for ENOSPC
 # Lesion rows: the case, then the columns of `segment --lesions` (postprocess.CSV_COLUMNS), then
 # score = the lesion's mean model probability (its confidence; the same as mean_probability).
 LESION_COLUMNS = ("case_id", *CSV_COLUMNS, "score")
@@ -111,6 +115,16 @@ def run_cohort(
                                "run; give another folder for the masks and tables")
     scans = list_scans(source, prompt, exclude=[out], warn=warn)
     _check_out_dir(out)
+    with contextlib.ExitStack() as locks:  # OUT_DIR stays locked to this run until it returns
+        if out.is_dir():
+            locks.enter_context(_lock_out_dir(out))
+        return _run_checked(scans, out, locks, options, weights, workers, threads_per_worker, scheduler, client,
+                            resume, overwrite, progress, on_result, warn)
+
+
+def _run_checked(scans, out, locks: contextlib.ExitStack, options, weights, workers, threads_per_worker, scheduler,
+                 client, resume, overwrite, progress, on_result, warn) -> CohortSummary:
+    """run_cohort once its arguments are checked; a new OUT_DIR is locked (in ``locks``) as it is made."""
     report, lesions = Table(out / REPORT_NAME, REPORT_COLUMNS), Table(out / LESIONS_NAME, LESION_COLUMNS)
     if not resume and not overwrite:
         existing = [p for p in (report.path, lesions.path) if p.exists()]
@@ -152,13 +166,21 @@ def run_cohort(
             if s.prompt in check["prompt_errors"]:
                 raise BoltzformerError((f"{s.where}: " if s.where else "") + check["prompt_errors"][s.prompt])
         digest = check["sha256"]
-        _make_out_dir(out)
+        if not out.exists():
+            _make_out_dir(out)
+            locks.enter_context(_lock_out_dir(out))
         _remove(sorted(out.glob(f"*{STAGED_SUFFIX}")), "unrecorded mask")  # an interrupted run's
+        _remove(sorted(out.glob(f".*{STAGED_SUFFIX}.tmp-*")), "partial mask")  # ... killed mid-write
         if overwrite:
             _remove(earlier_masks, "mask of the earlier cohort")
+        stamps = {s.case_id: input_stamp(s.path) for s in scans}
         done: set[str] = set()
         if resume:
-            done = _resumable(scans, old_report, options, digest, out)
+            done = _resumable(scans, old_report, options, digest, out, stamps)
+            # a scan redone loses its old mask first: if it fails now, no mask of another file or
+            # other options may stay beside its failed row
+            _remove([p for p in (out / f"{s.case_id}{MASK_SUFFIX}" for s in scans if s.case_id not in done)
+                     if p.is_file()], "mask of a scan to redo")
             ours = {s.case_id for s in scans}  # rows of other case ids are kept as they are
             kept_report = [r for r in _last_rows(old_report) if r["case_id"] in done or r["case_id"] not in ours]
             kept_ids = {r["case_id"] for r in kept_report if r["status"] == "ok"}
@@ -172,15 +194,16 @@ def run_cohort(
         summary = CohortSummary(out, len(scans), skipped=len(scans) - len(todo), workers=n_workers, weights_sha256=digest,
                                 device=check["device"])
         try:
-            _run_scans(client, spec, todo, options, out, report, lesions, summary, progress, on_result)
+            _run_scans(client, spec, todo, options, out, report, lesions, summary, progress, on_result, stamps)
         except KeyboardInterrupt as exc:
             exc.note = (f"{summary.ok + summary.failed + summary.skipped} of {len(scans)} scans are recorded in "
                         f"{report.path}; run the same command with --resume to finish the rest (it removes the "
                         f"masks of scans not recorded, *{STAGED_SUFFIX})")
             raise
         finally:
-            report.close()
-            lesions.close()
+            closing = [t.close() for t in (report, lesions)]  # both, even when one fails
+        if any(closing):
+            raise closing[0] if closing[0] else closing[1]
         return summary
     finally:
         if own is not None:
@@ -202,10 +225,42 @@ def _first_worker_check(client, spec: ModelSpec, prompts: list[str], force_promp
 
 
 def _check_out_dir(out: Path) -> None:
+    from ..io.formats import named_like_a_file
+
     if out.exists() and not out.is_dir():
         raise OutputError(out, "exists and is not a folder; give a folder for the masks and tables")
+    if not out.exists() and named_like_a_file(out):
+        raise OutputError(out, "is named like a file, but a cohort writes a folder of masks and tables: give a folder")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(out, "is not writable")
+
+
+def _lock_out_dir(out: Path):
+    """An open file holding an exclusive lock on OUT_DIR/.cohort.lock (released when closed or
+    when the process ends); OutputError when another cohort holds it. Two cohorts writing one
+    folder would replace each other's report.csv."""
+    import fcntl
+
+    path = out / LOCK_NAME
+    try:
+        f = open(path, "a+")
+    except OSError as exc:
+        raise OutputError(path, f"cannot be opened to lock the folder ({os_problem(exc)})") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise OutputError(out, f"another cohort is writing to it ({holder}); wait for it to end, or give another "
+                               "folder") from None
+    except OSError:  # a file system without locks (some network mounts): go on unlocked
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    return f
 
 
 def _make_out_dir(out: Path) -> None:
@@ -250,14 +305,16 @@ def _last_rows(rows: list[dict]) -> list[dict]:
     return list(last.values())
 
 
-def _resumable(scans: list[Scan], rows: list[dict], options: ScanOptions, digest: str, out: Path) -> set[str]:
-    """Case ids already done: an ok report row with the same input, prompt, options and weights,
-    and its mask on disk."""
+def _resumable(scans: list[Scan], rows: list[dict], options: ScanOptions, digest: str, out: Path,
+               stamps: dict[str, str]) -> set[str]:
+    """Case ids already done: an ok report row with the same input (path, size and time), prompt,
+    options and weights, and its mask on disk."""
     last = {r["case_id"]: r for r in _last_rows(rows)}
     done = set()
     for s in scans:
         r = last.get(s.case_id)
         if (r is not None and r["status"] == "ok" and r["path"] == s.path and r["prompt"] == s.prompt
+                and stamps.get(s.case_id) and r["input_stamp"] == stamps[s.case_id]
                 and r["options"] == options.key() and r["weights_sha256"] == digest
                 and (out / f"{s.case_id}{MASK_SUFFIX}").is_file()):
             done.add(s.case_id)
@@ -273,7 +330,7 @@ def _publish(staged: Path, mask: Path) -> None:
 
 
 def _run_scans(client, spec: ModelSpec, todo: list[Scan], options: ScanOptions, out: Path, report: Table,
-               lesions: Table, summary: CohortSummary, progress: bool, on_result) -> None:
+               lesions: Table, summary: CohortSummary, progress: bool, on_result, stamps: dict[str, str]) -> None:
     from distributed import as_completed
 
     t0 = time.perf_counter()
@@ -313,7 +370,7 @@ def _run_scans(client, spec: ModelSpec, todo: list[Scan], options: ScanOptions, 
                                      "options": options.key(), "reason": f"{scan.path}: its worker was lost twice ({why})"},
                           "lesions": []}
             fut.release()  # nothing of a finished scan stays on the cluster
-            row = result["report"]
+            row = dict(result["report"], input_stamp=stamps.get(scan.case_id, ""))
             if result.get("staged"):  # the mask takes its final name as its scan is recorded
                 _publish(Path(result["staged"]), Path(row["mask"]))
             lesions.append(result["lesions"])  # first the lesions, then the row that records the scan as done
@@ -326,6 +383,9 @@ def _run_scans(client, spec: ModelSpec, todo: list[Scan], options: ScanOptions, 
             summary.seconds = time.perf_counter() - t0
             if on_result is not None:
                 on_result(row)
+            if row["status"] != "ok" and DISK_FULL in row.get("reason", ""):  # every scan after it would fail too
+                raise OutputError(out, f"the disk is full ({row['case_id']}'s mask could not be written); rerun with "
+                                       "--resume once there is room (the scans recorded so far are kept)")
             if bar is not None:
                 left = len(todo) - summary.ok - summary.failed
                 bar.set_postfix_str(f"ok {summary.ok}, failed {summary.failed}, left {left}, "

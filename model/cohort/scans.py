@@ -120,9 +120,22 @@ def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[st
     def onerror(exc: OSError) -> None:
         problems.append(f"{exc.filename}: cannot be listed ({os_problem(exc)})")
 
-    for folder, dirs, files in os.walk(root, onerror=onerror):
+    visited: set[str] = set()  # real paths: a linked folder is followed once (archives link them; no loops)
+    earlier: list[Path] = []
+    for folder, dirs, files in os.walk(root, onerror=onerror, followlinks=True):
         here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(here / d) not in excluded)
+        visited.add(os.path.realpath(here))
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(here / d)
+            if real in excluded or real in visited:
+                continue
+            if _holds_a_cohort(here / d):
+                earlier.append(here / d)
+                continue
+            visited.add(real)
+            kept.append(d)
+        dirs[:] = kept
         files = sorted(f for f in files if not f.startswith("."))
         if any(_is_dicom_file(here / f) for f in files):
             found.append((here, here.relative_to(root) if here != root else Path(root.resolve().name)))
@@ -131,6 +144,8 @@ def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[st
                 found.append((here / f, (here / f).relative_to(root)))
     for line in problems:
         warn(f"{line}; its scans are left out")
+    for folder in earlier:
+        warn(f"{folder}: holds an earlier cohort's masks ({REPORT_FILE}); left out")
     scans, seen = [], {}
     for path, rel in found:
         parts = list(rel.parts)
@@ -144,7 +159,40 @@ def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[st
     return scans
 
 
+REPORT_FILE = "report.csv"  # a cohort's report (cohort.run.REPORT_NAME)
+_REPORT_HEADER = b"case_id,status,reason,"
+
+
+def _holds_a_cohort(folder: Path) -> bool:
+    """True for a folder a cohort wrote (its report.csv): its masks are outputs, not scans."""
+    try:
+        with open(folder / REPORT_FILE, "rb") as f:
+            return f.read(len(_REPORT_HEADER)) == _REPORT_HEADER
+    except OSError:
+        return False
+
+
+def input_stamp(path: str) -> str:
+    """Size and modification time of a scan's file, or of a DICOM folder's files (count, total
+    size, latest change): --resume redoes a scan whose file was replaced since it was recorded."""
+    try:
+        st = os.stat(path)
+        if not os.path.isdir(path):
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        count = size = latest = 0
+        with os.scandir(path) as entries:
+            for e in entries:
+                if e.is_file() and not e.name.startswith("."):
+                    est = e.stat()
+                    count, size, latest = count + 1, size + est.st_size, max(latest, est.st_mtime_ns)
+        return f"{count} files:{size}:{latest}"
+    except OSError:
+        return ""  # unreadable now: the scan is redone and its reader says why
+
+
 def _is_dicom_file(p: Path) -> bool:
+    if p.name.upper() == "DICOMDIR":  # a media index beside the series folders, not an image
+        return False
     ext = extension_of(p.name)
     if ext in DICOM_EXTENSIONS:
         return True

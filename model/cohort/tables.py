@@ -51,10 +51,18 @@ class Table:
             raise OutputError(self.path, f"could not be written: {os_problem(exc)}; rerun with --resume once "
                                          "there is room (the scans recorded so far are kept)") from None
 
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+    def close(self) -> OutputError | None:
+        """Close the file; the error of its last flush is returned, not raised (closing runs in a
+        `finally`, where raising would hide the error that got there first)."""
+        f, self._f = self._f, None
+        if f is None:
+            return None
+        try:
+            f.close()
+        except OSError as exc:
+            return OutputError(self.path, f"could not be written: {os_problem(exc)}; rerun with --resume once there "
+                                          "is room (the scans recorded so far are kept)")
+        return None
 
     def read_rows(self) -> list[dict]:
         """Existing rows; a partial last line (a kill mid-append) is dropped. Raises InputError

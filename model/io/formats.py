@@ -24,6 +24,13 @@ DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
 OUTPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
+def named_like_a_file(p: Path) -> bool:
+    """True when ``p``'s name ends in an image, DICOM, CSV or JSON extension: an output folder so
+    named (`sample out/x.nii.gz`) is a mistake for a file name."""
+    ext = extension_of(Path(p).name)
+    return ext in INPUT_EXTENSIONS or ext in DICOM_EXTENSIONS or ext in (".csv", ".json")
+
+
 def file_kind(p: Path) -> str:
     """'a FIFO (named pipe)', 'a socket', 'a device', ... for a path that is not a regular file."""
     try:

@@ -382,3 +382,121 @@ def test_options_key_names_the_planes():
     """Three planes change the probabilities of the volumes they run on: --resume must not skip."""
     keys = {p: ScanOptions(planes=p).key() for p in ("axial", "three", "auto")}
     assert all(f"planes={p}" in k for p, k in keys.items()) and len(set(keys.values())) == 3
+
+
+# -- a review on a realistic archive ---------------------------------------------------------------------
+def test_resume_redoes_a_replaced_file_and_a_failure_keeps_no_old_mask(scans, tmp_path, tiny_weights, client):
+    """--resume skipped a scan whose file had been replaced (the path was all it compared), and a
+    scan redone that now failed kept the earlier run's mask beside its failed row."""
+    (scans / "broken.nii.gz").unlink()
+    out = tmp_path / "out"
+    options = ScanOptions(device="cpu", seed=1)
+    assert run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False).ok == 4
+    write_volume(small_ct(7), scans / "a.nii.gz", overwrite=True)  # another scan under the same name
+    time.sleep(0.01)
+    data = (scans / "b.nii.gz").read_bytes()
+    (scans / "b.nii.gz").write_bytes(data[: len(data) // 2])  # now truncated: it fails
+    summary = run_cohort(scans, out, PROMPT, options, weights=tiny_weights, client=client, progress=False, resume=True)
+    assert (summary.skipped, summary.ok, summary.failed) == (2, 1, 1)
+    report = {r["case_id"]: r for r in read_csv(out / "report.csv")}
+    assert report["a"]["status"] == "ok" and report["b"]["status"] == "failed"
+    assert read_volume(out / "a_mask.nii.gz").shape == small_ct(7).shape
+    assert not (out / "b_mask.nii.gz").exists()  # no mask of the earlier file beside the failed row
+
+
+def test_a_second_cohort_on_the_same_folder_is_refused(scans, tmp_path, tiny_weights, client):
+    """Both ran, and the second replaced the first's report.csv while the first was writing."""
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / cohort.run.LOCK_NAME, "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        held.write("pid 12345 on elsewhere")
+        held.flush()
+        with pytest.raises(OutputError, match=r"another cohort is writing to it \(pid 12345 on elsewhere\)"):
+            run_cohort(scans, out, PROMPT, ScanOptions(device="cpu"), weights=tiny_weights, client=client,
+                       progress=False)
+    (scans / "broken.nii.gz").unlink()
+    assert run_cohort(scans, out, PROMPT, ScanOptions(device="cpu"), weights=tiny_weights, client=client,
+                      progress=False).ok == 4  # released: it runs
+
+
+def test_a_full_disk_stops_the_cohort_with_its_message(scans, tmp_path, tiny_weights, client, monkeypatch):
+    """It went on through every scan, each 'failed: no space left', and the error of closing the
+    tables replaced the cohort's message with 'unexpected OSError'."""
+    def full(*args, **kwargs):
+        raise OutputError(kwargs.get("path", "mask"), "could not be written: no space left on device")
+
+    monkeypatch.setattr(cohort.worker, "write_volume", full, raising=False)
+    import boltzformer.io
+
+    monkeypatch.setattr(boltzformer.io, "write_volume", full)
+    with pytest.raises(OutputError, match="the disk is full .* rerun with --resume once there is room"):
+        run_cohort(scans, tmp_path / "out", PROMPT, ScanOptions(device="cpu"), weights=tiny_weights, client=client,
+                   progress=False)
+    assert len(read_csv(tmp_path / "out" / "report.csv")) == 1  # stopped at the first
+
+
+def test_closing_a_table_returns_its_error_instead_of_raising(tmp_path):
+    table = cohort.tables.Table(tmp_path / "t.csv", ("a",))
+    table.start([])
+
+    class Full:
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    table._f = Full()
+    error = table.close()
+    assert isinstance(error, OutputError) and "no space left on device" in str(error)
+    assert table.close() is None
+
+
+def test_what_a_folder_walk_takes_for_scans(scans, tmp_path, tiny_weights, client):
+    """A DICOMDIR made its folder a failed 'series'; an earlier cohort's output folder inside the
+    input was segmented as scans; linked folders were skipped silently; `-o x.nii.gz` made a folder."""
+    (scans / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    (scans / "broken.nii.gz").unlink()
+    run_cohort(scans, scans / "results", PROMPT, ScanOptions(device="cpu"), weights=tiny_weights, client=client,
+               progress=False)
+    linked = tmp_path / "elsewhere"
+    linked.mkdir()
+    write_volume(small_ct(5), linked / "d.nii.gz")
+    (scans / "link").symlink_to(linked, target_is_directory=True)
+    (scans / "loop").symlink_to(scans, target_is_directory=True)  # followed once, never in circles
+    notes = []
+    listed = cohort.list_scans(scans, PROMPT, exclude=[scans / "results_v2"], warn=notes.append)
+    assert [s.case_id for s in listed] == ["a", "b", "link_d", "p2_c", "p3_series"]
+    assert notes == [f"{scans / 'results'}: holds an earlier cohort's masks (report.csv); left out"]
+    with pytest.raises(OutputError, match="is named like a file, but a cohort writes a folder"):
+        run_cohort(scans, tmp_path / "result.nii.gz", PROMPT, ScanOptions(device="cpu"), weights=tiny_weights,
+                   client=client, progress=False)
+    assert not (tmp_path / "result.nii.gz").exists()
+
+
+def test_ctrl_c_in_a_terminal_gives_one_line_not_the_workers_tracebacks(tmp_path, tiny_weights):
+    """A terminal sends Ctrl-C to the whole process group: each Dask worker process printed its
+    own KeyboardInterrupt traceback before the cohort's one-line message."""
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "scans"
+    root.mkdir()
+    for i in range(30):  # enough that the cohort is still running when the Ctrl-C comes
+        write_volume(small_ct(i), root / f"s{i}.nii.gz")
+    out = tmp_path / "out"
+    err = tmp_path / "err.txt"
+    cmd = [sys.executable, "-m", "boltzformer.cli", "cohort", str(root), "-p", PROMPT, "-o", str(out), "--workers", "2",
+           "--device", "cpu", "--weights", tiny_weights, "--quiet"]
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out / "report.csv").exists() and proc.poll() is None:
+            time.sleep(0.1)  # the workers are up once the report is started
+        assert proc.poll() is None, err.read_text()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 2
+    text = err.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert text.strip().splitlines()[-1].startswith("boltzformer: error: interrupted;")
