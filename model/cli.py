@@ -259,8 +259,9 @@ def cmd_cohort(args) -> int:
         _warn(f"... and {len(summary.failures) - 10} more failed scans; see {summary.out_dir / REPORT_NAME}")
     earlier = f", {summary.skipped} done before (--resume)" if summary.skipped else ""
     retried = f", {summary.retried} run again after a lost worker" if summary.retried else ""
-    print(f"{summary.total} scans: {summary.ok} ok, {summary.failed} failed{earlier}{retried}; "
-          f"{summary.scans_per_minute:.1f} scans/min on {summary.workers} worker(s), {summary.device}; "
+    rate = (f"{summary.scans_per_minute:.1f} scans/min on {summary.workers} worker(s), {summary.device}"
+            if summary.ok + summary.failed else "nothing left to run")
+    print(f"{summary.total} scans: {summary.ok} ok, {summary.failed} failed{earlier}{retried}; {rate}; "
           f"masks, lesions.csv and report.csv in {summary.out_dir}")
     return summary.exit_status
 
