@@ -207,7 +207,7 @@ class SegmentationResult:
     mask: np.ndarray | None  # uint8 (z, y, x)
     threshold: float
     min_lesion_mm3: float
-    slices: tuple[int, int]  # processed [start, stop) in input slice indices
+    slices: tuple[int, int]  # asked-for [start, stop) in input slice indices (stopped early: see slices_done)
     runs: int
     uncertainty: np.ndarray | None = None  # float32 (z, y, x), variance over sampling seeds
     mirror: bool = False  # each slice averaged with its left-right mirror image (Segmenter.predict_batch)
