@@ -1,8 +1,10 @@
 """Sparse vs dense vs Mask2Former decoder cross-attention, side by side in one run.
 
-    python benchmarks/decoder.py [--device cpu|cuda] [--json out.json]
+    python benchmarks/decoder.py [--device cpu|cuda] [--batch 1] [--repeats 50] [--out DIR]
 
-Same as `boltzformer bench decoder`; writes benchmarks/results/decoder_<device>.{json,md}.
+Same as `boltzformer bench decoder`, plus --batch and a plot; writes
+DIR/decoder_<device>_batch<N>.{json,md,png}. DIR defaults to runs/bench (git-ignored): a trial run
+never replaces a published result; pass --out benchmarks/results to update one.
 """
 
 import argparse
@@ -13,7 +15,7 @@ from boltzformer.bench.decoder import bench_decoder, decoder_markdown
 from boltzformer.devices import resolve_device
 from boltzformer.plots import pyplot
 
-RESULTS = Path(__file__).parent / "results"
+TRIALS = Path(__file__).parent.parent / "runs" / "bench"
 
 
 def main():
@@ -21,19 +23,19 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--batch", type=int, default=1, help="slices per call")
-    p.add_argument("--json", help="also write the JSON here")
+    p.add_argument("--out", type=Path, default=TRIALS,
+                   help="folder for the results (default runs/bench; benchmarks/results holds the published ones)")
     args = p.parse_args()
     device = resolve_device(args.device)
     result = bench_decoder(device=device, repeats=args.repeats, batch=args.batch)
     md = decoder_markdown(result)
     print(md)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"decoder_{device.type}_batch{args.batch}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"decoder_{device.type}_batch{args.batch}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(md)
     plot(result, stem.with_suffix(".png"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"-> {stem}.json, .md, .png")
 
 
 def plot(result: dict, path: Path) -> None:

@@ -222,10 +222,15 @@ def summary_line(result, seconds: float, device, output) -> str:
     """What `segment` prints when it is done: lesions, volume, what the filters dropped, time."""
     total_ml = sum(r["volume_mm3"] for r in result.lesions) / 1000
     n_slices = result.slices[1] - result.slices[0]
+    axial = ""
+    reo, frame = getattr(result, "reorientation", None), getattr(result, "frame", None)
+    if reo is not None and not reo.keeps_slices and frame is not None:
+        n_slices = frame.shape[0]  # a sagittal or coronal scan: the axial slices the network ran on
+        axial = " axial"
     dropped = (f" ({len(result.rejected)} more dropped by the false-positive filter; --no-fp-filter keeps them)"
                if result.rejected else "")
     return (f"{len(result.lesions)} lesion(s) for '{result.prompt}', total {total_ml:.2f} mL{dropped}; "
-            f"{n_slices} slice{'' if n_slices == 1 else 's'}{_passes_note(result)} in "
+            f"{n_slices}{axial} slice{'' if n_slices == 1 else 's'}{_passes_note(result)} in "
             f"{seconds:.1f} s on {device}; mask -> {output}")
 
 
@@ -428,7 +433,16 @@ def cmd_bench(args) -> int:
     from .devices import resolve_device
     from .errors import OutputError
 
-    # checked before minutes of timing: the device, the weights, where the results go
+    # checked before minutes of timing: the options, the device, the weights, where the results go
+    other = {"decoder": ("--slices", "--weights", "--mirror"), "volume": ("--repeats",)}[args.what]
+    given = [o for o in other if getattr(args, o[2:]) is not None]
+    if given:
+        raise BoltzformerError(f"bench {args.what}: {', '.join(given)} does not apply to it (it was ignored)")
+    if args.what == "decoder":
+        args.repeats = args.repeats or 30
+    else:
+        args.slices = "100,300" if args.slices is None else args.slices
+        args.mirror = DEFAULT_MIRROR if args.mirror is None else args.mirror
     resolve_device(args.device)
     if args.what == "volume" and args.weights:
         from . import weights
@@ -591,10 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "synthetic 512 x 512 CT, end to end")
     b.add_argument("--json", default=None, help="also write the results here (.json; volume: a .md table beside it)")
     b.add_argument("--device", default="cpu", choices=devices)
-    b.add_argument("--repeats", type=whole(1, 100_000), default=30, help="decoder: timed repeats per setting")
-    b.add_argument("--slices", default="100,300", help="volume: slice counts to time")
+    b.add_argument("--repeats", type=whole(1, 100_000), default=None,
+                   help="decoder: timed calls per setting, after 3 untimed (default 30; the median is reported)")
+    b.add_argument("--slices", default=None, help="volume: slice counts to time (default 100,300)")
     b.add_argument("--weights", default=None, help="volume: weights to time (default: bundled)")
-    b.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=DEFAULT_MIRROR,
+    b.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="volume: with mirror averaging, as in segment")
     b.set_defaults(func=cmd_bench)
     return p

@@ -13,13 +13,13 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel
 
+from boltzformer.results import FLAT_SPREAD
+
 from ._layers import ROLE_KEY, attention_contrast, attention_legend
 from ._qt import compact
 
 HEAT_VALUES = (("queries per cell", "counts"), ("sampling probability", "probabilities"))
 TOP_FRACTION = 0.5
-# exp(entropy) / cells at or above this: a flat distribution, whose "hottest cells" would be all of them
-FLAT_SPREAD = 0.995
 
 
 class HeatmapControls(QGroupBox):
@@ -35,20 +35,23 @@ class HeatmapControls(QGroupBox):
         for text, value in HEAT_VALUES:
             self.values_combo.addItem(text, value)
         self.values_combo.setToolTip("Colour = how many of the decoder's queries sampled each token, or the "
-                                     "Boltzmann probability of sampling it (1 = what a uniform draw gives)")
+                                     "Boltzmann probability of drawing it in one draw, mean over queries (1 = what a "
+                                     "uniform draw gives; a token at 50 is not sampled 50 times as often: each "
+                                     "query draws ~10 % of the tokens, each once)")
         self.query_combo = QComboBox()
         self.query_combo.setToolTip("One query's samples, or all queries together")
         row = QHBoxLayout()
         row.addWidget(self.values_combo, 3)
         row.addWidget(self.query_combo, 2)
         form.addRow("Colour", row)
-        self.top_check = QCheckBox(f"only the top {TOP_FRACTION * 100:.0f} % of the sampling mass")
+        self.top_check = QCheckBox(f"only the hottest cells (up to about {TOP_FRACTION * 100:.0f} % of the mass)")
         self.top_check.setChecked(True)
         compact(self.values_combo, 15)
         compact(self.query_combo, 8)
         self.top_check.setToolTip("Show only the fewest cells that hold this share of the Boltzmann sampling "
-                                  "probability (where it sits on a flat floor, only the cells above the floor): "
-                                  "where the search concentrates")
+                                  "probability, leaving out a flat floor (then they hold less: the line below "
+                                  "gives the share on the slice shown), and nothing on a slice whose sampling is "
+                                  "flat: where the search concentrates")
         form.addRow(self.top_check)
         self.info_label = QLabel("")
         self.info_label.setWordWrap(True)

@@ -20,10 +20,14 @@ from ..network.decoder import AUTO_ATTENTION_IMPL, POS_DIM, sine_positions
 from ..network.graphs import capture, graphs_available
 from ..runtime import tune_allocator
 from ..devices import resolve_device
-from .machine import machine_description, write_text
+from .machine import describe, machine_description, write_text
 
 
-def _time(fn, device, repeats: int, warmup: int = 3) -> float:
+WARMUP_CALLS = 3  # untimed calls before the repeats (allocation, kernel selection)
+
+
+def _time(fn, device, repeats: int, warmup: int = WARMUP_CALLS) -> tuple[float, float, float]:
+    """(median, min, max) seconds of ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -35,7 +39,7 @@ def _time(fn, device, repeats: int, warmup: int = 3) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), min(times), max(times)
 
 
 @torch.inference_mode()
@@ -72,7 +76,8 @@ def bench_decoder(sizes=(16, 32, 64, 128), num_queries=10, dim=128, heads=4, rat
                                                           indices=sampling.sample_tokens(conf, k, 0.5, gen)),
             "mask2former": lambda: attn(q, tokens, pos, mask=sampling.threshold_mask(conf, 0.9)),
         }
-        times = {name: _time(fn, device, repeats) for name, fn in variants.items()}
+        spread = {name: _time(fn, device, repeats) for name, fn in variants.items()}
+        times = {name: t[0] for name, t in spread.items()}
         # On CUDA the product replays the network as CUDA graphs (network/graphs.py): time the
         # three variants that way too, each recorded once and replayed.
         graphed = {}
@@ -80,12 +85,13 @@ def bench_decoder(sizes=(16, 32, 64, 128), num_queries=10, dim=128, heads=4, rat
             for name in _GRAPHED:
                 fn = variants[name]
                 graph, _ = capture(fn, generators=(gen,) if "sampling" in name else (), warmup=2)
-                graphed[name] = _time(graph.replay, device, repeats)
+                graphed[name] = _time(graph.replay, device, repeats)[0]
         macs_dense = cross_attention_macs(num_queries, n, dim, heads, None) * batch
         macs_sparse = cross_attention_macs(num_queries, n, dim, heads, k) * batch
         rows.append({
             "tokens": n, "side": side, "k": k, "batch": batch,
-            "time_ms": {name: 1000 * t for name, t in times.items()},
+            "time_ms": {name: 1000 * t for name, t in times.items()},  # medians
+            "time_ms_min_max": {name: [1000 * t[1], 1000 * t[2]] for name, t in spread.items()},
             "macs": {"dense": macs_dense, "sparse_gather": macs_sparse, "mask2former": macs_dense},
             "mask2former_attended_fraction": float(m2f.float().mean()),
             "speedup_sparse_vs_dense": times["dense"] / times["sparse_gather"],
@@ -102,7 +108,7 @@ def bench_decoder(sizes=(16, 32, 64, 128), num_queries=10, dim=128, heads=4, rat
     auto = AUTO_ATTENTION_IMPL
     return {"benchmark": "decoder_cross_attention", "device": str(device), "machine": machine_description(),
             "num_queries": num_queries, "dim": dim, "heads": heads, "ratio": ratio, "auto_impl": auto,
-            "batch": batch, "cuda_graphs": use_graphs, "rows": rows}
+            "batch": batch, "cuda_graphs": use_graphs, "repeats": repeats, "warmup_calls": WARMUP_CALLS, "rows": rows}
 
 
 # The variants timed as CUDA graph replays too (on CUDA).
@@ -114,9 +120,9 @@ _AUTO_NAMES = {"gather": "gather", "dense": "masked (attention_impl 'dense' over
 
 def decoder_markdown(result: dict) -> str:
     lines = [f"Decoder cross-attention, m = {result['num_queries']}, D = {result['dim']}, {result['heads']} heads, "
-             f"ratio {result['ratio']:.0%}, device {result['device']} ({result['machine'].get('gpu') or result['machine']['cpu']}, "
-             f"{result['machine']['torch_threads']} threads)", "",
-             "",
+             f"ratio {result['ratio']:.0%}, device {result['device']} ({describe(result['machine'])}). "
+             f"Each time is the median of {result.get('repeats', '?')} calls after {result.get('warmup_calls', '?')} "
+             "untimed ones (min and max in the JSON).", "",
              "Sampling included (the method draws its tokens every layer): gather = sparse gather "
              "attention, masked = the same sampled pattern as a boolean-masked dense SDPA. "
              f"attention_impl='auto' runs **{_AUTO_NAMES.get(result.get('auto_impl'), '?')}** on this device.", "",

@@ -88,13 +88,13 @@ def test_top_mass_is_the_fewest_cells_holding_the_fraction():
     two[0, 0], two[3, 3], two[2, 2] = 3.0, 2.0, 1.0  # 50 %: the first cell alone
     att = _maps([[flat, sharp], [two, np.zeros((4, 4))]])
     top = att.top_mass(0.5)
-    assert top[0, 0].all()  # a flat distribution: every cell ties at the cut
+    assert not top[0, 0].any()  # a flat distribution: no cell stands out (the panel says "flat")
     assert top[0, 1].sum() == 1 and top[0, 1, 1, 2]
     assert top[1, 0].sum() == 1 and top[1, 0, 0, 0]
     assert not top[1, 1].any()  # an unprocessed slice (all zero) selects nothing
     assert att.top_mass(0.9)[1, 0].sum() == 3  # 3 + 2 < 0.9 * 6: all three
     area, mass = att.top_mass_stats(0.5)
-    assert area[0].tolist() == pytest.approx([1.0, 1 / 16])
+    assert area[0].tolist() == pytest.approx([0.0, 1 / 16])
     assert area[1, 0] == pytest.approx(1 / 16) and np.isnan(area[1, 1])  # an unprocessed slice: no number
     assert mass[0, 1] == pytest.approx(6 / 7.5, rel=1e-3) and mass[1, 0] == pytest.approx(0.5)  # float16 maps
 

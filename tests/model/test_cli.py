@@ -405,6 +405,8 @@ def test_a_prompt_that_is_not_utf8_is_a_one_line_error(ct_path, tmp_path, tiny_w
     (["bench", "volume", "--slices", "8", "--json", "v.md"], "give a .json path"),
     (["bench", "decoder", "--json", "/nowhere/x.json"], "its folder /nowhere does not exist"),
     (["bench", "decoder", "--device", "foo"], "invalid choice: 'foo'"),
+    (["bench", "decoder", "--slices", "8"], "bench decoder: --slices does not apply to it"),  # was ignored
+    (["bench", "volume", "--repeats", "3"], "bench volume: --repeats does not apply to it"),
 ])
 def test_bench_arguments_are_checked_before_any_timing(argv, said, capsys):
     code, _, err = run(argv, capsys)
@@ -463,6 +465,10 @@ def test_the_summary_line_says_what_the_filters_dropped_and_which_passes_ran():
     assert "182 slices (three planes: the coronal and sagittal slices too) in" in cli.summary_line(result, 1, "cpu", "o")
     result.slices, result.planes = (4, 5), "axial"
     assert "; 1 slice in 1.0 s on cpu" in cli.summary_line(result, 1, "cpu", "o")  # a single 2D image
+    # a sagittal scan of 256 slices is segmented in the 64 axial slices of its canonical frame
+    result.slices = (0, 256)
+    result.reorientation, result.frame = SimpleNamespace(keeps_slices=False), SimpleNamespace(shape=(64, 256, 256))
+    assert "; 64 axial slices in 1.0 s" in cli.summary_line(result, 1, "cpu", "o")
 
 
 @pytest.mark.parametrize("flag, expected", [("three", "three"), ("auto", "auto"), (None, DEFAULT_PLANES)])

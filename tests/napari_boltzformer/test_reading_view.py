@@ -61,7 +61,7 @@ def test_heatmap_has_a_colour_bar_a_legend_and_opens_on_the_sharpest_layer(reade
     q = reading_segmenter.config.num_queries
     assert tuple(heat.contrast_limits) == (0.0, float(q))
     legend = panel.canvas_labels.text("legend")
-    assert f"queries (of {q})" in legend and "hottest cells,\n~50 % of the mass" in legend
+    assert f"queries (of {q})" in legend and "hottest cells only\n(≤ ~50 % of the mass)" in legend
     axis = viewer.dims.ndim - heat.ndim
     assert viewer.dims.current_step[axis] == att.sharpest_layer()
     # the slider's label names τ of the layer shown, and follows it

@@ -74,3 +74,31 @@ def test_stages_split_the_inference_with_or_without_network_stages():
     assert cpu == {"preprocess": 0.5, "postprocess": 1.0, "resize_and_copy": 0.5}
     cuda = split_stages(timings, {}, False)  # CUDA: the network runs as graphs, timed as a whole
     assert cuda == {"preprocess": 0.5, "postprocess": 1.0, "network": 4.0}
+
+
+def test_the_peak_memory_and_time_reported_are_the_default_pipelines(tiny, monkeypatch):
+    """The published peak RSS was read after the opt-in detector had run, and its time counted the
+    default post-processing run again."""
+    import time
+
+    from boltzformer.bench.volume import measure
+    from boltzformer.results import SegmentationResult
+
+    weights, ct, folder = tiny
+    original = SegmentationResult.rethreshold
+    held, extra = [], []
+
+    def rethreshold(self, threshold, *args, nodule_detector=None, **kwargs):
+        out = original(self, threshold, *args, nodule_detector=False if nodule_detector else None, **kwargs)
+        if nodule_detector:  # a stand-in detector that needs 400 MB and at least 0.3 s more than the default
+            t = time.perf_counter()
+            held.append(np.ones(400 * 2**20, np.uint8))
+            time.sleep(0.3)
+            extra.append(time.perf_counter() - t)
+        return out
+
+    monkeypatch.setattr(SegmentationResult, "rethreshold", rethreshold)
+    row = measure(ct, str(folder / "mask_peak.nii.gz"), "cpu", weights=weights)
+    assert row["peak_rss_mb_with_nodule_detector"] - row["peak_rss_mb"] > 350
+    assert abs(row["nodule_detector_s"] - extra[0]) < 0.25  # the default post-processing is not counted twice
+    assert row["cuda_first_volume_s"] is None
