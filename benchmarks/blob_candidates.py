@@ -130,7 +130,7 @@ def mine(volumes: int, out: Path, seed: int = 5, lung_mask: str = "phantom", arc
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="val", choices=("val", "test"))
     ap.add_argument("--count", type=int, default=12)
     ap.add_argument("--json")

@@ -98,7 +98,7 @@ def sweep(cases: list[dict], max_fp: float) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     h = sub.add_parser("hard")
     h.add_argument("--data", type=Path, required=True)

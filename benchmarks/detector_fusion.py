@@ -104,7 +104,7 @@ def sweep(cases: list[dict], max_fp: float) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", choices=("val", "test"), default="val")
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--fine", type=Path, default=None, help="C2's classifier (.safetensors with its .json)")

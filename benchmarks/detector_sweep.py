@@ -60,7 +60,7 @@ def operating_point(rows: list[dict], max_fp: float) -> dict | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("result", type=Path, help="a phantom_chest.py --json file")
     ap.add_argument("--max-fp", type=float, default=1.0)
     ap.add_argument("--json", type=Path, default=None)

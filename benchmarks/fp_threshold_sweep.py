@@ -85,7 +85,7 @@ def sweep_sensitivity(cands: list[dict], cases: list[dict], max_fp: float) -> tu
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("candidates", type=Path)
     ap.add_argument("--max-lost", type=float, default=0.02, help="share of true candidates the rule may drop")
     ap.add_argument("--json", type=Path, default=None)

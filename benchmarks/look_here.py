@@ -106,7 +106,7 @@ def run_click(seg, volume, point, configs) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--volumes", type=int, default=20)
     ap.add_argument("--first", type=int, default=0, help="index of the first volume (seed 70000 + first)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/look_here.json"))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from boltzformer import weights
 from boltzformer import fp_filter
 from boltzformer.io import Volume
 from boltzformer.options import DEFAULT_MIRROR
@@ -157,7 +158,7 @@ def summarise(cases):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", choices=tuple(SETS), default="test")
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--weights", default=None)
@@ -181,7 +182,7 @@ def main():
     seg.segment_volume = functools.partial(seg.segment_volume, mirror=args.mirror)  # every run here
     cases, candidates = run(args.set, args.count, seg, args.candidates is not None, args.threshold)
     summary = {"set": args.set, "count": args.count, "threshold": args.threshold, "mirror": args.mirror,
-               "weights_sha256": seg.info.get("sha256"),
+               "weights_sha256": weights.sha256(seg.info["weights_path"]),
                "fp_classifier": str(args.fp_classifier) if args.fp_classifier else "bundled",
                "detector_classifier": str(args.detector_classifier) if args.detector_classifier else "bundled",
                "weights": seg.info.get("weights_path"), **summarise(cases)}

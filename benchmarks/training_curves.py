@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("stages", nargs="+", help="LOG.csv[:label], in training order")
     p.add_argument("--out", default="docs/images/training_curves.png")
     args = p.parse_args(argv)
+    missing = [spec.partition(":")[0] for spec in args.stages if not Path(spec.partition(":")[0]).is_file()]
+    if missing:  # the training runs' logs are not in the repository (model card, "Training recipe")
+        p.error(f"no such log: {', '.join(missing)} (the logs of `boltzformer train --out DIR` are DIR/log.csv)")
 
     plt = pyplot()
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(14, 4.2))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from phantom_chest import phantom_case  # noqa: E402
 
+from boltzformer import weights
 from boltzformer import postprocess  # noqa: E402
 from boltzformer.io import read_volume  # noqa: E402
 from boltzformer.segmenter import Segmenter  # noqa: E402
@@ -137,15 +138,20 @@ def ms_brain(seg: Segmenter, zoom: float, folder: Path) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoom", type=float, default=2.0)
     ap.add_argument("--count", type=int, default=12)
     ap.add_argument("--ms", type=Path, default=None, help="folder of the real cases (../shared/data/real)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.ms:  # checked before the phantoms' minutes of work
+        missing = [f for c in ("openms_p07_flair", "openms_p07_t2") for f in (f"{c}_image.nii.gz", f"{c}_mask.nii.gz")
+                   if not (args.ms / f).is_file()]
+        if missing:
+            ap.error(f"--ms {args.ms}: {', '.join(missing)} not there")
     seg = Segmenter.from_pretrained(None, device="cpu")
     rows = phantoms(seg, args.zoom, args.count)
-    out = {"zoom": args.zoom, "set": "val", "count": args.count, "weights_sha256": seg.info.get("sha256"),
+    out = {"zoom": args.zoom, "set": "val", "count": args.count, "weights_sha256": weights.sha256(seg.info["weights_path"]),
            "summary": summarise(rows), "cases": rows}
     if args.ms:
         out["ms_brain"] = ms_brain(seg, args.zoom, args.ms)

@@ -124,9 +124,9 @@ def main():
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     new = WORK / "new"
-    if not (new / "boltzformer").exists():
-        shutil.copytree("model", new / "boltzformer")
-        shutil.copytree("resources", new / "boltzformer" / "resources")
+    shutil.rmtree(new / "boltzformer", ignore_errors=True)  # copied anew: an earlier run's copy would time old code
+    shutil.copytree("model", new / "boltzformer")
+    shutil.copytree("resources", new / "boltzformer" / "resources")
     old = Path("runs/gpu_ab/old")
     versions = {"new": str(new)}
     if (old / "boltzformer").is_dir():

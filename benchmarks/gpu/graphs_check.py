@@ -29,7 +29,8 @@ BUDGET_S = float(os.environ.get("BUDGET_S", 400))
 OUT = Path(os.environ.get("OUT") or "/tmp/graphs_out")
 OUT.mkdir(parents=True, exist_ok=True)
 PKG = Path("/tmp/graphs_work/pkg")
-if not (PKG / "boltzformer").exists():  # the package as installed: model/ with resources/ inside
+if __name__ == "__main__":  # the package as installed (model/ with resources/ inside), copied anew each run
+    shutil.rmtree(PKG / "boltzformer", ignore_errors=True)
     shutil.copytree("model", PKG / "boltzformer")
     shutil.copytree("resources", PKG / "boltzformer" / "resources")
 sys.path.insert(0, str(PKG))

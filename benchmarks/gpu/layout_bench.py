@@ -35,9 +35,9 @@ WORK = Path("/tmp/layout_work")
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     pkg = WORK / "pkg"
-    if not (pkg / "boltzformer").exists():
-        shutil.copytree("model", pkg / "boltzformer")
-        shutil.copytree("resources", pkg / "boltzformer" / "resources")
+    shutil.rmtree(pkg / "boltzformer", ignore_errors=True)  # copied anew: an old copy would time old code
+    shutil.copytree("model", pkg / "boltzformer")
+    shutil.copytree("resources", pkg / "boltzformer" / "resources")
     sys.path.insert(0, str(pkg))
     sys.path.insert(0, str(Path(__file__).parent))
     from ab_bench import stub_missing  # SimpleITK and the MiniLM wheel are absent on the GPU machine

@@ -84,6 +84,8 @@ def main(argv=None, results: Path | None = None, real_dir: Path | None = None) -
     common = dict(model="boltzformer-s", synth_train=3000, synth_val=300, steps=args.steps, steps_per_epoch=args.steps,
                   batch_size=16, warmup_steps=50, workers=2, threads=2, seed=0, lr=1e-3, positive_weight_max=20.0)
     real_dir = args.real_dir or data_mod.default_real_dir()
+    if real_dir is not None and not (Path(real_dir) / "cases.csv").is_file():  # before minutes of training
+        p.error(f"--real-dir {real_dir}: no cases.csv there (a folder of the real cases is needed)")
     real_val = data_mod.real_examples(real_dir, "heldout", size, negatives=False) if real_dir else None
     def evaluate_row(name, overrides, model, bank, minutes):
         synth_val = synthetic_cache(cfg, cfg.synth_val, cfg.seed + 10_000, size)
