@@ -159,7 +159,9 @@ def summarise(cases):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", choices=tuple(SETS), default="test")
+    ap.add_argument("--set", choices=tuple(SETS), required=True,
+                    help="val: to choose on; test: once, after a choice (no default: the test phantoms are not run "
+                         "by accident)")
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--threshold", type=float, default=0.5)

@@ -575,7 +575,8 @@ def _end_epoch(model, bank, train_bank, rows, running, step, best, lr, started, 
     if phantom_val is not None:
         log.info("   phantom Dice %.3f (small %.3f) fp-neg %.3f", row["val_phantom_dice"],
                  row["val_phantom_dice_small"], row["val_phantom_negative_fp_rate"])
-    # Selection on synthetic validation only: the real held-out split is reported, never tuned on.
+    # Checkpoints are chosen on synthetic validation only: the real held-out split is reported here
+    # (it has entered adoption decisions elsewhere: MODEL_CARD "How clean the test sets are").
     # With phantom chests, their Dice counts as much as the 2D slices' and each false
     # positive on a lesion-free phantom slice costs as much as a missed lesion.
     score = row["val_synth_dice"]

@@ -32,11 +32,22 @@ MIN_HELDOUT_LUNG_DICE = 0.38
 
 
 def _patient(case_id: str) -> str:
-    """The patient / source image a case comes from: what the split must never divide."""
+    """The patient / source image a case comes from: what the split must never divide. Groups
+    the data's README names: msT1_pPP_sSSS is patient 1PP of the ms_flair_1PPSSS slices;
+    lungjpg_100NN is patient 100NN of msd_lung_slice_100NN; an open_ms brain's FLAIR and T2;
+    the ts_chest01 crops of one CT."""
     if case_id.startswith("msd_lung_slice_"):
         return "msd_lung_" + case_id.split("_")[3]
+    if case_id.startswith("lungjpg_"):
+        return "msd_lung_" + case_id.split("_")[1]
     if case_id.startswith("ms_flair_"):
         return "ms_flair_" + case_id.split("_")[2][:3]
+    if case_id.startswith("msT1_p"):
+        return "ms_flair_1" + case_id.split("_")[1][1:]
+    if case_id.startswith("openms_"):
+        return "_".join(case_id.split("_")[:2])
+    if case_id.startswith("ts_chest01"):
+        return "ts_chest01"
     if case_id.startswith("sammed2d_"):
         return "_".join(case_id.split("_")[:4])  # e.g. sammed2d_amos_0006_90: one image, several prompts
     return case_id
@@ -52,6 +63,19 @@ def test_split_file_follows_patients_not_slices():
     assert real_split("msd_lung_patch_val_109") == "train"
     for prompt in ("liver", "spleen", "inferior_vena_cava"):
         assert real_split(f"sammed2d_amos_0006_90_{prompt}") == "heldout"
+    # T1 and FLAIR slices of one patient (the same image number): one side (they were split)
+    assert real_split("msT1_p13_s019") == real_split("ms_flair_113019") == "train"
+    assert real_split("msT1_p05_s003") == real_split("ms_flair_105006") == "heldout"
+    assert real_split("lungjpg_10001_s231") == real_split("msd_lung_slice_10001_234") == "train"
+
+
+def test_every_case_of_the_split_file_groups_with_its_patient():
+    """Without the data: the split file's own case ids, grouped by patient, never on two sides."""
+    sides: dict[str, set] = {}
+    for case_id, split in SPLIT.items():
+        sides.setdefault(_patient(case_id), set()).add(split)
+    mixed = {p: s for p, s in sides.items() if len(s) > 1}
+    assert not mixed, f"patients on two sides of the split: {mixed}"
 
 
 @needs_real_data
