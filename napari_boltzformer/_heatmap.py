@@ -13,8 +13,6 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel
 
-from boltzformer.results import FLAT_SPREAD
-
 from ._layers import ROLE_KEY, attention_contrast, attention_legend
 from ._qt import compact
 
@@ -194,6 +192,8 @@ class HeatmapControls(QGroupBox):
             z = int(round(float(heat.world_to_data(self.viewer.dims.point[axis:])[1])))
         else:
             z = 0
+        from boltzformer.results import FLAT_SPREAD  # here: the plugin's modules load without torch
+
         spread = stats["spread"][layer_index, z] if 0 <= z < stats["spread"].shape[1] else np.nan
         if np.isfinite(spread) and spread >= FLAT_SPREAD:
             text += (f"this slice: the sampling is flat (spread over {_percent(spread)} of the frame): no cell "

@@ -74,10 +74,12 @@ class Volume:
             raise ValueError(f"spacing_mm must be positive and finite (x, y, z in mm), got {self.spacing_mm}")
         if not all(math.isfinite(o) for o in self.origin_mm):
             raise ValueError(f"origin_mm must be finite (x, y, z in mm), got {self.origin_mm}")
+        # unit columns of a non-degenerate matrix: a rotation, or a layer's shear kept by from_affine_zyx
         if not (np.all(np.isfinite(self.direction))
-                and np.allclose(self.direction.T @ self.direction, np.eye(3), atol=1e-3)):
-            raise ValueError("direction must be a rotation (orthonormal columns: the x, y, z axes' unit "
-                             f"vectors in LPS), got {self.direction.tolist()}")
+                and np.allclose(np.linalg.norm(self.direction, axis=0), 1.0, atol=1e-3)
+                and abs(np.linalg.det(self.direction)) > 0.05):
+            raise ValueError("direction must hold the x, y, z axes' unit vectors in LPS as its columns (a "
+                             f"rotation), got {self.direction.tolist()}")
         if self.array.size == 0:
             raise ValueError(f"Volume.array holds no voxel: shape {self.array.shape}")
         if self.array.dtype.kind not in "biuf":

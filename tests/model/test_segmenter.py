@@ -260,8 +260,9 @@ def test_rethreshold_refuses_what_segment_refuses(segmenter, volume):
     (dict(spacing_mm=(1.0, 1.0, float("nan"))), "spacing_mm must be positive and finite"),  # gave an empty mask
     (dict(spacing_mm=(1.0, 1.0, float("inf"))), "spacing_mm must be positive and finite"),
     (dict(origin_mm=(0.0, float("nan"), 0.0)), "origin_mm must be finite"),
-    (dict(direction=np.zeros((3, 3))), "direction must be a rotation"),
-    (dict(direction=[[1, .5, 0], [0, 1, 0], [0, 0, 1]]), "direction must be a rotation"),
+    (dict(direction=np.zeros((3, 3))), "direction must hold the x, y, z axes' unit vectors"),
+    (dict(direction=[[1, .5, 0], [0, 1, 0], [0, 0, 1]]), "direction must hold the x, y, z axes' unit vectors"),
+    (dict(direction=[[1, 0, 0], [0, 1, 1], [0, 0, 0]]), "direction must hold"),  # two axes the same: degenerate
     (dict(array=np.zeros((0, 10, 10))), "holds no voxel"),  # a TypeError from the range message
     (dict(array=np.zeros((2, 10, 10), np.complex64)), "must hold real numbers"),
 ])
