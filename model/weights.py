@@ -4,7 +4,7 @@ A checkpoint is two files side by side: `<name>.safetensors` (tensors; also the 
 text embeddings of the prompts seen in training, under `text_cache.*`) and `<name>.json`
 (network config, prompt list, training provenance). Nothing is ever downloaded: a Hugging Face
 repo named as `hf:owner/name` is read from the local Hugging Face cache only (fetched beforehand
-by the user, e.g. `huggingface-cli download owner/name`). Anything else is a local path: a
+by the user, e.g. `hf download owner/name`). Anything else is a local path: a
 mistyped folder such as `runs/v4` fails at once naming the path.
 """
 
@@ -100,7 +100,8 @@ def _from_hub(repo_id: str) -> WeightsSource:
     except LocalEntryNotFoundError as exc:
         raise WeightsError(
             f"hf:{repo_id}: not in the local Hugging Face cache (nothing is downloaded at run time); fetch it "
-            f"first with `huggingface-cli download {repo_id}`, or pass a local file"
+            f"first with `hf download {repo_id}` (`huggingface-cli download` before huggingface_hub 1.0), or pass a "
+            "local file"
         ) from exc
     except Exception as exc:  # network errors, missing repo, auth: one clear line
         raise WeightsError(f"hf:{repo_id}: could not fetch weights ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
