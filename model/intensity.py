@@ -95,6 +95,15 @@ def normalise_modality(name) -> str:
     return "MR" if name == "MRI" else name
 
 
+def stated_modality(volume) -> str | None:
+    """"CT" or "MR" when the file says so (``volume.modality`` or a DICOM ``Modality``), else None."""
+    for value in (volume.modality, volume.metadata.get("Modality")):
+        value = normalise_modality(value)
+        if value in ("CT", "MR"):
+            return value
+    return None
+
+
 def detect_modality(volume) -> str:
     """"CT" or "MR" for a :class:`~boltzformer.io.Volume`.
 
@@ -105,10 +114,9 @@ def detect_modality(volume) -> str:
     negative), or when it looks like CT stored as HU + 1024 (see `shifted_hu_offset`).
     Everything else is MR.
     """
-    for value in (volume.modality, volume.metadata.get("Modality")):
-        value = normalise_modality(value)
-        if value in ("CT", "MR"):
-            return value
+    stated = stated_modality(volume)
+    if stated:
+        return stated
     sample = _subsample(volume.array).astype(np.float32, copy=False)
     if sample.size == 0:
         return "MR"
@@ -206,7 +214,8 @@ def classify_units(array: np.ndarray) -> str:
 
 
 def prepare_slices(
-    array: np.ndarray, *, modality: str, window: "str | Window | None" = None, prompt: str | None = None
+    array: np.ndarray, *, modality: str, window: "str | Window | None" = None, prompt: str | None = None,
+    reference: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Network input: float32 in [0, 1], same shape as ``array`` ((z, y, x) or (y, x)).
 
@@ -216,6 +225,9 @@ def prepare_slices(
         window: CT window name (key of WINDOWS) or a Window; default: from ``prompt``, else
             soft_tissue.
         prompt: the text prompt, used to pick the CT window when ``window`` is None.
+        reference: the whole volume when ``array`` is some of its slices: the units and the
+            percentiles are read from it, so a slice gets the values it gets in the whole
+            volume (MR is normalised per volume, as in training). Default: ``array``.
 
     Returns:
         (prepared, info) with info ``{"window": name or None, "units": classify_units result,
@@ -235,7 +247,8 @@ def prepare_slices(
     if modality not in ("CT", "MR"):
         raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
     array = np.asarray(array)
-    units = classify_units(array)
+    reference = array if reference is None else np.asarray(reference)
+    units = classify_units(reference)
     info: dict = {"window": None, "units": units, "warnings": []}
 
     if modality == "MR":
@@ -244,7 +257,7 @@ def prepare_slices(
                 check_window(window)
             info["warnings"].append(f"the CT window {getattr(window, 'name', window)!r} is not applied: MR has no "
                                     "Hounsfield units and is normalised per volume")
-        lo, hi = _percentile_range(array, foreground=True)
+        lo, hi = _percentile_range(reference, foreground=True)
         return _rescale(array, lo, hi), info
 
     if units == "HU":
@@ -260,7 +273,7 @@ def prepare_slices(
     described = {
         "8bit": "8-bit grey levels (0-255)",
         "normalized": "normalised intensities (0-1)",
-        "raw": f"raw intensities ({float(np.min(array)):g} to {float(np.max(array)):g})",
+        "raw": f"raw intensities ({float(np.min(reference)):g} to {float(np.max(reference)):g})",
     }[units]
     ignored = f"; the requested window {window!r} is not applied" if window is not None else ""
     info["warnings"].append(
@@ -270,7 +283,7 @@ def prepare_slices(
         return _rescale(array, 0.0, 255.0), info
     if units == "normalized":
         return _rescale(array, 0.0, 1.0), info
-    lo, hi = _percentile_range(array, foreground=False)
+    lo, hi = _percentile_range(reference, foreground=False)
     return _rescale(array, lo, hi), info
 
 

@@ -161,6 +161,7 @@ class Segmenter:
         self.info = info or {}
         self._encoder = SentenceEncoder(model.cfg.max_text_tokens)
         self._encoder.cache.update(self.prompt_bank)
+        self._bank_layout: bool | None = None  # see _padded_bank
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -197,7 +198,26 @@ class Segmenter:
 
     # -- prompts --------------------------------------------------------------------------
     def embed(self, prompts: list[str]) -> list[PromptEmbedding]:
-        return self._encoder.encode([normalise_prompt(p) for p in prompts])
+        """Frozen-encoder embeddings: the weights' cached ones for the prompts they were trained
+        on; a new prompt is encoded, in the token layout of the cached ones (see _padded_bank)."""
+        texts = [normalise_prompt(p) for p in prompts]
+        for text in dict.fromkeys(texts):
+            if text not in self._encoder.cache and self._padded_bank():
+                plain = self._encoder.encode([text])[0]
+                names = self.known_prompts
+                nearest = names[int(np.argmax(np.stack([self.prompt_bank[n].pooled for n in names]) @ plain.pooled))]
+                self._encoder.cache[text] = self._encoder.encode_padded(text, len(self.prompt_bank[nearest].tokens))
+        return self._encoder.encode(texts)
+
+    def _padded_bank(self) -> bool:
+        """Whether the cached prompts hold [SEP] and padding rows besides their word pieces (the
+        bundled weights do: they were trained before the encoder kept word pieces only). A new
+        prompt is then given the same layout, as its nearest known prompt has it, instead of a
+        form the network never saw (on a real FLAIR slice the two layouts of one prompt gave
+        masks of Dice 0.976)."""
+        if self._bank_layout is None:
+            self._bank_layout = any(len(e.tokens) > self._encoder.word_pieces(p) for p, e in self.prompt_bank.items())
+        return self._bank_layout
 
     def nearest_prompts(self, prompt: str, n: int = 3) -> list[tuple[str, float]]:
         """Known prompts closest to `prompt` by cosine similarity of sentence embeddings."""
@@ -246,6 +266,23 @@ class Segmenter:
             if near and near[0][1] >= MIN_PROMPT_SIMILARITY:
                 target = target_of_prompt(near[0][0])
         return TARGETS[target].modality if target in TARGETS else None
+
+    def _modality_of(self, volume: Volume, text: str, warnings: list) -> str:
+        """The modality of a volume whose caller did not give one: the file's, else what its
+        values show (intensity.detect_modality). Values that cannot tell (8-bit grey levels, 0-1:
+        no HU, nothing MR-only either) with no modality in the file take the one the prompt's
+        target was trained on: these weights learnt CT targets on 8-bit and 0-1 CT scaled as CT,
+        and an MR normalisation fed them other values (model card, training data)."""
+        detected = intensity.detect_modality(volume)
+        if detected != "MR" or intensity.stated_modality(volume):
+            return detected
+        trained = self.trained_modality(text)
+        if trained == "CT" and intensity.classify_units(volume.array) in ("8bit", "normalized"):
+            warnings.append(f"{volume.path or 'the image'}: its file does not say CT or MR and its values (8-bit grey "
+                            f"levels or 0-1) cannot tell; taken as CT, on which '{text}' was learnt (give the "
+                            "modality with --modality or the panel's Modality box to choose otherwise)")
+            return "CT"
+        return detected
 
     def _warn_modality(self, text: str, modality: str, warnings: list) -> None:
         """A target asked for on the other modality ("lung nodule" on MR): the model never saw one."""
@@ -421,7 +458,7 @@ class Segmenter:
         # 1. the canonical axial grid (the orientation the network was trained in) and the range on it
         frame, reo, input_range, (start, stop) = _canonical_range(volume, slices, warnings)
         # 2. intensities: modality, CT stored as HU + 1024 brought back, window or normalisation
-        modality = intensity.normalise_modality(modality or intensity.detect_modality(volume))
+        modality = intensity.normalise_modality(modality or self._modality_of(volume, text, warnings))
         frame = _undo_shifted_hu(frame, modality, warnings)
         _warn_constant(frame, warnings)
         self._warn_modality(text, modality, warnings)
@@ -473,7 +510,10 @@ class Segmenter:
         margin = context_margin(frame.spacing_mm[2], offsets) if frame.shape[0] > 1 else 0
         lo, hi = max(0, start - margin), min(frame.shape[0], stop + margin)
         # prepare_slices picks the CT window from the prompt when none is given
-        prepared, info = intensity.prepare_slices(frame.array[lo:hi], modality=modality, window=window, prompt=text)
+        # the units and the MR normalisation are the whole volume's, as training had them: a slice
+        # range gets the values the whole-volume run gives those slices
+        prepared, info = intensity.prepare_slices(frame.array[lo:hi], modality=modality, window=window, prompt=text,
+                                                  reference=frame.array)
         warnings += info.get("warnings", [])
         window = info.get("window", window)  # None when the CT was not in HU and windowing was skipped
         return prepared, lo, window

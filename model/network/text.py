@@ -83,6 +83,36 @@ class SentenceEncoder:
         return [self.cache[p] for p in prompts]
 
 
+    def word_pieces(self, prompt: str) -> int:
+        """How many word pieces the tokenizer makes of ``prompt`` (no [CLS] / [SEP])."""
+        return len(self._load().tokenizer.tokenize(prompt))
+
+    def encode_padded(self, prompt: str, rows: int) -> PromptEmbedding:
+        """``prompt`` in the token layout of weights trained before 2026-11-26 (text.py then
+        kept positions 1..L-2 of a batch padded to length L): its word pieces, [SEP] and the
+        encoder's outputs at padding positions, ``rows`` in all; only its word pieces when they
+        fill ``rows`` or more (the longest prompt of such a batch had no [SEP]). Those weights'
+        cached prompts are in this layout, and it reproduces them (to 4e-5), so a new prompt
+        reaches such a network in the form it was trained on."""
+        plain = self.encode([prompt])[0]  # the pooled embedding: mean over the prompt's own tokens
+        model = self._load()
+        prepare = getattr(model, "preprocess", None) or model.tokenize
+        features = prepare([prompt])
+        ids, mask = features["input_ids"], features["attention_mask"]
+        length = rows + 2
+        if ids.shape[1] >= length:
+            return plain
+        pad = length - ids.shape[1]
+        features["input_ids"] = torch.cat([ids, torch.full((1, pad), model.tokenizer.pad_token_id, dtype=ids.dtype)], 1)
+        features["attention_mask"] = torch.cat([mask, torch.zeros((1, pad), dtype=mask.dtype)], 1)
+        if "token_type_ids" in features:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        with torch.no_grad():
+            out = model(features)
+        tokens = out["token_embeddings"][0].float().cpu().numpy()[1 : length - 1]
+        return PromptEmbedding(tokens[: self.max_tokens].astype(np.float32), plain.pooled)
+
+
 def normalise_prompt(prompt: str) -> str:
     """Case and whitespace do not change meaning: 'Lung  Nodule ' -> 'lung nodule'."""
     return " ".join(prompt.lower().split())
