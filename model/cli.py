@@ -434,12 +434,12 @@ def cmd_bench(args) -> int:
     from .errors import OutputError
 
     # checked before minutes of timing: the options, the device, the weights, where the results go
-    other = {"decoder": ("--slices", "--weights", "--mirror"), "volume": ("--repeats",)}[args.what]
+    other = {"decoder": ("--slices", "--weights", "--mirror"), "volume": ("--repeats", "--batch")}[args.what]
     given = [o for o in other if getattr(args, o[2:]) is not None]
     if given:
         raise BoltzformerError(f"bench {args.what}: {', '.join(given)} does not apply to it (it was ignored)")
     if args.what == "decoder":
-        args.repeats = args.repeats or 30
+        args.repeats, args.batch = args.repeats or 30, args.batch or 1
     else:
         args.slices = "100,300" if args.slices is None else args.slices
         args.mirror = DEFAULT_MIRROR if args.mirror is None else args.mirror
@@ -607,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", choices=devices)
     b.add_argument("--repeats", type=whole(1, 100_000), default=None,
                    help="decoder: timed calls per setting, after 3 untimed (default 30; the median is reported)")
+    b.add_argument("--batch", type=whole(1, 4096), default=None, help="decoder: slices per call (default 1)")
     b.add_argument("--slices", default=None, help="volume: slice counts to time (default 100,300)")
     b.add_argument("--weights", default=None, help="volume: weights to time (default: bundled)")
     b.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,

@@ -95,6 +95,7 @@ class HeatmapControls(QGroupBox):
         if layer is not None and att is not None and not self._matches(layer, att):
             self.redraw()  # another run's settings: show this one as the controls say
         self._one_heatmap_shown(layer)
+        self.fit_probability_bar()
         self.update_info()
         self.update_legend()
 
@@ -131,6 +132,7 @@ class HeatmapControls(QGroupBox):
         layer.data = data
         layer.contrast_limits = attention_contrast(options["values"], num_queries, options["query"], data)
         layer.metadata.update(options)
+        self.fit_probability_bar()
         layer.metadata["legend"] = attention_legend(options["values"], num_queries, options["query"],
                                                     options["top_fraction"])
         self.update_info()
@@ -218,7 +220,22 @@ class HeatmapControls(QGroupBox):
     def on_step(self, event=None):
         """The viewer moved to another slice or decoder layer."""
         if self.decoder_axis() is not None:
+            self.fit_probability_bar()
             self.update_info()
+
+    def fit_probability_bar(self) -> None:
+        """In the probability view the colour bar runs from 0 to the maximum of the decoder layer
+        shown: the sharp last layers reach hundreds of times uniform, and on one scale for all
+        the first layers' few times uniform were drawn nearly transparent. Counts keep their
+        fixed 0..queries scale."""
+        layer, index = self._layer(), self._current_decoder_layer()
+        if layer is None or index is None or layer.metadata.get("values") != "probabilities":
+            return
+        data = layer.data[min(max(index, 0), layer.data.shape[0] - 1)]
+        top = float(np.nanmax(data)) if data.size else 0.0
+        limits = (0.0, top if top > 0 else 1.0)
+        if tuple(layer.contrast_limits) != limits:
+            layer.contrast_limits = limits
 
     def _layer(self):
         """The active result's heatmap layer, or None."""

@@ -313,8 +313,8 @@ def attention_legend(values: str, num_queries: int | None, query: int | None, to
     if values == "counts":
         text = (f"sampled by\nquery {query + 1}" if query is not None
                 else f"queries (of {num_queries or '?'})\nthat sampled\nthis cell")
-    else:  # one scale for every slice and decoder layer, so that they compare
-        text = "sampling\nprobability\n(× uniform;\nbar: 0 to the max\nof all layers)"
+    else:  # one scale for every slice of the decoder layer shown (_heatmap.fit_probability_bar)
+        text = "sampling\nprobability\n(× uniform;\nbar: 0 to the max\nof this layer)"
     if top_fraction is not None:  # a slice's shown share is on the panel (top_mass: ties, floors)
         text += f"\nhottest cells only\n(≤ ~{top_fraction * 100:.0f} % of the mass)"
     return text

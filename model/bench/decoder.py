@@ -120,7 +120,8 @@ _AUTO_NAMES = {"gather": "gather", "dense": "masked (attention_impl 'dense' over
 
 def decoder_markdown(result: dict) -> str:
     lines = [f"Decoder cross-attention, m = {result['num_queries']}, D = {result['dim']}, {result['heads']} heads, "
-             f"ratio {result['ratio']:.0%}, device {result['device']} ({describe(result['machine'])}). "
+             f"ratio {result['ratio']:.0%}, {result.get('batch', 1)} slice(s) per call, device {result['device']} "
+             f"({describe(result['machine'])}). "
              f"Each time is the median of {result.get('repeats', '?')} calls after {result.get('warmup_calls', '?')} "
              "untimed ones (min and max in the JSON).", "",
              "Sampling included (the method draws its tokens every layer): gather = sparse gather "
@@ -151,10 +152,12 @@ def decoder_markdown(result: dict) -> str:
 
 
 def main(args) -> int:
-    """`boltzformer bench decoder`: print the table; ``args.json``: also the JSON result."""
+    """`boltzformer bench decoder`: print the table; ``args.json``: also the JSON result;
+    ``args.batch``: slices per call."""
     device = getattr(args, "device", "cpu") or "cpu"
 
-    result = bench_decoder(device=resolve_device(device), repeats=getattr(args, "repeats", 30) or 30)
+    result = bench_decoder(device=resolve_device(device), repeats=getattr(args, "repeats", 30) or 30,
+                           batch=getattr(args, "batch", 1) or 1)
     text = decoder_markdown(result)
     print(text)
     if getattr(args, "json", None):

@@ -407,6 +407,7 @@ def test_a_prompt_that_is_not_utf8_is_a_one_line_error(ct_path, tmp_path, tiny_w
     (["bench", "decoder", "--device", "foo"], "invalid choice: 'foo'"),
     (["bench", "decoder", "--slices", "8"], "bench decoder: --slices does not apply to it"),  # was ignored
     (["bench", "volume", "--repeats", "3"], "bench volume: --repeats does not apply to it"),
+    (["bench", "volume", "--batch", "8"], "bench volume: --batch does not apply to it"),
 ])
 def test_bench_arguments_are_checked_before_any_timing(argv, said, capsys):
     code, _, err = run(argv, capsys)

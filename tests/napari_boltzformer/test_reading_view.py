@@ -178,6 +178,12 @@ def test_query_selection_and_the_top_mass_switch_redraw_without_inference(reader
     assert not panel.heatmap.query_combo.isEnabled()
     np.testing.assert_array_equal(heat.data, att.probabilities)
     assert "probability" in panel.canvas_labels.text("legend")
+    # the colour bar spans the decoder layer shown (one scale for all drew the first layers faintly)
+    axis = panel.heatmap.decoder_axis()
+    for index in range(att.num_layers):
+        viewer.dims.set_current_step(axis, index)
+        assert heat.contrast_limits[1] == pytest.approx(float(np.nanmax(att.probabilities[index])), rel=1e-3)
+    assert "of this layer" in panel.canvas_labels.text("legend")
     assert calls == []
 
 
