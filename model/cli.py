@@ -664,7 +664,10 @@ def _run(args) -> int:
     except MemoryError:
         if args.debug:
             raise
-        _err("out of memory; try --slices to process part of the volume, or a smaller --batch-size")
+        where = getattr(args, "input", None)
+        _err(f"{where + ': ' if isinstance(where, str) else ''}out of memory (a run holds about ten times the scan's "
+             "unpacked size, most of it after the network, so a smaller --batch-size does not help); segment part of "
+             "it with --slices START:STOP, or use a machine with more memory")
         return EXIT_USER_ERROR
     except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen failure: still no traceback by default
         if args.debug:

@@ -498,8 +498,8 @@ def _jsonable(value):
         return [_jsonable(v) for v in value]
     if isinstance(value, np.integer):
         return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
+    if isinstance(value, (float, np.floating)):  # NaN (no score: a scan thinner than the classifier) is null
+        return float(value) if np.isfinite(value) else None
     return value
 
 

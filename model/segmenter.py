@@ -110,6 +110,37 @@ def _warn_constant(frame: Volume, warnings: list) -> None:
                         "series, or pixel data lost on export?)")
 
 
+# Beyond this magnitude a voxel is no intensity (a fill value such as float32's largest): the
+# float32 steps of the pipeline overflow on it
+MAX_VOXEL_MAGNITUDE = 1e30
+
+
+def _refuse_huge_values(volume: Volume) -> None:
+    lo, hi = float(np.min(volume.array)), float(np.max(volume.array))
+    worst = max(abs(lo), abs(hi))
+    if worst > MAX_VOXEL_MAGNITUDE:
+        raise InputError(volume.path or "the image", f"has voxels of {lo if abs(lo) > abs(hi) else hi:g}: no CT or MR "
+                                                     "intensity is that large (a fill value?); replace them first")
+
+
+def _warn_implausible(frame: Volume, warnings: list) -> None:
+    """Inputs the weights cannot have learnt from: very coarse pixels or slices, a tiny matrix, an
+    image of two values (a mask?). It runs, and says so, rather than return lesions that read as
+    findings."""
+    dx, dy, dz = frame.spacing_mm
+    z, h, w = frame.shape
+    if max(dx, dy) > 3.0:
+        warnings.append(f"its pixels are {max(dx, dy):.1f} mm: the model learnt from 0.5-2 mm pixels, and lesions "
+                        "of a few mm are a pixel or less here; treat the result as unverified")
+    if z > 1 and dz > 10.0:
+        warnings.append(f"its slices are {dz:.1f} mm apart: 3D measures and the 3D filter are coarse at that spacing")
+    if min(h, w) < 32:
+        warnings.append(f"its slices are {h} x {w} pixels: too small an image for the model to see anatomy")
+    a = frame.array
+    if np.unique(a[:: max(1, a.shape[0] // 32), ::4, ::4]).size == 2:  # a strided view: no copy of the scan
+        warnings.append("the image holds only two values: a mask or a thresholded image, not a scan?")
+
+
 def _warn_untrained_sequence(volume: Volume, prompt: str, modality: str, warnings: list) -> None:
     """MS lesions on a series the file calls T1-weighted: the bundled model never saw one (on 20
     held-out T1 slices it found almost nothing; model card, Dice by sequence)."""
@@ -455,12 +486,14 @@ class Segmenter:
         text, warnings = self.check_prompt(prompt, force=force_prompt)
         planes_mod.check_planes(planes)
         require_finite(volume.array, volume.path or "the image")  # NaN would empty the mask silently
+        _refuse_huge_values(volume)
         # 1. the canonical axial grid (the orientation the network was trained in) and the range on it
         frame, reo, input_range, (start, stop) = _canonical_range(volume, slices, warnings)
         # 2. intensities: modality, CT stored as HU + 1024 brought back, window or normalisation
         modality = intensity.normalise_modality(modality or self._modality_of(volume, text, warnings))
         frame = _undo_shifted_hu(frame, modality, warnings)
         _warn_constant(frame, warnings)
+        _warn_implausible(frame, warnings)
         self._warn_modality(text, modality, warnings)
         _warn_untrained_sequence(volume, text, modality, warnings)
         t = time.perf_counter()

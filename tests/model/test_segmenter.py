@@ -310,3 +310,35 @@ def test_a_slice_range_is_normalised_as_the_whole_volume():
     np.testing.assert_array_equal(part, whole[5:7])
     alone, _ = prepare_slices(mr[5:7], modality="MR")
     assert np.abs(alone - whole[5:7]).max() > 0.05  # what a range got before
+
+
+def test_inputs_at_the_edges_of_scale_are_refused_or_warned_about(segmenter, volume):
+    """A review on hospital-archive extremes: float32's largest value as voxels crashed in the 3D
+    filter (LinAlgError); a 22 mm pixel grid, a tiny matrix or a two-valued image returned
+    confident lesions without a word."""
+    from boltzformer.errors import InputError
+
+    huge = volume.with_array(volume.array.astype(np.float32))
+    huge.array[2, 5, 5] = 1e38
+    with pytest.raises(InputError, match="has voxels of 1e\\+38: no CT or MR intensity is that large"):
+        segmenter.segment_volume(huge, "lung nodule")
+    coarse = Volume(volume.array[:, :16, :16].copy(), (22.4, 22.4, 12.0), direction=np.eye(3), modality="CT")
+    said = " | ".join(segmenter.segment_volume(coarse, "lung nodule").warnings)
+    assert "pixels are 22.4 mm" in said and "slices are 12.0 mm apart" in said and "16 x 16 pixels" in said
+    two = volume.with_array(np.where(volume.array > -700, 100, -1000).astype(np.int16))
+    assert any("only two values" in w for w in segmenter.segment_volume(two, "lung nodule").warnings)
+    plain = " | ".join(segmenter.segment_volume(volume, "lung nodule").warnings)
+    assert "pixels are" not in plain and "only two values" not in plain
+
+
+def test_a_lesion_table_in_json_holds_no_bare_nan(tmp_path):
+    """A scan thinner than the 3D classifier has no nodule_score: the JSON said NaN, which JSON
+    parsers refuse."""
+    import json
+
+    from boltzformer.postprocess import lesion_table_bytes
+
+    rows = [{"lesion_id": 1, "volume_mm3": 12.0, "nodule_score": float("nan"), "centroid_world_mm": [1.0, np.nan, 2.0]}]
+    text = lesion_table_bytes(rows, tmp_path / "t.json").decode()
+    parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
+    assert parsed[0]["nodule_score"] is None and parsed[0]["centroid_world_mm"] == [1.0, None, 2.0]
