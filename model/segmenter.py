@@ -115,12 +115,19 @@ def _warn_constant(frame: Volume, warnings: list) -> None:
 MAX_VOXEL_MAGNITUDE = 1e30
 
 
-def _refuse_huge_values(volume: Volume) -> None:
-    lo, hi = float(np.min(volume.array)), float(np.max(volume.array))
-    worst = max(abs(lo), abs(hi))
-    if worst > MAX_VOXEL_MAGNITUDE:
-        raise InputError(volume.path or "the image", f"has voxels of {lo if abs(lo) > abs(hi) else hi:g}: no CT or MR "
-                                                     "intensity is that large (a fill value?); replace them first")
+def _refuse_bad_values(volume: Volume) -> None:
+    """NaN or infinite voxels (io.require_finite: they would empty the mask silently), and voxels
+    beyond MAX_VOXEL_MAGNITUDE, in one min/max pass over a float volume; an integer volume can
+    hold neither."""
+    a, where = volume.array, volume.path or "the image"
+    if a.dtype.kind != "f":
+        return
+    lo, hi = float(np.min(a)), float(np.max(a))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        require_finite(a, where)  # counts them and says so
+    if max(abs(lo), abs(hi)) > MAX_VOXEL_MAGNITUDE:
+        raise InputError(where, f"has voxels of {lo if abs(lo) > abs(hi) else hi:g}: no CT or MR intensity is that "
+                                "large (a fill value?); replace them first")
 
 
 def _warn_implausible(frame: Volume, warnings: list) -> None:
@@ -234,9 +241,7 @@ class Segmenter:
         texts = [normalise_prompt(p) for p in prompts]
         for text in dict.fromkeys(texts):
             if text not in self._encoder.cache and self._padded_bank():
-                plain = self._encoder.encode([text])[0]
-                names = self.known_prompts
-                nearest = names[int(np.argmax(np.stack([self.prompt_bank[n].pooled for n in names]) @ plain.pooled))]
+                nearest = self._nearest_known(self._encoder.encode([text])[0].pooled, 1)[0][0]
                 self._encoder.cache[text] = self._encoder.encode_padded(text, len(self.prompt_bank[nearest].tokens))
         return self._encoder.encode(texts)
 
@@ -254,9 +259,12 @@ class Segmenter:
         """Known prompts closest to `prompt` by cosine similarity of sentence embeddings."""
         if not self.prompt_bank:
             return []
-        query = self.embed([prompt])[0].pooled
+        return self._nearest_known(self.embed([prompt])[0].pooled, n)
+
+    def _nearest_known(self, pooled: np.ndarray, n: int) -> list[tuple[str, float]]:
+        """The `n` known prompts whose pooled embeddings are closest to `pooled` (cosine)."""
         names = self.known_prompts
-        sims = np.stack([self.prompt_bank[p].pooled for p in names]) @ query
+        sims = np.stack([self.prompt_bank[p].pooled for p in names]) @ pooled
         order = np.argsort(-sims)[:n]
         return [(names[i], float(sims[i])) for i in order]
 
@@ -485,8 +493,7 @@ class Segmenter:
                        nodule_detector=nodule_detector, mirror=mirror))
         text, warnings = self.check_prompt(prompt, force=force_prompt)
         planes_mod.check_planes(planes)
-        require_finite(volume.array, volume.path or "the image")  # NaN would empty the mask silently
-        _refuse_huge_values(volume)
+        _refuse_bad_values(volume)
         # 1. the canonical axial grid (the orientation the network was trained in) and the range on it
         frame, reo, input_range, (start, stop) = _canonical_range(volume, slices, warnings)
         # 2. intensities: modality, CT stored as HU + 1024 brought back, window or normalisation

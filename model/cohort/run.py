@@ -202,8 +202,9 @@ def _run_checked(scans, out, locks: contextlib.ExitStack, options, weights, work
             raise
         finally:
             closing = [t.close() for t in (report, lesions)]  # both, even when one fails
-        if any(closing):
-            raise closing[0] if closing[0] else closing[1]
+        failed = [error for error in closing if error]
+        if failed:
+            raise failed[0]
         return summary
     finally:
         if own is not None:

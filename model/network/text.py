@@ -82,7 +82,6 @@ class SentenceEncoder:
                 self.cache[prompt] = PromptEmbedding(tok[: self.max_tokens].astype(np.float32), pooled.astype(np.float32))
         return [self.cache[p] for p in prompts]
 
-
     def word_pieces(self, prompt: str) -> int:
         """How many word pieces the tokenizer makes of ``prompt`` (no [CLS] / [SEP])."""
         return len(self._load().tokenizer.tokenize(prompt))
