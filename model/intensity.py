@@ -255,7 +255,7 @@ def prepare_slices(
         if window is not None:  # checked all the same: a misspelt name is a mistake on any scan
             if not isinstance(window, Window):
                 check_window(window)
-            info["warnings"].append(f"the CT window {getattr(window, 'name', window)!r} is not applied: MR has no "
+            info["warnings"].append(f"the CT window {_window_words(window)} is not applied: MR has no "
                                     "Hounsfield units and is normalised per volume")
         lo, hi = _percentile_range(reference, foreground=True)
         return _rescale(array, lo, hi), info
@@ -264,7 +264,7 @@ def prepare_slices(
         if window is None:
             window = window_for_prompt(prompt) if prompt else DEFAULT_WINDOW
         if isinstance(window, Window):
-            win, info["window"] = window, f"custom (center {window.center_hu:g} HU, width {window.width_hu:g} HU)"
+            win, info["window"] = window, _window_words(window)
         else:
             check_window(window)
             win, info["window"] = WINDOWS[window], window
@@ -275,7 +275,7 @@ def prepare_slices(
         "normalized": "normalised intensities (0-1)",
         "raw": f"raw intensities ({float(np.min(reference)):g} to {float(np.max(reference)):g})",
     }[units]
-    ignored = f"; the requested window {window!r} is not applied" if window is not None else ""
+    ignored = f"; the requested window {_window_words(window)} is not applied" if window is not None else ""
     info["warnings"].append(
         f"values look like {described}, not Hounsfield units; windowing is skipped and intensities are rescaled{ignored}"
     )
@@ -285,6 +285,13 @@ def prepare_slices(
         return _rescale(array, 0.0, 1.0), info
     lo, hi = _percentile_range(reference, foreground=False)
     return _rescale(array, lo, hi), info
+
+
+def _window_words(window: "str | Window") -> str:
+    """'lung' -> "'lung'"; Window(40, 400) -> 'custom (center 40 HU, width 400 HU)'."""
+    if isinstance(window, Window):
+        return f"custom (center {window.center_hu:g} HU, width {window.width_hu:g} HU)"
+    return repr(window)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -130,9 +130,11 @@ class HeatmapControls(QGroupBox):
         if layer.ndim == 3:  # a 2D source: (L, G, G)
             data = data[:, 0]
         layer.data = data
-        layer.contrast_limits = attention_contrast(options["values"], num_queries, options["query"], data)
         layer.metadata.update(options)
-        self.fit_probability_bar()
+        if options["values"] == "probabilities":
+            self.fit_probability_bar()  # the decoder layer shown sets the scale, in one step
+        else:
+            layer.contrast_limits = attention_contrast(options["values"], num_queries, options["query"], data)
         layer.metadata["legend"] = attention_legend(options["values"], num_queries, options["query"],
                                                     options["top_fraction"])
         self.update_info()

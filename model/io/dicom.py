@@ -100,7 +100,7 @@ def read_dicom_file(p: Path, context: str = "", allow_gaps: bool = False) -> Vol
     The frames of an enhanced multi-frame image are checked as a series' slices are (order,
     gaps, duplicates, echoes, shear; see `_plan_slices`) from their per-frame positions.
     """
-    header = _slice_header(str(p), context)  # truncated pixel data: GDCM would read zeros or garbage
+    header, ds = _read_header(str(p), context)  # truncated pixel data: GDCM would read zeros or garbage
     if not header.holds_image:
         raise InputError(p, f"is a DICOM object that holds no image (a report or presentation state?){context}")
     reader = sitk.ImageFileReader()
@@ -111,9 +111,9 @@ def read_dicom_file(p: Path, context: str = "", allow_gaps: bool = False) -> Vol
             image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(p, f"cannot be read as DICOM: not a DICOM image or corrupt{detail(exc, printed)}") from None
-    tags = _dicom_tags(str(p))
+    tags = _tags_of(ds)  # the header read once serves the checks, the tags and the frames
     volume = Volume.from_sitk(image, path=p, modality=_modality_of(tags.get("Modality")), metadata=tags)
-    frames = _frame_headers(str(p), header)
+    frames = _frame_headers(ds, p.name, header)
     if frames is not None and len(frames) == volume.shape[0]:
         plan = _plan_slices(frames, p, f"multi-frame image {p.name}", allow_gaps)
         order = [int(label.rsplit(" ", 1)[1]) - 1 for label in plan.files]
@@ -142,20 +142,18 @@ def _single_slice_geometry(volume: Volume, header: _SliceHeader, p: Path) -> lis
         notes.append(turned)
     if header.position is not None:
         volume.origin_mm = tuple(float(v) for v in header.position)
+    missing = [name for name, value in (("ImagePositionPatient", header.position),
+                                        ("ImageOrientationPatient", header.orientation)) if value is None]
+    if missing:  # ITK's defaults stand in: the mask lines up with this file only, not with the patient
+        notes.append(f"no {' or '.join(missing)}: placed at the origin, axial, as ITK does; a mask written "
+                     "from it lines up with this file but not with the rest of the patient's study")
     return [f"{p}: {n}" for n in (said, *notes) if n]
 
 
-def _frame_headers(file: str, header: _SliceHeader) -> list[_SliceHeader] | None:
+def _frame_headers(ds, name: str, header: _SliceHeader) -> list[_SliceHeader] | None:
     """One _SliceHeader per frame of an enhanced multi-frame image (labelled '<name> frame k',
-    k from 1), from its per-frame and shared functional groups; None for other files."""
-    import pydicom
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(file, stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001 - _slice_header read it; nothing more to learn
-        return None
+    k from 1), from its per-frame and shared functional groups of its dataset `ds`; None for
+    other files."""
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     n = int(ds.get("NumberOfFrames") or 1)
     if n < 2 or per_frame is None or len(per_frame) != n:
@@ -169,7 +167,6 @@ def _frame_headers(file: str, header: _SliceHeader) -> list[_SliceHeader] | None
                 return items[0].get(name)
         return None
 
-    name = os.path.basename(file)
     headers = []
     for k, frame in enumerate(per_frame, start=1):
         spacing = _floats(find(frame, "PixelMeasuresSequence", "PixelSpacing"), 2)
@@ -365,6 +362,11 @@ class _SlicePlan:
 def _slice_header(file: str, context: str = "") -> _SliceHeader:
     """The geometry tags of one slice; InputError naming the file when it is truncated or
     unreadable (``context``, e.g. "; it is a slice of DICOM series ...", ends the message)."""
+    return _read_header(file, context)[0]
+
+
+def _read_header(file: str, context: str = ""):
+    """`_slice_header` and the pydicom dataset it was read from (its pixels not loaded)."""
     import pydicom
 
     try:
@@ -375,7 +377,7 @@ def _slice_header(file: str, context: str = "") -> _SliceHeader:
     except Exception as exc:  # noqa: BLE001
         raise InputError(file, f"cannot be read as DICOM ({type(exc).__name__}){context}") from None
     if not _holds_image(ds):
-        return _SliceHeader(file, 0, 0, None, None, None, holds_image=False)
+        return _SliceHeader(file, 0, 0, None, None, None, holds_image=False), ds
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
@@ -403,7 +405,7 @@ def _slice_header(file: str, context: str = "") -> _SliceHeader:
     echo = _floats([ds.get("EchoTime")], 1) if ds.get("EchoTime") not in (None, "") else None
     return _SliceHeader(file, rows, columns, position, orientation, None if spacing is None else tuple(spacing),
                         image_type, None if echo is None else float(echo[0]),
-                        None if imager is None else tuple(imager), _thickness_of(ds))
+                        None if imager is None else tuple(imager), _thickness_of(ds)), ds
 
 
 def _image_type(value) -> tuple[str, ...]:
@@ -665,6 +667,11 @@ def _dicom_tags(file: str) -> dict:
         ds = pydicom.dcmread(file, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - tags are a bonus; the pixels were read by GDCM
         return {}
+    return _tags_of(ds)
+
+
+def _tags_of(ds) -> dict:
+    """`_dicom_tags` of a dataset already read."""
     tags = {}
     for name in _DICOM_TAGS:
         value = ds.get(name)

@@ -185,3 +185,15 @@ def test_a_ct_window_asked_for_on_mr_is_checked_and_said_to_be_unused():
     assert info["warnings"] == ["the CT window 'lung' is not applied: MR has no Hounsfield units and is normalised "
                                 "per volume"]
     assert prepare_slices(mr, modality="MR")[1]["warnings"] == []
+
+
+def test_a_custom_window_is_named_by_its_values_in_warnings():
+    """A custom Window used to appear as its dataclass repr in the MR and non-HU warnings."""
+    from boltzformer.intensity import Window, prepare_slices
+
+    mr = np.random.default_rng(0).normal(300, 50, (2, 16, 16)).astype(np.float32)
+    _, info = prepare_slices(mr, modality="MR", window=Window(40, 400))
+    assert info["warnings"][0].startswith("the CT window custom (center 40 HU, width 400 HU) is not applied")
+    _, info = prepare_slices(np.linspace(0, 1, 512, dtype=np.float32).reshape(2, 16, 16), modality="CT",
+                             window=Window(-600, 1500))
+    assert info["warnings"][0].endswith("; the requested window custom (center -600 HU, width 1500 HU) is not applied")

@@ -255,6 +255,22 @@ def test_single_dicom_file_keeps_its_3d_position_and_thickness(tmp_path, hu):
         assert read_volume(out).same_geometry(vol)
 
 
+def test_a_single_dicom_file_without_a_position_is_said_to_be_placed_at_the_origin(tmp_path, hu):
+    """It silently got origin 0: a mask written from it would not line up with the patient's study."""
+    def unplaced(ds, k):
+        del ds.ImagePositionPatient
+
+    write_ct_series(tmp_path / "one", hu[:1], edit=unplaced)
+    (path,) = (tmp_path / "one").iterdir()
+    vol = read_volume(path)
+    assert vol.origin_mm == pytest.approx((0, 0, 0))
+    assert any("no ImagePositionPatient: placed at the origin" in w and str(path) in w
+               for w in vol.metadata.get("warnings", []))
+    placed = tmp_path / "two"
+    write_ct_series(placed, hu[:1])
+    assert not any("placed at the origin" in w for w in read_volume(next(placed.iterdir())).metadata.get("warnings", []))
+
+
 def test_2d_nifti_keeps_the_z_of_its_affine(tmp_path):
     """A 2D NIfTI (dim[0] = 2) whose affine places the slice at z = -67.5, 2.5 mm thick."""
     affine = np.diag([-1.4, -1.4, 2.5, 1.0])
