@@ -9,6 +9,7 @@ typed without its extension, this module) asked.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -28,8 +29,10 @@ class Exports:
         self.mask_button.setToolTip("The selected labels layer, or the result's mask as shown")
         self.mask_button.clicked.connect(lambda: self.mask())
         self.table_button = QPushButton("Table → CSV…")
+        self.table_button.setToolTip("The lesion table as shown (its filters and sort), as CSV or JSON")
         self.table_button.clicked.connect(lambda: self.table())
         self.png_button = QPushButton("View → PNG…")
+        self.png_button.setToolTip("The canvas as shown, with its overlays (orientation, slice, colour bar)")
         self.png_button.clicked.connect(lambda: self.png())
         self.row = QHBoxLayout()
         for b in (self.mask_button, self.table_button, self.png_button):
@@ -201,12 +204,19 @@ class Exports:
         return answer == QMessageBox.StandardButton.Yes
 
     def _default_folder(self) -> Path:
-        """The folder of the active result's image file, else the home folder."""
+        """Beside the active result's image file; for DICOM, beside its series folder (series
+        folders are often read-only archives, and a derived file there joins the series);
+        the home folder when there is no file or the folder cannot be written."""
+        from boltzformer.io import INPUT_EXTENSIONS, extension_of
+
         entry = self.panel._results.get(self.panel._active_run)
         source = entry[1].geometry.get("path") if entry else None
         if source:
             p = Path(source)
-            return p if p.is_dir() else p.parent
+            dicom = p.is_dir() or extension_of(p.name) not in INPUT_EXTENSIONS
+            folder = p.parent if p.is_dir() else (p.parent.parent if dicom else p.parent)
+            if folder.is_dir() and os.access(folder, os.W_OK):
+                return folder
         return Path.home()
 
     def _default_stem(self) -> str:

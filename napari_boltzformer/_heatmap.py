@@ -188,7 +188,7 @@ class HeatmapControls(QGroupBox):
         tau = att.temperatures[layer_index]
         self.apply_tau_label()
         stats = self._stats(att)
-        text = (f"layer {layer_index + 1}/{att.num_layers} · τ {tau:.2f} · stride {att.strides[layer_index]} · "
+        text = (f"layer {layer_index + 1}/{att.num_layers} (slider {layer_index}) · τ {tau:.2f} · stride {att.strides[layer_index]} · "
                 f"{att.tokens_per_query[layer_index]} tokens/query · opened on layer {stats['sharpest'] + 1}, "
                 "the least spread\n")
         z = None

@@ -71,6 +71,9 @@ def geometry_from_layer(layer) -> dict:
     if geom is not None and geometry_shape(geom) == data_shape and (ndim != 3 or placed_by(geom, matrix)):
         return dict(geom)
     geom = Volume.from_affine_zyx(_placeholder(data_shape), matrix).geometry_dict(layer_ndim=ndim)
+    # napari's world has no patient axes: a layer this plugin did not place may lie any way round,
+    # so the orientation letters drawn from it carry a "?"
+    geom["orientation_unknown"] = True
     if all(str(u) == "pixel" for u in getattr(layer, "units", ())):  # napari's default: no physical size
         geom["units"] = "pixel"  # its scale is read as mm (the panel warns); result layers keep pixel units
     return geom

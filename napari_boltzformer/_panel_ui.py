@@ -74,10 +74,14 @@ def build_ui(panel) -> None:
     form.addRow("Image", panel.image_combo)
     panel.prompt_edit = PromptEdit()
     panel.prompt_edit.returnPressed.connect(panel.run)
+    panel.prompt_edit.setToolTip("What to segment, in words (e.g. 'lung nodule', 'liver', 'multiple sclerosis "
+                                 "lesion'); the list offers the prompts the model was trained on. Enter runs")
     form.addRow("Prompt", panel.prompt_edit)
     panel.modality_combo = QComboBox()
     for text, value in MODALITIES:
         panel.modality_combo.addItem(text, value)
+    panel.modality_combo.setToolTip("auto: from the file's header, else from its values (Hounsfield units: CT). "
+                                    "Choose CT or MR when the file does not say and the guess is wrong")
     modality_row = QHBoxLayout()  # modality and device share a row: the table below gets the height
     modality_row.addWidget(panel.modality_combo, 1)
     panel.window_combo = QComboBox()
@@ -95,6 +99,7 @@ def build_ui(panel) -> None:
             item = panel.device_combo.model().item(panel.device_combo.count() - 1)
             item.setEnabled(False)
             item.setToolTip(f"{text} is not available on this machine")
+    panel.device_combo.setToolTip("Where the model runs: auto takes a GPU when there is one, else the CPU")
     compact(panel.modality_combo, 4)
     compact(panel.device_combo, 4)
     modality_row.addWidget(QLabel("Device"))
@@ -181,6 +186,8 @@ def build_ui(panel) -> None:
     panel.force_prompt_check = QCheckBox("force prompt")
     panel.force_prompt_check.setToolTip("Run a prompt even when it names nothing the model was trained to find")
     panel.probability_check.setText("probability")
+    panel.probability_check.setToolTip("Also add the per-voxel probability (0-1) as an image layer, hidden; the "
+                                       "threshold slider re-thresholds it either way")
     panel.attention_check.setText("attention")
     panel.keep_partial_check.setText("keep slices on cancel")
     panel.keep_partial_check.setToolTip("Cancel keeps the slices finished so far (the others stay empty)")

@@ -21,6 +21,7 @@ class PromptEdit(QLineEdit):
         self.setPlaceholderText("e.g. lung nodule")
         self.setClearButtonEnabled(True)
         self._known: list[str] = []
+        self._suggested = ""  # the last prompt taken from a sample; the reader's own text is kept
         self._model = QStringListModel(self)
         completer = QCompleter(self._model, self)
         completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
@@ -44,13 +45,18 @@ class PromptEdit(QLineEdit):
         self._update()
 
     def suggest_from(self, viewer) -> None:
-        """An empty field takes the prompt of a ground-truth layer ("ground truth: lung nodule",
-        as the bundled samples open), so Run works on a sample as it opens."""
-        if self.text().strip():
+        """The field takes the prompt of the newest ground-truth layer ("ground truth: lung
+        nodule", as the bundled samples open), so Run works on a sample as it opens: when it is
+        empty, or still holds an earlier sample's prompt (the brain sample opened after the
+        chest one asks for MS lesions, not nodules). A prompt the reader typed stays."""
+        text = self.text().strip()
+        if text and text != self._suggested:
             return
-        for layer in viewer.layers:
+        for layer in reversed(viewer.layers):
             if (layer.metadata or {}).get(ROLE_KEY) == "ground truth" and layer.name.startswith(GROUND_TRUTH_PREFIX):
-                self.setText(layer.name[len(GROUND_TRUTH_PREFIX):])
+                self._suggested = layer.name[len(GROUND_TRUTH_PREFIX):]
+                if self._suggested != text:
+                    self.setText(self._suggested)
                 return
 
     def _update(self):

@@ -15,6 +15,7 @@ from ._result_layers import RESULT_ROLES
 
 EMPTY_PROMPT = 'the prompt is empty; type what to segment, e.g. "lung nodule"'
 NO_IMAGE = "no image layer: open a CT or MRI volume first (File > Open, or File > Open Sample > BoltzFormer)"
+NOT_STARTED = "not started: see the message"  # the panel's status line after a refused Run
 
 
 def build_request(panel) -> RunRequest | None:

@@ -28,7 +28,7 @@ from ._job import SEGMENTERS, JobOutcome, JobStatus, RunRequest, format_seconds,
 from ._layers import GEOMETRY_KEY, layer_array, to_layer_shape
 from ._lesion_table import intensity_header, lesion_totals, organ_totals
 from ._panel_ui import THRESHOLD_STEPS, build_ui
-from ._request import build_request, usable_image
+from ._request import NOT_STARTED, build_request, usable_image
 from ._result_layers import (
     RUN_KEY,
     keep_ground_truth_on_top,
@@ -166,9 +166,9 @@ class BoltzFormerWidget(QWidget):
     def _on_image_changed(self, *_):
         layer = self.image_layer()
         self._chosen_image = layer
-        nz = 1
-        if layer is not None and layer.ndim == 3:
-            nz = int(layer_array(layer).shape[0])
+        if layer is not None and self.status_label.text() == NOT_STARTED:  # said of a missing image
+            self.status_label.setText("")
+        nz = int(layer_array(layer).shape[0]) if layer is not None and layer.ndim == 3 else 1
         for spin in (self.range_start, self.range_stop):
             spin.setRange(0, max(0, nz - 1))
         if self.range_stop.value() == 0:
@@ -225,7 +225,7 @@ class BoltzFormerWidget(QWidget):
             return
         request = build_request(self)
         if request is None:
-            self.status_label.setText("not started: see the message")
+            self.status_label.setText(NOT_STARTED)
             return
         self.prompt_edit.remember(request.prompt)
         self._request = request

@@ -9,6 +9,8 @@ replacing a file, so an existing file is overwritten.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ._layers import GEOMETRY_KEY, geometry_shape, mask_array, mask_volume, placed_by
@@ -26,7 +28,14 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     from napari.utils.notifications import show_warning
 
     from boltzformer.errors import BoltzformerError
+    from boltzformer.io import extension_of
 
+    path = str(path)
+    extension = extension_of(os.path.basename(path))
+    if not extension:  # a name typed without one in napari's save dialog, as its own writers do
+        path += ".nii.gz"
+    elif extension not in NIFTI_EXTENSIONS:
+        raise NotWritten(f"{path}: not written: this writer writes NIfTI; name the file .nii.gz or .nii")
     try:
         if meta.get("multiscale") or type(data).__name__ == "MultiScaleData":
             data = data[0]  # full resolution (np.asarray of multiscale data gives its coarsest level)
@@ -34,6 +43,11 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
         if moved:
             show_warning(f"{path}: the layer was moved or rescaled after it was made; the file puts the mask where "
                          "the viewer shows it, not on the source scan's grid")
+        elif _no_physical_size(meta):
+            spacing = " x ".join(f"{v:g}" for v in volume.spacing_mm)
+            show_warning(f"{path}: the layer has no physical voxel size (its napari units are pixels): written with "
+                         f"{spacing} mm voxels at the origin, so it lines up with no scan. Segment a scan opened with "
+                         "File > Open to keep its geometry")
         from boltzformer.io import write_volume
 
         written = write_volume(volume, path, overwrite=True)
@@ -42,6 +56,17 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     except ValueError as exc:  # a layer that is not 2D/3D, or other geometry trouble
         raise NotWritten(f"{path}: not written ({exc})") from None
     return [str(written)]
+
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")  # napari.yaml's writer filename_extensions
+
+
+def _no_physical_size(meta: dict) -> bool:
+    """A layer neither placed by this plugin nor given units (napari's default: pixels)."""
+    if (meta.get("metadata") or {}).get(GEOMETRY_KEY) is not None:
+        return False
+    units = meta.get("units") or ()
+    return bool(units) and all(str(u) == "pixel" for u in units)
 
 
 def labels_volume(data: np.ndarray, meta: dict):

@@ -137,7 +137,7 @@ class OutputSet:
             extensions, what = _KINDS[kind]
             ext = extension_of(p.name)
             if ext not in extensions:
-                named = f"{option} is {what}" if option else f"{what.capitalize()} is written"
+                named = f"{option} is {what}" if option else f"{what} is written"
                 has = f"'{ext}'" if ext else "no extension"
                 if kind == "volume":
                     raise OutputError(p, f"unsupported output format ({has}); {named}: use one of {', '.join(extensions)}")

@@ -47,6 +47,9 @@ def test_manifest_file_types_are_the_cores():
     assert sorted(patterns) == sorted(f"*{ext}" for ext in (*INPUT_EXTENSIONS, *DICOM_EXTENSIONS))
     extensions = contrib.writers[0].filename_extensions
     assert set(extensions) <= set(OUTPUT_EXTENSIONS) and {INPUT_EXTENSIONS[e] for e in extensions} == {"NIfTI"}
+    from napari_boltzformer._writer import NIFTI_EXTENSIONS  # what the writer itself takes
+
+    assert tuple(extensions) == NIFTI_EXTENSIONS
 
 
 def test_npe2_validate_command_accepts_the_installed_plugin():

@@ -367,3 +367,85 @@ def test_a_labels_layer_moved_after_it_was_made_is_written_where_it_is_shown(vie
 
     exported = mask_volume(np.asarray(labels.data), geometry_from_layer(labels))
     assert np.allclose(exported.index_to_world((3, 4, 5)), _world_of_index(labels, (3, 4, 5)), atol=1e-3)
+
+
+# -- first use through napari itself (review of 2026-11-27) -----------------------------------------
+def test_a_folder_of_nifti_files_or_an_empty_one_says_what_to_open(viewer, tmp_path, notifications):
+    """napari offers this plugin for every folder (it reads DICOM folders); a folder of NIfTI
+    files (`boltzformer sample` makes one) got napari's bare "refused the file" error."""
+    from boltzformer.io import write_volume
+
+    (tmp_path / "demo").mkdir()
+    write_volume(ct_volume(), tmp_path / "demo" / "chest_ct.nii.gz")
+    write_volume(ct_volume(), tmp_path / "demo" / "chest_ct_mask.nii.gz")
+    (tmp_path / "empty").mkdir()
+    assert viewer.open(tmp_path / "demo", plugin=PLUGIN) == [] and len(viewer.layers) == 0
+    said = _messages(notifications, "error")[-1]
+    assert said.startswith(f"{tmp_path / 'demo'}: the folder holds no DICOM series")
+    assert "2 volume files (chest_ct.nii.gz, chest_ct_mask.nii.gz)" in said and "File > Open File(s)" in said
+    viewer.open(tmp_path / "empty", plugin=PLUGIN)
+    assert _messages(notifications, "error")[-1] == (f"{tmp_path / 'empty'}: the folder is empty; open a NIfTI, NRRD "
+                                                     "or MetaImage file, or a folder of DICOM files")
+    (tmp_path / "store.zarr").mkdir()
+    (tmp_path / "store.zarr" / ".zgroup").write_text("{}")
+    (tmp_path / "store.zarr" / "0").mkdir()
+    assert napari_get_reader(str(tmp_path / "store.zarr")) is None  # another reader's folder
+
+
+def test_dicom_files_opened_as_a_stack_are_read_as_their_series(viewer, tmp_path, notifications):
+    """Open Files as Stack passed them as a list, which the reader refused ("refused the file")."""
+    from boltzformer.io import read_volume
+
+    from ..model.io.test_io import write_ct_series
+
+    hu = np.stack([np.full((16, 12), 10 * k, np.int16) for k in range(5)])
+    write_ct_series(tmp_path / "series", hu)
+    files = sorted(str(f) for f in (tmp_path / "series").glob("*.dcm"))
+    [layer] = viewer.open(files, stack=True, plugin=PLUGIN)
+    assert np.array_equal(layer.data, read_volume(tmp_path / "series").array)
+    assert not _messages(notifications, "info")
+    viewer.layers.clear()
+    [layer] = viewer.open(files[1:4], stack=True, plugin=PLUGIN)
+    assert layer.data.shape[0] == 5  # the whole series: a subset would hide its gaps
+    assert any("3 of the 5 files of series 'Axial CT' were chosen; the whole series is read" in m
+               for m in _messages(notifications, "info"))
+    write_ct_series(tmp_path / "other", hu[:2], description="Other")
+    assert viewer.open([files[0], str(next((tmp_path / "other").glob("*.dcm")))], stack=True, plugin=PLUGIN) == []
+    assert "lie in 2 folders" in _messages(notifications, "error")[-1]
+
+
+def test_one_dicom_slice_of_a_series_says_once_how_to_read_the_series(viewer, tmp_path, notifications):
+    from ..model.io.test_io import write_ct_series
+
+    write_ct_series(tmp_path / "series", np.full((4, 16, 12), -800, np.int16))
+    files = sorted((tmp_path / "series").glob("*.dcm"))
+    for f in files[:3]:
+        viewer.open(f, plugin=PLUGIN)
+    told = [m for m in _messages(notifications, "info") if "opened as a single slice" in m]
+    assert len(told) == 1 and "its folder holds 4 DICOM files" in told[0] and "Open Files as Stack" in told[0]
+    assert len(viewer.layers) == 3 and all(layer.data.shape[0] == 1 for layer in viewer.layers)
+
+
+def test_the_writer_adds_nii_gz_to_a_bare_name_and_refuses_other_extensions(viewer, tmp_path, notifications):
+    """A name typed without an extension failed with 'unsupported output format (no extension)',
+    listing .nrrd and .mha, which this writer does not claim."""
+    import nibabel as nib
+
+    from napari_boltzformer._writer import write_labels
+
+    viewer.add_labels(np.ones((3, 6, 5), np.uint8), scale=(2.0, 0.5, 0.5), units="mm")
+    meta = viewer.layers[-1]._get_state()
+    assert write_labels(str(tmp_path / "hand"), viewer.layers[-1].data, meta) == [str(tmp_path / "hand.nii.gz")]
+    assert nib.load(str(tmp_path / "hand.nii.gz")).header.get_zooms() == pytest.approx((0.5, 0.5, 2.0))
+    assert not _messages(notifications, "warning")  # it has a physical size
+    with pytest.raises(NotWritten, match=r"hand\.nrrd: not written: this writer writes NIfTI; name the file .nii.gz"):
+        write_labels(str(tmp_path / "hand.nrrd"), viewer.layers[-1].data, meta)
+    assert not (tmp_path / "hand.nrrd").exists()
+
+
+def test_saving_a_labels_layer_with_no_physical_size_warns(viewer, tmp_path, notifications):
+    viewer.add_labels(np.ones((3, 6, 5), np.uint8))  # napari's default: pixel units, scale 1
+    viewer.layers.save(str(tmp_path / "drawn.nii.gz"), plugin=PLUGIN)
+    assert (tmp_path / "drawn.nii.gz").exists()
+    [said] = [m for m in _messages(notifications, "warning") if "no physical voxel size" in m]
+    assert said.startswith(f"{tmp_path / 'drawn.nii.gz'}: the layer has no physical voxel size") and "1 x 1 x 1 mm" in said

@@ -374,6 +374,10 @@ def test_orientation_letters_and_slice_position(reader, qtbot, tmp_path):
     viewer.layers.clear()
     viewer.add_image(np.zeros((5, 20, 20)), name="plain")
     assert labels.text("left") == "" and labels.text("slice") == ""
+    # segmented, its results carry the layer's geometry: the letters come back, marked as assumed
+    # (they were drawn as certain)
+    run_and_wait(panel, qtbot)
+    assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["R?", "L?", "A?", "P?"]
 
 
 # -- the small things ------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ def test_rgb_and_4d_layers_are_named_with_the_reason_they_cannot_run(panel, view
     error = _errors(notifications)[-1]
     assert "'photo' is RGB" in error and "'t4d' has 4 dimensions" in error
     assert panel.status_label.text().startswith("not started")
+    viewer.add_image(np.zeros((3, 16, 16), np.float32), name="usable")
+    assert panel.status_label.text() == ""  # it spoke of the image that was missing
 
 
 def test_a_nan_voxel_is_refused_like_the_reader_refuses_the_file(panel, viewer, notifications):

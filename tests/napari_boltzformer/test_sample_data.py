@@ -43,8 +43,10 @@ def test_an_open_panel_takes_the_samples_prompt(viewer, tiny_segmenter):
     panel = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
     viewer.open_sample(PLUGIN, "brain_mri")
     assert panel.prompt_edit.text() == "multiple sclerosis lesion"
+    viewer.open_sample(PLUGIN, "chest_ct")  # a second sample: its own prompt, not the first one's
+    assert panel.prompt_edit.text() == "lung nodule"
     panel.prompt_edit.setText("brain tumour")
-    viewer.open_sample(PLUGIN, "chest_ct")
+    viewer.open_sample(PLUGIN, "brain_mri")
     assert panel.prompt_edit.text() == "brain tumour"  # what the reader typed stays
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -393,3 +394,23 @@ def test_planes_choice_reaches_the_run_and_the_status_line(viewer, tiny_segmente
             assert ("in three planes" in panel.status_label.text()) == (value == "three")
     finally:
         stop(panel)
+
+
+def test_exports_of_a_dicom_series_are_offered_beside_its_folder_not_in_it(panel, viewer, qtbot, tmp_path, monkeypatch):
+    """A derived file dropped into a series folder joins the series (and archive folders are
+    often read-only); a NIfTI scan's exports go beside the file."""
+    from qtpy.QtWidgets import QFileDialog
+
+    from ..model.io.test_io import write_ct_series
+
+    write_ct_series(tmp_path / "study" / "series", np.full((3, 16, 12), -800, np.int16))
+    viewer.layers.clear()
+    viewer.open(tmp_path / "study" / "series", plugin="napari-boltzformer")
+    panel.min_lesion_spin.setValue(0.0)
+    run_and_wait(panel, qtbot)
+    offered = []
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda _parent, _title, default, _filter: offered.append(default)
+                        or ("", ""))
+    panel.exports.mask_button.click()
+    assert Path(offered[-1]).parent == tmp_path / "study"
+    assert not list((tmp_path / "study" / "series").glob("*.nii.gz"))
