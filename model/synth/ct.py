@@ -59,7 +59,8 @@ def _ellipse(x, y, cx, cy, ax, ay, wobble=None):
     r = ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2
     if wobble is not None:
         theta = np.arctan2(y - cy, x - cx)
-        r = r * (1 + sum(a * np.cos(f * theta + p) for a, f, p in wobble))
+        # at most 2x the radius: five large lobes can sum below -1, which made the outline unbounded
+        r = r * np.maximum(1 + sum(a * np.cos(f * theta + p) for a, f, p in wobble), 0.25)
     return r <= 1.0
 
 
@@ -87,6 +88,8 @@ class Anatomy:
 
 
 def random_anatomy(rng: np.random.Generator, region: str | None = None) -> Anatomy:
+    if region not in (None, "chest", "abdomen"):
+        raise ValueError(f"region must be 'chest' or 'abdomen' (or None: either), got {region!r}")
     region = region or ("chest" if rng.random() < 0.62 else "abdomen")
     return Anatomy(
         region=region,
@@ -197,7 +200,8 @@ def render(a: Anatomy, rng: np.random.Generator, size: int, pixel_mm: float, z_m
             lung_masks.append(m)
         lungs = lung_masks[0] | lung_masks[1]
         img[lungs] = LUNG
-        # vessels and airways as bright dots / dark rings in the lungs, denser near the hilum
+        # vessels as bright dots, placed uniformly in the lungs and re-drawn on every slice (no
+        # airways here: the 3D chest phantom, synth.lung3d, has vessel trees and airways)
         vrng = np.random.default_rng([a.vessel_seed, int(round(z_mm)) + 100_000])
         n = int(vrng.integers(60, 140) * (size / 256) ** 2)
         pts = np.zeros((size, size), np.float32)
@@ -212,8 +216,10 @@ def render(a: Anatomy, rng: np.random.Generator, size: int, pixel_mm: float, z_m
         ao = _ellipse(x, y, sx + 25, sy - 10, 13, 13)
         img[ao] = BLOOD + 250 * enh
         masks["aorta"] = ao
-        masks["lung"] = lungs
-        masks["right_lung"], masks["left_lung"] = lung_masks  # image left = patient right
+        masks["heart"] = heart & ~ao  # the aorta is painted over these: its pixels are aorta only
+        masks["vertebra"] = vert & ~ao
+        masks["lung"] = lungs & ~ao
+        masks["right_lung"], masks["left_lung"] = (m & ~ao for m in lung_masks)  # image left = patient right
     else:
         liver = _ellipse(x, y, a.body_cx - 0.42 * a.body_ax, a.body_cy - 0.1 * a.body_ay,
                          0.42 * a.body_ax * a.liver_scale, 0.7 * a.body_ay, a.wobble) & cavity_r
@@ -233,11 +239,17 @@ def render(a: Anatomy, rng: np.random.Generator, size: int, pixel_mm: float, z_m
         img[ivc] = BLOOD + 100 * enh
         # bowel gas pockets anteriorly
         brng = np.random.default_rng([a.vessel_seed, int(round(z_mm / 5)) + 100_000])
+        gas_all = np.zeros_like(body)
         for _ in range(brng.integers(2, 8)):
             gx, gy = a.body_cx + brng.uniform(-0.4, 0.5) * a.body_ax, a.body_cy - brng.uniform(0.2, 0.6) * a.body_ay
             gas = _ellipse(x, y, gx, gy, brng.uniform(5, 18), brng.uniform(4, 12)) & cavity_r & ~liver & ~spleen
             img[gas] = AIR + 100
-        masks.update(liver=liver, spleen=spleen, kidney=kidneys, aorta=ao, inferior_vena_cava=ivc)
+            gas_all |= gas
+        # each organ's mask leaves out what was painted over it (kidneys over liver and spleen, then
+        # the vessels, then gas): a pixel is one organ's
+        over = ao | ivc | gas_all
+        masks.update(liver=liver & ~kidneys & ~over, spleen=spleen & ~kidneys & ~over, kidney=kidneys & ~over,
+                     aorta=ao & ~gas_all, inferior_vena_cava=ivc & ~ao & ~gas_all)
     # lesions: the blob's cross-section at z_mm
     kinds: dict[str, list[str]] = {}
     for b in a.blobs:
@@ -279,13 +291,22 @@ def _scanner(img: np.ndarray, rng: np.random.Generator, pixel_mm: float, scanner
     return img + noise + s["offset_hu"]
 
 
+def _check_square(shape_zyx, spacing_mm) -> None:
+    """The slice renderers draw square slices with square pixels (one size, one pixel_mm)."""
+    if len(shape_zyx) != 3 or shape_zyx[1] != shape_zyx[2] or len(spacing_mm) != 3 or spacing_mm[0] != spacing_mm[1]:
+        raise ValueError(f"square slices with square pixels are rendered: shape_zyx {tuple(shape_zyx)} needs y == x "
+                         f"and spacing_mm {tuple(spacing_mm)} (x, y, z) needs x == y")
+
+
 def random_scanner(rng: np.random.Generator) -> dict:
     return {"blur_px": rng.uniform(0.3, 1.3), "noise_hu": rng.uniform(5, 40), "noise_corr_px": rng.uniform(0.4, 1.0),
             "offset_hu": rng.normal(0, 10)}
 
 
 def ct_slice(rng: np.random.Generator, size: int = 256, region: str | None = None) -> SyntheticSlice:
-    """One random chest or abdomen slice with lesions (about 20 % lesion-free)."""
+    """One random chest or abdomen slice with lesions: 20 % are drawn without any, and a lesion
+    placed where its organ's cross-section is not vanishes, so about 27 % end up lesion-free
+    (measured over 300 seeds)."""
     a = add_random_lesions(rng, random_anatomy(rng, region))
     pixel_mm = rng.uniform(1.0, 2.0) * 256 / size  # field of view 256-512 mm
     return render(a, rng, size, pixel_mm, z_frac=rng.uniform(-0.6, 0.6))
@@ -293,7 +314,9 @@ def ct_slice(rng: np.random.Generator, size: int = 256, region: str | None = Non
 
 def ct_volume(seed: int, shape_zyx=(40, 256, 256), spacing_mm=(0.7, 0.7, 2.5), region: str = "chest",
               n_nodules=(3, 6)) -> SyntheticVolume:
-    """A volume with continuous anatomy and 3D lesions; image int16 HU, masks uint8."""
+    """A volume with continuous anatomy and 3D lesions; image int16 HU, masks uint8.
+    spacing_mm is (x, y, z); the slices are square with square pixels."""
+    _check_square(shape_zyx, spacing_mm)
     rng = np.random.default_rng(seed)
     z, size = shape_zyx[0], shape_zyx[1]
     a = random_anatomy(rng, region)

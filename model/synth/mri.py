@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .ct import SyntheticSlice, SyntheticVolume, _ellipse, _grid, _lobes
+from .ct import SyntheticSlice, SyntheticVolume, _check_square, _ellipse, _grid, _lobes
 
 # tissue signal per contrast: background, fat, skull, csf, grey, white, lesion, tumour, oedema
 _SIGNAL = {
@@ -114,8 +114,14 @@ def _render(h, lesions, rng, size, pixel_mm, contrast, z_mm=0.0, z_frac=0.0, bia
     return SyntheticSlice((img * 1000).astype(np.float32), masks, pixel_mm, "MR")
 
 
+def _check_contrast(contrast: str | None) -> None:
+    if contrast is not None and contrast not in _SIGNAL:
+        raise ValueError(f"contrast must be one of {', '.join(sorted(_SIGNAL))} (or None: drawn), got {contrast!r}")
+
+
 def brain_slice(rng: np.random.Generator, size: int = 256, contrast: str | None = None) -> SyntheticSlice:
     """One random axial brain slice (about 20 % lesion-free)."""
+    _check_contrast(contrast)
     contrast = contrast or ("flair", "flair", "t1", "t2", "t1c")[rng.integers(5)]
     h = _head(rng)
     pixel_mm = rng.uniform(0.8, 1.2) * 256 / size
@@ -123,6 +129,9 @@ def brain_slice(rng: np.random.Generator, size: int = 256, contrast: str | None 
 
 
 def brain_volume(seed: int, shape_zyx=(24, 256, 256), spacing_mm=(0.9, 0.9, 3.0), contrast: str = "flair") -> SyntheticVolume:
+    """A brain volume with 3D lesions (spacing_mm (x, y, z); square slices, square pixels)."""
+    _check_square(shape_zyx, spacing_mm)
+    _check_contrast(contrast)
     rng = np.random.default_rng(seed)
     z, size = shape_zyx[0], shape_zyx[1]
     h = _head(rng)

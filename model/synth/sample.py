@@ -46,6 +46,9 @@ DEMO_PHANTOM_SEED = 99_000
 
 
 def sample_chest_ct(seed: int = 0) -> SampleCase:
+    """The demo chest CT. x and y are centred on the volume; z runs from the top slice at 0 mm
+    down to -157.5 mm, so a nodule's world z is its `Nodule.center_mm` z (mm from the volume
+    centre) - 78.75 mm."""
     ph = chest_phantom(DEMO_PHANTOM_SEED + seed, shape_zyx=(64, 256, 256), spacing_mm=(1.4, 1.4, 2.5),
                        n_nodules=(4, 6), nodule_diameter_mm=(4.0, 20.0))
     origin = (-1.4 * 127.5, -1.4 * 127.5, -2.5 * 63)

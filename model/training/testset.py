@@ -5,8 +5,12 @@
 Writes `<id>_image.nii.gz` (one slice; CT in HU, MR raw signal, true pixel spacing) and
 `<id>_mask.nii.gz` per case and a `cases.csv` with `case_id, prompt, modality, target,
 area_fraction, size_band` (size band of the target: `<0.1%`, `0.1-1%`, `>=1%`, or `none` for
-lesion-free cases whose correct answer is an empty mask). Seeds differ from training's, so
-these slices were never seen in training.
+lesion-free cases whose correct answer is an empty mask). The default seed, 777, is reserved:
+training refuses chunk seeds 555 and 777 (data.RESERVED_SLICE_SEEDS), so these slices were never
+seen in training. Another seed gives no such promise: training chunk i of seed s is seeded
+s * 100003 + i, so `--seed 3` starts with the very slice that training's seed 3 starts with.
+2D CT slices are written as rendered, noise included: a few air pixels fall below -1024 HU, as on
+scanners that do not clip.
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ the arteries, fissures, and 3D lobulated nodules of five kinds.
 
 The anatomy is described in millimetres in an anatomical frame: X, Y relative to the body centre,
 Z = 0 at the top of the right diaphragm dome. A volume is a window of that frame, so the same
-anatomy renders at any spacing and size. Large organs are rendered slice by slice from implicit
+anatomy (body, organs, vessel and airway trees, nodule positions) renders at any spacing and
+size. The textures are drawn on the voxel grid, so their random draws, and the choices made
+after them (whether emphysema or ground glass is present, whether the fissures show), differ
+between grids of one seed. Large organs are rendered slice by slice from implicit
 shapes; tubes (vessels, airways, aorta) and nodules are rendered into local bounding boxes with
 partial-volume occupancy averaged over the slice thickness. Scanner effects (reconstruction blur,
 optional sharp kernel, correlated noise, HU offset, breathing blur over the diaphragm) come last.

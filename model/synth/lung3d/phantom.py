@@ -31,13 +31,39 @@ class ChestPhantom:
     info: dict = field(default_factory=dict)  # contrast phase, scanner settings, anatomy landmarks
 
 
+MIN_NODULE_DIAMETER_MM = 1.0  # smaller is below any CT's resolution (and of no clinical meaning)
+
+
+def _check_arguments(seed, shape_zyx, spacing_mm, n_nodules, nodule_diameter_mm) -> None:
+    """One clear message instead of numpy's or scipy's from deep inside the renderer."""
+    problems = []
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        problems.append(f"seed must be a non-negative integer, got {seed!r}")
+    if len(shape_zyx) != 3 or any(int(v) < 1 for v in shape_zyx):
+        problems.append(f"shape_zyx must be 3 sizes of at least 1 voxel, got {tuple(shape_zyx)}")
+    if len(spacing_mm) != 3 or not all(np.isfinite(float(v)) and float(v) > 0 for v in spacing_mm):
+        problems.append(f"spacing_mm must be 3 positive finite sizes (x, y, z), got {tuple(spacing_mm)}")
+    counts = (n_nodules, n_nodules) if np.isscalar(n_nodules) else tuple(n_nodules)
+    if len(counts) != 2 or any(int(c) != c or c < 0 for c in counts) or counts[0] > counts[1]:
+        problems.append(f"n_nodules must be a count or an inclusive (min, max) range of counts, got {n_nodules!r}")
+    sizes = tuple(nodule_diameter_mm)
+    if (len(sizes) != 2 or not all(np.isfinite(float(v)) for v in sizes) or sizes[0] > sizes[1]
+            or sizes[0] < MIN_NODULE_DIAMETER_MM):
+        problems.append(f"nodule_diameter_mm must be a (min, max) range from {MIN_NODULE_DIAMETER_MM:g} mm, got "
+                        f"{nodule_diameter_mm!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def chest_phantom(seed: int, shape_zyx=(64, 256, 256), spacing_mm=(1.4, 1.4, 2.5), n_nodules=(0, 4),
                   nodule_diameter_mm=(3.0, 30.0)) -> ChestPhantom:
     """A chest CT volume (int16 HU, z y x, LPS) with continuous vessels and airways and 3D nodules.
 
     Deterministic in its arguments. n_nodules is an inclusive (min, max) range (or one number);
     fewer are placed when the lungs in view have no room. Diameters are drawn from
-    nodule_diameter_mm with small ones most common (shortened to fit thin volumes)."""
+    nodule_diameter_mm with small ones most common (shortened to fit thin volumes).
+    Raises ValueError for arguments outside these ranges."""
+    _check_arguments(seed, shape_zyx, spacing_mm, n_nodules, nodule_diameter_mm)
     rng = np.random.default_rng(seed)
     a = random_anatomy(rng)
     nz, ny, nx = (int(s) for s in shape_zyx)

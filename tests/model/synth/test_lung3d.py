@@ -1,5 +1,6 @@
 """3D chest phantom: determinism, geometry, nodule labels, continuous vessel trees, HU, speed."""
 
+import re
 import time
 
 import numpy as np
@@ -175,3 +176,16 @@ def test_tissue_hounsfield_units(phantoms):
         for n in ph.nodules:
             med = np.median(ph.image[ph.nodule_labels == n.label])
             assert med > -800, n  # denser than lung
+
+
+def test_bad_arguments_are_one_clear_message():
+    """They failed deep in numpy or scipy (ZeroDivisionError, 'low >= high'), or gave NaN sizes."""
+    for kwargs, said in ((dict(n_nodules=(5, 2)), "n_nodules must be"), (dict(n_nodules=-1), "n_nodules must be"),
+                         (dict(nodule_diameter_mm=(0, 10)), "nodule_diameter_mm must be a (min, max) range from 1 mm"),
+                         (dict(nodule_diameter_mm=(20, 5)), "nodule_diameter_mm must be"),
+                         (dict(shape_zyx=(0, 16, 16)), "shape_zyx must be 3 sizes"),
+                         (dict(spacing_mm=(-1.0, 1.0, 1.0)), "spacing_mm must be 3 positive")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            lung3d.chest_phantom(0, **kwargs)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        lung3d.chest_phantom(-1)
