@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from ..errors import InputError, SliceSpacingError
 from .formats import DICOM_EXTENSIONS, has_dicom_preamble, refuse_special_files
 from .itk import detail, itk_quiet
+from .tilt import as_dtype, straighten
 from .volume import Volume
 
 
@@ -272,28 +273,12 @@ def _apply_plan(volume: Volume, plan: _SlicePlan) -> Volume:
         volume.direction = plan.direction
         volume.origin_mm = tuple(float(v) for v in plan.origin)
     if plan.drift_mm is not None:
-        volume = _straighten(volume, plan.drift_mm)
+        volume = straighten(volume, plan.drift_mm)
     if plan.step is not None:
         if plan.grid is not None:
             volume = _resample_slices(volume, plan)
         volume.spacing_mm = (*volume.spacing_mm[:2], plan.step)
     return volume
-
-
-def _straighten(volume: Volume, drift_mm: np.ndarray) -> Volume:
-    """A sheared stack on the straight grid of its first slice: slice k shifted within its
-    plane by -drift_mm[k] (mm along its rows, along its columns), linearly interpolated; what
-    comes in from outside the slice is the slice's lowest value (air on CT)."""
-    from scipy import ndimage
-
-    src = volume.array
-    sx, sy = volume.spacing_mm[0], volume.spacing_mm[1]
-    out = np.empty_like(src)
-    for k, (dx, dy) in enumerate(drift_mm):
-        out[k] = _as_dtype(ndimage.shift(src[k].astype(np.float32), (dy / sy, dx / sx), order=1, mode="constant",
-                                         cval=float(src[k].min())), src.dtype)
-    return Volume(out, volume.spacing_mm, volume.origin_mm, volume.direction, volume.modality, volume.path,
-                  dict(volume.metadata, straightened_shear=True))
 
 
 def _names(files, limit: int = 4) -> str:
@@ -624,17 +609,9 @@ def _resample_slices(volume: Volume, plan: _SlicePlan) -> Volume:
             out[j] = src[i + 1]
         else:
             w = (g - z[i]) / (z[i + 1] - z[i])
-            out[j] = _as_dtype((1.0 - w) * src[i].astype(np.float64) + w * src[i + 1].astype(np.float64), src.dtype)
+            out[j] = as_dtype((1.0 - w) * src[i].astype(np.float64) + w * src[i + 1].astype(np.float64), src.dtype)
     return Volume(out, volume.spacing_mm, volume.origin_mm, volume.direction, volume.modality, volume.path,
                   dict(volume.metadata, resampled_from_slices=len(z)))
-
-
-def _as_dtype(values: np.ndarray, dtype) -> np.ndarray:
-    """Interpolated values back in the stack's dtype: integers rounded and kept in range."""
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
-    return values.astype(dtype)
 
 
 def _select_series(folder: Path, infos: list[SeriesInfo], series: str | int) -> SeriesInfo:

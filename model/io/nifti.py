@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..errors import InputError
 from .volume import LPS_TO_RAS, Volume, require_finite
@@ -22,12 +21,14 @@ from .volume import LPS_TO_RAS, Volume, require_finite
 _AXES = "xyz"
 
 
-def apply_nifti_geometry(volume: Volume, p: Path, image: sitk.Image) -> None:
-    """Place ``volume`` as the NIfTI standard says: sform if sform_code > 0, else qform.
+def apply_nifti_geometry(volume: Volume, p: Path) -> Volume:
+    """``volume`` placed as the NIfTI standard says: sform if sform_code > 0, else qform.
 
     ITK prefers the qform when both are set (so a file whose sform differs from its qform came
     out where the qform put it) and drops the z position of a 2D file; nibabel, FSL and the
-    standard use the sform. Also warns about voxel sizes of 0 (ITK silently uses 1 mm).
+    standard use the sform. Also warns about voxel sizes of 0 (ITK silently uses 1 mm). An
+    affine whose slice axis is tilted against the slice plane (gantry tilt) is straightened onto
+    an orthogonal grid, as a tilted DICOM series is: the returned volume is then a new one.
     """
     import nibabel as nib
 
@@ -35,14 +36,43 @@ def apply_nifti_geometry(volume: Volume, p: Path, image: sitk.Image) -> None:
         with _nibabel_quiet():
             header = nib.load(str(p)).header
     except Exception:  # noqa: BLE001 - nibabel cannot parse what ITK accepted: keep ITK's geometry
-        return
+        return volume
     warnings: list[str] = []
-    _nifti_geometry(volume, p, header, warnings)
+    volume = _nifti_geometry(volume, p, header, warnings)
     if warnings:
         volume.metadata.setdefault("warnings", []).extend(warnings)
+    return volume
 
 
-def _nifti_geometry(volume: Volume, p: Path, header, warnings: list[str]) -> None:
+def read_sheared_nifti(p: Path) -> Volume:
+    """A NIfTI file ITK refuses to read ("orthonormal direction cosines": a sheared sform and no
+    qform), read by nibabel and placed by `apply_nifti_geometry`."""
+    import nibabel as nib
+
+    try:
+        with _nibabel_quiet():
+            image = nib.load(str(p))
+            shape = tuple(int(v) for v in image.shape)
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            if len(shape) > 3:
+                raise InputError(p, f"is {len(shape)}D ({' x '.join(map(str, shape[3:]))} beyond x, y, z); a single "
+                                    "3D volume is needed")
+            data = np.asanyarray(image.dataobj)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one reader left: say it could not
+        raise InputError(p, f"cannot be read as NIfTI ({type(exc).__name__})") from None
+    if data.dtype.names or np.iscomplexobj(data):
+        raise InputError(p, "has complex or multi-component voxels (RGB?); a real-valued greyscale volume is needed")
+    data = data.reshape(shape + (1,) * (3 - len(shape)))
+    if data.dtype == np.float64:  # a scaled integer file: float32, as ITK reads it
+        data = data.astype(np.float32)
+    array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (z, y, x)
+    return apply_nifti_geometry(Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), path=p), p)
+
+
+def _nifti_geometry(volume: Volume, p: Path, header, warnings: list[str]) -> Volume:
     file_dims = int(header["dim"][0])
     spatial = min(max(file_dims, 1), 3)
     s_code, q_code = int(header["sform_code"]), int(header["qform_code"])
@@ -64,7 +94,7 @@ def _nifti_geometry(volume: Volume, p: Path, header, warnings: list[str]) -> Non
         volume.metadata["orientation_unknown"] = True
         warnings.append(f"{p}: says nothing of how it lies in the patient (qform_code and sform_code are 0); "
                         f"{volume.assumed_orientation()}")
-        return
+        return volume
     if s_code > 0 and q_code > 0:
         qform = np.asarray(header.get_qform(), float)
         corners = np.array([[i, j, k, 1.0] for i in (0, max(volume.shape[2] - 1, 0)) for j in (0, max(volume.shape[1] - 1, 0))
@@ -81,12 +111,42 @@ def _nifti_geometry(volume: Volume, p: Path, header, warnings: list[str]) -> Non
         if not (np.isfinite(spacing[k]) and spacing[k] > 0):  # pixdim 0 in a qform; already warned about
             matrix[:, k], spacing[k] = itk_direction[:, k], 1.0
     direction = matrix / spacing
-    if not (np.all(np.isfinite(direction)) and np.allclose(direction.T @ direction, np.eye(3), atol=1e-4)):
-        warnings.append(f"{p}: its {source} is sheared (not a rotation and scaling); ITK's nearest geometry is used")
-        return
+    if not np.all(np.isfinite(direction)):
+        raise InputError(p, f"its {source} is not a finite matrix; fix the header")
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        return _straightened(volume, p, source, matrix, origin, warnings)
     volume.spacing_mm = tuple(float(v) for v in spacing)
     volume.origin_mm = tuple(float(v) for v in origin)
     volume.direction = direction
+    return volume
+
+
+def _straightened(volume: Volume, p: Path, source: str, matrix_mm: np.ndarray, origin: np.ndarray,
+                  warnings: list[str]) -> Volume:
+    """A sheared affine (LPS, columns in mm per voxel step) whose slice axis leans out of the
+    normal of orthogonal in-plane axes: a gantry tilt, straightened as a DICOM series is
+    (tilt.straighten); any other shear is refused (ITK's nearest geometry put voxels elsewhere)."""
+    from .tilt import straighten, tilt_of
+
+    tilt = tilt_of(matrix_mm)
+    if tilt is None:
+        raise InputError(p, f"its {source} is sheared within the slice plane (not a rotation, voxel sizes and a "
+                            "gantry tilt): its voxels cannot be placed on a grid without resampling it in 3D; "
+                            "resample it onto an orthonormal grid first")
+    direction, spacing, step_xy = tilt
+    volume.spacing_mm = tuple(float(v) for v in spacing)
+    volume.origin_mm = tuple(float(v) for v in origin)
+    volume.direction = direction
+    drift = np.arange(volume.array.shape[0])[:, None] * step_xy[None, :]  # (slices, 2) mm
+    across = float(np.hypot(*drift[-1]))
+    if across < 0.05 * min(spacing[:2]):  # under a twentieth of a pixel anywhere: nothing to move
+        return volume
+    angle = float(np.degrees(np.arctan2(np.hypot(*step_xy), spacing[2])))
+    warnings.append(f"{p}: its {source} is sheared (gantry tilt of {angle:.1f} degrees: the last slice lies "
+                    f"{across:.1f} mm across from where a straight stack would put it); each slice was shifted "
+                    "within its plane onto a straight grid (linear interpolation, as dcm2niix does), and the mask "
+                    "is written on that grid")
+    return straighten(volume, drift)
 
 
 def _raw_pixdim(p: Path) -> np.ndarray | None:

@@ -13,7 +13,7 @@ from ..errors import InputError
 from .dicom import read_dicom_file, read_dicom_folder
 from .formats import DICOM_EXTENSIONS, extension_of, file_kind, has_dicom_preamble, INPUT_EXTENSIONS, INPUT_FORMATS, starts_with
 from .itk import detail, itk_quiet
-from .nifti import apply_nifti_geometry, check_nifti_complete, check_nifti_finite
+from .nifti import apply_nifti_geometry, check_nifti_complete, check_nifti_finite, read_sheared_nifti
 from .volume import Volume
 
 
@@ -83,6 +83,10 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         with itk_quiet() as printed:
             reader.ReadImageInformation()
     except RuntimeError as exc:
+        if "orthonormal direction cosines" in str(exc) and format_name == "NIfTI":  # a sheared sform, no qform
+            check_nifti_complete(p)
+            check_nifti_finite(p)
+            return read_sheared_nifti(p)
         if "orthonormal direction cosines" in str(exc):  # a valid file, a geometry ITK cannot hold
             raise InputError(p, "its orientation matrix is sheared (not a rotation and voxel sizes), which ITK "
                                 "cannot read; resample it onto an orthonormal grid first") from None
@@ -114,7 +118,7 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
                             f"{detail(exc, printed)}") from None
     volume = Volume.from_sitk(image, path=p)
     if format_name == "NIfTI":
-        apply_nifti_geometry(volume, p, image)
+        volume = apply_nifti_geometry(volume, p)
     if format_name == "NRRD" and not reader.HasMetaDataKey("NRRD_space"):
         volume.metadata["orientation_unknown"] = True
         volume.metadata.setdefault("warnings", []).append(

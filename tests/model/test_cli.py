@@ -224,7 +224,7 @@ def _sheared(tmp_path):
 
 @pytest.mark.parametrize("make, expected", [
     (lambda t: t / "missing.nii.gz", "does not exist"),
-    (_sheared, "sheared.nii.gz: its orientation matrix is sheared"),
+    (_sheared, "sheared.nii.gz: its sform is sheared within the slice plane"),
     (_zero_dim, "dim0.nii: its header gives 8 x 8 x 0 voxels, none along z"),
     (_huge_voxels, "huge.nii.gz: its voxel size along x is 1e+30 mm"),
     (_complex, "kspace.nii.gz: has complex-valued voxels"),
