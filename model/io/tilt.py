@@ -36,18 +36,21 @@ def as_dtype(values: np.ndarray, dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
-def tilt_of(matrix_mm: np.ndarray, atol: float = 1e-4):
+def tilt_of(matrix_mm: np.ndarray, atol: float = 1e-3):
     """An affine's 3 x 3 part (columns: mm per voxel step along x, y, z) read as a tilted stack.
 
     -> (direction (3, 3) with the in-plane axes and the slice normal, spacing_mm (3,), the
     in-plane offset per slice (2,) mm along x and y), or None when the in-plane axes themselves
-    are not orthogonal (a shear no tilt explains)."""
+    are not orthogonal (a shear no tilt explains). In-plane axes off by up to `atol` (cosine;
+    0.06 degrees: cosines written to a few decimals) are made orthogonal."""
     sx, sy = np.linalg.norm(matrix_mm[:, 0]), np.linalg.norm(matrix_mm[:, 1])
     if not (sx > 0 and sy > 0):
         return None
     row, col = matrix_mm[:, 0] / sx, matrix_mm[:, 1] / sy
     if abs(float(row @ col)) > atol:
         return None
+    col = col - float(row @ col) * row
+    col /= np.linalg.norm(col)
     normal = np.cross(row, col)
     step = matrix_mm[:, 2]
     height = float(step @ normal)

@@ -478,3 +478,10 @@ def test_a_nifti_sheared_within_its_slices_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), affine), str(tmp_path / "sheared.nii.gz"))
     with pytest.raises(InputError, match="its sform is sheared within the slice plane"):
         read_volume(tmp_path / "sheared.nii.gz")
+    # an oblique rotation whose cosines were rounded (axes 0.025 degrees off square) is a rotation
+    rounded = np.array([[0.866, -0.5005, 0], [0.5, 0.866, 0], [0, 0, 1.0]]) @ np.diag([0.7, 0.7, 2.0])
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.vstack([np.c_[rounded, np.zeros(3)], [0, 0, 0, 1]])),
+             str(tmp_path / "rounded.nii.gz"))
+    vol = read_volume(tmp_path / "rounded.nii.gz")
+    assert vol.spacing_mm == pytest.approx((0.7, 0.7, 2.0), abs=1e-3)
+    assert np.allclose(vol.direction.T @ vol.direction, np.eye(3), atol=1e-6)
