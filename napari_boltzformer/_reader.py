@@ -9,6 +9,10 @@ the same reader as the command line (NIfTI sform/qform rule, DICOM slice-positio
 slices kept in place, FIFOs refused). A file that cannot be read becomes a napari error
 notification naming the file and the problem, not a traceback dialog; problems that do not stop
 reading (qform/sform disagreement, a voxel size of 0) become warning notifications.
+
+DICOM files chosen together (File > Open Files as Stack) are read as the series they belong to;
+a folder of NIfTI files, or an empty one, gets a notification saying what to open instead of
+napari's bare "refused the file" (napari offers this plugin for every folder).
 """
 
 from __future__ import annotations
