@@ -256,21 +256,37 @@ class Review:
         return self._apply(np.concatenate(indices), np.concatenate(values).astype(np.uint8), entry)
 
     def add_candidate(self, indices: np.ndarray, probabilities: np.ndarray | None = None, *,
-                      point_zyx=None, row: dict | None = None, threshold: float | None = None) -> dict:
+                      point_zyx=None, row: dict | None = None, threshold: float | None = None) -> dict | None:
         """A look-here candidate: its voxels (flat indices) are shown as an unreviewed lesion at any
-        threshold until accepted or rejected. Voxels the reader already kept stay as they are.
-        probabilities: the re-run's probability at each voxel (the lesion's score)."""
+        threshold until accepted or rejected. Only voxels nobody decided on, and touching none
+        that was decided, are added: a lesion kept, rejected or erased stays as the reader left
+        it (the merge rule would otherwise grow an accepted lesion, or bring a rejected one back
+        as unreviewed), and the candidate stays a finding of its own.
+        probabilities: the re-run's probability at each voxel (the lesion's score).
+        Returns the log entry, or None when no voxel is left to add (nothing is logged)."""
         indices = np.asarray(indices, np.int64)
         if indices.size == 0:
             raise ValueError("a look-here candidate needs at least one voxel")
+        free = ~self._near_decided(indices)
+        indices = indices[free]
+        if indices.size == 0:
+            return None
         old = self.state.reshape(-1)[indices]
-        free = ~np.isin(old & DECISION, (ACCEPTED, PENDING))
-        indices, old = indices[free], old[free]
         scores = {} if probabilities is None else dict(zip(indices.tolist(), np.asarray(probabilities)[free].tolist()))
         new = (old & ~np.uint8(DECISION)) | np.uint8(PENDING | LOOK_HERE)
         entry = {"action": "look here", "point_zyx": None if point_zyx is None else [round(float(v), 2) for v in point_zyx],
                  "lesion": None if row is None else lesion_summary(row), "threshold": threshold}
         return self._apply(indices, new, entry, scores)
+
+    def _near_decided(self, indices: np.ndarray) -> np.ndarray:
+        """For each flat index: whether it, or a 26-neighbour, carries a decision (computed in
+        the candidate's bounding box, one voxel wider)."""
+        zyx = np.unravel_index(indices, self.shape)
+        lo = [max(int(c.min()) - 1, 0) for c in zyx]
+        hi = [min(int(c.max()) + 2, n) for c, n in zip(zyx, self.shape)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        near = ndimage.binary_dilation((self.state[box] & DECISION) != AUTO, structure=_CONNECTIVITY)
+        return near[tuple(c - a for c, a in zip(zyx, lo))]
 
     def undo(self) -> dict | None:
         """Take the last action back; returns the 'undo' log entry, or None when there is none."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QMessageBox, QPushButton
 
-from ._layers import geometry_from_layer, layer_array, mask_volume, to_layer_shape
+from ._layers import FILE_GEOMETRY, geometry_from_layer, layer_array, mask_volume, to_layer_shape
 
 
 class Exports:
@@ -182,6 +182,11 @@ class Exports:
             "weights_path": path, "weights_sha256": self._weights_sha.get(path),
             "seed": options.get("seed"), "device": session.request.device, "force_prompt": options.get("force_prompt"),
             "size_filter_min_mean_diameter_mm": self.panel.min_diameter_mm(),
+            # a sagittal or coronal file is shown (and reviewed) in axial slices; its mask is
+            # written on its own grid, where these voxel indices do not point
+            "voxel_grid": ("the axial grid the panel showed, not the file's own (stored sagittally or coronally): "
+                           "place lesions by centroid_world_mm (LPS)" if FILE_GEOMETRY in session.request.geometry
+                           else "the file's own grid (z, y, x)"),
         }
 
     def ask_save_path(self, title: str, default: Path, name_filter: str, extensions: tuple[str, ...]) -> Path | None:

@@ -63,11 +63,7 @@ def geometry_from_layer(layer) -> dict:
     ndim = layer.ndim
     if ndim not in (2, 3) and (geom is None or geometry_shape(geom) != data_shape):
         raise ValueError(f"layer '{layer.name}' has {ndim} dimensions; BoltzFormer needs a 2D slice or a 3D volume")
-    origin = np.asarray(layer.data_to_world(np.zeros(ndim)), float)
-    matrix = np.eye(ndim + 1)
-    matrix[:ndim, ndim] = origin
-    for i in range(ndim):
-        matrix[:ndim, i] = np.asarray(layer.data_to_world(np.eye(ndim)[i]), float) - origin
+    matrix = data_to_world_matrix(layer)
     if geom is not None and geometry_shape(geom) == data_shape and (ndim != 3 or placed_by(geom, matrix)):
         return dict(geom)
     geom = Volume.from_affine_zyx(_placeholder(data_shape), matrix).geometry_dict(layer_ndim=ndim)
@@ -77,6 +73,17 @@ def geometry_from_layer(layer) -> dict:
     if all(str(u) == "pixel" for u in getattr(layer, "units", ())):  # napari's default: no physical size
         geom["units"] = "pixel"  # its scale is read as mm (the panel warns); result layers keep pixel units
     return geom
+
+
+def data_to_world_matrix(layer) -> np.ndarray:
+    """A layer's data -> world transform as one (ndim + 1) x (ndim + 1) matrix (z, y, x order)."""
+    ndim = layer.ndim
+    origin = np.asarray(layer.data_to_world(np.zeros(ndim)), float)
+    matrix = np.eye(ndim + 1)
+    matrix[:ndim, ndim] = origin
+    for i in range(ndim):
+        matrix[:ndim, i] = np.asarray(layer.data_to_world(np.eye(ndim)[i]), float) - origin
+    return matrix
 
 
 def placed_by(geom: dict, matrix: np.ndarray) -> bool:

@@ -193,8 +193,8 @@ def read_layers(path, series: str | None = None):
     tilt = _tilt_deg(volume)
     if tilt > 1.0:  # napari slices a grid turned out of the axial plane as if it were not
         show_warning(f"{path}: its slices are tilted {tilt:.0f} degrees from axial; napari draws them as stored, "
-                     "turned in plane only, so the mm positions on the status bar and the jumps to lesions are "
-                     "approximate (the masks, heatmaps and files written are exact on the scan's own grid)")
+                     "turned in plane only, so the mm positions on the status bar are approximate (the jumps to "
+                     "lesions, look here, the masks, heatmaps and files written are exact on the scan's own grid)")
     note = volume.metadata.get("series_note")
     if note and series is None:  # --series is the command line's; here the user picks by folder
         show_info(f"{path}: {note} To open another series, put its files in a folder of their own and open that folder.")

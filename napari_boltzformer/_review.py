@@ -24,6 +24,7 @@ from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ._layers import layer_array
+from ._view import shown_voxel
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class ReviewPanel:
         self.look_button.setToolTip("Then click the canvas (or Alt-click at any time): the slices there are "
                                     "segmented again with the model's sampling pulled toward the click; what it "
                                     "finds is added as a candidate to accept or reject")
+        self.look_button.toggled.connect(self._on_look_toggled)
         buttons.addWidget(self.look_button, 3)
         lay.addLayout(buttons)
         self.export_unreviewed_check = QCheckBox("unreviewed lesions in the exported mask")
@@ -404,6 +406,18 @@ class ReviewPanel:
         return True
 
     # ---- look here ---------------------------------------------------------------------------------
+    def _on_look_toggled(self, checked: bool) -> None:
+        """Armed: a crosshair and a status line say that the next click looks there."""
+        viewer = self.panel.viewer
+        if checked:
+            viewer.cursor.style = "crosshair"
+            self.panel.status_label.setText("look here: click the spot on the canvas (the button again: cancel)")
+            return
+        active = viewer.layers.selection.active  # back to what the active layer's mode shows
+        viewer.cursor.style = getattr(active, "cursor", "standard") if active is not None else "standard"
+        if self.panel.status_label.text().startswith("look here: click the spot"):
+            self.panel.status_label.setText("")
+
     def _on_mouse(self, event):
         if event.type != "mouse_press" or event.button != 1:
             return
@@ -433,7 +447,10 @@ class ReviewPanel:
         if self.looking or self.panel.running:
             show_info("look here: a run is in progress; try again when it ends")
             return
-        point = [float(v) for v in layer.world_to_data(world_position)]
+        if self.panel.viewer.dims.ndisplay != 2:  # a 3D click falls on the camera's plane, not a voxel
+            show_info("look here: switch the viewer to 2D (the square button at the bottom left) and click the spot")
+            return
+        point = [float(v) for v in shown_voxel(self.panel.viewer, layer, world_position)]
         if layer.ndim == 2:
             point = [0.0, *point]
         shape = session.review.shape
@@ -453,7 +470,7 @@ class ReviewPanel:
                 z_range = (row["slice_start"], row["slice_end"])
                 break
         self.looking = True
-        self.panel.status_label.setText(f"looking here (slice {index[0]})…")
+        self.panel.status_label.setText(f"looking here for '{session.result.prompt}' (slice {index[0]})…")
         worker = thread_worker(_look_here_job, start_thread=False, ignore_errors=True)(
             self.panel.load_segmenter, session, tuple(point), z_range)
         worker.returned.connect(lambda out, s=session: self._looked(s, out))
@@ -478,9 +495,17 @@ class ReviewPanel:
         indices = found.candidate_indices(session.review.shape)
         z, y, x = np.unravel_index(indices, session.review.shape)
         values = found.probabilities[z - start, y, x]
-        session.review.add_candidate(indices, values, point_zyx=found.point_zyx, row=found.row,
-                                     threshold=session.result.threshold)
-        if session.run_id != self.panel._active_run:
+        added = session.review.add_candidate(indices, values, point_zyx=found.point_zyx, row=found.row,
+                                             threshold=session.result.threshold)
+        if added is None:  # all of it lies on, or against, lesions already decided (or already there)
+            self.panel.status_label.setText(f"look here: nothing new ({where}, {found.seconds:.1f} s)")
+            show_info("look here: nothing added: what it found lies on or against lesions already accepted, "
+                      "rejected, edited or found by look here; undo (U) a decision to look there again")
+            return
+        if session.run_id != self.panel._active_run:  # the reader moved to another result meanwhile
+            self.panel.status_label.setText("")
+            show_info(f"look here: a candidate was added to the '{session.result.prompt}' result, not the one shown; "
+                      "select its mask layer to review it")
             return
         self.panel.refresh_view()
         size = found.row["mean_axial_diameter_mm"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._layers import GEOMETRY_KEY, ROLE_KEY
+from ._layers import GEOMETRY_KEY, ROLE_KEY, data_to_world_matrix
 
 # world axis (z, y, x) -> (letter at its negative end, letter at its positive end), LPS
 LPS_ENDS = (("I", "S"), ("A", "P"), ("R", "L"))
@@ -168,7 +168,7 @@ def zoom_to(viewer, layer, lesion: dict, min_zoom: float):
     centroid = np.asarray(lesion["centroid_voxel_zyx"], float)
     if layer.ndim == 2:
         centroid = centroid[1:]
-    world = np.asarray(layer.data_to_world(centroid), float)
+    world = world_of_shown_voxel(viewer, layer, centroid)
     dims = viewer.dims
     camera = _camera(viewer)
     offset = dims.ndim - layer.ndim
@@ -183,6 +183,45 @@ def zoom_to(viewer, layer, lesion: dict, min_zoom: float):
     diameter = float(lesion.get("longest_axial_diameter_mm") or 0.0)
     fov_mm = max(ZOOM_FOV_FACTOR * diameter, MIN_FOV_MM)
     camera.zoom = max(min(_canvas_size_px(viewer)) / fov_mm, min_zoom)
+
+
+# napari draws a layer whose axes are oblique to the view as if they were not: the slice comes
+# from the axes off the screen alone, the in-plane position from the axes on it (its warning:
+# "non-orthogonal slicing ... without an out-of-slice rotation"). A click and a jump must use
+# that mapping, not the layer's full 3D transform, or on a tilted scan they land tens of mm away.
+def _split_axes(viewer, layer) -> tuple[list[int], list[int]]:
+    """The layer's (displayed, not displayed) axes, in its own numbering."""
+    offset = viewer.dims.ndim - layer.ndim
+    shown = [axis - offset for axis in viewer.dims.displayed if axis >= offset]
+    return shown, [axis for axis in range(layer.ndim) if axis not in shown]
+
+
+def shown_voxel(viewer, layer, world_position) -> np.ndarray:
+    """(layer.ndim,) data coordinates of what napari draws at a canvas position (world
+    coordinates of the viewer); layer.world_to_data for a layer square to the view."""
+    matrix, n = data_to_world_matrix(layer), layer.ndim
+    world = np.asarray(world_position, float)[-n:]
+    shown, hidden = _split_axes(viewer, layer)
+    out = np.empty(n)
+    if hidden:  # napari's slice: the inverse transform restricted to the hidden axes
+        inverse = np.linalg.inv(matrix)
+        out[hidden] = inverse[np.ix_(hidden, hidden)] @ world[hidden] + inverse[hidden, n]
+    out[shown] = np.linalg.solve(matrix[np.ix_(shown, shown)], world[shown] - matrix[shown, n])
+    return out
+
+
+def world_of_shown_voxel(viewer, layer, data_point) -> np.ndarray:
+    """(layer.ndim,) world position at which napari draws voxel `data_point`: the inverse of
+    `shown_voxel`."""
+    matrix, n = data_to_world_matrix(layer), layer.ndim
+    data = np.asarray(data_point, float)
+    shown, hidden = _split_axes(viewer, layer)
+    world = np.empty(n)
+    world[shown] = matrix[np.ix_(shown, shown)] @ data[shown] + matrix[shown, n]
+    if hidden:
+        inverse = np.linalg.inv(matrix)
+        world[hidden] = np.linalg.solve(inverse[np.ix_(hidden, hidden)], data[hidden] - inverse[hidden, n])
+    return world
 
 
 def _canvas_size_px(viewer) -> tuple[int, int]:

@@ -29,15 +29,8 @@ from ._layers import GEOMETRY_KEY, layer_array, to_layer_shape
 from ._lesion_table import intensity_header, lesion_totals, organ_totals
 from ._panel_ui import THRESHOLD_STEPS, build_ui
 from ._request import NOT_STARTED, build_request, usable_image
-from ._result_layers import (
-    RUN_KEY,
-    keep_ground_truth_on_top,
-    layer_of,
-    outline_ground_truth,
-    put_layers,
-    result_layers,
-    wanted_layers,
-)
+from ._result_layers import (RUN_KEY, keep_ground_truth_on_top, layer_of, outline_ground_truth, put_layers,
+                             result_layers, wanted_layers)
 from ._view import CanvasLabels, _camera, zoom_to
 from ._windowing import apply_window, follow_window
 
@@ -52,7 +45,9 @@ class BoltzFormerWidget(QWidget):
 
     def __init__(self, napari_viewer, weights=None, segmenter=None, parent=None):
         super().__init__(parent)
-        self.viewer = napari_viewer
+        # napari's Plugins menu hands a PublicOnlyProxy whose layers are new proxies at each access
+        # (`is` and weak references never hold: the exports lost the review): use the viewer itself
+        self.viewer = napari_viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
         self._weights = weights
         self._segmenter = segmenter
         self._worker = None

@@ -168,6 +168,37 @@ def test_a_look_here_candidate_is_pending_with_its_own_score():
     assert not review.view(result).mask()[2, 30, 20] and not review.scores
 
 
+def test_a_look_here_candidate_never_grows_a_decided_lesion_or_brings_a_rejected_one_back():
+    """A click just beside a decided lesion got round the 'already decided' refusal: the accepted
+    lesion grew (still 'accepted', which the reader never decided for the new voxels) and the
+    rejected one came back as unreviewed."""
+    result = make_result()
+    review = rv.Review(SHAPE)
+    view = review.view(result)
+    review.decide(view, row_at(view, BLOBS["A"][0]), "accepted")
+    view = review.view(result)
+    review.decide(view, row_at(view, BLOBS["B"][0]), "rejected")
+    view = review.view(result)
+    accepted_voxels = row_at(view, BLOBS["A"][0])["voxels"]
+    for (cz, cy, cx), _ in (BLOBS["A"], BLOBS["B"]):  # a candidate over the lesion and 3 voxels beyond
+        candidate = np.zeros(SHAPE, bool)
+        candidate[cz, cy - 6:cy + 7, cx - 6:cx + 7] = True
+        review.add_candidate(np.flatnonzero(candidate), point_zyx=(cz, cy, cx + 5), threshold=0.5)
+    view = review.view(result)
+    assert row_at(view, BLOBS["A"][0])["voxels"] == accepted_voxels
+    assert not view.mask()[BLOBS["B"][0]]  # still rejected
+    looks = [r for r in view.rows if r["origin"] == "look here"]
+    assert looks and all(r["status"] == "unreviewed" for r in looks)
+    from scipy import ndimage
+
+    pending, decided = ((review.state & rv.DECISION) == status for status in (rv.PENDING, rv.ACCEPTED))
+    assert not (pending & ndimage.binary_dilation(decided, structure=np.ones((3, 3, 3)))).any()  # a finding apart
+    # all of it on decided voxels: nothing added, nothing logged
+    n_actions = len(review.actions)
+    on_accepted = np.flatnonzero(decided)[:5]
+    assert review.add_candidate(on_accepted, point_zyx=BLOBS["A"][0]) is None and len(review.actions) == n_actions
+
+
 def test_rows_of_kept_lesions_measure_like_the_result_on_a_reoriented_volume():
     """An accepted lesion's row (recomputed from frozen voxels) equals the model's row of the same
     component, also when the volume is stored RAS and segmented on its canonical LPS frame."""

@@ -21,7 +21,7 @@ def _world_of_index(layer, index_zyx):
 
 def test_a_volume_tilted_out_of_the_axial_plane_is_said_to_be_drawn_approximately(viewer, tmp_path, notifications):
     """napari draws a grid turned out of the axial plane without that turn: the reader says the
-    status bar's mm and the jumps are approximate there (an axial one opens without a word)."""
+    status bar's mm are approximate there (an axial one opens without a word)."""
     from boltzformer.io import write_volume
 
     write_volume(ct_volume(direction=oblique_direction()), tmp_path / "oblique.nii.gz")

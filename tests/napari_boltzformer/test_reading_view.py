@@ -14,7 +14,7 @@ from napari_boltzformer._view import MIN_FOV_MM, ZOOM_FOV_FACTOR, _camera
 from napari_boltzformer._widget import BoltzFormerWidget
 
 from .conftest import PROMPT, add_volume, canvas_to_world_yx, ct_volume, panel_on, pixels_changed_by_hiding
-from .conftest import run_and_wait, save_test_weights, shown_viewer, stop, threshold_until
+from .conftest import oblique_direction, run_and_wait, save_test_weights, shown_viewer, stop, threshold_until
 
 ORGAN_PROMPT = "aorta"
 MR_PROMPT = "multiple sclerosis lesion"
@@ -424,3 +424,22 @@ def test_orientation_letters_of_a_single_axial_slice_under_the_heatmap_axis():
     assert orientation_letters((0, 2), 3, spatial=2) is None
     assert slice_text(0, 3, 5.0, 0, 1, spatial=2) == ""
     assert slice_text(1, 4, -12.34, 3, 40) == "axial 3 of 0–39\n12.3 mm I"  # (decoder, z, y, x)
+
+
+def test_clicks_and_jumps_on_an_oblique_scan_use_the_voxel_napari_draws(make_napari_viewer):
+    """napari draws an oblique layer without its out-of-plane rotation. Look here mapped a click
+    through the full 3D transform (a nodule clicked on slice 20 of a 12-degree tilted scan was
+    looked for on slices 14-18), and a jump to a lesion showed another slice."""
+    from napari_boltzformer._view import shown_voxel, world_of_shown_voxel, zoom_to
+
+    viewer = make_napari_viewer()
+    add_volume(viewer, ct_volume(shape=(12, 48, 40), direction=oblique_direction()))
+    layer = viewer.layers["ct"]
+    voxel = np.array([9.0, 30.0, 12.0])
+    world = world_of_shown_voxel(viewer, layer, voxel)
+    assert np.allclose(shown_voxel(viewer, layer, world), voxel)
+    assert np.abs(np.asarray(layer.world_to_data(world)) - voxel).max() > 2  # the full transform: elsewhere
+    zoom_to(viewer, layer, {"centroid_voxel_zyx": voxel.tolist(), "longest_axial_diameter_mm": 5.0}, 1.0)
+    assert round(float(layer._data_slice.point[0])) == 9  # the slice napari draws is the lesion's
+    centre = shown_voxel(viewer, layer, [*viewer.dims.point[:-2], *_camera(viewer).center[-2:]])
+    assert round(centre[0]) == 9 and np.allclose(centre[1:], voxel[1:])  # napari snaps the slider to its steps

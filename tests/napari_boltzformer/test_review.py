@@ -398,3 +398,16 @@ def test_look_here_on_a_decided_lesion_is_refused_and_a_reopened_panel_shows_the
     reopened = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
     viewer.window.add_dock_widget(reopened, name="BoltzFormer", area="right")
     assert reopened._active_run == first_run and reopened.table.rowCount() == n
+
+
+def test_look_here_is_armed_visibly_and_refused_in_3d(reviewing, qtbot, notifications):
+    """Armed, nothing said so (the cursor stayed an arrow); in 3D a click was run at the camera's
+    plane, not at a voxel."""
+    viewer, panel = reviewing
+    panel.reviewer.look_button.setChecked(True)
+    assert viewer.cursor.style == "crosshair" and panel.status_label.text().startswith("look here: click the spot")
+    panel.reviewer.look_button.setChecked(False)
+    assert viewer.cursor.style != "crosshair" and panel.status_label.text() == ""
+    viewer.dims.ndisplay = 3
+    panel.reviewer.look_here_at(viewer.dims.point)
+    assert not panel.reviewer.looking and any("switch the viewer to 2D" in m for _, m in notifications)

@@ -273,6 +273,9 @@ def test_panel_opens_from_the_plugin_menu(make_napari_viewer, qtbot):
     add_volume(viewer, ct_volume())
     _, widget = viewer.window.add_plugin_dock_widget("napari-boltzformer", "BoltzFormer")
     assert isinstance(widget, BoltzFormerWidget)
+    # napari hands plugin widgets a proxy whose layers are new proxies on every access: the
+    # panel's `is` checks (which layer is under review, for the exports) all failed through it
+    assert widget.viewer.layers[0] is widget.viewer.layers[0] and widget.viewer is viewer
     assert widget.image_combo.currentText() == "ct"
     devices = widget.device_combo.model()
     assert devices.item(3).isEnabled()  # CPU always
