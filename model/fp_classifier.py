@@ -193,7 +193,7 @@ class Classifier:
         return self.net.geometry
 
     @torch.no_grad()
-    def probabilities(self, patches: np.ndarray, batch: int = 256) -> np.ndarray:
+    def probabilities(self, patches: np.ndarray, batch: int = 32) -> np.ndarray:
         """N x 2 x D x H x W (its `geometry`) -> N nodule probabilities (CPU)."""
         self.net.eval()
         out = [torch.sigmoid(self.net(torch.from_numpy(patches[i : i + batch]))).numpy()

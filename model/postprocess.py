@@ -34,6 +34,7 @@ CSV_COLUMNS = (
 
 _STRUCTURES = {6: 1, 18: 2, 26: 3}  # connectivity → rank of ndimage.generate_binary_structure
 LABEL_UINT16_MAX = int(np.iinfo(np.uint16).max)  # label_components' ids fit uint16 up to this
+EDT_SLAB_SLICES = 32  # slices per distance transform in dilate_ellipsoid (memory, not speed)
 ELLIPSOID_EDT_MAX_RADIUS = 50  # voxels; a 3 mm shell reaches 50 voxels only below 0.06 mm spacing
 _HULL_ABOVE = 64  # more boundary pixels than this in a slice: reduce them to the convex hull first
 
@@ -134,6 +135,10 @@ def dilate_ellipsoid(region: np.ndarray, radius_vox) -> np.ndarray:
     half the time on the bench CT's large candidates. Offsets on the ellipsoid come out of the
     transform within 1e-12 of 1, and with radii up to ELLIPSOID_EDT_MAX_RADIUS no offset off it
     is that close. A radius of 0 leaves that axis alone.
+
+    The transform runs on slabs of EDT_SLAB_SLICES slices, each with a halo of the z radius: a
+    voxel farther along z than that cannot be within the ellipsoid, so the set is the same, and
+    the transform's float64 temporaries (about 60 bytes a voxel) cover a slab, not the region.
     """
     radius = np.maximum(np.asarray(radius_vox, float), 1e-6)
     if not region.any():
@@ -142,8 +147,16 @@ def dilate_ellipsoid(region: np.ndarray, radius_vox) -> np.ndarray:
         z, y, x = (np.arange(-int(r), int(r) + 1) / r for r in radius)
         ball = z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2 <= 1.0
         return ndimage.binary_dilation(region, structure=ball)
-    distance = ndimage.distance_transform_edt(~region, sampling=1.0 / radius)
-    return distance <= 1.0 + 1e-12
+    halo = int(np.floor(radius[0])) + 1
+    out = np.zeros(region.shape, bool)
+    for z0 in range(0, region.shape[0], EDT_SLAB_SLICES):
+        z1 = min(z0 + EDT_SLAB_SLICES, region.shape[0])
+        lo, hi = max(z0 - halo, 0), min(z1 + halo, region.shape[0])
+        slab = region[lo:hi]
+        if slab.any():
+            distance = ndimage.distance_transform_edt(~slab, sampling=1.0 / radius)
+            out[z0:z1] = distance[z0 - lo : z1 - lo] <= 1.0 + 1e-12
+    return out
 
 
 def candidate_shell(labels: np.ndarray, lesion_id: int, box: tuple[slice, ...], radius_vox,

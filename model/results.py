@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import fp_classifier, fp_filter, intensity, polarity_filter, postprocess
+from . import fp_classifier, fp_filter, intensity, polarity_filter, postprocess, runtime
 from . import nodule_detector as detector  # `nodule_detector` is the switch's name
 from .io import Volume
 from .orientation import IDENTITY, Reorientation
@@ -290,7 +290,8 @@ class SegmentationResult:
         """The detector's candidates on `frame`, found once (for a result it runs on)."""
         if self._candidates is None:
             t0 = time.perf_counter()
-            candidates = detector.find_candidates(frame, detector.bundled())
+            with runtime.network_heap():  # its filters' large temporaries, as the network's (runtime.py)
+                candidates = detector.find_candidates(frame, detector.bundled())
             self.timings_s["nodule_detector"] = time.perf_counter() - t0
             self._candidates = candidates  # set last: a reader on the main thread sees none or all
 
@@ -317,6 +318,7 @@ class SegmentationResult:
         probabilities = reo.to_canonical(self.probabilities)
         raw = probabilities > self.threshold  # strictly: slices left out (probability 0) stay empty at any threshold
         labels, n = postprocess.label_components(raw, frame.spacing_mm, min_lesion_mm3=self.min_lesion_mm3)
+        del raw  # a bool scan, dead from here (post-processing holds the run's peak)
         boxes = postprocess.find_objects(labels)  # one pass over the scan, for the table and the filter
         rows = postprocess.lesion_table(labels, frame, probabilities=probabilities, boxes=boxes)
         self.rejected = []

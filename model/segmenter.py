@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from . import intensity, polarity_filter
+from . import intensity, polarity_filter, runtime
 from . import planes as planes_mod  # `planes` is iter_segment's argument
 from .checkpoint import load_model
 from .context import context_margin, context_stack
@@ -517,9 +517,11 @@ class Segmenter:
         click_yx = None if prior is None else prior.yx_fraction(reo, volume.shape, frame.shape)
         timings["inference"] = 0.0
         sweep = _Sweep(frame.shape, stop - start, runs, extra=sum(c.n_slices for c in cuts))
-        yield from self._run_slices(sweep, prepared, lo, start, frame, embedding, click_yx, prior, seed,
-                                    batch_size or self.default_batch_size(), return_attention, should_stop,
-                                    stage_times, timings, t_start, mirror, cuts, native[start - lo : stop - lo])
+        with runtime.network_heap():  # the tuned heap for the network, given back after it
+            yield from self._run_slices(sweep, prepared, lo, start, frame, embedding, click_yx, prior, seed,
+                                        batch_size or self.default_batch_size(), return_attention, should_stop,
+                                        stage_times, timings, t_start, mirror, cuts, native[start - lo : stop - lo])
+        del native, prepared  # the windowed scan (float32, twice the CT's int16): post-processing has its peak
         if cuts and not sweep.complete:
             warnings.append("stopped before the coronal and sagittal passes ended: the probabilities are the "
                             "axial pass's")
@@ -537,6 +539,7 @@ class Segmenter:
             frame=frame, reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
             nodule_detector=nodule_detector, mirror=mirror, planes="three" if cuts and sweep.complete else "axial",
         )
+        del sweep, uncertainty  # a reoriented input's result holds copies on its grid: the canonical ones go
         result.rethreshold(threshold)
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start

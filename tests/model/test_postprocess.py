@@ -274,8 +274,9 @@ def test_ellipsoid_dilation_by_distance_transform_is_the_binary_dilation(radius_
     else:
         ball = (z * ry * rx) ** 2 + (y * rz * rx) ** 2 + (x * rz * ry) ** 2 <= (rz * ry * rx) ** 2
     rng = np.random.default_rng(sum(radius_vox))
-    region = rng.random((17, 25, 23)) < 0.01
+    region = rng.random((75, 25, 23)) < 0.01  # 75 slices: three slabs of the distance transform
     region[0, 0, 0] = region[-1, 12, -1] = True  # at the faces: the dilation is clipped there, not wrapped
+    region[31, 5, 5] = region[32, 20, 20] = True  # either side of a slab boundary
     np.testing.assert_array_equal(dilate_ellipsoid(region, radius_vox),
                                   ndimage.binary_dilation(region, structure=ball))
     assert not dilate_ellipsoid(np.zeros((3, 4, 5), bool), radius_vox).any()
