@@ -73,6 +73,7 @@ class BoltzFormerWidget(QWidget):
         self.canvas_labels = CanvasLabels(napari_viewer)
         self._connect_viewer()
         outline_ground_truth(napari_viewer)
+        self.prompt_edit.suggest_from(napari_viewer)  # a sample opened before the panel: its prompt
         self._refresh_images()
         self.destroyed.connect(self._stop.set)  # a closed viewer stops a running job
         self.reviewer.connect()

@@ -36,6 +36,14 @@ def test_sample_opens_an_image_and_its_ground_truth(viewer, key):
         assert image.data.min() < -500  # Hounsfield units, not rescaled
 
 
+def test_a_panel_opened_after_the_sample_takes_its_prompt(viewer, tiny_segmenter):
+    """File > Open Sample, then Plugins > BoltzFormer: the field stayed empty, and Run said so."""
+    from napari_boltzformer._widget import BoltzFormerWidget
+
+    viewer.open_sample(PLUGIN, "chest_ct")
+    assert BoltzFormerWidget(viewer, segmenter=tiny_segmenter).prompt_edit.text() == "lung nodule"
+
+
 def test_an_open_panel_takes_the_samples_prompt(viewer, tiny_segmenter):
     """File > Open Sample, then Run: the sample's prompt is in the field (it said 'the prompt is empty')."""
     from napari_boltzformer._widget import BoltzFormerWidget
