@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
     QSizePolicy,
     QSlider,
     QSpinBox,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -154,7 +155,13 @@ def build_ui(panel) -> None:
     seed_row.addWidget(panel.seed_spin, 1)
     seed_row.addWidget(QLabel("Runs"))
     seed_row.addWidget(panel.runs_spin, 1)
-    rform.addRow("Seed", seed_row)
+    # seed, runs and the output switches fold away (a reader seldom changes them), so that the
+    # lesion table keeps rows on a laptop screen (at 1400 x 900 it showed one)
+    options = QWidget()
+    oform = QFormLayout(options)
+    oform.setContentsMargins(0, 0, 0, 0)
+    oform.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    oform.addRow("Seed", seed_row)
     panel.probability_check = QCheckBox("probability layer")
     panel.probability_check.setChecked(True)
     panel.attention_check = QCheckBox("attention heatmaps")
@@ -202,7 +209,23 @@ def build_ui(panel) -> None:
     checks.addWidget(panel.keep_partial_check, 2, 1)
     checks.addWidget(panel.mirror_check, 3, 0)
     checks.addWidget(panel.planes_combo, 3, 1)
-    rform.addRow("Outputs", checks)
+    oform.addRow("Outputs", checks)
+    panel.options_button = QToolButton()
+    panel.options_button.setCheckable(True)
+    panel.options_button.setAutoRaise(True)
+    panel.options_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+    panel.options_button.setToolTip("Seed and sampling runs; outputs (probability, attention); the 3D false-positive "
+                                    "filter, the 3D nodule detector, mirror averaging, planes; force prompt")
+
+    def show_options(shown: bool) -> None:
+        options.setVisible(shown)
+        panel.options_button.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
+        panel.options_button.setText("fewer options" if shown else "options: seed, runs, outputs, 3D filters")
+
+    panel.options_button.toggled.connect(show_options)
+    show_options(False)
+    rform.addRow(panel.options_button)
+    rform.addRow(options)
     buttons = QHBoxLayout()
     panel.run_button = QPushButton("Run")
     panel.run_button.setDefault(True)

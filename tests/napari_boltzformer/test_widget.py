@@ -417,3 +417,12 @@ def test_exports_of_a_dicom_series_are_offered_beside_its_folder_not_in_it(panel
     panel.exports.mask_button.click()
     assert Path(offered[-1]).parent == tmp_path / "study"
     assert not list((tmp_path / "study" / "series").glob("*.nii.gz"))
+
+
+def test_seldom_changed_options_fold_away_so_the_lesion_table_keeps_rows(panel, qtbot):
+    """At 1400 x 900 the lesion table showed one row below seed, runs and eight output switches."""
+    assert not panel.fp_check.isVisibleTo(panel) and not panel.seed_spin.isVisibleTo(panel)
+    assert panel.fp_check.isChecked()  # folded, not off
+    panel.options_button.setChecked(True)
+    assert panel.fp_check.isVisibleTo(panel) and panel.seed_spin.isVisibleTo(panel)
+    assert panel.options_button.text() == "fewer options"
