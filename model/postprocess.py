@@ -1,7 +1,9 @@
 """From a binary mask to lesions: 3D connected components, minimum size in mm³, lesion table.
 
 Also the overlap measures used by evaluation (Dice, per-lesion detection).
-All arrays are (z, y, x); spacings are (x, y, z) mm, as everywhere in boltzformer.
+All arrays are (z, y, x); spacings are (x, y, z) mm, as in Volume (ITK's order). Elsewhere a
+spacing in (z, y, x) order says so in its name (the 3D classifier's patches, the detector's
+work grid).
 """
 
 from __future__ import annotations
@@ -258,11 +260,6 @@ def lesion_table(labels: np.ndarray, volume: Volume, intensity: np.ndarray | Non
 
     boxes = find_objects(labels) if boxes is None else boxes
     return thread_map(row_of, [(i, box) for i, box in enumerate(boxes) if box is not None])
-
-
-def _longest_axial_diameter_mm(region: np.ndarray, sy: float, sx: float) -> float:
-    """Max over slices of the longest in-plane voxel-centre distance (mm), plus one pixel."""
-    return _axial_diameters_mm(region, sy, sx)[0]
 
 
 def _axial_diameters_mm(region: np.ndarray, sy: float, sx: float) -> tuple[float, float]:

@@ -217,7 +217,7 @@ class SegmentationResult:
     mask: np.ndarray | None  # uint8 (z, y, x)
     threshold: float
     min_lesion_mm3: float
-    slices: tuple[int, int]  # asked-for [start, stop) in input slice indices (stopped early: see slices_done)
+    slices: tuple[int, int]  # [start, stop) input slice indices asked for, clipped to the volume
     runs: int
     uncertainty: np.ndarray | None = None  # float32 (z, y, x), variance over sampling seeds
     mirror: bool = False  # each slice averaged with its left-right mirror image (Segmenter.predict_batch)
@@ -228,8 +228,12 @@ class SegmentationResult:
     modality: str | None = None
     warnings: list[str] = field(default_factory=list)
     timings_s: dict = field(default_factory=dict)
-    complete: bool = True  # False when stopped early (only slices before `slices_done` are valid)
-    slices_done: int = 0
+    complete: bool = True  # False when stopped early: only `finished_slices` hold results
+    slices_done: int = 0  # axial slices finished (all of `slices` when complete)
+    # stopped early: the finished [start, stop) input slice indices (on a z-flipped input the last
+    # ones of `slices`); None when complete, or when the input was acquired sagittally or
+    # coronally, whose finished axial slices are no range of its own slices
+    finished_slices: tuple[int, int] | None = None
     labels: np.ndarray | None = None  # uint16/int32 (z, y, x): lesion ids as in `lesions` (0 = none)
     # The canonical axial volume the network saw (same world geometry, see boltzformer.orientation)
     # and the mapping back to the input grid; None = the input itself.
@@ -247,7 +251,7 @@ class SegmentationResult:
     _candidates: "detector.Candidates | None" = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:  # a notebook prints this: a summary, not the arrays (about 32 kB of them)
-        done = "" if self.complete else f", stopped after slice {self.slices_done}"
+        done = "" if self.complete else f", stopped early: {self.slices_done} axial slices done"
         return (f"SegmentationResult(prompt={self.prompt!r}, shape={self.volume.shape}, slices={self.slices}{done}, "
                 f"lesions={len(self.lesions)}, threshold={self.threshold}, modality={self.modality!r}, "
                 f"attention={'yes' if self.attention is not None else 'no'}, warnings={len(self.warnings)})")

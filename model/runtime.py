@@ -5,7 +5,9 @@ batch's large temporaries are page-faulted in again. Raising the mmap and trim t
 them in the heap: on 2 CPU cores the sparse decoder's token gathers became 2.4x faster
 (20.7 -> 8.7 ms for 8 slices at 64x64 tokens). Kept after the network, that heap held every
 array post-processing freed: 300-1000 MB of a 300 x 512² CT's 2.0 GB peak were freed memory
-never returned. So the tuning covers the network sweep only (`network_heap`).
+never returned. So the tuning covers the network sweep and the 3D nodule detector's candidate
+pass only (`network_heap`), in a process that asked for it (`tune_allocator`: a CLI command, a
+cohort worker; never the napari process, whose heap is napari's).
 """
 
 from __future__ import annotations

@@ -88,6 +88,16 @@ def _canonical_range(volume: Volume, slices, warnings: list):
     return frame, reo, input_range, (start, stop)
 
 
+def _finished_input_range(reo, input_range: tuple[int, int], done: int) -> tuple[int, int] | None:
+    """The input slices [start, stop) among `input_range` whose canonical axial slices were the
+    first `done` processed: the last ones on a z-flipped input; None for a sagittal or coronal
+    input (its axial slices are not slices of its own)."""
+    if not reo.keeps_slices:
+        return None
+    start, stop = input_range
+    return (stop - done, stop) if reo.flip[2] else (start, start + done)
+
+
 def _undo_shifted_hu(frame: Volume, modality: str, warnings: list) -> Volume:
     """Unsigned CT stored without its rescale intercept (HU + 1024) brought back to HU, with a warning."""
     offset = intensity.shifted_hu_offset(frame.array) if modality == "CT" else 0
@@ -534,8 +544,8 @@ class Segmenter:
             uncertainty=None if uncertainty is None else to_input(reo, uncertainty),
             attention=attention_to_input(sweep.attention, reo, frame), window=window, modality=modality,
             warnings=warnings,
-            # slices_done - slices[0] = slices finished (on a z-flipped input they are the last ones)
-            timings_s=timings, complete=sweep.complete, slices_done=input_range[0] + min(sweep.done, sweep.n),
+            timings_s=timings, complete=sweep.complete, slices_done=min(sweep.done, sweep.n),
+            finished_slices=None if sweep.complete else _finished_input_range(reo, input_range, min(sweep.done, sweep.n)),
             frame=frame, reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
             nodule_detector=nodule_detector, mirror=mirror, planes="three" if cuts and sweep.complete else "axial",
         )

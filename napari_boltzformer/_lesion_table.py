@@ -38,7 +38,6 @@ LESION_COLUMNS = (
     ("slices", "first–last slice (z index)", "slice_start"),
     ("HU", "mean intensity", "mean_intensity"),
 )
-TABLE_COLUMNS = tuple(c[0] for c in LESION_COLUMNS)
 ORGAN_COLUMNS = (
     ("structure", "the structure: its largest connected component (the two largest for paired organs)"),
     ("mL", "volume in mL"),

@@ -53,7 +53,7 @@ class ReviewSession:
 
 
 class ReviewPanel:
-    """The review controls of a BoltzFormerWidget (`box`, `export_box`) and their wiring."""
+    """The review controls of a BoltzFormerWidget (`box`, `export_unreviewed_check`) and their wiring."""
 
     def __init__(self, panel):
         self.panel = panel

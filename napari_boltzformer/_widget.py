@@ -300,14 +300,14 @@ class BoltzFormerWidget(QWidget):
             show_warning(text)
         elapsed = time.perf_counter() - self._run_started
         if not result.complete:
-            start = result.slices[0]
-            finished = max(0, result.slices_done - start)
+            finished, kept = result.slices_done, result.finished_slices
             if not request.keep_partial or finished == 0:
                 self.status_label.setText("cancelled; no layer was changed")
                 show_info(f"BoltzFormer: cancelled after {finished} slices; no layer was changed")
                 return
             self.status_label.setText(f"cancelled; kept {finished} finished slices")
-            show_info(f"BoltzFormer: cancelled; showing the {finished} finished slices ({start}..{start + finished - 1})")
+            where = f"slices {kept[0]}..{kept[1] - 1}" if kept else "axial slices, counted from the canonical first"
+            show_info(f"BoltzFormer: cancelled; showing the {finished} finished {where}")
         else:
             # No count here: the threshold, the filters and the detector switch change it later,
             # and the Lesions box above the table always shows the current one.

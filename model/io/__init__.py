@@ -25,8 +25,9 @@ Everything a user can get wrong raises :class:`~boltzformer.errors.InputError` o
 :class:`~boltzformer.errors.OutputError` with a one-line ``"<path>: <problem>"`` message.
 
 Modules: `volume` (Volume and its geometry), `formats` (extensions, the DICOM preamble), `read`
-(read_volume), `nifti` and `dicom` (their readers' rules), `itk` (SimpleITK's warnings and
-errors), `output` (checked, atomic writes).
+(read_volume), `nifti` and `dicom` (their readers' rules), `tilt` (a gantry-tilted stack
+straightened, for both), `itk` (SimpleITK's warnings and errors), `output` (checked, atomic
+writes).
 """
 
 from .dicom import SeriesInfo, list_dicom_series

@@ -15,7 +15,8 @@ def straighten(volume: Volume, drift_mm: np.ndarray) -> Volume:
     plane by -drift_mm[k] (mm along its rows, along its columns), linearly interpolated; what
     comes in from outside the slice is the slice's lowest value (air on CT).
 
-    drift_mm: (n_slices, 2), slice k's in-plane offset from where a straight stack puts it."""
+    drift_mm: (n_slices, 2), slice k's in-plane offset (dx, dy) mm, along x (the rows) then y,
+    from where a straight stack puts it."""
     from scipy import ndimage
 
     src = volume.array

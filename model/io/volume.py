@@ -50,7 +50,10 @@ class Volume:
         modality: "CT", "MR", or None when the file does not say (see intensity.detect_modality).
         path: the file or folder it was read from, if any.
         metadata: extra facts: ``ndim`` (2 or 3, dimension of the source file), DICOM tags,
-            ``series_note`` when a DICOM series was chosen among several.
+            ``series_note`` and ``series_others`` when a DICOM series was chosen among several,
+            ``warnings`` (the reader's one-line messages), ``orientation_unknown`` (the file
+            gave none), ``straightened_shear`` (a gantry tilt was straightened),
+            ``resampled_from_slices`` (a series with gaps, resampled).
     """
 
     array: np.ndarray

@@ -90,7 +90,8 @@ class BoltzFormerConfig:
 
 
 CONFIGS: dict[str, BoltzFormerConfig] = {
-    # The bundled model: ~1 M parameters, fast on a laptop CPU.
+    # The bundled model's architecture: ~1 M parameters, fast on a laptop CPU. The bundled weights
+    # override mask_stride to 2 (resources/boltzformer-s.json, trained by boltzformer-s.stage3.json).
     "boltzformer-s": BoltzFormerConfig(),
     # A tiny variant for unit tests.
     "boltzformer-test": BoltzFormerConfig(

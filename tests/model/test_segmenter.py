@@ -132,7 +132,24 @@ def test_a_thin_lung_ct_says_the_3d_classifier_was_not_applied(segmenter, volume
 def test_should_stop_returns_a_partial_result(segmenter, volume):
     calls = iter([False, True])
     r = segmenter.segment_volume(volume, "lung nodule", batch_size=2, should_stop=lambda: next(calls))
-    assert not r.complete and r.slices_done == 2
+    assert not r.complete and r.slices_done == 2 and r.finished_slices == (0, 2)
+
+
+def test_a_stopped_run_names_its_finished_slices_on_the_input_grid(segmenter, volume):
+    """slices_done was start + count, read as 'slices before it are valid': on a z-flipped input
+    the finished slices are the last ones, and on a sagittal one they are no slices of its own."""
+    flipped = Volume(volume.array[::-1].copy(), volume.spacing_mm, volume.origin_mm,
+                     volume.direction @ np.diag([1.0, 1.0, -1.0]), "CT", None, {})
+    calls = iter([False, True])
+    r = segmenter.segment_volume(flipped, "lung nodule", batch_size=2, should_stop=lambda: next(calls))
+    n = volume.shape[0]
+    assert r.slices_done == 2 and r.finished_slices == (n - 2, n)
+    assert r.probabilities[n - 2:].any() and not r.probabilities[: n - 2].any()
+    sagittal = Volume(np.ascontiguousarray(volume.array.transpose(2, 1, 0)), volume.spacing_mm[::-1],
+                      volume.origin_mm, volume.direction[:, ::-1].copy(), "CT", None, {})
+    calls = iter([False, True])
+    r = segmenter.segment_volume(sagittal, "lung nodule", batch_size=2, should_stop=lambda: next(calls))
+    assert not r.complete and r.finished_slices is None and "stopped early: 2 axial slices done" in repr(r)
 
 
 def test_progress_is_reported_per_batch(segmenter, volume):
