@@ -125,10 +125,11 @@ class TrainConfig:
         """BoltzformerError for a value no run can use, before any data is made."""
         from ..errors import BoltzformerError
 
-        bad = [f"{k}={getattr(self, k)} (at least 1)" for k in ("steps", "steps_per_epoch", "batch_size")
+        # synth_val: best.safetensors is chosen on it, so at least one example
+        bad = [f"{k}={getattr(self, k)} (at least 1)" for k in ("steps", "steps_per_epoch", "batch_size", "synth_val")
                if getattr(self, k) < 1]
-        bad += [f"{k}={getattr(self, k)} (0 or more)" for k in ("lr", "weight_decay", "warmup_steps", "synth_train",
-                                                                "synth_val") if not getattr(self, k) >= 0]
+        bad += [f"{k}={getattr(self, k)} (0 or more)" for k in ("lr", "weight_decay", "warmup_steps", "synth_train")
+                if not getattr(self, k) >= 0]
         bad += [f"{k}={getattr(self, k)} (between 0 and 1)" for k in
                 ("real_weight", "negative_fraction", "lesion_fraction", "small_lesion_fraction", "phantom_weight",
                  "phantom_negative_fraction", "context_dropout") if not 0.0 <= getattr(self, k) <= 1.0]
@@ -357,24 +358,58 @@ def evaluate_examples(model: BoltzFormer, examples: data_mod.ExampleSet, bank, d
     return out
 
 
+def selection_score(row: dict) -> float:
+    """What best.safetensors is chosen on: synthetic validation Dice; with phantom chests, the
+    mean of the two Dice less half the phantom's false-positive rate on lesion-free slices."""
+    score = row["val_synth_dice"]
+    if "val_phantom_dice" in row:
+        score = 0.5 * (score + row["val_phantom_dice"]) - 0.5 * row["val_phantom_negative_fp_rate"]
+    return score
+
+
+CURVES = (  # (log key, legend, line style): Dice solid, false-positive rates dashed
+    ("val_synth_dice", "synthetic validation", "-"), ("val_synth_dice_small", "synthetic, < 0.1 % area", "-"),
+    ("val_phantom_dice", "phantom chests", "-"), ("val_phantom_dice_small", "phantom chests, < 0.1 % area", "-"),
+    ("val_real_dice", "real held-out (reported, not chosen on)", "-"),
+    ("val_synth_negative_fp_rate", "synthetic: FP rate on lesion-free slices", "--"),
+    ("val_phantom_negative_fp_rate", "phantom: FP rate on lesion-free slices", "--"),
+)
+
+
 def plot_curves(rows: list[dict], path: Path) -> None:
+    """curves.png: the loss and the validation figures per epoch, the epoch best.safetensors holds."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
     ep = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    ax[0].plot(ep, [r["loss"] for r in rows], label="train loss (Dice + BCE)")
-    ax[0].set_xlabel("epoch")
-    ax[0].legend()
-    ax[0].grid(alpha=0.3)
-    for key, label in (("val_synth_dice", "held-out synthetic"), ("val_synth_dice_small", "held-out synthetic, < 0.1 % area"),
-                       ("val_real_dice", "held-out real")):
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax[0].plot(ep, [r["loss"] for r in rows], marker="o", ms=3, label="train loss (Dice + BCE)")
+    ax[0].set_ylabel("loss (mean over the epoch's steps)")
+    plotted = 0
+    for key, label, style in CURVES:
         ys = [r.get(key, math.nan) for r in rows]
         if not all(math.isnan(y) for y in ys):
-            ax[1].plot(ep, ys, marker="o", ms=3, label=label)
-    ax[1].set_xlabel("epoch")
-    ax[1].set_ylabel("Dice")
+            ax[1].plot(ep, ys, style, marker="o", ms=3, label=label)
+            plotted += 1
+    if not plotted:
+        ax[1].text(0.5, 0.5, "no validation figure yet", ha="center", va="center", transform=ax[1].transAxes)
+    scores = [selection_score(r) if not math.isnan(r.get("val_synth_dice", math.nan)) else -math.inf for r in rows]
+    if max(scores, default=-math.inf) > -math.inf:
+        best = ep[int(np.argmax(scores))]
+        for a in ax:
+            a.axvline(best, color="gray", ls=":", label=f"best.safetensors (epoch {best})")
+    ax[1].set_ylabel("Dice (solid); false-positive rate (dashed)")
     ax[1].set_ylim(0, 1)
-    ax[1].legend()
-    ax[1].grid(alpha=0.3)
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.set_xlim(min(ep, default=0) - 0.5, max(ep, default=0) + 0.5)  # one epoch is a point, not a line
+        if len(ep) <= 12:
+            a.set_xticks(ep)
+        else:
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    fig.suptitle(f"{path.parent.name}: training loss and validation per epoch")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)
@@ -579,9 +614,7 @@ def _end_epoch(model, bank, train_bank, rows, running, step, best, lr, started, 
     # (it has entered adoption decisions elsewhere: MODEL_CARD "How clean the test sets are").
     # With phantom chests, their Dice counts as much as the 2D slices' and each false
     # positive on a lesion-free phantom slice costs as much as a missed lesion.
-    score = row["val_synth_dice"]
-    if phantom_val is not None:
-        score = 0.5 * (score + row["val_phantom_dice"]) - 0.5 * row["val_phantom_negative_fp_rate"]
+    score = selection_score(row)
     meta = {**info, "trained_steps": step, "validation": row}
     if score > best:
         best = score

@@ -189,6 +189,47 @@ def test_config_rejects_unknown_options(tmp_path):
         TrainConfig.load(p)
 
 
+def test_no_synthetic_validation_is_refused_before_any_data_is_made(tmp_path):
+    """synth_val=0 passed the check and failed at the first epoch's end ('need at least one array
+    to concatenate'): best.safetensors is chosen on that set."""
+    from boltzformer.errors import BoltzformerError
+
+    with pytest.raises(BoltzformerError, match=r"synth_val=0 \(at least 1\)"):
+        TrainConfig(synth_val=0).check()
+
+
+def test_the_curves_say_which_epoch_best_holds_and_plot_what_it_was_chosen_on(tmp_path):
+    """The phantom figures that choose best.safetensors were not plotted, nor the best epoch."""
+    import math
+
+    from boltzformer.training.train import selection_score
+
+    rows = [{"epoch": e, "loss": 1.0 / e, "val_synth_dice": 0.3, "val_synth_dice_small": math.nan,
+             "val_synth_negative_fp_rate": 0.2, "val_phantom_dice": d, "val_phantom_dice_small": 0.1,
+             "val_phantom_negative_fp_rate": fp} for e, d, fp in ((1, 0.2, 0.1), (2, 0.5, 0.4), (3, 0.4, 0.0))]
+    assert [round(selection_score(r), 3) for r in rows] == [0.2, 0.2, 0.35]  # epoch 3: fewer false positives
+    plotted = {}
+    from boltzformer.plots import pyplot
+    from boltzformer.training.train import plot_curves
+
+    plt = pyplot()
+    real_subplots = plt.subplots
+
+    def keep(*args, **kwargs):
+        fig, ax = real_subplots(*args, **kwargs)
+        plotted["ax"] = ax
+        return fig, ax
+
+    plt.subplots = keep
+    try:
+        plot_curves(rows, tmp_path / "curves.png")
+    finally:
+        plt.subplots = real_subplots
+    labels = plotted["ax"][1].get_legend_handles_labels()[1]
+    assert "phantom chests" in labels and "phantom: FP rate on lesion-free slices" in labels
+    assert "best.safetensors (epoch 3)" in labels and (tmp_path / "curves.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize("name", ["boltzformer-s.train.json", "boltzformer-s.finetune.json", "boltzformer-s.stage3.json",
                                   "boltzformer-s.stage4.json", "boltzformer-s.stage11.json"])
 def test_recorded_training_configs_load(name):
