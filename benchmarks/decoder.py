@@ -52,12 +52,17 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks(tokens, [f"{r['side']}²" for r in result["rows"]])
     ax.set_xlabel("token map")
-    ax.set_ylabel("ms per call")
+    batch = result.get("batch", 1)
+    ax.set_ylabel(f"ms per call ({batch} slice{'s' if batch > 1 else ''} a call)")
     machine = result["machine"].get("gpu") or result["machine"]["cpu"]
-    ax.set_title(f"Decoder cross-attention, m={result['num_queries']}, {result['ratio']:.0%} tokens\n{machine}", fontsize=9)
+    ax.set_title(f"Decoder cross-attention, m={result['num_queries']}, {result['ratio']:.0%} tokens, batch {batch}"
+                 f"\n{machine}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Phantom chest CT (boltzformer.synth.lung3d) next to real chest CT, in the lung window.
 
-    python docs/make_phantom_figure.py [--seed 3] [--out docs/images/phantom_vs_real_chest.png]
+    python docs/make_phantom_figure.py [--seed 8] [--out docs/images/phantom_vs_real_chest.png]
 
 Top row: axial slices of a phantom rendered at the real scans' 1.5 mm isotropic spacing, cropped
 to the same field of view as the real crops (about 180 x 190 mm around the mediastinum), from the

@@ -117,10 +117,15 @@ class Exports:
             if path is None:
                 return None
 
+        caption = self._caption()
+
         def write():
             image = self.panel.viewer.screenshot(canvas_only=True, flash=False)
             with atomic_output(path, overwrite=True) as tmp:
-                imsave(str(tmp), image)
+                if caption:  # what the picture shows, under it and in the PNG's Description
+                    _captioned(image, caption).save(str(tmp), format="PNG", pnginfo=_png_text(caption))
+                else:
+                    imsave(str(tmp), image)
             return path
 
         written = _written(write, (BoltzformerError,))
@@ -165,21 +170,45 @@ class Exports:
             outputs.write_bytes(str(side_path), sidecar_bytes(sidecar))
         return path
 
-    def _settings(self, session) -> dict:
+    def _weights(self) -> tuple[str | None, str | None]:
+        """(path, sha256) of the weights this panel runs: injected, or resolved like its runs
+        (hashed once per file)."""
         from boltzformer import weights as weights_mod
         from boltzformer.errors import BoltzformerError
 
-        options = session.request.options
-        try:  # the weights this panel runs: injected, or resolved like its runs (hashed once per file)
+        try:
             path = (self.panel._segmenter.info.get("weights_path") if self.panel._segmenter is not None
                     else str(weights_mod.resolve(self.panel._weights).weights_path))
         except BoltzformerError:
-            path = None
+            return None, None
         if path is not None and path not in self._weights_sha and Path(path).is_file():
             self._weights_sha[path] = weights_mod.sha256(path)
+        return path, self._weights_sha.get(path)
+
+    def _caption(self) -> list[str]:
+        """Lines saying what a view of the active result shows: image, prompt, threshold, weights,
+        and the heatmap's decoder layer when one is shown ([] when there is no result)."""
+        entry = self.panel._results.get(self.panel._active_run)
+        if entry is None:
+            return []
+        result, request = entry
+        path, sha = self._weights()
+        weights = f"{Path(path).stem} (sha256 {sha[:12]})" if path and sha else "weights unknown"
+        lines = [f"{request.image_name} · '{result.prompt}' · threshold {result.threshold:.2f} · {weights}"]
+        heat = self.panel.heatmap
+        layer = heat._layer()
+        if layer is not None and layer.visible and result.attention is not None:
+            index = min(max(heat._current_decoder_layer() or 0, 0), result.attention.num_layers - 1)
+            lines.append(f"heatmap: decoder layer {index + 1} of {result.attention.num_layers}, "
+                         f"tau {result.attention.temperatures[index]:.2f}, {heat.values_combo.currentText()}")  # Pillow's font has no τ
+        return lines
+
+    def _settings(self, session) -> dict:
+        options = session.request.options
+        path, sha = self._weights()
         return {
             "image": session.request.image_name, "image_path": session.request.geometry.get("path"),
-            "weights_path": path, "weights_sha256": self._weights_sha.get(path),
+            "weights_path": path, "weights_sha256": sha,
             "seed": options.get("seed"), "device": session.request.device, "force_prompt": options.get("force_prompt"),
             "size_filter_min_mean_diameter_mm": self.panel.min_diameter_mm(),
             # a sagittal or coronal file is shown (and reviewed) in axial slices; its mask is
@@ -259,3 +288,27 @@ def organ_rows(summary: dict) -> list[dict]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "mask"
+
+
+def _captioned(image: np.ndarray, lines: list[str]):
+    """A PIL image: the screenshot (h, w, 3 or 4 uint8) above a black band holding `lines`."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    shot = Image.fromarray(np.ascontiguousarray(image))
+    font = ImageFont.load_default(size=max(12, shot.width // 70))
+    line_px = int(font.size * 1.4)
+    out = Image.new(shot.mode, (shot.width, shot.height + line_px * len(lines) + 8), "black")
+    out.paste(shot, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((6, shot.height + 4 + i * line_px), line, fill="white", font=font)
+    return out
+
+
+def _png_text(lines: list[str]):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Description", "\n".join(lines))
+    info.add_text("Software", "napari-boltzformer")
+    return info

@@ -256,7 +256,12 @@ def test_exports_round_trip(panel, viewer, qtbot, tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(result.lesions)
     panel.exports.png_button.click()
-    assert (tmp_path / "view.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "view.png") as png:  # it said nothing of what it showed (review)
+        said = png.info["Description"]
+        assert said.startswith(f"oblique · '{PROMPT}' · threshold {result.threshold:.2f} · ")
+        assert png.height > viewer.screenshot(canvas_only=True, flash=False).shape[0]  # the caption band
 
     # A name without extension that exists with it: the panel asks, "No" keeps the file.
     before = (tmp_path / "mask.nii.gz").read_bytes()
