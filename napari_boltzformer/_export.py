@@ -199,8 +199,9 @@ class Exports:
         layer = heat._layer()
         if layer is not None and layer.visible and result.attention is not None:
             index = min(max(heat._current_decoder_layer() or 0, 0), result.attention.num_layers - 1)
-            lines.append(f"heatmap: decoder layer {index + 1} of {result.attention.num_layers}, "
-                         f"tau {result.attention.temperatures[index]:.2f}, {heat.values_combo.currentText()}")  # Pillow's font has no τ
+            tau = result.attention.temperatures[index]  # written "tau": Pillow's default font has no τ
+            lines.append(f"heatmap: decoder layer {index + 1} of {result.attention.num_layers}, tau {tau:.2f}, "
+                         f"{heat.values_combo.currentText()}")
         return lines
 
     def _settings(self, session) -> dict:
