@@ -131,18 +131,19 @@ def decoder_frames(s: Session):
         s.viewer.dims.set_current_step(axis, layer)
         s.pump(0.8)
         shot = s.viewer.screenshot(canvas_only=True, flash=False)[..., :3]
-        frame = Image.fromarray(np.ascontiguousarray(shot))
-        side = min(frame.size)
-        frame = frame.crop(((frame.width - side) // 2, (frame.height - side) // 2,
-                            (frame.width + side) // 2, (frame.height + side) // 2)).resize((420, 420))
+        canvas = Image.fromarray(np.ascontiguousarray(shot))
+        # the whole canvas, scaled to 420 px wide, and the title in a band below it: a square crop
+        # cut the colour bar and its caption, and the band drawn over the image hid their foot
+        canvas = canvas.resize((420, round(canvas.height * 420 / canvas.width)))
+        frame = Image.new("RGB", (420, canvas.height + 26), (0, 0, 0))
+        frame.paste(canvas, (0, 0))
         draw = ImageDraw.Draw(frame)
         title = (f"decoder layer {layer + 1}/{att.num_layers}  τ {att.temperatures[layer]:.2f}  "
                  f"stride {att.strides[layer]}")
-        draw.rectangle((0, 394, 420, 420), fill=(0, 0, 0))
-        draw.text((8, 398), title, fill=(255, 255, 255), font=font)
+        draw.text((8, canvas.height + 4), title, fill=(255, 255, 255), font=font)
         frames.append(frame)
     frames[0].save(OUT / "decoder_layers.gif", save_all=True, append_images=frames[1:], duration=900, loop=0)
-    strip = Image.new("RGB", (420 * len(frames), 420))
+    strip = Image.new("RGB", (420 * len(frames), frames[0].height))
     for i, frame in enumerate(frames):
         strip.paste(frame, (420 * i, 0))
     strip.save(OUT / "decoder_layers.png")
