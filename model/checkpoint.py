@@ -52,7 +52,15 @@ def load_model(source=None, map_location="cpu"):
     meta = weights_mod.read_config(src.config_path)
     if "config" not in meta:
         raise WeightsError(f"{src.config_path}: not a boltzformer weights config (no 'config' entry)")
-    cfg = BoltzFormerConfig.from_dict(meta["config"])
+    try:  # a hand-edited or foreign config: one line naming it, not "unexpected ValueError"
+        if not isinstance(meta["config"], dict):
+            raise TypeError("'config' is not a mapping of options")
+        cfg = BoltzFormerConfig.from_dict(meta["config"])
+        model = BoltzFormer(cfg)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise WeightsError(f"{src.config_path}: invalid network config ({exc})".splitlines()[0]) from None
+    if not os.access(src.weights_path, os.R_OK) and Path(src.weights_path).exists():
+        raise WeightsError(f"{src.weights_path}: permission denied (not readable by this user)")
     try:
         tensors = load_file(str(src.weights_path), device=str(map_location))
     except Exception as exc:
@@ -61,13 +69,17 @@ def load_model(source=None, map_location="cpu"):
     bank = {}
     if prompts and "text_cache.pooled" in tensors:
         pooled = tensors.pop("text_cache.pooled").numpy()
+        missing = [i for i in range(len(prompts)) if f"text_cache.tokens.{i}" not in tensors]
+        if missing or len(pooled) != len(prompts):
+            raise WeightsError(f"{src.weights_path}: weights do not match their config ({src.config_path.name} lists "
+                               f"{len(prompts)} prompts, the weights cache {len(pooled)})")
         for i, p in enumerate(prompts):
             bank[p] = PromptEmbedding(tensors.pop(f"text_cache.tokens.{i}").numpy(), pooled[i])
-    model = BoltzFormer(cfg)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{src.weights_path}: weights do not match their config ({str(exc).splitlines()[0]})") from exc
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3] if line.strip())  # line 1 says nothing
+        raise WeightsError(f"{src.weights_path}: weights do not match their config ({detail or exc})"[:400]) from exc
     model.eval()
     return model, bank, meta, src
 

@@ -29,6 +29,9 @@ MAX_RUNS = 100  # each run repeats the whole inference
 
 
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
+# Ctrl-C and SIGTERM, after the clean-up, exit as a shell reports a command they killed, so that a
+# shell loop over scans stops (with status 2 it went on to the next scan)
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15
 
 
 def _silence_stdout() -> None:
@@ -625,6 +628,9 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a console that is not UTF-8 shows "mm\\xb3", it does not fail
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -642,6 +648,19 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _out_of_memory(args) -> str:
+    """The one line for a run the machine's memory cannot hold."""
+    where = getattr(args, "input", None)
+    batch = getattr(args, "batch_size", None)
+    if batch and batch > 8:  # the network's share grows with the batch (8: Segmenter's CPU default)
+        advice = f"a smaller --batch-size (it is {batch}; the CPU default is 8) or "
+    else:
+        advice = ""
+    return (f"{where + ': ' if isinstance(where, str) else ''}out of memory (a run's peak is about 0.35 GB plus six "
+            f"to seven times the scan's unpacked size, in post-processing); try {advice}segment part of it with "
+            "--slices START:STOP, or use a machine with more memory")
+
+
 def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
@@ -653,10 +672,10 @@ def _run(args) -> int:
     except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        terminated = isinstance(exc, Terminated)
         note = getattr(exc, "note", None) or _outputs_note(args)
-        _err(f"{what}; {note}")
-        return EXIT_USER_ERROR
+        _err(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; {note}")
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of our output went away (`boltzformer evaluate ... | head`)
         _silence_stdout()
         _err(f"standard output was closed by the program reading it; stopped, {_outputs_note(args)}")
@@ -664,16 +683,16 @@ def _run(args) -> int:
     except MemoryError:
         if args.debug:
             raise
-        where = getattr(args, "input", None)
-        _err(f"{where + ': ' if isinstance(where, str) else ''}out of memory (a run holds about ten times the scan's "
-             "unpacked size, most of it after the network, so a smaller --batch-size does not help); segment part of "
-             "it with --slices START:STOP, or use a machine with more memory")
+        _err(_out_of_memory(args))
         return EXIT_USER_ERROR
     except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen failure: still no traceback by default
         if args.debug:
             raise
         if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError on an accelerator
             _err(f"{args.device} ran out of memory; try --batch-size 4 or --device cpu")
+            return EXIT_USER_ERROR
+        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
+            _err(_out_of_memory(args))
             return EXIT_USER_ERROR
         _err(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return EXIT_INTERNAL_ERROR

@@ -15,13 +15,30 @@ class BoltzformerError(Exception):
     """An error caused by the user's input, with a message fit to show as is."""
 
 
+def shown_path(path: "str | os.PathLike[str]") -> str:
+    """A path as it can be printed: bytes of a name that is not valid UTF-8 (an old archive's
+    Latin-1, kept by Python as surrogates) shown as escapes ("r\\xe9sum\\xe9.nii.gz"); a terminal,
+    a log file or Qt cannot print the surrogates themselves."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if not_utf8(text) else text
+
+
+def not_utf8(name: "str | os.PathLike[str]") -> bool:
+    """Whether a path (as Python decoded it from the file system) holds bytes that are not UTF-8.
+    SimpleITK aborts the whole process on such a name (a C++ exception, no Python error)."""
+    text = os.fspath(name)
+    return not isinstance(text, bytes) and any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
 class InputError(BoltzformerError):
     """A file or folder that cannot be used: ``"<path>: <problem>"``."""
 
     def __init__(self, path: "str | os.PathLike[str] | None", problem: str):
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
-        super().__init__(problem if path is None else f"{self.path}: {problem}")
+        super().__init__(problem if path is None else f"{shown_path(self.path)}: {problem}")
 
 
 class SliceSpacingError(InputError):
@@ -38,7 +55,7 @@ class OutputError(BoltzformerError):
     def __init__(self, path: "str | os.PathLike[str]", problem: str):
         self.path = os.fspath(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{shown_path(self.path)}: {problem}")
 
 
 class PromptError(BoltzformerError):

@@ -246,7 +246,13 @@ def bundled(name: str = WEIGHTS_NAME) -> Classifier | None:
         path = bundled_dir() / name
         if not path.is_file():
             return None
-        _BUNDLED[name] = load(path)
+        try:
+            _BUNDLED[name] = load(path)
+        except Exception as exc:  # noqa: BLE001 - truncated or edited: one line naming the file
+            from .errors import WeightsError
+
+            raise WeightsError(f"{path}: the bundled 3D classifier cannot be read ({type(exc).__name__}: {exc}); "
+                               "reinstall napari-boltzformer".splitlines()[0]) from None
     return _BUNDLED[name]
 
 

@@ -151,8 +151,12 @@ def classifier_skipped(volume: Volume) -> str | None:
     """Why the 3D classifier gives no scores on this (canonical axial) volume, or None when it
     does: a scan thinner than its patch (a single slice, say) keeps its lung candidates on the
     lung rule alone."""
+    if fp_classifier.bundled() is None:  # a damaged installation: said, not silently skipped
+        return (f"the 3D nodule classifier ({fp_classifier.WEIGHTS_NAME}) is missing from this installation: lung "
+                "candidates were filtered by the lung rule only, so many more false positives remain; reinstall "
+                "napari-boltzformer")
     thin = fp_classifier.too_shallow(volume.shape, volume.spacing_mm)
-    if fp_classifier.bundled() is None or thin is None:
+    if thin is None:
         return None
     return f"the 3D nodule classifier was not applied: {thin} it looks at; lung candidates were filtered by the lung rule only"
 

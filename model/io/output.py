@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError, os_problem, OutputError
+from ..errors import InputError, not_utf8, os_problem, OutputError
 from .formats import extension_of, file_kind, OUTPUT_EXTENSIONS
 from .itk import detail, itk_quiet
 from .nifti import check_nifti_complete
@@ -47,6 +47,10 @@ def write_volume(volume: Volume, path, *, overwrite: bool = False) -> Path:
     return p
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
+TEMPORARY_NAME_BYTES = 24  # what ".<name>.tmp-<8 hex>" adds to a name (plus its extension again)
+
+
 def check_output_path(path, overwrite: bool = False) -> Path:
     """Check that ``path`` may be written; returns it as a Path.
 
@@ -55,6 +59,13 @@ def check_output_path(path, overwrite: bool = False) -> Path:
     (never replaced), or its folder is missing or not writable.
     """
     p = Path(os.fspath(path))
+    if not_utf8(p):
+        raise OutputError(p, "its name is not valid UTF-8 (another encoding, e.g. Latin-1), which the image "
+                             "writers cannot write; give another name")
+    name_bytes = len(os.fsencode(p.name))
+    if name_bytes > MAX_NAME_BYTES - TEMPORARY_NAME_BYTES:  # checked now, not after the whole run
+        raise OutputError(p, f"its name is {name_bytes} bytes long; file systems allow {MAX_NAME_BYTES}, less "
+                             f"{TEMPORARY_NAME_BYTES} for the temporary file written first: shorten it")
     if p.is_dir():
         raise OutputError(p, "is a folder; give a file name")
     parent = p.parent

@@ -78,8 +78,17 @@ class BoltzFormerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BoltzFormerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """The config a weights file's JSON records; keys of other versions are left out. A value
+        of the wrong kind ("128" for 128) raises TypeError naming the option."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        defaults = cls()
+        for k, v in d.items():
+            default = getattr(defaults, k, None) if k in fields else None
+            if isinstance(default, (bool, int, float, str)) and not isinstance(v, (bool, int, float, str)) \
+                    or isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(v, (str, bool)) \
+                    or isinstance(default, tuple) and not isinstance(v, (list, tuple)):
+                raise TypeError(f"{k} is {v!r}, where {type(default).__name__} values are expected")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
 
     def replace(self, **changes) -> "BoltzFormerConfig":
         if "attention_strides" in changes and "mask_stride" not in changes and self.mask_stride == self.finest_stride:

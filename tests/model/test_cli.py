@@ -313,8 +313,24 @@ def test_interrupt_leaves_no_output(ct_path, tmp_path, tiny_weights, monkeypatch
     monkeypatch.setattr(segmenter.Segmenter, "iter_segment", interrupted)
     outs = [tmp_path / "m.nii.gz", tmp_path / "l.csv"]
     code, _, err = run(segment_args(ct_path, outs[0], tiny_weights, "--lesions", outs[1]), capsys)
-    assert code == 2 and "interrupted" in err
+    assert code == 130 and "interrupted" in err  # as a shell reports Ctrl-C: a loop over scans stops
     assert list(tmp_path.iterdir()) == [ct_path]  # no outputs, no temporary files
+
+
+def test_running_out_of_cpu_memory_is_one_line_that_names_the_batch_size_when_raised(ct_path, tmp_path, tiny_weights,
+                                                                                   monkeypatch, capsys):
+    """torch's CPU allocator raises RuntimeError, not MemoryError: it was 'unexpected RuntimeError', exit 1."""
+    from boltzformer import segmenter
+
+    def no_memory(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1073741824 bytes")
+        yield
+
+    monkeypatch.setattr(segmenter.Segmenter, "iter_segment", no_memory)
+    code, _, err = run(segment_args(ct_path, tmp_path / "m.nii.gz", tiny_weights, "--batch-size", "512"), capsys)
+    assert code == 2 and "out of memory" in err and "a smaller --batch-size (it is 512" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.nii.gz").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_weights):

@@ -175,3 +175,13 @@ def test_a_nodule_prompt_drops_candidates_smaller_than_a_3_mm_nodule():
     assert [r["fp_verdict"] for r in rejected] == ["smaller than a 3 mm nodule"]
     assert fp_filter.MIN_NODULE_VOLUME_MM3 == pytest.approx(14.137, abs=1e-3)
 
+
+
+def test_a_missing_classifier_is_said_not_skipped_silently(monkeypatch):
+    """Without its weights the 3D classifier was skipped without a word: 103 lesions instead of 6
+    on the chest sample, exit 0 (review of environment failures)."""
+    from boltzformer import fp_classifier
+
+    monkeypatch.setattr(fp_classifier, "bundled", lambda name=fp_classifier.WEIGHTS_NAME: None)
+    vol = Volume(np.full((40, 64, 64), -800, np.int16), (0.7, 0.7, 1.0), (0, 0, 0), np.eye(3), modality="CT")
+    assert "is missing from this installation" in fp_filter.classifier_skipped(vol)

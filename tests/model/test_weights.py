@@ -1,6 +1,7 @@
 """Weights lookup and checkpoint round trip."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -91,3 +92,26 @@ def test_bundled_weights_ship_inside_the_package():
     if src is None:
         pytest.skip("no trained weights bundled in this checkout")
     assert "boltzformer" in str(src.weights_path) and src.weights_path.stat().st_size < 40 * 2**20
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda d: d["config"].update(sampling="boltzman"), "invalid network config (sampling must be one of"),
+    (lambda d: d["config"].update(hidden_dim="128"), "invalid network config (hidden_dim is '128', where int"),
+    (lambda d: d.update(config=[1, 2]), "invalid network config ('config' is not a mapping"),
+    (lambda d: d.update(prompts=d["prompts"] + ["a prompt the weights do not cache"]), "lists 60 prompts, the weights cache 59"),
+])
+def test_an_edited_weights_config_is_one_line_naming_it(tmp_path, edit, said):
+    """Each was 'unexpected ValueError/TypeError/AttributeError/KeyError', exit 1, naming no file."""
+    import shutil
+
+    from boltzformer.weights import bundled_weights
+
+    bundled = bundled_weights()
+    if bundled is None:
+        pytest.skip("no bundled weights")
+    shutil.copy(bundled.weights_path, tmp_path / "w.safetensors")
+    config = json.loads(bundled.config_path.read_text())
+    edit(config)
+    (tmp_path / "w.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=re.escape(said)):
+        load_model(tmp_path / "w.safetensors")

@@ -485,3 +485,34 @@ def test_a_nifti_sheared_within_its_slices_is_refused(tmp_path):
     vol = read_volume(tmp_path / "rounded.nii.gz")
     assert vol.spacing_mm == pytest.approx((0.7, 0.7, 2.0), abs=1e-3)
     assert np.allclose(vol.direction.T @ vol.direction, np.eye(3), atol=1e-6)
+
+
+def test_names_that_are_not_utf8_are_refused_in_one_line_not_a_process_abort(tmp_path, hu):
+    """SimpleITK aborted the whole process (exit 134, a napari session with it) on a Latin-1 name
+    from an old archive; a DICOM folder with one such slice raised a TypeError."""
+    from boltzformer.io import Volume
+
+    volume = Volume(hu.copy(), (0.7, 0.7, 2.0), (0.0, 0.0, 0.0), np.eye(3), modality="CT")
+    good = write_volume(volume, tmp_path / "good.nii.gz")
+    latin = tmp_path / os.fsdecode(b"r\xe9sum\xe9.nii.gz")
+    os.link(good, latin)
+    with pytest.raises(InputError, match=r"r\\xe9sum\\xe9\.nii\.gz: its name is not valid UTF-8"):
+        read_volume(latin)
+    with pytest.raises(OutputError, match=r"sal\\xe9\.nii\.gz: its name is not valid UTF-8"):
+        write_volume(volume, tmp_path / os.fsdecode(b"sal\xe9.nii.gz"))
+    write_ct_series(tmp_path / "series", hu[:3])
+    first = sorted((tmp_path / "series").iterdir())[0]
+    os.rename(first, first.with_name(os.fsdecode(b"slice\xe9.dcm")))
+    with pytest.raises(InputError, match=r"slice\\xe9\.dcm has a name that is not valid UTF-8"):
+        read_volume(tmp_path / "series")
+
+
+def test_an_output_name_too_long_for_its_temporary_file_is_refused_before_the_run(tmp_path):
+    """A name of 235-255 bytes passed the check and failed after the whole run (the temporary
+    '.<name>.tmp-xxxxxxxx.nii.gz' is longer); one over 255 was 'unexpected OSError'."""
+    from boltzformer.io import check_output_path
+
+    for n in (240, 300):
+        with pytest.raises(OutputError, match=f"its name is {n + 7} bytes long"):
+            check_output_path(tmp_path / ("c" * n + ".nii.gz"))
+    assert check_output_path(tmp_path / ("c" * 200 + ".nii.gz"))
