@@ -80,15 +80,12 @@ class BoltzFormerConfig:
     def from_dict(cls, d: dict) -> "BoltzFormerConfig":
         """The config a weights file's JSON records; keys of other versions are left out. A value
         of the wrong kind ("128" for 128) raises TypeError naming the option."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)}
         defaults = cls()
         for k, v in d.items():
-            default = getattr(defaults, k, None) if k in fields else None
-            if isinstance(default, (bool, int, float, str)) and not isinstance(v, (bool, int, float, str)) \
-                    or isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(v, (str, bool)) \
-                    or isinstance(default, tuple) and not isinstance(v, (list, tuple)):
-                raise TypeError(f"{k} is {v!r}, where {type(default).__name__} values are expected")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
+            if k in names and not _same_kind(getattr(defaults, k), v):
+                raise TypeError(f"{k} is {v!r}, where {type(getattr(defaults, k)).__name__} values are expected")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
     def replace(self, **changes) -> "BoltzFormerConfig":
         if "attention_strides" in changes and "mask_stride" not in changes and self.mask_stride == self.finest_stride:
@@ -96,6 +93,19 @@ class BoltzFormerConfig:
         if "context_offsets_mm" in changes and "in_channels" not in changes:
             changes["in_channels"] = 1 + len(changes["context_offsets_mm"])
         return dataclasses.replace(self, **changes)
+
+
+def _same_kind(default, value) -> bool:
+    """Whether `value` (from JSON) can stand for an option whose default is `default`."""
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(default, bool):
+        return isinstance(value, (bool, int))
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
 
 
 CONFIGS: dict[str, BoltzFormerConfig] = {
