@@ -251,8 +251,9 @@ def bundled(name: str = WEIGHTS_NAME) -> Classifier | None:
         except Exception as exc:  # noqa: BLE001 - truncated or edited: one line naming the file
             from .errors import WeightsError
 
-            raise WeightsError(f"{path}: the bundled 3D classifier cannot be read ({type(exc).__name__}: {exc}); "
-                               "reinstall napari-boltzformer".splitlines()[0]) from None
+            detail = (str(exc).splitlines() or [""])[0]
+            raise WeightsError(f"{path}: the bundled 3D classifier cannot be read ({type(exc).__name__}: {detail}); "
+                               "reinstall napari-boltzformer") from None
     return _BUNDLED[name]
 
 
