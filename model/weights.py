@@ -89,14 +89,16 @@ def resolve(source: str | os.PathLike | None = None) -> WeightsSource:
 
 
 def _from_hub(repo_id: str) -> WeightsSource:
+    """The cached snapshot of a Hub repository, read as a local folder is (`_pair_in_folder`:
+    boltzformer-s.*, model.* or best.* with its .json or config.json): it only looked for
+    boltzformer-s.* and called a cached repository of model.safetensors "not in the cache"."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise WeightsError("huggingface_hub is not installed; cannot load weights from the Hub") from exc
     try:  # the cache only: nothing is downloaded at run time
-        w = hf_hub_download(repo_id, f"{BUNDLED_NAME}.safetensors", local_files_only=True)
-        c = hf_hub_download(repo_id, f"{BUNDLED_NAME}.json", local_files_only=True)
+        folder = snapshot_download(repo_id, local_files_only=True)
     except LocalEntryNotFoundError as exc:
         raise WeightsError(
             f"hf:{repo_id}: not in the local Hugging Face cache (nothing is downloaded at run time); fetch it "
@@ -105,7 +107,8 @@ def _from_hub(repo_id: str) -> WeightsSource:
         ) from exc
     except Exception as exc:  # network errors, missing repo, auth: one clear line
         raise WeightsError(f"hf:{repo_id}: could not fetch weights ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
-    return WeightsSource(Path(w), Path(c), f"hf:{repo_id}")
+    found = _pair_in_folder(Path(folder))
+    return WeightsSource(found.weights_path, found.config_path, f"hf:{repo_id}")
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

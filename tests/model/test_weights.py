@@ -74,6 +74,25 @@ def test_hub_source_is_read_from_the_cache_only(monkeypatch, tmp_path):
     assert time.perf_counter() - t < 2.0
 
 
+def test_a_cached_hub_repository_is_read_as_a_local_folder_is(monkeypatch, tmp_path):
+    """A cached repository holding model.safetensors and config.json was 'not in the local Hugging
+    Face cache': only boltzformer-s.* was looked for."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read once at import: patched
+    repo = tmp_path / "hf" / "hub" / "models--someone--weights"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"not read here")
+    (snapshot / "config.json").write_text("{}")
+    found = weights.resolve("hf:someone/weights")
+    assert found.weights_path == snapshot / "model.safetensors" and found.config_path == snapshot / "config.json"
+    assert found.description == "hf:someone/weights"
+
+
 def test_a_mistyped_local_folder_fails_at_once_without_a_network_lookup(monkeypatch, tmp_path):
     import time
 
