@@ -13,7 +13,7 @@ from pathlib import Path
 
 from boltzformer.bench.decoder import bench_decoder, decoder_markdown
 from boltzformer.devices import resolve_device
-from boltzformer.plots import pyplot
+from boltzformer.plots import pyplot, save_figure
 
 TRIALS = Path(__file__).parent.parent / "runs" / "bench"
 
@@ -59,10 +59,7 @@ def plot(result: dict, path: Path) -> None:
                  f"\n{machine}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

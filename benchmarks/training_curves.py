@@ -16,7 +16,7 @@ import csv
 import math
 from pathlib import Path
 
-from boltzformer.plots import pyplot
+from boltzformer.plots import pyplot, save_figure
 
 
 def read_stage(path: Path) -> list[dict]:
@@ -67,10 +67,7 @@ def main(argv=None) -> int:
     ax_dice.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(args.out)
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out)
+    save_figure(fig, out, dpi=90)
     print(out)
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
-from ..plots import pyplot
+from ..plots import pyplot, save_figure
 from . import data as data_mod
 from .train import TrainConfig, evaluate_examples, synthetic_cache, train
 
@@ -152,7 +151,4 @@ def write_markdown_and_plot(results, steps, results_dir: Path) -> None:
     ax[1].set_xlabel("decoder ms / slice (CPU)")
     fig.suptitle(f"Ablations: {steps} steps x 16 slices at 128² input, one seed each (real held-out Dice: the table)")
     fig.tight_layout()
-    tmp = results_dir / ".ablations.tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, results_dir / "ablations.png")
+    save_figure(fig, results_dir / "ablations.png", dpi=90)

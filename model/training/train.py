@@ -39,7 +39,7 @@ from ..devices import fast_layout
 from ..network.boltzformer import BoltzFormer, build_model, count_parameters
 from ..network.config import get_config
 from ..network.text import SentenceEncoder, batch_embeddings, normalise_prompt
-from ..plots import pyplot
+from ..plots import pyplot, save_figure
 from ..postprocess import dice
 from ..synth import prompts as vocab
 from . import data as data_mod
@@ -411,10 +411,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             a.legend(fontsize=8)
     fig.suptitle(f"{path.parent.name}: training loss and validation per epoch")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=90)
 
 
 # -- training ---------------------------------------------------------------------------------------
