@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from ..errors import InputError, SliceSpacingError, not_utf8, shown_path
 from .formats import DICOM_EXTENSIONS, has_dicom_preamble, refuse_special_files
 from .itk import detail, itk_quiet
-from .tilt import as_dtype, straighten
+from .tilt import as_dtype, straighten, straightened_note
 from .volume import Volume
 
 
@@ -582,12 +582,8 @@ def _plan_shear(plan: _SlicePlan, headers: list[_SliceHeader], where: str) -> No
     if np.abs(drift).max() < max(1e-3, 0.05 * pixel):
         return
     plan.drift_mm = drift
-    length = plan.positions[-1] - plan.positions[0]
-    angle = float(np.degrees(np.arctan2(np.hypot(*drift[-1]), length))) if length > 0 else 0.0
-    plan.warnings.append(f"{where}: its slices are sheared (gantry tilt of {angle:.1f} degrees: the last slice lies "
-                         f"{np.hypot(*drift[-1]):.1f} mm across from where a straight stack would put it); each slice "
-                         "was shifted within its plane onto a straight grid (linear interpolation, as dcm2niix does), "
-                         "and the mask is written on that grid")
+    plan.warnings.append(f"{where}: its slices are sheared "
+                         f"{straightened_note(drift, plan.positions[-1] - plan.positions[0])}")
 
 
 def _usual_step(steps: np.ndarray) -> float:

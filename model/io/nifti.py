@@ -126,7 +126,7 @@ def _straightened(volume: Volume, p: Path, source: str, matrix_mm: np.ndarray, o
     """A sheared affine (LPS, columns in mm per voxel step) whose slice axis leans out of the
     normal of orthogonal in-plane axes: a gantry tilt, straightened as a DICOM series is
     (tilt.straighten); any other shear is refused (ITK's nearest geometry put voxels elsewhere)."""
-    from .tilt import straighten, tilt_of
+    from .tilt import straighten, straightened_note, tilt_of
 
     tilt = tilt_of(matrix_mm)
     if tilt is None:
@@ -137,15 +137,11 @@ def _straightened(volume: Volume, p: Path, source: str, matrix_mm: np.ndarray, o
     volume.spacing_mm = tuple(float(v) for v in spacing)
     volume.origin_mm = tuple(float(v) for v in origin)
     volume.direction = direction
-    drift = np.arange(volume.array.shape[0])[:, None] * step_xy[None, :]  # (slices, 2) mm
-    across = float(np.hypot(*drift[-1]))
-    if across < 0.05 * min(spacing[:2]):  # under a twentieth of a pixel anywhere: nothing to move
+    slices = volume.array.shape[0]
+    drift = np.arange(slices)[:, None] * step_xy[None, :]  # (slices, 2) mm
+    if float(np.hypot(*drift[-1])) < 0.05 * min(spacing[:2]):  # under a twentieth of a pixel: nothing to move
         return volume
-    angle = float(np.degrees(np.arctan2(np.hypot(*step_xy), spacing[2])))
-    warnings.append(f"{p}: its {source} is sheared (gantry tilt of {angle:.1f} degrees: the last slice lies "
-                    f"{across:.1f} mm across from where a straight stack would put it); each slice was shifted "
-                    "within its plane onto a straight grid (linear interpolation, as dcm2niix does), and the mask "
-                    "is written on that grid")
+    warnings.append(f"{p}: its {source} is sheared {straightened_note(drift, (slices - 1) * spacing[2])}")
     return straighten(volume, drift)
 
 

@@ -29,6 +29,16 @@ def straighten(volume: Volume, drift_mm: np.ndarray) -> Volume:
                   dict(volume.metadata, straightened_shear=True))
 
 
+def straightened_note(drift_mm: np.ndarray, length_mm: float) -> str:
+    """What a reader says of a stack it straightened, after "its ... is sheared": the tilt angle
+    (the last slice's offset over the stack's length along its normal, mm) and where the mask goes."""
+    across = float(np.hypot(*drift_mm[-1]))
+    angle = float(np.degrees(np.arctan2(across, length_mm))) if length_mm > 0 else 0.0
+    return (f"(gantry tilt of {angle:.1f} degrees: the last slice lies {across:.1f} mm across from where a straight "
+            "stack would put it); each slice was shifted within its plane onto a straight grid (linear "
+            "interpolation, as dcm2niix does), and the mask is written on that grid")
+
+
 def as_dtype(values: np.ndarray, dtype) -> np.ndarray:
     """Interpolated values back in the stack's dtype: integers rounded and kept in range."""
     if np.issubdtype(dtype, np.integer):
