@@ -21,13 +21,15 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import BoltzformerError
-from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, MAX_SEED, PLANES
+from .options import (DEFAULT_BATCH_ACCELERATOR, DEFAULT_BATCH_CPU, DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR,
+                      DEFAULT_PLANES, MAX_SEED, PLANES)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 MAX_RUNS = 100  # each run repeats the whole inference
 
 
+BATCH_HELP = f"slices per batch (default: {DEFAULT_BATCH_CPU} CPU, {DEFAULT_BATCH_ACCELERATOR} GPU)"
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
 # Ctrl-C and SIGTERM, after the clean-up, exit as a shell reports a command they killed, so that a
 # shell loop over scans stops (with status 2 it went on to the next scan)
@@ -497,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sampling runs, 1 to {MAX_RUNS}; > 1 gives mean probability and uncertainty")
     _add_inference_options(s)
     s.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³, >= 0)")
-    s.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
+    s.add_argument("--batch-size", type=whole(1, 4096), default=None, help=BATCH_HELP)
     s.add_argument("--weights", default=None, help="weights file/folder, or hf:owner/name from the local Hugging Face cache (default: bundled)")
     s.add_argument("--no-fp-filter", action="store_true",
                    help="keep every candidate: skip the false-positive filters (lung prompts on CT in HU: 3D "
@@ -547,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--runs", type=RUNS, default=1, help=f"sampling runs per scan, 1 to {MAX_RUNS}")
     _add_inference_options(c)
     c.add_argument("--min-lesion-mm3", type=number(0.0), default=DEFAULT_MIN_LESION_MM3, help="drop components smaller than this (mm³)")
-    c.add_argument("--batch-size", type=whole(1, 4096), default=None, help="slices per batch (default: 8 CPU, 32 GPU)")
+    c.add_argument("--batch-size", type=whole(1, 4096), default=None, help=BATCH_HELP)
     c.add_argument("--weights", default=None, help="weights file/folder, or hf:owner/name from the local Hugging Face cache (default: bundled)")
     c.add_argument("--no-fp-filter", action="store_true", help="keep every candidate: skip the false-positive filters (see segment)")
     c.add_argument("--nodule-detector", action="store_true",
@@ -652,8 +654,8 @@ def _out_of_memory(args) -> str:
     """The one line for a run the machine's memory cannot hold."""
     where = getattr(args, "input", None)
     batch = getattr(args, "batch_size", None)
-    if batch and batch > 8:  # the network's share grows with the batch (8: Segmenter's CPU default)
-        advice = f"a smaller --batch-size (it is {batch}; the CPU default is 8) or "
+    if batch and batch > DEFAULT_BATCH_CPU:  # the network's share grows with the batch
+        advice = f"a smaller --batch-size (it is {batch}; the CPU default is {DEFAULT_BATCH_CPU}) or "
     else:
         advice = ""
     return (f"{where + ': ' if isinstance(where, str) else ''}out of memory (a run's peak is about 0.35 GB plus six "

@@ -18,6 +18,7 @@ DEFAULT_MIRROR = False
 # boltzformer.planes; the rule that decides the default: benchmarks/results/planes_preregistration.txt
 PLANES = ("axial", "three", "auto")
 DEFAULT_PLANES = "axial"
+DEFAULT_BATCH_CPU, DEFAULT_BATCH_ACCELERATOR = 8, 32  # slices per network batch when none is asked for
 MAX_SEED = 2**63 - 1  # seeds travel on as signed 64-bit integers (torch.Generator.manual_seed)
 MAX_PROMPT_CHARS = 500  # prompts are short phrases ("lung nodule"); a page of text is a mistake
 

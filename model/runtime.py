@@ -21,7 +21,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_DEFAULT_BYTES = 128 * 1024  # both thresholds' glibc defaults
 _TUNED_BYTES = 1 << 30
 
-_wanted = False  # this process owns its heap (a CLI command, a cohort worker) and asked for the tuning
+# the thresholds this process asked for (a CLI command, a cohort worker: it owns its heap); None: none
+_tuned_bytes: int | None = None
 
 
 def _libc():
@@ -40,13 +41,18 @@ def _set_thresholds(libc, mmap_bytes: int, trim_bytes: int) -> bool:
         return False
 
 
+def _raise_thresholds(libc, threshold_bytes: int) -> bool:
+    return _set_thresholds(libc, threshold_bytes, 2 * threshold_bytes - 1)
+
+
 def tune_allocator(threshold_bytes: int = _TUNED_BYTES) -> bool:
-    """Raise glibc's mmap/trim thresholds now, and let `network_heap` raise them again for each
-    network sweep of this process; no-op off Linux/glibc. Returns success."""
-    global _wanted
+    """Raise glibc's mmap/trim thresholds now, and let `network_heap` raise them to the same
+    again for each network sweep of this process; no-op off Linux/glibc. Returns success."""
+    global _tuned_bytes
     libc = _libc()
-    ok = libc is not None and _set_thresholds(libc, threshold_bytes, 2 * threshold_bytes - 1)
-    _wanted = _wanted or ok
+    ok = libc is not None and _raise_thresholds(libc, threshold_bytes)
+    if ok:
+        _tuned_bytes = threshold_bytes
     return ok
 
 
@@ -55,9 +61,10 @@ def network_heap() -> Iterator[None]:
     """Within: the tuned heap, if this process asked for it (tune_allocator). After: glibc's
     default thresholds and the heap trimmed, so what post-processing frees goes back to the
     system (the outputs are the same either way)."""
-    libc = _libc() if _wanted else None
+    tuned = _tuned_bytes
+    libc = _libc() if tuned is not None else None
     if libc is not None:
-        _set_thresholds(libc, _TUNED_BYTES, 2 * _TUNED_BYTES - 1)
+        _raise_thresholds(libc, tuned)
     try:
         yield
     finally:

@@ -31,7 +31,8 @@ from .io import Volume, require_finite
 from .network.boltzformer import BoltzFormer
 from .network.graphs import GraphedNetwork
 from .network.text import PromptEmbedding, SentenceEncoder, batch_embeddings, normalise_prompt
-from .options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, check_prompt_text, check_run_options
+from .options import (DEFAULT_BATCH_ACCELERATOR, DEFAULT_BATCH_CPU, DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR,
+                      DEFAULT_PLANES, check_prompt_text, check_run_options)
 from .orientation import to_canonical
 from .synth.prompts import TARGETS, target_of_prompt
 from .results import AttentionMaps, SegmentationResult, attention_to_input, to_input
@@ -434,7 +435,7 @@ class Segmenter:
 
     # -- volumes --------------------------------------------------------------------------
     def default_batch_size(self) -> int:
-        return 32 if self.device.type in ("cuda", "mps") else 8
+        return DEFAULT_BATCH_ACCELERATOR if self.device.type in ("cuda", "mps") else DEFAULT_BATCH_CPU
 
     def segment_volume(self, volume: Volume, prompt: str, **kwargs) -> SegmentationResult:
         """Segment `volume` (a boltzformer.io.Volume, array (z, y, x)) for `prompt`, one text;
@@ -538,14 +539,15 @@ class Segmenter:
         # 4. back on the input's grid; threshold, components, lesion table, false-positive filter
         t = time.perf_counter()
         uncertainty = None if sweep.m2 is None else sweep.m2 / runs
+        done = min(sweep.done, sweep.n)  # axial slices finished
         result = SegmentationResult(
             volume=volume, prompt=text, probabilities=to_input(reo, sweep.mean), mask=None, threshold=threshold,
             min_lesion_mm3=min_lesion_mm3, slices=input_range, runs=runs,
             uncertainty=None if uncertainty is None else to_input(reo, uncertainty),
             attention=attention_to_input(sweep.attention, reo, frame), window=window, modality=modality,
             warnings=warnings,
-            timings_s=timings, complete=sweep.complete, slices_done=min(sweep.done, sweep.n),
-            finished_slices=None if sweep.complete else _finished_input_range(reo, input_range, min(sweep.done, sweep.n)),
+            timings_s=timings, complete=sweep.complete, slices_done=done,
+            finished_slices=None if sweep.complete else _finished_input_range(reo, input_range, done),
             frame=frame, reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
             nodule_detector=nodule_detector, mirror=mirror, planes="three" if cuts and sweep.complete else "axial",
         )

@@ -188,7 +188,8 @@ class HeatmapControls(QGroupBox):
         tau = att.temperatures[layer_index]
         self.apply_tau_label()
         stats = self._stats(att)
-        text = (f"layer {layer_index + 1}/{att.num_layers} (slider {layer_index}) · τ {tau:.2f} · stride {att.strides[layer_index]} · "
+        text = (f"layer {layer_index + 1}/{att.num_layers} (slider {layer_index}) · τ {tau:.2f} · "
+                f"stride {att.strides[layer_index]} · "
                 f"{att.tokens_per_query[layer_index]} tokens/query · opened on layer {stats['sharpest'] + 1}, "
                 "the least spread\n")
         z = None
@@ -233,9 +234,8 @@ class HeatmapControls(QGroupBox):
         layer, index = self._layer(), self._current_decoder_layer()
         if layer is None or index is None or layer.metadata.get("values") != "probabilities":
             return
-        data = layer.data[min(max(index, 0), layer.data.shape[0] - 1)]
-        top = float(np.nanmax(data)) if data.size else 0.0
-        limits = (0.0, top if top > 0 else 1.0)
+        shown = layer.data[min(max(index, 0), layer.data.shape[0] - 1)]
+        limits = attention_contrast("probabilities", None, None, shown)
         if tuple(layer.contrast_limits) != limits:
             layer.contrast_limits = limits
 
