@@ -45,6 +45,15 @@ def row_at(view, point) -> dict:
     return row
 
 
+def decided(result, **statuses) -> rv.Review:
+    """A Review of `result` with the named blobs (BLOBS keys) decided in turn, e.g. A="accepted"."""
+    review = rv.Review(SHAPE)
+    for blob, status in statuses.items():
+        view = review.view(result)
+        review.decide(view, row_at(view, BLOBS[blob][0]), status)
+    return review
+
+
 def test_without_decisions_the_view_is_the_result():
     result = make_result()
     view = rv.Review(SHAPE).view(result)
@@ -173,11 +182,7 @@ def test_a_look_here_candidate_never_grows_a_decided_lesion_or_brings_a_rejected
     lesion grew (still 'accepted', which the reader never decided for the new voxels) and the
     rejected one came back as unreviewed."""
     result = make_result()
-    review = rv.Review(SHAPE)
-    view = review.view(result)
-    review.decide(view, row_at(view, BLOBS["A"][0]), "accepted")
-    view = review.view(result)
-    review.decide(view, row_at(view, BLOBS["B"][0]), "rejected")
+    review = decided(result, A="accepted", B="rejected")
     view = review.view(result)
     accepted_voxels = row_at(view, BLOBS["A"][0])["voxels"]
     for (cz, cy, cx), _ in (BLOBS["A"], BLOBS["B"]):  # a candidate over the lesion and 3 voxels beyond
@@ -191,11 +196,11 @@ def test_a_look_here_candidate_never_grows_a_decided_lesion_or_brings_a_rejected
     assert looks and all(r["status"] == "unreviewed" for r in looks)
     from scipy import ndimage
 
-    pending, decided = ((review.state & rv.DECISION) == status for status in (rv.PENDING, rv.ACCEPTED))
-    assert not (pending & ndimage.binary_dilation(decided, structure=np.ones((3, 3, 3)))).any()  # a finding apart
+    pending, accepted = ((review.state & rv.DECISION) == status for status in (rv.PENDING, rv.ACCEPTED))
+    assert not (pending & ndimage.binary_dilation(accepted, structure=np.ones((3, 3, 3)))).any()  # a finding apart
     # all of it on decided voxels: nothing added, nothing logged
     n_actions = len(review.actions)
-    on_accepted = np.flatnonzero(decided)[:5]
+    on_accepted = np.flatnonzero(accepted)[:5]
     assert review.add_candidate(on_accepted, point_zyx=BLOBS["A"][0]) is None and len(review.actions) == n_actions
 
 
@@ -220,11 +225,7 @@ def test_rows_of_kept_lesions_measure_like_the_result_on_a_reoriented_volume():
 
 def test_sidecar_records_the_run_the_statuses_and_the_actions():
     result = make_result()
-    review = rv.Review(SHAPE)
-    view = review.view(result)
-    review.decide(view, row_at(view, BLOBS["A"][0]), "accepted")
-    view = review.view(result)
-    review.decide(view, row_at(view, BLOBS["D"][0]), "rejected")
+    review = decided(result, A="accepted", D="rejected")
     review.undo()
     view = review.view(result)
     side = review.sidecar(result, view.rows, settings={"weights_sha256": "ab" * 32, "seed": 3},
