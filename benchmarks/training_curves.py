@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -22,6 +23,14 @@ from boltzformer.plots import pyplot, save_figure
 def read_stage(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def batch_size_of(log: Path) -> int | None:
+    """The batch size of the run that wrote `log` (its train_config.json beside it), or None."""
+    try:
+        return int(json.loads((log.parent / "train_config.json").read_text())["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def main(argv=None) -> int:
@@ -36,9 +45,11 @@ def main(argv=None) -> int:
     plt = pyplot()
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(14, 4.2))
     offset = 0.0
+    batch_sizes = set()
     for i, spec in enumerate(args.stages):
         path, _, label = spec.partition(":")
         rows = read_stage(Path(path))
+        batch_sizes.add(batch_size_of(Path(path)))
         if not rows:
             raise SystemExit(f"{path}: no rows")
         steps = [offset + r["step"] for r in rows]  # each stage counts its steps from 0
@@ -57,10 +68,12 @@ def main(argv=None) -> int:
             if not all(math.isnan(y) for y in ys):
                 ax_dice.plot(steps, ys, color=colour, **kw, label=name if i == 0 else None)
         offset = steps[-1]
-    ax_loss.set_xlabel("training step (batch 16)")
+    batch = batch_sizes.pop() if len(batch_sizes) == 1 else None  # one size across the stages, or unknown
+    xlabel = f"training step (batch {batch})" if batch else "training step"
+    ax_loss.set_xlabel(xlabel)
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    ax_dice.set_xlabel("training step (batch 16)")
+    ax_dice.set_xlabel(xlabel)
     ax_dice.set_ylabel("Dice / rate")
     ax_dice.set_ylim(0, 1)
     ax_dice.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -46,12 +46,12 @@ import numpy as np
 from scipy import ndimage
 
 from . import fp_classifier, postprocess
+from .intensity import AERATED_HU
 from .io import Volume
 from .parallel import start_tasks, task_pool, thread_map
 from .synth import prompts as vocab
 
 LUNG_TARGETS = ("lung_nodule", "lung_tumor")
-AERATED_HU = -400.0  # lung parenchyma (about -850) and air are below this; soft tissue is above
 BRIGHT_HU = -500.0  # vessels, nodules and walls in the lung are above this
 SHELL_MM = 3.0
 CONTINUATION_MM = 3.0

@@ -16,7 +16,7 @@ import numpy as np
 from .errors import BoltzformerError
 
 __all__ = [
-    "Window", "WINDOWS", "DEFAULT_WINDOW", "window_for_prompt", "check_window", "apply_window", "normalise_modality", "detect_modality", "classify_units",
+    "AERATED_HU", "Window", "WINDOWS", "DEFAULT_WINDOW", "window_for_prompt", "check_window", "apply_window", "normalise_modality", "detect_modality", "classify_units",
     "prepare_slices",
 ]
 
@@ -162,6 +162,7 @@ def stated_mr_sequence(volume) -> tuple[str | None, str | None]:
     return None, None
 
 
+AERATED_HU = -400.0  # lung parenchyma (about -850) and air are below; soft tissue is above
 SHIFTED_HU_OFFSET = 1024
 
 

@@ -33,10 +33,10 @@ import numpy as np
 from scipy import ndimage
 
 from . import fp_classifier
+from .intensity import AERATED_HU
 from .io import Volume
 from .parallel import thread_map
 
-AERATED_HU = -400.0  # lung and air are below; soft tissue above
 OUTSIDE_AIR_HU = -960.0  # median of air around the body (-1000); lung parenchyma is about -850
 CLOSING_MM = 15.0  # closes bumps of up to ~30 mm into the lung: juxta-pleural nodules stay inside
 RADII_MM = (1.5, 2.5, 4.0, 6.0)  # nodules of 3 to ~12 mm; larger ones the slice model finds

@@ -70,9 +70,14 @@ def geometry_from_layer(layer) -> dict:
     # napari's world has no patient axes: a layer this plugin did not place may lie any way round,
     # so the orientation letters drawn from it carry a "?"
     geom["orientation_unknown"] = True
-    if all(str(u) == "pixel" for u in getattr(layer, "units", ())):  # napari's default: no physical size
+    if only_pixel_units(getattr(layer, "units", ())):
         geom["units"] = "pixel"  # its scale is read as mm (the panel warns); result layers keep pixel units
     return geom
+
+
+def only_pixel_units(units) -> bool:
+    """Whether a layer's napari `units` are all "pixel", napari's default: no physical size given."""
+    return bool(units) and all(str(u) == "pixel" for u in units)
 
 
 def data_to_world_matrix(layer) -> np.ndarray:

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from ._layers import GEOMETRY_KEY, geometry_shape, mask_array, mask_volume, placed_by
+from ._layers import GEOMETRY_KEY, geometry_shape, mask_array, mask_volume, only_pixel_units, placed_by
 
 
 class NotWritten(OSError):
@@ -65,8 +65,7 @@ def _no_physical_size(meta: dict) -> bool:
     """A layer neither placed by this plugin nor given units (napari's default: pixels)."""
     if (meta.get("metadata") or {}).get(GEOMETRY_KEY) is not None:
         return False
-    units = meta.get("units") or ()
-    return bool(units) and all(str(u) == "pixel" for u in units)
+    return only_pixel_units(meta.get("units") or ())
 
 
 def labels_volume(data: np.ndarray, meta: dict):
