@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import signal
 import sys
@@ -38,8 +39,6 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
-    import os
-
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -95,6 +94,16 @@ def number(low: float | None = None, high: float | None = None, *, above: bool =
         return value
     parse.__name__ = "number"
     return parse
+
+
+def prompt_text(text: str) -> str:
+    """A prompt as typed. Under a C or POSIX locale with Python's UTF-8 mode off, argv is decoded
+    as ASCII and a typed "lésion" arrives as surrogates; its bytes are UTF-8, so read them as such.
+    Bytes that are not UTF-8 stay surrogates (options.check_prompt_text refuses them)."""
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
 
 
 SEED = whole(0, MAX_SEED, " (a 64-bit seed)")
@@ -484,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment a volume for a text prompt")
     s.add_argument("input", help="NIfTI/NRRD/MHA file or DICOM series folder")
-    s.add_argument("-p", "--prompt", required=True, help='what to segment, e.g. "lung nodule"')
+    s.add_argument("-p", "--prompt", required=True, type=prompt_text, help='what to segment, e.g. "lung nodule"')
     s.add_argument("-o", "--output", required=True, help="mask output (.nii.gz, .nii, .nrrd, .mha)")
     s.add_argument("--device", default="auto", choices=devices)
     s.add_argument("--seed", type=SEED, default=0, help="sampling seed, 0 to 2**63-1 (same seed, same result)")
@@ -532,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "2 bad arguments or interrupted (--resume goes on), 1 an internal error.")
     c.add_argument("input", help="a folder (NIfTI/NRRD/MHA files and DICOM folders, searched recursively) or a CSV "
                                  "with a 'path' column (optional: case_id, prompt)")
-    c.add_argument("-p", "--prompt", default=None, help='what to segment, e.g. "lung nodule" (a CSV row\'s prompt '
+    c.add_argument("-p", "--prompt", default=None, type=prompt_text, help='what to segment, e.g. "lung nodule" (a CSV row\'s prompt '
                                                          'comes first)')
     c.add_argument("-o", "--out-dir", required=True, help="folder for the masks, lesions.csv and report.csv")
     c.add_argument("--workers", type=whole(1, 4096), default=None,

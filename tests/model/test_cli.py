@@ -415,6 +415,26 @@ def test_a_prompt_that_is_not_utf8_is_a_one_line_error(ct_path, tmp_path, tiny_w
     assert code == 2 and "is not valid UTF-8 text" in err and "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("typed, read_as", [("l\u00e9sion pulmonaire".encode("utf-8"), "l\u00e9sion pulmonaire"),
+                                             (b"l\xe9sion", "l\udce9sion")])
+def test_a_prompt_typed_under_the_c_locale_is_read_as_utf8(typed, read_as):
+    """With LC_ALL=C and UTF-8 mode off, Python decodes argv as ASCII: a typed 'lésion' reached the
+    prompt check as surrogates and was refused as 'not valid UTF-8'. Its bytes are UTF-8 and are
+    read so; bytes that are not UTF-8 (Latin-1 0xE9 here) stay surrogates, which the check refuses."""
+    import os as _os
+    import subprocess
+    import sys as _sys
+
+    code = ("import sys; from boltzformer import cli\n"
+            "args = cli.build_parser().parse_args(sys.argv[1:])\n"
+            "print(ascii(args.prompt))\n")
+    env = {**_os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run([_sys.executable, "-c", code, "segment", "x.nii.gz", "-p", typed, "-o", "y.nii.gz"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ascii(read_as)
+
+
 @pytest.mark.parametrize("argv, said", [
     (["bench", "volume", "--slices", ""], "give slice counts of at least 1"),
     (["bench", "volume", "--slices", "8", "--weights", "/nowhere/w.safetensors"], "/nowhere/w.safetensors"),
