@@ -32,6 +32,25 @@ def not_utf8(name: "str | os.PathLike[str]") -> bool:
     return not isinstance(text, bytes) and any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
+def why_unnamed(paths) -> str:
+    """Why names that `not_utf8` flags cannot be used, to follow "its name is" / "their names are".
+    Usually another encoding; but when their bytes are UTF-8 the fault is the locale: under a C or
+    POSIX locale with UTF-8 mode off, Python reads file names as ASCII."""
+    import sys
+
+    def utf8_bytes(path) -> bool:
+        try:
+            os.fsencode(os.fspath(path)).decode("utf-8")
+            return True
+        except UnicodeError:
+            return False
+
+    if sys.getfilesystemencoding().lower().replace("-", "") != "utf8" and all(utf8_bytes(p) for p in paths):
+        return ("not ASCII, and this Python reads file names as ASCII (a C or POSIX locale with UTF-8 mode off: "
+                "run it with PYTHONUTF8=1 or LANG=C.UTF-8)")
+    return "not valid UTF-8 (another encoding, e.g. Latin-1)"
+
+
 class InputError(BoltzformerError):
     """A file or folder that cannot be used: ``"<path>: <problem>"``."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import BoltzformerError, InputError, not_utf8, os_problem, shown_path
+from ..errors import BoltzformerError, InputError, not_utf8, os_problem, shown_path, why_unnamed
 from ..io import DICOM_EXTENSIONS, extension_of, has_dicom_preamble, INPUT_EXTENSIONS
 from ..options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES
 
@@ -149,8 +149,8 @@ def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[st
     unnamed = [path for path, _ in found if not_utf8(path)]  # no reader opens them; the report cannot hold them
     if unnamed:
         shown = ", ".join(shown_path(p) for p in unnamed[:4]) + (f" and {len(unnamed) - 4} more" if len(unnamed) > 4 else "")
-        warn(f"{shown}: {'its name is' if len(unnamed) == 1 else 'their names are'} not valid UTF-8 (another encoding, "
-             f"e.g. Latin-1); left out: rename {'it' if len(unnamed) == 1 else 'them'}")
+        warn(f"{shown}: {'its name is' if len(unnamed) == 1 else 'their names are'} {why_unnamed(unnamed)}; left "
+             f"out: rename {'it' if len(unnamed) == 1 else 'them'}")
     scans, seen = [], {}
     for path, rel in found:
         if not_utf8(path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError, SliceSpacingError, not_utf8, shown_path
+from ..errors import InputError, SliceSpacingError, not_utf8, shown_path, why_unnamed
 from .formats import DICOM_EXTENSIONS, has_dicom_preamble, refuse_special_files
 from .itk import detail, itk_quiet
 from .tilt import as_dtype, straighten, straightened_note
@@ -209,8 +209,8 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
     unnamed = [f for f in chosen.files if not_utf8(f)]
     if unnamed:  # SimpleITK cannot take such a name (and aborts on one); the slice cannot be left out
         raise InputError(folder, f"DICOM series {label}: {_names([shown_path(f) for f in unnamed])} "
-                                 f"{'has a name that is' if len(unnamed) == 1 else 'have names that are'} not valid UTF-8 "
-                                 "(another encoding, e.g. Latin-1), which the DICOM reader cannot open; rename "
+                                 f"{'has a name that is' if len(unnamed) == 1 else 'have names that are'} {why_unnamed(unnamed)}, "
+                                 "which the DICOM reader cannot open; rename "
                                  f"{'it' if len(unnamed) == 1 else 'them'}")
     found = _unreadable_dicom_files(folder, infos, chosen)
     for file in [f for f, member in found if member][:1]:  # the precise reason, e.g. a truncated slice

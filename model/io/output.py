@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError, not_utf8, os_problem, OutputError
+from ..errors import InputError, not_utf8, os_problem, OutputError, why_unnamed
 from .formats import extension_of, file_kind, OUTPUT_EXTENSIONS
 from .itk import detail, itk_quiet
 from .nifti import check_nifti_complete
@@ -60,8 +60,7 @@ def check_output_path(path, overwrite: bool = False) -> Path:
     """
     p = Path(os.fspath(path))
     if not_utf8(p):
-        raise OutputError(p, "its name is not valid UTF-8 (another encoding, e.g. Latin-1), which the image "
-                             "writers cannot write; give another name")
+        raise OutputError(p, f"its name is {why_unnamed([p])}, which the image writers cannot write; give another name")
     name_bytes = len(os.fsencode(p.name))
     if name_bytes > MAX_NAME_BYTES - TEMPORARY_NAME_BYTES:  # checked now, not after the whole run
         raise OutputError(p, f"its name is {name_bytes} bytes long; file systems allow {MAX_NAME_BYTES}, less "

@@ -9,16 +9,12 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from ..errors import InputError, not_utf8
+from ..errors import InputError, not_utf8, why_unnamed
 from .dicom import read_dicom_file, read_dicom_folder
 from .formats import DICOM_EXTENSIONS, extension_of, file_kind, has_dicom_preamble, INPUT_EXTENSIONS, INPUT_FORMATS, starts_with
 from .itk import detail, itk_quiet
 from .nifti import apply_nifti_geometry, check_nifti_complete, check_nifti_finite, read_sheared_nifti
 from .volume import Volume
-
-
-NOT_UTF8 = ("its name is not valid UTF-8 (written in another encoding, e.g. Latin-1 by an old archive or "
-            "share), which the image readers cannot open; rename it")
 
 
 def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = False) -> Volume:
@@ -46,7 +42,7 @@ def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = Fal
     """
     p = Path(os.fspath(path))
     if not_utf8(p):
-        raise InputError(p, NOT_UTF8)
+        raise InputError(p, f"its name is {why_unnamed([p])}, which the image readers cannot open; rename it")
     if not p.exists():
         if p.is_symlink():
             raise InputError(p, f"is a symbolic link to {os.readlink(p)}, which does not exist")

@@ -507,6 +507,30 @@ def test_names_that_are_not_utf8_are_refused_in_one_line_not_a_process_abort(tmp
         read_volume(tmp_path / "series")
 
 
+def test_utf8_names_under_an_ascii_locale_are_refused_naming_the_locale_not_the_file(tmp_path, hu):
+    """Under LC_ALL=C with UTF-8 mode off, Python reads 'résumé.nii.gz' as ASCII plus surrogates:
+    the message said the name was 'not valid UTF-8 (another encoding, e.g. Latin-1)', which it is
+    not; it now names the locale and the fix."""
+    import subprocess
+    import sys
+
+    from boltzformer.io import Volume
+
+    volume = Volume(hu.copy(), (0.7, 0.7, 2.0), (0.0, 0.0, 0.0), np.eye(3), modality="CT")
+    write_volume(volume, tmp_path / "r\u00e9sum\u00e9.nii.gz")
+    code = ("import os, sys\n"
+            "from boltzformer.io import read_volume\n"
+            "from boltzformer.errors import InputError\n"
+            "try:\n"
+            "    read_volume(os.listdir('.')[0])\n"
+            "except InputError as exc:\n"
+            "    print(ascii(str(exc)))\n")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert "this Python reads file names as ASCII" in proc.stdout and "PYTHONUTF8=1" in proc.stdout, proc
+    assert "Latin-1" not in proc.stdout
+
+
 def test_an_output_name_too_long_for_its_temporary_file_is_refused_before_the_run(tmp_path):
     """A name of 235-255 bytes passed the check and failed after the whole run (the temporary
     '.<name>.tmp-xxxxxxxx.nii.gz' is longer); one over 255 was 'unexpected OSError'."""
