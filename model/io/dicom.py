@@ -66,6 +66,31 @@ def list_dicom_series(folder) -> list[SeriesInfo]:
     """
     folder = os.fspath(folder)
     refuse_special_files(Path(folder))
+    global _last_scan
+    key, (last_key, last_infos) = _folder_state(folder), _last_scan
+    if key is not None and key == last_key:  # the same files as the last scan (napari's stack reader
+        return list(last_infos)              # scans the folder, then reads it)
+    infos = _scan_series(folder)
+    _last_scan = (key, tuple(infos))
+    return infos
+
+
+_last_scan: tuple = (None, ())  # (folder state, its series) of the last scan: one entry, swapped whole
+
+
+def _folder_state(folder: str):
+    """What a scan of `folder` depends on: its path and every entry's name, size and change time
+    (ns), or None when it cannot be listed (then it is scanned, and the scan says why)."""
+    try:
+        with os.scandir(folder) as entries:
+            files = frozenset((e.name, e.stat().st_size, e.stat().st_mtime_ns, e.stat().st_ctime_ns) for e in entries)
+        return os.path.realpath(folder), files
+    except OSError:
+        return None
+
+
+def _scan_series(folder: str) -> list[SeriesInfo]:
+    """GDCM's scan of `folder` for series (list_dicom_series without the cache)."""
     try:
         with itk_quiet() as printed:  # "No Series were found" is reported by us
             uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
@@ -89,8 +114,6 @@ def list_dicom_series(folder) -> list[SeriesInfo]:
         ))
     infos.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.uid))
     return infos
-
-
 
 
 def read_dicom_file(p: Path, context: str = "", allow_gaps: bool = False) -> Volume:

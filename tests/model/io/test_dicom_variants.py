@@ -178,3 +178,27 @@ def test_the_default_series_counts_frames_and_passes_over_localizers(tmp_path):
     vol = read_volume(folder)
     assert vol.shape == (6, 16, 20)
     assert "(6 images in 1 file, CT)" in vol.metadata["series_note"] and "localizer" in vol.metadata["series_note"]
+
+
+def test_a_folder_scanned_twice_is_scanned_once_until_its_files_change(tmp_path, monkeypatch):
+    """napari's stack reader lists a folder's series, then reads the folder, which listed them
+    again (0.1-0.7 s for 300 slices). The second listing reuses the first while no file in the
+    folder was added, removed, replaced or touched."""
+    import os
+
+    from boltzformer.io import dicom, list_dicom_series
+
+    write_ct_series(tmp_path / "s", np.full((4, 16, 16), 40, np.int16))
+    scans = []
+    scan = dicom._scan_series
+    monkeypatch.setattr(dicom, "_scan_series", lambda folder: scans.append(folder) or scan(folder))
+    first = list_dicom_series(tmp_path / "s")
+    assert read_volume(tmp_path / "s").shape == (4, 16, 16) and len(scans) == 1
+    assert list_dicom_series(tmp_path / "s") == first and len(scans) == 1
+    files = sorted((tmp_path / "s").iterdir())
+    os.remove(files[-1])  # a slice gone: scanned again, and the series has 3 files
+    assert list_dicom_series(tmp_path / "s")[0].n_files == 3 and len(scans) == 2
+    stat = files[0].stat()
+    os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))  # rewritten in place
+    list_dicom_series(tmp_path / "s")
+    assert len(scans) == 3
