@@ -429,10 +429,20 @@ def cmd_info(args) -> int:
     train = meta.get("training", {})
     print(f"network: {train.get('parameters', '?')} parameters, {cfg.get('num_layers')} decoder layers, "
           f"{cfg.get('num_queries')} queries, sampling {cfg.get('sampling')} (ratio {cfg.get('token_ratio')}, "
-          f"tau0 {cfg.get('tau0')}), input {cfg.get('image_size')}²; trained {meta.get('trained_steps', '?')} steps")
+          f"tau0 {cfg.get('tau0')}), input {cfg.get('image_size')}²; {_trained_words(meta)}")
     prompts = meta.get("prompts", [])
     print(f"prompts seen in training ({len(prompts)}): " + ", ".join(prompts))
     return 0
+
+
+def _trained_words(meta: dict) -> str:
+    """'trained N steps', or, for weights warm-started from others, what the last leg added
+    (trained_steps counts that leg only; the model card has every stage)."""
+    steps = meta.get("trained_steps", "?")
+    start = ((meta.get("training") or {}).get("config") or {}).get("init_weights")
+    if start:
+        return f"its last training leg: {steps} steps, warm-started from {start} (stages: the model card)"
+    return f"trained {steps} steps"
 
 
 def cmd_train(args) -> int:
@@ -601,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_testset)
 
     i = sub.add_parser("info", help="version, weights, devices, known prompts")
-    i.add_argument("--weights", default=None)
+    i.add_argument("--weights", default=None,
+                   help="weights file/folder, or hf:owner/name from the local Hugging Face cache (default: bundled)")
     i.set_defaults(func=cmd_info)
 
     tr = sub.add_parser("train", help="train a BoltzFormer (Dice + BCE) on synthetic + real data")

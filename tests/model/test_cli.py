@@ -154,6 +154,16 @@ def test_info_names_the_weights_and_their_prompts(tiny_weights, capsys):
     assert weights.sha256(tiny_weights) in out and "lung nodule" in out and "torch" in out
 
 
+def test_info_says_the_bundled_weights_steps_are_their_last_legs():
+    """'trained 1600 steps' read as the whole training; it was the last leg, warm-started."""
+    from boltzformer.cli import _trained_words
+
+    bundled = weights.read_config(weights.resolve(None).config_path)
+    said = _trained_words(bundled)
+    assert said.startswith(f"its last training leg: {bundled['trained_steps']} steps, warm-started from ")
+    assert _trained_words({"trained_steps": 40, "training": {"config": {"init_weights": None}}}) == "trained 40 steps"
+
+
 # -- bad input: one line naming the problem, exit 2, nothing written ----------------------------------
 def _corrupt(tmp_path):
     p = tmp_path / "corrupt.nii.gz"
