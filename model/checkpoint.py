@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from . import weights as weights_mod
 from .errors import WeightsError
-from .io import atomic_output
+from .io import OutputSet
 from .network.boltzformer import BoltzFormer
 from .network.config import BoltzFormerConfig
 from .network.text import PromptEmbedding
@@ -30,7 +30,7 @@ def save_model(
     info: dict | None = None,
     overwrite: bool = True,
 ) -> Path:
-    """Write `path` (.safetensors) and its `.json` twin atomically."""
+    """Write `path` (.safetensors) and its `.json` twin atomically, as a pair."""
     path = Path(path)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     prompts = sorted(prompt_bank)
@@ -39,10 +39,14 @@ def save_model(
     if prompts:
         tensors["text_cache.pooled"] = torch.from_numpy(np.stack([prompt_bank[p].pooled for p in prompts]))
     meta = {"format": "boltzformer/1", "config": model.cfg.to_dict(), "prompts": prompts, **(info or {})}
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "boltzformer/1"})
-    with atomic_output(path.with_suffix(".json"), overwrite=overwrite) as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=2, default=str))
+    # one OutputSet: both are written to temporary files, then committed together, so a kill
+    # while writing never leaves new weights beside the previous config
+    with OutputSet(overwrite=overwrite) as outputs:
+        outputs.add(path)
+        outputs.add(path.with_suffix(".json"))
+        with outputs.temporary(str(path)) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "boltzformer/1"})
+        outputs.write_bytes(str(path.with_suffix(".json")), json.dumps(meta, indent=2, default=str).encode())
     return path
 
 

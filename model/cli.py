@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ._version import __version__
-from .errors import BoltzformerError
+from .errors import BoltzformerError, Terminated
 from .options import (DEFAULT_BATCH_ACCELERATOR, DEFAULT_BATCH_CPU, DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR,
                       DEFAULT_PLANES, MAX_SEED, PLANES)
 
@@ -639,10 +639,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volume: with mirror averaging, as in segment")
     b.set_defaults(func=cmd_bench)
     return p
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, a batch system's time limit) during a command: handled like Ctrl-C."""
 
 
 def _on_sigterm(signum, frame):

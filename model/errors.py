@@ -99,3 +99,8 @@ def os_problem(exc: OSError) -> str:
     if exc.errno in names:
         return names[exc.errno]
     return str(exc.strerror or exc).rstrip(".").lower() or type(exc).__name__
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's time limit) during a command: handled like Ctrl-C, but the
+    command exits 143 (128 + 15), as a shell reports a command SIGTERM killed."""

@@ -60,6 +60,9 @@ def read_cases(folder: Path) -> list[dict]:
             raise InputError(path, f"line {line}: case_id {cid!r} again (first on line {first_line[cid]}); "
                                    "each case once, or its Dice would count twice")
         first_line[cid] = line
+        if not (row.get("prompt") or "").strip():  # a blank cell, or a short row ("case7" alone)
+            raise InputError(path, f"line {line}: case {cid!r}: the prompt is empty; each case needs the prompt "
+                                   "its mask answers")
         if row.get("modality") and modality_of(row["modality"]) is None:
             raise InputError(path, f"line {line}: modality {row['modality']!r} of {cid!r} is neither CT nor MR")
     return rows

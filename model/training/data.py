@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import intensity
+from ..errors import InputError
 from ..evaluate import modality_of, read_cases, read_split
 from ..synth import prompts as vocab
 
@@ -179,34 +180,103 @@ def _resize(a: np.ndarray, size: int) -> np.ndarray:
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=big)[0, 0].numpy()
 
 
+TRAIN_SPLIT, HELDOUT_SPLIT = "train", "heldout"  # the split names training reads (fp_test is never read)
+
+
+def real_split_rows(folder: Path, split_file=REAL_SPLIT, warn=None) -> dict[str, list[dict]]:
+    """{"train": rows, "heldout": rows}: the cases.csv rows of `folder` that `split_file` puts in
+    each split, checked before any data is made. InputError when no case is in the train split
+    (a user's own folder that the bundled split does not list trained on synthetic data alone,
+    without a word); `warn` (text -> None) names the cases left out: not in the split file, in a
+    split training does not read, or in the split file but not in cases.csv; and prompts that
+    name no known target (trained as new targets, without the absent-target pairs of `real_examples`)."""
+    warn = warn or (lambda text: None)
+    rows = read_cases(folder)
+    splits = read_split(split_file)
+    ids = {r["case_id"] for r in rows}
+    unlisted = sorted(ids - set(splits))
+    chosen = {name: [r for r in rows if splits.get(r["case_id"]) == name] for name in (TRAIN_SPLIT, HELDOUT_SPLIT)}
+    if not chosen[TRAIN_SPLIT]:
+        names = sorted({v for c, v in splits.items() if c in ids}) or ["none of its cases"]
+        raise InputError(split_file, f"puts none of the {len(rows)} cases of {Path(folder) / 'cases.csv'} in the "
+                                     f"'{TRAIN_SPLIT}' split (their splits: {', '.join(names)}); give a split file "
+                                     f"(split_file) with the columns case_id,split and the splits {TRAIN_SPLIT} and "
+                                     f"{HELDOUT_SPLIT}, or set use_real=false")
+    if unlisted:
+        warn(f"{split_file}: {len(unlisted)} case(s) of {Path(folder) / 'cases.csv'} are in no split and are left "
+             f"out: {_first(unlisted)}")
+    other = sorted({v for c, v in splits.items() if c in ids} - {TRAIN_SPLIT, HELDOUT_SPLIT, "fp_test"})
+    if other:
+        warn(f"{split_file}: split(s) {', '.join(repr(v) for v in other)} are not read by training (it reads "
+             f"'{TRAIN_SPLIT}' and '{HELDOUT_SPLIT}'); their cases are left out")
+    if missing := sorted(c for c, v in splits.items() if v in chosen and c not in ids):
+        warn(f"{split_file}: {len(missing)} case(s) are not in {Path(folder) / 'cases.csv'}: {_first(missing)}")
+    if not chosen[HELDOUT_SPLIT]:
+        warn(f"{split_file}: no case of {Path(folder) / 'cases.csv'} is in the '{HELDOUT_SPLIT}' split: the real "
+             "validation Dice (val_real_dice) stays blank")
+    unknown = sorted({r["prompt"] for r in chosen[TRAIN_SPLIT] if vocab.target_of_prompt(r["prompt"]) is None})
+    if unknown:
+        warn(f"{Path(folder) / 'cases.csv'}: prompt(s) {_first([repr(p) for p in unknown])} name no target the "
+             "synthetic data knows: each is trained as a target of its own, and is not used as the absent target "
+             "of a target it might name (could_name: 'pulmonary nodules' is never 'lung nodule: nothing here')")
+    return chosen
+
+
+_GENERIC_WORDS = frozenset({"lesion", "lesions", "mass", "masses", "tumor", "tumors", "tumour", "tumours", "with",
+                            "from", "the"})
+
+
+def could_name(prompt: str, target: str) -> bool:
+    """Whether a prompt that names no known target might still name `target` (a TARGETS key):
+    one of its words (4 letters or more, not a generic one such as "lesion") starts like a word
+    of the target's prompts ("pulmonary nodules" and "pulmonary nodule"; "kidney cyst" and
+    "kidney lesion"). Such a target is not used as the prompt's absent target: its empty mask
+    could be a wrong label."""
+    def stems(text: str) -> set[str]:
+        return {w[:5] for w in text.lower().replace("-", " ").split() if len(w) >= 4 and w not in _GENERIC_WORDS}
+
+    mine = stems(prompt)
+    return any(mine & stems(p) for p in vocab.TARGETS[target].prompts)
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def real_examples(folder: Path, split: str, size: int = 256, negatives: bool = True,
-                  rng: np.random.Generator | None = None, offsets_mm=(), split_file=REAL_SPLIT) -> ExampleSet:
+                  rng: np.random.Generator | None = None, offsets_mm=(), split_file=REAL_SPLIT,
+                  rows: list[dict] | None = None) -> ExampleSet:
     """Slices of the real cases of one split, prepared exactly as inference prepares them.
 
-    Volumes are first brought to the canonical axial orientation (as the Segmenter does).
-    Each lesion-bearing slice gives one positive example; volumes also give their lesion-free
-    slices as negatives, and with `negatives` every slice is also paired with a prompt of a
-    target that is absent (e.g. a lung CT asked for "multiple sclerosis lesion"). With
-    `offsets_mm` the images are N x (1 + len) x S x S: the slice and its 2.5D context (a
-    single-slice case repeats itself). ``split_file``: the case_id,split CSV (see REAL_SPLIT).
+    Volumes are first brought to the canonical axial orientation (as the Segmenter does), and
+    each mask is read on its image's grid (evaluate.mask_on_grid: a mask of another shape or
+    placement is refused, naming it). Each lesion-bearing slice gives one positive example;
+    volumes also give their lesion-free slices as negatives, and with `negatives` every slice is
+    also paired with a prompt of a target that is absent (e.g. a lung CT asked for "multiple sclerosis lesion"; for a prompt that names no
+    known target, not a target it `could_name`). With `offsets_mm` the images
+    are N x (1 + len) x S x S: the slice and its 2.5D context (a single-slice case repeats
+    itself). ``split_file``: the case_id,split CSV (see REAL_SPLIT); ``rows``: the split's rows
+    when already chosen (real_split_rows), else read from both files.
     """
     from ..context import context_stack
+    from ..evaluate import mask_on_grid
     from ..io import read_volume
     from ..orientation import to_canonical
 
     rng = rng or np.random.default_rng(0)
-    splits = read_split(split_file)
+    if rows is None:
+        splits = read_split(split_file)
+        rows = [r for r in read_cases(folder) if splits.get(r["case_id"]) == split]
     images, masks, prompts, targets = [], [], [], []
-    for row in read_cases(folder):
-        if splits.get(row["case_id"]) != split:
-            continue
+    for row in rows:
         vol = read_volume(Path(folder) / f"{row['case_id']}_image.nii.gz")
-        truth_vol = read_volume(Path(folder) / f"{row['case_id']}_mask.nii.gz")
+        truth_on_image = mask_on_grid(read_volume(Path(folder) / f"{row['case_id']}_mask.nii.gz"), vol)
         vol, reo, _ = to_canonical(vol)
-        truth = np.ascontiguousarray(reo.to_canonical(truth_vol.array)) > 0
+        truth = np.ascontiguousarray(reo.to_canonical(truth_on_image))
         modality = modality_of(row.get("modality")) or intensity.detect_modality(vol)
         prepared, _ = intensity.prepare_slices(vol.array, modality=modality, prompt=row["prompt"])
-        target = vocab.target_of_prompt(row["prompt"]) or row["prompt"]
+        known = vocab.target_of_prompt(row["prompt"])
+        target = known or row["prompt"]
         for z in range(vol.shape[0]):
             if not truth[z].any() and truth.shape[0] > 1 and rng.random() > 0.3:
                 continue
@@ -223,7 +293,8 @@ def real_examples(folder: Path, split: str, size: int = 256, negatives: bool = T
             if negatives:
                 others = [k for k, t in vocab.TARGETS.items() if t.modality == modality and k in vocab.LESION_TARGETS
                           and k != target and not (target == "lung_tumor" and k == "lung_nodule")
-                          and not (target == "lung_nodule" and k == "lung_tumor")]
+                          and not (target == "lung_nodule" and k == "lung_tumor")
+                          and (known or not could_name(row["prompt"], k))]
                 if others:
                     k = others[rng.integers(len(others))]
                     images.append(images[-1])

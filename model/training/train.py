@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from ..checkpoint import save_model
 from ..devices import fast_layout
+from ..errors import Terminated
 from ..network.boltzformer import BoltzFormer, build_model, count_parameters
 from ..network.config import get_config
 from ..network.text import SentenceEncoder, batch_embeddings, normalise_prompt
@@ -121,8 +122,9 @@ class TrainConfig:
         return cls(**{k: _as_option_type(f"{path}: {k}={json.dumps(v)}", k, getattr(defaults, k), v)
                       for k, v in d.items()})
 
-    def check(self) -> None:
-        """BoltzformerError for a value no run can use, before any data is made."""
+    def check(self, resuming: bool = False) -> None:
+        """BoltzformerError for a value no run can use, before any data is made. ``resuming``:
+        a checkpoint is there, so init_weights is not read (and need not exist any more)."""
         from ..errors import BoltzformerError
 
         # synth_val: best.safetensors is chosen on it, so at least one example
@@ -139,7 +141,7 @@ class TrainConfig:
             get_config(self.model, **self.model_overrides)
         except (KeyError, TypeError, ValueError) as exc:
             raise BoltzformerError(f"network {self.model!r} with {self.model_overrides}: {exc}") from None
-        if self.init_weights and not Path(self.init_weights).is_file():
+        if self.init_weights and not resuming and not Path(self.init_weights).is_file():
             raise BoltzformerError(f"{self.init_weights}: init_weights does not exist")
         env = os.environ.get("BOLTZFORMER_REAL_DATA")
         if self.use_real and self.real_dir and not (Path(self.real_dir) / "cases.csv").is_file():
@@ -151,7 +153,9 @@ class TrainConfig:
 
 # A resumed run goes on as it started; only these may differ from the checkpoint's config (more
 # steps, another machine: its device, cores and paths).
-RESUME_MAY_CHANGE = ("steps", "device", "threads", "workers", "cache_dir", "real_dir", "split_file")
+RESUME_MAY_CHANGE = ("steps", "device", "threads", "workers", "cache_dir", "real_dir", "split_file", "init_weights")
+# (real_dir and split_file may move, but the cases they select may not change: _check_same_cases;
+# init_weights is read at the start of a run only)
 
 
 # -- losses ------------------------------------------------------------------------------------
@@ -210,15 +214,41 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, positive_weigh
 def synthetic_cache(cfg: TrainConfig, count: int, seed: int, size: int) -> data_mod.ExampleSet:
     cache = Path(cfg.cache_dir) / f"synth_s{seed}_n{count}_{size}_neg{cfg.negative_fraction}.npz"
     if cache.is_file():
-        return data_mod.ExampleSet.load(cache)
+        return load_cache(cache)
     t = time.perf_counter()
     examples = data_mod.generate_synthetic(count, seed, size, workers=cfg.workers, negative_fraction=cfg.negative_fraction)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    examples.save(tmp)
-    tmp.replace(cache)
+    save_cache(examples, cache)
     log.info("generated %d synthetic examples in %.0f s -> %s", count, time.perf_counter() - t, cache)
     return examples
+
+
+def load_cache(cache: Path) -> data_mod.ExampleSet:
+    """A cached example set; BoltzformerError naming it when it cannot be read (a disk that filled
+    up, a copy cut short), since the cure is to delete it: the next run makes it again."""
+    from ..errors import BoltzformerError
+
+    try:
+        return data_mod.ExampleSet.load(cache)
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, KeyError, ValueError: all one cure
+        raise BoltzformerError(f"{cache}: the cached examples cannot be read ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'}); delete the file "
+                               "and the run makes it again") from None
+
+
+def save_cache(examples: data_mod.ExampleSet, cache: Path) -> None:
+    """Write a cache through a temporary file of its own (two runs sharing cache_dir may write the
+    same cache at once), renamed into place whole."""
+    import tempfile
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{cache.stem}.", suffix=".tmp.npz", dir=cache.parent)
+    os.close(fd)
+    try:
+        examples.save(Path(tmp))
+        os.replace(tmp, cache)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def prompt_vocabulary(extra: list[str]) -> list[str]:
@@ -239,15 +269,12 @@ def phantom_cache_path(cfg: TrainConfig, volumes: int, seed: int, size: int, off
 def phantom_cache(cfg: TrainConfig, volumes: int, seed: int, size: int, offsets) -> data_mod.ExampleSet:
     cache = phantom_cache_path(cfg, volumes, seed, size, offsets)
     if cache.is_file():
-        return data_mod.ExampleSet.load(cache)
+        return load_cache(cache)
     t = time.perf_counter()
     examples = data_mod.phantom_examples(seed, volumes, cfg.phantom_slices_per_volume, size, offsets,
                                          negative_fraction=cfg.phantom_negative_fraction,
                                          positive_sampling=cfg.phantom_positive_sampling)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    examples.save(tmp)
-    tmp.replace(cache)
+    save_cache(examples, cache)
     log.info("generated %d phantom examples from %d volumes in %.0f s -> %s", len(examples), volumes,
              time.perf_counter() - t, cache)
     return examples
@@ -376,6 +403,15 @@ CURVES = (  # (log key, legend, line style): Dice solid, false-positive rates da
 )
 
 
+def _score_or_none(row: dict) -> float | None:
+    """selection_score, or None where a figure it needs is missing or NaN (no lesion to score)."""
+    try:
+        score = selection_score(row)
+    except KeyError:
+        return None
+    return None if math.isnan(score) else score
+
+
 def plot_curves(rows: list[dict], path: Path) -> None:
     """curves.png: the loss and the validation figures per epoch, the epoch best.safetensors holds."""
     plt = pyplot()
@@ -392,7 +428,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             plotted += 1
     if not plotted:
         ax[1].text(0.5, 0.5, "no validation figure yet", ha="center", va="center", transform=ax[1].transAxes)
-    scores = [selection_score(r) if not math.isnan(r.get("val_synth_dice", math.nan)) else -math.inf for r in rows]
+    scores = [_score_or_none(r) for r in rows]
+    scores = [-math.inf if v is None else v for v in scores]
     if max(scores, default=-math.inf) > -math.inf:
         best = ep[int(np.argmax(scores))]
         for a in ax:
@@ -421,18 +458,14 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
 
     from ..errors import BoltzformerError, OutputError, os_problem
 
-    cfg.check()
     out = Path(out_dir)
+    ckpt = out / "last.pt"
+    cfg.check(resuming=ckpt.is_file())
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(out, f"cannot be made a folder for the run ({os_problem(exc)})") from None
-    ckpt = out / "last.pt"
     state = _read_checkpoint(ckpt, cfg) if ckpt.is_file() else None
-    try:
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    except OSError as exc:
-        raise OutputError(out / "train_config.json", f"cannot be written ({os_problem(exc)})") from None
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -440,15 +473,31 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     size = net_cfg.image_size
     t0 = time.perf_counter()
 
+    # The real cases first: a mistake in them is reported before minutes of synthetic data are made.
     real_dir = (Path(cfg.real_dir) if cfg.real_dir else data_mod.default_real_dir()) if cfg.use_real else None
+    split_file = cfg.split_file or data_mod.REAL_SPLIT
+    if cfg.use_real and real_dir is None:
+        log.warning("use_real is on but no folder of real cases was given (real_dir, or BOLTZFORMER_REAL_DATA "
+                    "holding cases.csv): this run trains on synthetic data only")
+    chosen = data_mod.real_split_rows(real_dir, split_file, warn=log.warning) if real_dir else {}
+    cases = {name: sorted(r["case_id"] for r in rows) for name, rows in chosen.items()}
+    if state is not None:
+        _check_same_cases(state, cases, ckpt)
+    if real_dir is not None and not cfg.real_dir:  # from BOLTZFORMER_REAL_DATA: the config records the folder
+        cfg = dataclasses.replace(cfg, real_dir=str(real_dir))
+    offsets = net_cfg.context_offsets_mm
+    empty = data_mod.ExampleSet(np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), bool), [], [])
+    real_train = (data_mod.real_examples(real_dir, "train", size, offsets_mm=offsets, rows=chosen["train"])
+                  if real_dir else empty)
+    real_val = (data_mod.real_examples(real_dir, "heldout", size, negatives=False, offsets_mm=offsets,
+                                       rows=chosen["heldout"]) if real_dir else empty)
     synth_train = synthetic_cache(cfg, cfg.synth_train, cfg.seed, size)
     synth_val = synthetic_cache(cfg, cfg.synth_val, cfg.seed + 10_000, size)
-    empty = data_mod.ExampleSet(np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), bool), [], [])
-    offsets = net_cfg.context_offsets_mm
-    split_file = cfg.split_file or data_mod.REAL_SPLIT
-    real_train = data_mod.real_examples(real_dir, "train", size, offsets_mm=offsets, split_file=split_file) if real_dir else empty
-    real_val = (data_mod.real_examples(real_dir, "heldout", size, negatives=False, offsets_mm=offsets, split_file=split_file)
-                if real_dir else empty)
+    if not synth_val.masks.any():  # no Dice on it: no score, and no best.safetensors would be chosen
+        raise BoltzformerError(f"the synthetic validation set (synth_val={cfg.synth_val}) holds no lesion, so no "
+                               "epoch could be scored and best.safetensors never written; raise synth_val")
+    _write_text_atomic(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    _remove_stale_temporaries(out)
     # A 2D network reads channel 0 (the slice itself) of the phantom cache the 2.5D networks use,
     # so both train on the same phantom slices and share one cache.
     phantom_offsets = offsets if offsets else data_mod.PHANTOM_CONTEXT_MM
@@ -515,10 +564,12 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
                                  "best": best, "rows": rows, "running": running,
                                  "config": json.dumps(dataclasses.asdict(cfg)),
                                  "rng": json.dumps(rng.bit_generator.state), "generator": gen.get_state(),
-                                 "torch_rng": torch.get_rng_state()})
+                                 "torch_rng": torch.get_rng_state(), "cases": json.dumps(cases),
+                                 "minutes": minutes_before + (time.perf_counter() - started) / 60})
 
     model.train()
     started = time.perf_counter()
+    minutes_before = float(state.get("minutes", rows[-1]["minutes"] if rows else 0.0)) if state is not None else 0.0
     saved_at = step
     with _stop_between_steps() as stop:
         while step < cfg.steps and not stop.is_set():
@@ -547,8 +598,8 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
             running.append(float(loss.detach()))
             step += 1
             if step % cfg.steps_per_epoch == 0 or step == cfg.steps:
-                best = _end_epoch(model, bank, train_bank, rows, running, step, best, lr_at(step), started, info,
-                                  synth_val, real_val, phantom_val, device, out)
+                best = _end_epoch(model, bank, train_bank, rows, running, step, best, lr_at(step),
+                                  started - 60 * minutes_before, info, synth_val, real_val, phantom_val, device, out)
                 running = []
                 checkpoint()
                 saved_at = step
@@ -557,7 +608,7 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
         if step < cfg.steps and not stop.is_set():
             print(f"stopped at step {step} of {cfg.steps}; the same command goes on from there")
         if stop.is_set():
-            stopped = KeyboardInterrupt()
+            stopped = Terminated() if stop.signum == signal.SIGTERM else KeyboardInterrupt()
             stopped.note = f"the checkpoint {ckpt} holds step {step}; the same command goes on from there"
             raise stopped
     return out / "best.safetensors"
@@ -569,15 +620,18 @@ def _stop_between_steps():
     checkpoint it then writes never holds a half-applied optimiser step; a second Ctrl-C stops
     at once (the last checkpoint stays as it was). Off the main thread: a flag nobody sets."""
     stop = threading.Event()
+    stop.signum = None  # the signal that asked: SIGTERM makes the command exit 143, Ctrl-C 130
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def ask(signum, frame):
         if stop.is_set():
-            raise KeyboardInterrupt
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        stop.signum = signum
         stop.set()
-        log.info("stopping after this step; Ctrl-C again stops at once")
+        said = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        log.info("%s: stopping after this step; a second %s stops at once", said, said)
 
     previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -611,9 +665,9 @@ def _end_epoch(model, bank, train_bank, rows, running, step, best, lr, started, 
     # (it has entered adoption decisions elsewhere: MODEL_CARD "How clean the test sets are").
     # With phantom chests, their Dice counts as much as the 2D slices' and each false
     # positive on a lesion-free phantom slice costs as much as a missed lesion.
-    score = selection_score(row)
+    score = _score_or_none(row)
     meta = {**info, "trained_steps": step, "validation": row}
-    if score > best:
+    if score is not None and score > best:
         best = score
         save_model(model, out / "best.safetensors", bank, meta)
     save_model(model, out / "last.safetensors", bank, meta)
@@ -633,22 +687,77 @@ def _read_checkpoint(ckpt: Path, cfg: TrainConfig) -> dict:
         raise BoltzformerError(f"{ckpt}: cannot be read as a training checkpoint ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:120]}); move it away to start the run again") from None
     if "config" in state:
-        was, now = json.loads(state["config"]), dataclasses.asdict(cfg)
-        changed = [k for k in now if k not in RESUME_MAY_CHANGE and was.get(k) != now[k]]
+        # an option added since the checkpoint was written had its default then (json: lists, not tuples)
+        defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
+        was, now = json.loads(state["config"]), json.loads(json.dumps(dataclasses.asdict(cfg)))
+        changed = [k for k in now if k not in RESUME_MAY_CHANGE and was.get(k, defaults[k]) != now[k]]
         if changed:
-            said = ", ".join(f"{k} {json.dumps(was.get(k))} -> {json.dumps(now[k])}" for k in changed[:6])
+            said = ", ".join(f"{k} {json.dumps(was.get(k, defaults[k]))} -> {json.dumps(now[k])}" for k in changed[:6])
+            weights = ckpt.with_name("last.safetensors")
+            then = (f"give another --out, or fine-tune from {weights} with init_weights" if weights.is_file()
+                    else "give another --out")
             raise BoltzformerError(
                 f"{ckpt} was trained with other options ({said}); a resumed run goes on as it started (only "
-                f"{', '.join(RESUME_MAY_CHANGE)} may change): give another --out, or fine-tune from "
-                f"{ckpt.with_name('last.safetensors')} with init_weights")
+                f"{', '.join(RESUME_MAY_CHANGE)} may change): {then}")
     if state.get("step", 0) >= cfg.steps:
         log.info("%s is at step %d, the run's %d steps are done; raise steps to train on", ckpt, state["step"], cfg.steps)
     return state
 
 
+def _check_same_cases(state: dict, cases: dict[str, list[str]], ckpt: Path) -> None:
+    """BoltzformerError when the real cases a resumed run would read are not the ones it started
+    with: another split file (or the same one edited) could move held-out cases into training, and
+    a missing BOLTZFORMER_REAL_DATA would silently drop the real data. Checkpoints written before
+    2026-11-28 do not record their cases: nothing to compare."""
+    from ..errors import BoltzformerError
+
+    if "cases" not in state:
+        return
+    was = {k: list(v) for k, v in json.loads(state["cases"]).items()}
+    if was == cases:
+        return
+    if was and not cases:
+        raise BoltzformerError(f"{ckpt} trained on real cases ({len(was.get('train', []))} train, "
+                               f"{len(was.get('heldout', []))} held out), but no folder of real cases is given now: "
+                               "set real_dir (or BOLTZFORMER_REAL_DATA) as when the run started")
+    moved = []
+    for name in sorted(set(was) | set(cases)):
+        before, now = set(was.get(name, [])), set(cases.get(name, []))
+        if before != now:
+            moved.append(f"{name}: {len(now - before)} added, {len(before - now)} gone"
+                         f" (e.g. {sorted((now - before) or (before - now))[0]})")
+    raise BoltzformerError(f"{ckpt} started with other real cases in its splits ({'; '.join(moved)}); a resumed run "
+                           "reads the same cases (split_file and real_dir may move, not change): give another --out")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    from ..errors import OutputError, os_problem
+    from ..io import atomic_output
+
+    try:
+        with atomic_output(path, overwrite=True) as tmp:
+            Path(tmp).write_text(text)
+    except OSError as exc:
+        raise OutputError(path, f"cannot be written ({os_problem(exc)})") from None
+
+
+# The temporary files of the run's own writes (atomic_output's ".<name>.tmp-XXXX<ext>", the
+# checkpoint's and the log's): a kill -9 mid-write leaves one behind, the next leg removes it.
+_TEMPORARIES = (".best.safetensors.tmp-*", ".last.safetensors.tmp-*", ".best.json.tmp-*", ".last.json.tmp-*",
+                ".train_config.json.tmp-*", ".curves.png.tmp-*", "last.pt.tmp", "log.tmp")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for pattern in _TEMPORARIES:
+        for leftover in out.glob(pattern):
+            leftover.unlink(missing_ok=True)
+            log.info("removed %s, left by a run killed while writing", leftover)
+
+
 def _write_checkpoint(ckpt: Path, state: dict) -> None:
     """torch.save to a temporary file, fsynced, then renamed over ``ckpt``: a kill or a full disk
-    never leaves a half-written checkpoint under its name (nor a temporary one behind)."""
+    never leaves a half-written checkpoint under its name (a kill -9 mid-write leaves the
+    temporary file, which the next leg removes)."""
     from ..errors import OutputError, os_problem
 
     tmp = ckpt.with_name(ckpt.name + ".tmp")

@@ -412,7 +412,8 @@ def test_evaluate_never_writes_over_its_inputs_and_names_the_bad_row(tmp_path, t
     for rows, expected in (
             ("chest_ct,lung nodule,CT\nchest_ct,aorta,CT\n", "cases.csv: line 3: case_id 'chest_ct' again (first on line 2)"),
             ("chest_ct,lung nodule,XRAY\n", "cases.csv: line 2: modality 'XRAY' of 'chest_ct' is neither CT nor MR"),
-            ("chest_ct, ,CT\n", "cases.csv: case 'chest_ct': the prompt is empty")):
+            ("chest_ct, ,CT\n", "cases.csv: line 2: case 'chest_ct': the prompt is empty"),
+            ("chest_ct\n", "cases.csv: line 2: case 'chest_ct': the prompt is empty")):
         (folder / "cases.csv").write_text("case_id,prompt,modality\n" + rows)
         code, _, err = run(["evaluate", folder, "--weights", tiny_weights, "--quiet"], capsys)
         assert code == 2 and expected in err, err
