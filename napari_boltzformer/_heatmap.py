@@ -42,7 +42,7 @@ class HeatmapControls(QGroupBox):
         row.addWidget(self.values_combo, 3)
         row.addWidget(self.query_combo, 2)
         form.addRow("Colour", row)
-        self.top_check = QCheckBox(f"only the hottest cells (up to about {TOP_FRACTION * 100:.0f} % of the mass)")
+        self.top_check = QCheckBox(f"hottest cells only (≤ ~{TOP_FRACTION * 100:.0f} % of the mass)")
         self.top_check.setChecked(True)
         compact(self.values_combo, 15)
         compact(self.query_combo, 8)

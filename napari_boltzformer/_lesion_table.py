@@ -163,8 +163,30 @@ class LesionTable(QTableWidget):
         self.setMinimumHeight(170)  # five rows before the panel has to scroll
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.cellClicked.connect(self._on_clicked)
-        self.setToolTip("Click a row: jump to it and zoom in (Restore view goes back). Review: N / Shift-N "
-                        "next / previous, A accept, R reject, U undo; Alt-click the canvas: look here")
+        self.setTabKeyNavigation(False)  # Tab leaves the table for the export buttons below it
+        self.setToolTip("Click a row (or move to it with the arrow keys; Enter): jump to it and zoom in (Restore "
+                        "view goes back). Review: N / Shift-N next / previous, A accept, R reject, U undo; Alt-click "
+                        "the canvas: look here")
+
+    # keys that move the current row: each jumps to the row it reaches, as a click would (a row
+    # that moved without the view let A and R decide a lesion the reader never saw)
+    _MOVES = {Qt.Key.Key_Up: -1, Qt.Key.Key_Down: +1, Qt.Key.Key_PageUp: -5, Qt.Key.Key_PageDown: +5}
+
+    def keyPressEvent(self, event):
+        count, row = self.rowCount(), self.currentRow()
+        plain = not (event.modifiers() & ~Qt.KeyboardModifier.KeypadModifier)
+        key = event.key()
+        if plain and key in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and row >= 0:
+            self._on_clicked(row, 0)
+        elif plain and count and key in (Qt.Key.Key_Home, Qt.Key.Key_End, *self._MOVES):
+            target = {Qt.Key.Key_Home: 0, Qt.Key.Key_End: count - 1}.get(
+                key, 0 if row < 0 else row + self._MOVES.get(key, 0))
+            target = min(max(target, 0), count - 1)
+            self.setCurrentCell(target, 0)
+            self.selectRow(target)
+            self._on_clicked(target, 0)
+        else:
+            super().keyPressEvent(event)
 
     def set_columns(self, columns):
         """(header, tooltip) per column, all shown."""

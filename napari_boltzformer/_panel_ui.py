@@ -8,6 +8,7 @@ Everything sits in a scroll area, so a short window scrolls the panel instead of
 from __future__ import annotations
 
 from qtpy.QtCore import Qt, QTimer
+from qtpy.QtGui import QKeySequence, QShortcut
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -32,7 +33,7 @@ from ._export import Exports
 from ._heatmap import HeatmapControls
 from ._lesion_table import LesionTable
 from ._prompt import PromptEdit
-from ._qt import PanelScroll, compact
+from ._qt import PanelScroll, compact, name_controls
 from ._review import ReviewPanel
 
 SCOPES = ("all slices", "current slice", "slice range")
@@ -114,6 +115,7 @@ def build_ui(panel) -> None:
     scope_row = QHBoxLayout()
     panel.scope_combo = QComboBox()
     panel.scope_combo.addItems(SCOPES)
+    panel.scope_combo.setToolTip("Which slices to segment: all, the axial slice on screen, or a range")
     panel.scope_combo.currentIndexChanged.connect(panel._on_scope_changed)
     panel.range_start = QSpinBox()
     panel.range_stop = QSpinBox()
@@ -228,9 +230,11 @@ def build_ui(panel) -> None:
     rform.addRow(options)
     buttons = QHBoxLayout()
     panel.run_button = QPushButton("Run")
+    panel.run_button.setToolTip("Segment the image for the prompt (Enter in the prompt field does the same)")
     panel.run_button.setDefault(True)
     panel.run_button.clicked.connect(lambda: panel.run())
     panel.cancel_button = QPushButton("Cancel")
+    panel.cancel_button.setToolTip("Stop the run after the batch of slices in progress (Escape in the panel)")
     panel.cancel_button.setEnabled(False)
     panel.cancel_button.clicked.connect(lambda: panel.cancel())
     buttons.addWidget(panel.run_button, 2)
@@ -305,7 +309,20 @@ def build_ui(panel) -> None:
     panel._rethreshold_timer.setInterval(RETHRESHOLD_DELAY_MS)
     panel._rethreshold_timer.timeout.connect(panel.apply_threshold)
     panel.threshold_slider.valueChanged.connect(panel._on_threshold_moved)
+    panel.table.setAccessibleName("lesions")
+    name_controls(content)
+    escape = QShortcut(QKeySequence(Qt.Key.Key_Escape), panel)  # in the panel: stop what is under way
+    escape.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+    escape.activated.connect(lambda: _escape(panel))
     panel.min_lesion_spin.valueChanged.connect(lambda _: panel._rethreshold_timer.start())
+
+
+def _escape(panel) -> None:
+    """Escape in the panel: cancel a run, else disarm look here."""
+    if panel.running:
+        panel.cancel()
+    elif panel.reviewer.look_button.isChecked():
+        panel.reviewer.look_button.setChecked(False)
 
 
 def _post_processing_switch(panel, text: str, checked: bool, tip: str) -> QCheckBox:

@@ -28,6 +28,24 @@ class PromptEdit(QLineEdit):
         completer.setFilterMode(Qt.MatchFlag.MatchContains)
         self.setCompleter(completer)
 
+    def keyPressEvent(self, event):
+        """Enter while the completion list is open picks an entry (the highlighted one, else the
+        first) and does not run: "lung nod" + Enter ran "lung nod", which reads as the lung.
+        A text that already is one of the entries runs at once."""
+        popup = self.completer().popup()
+        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and popup.isVisible():
+            typed = self.text().strip().lower()
+            entries = [self.completer().completionModel().index(i, 0).data()
+                       for i in range(self.completer().completionCount())]
+            if entries and typed not in (e.lower() for e in entries):
+                index = popup.currentIndex()
+                self.setText(index.data() if index.isValid() else entries[0])
+                popup.hide()
+                event.accept()
+                return
+            popup.hide()
+        super().keyPressEvent(event)
+
     def completions(self) -> list[str]:
         return self._model.stringList()
 

@@ -1,8 +1,9 @@
-"""Small Qt pieces the panel's parts share: a scroll area as wide as its panel, compact combos."""
+"""Small Qt pieces the panel's parts share: a scroll area as wide as its panel, compact combos,
+names for screen readers."""
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QComboBox, QScrollArea
+from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QScrollArea, QWidget
 
 
 class PanelScroll(QScrollArea):
@@ -31,3 +32,28 @@ def compact(combo: QComboBox, chars: int = 8) -> None:
     """A combo box that asks for the width of `chars` characters, not of its longest item."""
     combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     combo.setMinimumContentsLength(chars)
+
+
+def name_controls(root: QWidget) -> None:
+    """Accessible names for the controls of `root`'s form rows that have none: the row's label,
+    or the label just before the control in the row ("Modality [auto] Device [cpu]": the second
+    box is "Device"); each control's tooltip becomes its accessible description. Without them a
+    screen reader announced the slice-range boxes, the threshold slider or the seed as nothing."""
+    for form in root.findChildren(QFormLayout):
+        for row in range(form.rowCount()):
+            label = form.itemAt(row, QFormLayout.ItemRole.LabelRole)
+            field = form.itemAt(row, QFormLayout.ItemRole.FieldRole)
+            if field is None:
+                continue
+            name = label.widget().text() if label is not None and isinstance(label.widget(), QLabel) else ""
+            items = [field] if field.widget() is not None else [field.layout().itemAt(i)
+                                                                 for i in range(field.layout().count())]
+            for item in items:
+                widget = item.widget() if item is not None else None
+                if isinstance(widget, QLabel):
+                    name = widget.text() if widget.text().strip("–- ") else name
+                elif widget is not None and name and not widget.accessibleName():
+                    widget.setAccessibleName(name)
+    for widget in root.findChildren(QWidget):
+        if widget.toolTip() and not widget.accessibleDescription():
+            widget.setAccessibleDescription(widget.toolTip())

@@ -49,10 +49,15 @@ def build_request(panel) -> RunRequest | None:
         show_warning(f"'{layer.name}' has no physical voxel size (its napari units are pixels): sizes and volumes "
                      f"are computed as if its voxels were {spacing} mm. Open the scan with File > Open to keep "
                      "its geometry, or give the layer a scale and units")
+    try:
+        slices = scope_slices(panel, layer)
+    except ValueError as exc:
+        show_error(str(exc))
+        return None
     options = {
         "window": panel.window_combo.currentData() if panel.window_combo.isEnabled() else None,
         "modality": modality,
-        "slices": scope_slices(panel, layer),
+        "slices": slices,
         "runs": panel.runs_spin.value(),
         "seed": panel.seed_spin.value(),
         "threshold": panel.threshold(),
@@ -79,13 +84,23 @@ def build_request(panel) -> RunRequest | None:
 
 
 def scope_slices(panel, layer) -> tuple[int, int] | None:
-    """The [start, stop) slice range of the panel's scope on `layer`; None: all slices."""
+    """The [start, stop) slice range of the panel's scope on `layer`; None: all slices.
+    ValueError for "current slice" when the view shows no slice of the layer's first axis (a
+    sagittal or coronal view, or 3D): it ran the axial slice at the hidden position instead."""
+    from ._view import shown_voxel, slicing_axes
+
     scope = panel.scope_combo.currentText()
     if layer.ndim == 2 or scope == "all slices":
         return None
     nz = int(layer_array(layer).shape[0])
     if scope == "current slice":
-        z = int(round(float(layer.world_to_data(panel.viewer.dims.point)[-3])))
+        viewer = panel.viewer
+        if viewer.dims.ndisplay != 2 or slicing_axes(viewer, layer) != [0]:
+            view = "3D" if viewer.dims.ndisplay != 2 else "another plane"
+            raise ValueError(f"Scope 'current slice' segments the axial slice on screen, and the view shows {view}: "
+                             "go back to the axial 2D view (napari's dims order), or choose 'all slices' or "
+                             "'slice range'")
+        z = int(round(float(shown_voxel(viewer, layer, viewer.dims.point)[0])))
         z = min(max(z, 0), nz - 1)
         return (z, z + 1)
     start, stop = sorted((panel.range_start.value(), panel.range_stop.value()))

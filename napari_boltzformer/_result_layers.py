@@ -85,8 +85,10 @@ def put_layers(viewer, run_id: str, result, wanted: dict, existing: dict, on_hea
         kwargs["metadata"][RUN_KEY] = run_id
         layer = existing.get(role)
         if layer is None:
+            ndim_before, last_used_before = viewer.dims.ndim, viewer.dims.last_used
             layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
             if role == "attention":
+                _keep_arrow_keys_on_the_slices(viewer, ndim_before, last_used_before)
                 layer.colorbar.visible = True
                 layer.colorbar.position = "bottom_right"
                 layer.events.visible.connect(lambda _=None: on_heatmap_visible())
@@ -94,6 +96,15 @@ def put_layers(viewer, run_id: str, result, wanted: dict, existing: dict, on_hea
                 viewer.dims.set_current_step(axis, result.attention.sharpest_layer())
         else:
             _update_layer(layer, data, kwargs)
+
+
+def _keep_arrow_keys_on_the_slices(viewer, ndim_before: int, last_used_before: int) -> None:
+    """The heatmap's "decoder layer" axis comes first, so the viewer's axes shift by one; napari
+    leaves `dims.last_used` (the axis the arrow keys step) at its old number, which is now the
+    decoder layer's: Left/Right stepped through decoder layers instead of slices."""
+    added = viewer.dims.ndim - ndim_before
+    if added > 0:
+        viewer.dims.last_used = min(last_used_before + added, viewer.dims.ndim - 1)
 
 
 def outline_ground_truth(viewer):

@@ -20,20 +20,17 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, Qt, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ._layers import layer_array
+from ._review_keys import KEYS, TableKeys, keys_taken_by
 from ._view import shown_voxel
 
 log = logging.getLogger(__name__)
 
 REVIEW_KEY = "boltzformer_review"  # metadata of a mask layer: its ReviewSession
 EDIT_DELAY_MS = 250  # paint events closer together than this are one edit
-# action -> (key on the canvas, as napari names it; Qt key on the focused table); napari's layers
-# bind none of these
-KEYS = {"next": ("n", Qt.Key.Key_N), "previous": ("Shift-N", Qt.Key.Key_N), "accept": ("a", Qt.Key.Key_A),
-        "reject": ("r", Qt.Key.Key_R), "undo": ("u", Qt.Key.Key_U)}
 SORTS = (("sort: size", "volume_mm3"), ("sort: score", "mean_probability"))
 
 
@@ -101,6 +98,7 @@ class ReviewPanel:
         ):
             button = QPushButton(text)
             button.setToolTip(tip)
+            button.setAccessibleName(tip.split(" (")[0])  # "previous lesion", not the glyph
             button.clicked.connect(lambda _=False, a=action: self.act(a))
             buttons.addWidget(button, 1 if action in ("previous", "next") else 2)
             self.buttons[action] = button
@@ -120,7 +118,7 @@ class ReviewPanel:
         for w in (self.box, self.export_unreviewed_check):
             w.setEnabled(False)
         # the same keys when the table has the focus (before its type-to-search takes letters)
-        self._table_keys = _TableKeys(self)
+        self._table_keys = TableKeys(self)
         self.panel.table.installEventFilter(self._table_keys)
 
     def connect(self):
@@ -281,6 +279,14 @@ class ReviewPanel:
             self.panel.table.sort_by_key(self.sort_combo.currentData())
 
     # ---- keys and buttons ---------------------------------------------------------------------------
+    def note_keys_taken(self, layer) -> None:
+        """Say so on the status line when the newly active layer takes review keys for itself."""
+        taken = keys_taken_by(layer)
+        if taken and self.view() is not None:
+            self.panel.status_label.setText(
+                f"keys {' and '.join(taken)} now act on the {type(layer).__name__.lower()} layer '{layer.name}', not "
+                "the review: select the image or the mask layer to review with the keys (the buttons always work)")
+
     def act(self, action: str):
         """next | previous | accept | reject | undo (a key, a button or a table shortcut)."""
         from napari.utils.notifications import show_error, show_info
@@ -550,29 +556,6 @@ def _same_image(a, b) -> bool:
     """The same scan: same geometry and the same voxels (a re-run of a prompt keeps its review;
     another scan loaded under the same layer name must not)."""
     return a is b or (a.same_geometry(b) and np.array_equal(a.array, b.array))
-
-
-class _TableKeys(QObject):
-    """Event filter on the lesion table: the review keys act instead of the table's search."""
-
-    def __init__(self, reviewer: ReviewPanel):
-        super().__init__(reviewer.panel.table)
-        self._reviewer = weakref.ref(reviewer)
-
-    def eventFilter(self, obj, event):
-        if event.type() != QEvent.Type.KeyPress:
-            return False
-        shift = bool(event.modifiers() & Qt.KeyboardModifier.ShiftModifier)
-        others = event.modifiers() & ~(Qt.KeyboardModifier.ShiftModifier | Qt.KeyboardModifier.KeypadModifier)
-        if others:
-            return False
-        for action, (name, qt_key) in KEYS.items():
-            if event.key() == qt_key and shift == name.startswith("Shift"):
-                reviewer = self._reviewer()
-                if reviewer is not None and reviewer.alive:
-                    reviewer.act(action)
-                return True
-        return False
 
 
 def _look_here_job(load_segmenter, session: ReviewSession, point_zyx, z_range):

@@ -160,6 +160,41 @@ def _camera(viewer):
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
+class SavedView:
+    """The camera (centre, zoom) and the 2D or 3D display of before the first jump to a lesion,
+    for Restore view. It is put back in the display it was kept in only: a 2D camera's centre
+    put into the 3D camera sent it to (0, 0, 0), and back in 2D to an edge slice."""
+
+    def __init__(self, viewer):
+        self._viewer = viewer
+        self._kept: tuple | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self._kept is not None
+
+    def keep(self) -> float:
+        """Keep the view shown now, unless one is kept; -> the kept zoom (jumps never zoom out of it)."""
+        if self._kept is None:
+            camera = _camera(self._viewer)
+            self._kept = (tuple(camera.center), float(camera.zoom), self._viewer.dims.ndisplay)
+        return self._kept[1]
+
+    def restore(self, forget: bool = False) -> str | None:
+        """Put the kept view back and forget it; -> why not (kept in the other display, then kept
+        on unless `forget`), else None."""
+        center, zoom, ndisplay = self._kept
+        if self._viewer.dims.ndisplay != ndisplay:
+            if forget:
+                self._kept = None
+            return f"the view was kept in {ndisplay}D; switch to {ndisplay}D and press it again"
+        camera = _camera(self._viewer)
+        camera.center = center
+        camera.zoom = zoom
+        self._kept = None
+        return None
+
+
 def zoom_to(viewer, layer, lesion: dict, min_zoom: float):
     """Show a lesion of `layer` (a dict with centroid_voxel_zyx, longest_axial_diameter_mm): its
     centroid slice, the camera centred on it, a field of view ZOOM_FOV_FACTOR times its longest
@@ -194,6 +229,12 @@ def _split_axes(viewer, layer) -> tuple[list[int], list[int]]:
     offset = viewer.dims.ndim - layer.ndim
     shown = [axis - offset for axis in viewer.dims.displayed if axis >= offset]
     return shown, [axis for axis in range(layer.ndim) if axis not in shown]
+
+
+def slicing_axes(viewer, layer) -> list[int]:
+    """The layer's axes (its own numbering) that the 2D view slices through: [0] for an axial view
+    of a (z, y, x) volume."""
+    return _split_axes(viewer, layer)[1]
 
 
 def shown_voxel(viewer, layer, world_position) -> np.ndarray:

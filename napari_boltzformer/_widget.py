@@ -31,7 +31,7 @@ from ._panel_ui import THRESHOLD_STEPS, build_ui
 from ._request import NOT_STARTED, build_request, usable_image
 from ._result_layers import (RUN_KEY, keep_ground_truth_on_top, layer_of, outline_ground_truth, put_layers,
                              result_layers, wanted_layers)
-from ._view import CanvasLabels, _camera, zoom_to
+from ._view import CanvasLabels, SavedView, zoom_to
 from ._windowing import apply_window, follow_window
 
 
@@ -56,7 +56,7 @@ class BoltzFormerWidget(QWidget):
         self._results: dict[str, tuple] = {}  # run id -> (SegmentationResult, RunRequest)
         self._run_info: dict[str, dict] = {}  # run id -> {"target", "kind"} of its prompt
         self._active_run: str | None = None
-        self._saved_view: tuple | None = None  # camera (center, zoom) before the first jump to a lesion
+        self._saved_view = SavedView(napari_viewer)  # the view before the first jump to a lesion
         self._organ_cache: tuple | None = None  # (key, summary): organ_summary of the active view
         self._chosen_image = None  # the layer picked in the Image box (it follows a rename)
         self._finder = None  # the worker finding the 3D detector's candidates, while it runs
@@ -195,6 +195,7 @@ class BoltzFormerWidget(QWidget):
         layer = self.viewer.layers.selection.active
         if layer is None:
             return
+        self.reviewer.note_keys_taken(layer)
         run_id = (layer.metadata or {}).get(RUN_KEY)
         if run_id in self._results and run_id != self._active_run:
             self._set_active_run(run_id)
@@ -248,6 +249,8 @@ class BoltzFormerWidget(QWidget):
         if self.running:
             self._stop.set()
             self.status_label.setText("cancelling after the current batch…")
+            if self.cancel_button.hasFocus():  # not on to the heatmap's colour box (see _set_running)
+                self.prompt_edit.setFocus()
             self.cancel_button.setEnabled(False)
 
     def event(self, event):
@@ -258,8 +261,13 @@ class BoltzFormerWidget(QWidget):
         return super().event(event)
 
     def _set_running(self, running: bool):
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
+        # the enabled button first and the focus handed over: a disabled Run passed the focus on to
+        # the heatmap's colour box, where the next arrow key changed the heatmap
+        now, then = (self.cancel_button, self.run_button) if running else (self.run_button, self.cancel_button)
+        now.setEnabled(True)
+        if then.hasFocus():
+            now.setFocus()
+        then.setEnabled(False)
 
     def _on_yielded(self, item):
         from napari.utils.notifications import show_warning
@@ -363,8 +371,9 @@ class BoltzFormerWidget(QWidget):
         keep_ground_truth_on_top(self.viewer)
         if request.image_name in self.viewer.layers:  # in the window the network saw
             follow_window(self.viewer.layers[request.image_name], result.window)
-        if self._saved_view is not None:  # a lesion jump zoomed in: the new run starts from the overview
-            self.restore_view()
+        if self._saved_view.kept:  # a lesion jump zoomed in: the new run starts from the overview
+            self._saved_view.restore(forget=True)
+            self.restore_view_button.setEnabled(False)
         self._set_active_run(run_id)
 
     def _layer_of(self, run_id: str | None, role: str):
@@ -577,20 +586,14 @@ class BoltzFormerWidget(QWidget):
         layer = self._mask_layer_of(self._active_run)
         if self._active_run not in self._results or layer is None:
             return
-        if self._saved_view is None:
-            camera = _camera(self.viewer)
-            self._saved_view = (tuple(camera.center), float(camera.zoom))
-            self.restore_view_button.setEnabled(True)
-        zoom_to(self.viewer, layer, lesion, min_zoom=self._saved_view[1])
+        zoom_to(self.viewer, layer, lesion, min_zoom=self._saved_view.keep())
+        self.restore_view_button.setEnabled(True)
 
     def restore_view(self):
-        """Back to the camera (centre, zoom) from before the first jump to a lesion."""
-        if self._saved_view is None:
-            return
-        center, zoom = self._saved_view
-        camera = _camera(self.viewer)
-        camera.center = center
-        camera.zoom = zoom
-        self._saved_view = None
+        """Back to the view of before the first jump to a lesion (_view.SavedView)."""
+        from napari.utils.notifications import show_info
+
+        if self._saved_view.kept and (why := self._saved_view.restore()):
+            return show_info(f"Restore view: {why}")
         self.restore_view_button.setEnabled(False)
 
