@@ -15,6 +15,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLa
 
 from ._layers import ROLE_KEY, attention_contrast, attention_legend
 from ._qt import compact
+from ._view import slicing_axes
 
 HEAT_VALUES = (("queries per cell", "counts"), ("sampling probability", "probabilities"))
 TOP_FRACTION = 0.5
@@ -200,15 +201,18 @@ class HeatmapControls(QGroupBox):
         from boltzformer.results import FLAT_SPREAD  # here: the plugin's modules load without torch
 
         spread = stats["spread"][layer_index, z] if 0 <= z < stats["spread"].shape[1] else np.nan
+        here = "this slice"  # the sampling is per axial slice: in a sagittal, coronal or 3D view, say which
+        if heat.ndim == 4 and (self.viewer.dims.ndisplay != 2 or slicing_axes(self.viewer, heat) != [0, 1]):
+            here = f"axial slice {z} (not the plane on screen)"
         if np.isfinite(spread) and spread >= FLAT_SPREAD:
-            text += (f"this slice: the sampling is flat (spread over {_percent(spread)} of the frame): no cell "
+            text += (f"{here}: the sampling is flat (spread over {_percent(spread)} of the frame): no cell "
                      "stands out")
         elif np.isfinite(spread):
             area, mass = stats["area"][layer_index, z], stats["mass"][layer_index, z]
-            text += (f"this slice: spread over {_percent(spread)} of the frame (effective); "
+            text += (f"{here}: spread over {_percent(spread)} of the frame (effective); "
                      f"the hottest {_percent(area)} of cells hold {_percent(mass)} of the mass")
         else:
-            text += "this slice was not processed"
+            text += f"{here}: not processed"
         self.info_label.setText(text)
 
     def update_legend(self):

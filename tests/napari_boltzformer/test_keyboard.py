@@ -155,3 +155,15 @@ def test_controls_have_names_for_screen_readers(reviewing):
     assert panel.reviewer.buttons["previous"].accessibleName() == "previous lesion"
     assert panel.table.accessibleName() == "lesions"
     assert panel.run_button.accessibleDescription().startswith("Segment the image")
+
+
+def test_the_heatmap_line_names_the_axial_slice_in_other_views(reviewing, qtbot):
+    """'this slice: spread over ...' described the axial slice at the hidden z in a sagittal view."""
+    viewer, panel = reviewing
+    panel.heatmap.update_info()
+    assert "this slice" in panel.heatmap.info_label.text()
+    order = list(viewer.dims.order)
+    viewer.dims.order = order[:-3] + [order[-1], order[-3], order[-2]]
+    panel.heatmap.update_info()
+    z = int(viewer.dims.current_step[-3])
+    assert f"axial slice {z} (not the plane on screen)" in panel.heatmap.info_label.text()
