@@ -144,6 +144,7 @@ def cmd_segment(args) -> int:
     from . import intensity
     from .errors import InputError, SliceSpacingError
     from .io import OutputSet, read_volume
+    from .io.output import same_file
     from .postprocess import lesion_table_bytes
 
     from .options import check_prompt_text
@@ -162,9 +163,8 @@ def cmd_segment(args) -> int:
                                    ("--attention", args.attention, "npz"), ("--lesions", args.lesions, "table")):
             if path:
                 outputs.add(path, option, kind=kind)
-        source = Path(args.input).resolve()
         for option in ("-o", "--probabilities", "--uncertainty", "--attention", "--lesions"):
-            if option in outputs and outputs.path(option).resolve() == source:
+            if option in outputs and same_file(outputs.path(option), args.input):
                 raise BoltzformerError(f"{outputs.path(option)}: {option} would overwrite the input")
 
         try:
@@ -706,8 +706,9 @@ def _run(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen failure: still no traceback by default
         if args.debug:
             raise
-        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError on an accelerator
-            _err(f"{args.device} ran out of memory; try --batch-size 4 or --device cpu")
+        # torch.OutOfMemoryError on CUDA; MPS says "MPS backend out of memory" in a plain RuntimeError
+        if type(exc).__name__ == "OutOfMemoryError" or "MPS backend out of memory" in str(exc):
+            _err(f"{getattr(args, 'device', 'the device')} ran out of memory; try --batch-size 4 or --device cpu")
             return EXIT_USER_ERROR
         if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
             _err(_out_of_memory(args))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 
 class BoltzformerError(Exception):
@@ -49,6 +50,17 @@ def why_unnamed(paths) -> str:
         return ("not ASCII, and this Python reads file names as ASCII (a C or POSIX locale with UTF-8 mode off: "
                 "run it with PYTHONUTF8=1 or LANG=C.UTF-8)")
     return "not valid UTF-8 (another encoding, e.g. Latin-1)"
+
+
+def itk_cannot_name(path) -> bool:
+    """Whether the image libraries cannot open `path` on this platform: on Windows, SimpleITK, ITK
+    and GDCM open files through the ANSI code page, so a path with characters outside ASCII (a
+    user folder 'C:\\Users\\Jürgen') fails there with a misleading 'corrupt' or 'no series'."""
+    return sys.platform == "win32" and not os.fspath(path).isascii()
+
+
+ITK_ASCII_ONLY = ("holds characters outside ASCII, which the image libraries (SimpleITK, ITK, GDCM) cannot "
+                  "open on Windows; move or rename it to a path of plain letters and digits (e.g. C:\\scans\\)")
 
 
 class InputError(BoltzformerError):

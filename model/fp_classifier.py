@@ -226,7 +226,7 @@ def load(path: str | Path) -> Classifier:
     from safetensors.torch import load_file
 
     path = Path(path)
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     net = CandidateNet(width=int(meta.get("width", 16)), arch=str(meta.get("arch", "coarse")))
     net.load_state_dict(load_file(str(path)))
     fast_layout(net, "cpu")  # it always runs on the CPU

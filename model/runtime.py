@@ -73,3 +73,20 @@ def network_heap() -> Iterator[None]:
                 libc.malloc_trim(0)
             except AttributeError:
                 pass
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (2**20 bytes); NaN where the platform
+    does not say. getrusage's ru_maxrss is in KiB on Linux and in bytes on macOS; Windows has no
+    `resource` module (psutil's peak working set serves there, when installed)."""
+    try:
+        import resource
+    except ImportError:
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().peak_wset / 2**20
+        except (ImportError, AttributeError):
+            return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

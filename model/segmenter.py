@@ -11,6 +11,7 @@ between batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -375,8 +376,12 @@ class Segmenter:
             slices01 = np.repeat(slices01, channels, axis=1)
         n, _, h, w = slices01.shape
         size = self.model.cfg.image_size
-        x = torch.from_numpy(np.ascontiguousarray(slices01, dtype=np.float32)).to(self.device, non_blocking=True)
-        if (h, w) != (size, size):
+        x = torch.from_numpy(np.ascontiguousarray(slices01, dtype=np.float32))
+        if (h, w) != (size, size) and self.device.type == "mps":  # MPS has no antialiased resize before torch 2.7
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=(h > size or w > size))
+        # non_blocking only where it is safe to read the host array later (CUDA); on MPS it is not
+        x = x.to(self.device, non_blocking=self.device.type == "cuda")
+        if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=(h > size or w > size))
         tokens, valid, pooled = batch_embeddings([embedding] * n, self.model.cfg.max_text_tokens, self.device)
         use_bf16 = self.device.type == "cuda"
@@ -388,7 +393,8 @@ class Segmenter:
                 replayed = self._graphs.run(image, tokens, valid, pooled, generator)
                 if replayed is not None:
                     return replayed, None
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            # no autocast context at all off CUDA: torch < 2.5 refuses an 'mps' autocast even when disabled
+            with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
                 out = self.model(image, tokens, valid, pooled, generator=generator, return_attention=want_attention,
                                  stage_times=stage_times, prior=prior)
             return out["logits"], out

@@ -121,6 +121,6 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def read_config(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{path}: unreadable weights config ({exc})") from exc

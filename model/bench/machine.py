@@ -44,4 +44,4 @@ def write_text(path, text: str) -> None:
     from ..io import atomic_output
 
     with atomic_output(path, overwrite=True) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8")

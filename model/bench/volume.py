@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import runtime
 from ..errors import BoltzformerError
 from ..options import DEFAULT_MIRROR
 from .machine import describe, machine_description, write_text
@@ -90,7 +90,7 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
     stages["write"] = time.perf_counter() - t
     end_to_end = sum(stages.values())
     lesions, rejected = len(result.lesions), len(result.rejected)  # the default pipeline's, before the detector's
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the default pipeline's peak
+    peak_rss_mb = runtime.peak_rss_mb()  # the default pipeline's peak
     # What the opt-in 3D nodule detector adds (lung nodule prompts): its blobs, its classifier, the
     # merge; a re-threshold with it less one without it (each re-runs the default post-processing).
     t = time.perf_counter()
@@ -105,7 +105,7 @@ def measure(input_path: str, output_path: str, device: str, prompt: str = "lung 
         "import_s": t_import, "model_load_s": t_load,
         "seconds_with_start_up": end_to_end + t_import + t_load,  # what `boltzformer segment` costs in all
         "peak_rss_mb": peak_rss_mb,
-        "peak_rss_mb_with_nodule_detector": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb_with_nodule_detector": runtime.peak_rss_mb(),
         "cuda_first_volume_s": cold_s,  # a fresh process's first volume on a GPU (timed apart; None on CPU)
         "lesions_found": lesions, "sampling": seg.config.sampling, "mirror": mirror,
         "attention_impl": seg.config.attention_impl, "batch_size": seg.default_batch_size(),

@@ -239,16 +239,16 @@ def _check_out_dir(out: Path) -> None:
 def _lock_out_dir(out: Path):
     """An open file holding an exclusive lock on OUT_DIR/.cohort.lock (released when closed or
     when the process ends); OutputError when another cohort holds it. Two cohorts writing one
-    folder would replace each other's report.csv."""
-    import fcntl
+    folder would replace each other's report.csv. (fcntl's lock on POSIX, msvcrt's on Windows.)"""
+    import platform
 
     path = out / LOCK_NAME
     try:
-        f = open(path, "a+")
+        f = open(path, "a+", encoding="utf-8")
     except OSError as exc:
         raise OutputError(path, f"cannot be opened to lock the folder ({os_problem(exc)})") from None
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_file(f)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
@@ -259,9 +259,26 @@ def _lock_out_dir(out: Path):
         return f
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.write(f"pid {os.getpid()} on {platform.node()}")  # os.uname: POSIX only
     f.flush()
     return f
+
+
+def _lock_file(f) -> None:
+    """An exclusive lock on the open file `f`, without waiting: BlockingIOError when another
+    process holds it; another OSError when the file system has no locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        f.seek(0)
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)  # the first byte, held while the file is open
+        except PermissionError:  # msvcrt's "locked by another process"
+            raise BlockingIOError from None
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _make_out_dir(out: Path) -> None:

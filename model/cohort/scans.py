@@ -20,7 +20,8 @@ from ..options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES
 
 
 log = logging.getLogger(__name__)
-_CASE_ID_FORBIDDEN = re.compile(r"[/\\\x00-\x1f]")
+# characters no file name may hold on Windows (a cohort's folder is often read there)
+_CASE_ID_FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 
 
 @dataclass(frozen=True)
@@ -158,10 +159,10 @@ def _scans_in_folder(root: Path, prompt: str | None, exclude, warn: Callable[[st
         parts = list(rel.parts)
         parts[-1] = _image_stem(parts[-1])
         case_id = "_".join(parts)
-        if case_id in seen:
-            raise InputError(root, f"{seen[case_id]} and {path} both give case id '{case_id}'; list the scans in a "
-                                   "CSV with a case_id column instead")
-        seen[case_id] = path
+        if case_id.casefold() in seen:  # one mask file where names ignore case (macOS, Windows)
+            raise InputError(root, f"{seen[case_id.casefold()]} and {path} both give case id '{case_id}'; list the "
+                                   "scans in a CSV with a case_id column instead")
+        seen[case_id.casefold()] = path
         scans.append(Scan(case_id, str(path.resolve()), prompt))
     return scans
 
@@ -241,13 +242,15 @@ def _scans_in_csv(path: Path, prompt: str | None) -> list[Scan]:
         if not scan_path.is_absolute():
             scan_path = path.parent / scan_path
         case_id = row.get("case_id") or _image_stem(scan_path.name.rstrip("/"))
-        if _CASE_ID_FORBIDDEN.search(case_id) or case_id.startswith(".") or not case_id:
-            raise InputError(path, f"line {n}: case_id {case_id!r} cannot name a file (no '/', '\\', control characters "
-                                   "or leading '.')")
-        if case_id in seen:
-            raise InputError(path, f"line {n}: case_id '{case_id}' is also on line {seen[case_id]}; each scan needs "
-                                   "its own case_id")
-        seen[case_id] = n
+        if _CASE_ID_FORBIDDEN.search(case_id) or case_id.startswith(".") or case_id.endswith((".", " ")) or not case_id:
+            raise InputError(path, f"line {n}: case_id {case_id!r} cannot name a file (none of / \\ : * ? \" < > | "
+                                   "or control characters, no leading '.', no trailing '.' or space)")
+        if case_id.casefold() in seen:  # 'CT1' and 'ct1' are one file where names ignore case (macOS, Windows)
+            first, line = seen[case_id.casefold()]
+            raise InputError(path, f"line {n}: case_id '{case_id}' is also on line {line}"
+                                   f"{f' (as {first!r}: file names may ignore case)' if first != case_id else ''}; "
+                                   "each scan needs its own case_id")
+        seen[case_id.casefold()] = (case_id, n)
         row_prompt = row.get("prompt") or prompt
         if not row_prompt:
             raise InputError(path, f"line {n}: no prompt in the row and no -p for the rows without one")

@@ -123,9 +123,9 @@ def one_line(text: str) -> str:
 
 
 def _peak_rss_mb() -> float:
-    import resource
+    from ..runtime import peak_rss_mb
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    return round(peak_rss_mb(), 1)
 
 
 def check_worker(plugin_name: str, prompts: list[str], force_prompt: bool) -> dict:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError, not_utf8, os_problem, OutputError, why_unnamed
+from ..errors import ITK_ASCII_ONLY, InputError, itk_cannot_name, not_utf8, os_problem, OutputError, why_unnamed
 from .formats import extension_of, file_kind, OUTPUT_EXTENSIONS
 from .itk import detail, itk_quiet
 from .nifti import check_nifti_complete
@@ -61,6 +61,8 @@ def check_output_path(path, overwrite: bool = False) -> Path:
     p = Path(os.fspath(path))
     if not_utf8(p):
         raise OutputError(p, f"its name is {why_unnamed([p])}, which the image writers cannot write; give another name")
+    if itk_cannot_name(p.absolute()) and extension_of(p.name) in OUTPUT_EXTENSIONS:
+        raise OutputError(p, f"its path {ITK_ASCII_ONLY}")
     name_bytes = len(os.fsencode(p.name))
     if name_bytes > MAX_NAME_BYTES - TEMPORARY_NAME_BYTES:  # checked now, not after the whole run
         raise OutputError(p, f"its name is {name_bytes} bytes long; file systems allow {MAX_NAME_BYTES}, less "
@@ -153,9 +155,8 @@ class OutputSet:
                     raise OutputError(p, f"unsupported output format ({has}); {named}: use one of {', '.join(extensions)}")
                 raise OutputError(p, f"unsupported output format ({has}); {named}: use {' or '.join(extensions)}")
         check_output_path(p, self.overwrite)
-        same = os.path.realpath(p)  # follows links, dangling ones included
         for other in self._outputs.values():
-            if os.path.realpath(other.path) == same:
+            if same_file(other.path, p):
                 raise OutputError(p, f"named by both {other.option} and {key}; give each output its own file")
         self._outputs[key] = _Output(p, key, kind)
         return p
@@ -340,17 +341,44 @@ def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
 
 
 
+def same_file(a, b) -> bool:
+    """Whether two paths name one file: the same file on disk when both exist; otherwise the same
+    real path (links followed, dangling ones too), compared case-folded on macOS and Windows,
+    whose usual file systems ignore case ('Mask.nii.gz' is 'mask.nii.gz' there)."""
+    with contextlib.suppress(OSError):
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+
+    def key(path) -> str:
+        real = os.path.realpath(path)
+        return os.path.normcase(real).casefold() if sys.platform in ("darwin", "win32") else real
+
+    return key(a) == key(b)
+
+
+def _umask_now() -> int:
+    """The umask, read by setting it and setting it back: not thread-safe, so done once, when this
+    module is imported (its import runs before any thread of ours writes)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_now()
+
+
 def _umask() -> int:
-    """The process's umask, read without changing it (os.umask sets it: not thread-safe);
-    0o022 where /proc does not say."""
+    """The process's umask, read without changing it (os.umask sets it: not thread-safe); where
+    /proc does not say (macOS, Windows), the umask when this module was imported (a strict 077
+    became 022 there: masks of patient data readable by every user of a shared Mac)."""
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    return 0o022
+    return _UMASK_AT_IMPORT
 
 
 def _usual_mode(tmp: Path) -> None:
@@ -378,7 +406,9 @@ def _why_short(tmp: Path, fallback: str) -> str:
 
 
 def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    # Windows' fsync (_commit, FlushFileBuffers) needs a handle open for writing: a read-only one
+    # failed every output there with "bad file descriptor"
+    fd = os.open(path, os.O_RDWR if sys.platform == "win32" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from ..errors import InputError, not_utf8, why_unnamed
+from ..errors import ITK_ASCII_ONLY, InputError, itk_cannot_name, not_utf8, why_unnamed
 from .dicom import read_dicom_file, read_dicom_folder
 from .formats import DICOM_EXTENSIONS, extension_of, file_kind, has_dicom_preamble, INPUT_EXTENSIONS, INPUT_FORMATS, starts_with
 from .itk import detail, itk_quiet
@@ -43,6 +43,8 @@ def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = Fal
     p = Path(os.fspath(path))
     if not_utf8(p):
         raise InputError(p, f"its name is {why_unnamed([p])}, which the image readers cannot open; rename it")
+    if itk_cannot_name(p.absolute()):
+        raise InputError(p, f"its path {ITK_ASCII_ONLY}")
     if not p.exists():
         if p.is_symlink():
             raise InputError(p, f"is a symbolic link to {os.readlink(p)}, which does not exist")
@@ -135,7 +137,7 @@ def _missing_data_file(p: Path) -> str | None:
     if key is None:
         return None
     try:
-        with open(p, "r", errors="replace") as f:
+        with open(p, "r", encoding="utf-8", errors="replace") as f:
             header = f.read(65536)
     except OSError:
         return None

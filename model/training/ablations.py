@@ -136,7 +136,7 @@ def write_markdown_and_plot(results, steps, results_dir: Path) -> None:
     for r in results:
         lines.append(f"| {r['row']} | {r['synth_dice']:.3f} | {r['synth_dice_small']:.3f} | {r['synth_dice_medium']:.3f} | "
                      f"{r['synth_dice_large']:.3f} | {r['negative_fp_rate']:.2f} | {r['real_dice']:.3f} | {r['decoder_ms_per_slice']:.2f} |")
-    (results_dir / "ablations.md").write_text("\n".join(lines) + "\n")
+    (results_dir / "ablations.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plt = pyplot()
     names = [r["row"] for r in results]
     y = np.arange(len(names))

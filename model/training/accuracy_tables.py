@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("json", nargs="+")
     args = p.parse_args(argv)
     for path in args.json:
-        s = json.loads(Path(path).read_text())
+        s = json.loads(Path(path).read_text(encoding="utf-8"))
         print(f"### {Path(path).name}\n\n`{s.get('command', '?')}` (weights sha256 {s.get('weights_sha256', '?')[:12]})\n")
         print(table(s, None) + "\n")
         keys = [k for k in ("size_band", "target") if s["cases"] and k in s["cases"][0]] or ["prompt"]

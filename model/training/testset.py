@@ -62,7 +62,7 @@ def write_testset(out_dir, count: int = 300, seed: int = 777, size: int = 256, o
         area = float(mask.mean())
         rows.append({"case_id": case_id, "prompt": prompt, "modality": sl.modality, "target": target,
                      "area_fraction": f"{area:.6f}", "size_band": size_band(area)})
-    with open(out / "cases.csv", "w", newline="") as f:
+    with open(out / "cases.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)

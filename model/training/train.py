@@ -111,7 +111,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
-        d = json.loads(Path(path).read_text())
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(d, dict):
             raise ValueError(f"{path}: a training config is a JSON object of options")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -583,7 +583,7 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
             y = torch.from_numpy(masks)[:, None].to(device)
             tokens, valid, pooled = batch_embeddings([train_bank[normalise_prompt(p)] for p in batch_prompts],
                                                      net_cfg.max_text_tokens, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext():
                 out_ = model(x, tokens, valid, pooled, generator=gen)
             pos_w = cfg.positive_weight_max if step >= cfg.positive_weight_from_step else 1.0
             mult = None
@@ -736,7 +736,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
     try:
         with atomic_output(path, overwrite=True) as tmp:
-            Path(tmp).write_text(text)
+            Path(tmp).write_text(text, encoding="utf-8")
     except OSError as exc:
         raise OutputError(path, f"cannot be written ({os_problem(exc)})") from None
 
@@ -778,7 +778,7 @@ def _write_checkpoint(ckpt: Path, state: dict) -> None:
 def _write_log(rows: list[dict], path: Path) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
