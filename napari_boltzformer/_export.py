@@ -226,7 +226,14 @@ class Exports:
             return None
         p = Path(path)
         if not p.name.lower().endswith(extensions):
-            p = p.with_name(p.name + extensions[0])
+            name = p.name
+            # macOS's native dialog, given a "*.nii.gz" filter, returns "mask.gz" for "mask"
+            for ext in extensions:
+                tail = "." + ext.rsplit(".", 1)[-1]
+                if "." in ext.lstrip(".") and name.lower().endswith(tail):
+                    name = name[: -len(tail)]
+                    break
+            p = p.with_name(name + extensions[0])
             if p.exists() and not self.confirm_overwrite(p):
                 return None
         return p

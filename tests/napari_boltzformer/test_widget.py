@@ -271,6 +271,12 @@ def test_exports_round_trip(panel, viewer, qtbot, tmp_path, monkeypatch):
     assert panel.exports.mask() is None
     assert asked and (tmp_path / "mask.nii.gz").read_bytes() == before
     assert not list(tmp_path.glob(".*tmp*"))
+    # macOS's native dialog turns "mask2" into "mask2.gz" under the "*.nii.gz" filter: not "mask2.gz.nii.gz"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "mask2.gz"), ""))
+    assert panel.exports.ask_save_path("t", tmp_path / "x.nii.gz", "NIfTI (*.nii.gz *.nii)", (".nii.gz", ".nii")) \
+        == tmp_path / "mask2.nii.gz"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "table9"), ""))
+    assert panel.exports.ask_save_path("t", tmp_path / "x.csv", "CSV (*.csv)", (".csv",)) == tmp_path / "table9.csv"
 
 
 def test_panel_opens_from_the_plugin_menu(make_napari_viewer, qtbot):
