@@ -34,6 +34,8 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     extension = extension_of(os.path.basename(path))
     if not extension:  # a name typed without one in napari's save dialog, as its own writers do
         path += ".nii.gz"
+    elif extension == ".gz":  # macOS's native dialog makes "mask" "mask.gz" under the *.nii.gz filter
+        path = path[: -len(".gz")] + ".nii.gz"
     elif extension not in NIFTI_EXTENSIONS:
         raise NotWritten(f"{path}: not written: this writer writes NIfTI; name the file .nii.gz or .nii")
     try:

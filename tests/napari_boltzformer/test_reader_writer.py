@@ -441,6 +441,8 @@ def test_the_writer_adds_nii_gz_to_a_bare_name_and_refuses_other_extensions(view
     with pytest.raises(NotWritten, match=r"hand\.nrrd: not written: this writer writes NIfTI; name the file .nii.gz"):
         write_labels(str(tmp_path / "hand.nrrd"), viewer.layers[-1].data, meta)
     assert not (tmp_path / "hand.nrrd").exists()
+    # macOS's native dialog: "hand2" under the *.nii.gz filter comes back as "hand2.gz"
+    assert write_labels(str(tmp_path / "hand2.gz"), viewer.layers[-1].data, meta) == [str(tmp_path / "hand2.nii.gz")]
 
 
 def test_saving_a_labels_layer_with_no_physical_size_warns(viewer, tmp_path, notifications):
