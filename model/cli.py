@@ -48,7 +48,7 @@ def _silence_stdout() -> None:
 
 def _outputs_note(args) -> str:
     """What a stopped command leaves behind, for its one-line message."""
-    return "the outputs were already written" if args.committed else "no output was written"
+    return "the outputs were already written" if args.committed else "no output file was written"
 
 
 def _err(msg: str) -> None:

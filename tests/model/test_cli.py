@@ -492,7 +492,7 @@ def test_a_closed_output_pipe_is_one_line_and_exit_141(tmp_path):
     assert proc.stdout == "line 0\n" and proc.returncode == 141
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("boltzformer: error: standard output was closed"), proc.stderr
-    assert "no output was written" in lines[0] and "Traceback" not in proc.stderr
+    assert "no output file was written" in lines[0] and "Traceback" not in proc.stderr
 
 
 def test_the_summary_line_says_what_the_filters_dropped_and_which_passes_ran():

@@ -133,8 +133,8 @@ def test_a_failed_rename_takes_back_the_outputs_already_renamed(ct_path, tmp_pat
     assert files_in(tmp_path) == ["ct.nii.gz"]
 
 
-@pytest.mark.parametrize("sig, message", [(signal.SIGINT, "interrupted; no output was written"),
-                                          (signal.SIGTERM, "terminated (SIGTERM); no output was written")])
+@pytest.mark.parametrize("sig, message", [(signal.SIGINT, "interrupted; no output file was written"),
+                                          (signal.SIGTERM, "terminated (SIGTERM); no output file was written")])
 @pytest.mark.parametrize("when", ["writing", "renaming"])
 def test_a_signal_while_writing_leaves_nothing(ct_path, tmp_path, tiny_weights, capsys, monkeypatch, sig, message, when):
     previous = tmp_path / "p.nii.gz"
