@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 from . import postprocess
 from .errors import InputError, PromptError
 from .io import Volume, read_volume
+from .io.formats import read_table_bytes
 from .options import DEFAULT_MIRROR, DEFAULT_PLANES
 
 
@@ -36,16 +38,19 @@ def read_cases(folder: Path) -> list[dict]:
     path = Path(folder) / "cases.csv"
     if not Path(folder).is_dir():
         raise InputError(folder, "not a folder")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(path, "missing; an evaluation folder needs cases.csv with columns case_id,prompt")
-    data = path.read_bytes()
+    data = read_table_bytes(path)
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not part of the first column name
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise InputError(path, f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = list(reader)
+    try:
+        rows = list(reader)
+    except csv.Error as exc:  # e.g. a field over the csv module's limit
+        raise InputError(path, f"line {reader.line_num}: not a readable CSV table ({exc})") from None
     columns = reader.fieldnames or []
     if not rows or not {"case_id", "prompt"} <= set(columns):
         found = ",".join(str(k) for k in columns) or "none"
@@ -75,12 +80,13 @@ def read_split(path) -> dict[str, str]:
     different splits (the row order would decide), and an empty case_id or split too."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
+        text = read_table_bytes(path).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise InputError(path, "not UTF-8 text; save the file as UTF-8") from None
-    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise InputError(path, f"is not a readable CSV table ({exc})") from None
     if not rows or not {"case_id", "split"} <= set(rows[0]):
         raise InputError(path, "needs the columns case_id,split and one row")
     splits: dict[str, str] = {}
@@ -135,6 +141,11 @@ def evaluate_dir(folder, segmenter, case_ids=None, split: str | None = None, pro
         rows = [r for r in rows if splits.get(r["case_id"]) == split]
     if not rows:
         raise InputError(folder / "cases.csv", f"no cases selected (cases={case_ids}, split={split})")
+    for row in rows:  # every case's files first: not found after an hour of segmenting the ones before
+        for part in ("image", "mask"):
+            if not (folder / f"{row['case_id']}_{part}.nii.gz").is_file():
+                raise InputError(folder / f"{row['case_id']}_{part}.nii.gz",
+                                 f"does not exist or is not a file (case {row['case_id']!r} of cases.csv)")
     results = []
     for n, row in enumerate(rows, 1):
         cid = row["case_id"]

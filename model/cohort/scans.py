@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 from ..errors import BoltzformerError, InputError, not_utf8, os_problem, shown_path, why_unnamed
 from ..io import DICOM_EXTENSIONS, extension_of, has_dicom_preamble, INPUT_EXTENSIONS
+from ..io.formats import read_table_bytes
 from ..options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES
 
 
@@ -194,7 +195,7 @@ def input_stamp(path: str) -> str:
                     est = e.stat()
                     count, size, latest = count + 1, size + est.st_size, max(latest, est.st_mtime_ns)
         return f"{count} files:{size}:{latest}"
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return ""  # unreadable now: the scan is redone and its reader says why
 
 
@@ -213,10 +214,7 @@ def _is_dicom_file(p: Path) -> bool:
 
 
 def _scans_in_csv(path: Path, prompt: str | None) -> list[Scan]:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(path, f"cannot be read ({os_problem(exc)})") from None
+    data = read_table_bytes(path)
     try:
         text = data.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a byte-order mark
     except UnicodeDecodeError as exc:
@@ -238,6 +236,8 @@ def _scans_in_csv(path: Path, prompt: str | None) -> list[Scan]:
             continue  # a blank line
         if not row.get("path"):
             raise InputError(path, f"line {n}: the path is empty")
+        if "\x00" in row["path"]:
+            raise InputError(path, f"line {n}: the path holds a NUL byte; no file can be named so")
         scan_path = Path(row["path"]).expanduser()
         if not scan_path.is_absolute():
             scan_path = path.parent / scan_path

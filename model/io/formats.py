@@ -61,6 +61,26 @@ def refuse_special_files(folder: Path) -> None:
                                          "move it away (reading it would block)")
 
 
+MAX_TABLE_BYTES = 64 * 2**20  # a CSV of scans or cases: 100 000 rows are about 10 MB
+
+
+def read_table_bytes(path: Path) -> bytes:
+    """The bytes of a small text table (cases.csv, a cohort's CSV, a split file); InputError when
+    it cannot be read, is not a regular file (a FIFO blocked for ever, /dev/zero filled the memory)
+    or is larger than MAX_TABLE_BYTES."""
+    try:
+        if not path.is_file():
+            raise InputError(path, "does not exist" if not os.path.exists(path) else
+                             f"is {file_kind(path)}, not a regular file; give a CSV file")
+        size = path.stat().st_size
+        if size > MAX_TABLE_BYTES:
+            raise InputError(path, f"is {size / 2**20:.0f} MB; a table of scans or cases is at most "
+                                   f"{MAX_TABLE_BYTES // 2**20} MB (is it the right file?)")
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(path, f"cannot be read ({os_problem(exc)})") from None
+
+
 def starts_with(p: Path, magic: bytes) -> bool:
     try:
         with open(p, "rb") as f:

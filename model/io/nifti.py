@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -145,6 +146,31 @@ def _straightened(volume: Volume, p: Path, source: str, matrix_mm: np.ndarray, o
     return straighten(volume, drift)
 
 
+def _raw_expected_size(p: Path) -> int | None:
+    """vox_offset + the voxel bytes a NIfTI-1/-2 header promises, read from its raw fields; None
+    when they do not make sense (ITK then decides)."""
+    import gzip
+
+    try:
+        with (gzip.open if p.name.lower().endswith(".gz") else open)(p, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            dim = struct.unpack(order + "8h", head[40:56])
+            bitpix, offset = struct.unpack(order + "h", head[72:74])[0], struct.unpack(order + "f", head[108:112])[0]
+        elif len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            dim, offset = struct.unpack(order + "8q", head[16:80]), struct.unpack(order + "q", head[168:176])[0]
+        else:
+            continue
+        if not 1 <= dim[0] <= 7 or bitpix <= 0 or not np.isfinite(offset) or offset < 0:
+            return None
+        return int(offset) + int(np.prod([max(d, 1) for d in dim[1:dim[0] + 1]], dtype=np.float64)) * bitpix // 8
+    return None
+
+
 def _raw_pixdim(p: Path) -> np.ndarray | None:
     """pixdim[1:4] as stored in a NIfTI-1/-2 header (nibabel turns zeros into 1 as it loads)."""
     import gzip
@@ -194,8 +220,8 @@ def check_nifti_complete(p: Path) -> None:
         header = image.header
         shape = tuple(int(v) for v in header.get_data_shape())
         expected = offset + int(np.prod(shape)) * header.get_data_dtype().itemsize
-    except Exception:  # noqa: BLE001 - nibabel cannot parse what ITK accepted: check the gzip stream only
-        shape, expected = (), None
+    except Exception:  # noqa: BLE001 - nibabel cannot parse what ITK accepted (a damaged extension...):
+        shape, expected = (), _raw_expected_size(p)  # the size its raw header promises
     if 0 in shape:  # ITK reads a 0 as 1: one slice of a volume, silently
         axis = "xyzt"[shape.index(0)] if shape.index(0) < 4 else f"dimension {shape.index(0) + 1}"
         raise InputError(p, f"its header gives {' x '.join(map(str, shape))} voxels, none along {axis} "
@@ -229,8 +255,35 @@ def check_nifti_finite(p: Path) -> None:
     require_finite(np.asarray(img.dataobj), p)
 
 
+class GzipCheck:
+    """A .nii.gz file's gzip stream inflated and its checksums (CRC-32 and size of each member)
+    verified on a thread of its own while ITK reads the file: ITK took a damaged deflate stream
+    or a wrong CRC as data (garbage or zeros) without a word. zlib lets go of the GIL, so on two
+    cores the check costs little wall time (1.1 s of CPU for a 150 MB CT)."""
+
+    def __init__(self, p: Path):
+        self._size: int | None = None
+        self._thread = threading.Thread(target=self._run, args=(p,), name="gzip-check", daemon=True)
+        self._thread.start()
+
+    def _run(self, p: Path) -> None:
+        try:
+            self._size = _gzip_payload_size(p)
+        except OSError:
+            self._size = None
+
+    def intact(self) -> bool:
+        """Wait for the check; whether every member inflated and matched its checksums."""
+        self._thread.join()
+        return self._size is not None
+
+
+_INFLATE_STEP = 1 << 24  # bytes inflated per call: a gzip bomb's 1 MB of zeros is 1 GB inflated at once
+
+
 def _gzip_payload_size(p: Path) -> int | None:
-    """Uncompressed size of a (possibly multi-member) gzip file; None when it is cut short or corrupt."""
+    """Uncompressed size of a (possibly multi-member) gzip file; None when it is cut short or corrupt
+    (zlib checks each member's CRC-32 and size as it ends). Memory stays bounded (_INFLATE_STEP)."""
     size, inflater, in_member = 0, zlib.decompressobj(wbits=31), False
     with open(p, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -239,7 +292,9 @@ def _gzip_payload_size(p: Path) -> int | None:
                     break  # zero padding after the last member, as gzip tolerates
                 in_member = True
                 try:
-                    size += len(inflater.decompress(chunk))
+                    size += len(inflater.decompress(chunk, _INFLATE_STEP))
+                    while inflater.unconsumed_tail and not inflater.eof:
+                        size += len(inflater.decompress(inflater.unconsumed_tail, _INFLATE_STEP))
                 except zlib.error:
                     return None
                 if inflater.eof:  # a member ended; what follows starts the next one

@@ -5,15 +5,17 @@ and series folders), with the checks that turn a bad input into a one-line Input
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ITK_ASCII_ONLY, InputError, itk_cannot_name, not_utf8, why_unnamed
 from .dicom import read_dicom_file, read_dicom_folder
 from .formats import DICOM_EXTENSIONS, extension_of, file_kind, has_dicom_preamble, INPUT_EXTENSIONS, INPUT_FORMATS, starts_with
 from .itk import detail, itk_quiet
-from .nifti import apply_nifti_geometry, check_nifti_complete, check_nifti_finite, read_sheared_nifti
+from .nifti import GzipCheck, apply_nifti_geometry, check_nifti_complete, check_nifti_finite, read_sheared_nifti
 from .volume import Volume
 
 
@@ -66,21 +68,27 @@ def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = Fal
 
 
 MAX_VOXEL_MM = 1000.0  # no scanner's voxel is a metre across: a larger one is a corrupt header
+MIN_VOXEL_MM = 0.001  # nor under a micrometre (micro-CT: about 0.01 mm): a header in metres or scaled
 
 
 def _checked_spacing(volume: Volume, p: Path) -> Volume:
     """`volume`, unless a voxel size is absurd (sizes and volumes would be too: 1e30 mm gave a
-    92-digit number of mL)."""
+    92-digit number of mL; 1e-6 of the sample's made every lesion vanish under the size filter)."""
     for axis, mm in zip("xyz", volume.spacing_mm):
         if not mm <= MAX_VOXEL_MM:
             raise InputError(p, f"its voxel size along {axis} is {mm:g} mm; no scan has voxels over "
                                 f"{MAX_VOXEL_MM:g} mm: the header is corrupt")
+        if mm < MIN_VOXEL_MM:
+            raise InputError(p, f"its voxel size along {axis} is {mm:g} mm; no scan of a patient has voxels under "
+                                f"{MIN_VOXEL_MM:g} mm: the header is corrupt or in other units than mm")
     return volume
 
 
 def _read_itk_file(p: Path, format_name: str) -> Volume:
     if format_name == "NIfTI" and extension_of(p.name) == ".nii" and starts_with(p, b"\x1f\x8b"):
         raise InputError(p, "is gzip-compressed but named .nii; rename it to .nii.gz")
+    if format_name == "NRRD":
+        _check_nrrd_dimension(p)  # SimpleITK crashes the process (segfault) on dimension 11 and more
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
@@ -111,18 +119,33 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
     if format_name == "NIfTI":
         check_nifti_complete(p)  # ITK silently reads truncated NIfTI files as zeros
         check_nifti_finite(p)  # ... and NaN voxels as zeros
-    missing = _missing_data_file(p)
-    if missing:
-        raise InputError(p, f"its data file {missing} is missing (a .mhd/.nhdr header needs it beside it)")
+    problem = _data_file_problem(p)
+    if problem:
+        raise InputError(p, problem)
+    _check_memory_for(p, size, reader.GetPixelID())
+    gzip_check = GzipCheck(p) if format_name == "NIfTI" and p.name.lower().endswith(".gz") else None
     try:
         with itk_quiet() as printed:
             image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(p, f"cannot be read: corrupt or truncated {format_name} file"
                             f"{detail(exc, printed)}") from None
-    volume = Volume.from_sitk(image, path=p)
-    if format_name == "NIfTI":
-        volume = apply_nifti_geometry(volume, p)
+    finally:
+        intact = gzip_check.intact() if gzip_check is not None else True
+    if not intact:  # ITK reads a damaged deflate stream or a wrong CRC as garbage or zeros, without a word
+        raise InputError(p, "is corrupt: its gzip data fail their checksum (a damaged copy or download)")
+    n = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), float).reshape(n, n)
+    if format_name != "NIfTI" and np.isfinite(direction).all() and not np.allclose(direction.T @ direction, np.eye(n),
+                                                                                   atol=1e-3):
+        raise InputError(p, "its orientation matrix is sheared (not a rotation and voxel sizes); resample it onto "
+                            "an orthonormal grid first")  # ITK keeps NRRD/MetaImage shear: masks would be misplaced
+    try:
+        volume = Volume.from_sitk(image, path=p)
+        if format_name == "NIfTI":
+            volume = apply_nifti_geometry(volume, p)
+    except ValueError as exc:  # NaN or infinite origin, spacing or direction in the header
+        raise InputError(p, f"its geometry is invalid ({exc}); the header is corrupt") from None
     if format_name == "NRRD" and not reader.HasMetaDataKey("NRRD_space"):
         volume.metadata["orientation_unknown"] = True
         volume.metadata.setdefault("warnings", []).append(
@@ -130,20 +153,92 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
     return volume
 
 
-def _missing_data_file(p: Path) -> str | None:
-    """For a detached header (.mhd, .nhdr), the name of its data file when that file is absent."""
+def _data_file_problem(p: Path) -> str | None:
+    """For a detached header (.mhd, .nhdr): what is wrong with its data files (one file, a LIST of
+    them, or a numbered pattern "slice%03d.raw 1 40 1"), or None. A FIFO or a device (/dev/zero)
+    as data would block the reader for ever or fill the memory."""
     keys = {".mhd": "elementdatafile", ".nhdr": "data file"}
     key = keys.get(extension_of(p.name))
     if key is None:
         return None
     try:
         with open(p, "r", encoding="utf-8", errors="replace") as f:
-            header = f.read(65536)
+            lines = f.read(1 << 22).splitlines()
     except OSError:
         return None
-    for line in header.splitlines():
+    for i, line in enumerate(lines):
         name, sep, value = line.partition("=" if key == "elementdatafile" else ":")
         value = value.strip()
-        if sep and name.strip().lower() == key and value and value.upper() not in ("LOCAL", "LIST") and " " not in value:
-            return None if (p.parent / value).exists() else value
+        if not (sep and name.strip().lower() == key and value) or value.upper() == "LOCAL":
+            continue
+        parts = value.split()
+        if parts[0].upper() == "LIST":
+            files = [f.strip() for f in lines[i + 1:] if f.strip()]
+        elif len(parts) >= 4 and "%" in parts[0]:
+            try:
+                start, stop, step = int(parts[1]), int(parts[2]), int(parts[3]) or 1
+                files = [parts[0] % k for k in range(start, stop + (1 if step > 0 else -1), step)][:100_000]
+            except (ValueError, TypeError):
+                return None  # ITK says what is wrong with it
+        else:
+            files = [value]
+        for data in files:
+            full = p.parent / data
+            if not full.exists():
+                return f"its data file {data} is missing (a .mhd/.nhdr header needs it beside it)"
+            if not full.is_file():
+                return f"its data file {data} is {file_kind(full)}, not a regular file; give a file"
+        return None
+    return None
+
+
+def _check_nrrd_dimension(p: Path) -> None:
+    """InputError for an NRRD header whose 'dimension' is over 4 (SimpleITK crashes the whole
+    process on 11 and more; this project reads 2D and 3D volumes, 4D with one time point)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16).split(b"\n\n", 1)[0].decode("latin-1")
+    except OSError:
+        return
+    for line in head.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "dimension":
+            try:
+                n = int(value.strip())
+            except ValueError:
+                raise InputError(p, f"its NRRD dimension {value.strip()!r} is not a number; the header is corrupt") from None
+            if not 1 <= n <= 4:
+                raise InputError(p, f"is an NRRD of dimension {n}; a 2D or 3D volume is needed")
+            return
+
+
+def _check_memory_for(p: Path, size: tuple[int, ...], pixel_id: int) -> None:
+    """InputError when reading the image would need more memory than the machine has free (the
+    reader and the array it is copied into: about twice its unpacked size); a corrupt or hostile
+    header claiming 2048 x 2048 x 1024 voxels otherwise ran until the memory ran out."""
+    voxels = int(np.prod([max(int(s), 1) for s in size], dtype=np.float64))
+    bits = re.match(r"(\d+)-bit", sitk.GetPixelIDValueAsString(pixel_id))  # "16-bit signed integer"
+    bytes_needed = 2 * voxels * (int(bits.group(1)) // 8 if bits else 4)
+    free = available_memory_bytes()
+    if free is not None and bytes_needed > free:
+        shape = " x ".join(str(int(s)) for s in size)
+        raise InputError(p, f"its header gives {shape} voxels: reading it needs about {bytes_needed / 2**30:.1f} GB, "
+                            f"and {free / 2**30:.1f} GB of memory are free; crop it (or use a larger machine)")
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the process can still take (psutil's 'available', else /proc/meminfo), or None."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
     return None
