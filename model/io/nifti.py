@@ -146,9 +146,8 @@ def _straightened(volume: Volume, p: Path, source: str, matrix_mm: np.ndarray, o
     return straighten(volume, drift)
 
 
-def _raw_expected_size(p: Path) -> int | None:
-    """vox_offset + the voxel bytes a NIfTI-1/-2 header promises, read from its raw fields; None
-    when they do not make sense (ITK then decides)."""
+def _raw_header(p: Path) -> tuple[str, int, bytes] | None:
+    """(byte order '<' or '>', 1 or 2 for NIfTI-1 or -2, the header's bytes) as stored, or None."""
     import gzip
 
     try:
@@ -158,34 +157,39 @@ def _raw_expected_size(p: Path) -> int | None:
         return None
     for order in "<>":
         if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
-            dim = struct.unpack(order + "8h", head[40:56])
-            bitpix, offset = struct.unpack(order + "h", head[72:74])[0], struct.unpack(order + "f", head[108:112])[0]
-        elif len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
-            bitpix = struct.unpack(order + "h", head[14:16])[0]
-            dim, offset = struct.unpack(order + "8q", head[16:80]), struct.unpack(order + "q", head[168:176])[0]
-        else:
-            continue
-        if not 1 <= dim[0] <= 7 or bitpix <= 0 or not np.isfinite(offset) or offset < 0:
-            return None
-        return int(offset) + int(np.prod([max(d, 1) for d in dim[1:dim[0] + 1]], dtype=np.float64)) * bitpix // 8
+            return order, 1, head
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            return order, 2, head
     return None
+
+
+def _raw_expected_size(p: Path) -> int | None:
+    """vox_offset + the voxel bytes a NIfTI-1/-2 header promises, read from its raw fields; None
+    when they do not make sense (ITK then decides)."""
+    raw = _raw_header(p)
+    if raw is None:
+        return None
+    order, version, head = raw
+    if version == 1:
+        dim = struct.unpack(order + "8h", head[40:56])
+        bitpix, offset = struct.unpack(order + "h", head[72:74])[0], struct.unpack(order + "f", head[108:112])[0]
+    else:
+        bitpix = struct.unpack(order + "h", head[14:16])[0]
+        dim, offset = struct.unpack(order + "8q", head[16:80]), struct.unpack(order + "q", head[168:176])[0]
+    if not 1 <= dim[0] <= 7 or bitpix <= 0 or not np.isfinite(offset) or offset < 0:
+        return None
+    return int(offset) + int(np.prod([max(d, 1) for d in dim[1:dim[0] + 1]], dtype=np.float64)) * bitpix // 8
 
 
 def _raw_pixdim(p: Path) -> np.ndarray | None:
     """pixdim[1:4] as stored in a NIfTI-1/-2 header (nibabel turns zeros into 1 as it loads)."""
-    import gzip
-
-    try:
-        with (gzip.open if p.name.lower().endswith(".gz") else open)(p, "rb") as f:
-            head = f.read(540)
-    except (OSError, EOFError, zlib.error):
+    raw = _raw_header(p)
+    if raw is None:
         return None
-    for order in "<>":
-        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
-            return np.array(struct.unpack(order + "8f", head[76:108])[1:4], float)
-        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
-            return np.array(struct.unpack(order + "8d", head[104:168])[1:4], float)
-    return None
+    order, version, head = raw
+    if version == 1:
+        return np.array(struct.unpack(order + "8f", head[76:108])[1:4], float)
+    return np.array(struct.unpack(order + "8d", head[104:168])[1:4], float)
 
 
 @contextlib.contextmanager

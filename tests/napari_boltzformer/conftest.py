@@ -191,3 +191,16 @@ def canvas_to_world_yx(viewer, rows, cols, canvas_shape) -> tuple[np.ndarray, np
     cy, cx = _camera(viewer).center[-2:]
     zoom = _camera(viewer).zoom
     return cy + (np.asarray(rows) + 0.5 - h / 2) / zoom, cx + (np.asarray(cols) + 0.5 - w / 2) / zoom
+
+
+@pytest.fixture
+def reviewing(make_napari_viewer, tiny_segmenter, qtbot):
+    """The chest CT sample after "lung nodule" at a threshold that leaves at least five lesions."""
+    viewer = shown_viewer(make_napari_viewer)
+    viewer.open_sample("napari-boltzformer", "chest_ct")
+    panel = panel_on(viewer, tiny_segmenter)
+    run_and_wait(panel, qtbot)
+    assert threshold_until(panel, lambda result: len(result.lesions) >= 5, range(50, 100, 2)), \
+        "no threshold gave five lesions"
+    yield viewer, panel
+    stop(panel)

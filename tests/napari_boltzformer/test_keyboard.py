@@ -7,26 +7,13 @@ review keys, and names for screen readers."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QApplication
 
 from napari_boltzformer._request import build_request
 from napari_boltzformer._review_keys import keys_taken_by
 
-from .conftest import panel_on, run_and_wait, shown_viewer, stop, threshold_until
-
-
-@pytest.fixture
-def reviewing(make_napari_viewer, tiny_segmenter, qtbot):
-    """The chest CT sample after "lung nodule" at a threshold that leaves at least three lesions."""
-    viewer = shown_viewer(make_napari_viewer)
-    viewer.open_sample("napari-boltzformer", "chest_ct")
-    panel = panel_on(viewer, tiny_segmenter)
-    run_and_wait(panel, qtbot)
-    assert threshold_until(panel, lambda result: len(result.lesions) >= 3, range(50, 100, 2))
-    yield viewer, panel
-    stop(panel)
+from .conftest import panel_on, shown_viewer, stop
 
 
 def _shown_slice(viewer) -> int:

@@ -18,20 +18,7 @@ from napari_boltzformer._review import REVIEW_KEY
 from napari_boltzformer._view import _camera
 from napari_boltzformer._widget import BoltzFormerWidget
 
-from .conftest import PROMPT, panel_on, run_and_wait, shown_viewer, stop, threshold_until
-
-
-@pytest.fixture
-def reviewing(make_napari_viewer, tiny_segmenter, qtbot):
-    """The chest CT sample after "lung nodule" at a threshold that leaves at least five lesions."""
-    viewer = shown_viewer(make_napari_viewer)
-    viewer.open_sample("napari-boltzformer", "chest_ct")
-    panel = panel_on(viewer, tiny_segmenter)
-    run_and_wait(panel, qtbot)
-    assert threshold_until(panel, lambda result: len(result.lesions) >= 5, range(50, 100, 2)), \
-        "no threshold gave five lesions"
-    yield viewer, panel
-    stop(panel)
+from .conftest import PROMPT, run_and_wait
 
 
 def key(viewer, qtbot, k, shift=False):
