@@ -169,7 +169,8 @@ def _data_file_problem(p: Path) -> str | None:
     for i, line in enumerate(lines):
         name, sep, value = line.partition("=" if key == "elementdatafile" else ":")
         value = value.strip()
-        if not (sep and name.strip().lower() == key and value) or value.upper() == "LOCAL":
+        name = name.strip().lower().replace("datafile", "data file") if key == "data file" else name.strip().lower()
+        if not (sep and name == key and value) or value.upper() == "LOCAL":
             continue
         parts = value.split()
         if parts[0].upper() == "LIST":

@@ -57,6 +57,12 @@ def test_a_detached_header_whose_data_is_a_fifo_or_a_device_is_refused(tmp_path,
         read_volume(_mhd(tmp_path, "LIST\ns0.raw\nfifo.raw"))
     with pytest.raises(InputError, match=r"its data file s1.raw is missing"):
         read_volume(_mhd(tmp_path, "s%d.raw 0 1 1"))
+    nhdr = tmp_path / "scan.nhdr"
+    for key in ("data file", "datafile"):
+        nhdr.write_text(f"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 2\nencoding: raw\nendian: little\n"
+                        f"{key}: fifo.raw\n")
+        with pytest.raises(InputError, match=r"scan.nhdr: its data file fifo.raw is a FIFO"):
+            read_volume(nhdr)
 
 
 def test_an_nrrd_of_many_dimensions_is_refused_before_simpleitk_crashes(tmp_path):
