@@ -89,6 +89,9 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         raise InputError(p, "is gzip-compressed but named .nii; rename it to .nii.gz")
     if format_name == "NRRD":
         _check_nrrd_dimension(p)  # SimpleITK crashes the process (segfault) on dimension 11 and more
+    problem = _data_file_problem(p)  # before ITK opens anything: NRRD's reader opens the data file at once
+    if problem:
+        raise InputError(p, problem)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
@@ -119,9 +122,6 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
     if format_name == "NIfTI":
         check_nifti_complete(p)  # ITK silently reads truncated NIfTI files as zeros
         check_nifti_finite(p)  # ... and NaN voxels as zeros
-    problem = _data_file_problem(p)
-    if problem:
-        raise InputError(p, problem)
     _check_memory_for(p, size, reader.GetPixelID())
     gzip_check = GzipCheck(p) if format_name == "NIfTI" and p.name.lower().endswith(".gz") else None
     try:
