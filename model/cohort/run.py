@@ -5,6 +5,7 @@ once more, `--resume` redoing exactly what is not recorded; returns a `CohortSum
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ REPORT_NAME, LESIONS_NAME = "report.csv", "lesions.csv"
 # input_stamp: the scan's file size and time (scans.input_stamp), so that --resume redoes a replaced file.
 REPORT_COLUMNS = ("case_id", "status", "reason", "seconds", "lesions", "path", "input_stamp", "prompt", "mask",
                   "weights_sha256", "options", "device", "worker", "worker_peak_rss_mb", "warnings")
+SCANS_IN_FLIGHT = 256  # scans submitted to the cluster at a time (each finished one sends the next)
 LOCK_NAME = ".cohort.lock"  # held while a cohort writes to OUT_DIR: a second one is refused
 DISK_FULL = "no space left on device"  # os_problem's words for ENOSPC
 # Lesion rows: the case, then the columns of `segment --lesions` (postprocess.CSV_COLUMNS), then
@@ -366,7 +368,9 @@ def _run_scans(client, spec: ModelSpec, todo: list[Scan], options: ScanOptions, 
         pending[fut.key] = (fut, scan, attempt)
         return fut
 
-    queue = as_completed([submit(s, 0) for s in todo])
+    # a bounded number in flight: 100 000 scans submitted at once lost the scheduler after 42 s
+    waiting = iter(todo)
+    queue = as_completed([submit(s, 0) for s in itertools.islice(waiting, SCANS_IN_FLIGHT)])
     try:
         for fut in queue:
             _, scan, attempt = pending.pop(fut.key)
@@ -409,6 +413,9 @@ def _run_scans(client, spec: ModelSpec, todo: list[Scan], options: ScanOptions, 
                 bar.set_postfix_str(f"ok {summary.ok}, failed {summary.failed}, left {left}, "
                                     f"{summary.scans_per_minute:.1f} scans/min", refresh=False)
                 bar.update(1)
+            following = next(waiting, None)  # one recorded, one more sent
+            if following is not None:
+                queue.add(submit(following, 0))
     finally:
         if bar is not None:
             bar.close()
