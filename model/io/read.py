@@ -4,6 +4,7 @@ and series folders), with the checks that turn a bad input into a one-line Input
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from pathlib import Path
@@ -178,7 +179,8 @@ def _data_file_problem(p: Path) -> str | None:
         elif len(parts) >= 4 and "%" in parts[0]:
             try:
                 start, stop, step = int(parts[1]), int(parts[2]), int(parts[3]) or 1
-                files = [parts[0] % k for k in range(start, stop + (1 if step > 0 else -1), step)][:100_000]
+                numbers = range(start, stop + (1 if step > 0 else -1), step)
+                files = [parts[0] % k for k in itertools.islice(numbers, 100_000)]  # a hostile range stays short
             except (ValueError, TypeError):
                 return None  # ITK says what is wrong with it
         else:
