@@ -551,8 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "2 bad arguments or interrupted (--resume goes on), 1 an internal error.")
     c.add_argument("input", help="a folder (NIfTI/NRRD/MHA files and DICOM folders, searched recursively) or a CSV "
                                  "with a 'path' column (optional: case_id, prompt)")
-    c.add_argument("-p", "--prompt", default=None, type=prompt_text, help='what to segment, e.g. "lung nodule" (a CSV row\'s prompt '
-                                                         'comes first)')
+    c.add_argument("-p", "--prompt", default=None, type=prompt_text,
+                   help='what to segment, e.g. "lung nodule" (a CSV row\'s prompt '
+                        'comes first)')
     c.add_argument("-o", "--out-dir", required=True, help="folder for the masks, lesions.csv and report.csv")
     c.add_argument("--workers", type=whole(1, 4096), default=None,
                    help="local cluster: worker processes (default: one per CPU core or GPU, as memory allows)")

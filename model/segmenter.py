@@ -377,12 +377,13 @@ class Segmenter:
         n, _, h, w = slices01.shape
         size = self.model.cfg.image_size
         x = torch.from_numpy(np.ascontiguousarray(slices01, dtype=np.float32))
+        antialias = h > size or w > size
         if (h, w) != (size, size) and self.device.type == "mps":  # MPS has no antialiased resize before torch 2.7
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=(h > size or w > size))
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
         # non_blocking only where it is safe to read the host array later (CUDA); on MPS it is not
         x = x.to(self.device, non_blocking=self.device.type == "cuda")
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=(h > size or w > size))
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
         tokens, valid, pooled = batch_embeddings([embedding] * n, self.model.cfg.max_text_tokens, self.device)
         use_bf16 = self.device.type == "cuda"
 

@@ -232,7 +232,8 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
     unnamed = [f for f in chosen.files if not_utf8(f)]
     if unnamed:  # SimpleITK cannot take such a name (and aborts on one); the slice cannot be left out
         raise InputError(folder, f"DICOM series {label}: {_names([shown_path(f) for f in unnamed])} "
-                                 f"{'has a name that is' if len(unnamed) == 1 else 'have names that are'} {why_unnamed(unnamed)}, "
+                                 f"{'has a name that is' if len(unnamed) == 1 else 'have names that are'} "
+                                 f"{why_unnamed(unnamed)}, "
                                  "which the DICOM reader cannot open; rename "
                                  f"{'it' if len(unnamed) == 1 else 'them'}")
     found = _unreadable_dicom_files(folder, infos, chosen)

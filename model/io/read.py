@@ -209,7 +209,8 @@ def _check_nrrd_dimension(p: Path) -> None:
             try:
                 n = int(value.strip())
             except ValueError:
-                raise InputError(p, f"its NRRD dimension {value.strip()!r} is not a number; the header is corrupt") from None
+                raise InputError(p, f"its NRRD dimension {value.strip()!r} is not a number; the header is "
+                                    "corrupt") from None
             if not 1 <= n <= 4:
                 raise InputError(p, f"is an NRRD of dimension {n}; a 2D or 3D volume is needed")
             return

@@ -252,8 +252,8 @@ def real_examples(folder: Path, split: str, size: int = 256, negatives: bool = T
     each mask is read on its image's grid (evaluate.mask_on_grid: a mask of another shape or
     placement is refused, naming it). Each lesion-bearing slice gives one positive example;
     volumes also give their lesion-free slices as negatives, and with `negatives` every slice is
-    also paired with a prompt of a target that is absent (e.g. a lung CT asked for "multiple sclerosis lesion"; for a prompt that names no
-    known target, not a target it `could_name`). With `offsets_mm` the images
+    also paired with a prompt of a target that is absent (e.g. a lung CT asked for "multiple
+    sclerosis lesion"; for a prompt that names no known target, not a target it `could_name`). With `offsets_mm` the images
     are N x (1 + len) x S x S: the slice and its 2.5D context (a single-slice case repeats
     itself). ``split_file``: the case_id,split CSV (see REAL_SPLIT); ``rows``: the split's rows
     when already chosen (real_split_rows), else read from both files.
