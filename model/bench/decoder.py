@@ -20,7 +20,8 @@ from ..network.decoder import AUTO_ATTENTION_IMPL, POS_DIM, sine_positions
 from ..network.graphs import capture, graphs_available
 from ..runtime import tune_allocator
 from ..devices import resolve_device
-from .machine import describe, machine_description, write_text
+from ..io import write_text
+from .machine import describe, machine_description
 
 
 WARMUP_CALLS = 3  # untimed calls before the repeats (allocation, kernel selection)

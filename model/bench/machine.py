@@ -1,10 +1,9 @@
-"""What every benchmark report carries: the machine it ran on, and writing a result file."""
+"""What every benchmark report carries: the machine it ran on (results are written by io.write_text)."""
 
 from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 
 def machine_description() -> dict:
@@ -37,11 +36,3 @@ def describe(m: dict) -> str:
     load = m.get("load_average_1_5_15_min")
     return (f"{m.get('gpu') or m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
             f"{m.get('date_utc', '?')} UTC" + (f", load average {load[0]:.1f}" if load else ""))
-
-
-def write_text(path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (a benchmark interrupted leaves the old result)."""
-    from ..io import atomic_output
-
-    with atomic_output(path, overwrite=True) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")

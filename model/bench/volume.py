@@ -20,7 +20,8 @@ import numpy as np
 from .. import runtime
 from ..errors import BoltzformerError
 from ..options import DEFAULT_MIRROR
-from .machine import describe, machine_description, write_text
+from ..io import write_text
+from .machine import describe, machine_description
 
 
 def bench_ct(slices: int, size: int = 512, seed: int = 0):

@@ -33,7 +33,7 @@ writes).
 from .dicom import SeriesInfo, list_dicom_series
 from .formats import (DICOM_EXTENSIONS, INPUT_EXTENSIONS, INPUT_FORMATS, OUTPUT_EXTENSIONS, extension_of,
                       has_dicom_preamble)
-from .output import OutputSet, atomic_output, check_output_path, write_volume
+from .output import OutputSet, atomic_output, check_output_path, write_text, write_volume
 from .read import read_volume
 from .volume import Volume, require_finite
 
@@ -44,6 +44,7 @@ __all__ = [
     "OutputSet",
     "read_volume",
     "write_volume",
+    "write_text",
     "list_dicom_series",
     "check_output_path",
     "atomic_output",

@@ -341,6 +341,14 @@ def atomic_output(path, overwrite: bool = False) -> Iterator[Path]:
 
 
 
+def write_text(path, text: str) -> Path:
+    """Replace ``path`` with ``text`` (UTF-8) atomically: an interrupted write leaves the old file
+    (a benchmark's result, a training run's config); OSErrors become OutputError naming it."""
+    with atomic_output(path, overwrite=True) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 def same_file(a, b) -> bool:
     """Whether two paths name one file: the same file on disk when both exist; otherwise the same
     real path (links followed, dangling ones too), compared case-folded on macOS and Windows,

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from ..checkpoint import save_model
 from ..devices import fast_layout
 from ..errors import Terminated
+from ..io import write_text
 from ..network.boltzformer import BoltzFormer, build_model, count_parameters
 from ..network.config import get_config
 from ..network.text import SentenceEncoder, batch_embeddings, normalise_prompt
@@ -496,7 +497,7 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     if not synth_val.masks.any():  # no Dice on it: no score, and no best.safetensors would be chosen
         raise BoltzformerError(f"the synthetic validation set (synth_val={cfg.synth_val}) holds no lesion, so no "
                                "epoch could be scored and best.safetensors never written; raise synth_val")
-    _write_text_atomic(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     _remove_stale_temporaries(out)
     # A 2D network reads channel 0 (the slice itself) of the phantom cache the 2.5D networks use,
     # so both train on the same phantom slices and share one cache.
@@ -728,17 +729,6 @@ def _check_same_cases(state: dict, cases: dict[str, list[str]], ckpt: Path) -> N
                          f" (e.g. {sorted((now - before) or (before - now))[0]})")
     raise BoltzformerError(f"{ckpt} started with other real cases in its splits ({'; '.join(moved)}); a resumed run "
                            "reads the same cases (split_file and real_dir may move, not change): give another --out")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    from ..errors import OutputError, os_problem
-    from ..io import atomic_output
-
-    try:
-        with atomic_output(path, overwrite=True) as tmp:
-            Path(tmp).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise OutputError(path, f"cannot be written ({os_problem(exc)})") from None
 
 
 # The temporary files of the run's own writes (atomic_output's ".<name>.tmp-XXXX<ext>", the
