@@ -135,6 +135,7 @@ def read_dicom_file(p: Path, context: str = "", allow_gaps: bool = False) -> Vol
             image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(p, f"cannot be read as DICOM: not a DICOM image or corrupt{detail(exc, printed)}") from None
+    image = _as_stack(image, header, int(ds.get("NumberOfFrames") or 1), p)
     tags = _tags_of(ds)  # the header read once serves the checks, the tags and the frames
     volume = Volume.from_sitk(image, path=p, modality=_modality_of(tags.get("Modality")), metadata=tags)
     frames = _frame_headers(ds, p.name, header)
@@ -261,6 +262,7 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
                 image = reader.Execute()
         except RuntimeError as exc:
             raise InputError(folder, f"DICOM series {label} cannot be read{detail(exc, printed)}") from None
+        image = _as_stack(image, headers[0], len(plan.files), folder)
         tags = _dicom_tags(plan.files[0])
         volume = _apply_plan(Volume.from_sitk(image, path=folder, modality=_modality_of(tags.get("Modality")),
                                               metadata=tags), plan)
@@ -290,6 +292,25 @@ def _images_of_series(headers: list[_SliceHeader], label: str, folder) -> tuple[
     if not images:
         raise InputError(folder, f"DICOM series {label} holds no image ({_names([h.file for h in headers])})")
     return images, notes
+
+
+def _as_stack(image: sitk.Image, header: _SliceHeader, n_slices: int, where) -> sitk.Image:
+    """``image`` as (columns, rows, n_slices) pixels. GDCM drops an image axis of one pixel:
+    a series of 1-row slices came back as (columns, n_slices, 1), its slice axis where the rows
+    belong. The pixels are in slice, row, column order all the same; only the shape and the
+    geometry (set by the slice plan or the header afterwards) are rebuilt."""
+    wanted = (header.columns, header.rows, n_slices)
+    if image.GetDimension() == 3 and tuple(image.GetSize()) == wanted:
+        return image
+    if image.GetDimension() == 2 and n_slices == 1 and tuple(image.GetSize()) == wanted[:2]:
+        return image
+    array = sitk.GetArrayFromImage(image)
+    if array.size != int(np.prod(wanted)):
+        raise InputError(where, f"was read as {'x'.join(map(str, image.GetSize()))} pixels where its headers "
+                                f"say {'x'.join(map(str, wanted))} (columns x rows x slices); corrupt?")
+    out = sitk.GetImageFromArray(array.reshape(wanted[::-1]))
+    out.SetOrigin(tuple(image.GetOrigin()) + (0.0,) * (3 - image.GetDimension()))
+    return out
 
 
 def _apply_plan(volume: Volume, plan: _SlicePlan) -> Volume:

@@ -202,3 +202,20 @@ def test_a_folder_scanned_twice_is_scanned_once_until_its_files_change(tmp_path,
     os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))  # rewritten in place
     list_dicom_series(tmp_path / "s")
     assert len(scans) == 3
+
+
+@pytest.mark.parametrize("shape", [(1, 56), (48, 1), (1, 1)])
+def test_a_series_of_one_row_or_one_column_slices_keeps_its_slice_axis(tmp_path, shape):
+    """GDCM drops an image axis of one pixel: a stack of 1-row slices came back as (1, slices,
+    columns), the slices laid out as rows, with the identity for its direction. The same pixels
+    stored with a second row must read the same, voxel for voxel and in the same place."""
+    rows, columns = shape
+    hu = (np.arange(10 * rows * columns).reshape(10, rows, columns) % 2000 - 1000).astype(np.int16)
+    write_ct_series(tmp_path / "thin", hu)
+    write_ct_series(tmp_path / "wide", np.concatenate([hu, hu], axis=1 if rows == 1 else 2))
+    thin, wide = read_volume(tmp_path / "thin"), read_volume(tmp_path / "wide")
+    assert thin.shape == (10, rows, columns)
+    np.testing.assert_array_equal(thin.array, wide.array[:, :rows, :columns])
+    np.testing.assert_allclose(thin.spacing_mm, wide.spacing_mm)
+    np.testing.assert_allclose(thin.origin_mm, wide.origin_mm)
+    np.testing.assert_allclose(thin.direction, wide.direction)
