@@ -620,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="training config JSON (e.g. resources/boltzformer-s.train.json)")
     tr.add_argument("--out", required=True, help="output folder (resumes from its last.pt)")
     tr.add_argument("--max-minutes", type=number(0.0, above=True), default=None,
-                    help="stop after this many minutes (resume later)")
+                    help="stop after this many minutes of training (at least one step), exit status 75; the same "
+                         "command goes on from there")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config entry, e.g. --set steps=200 (JSON values)")
     tr.set_defaults(func=cmd_train)

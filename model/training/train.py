@@ -8,7 +8,8 @@ name and overrides, data sizes and seeds, optimiser settings. Training resumes f
 checkpoint holds the weights, the optimiser, the step, the random generators' states (a run in
 chunks gives the same weights as one straight run) and the config, which a resumed run must
 keep (only RESUME_MAY_CHANGE may differ). It is written at every epoch's end, when
---max-minutes runs out, and on Ctrl-C or SIGTERM between two steps.
+--max-minutes runs out (the command then exits 75: steps are left), and on Ctrl-C or SIGTERM
+between two steps.
 Outputs: `<out>/log.csv` (one row per epoch: losses, held-out Dice), `<out>/curves.png`,
 `<out>/best.safetensors` + `.json` (best score on the synthetic validation split),
 `<out>/last.safetensors` + `.json` (the last epoch), `<out>/last.pt` (the checkpoint) and
@@ -452,9 +453,15 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=90)
 
 
+# EX_TEMPFAIL of sysexits.h: the leg ended on --max-minutes with steps left; run the command again
+EXIT_UNFINISHED = 75
+
+
 # -- training ---------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
-    """Train (or resume) into out_dir; stop after cfg.steps or max_minutes. Returns best weights path."""
+    """Train (or resume) into out_dir up to cfg.steps; returns the best weights' path. Raises
+    Unfinished when max_minutes ends the leg first, KeyboardInterrupt (Terminated for
+    SIGTERM) on Ctrl-C; each after checkpointing the steps done."""
     from ..devices import resolve_device
 
     from ..errors import BoltzformerError, OutputError, os_problem
@@ -571,10 +578,11 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
     model.train()
     started = time.perf_counter()
     minutes_before = float(state.get("minutes", rows[-1]["minutes"] if rows else 0.0)) if state is not None else 0.0
-    saved_at = step
+    saved_at = first_step = step
     with _stop_between_steps() as stop:
         while step < cfg.steps and not stop.is_set():
-            if max_minutes is not None and (time.perf_counter() - started) > 60 * max_minutes:
+            # at least one step per leg, so that legs with a short budget still get somewhere
+            if max_minutes is not None and step > first_step and (time.perf_counter() - started) > 60 * max_minutes:
                 log.info("time budget reached at step %d; the same command goes on from there", step)
                 break
             for g in opt.param_groups:
@@ -606,13 +614,23 @@ def train(cfg: TrainConfig, out_dir, max_minutes: float | None = None) -> Path:
                 saved_at = step
         if step > saved_at:  # stopped mid-epoch (--max-minutes, Ctrl-C, SIGTERM): keep the steps done
             checkpoint()
-        if step < cfg.steps and not stop.is_set():
-            print(f"stopped at step {step} of {cfg.steps}; the same command goes on from there")
         if stop.is_set():
             stopped = Terminated() if stop.signum == signal.SIGTERM else KeyboardInterrupt()
             stopped.note = f"the checkpoint {ckpt} holds step {step}; the same command goes on from there"
             raise stopped
+    if step < cfg.steps:
+        raise Unfinished(f"stopped at step {step} of {cfg.steps} (--max-minutes {max_minutes:g}); the same command "
+                         "goes on from there", out / "best.safetensors")
     return out / "best.safetensors"
+
+
+class Unfinished(Exception):
+    """The time budget (--max-minutes) ended a training leg before its last step; the
+    checkpoint holds the steps done. ``best`` is the best weights written so far (may not exist)."""
+
+    def __init__(self, message: str, best: Path):
+        super().__init__(message)
+        self.best = best
 
 
 @contextlib.contextmanager
@@ -824,6 +842,11 @@ def run_train(args) -> int:
     out = Path(args.out)
     try:
         best = train(cfg, out, max_minutes=args.max_minutes)
+    except Unfinished as exc:  # a status of its own: a wrapper can tell "run again" from "done"
+        print(exc)
+        if exc.best.is_file():
+            print(f"best weights so far: {exc.best}")
+        return EXIT_UNFINISHED
     except KeyboardInterrupt as exc:  # before the loop, or a second Ctrl-C inside it
         if not getattr(exc, "note", None):
             exc.note = (f"{out / 'last.pt'} holds the last checkpoint; the same command goes on from there"

@@ -99,6 +99,25 @@ def test_short_run_writes_log_plot_weights_and_resumes(cfg, tmp_path):
     assert json.loads((out / "train_config.json").read_text())["steps"] == 6
 
 
+def test_a_leg_ended_by_max_minutes_exits_75_and_the_same_command_finishes_it(cfg, tmp_path, capsys):
+    """--max-minutes ending a leg with steps left exited 0, as a finished run does: a wrapper
+    looping "until done" could not tell. Now 75 (EX_TEMPFAIL: run again), then 0 once done."""
+    import dataclasses
+
+    from boltzformer.cli import main
+
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(dataclasses.asdict(cfg)))
+    out = tmp_path / "legs"
+    assert main(["train", "--config", str(config), "--out", str(out), "--max-minutes", "1e-9"]) == 75
+    said = capsys.readouterr().out
+    step = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert step < cfg.steps and f"stopped at step {step} of {cfg.steps}" in said
+    assert main(["train", "--config", str(config), "--out", str(out)]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == cfg.steps
+    assert "best weights:" in capsys.readouterr().out
+
+
 def test_a_run_stopped_mid_epoch_and_resumed_gives_the_weights_of_a_straight_run(cfg, tmp_path, monkeypatch):
     """Ctrl-C is taken between two steps: the checkpoint holds step 3 (mid-epoch) with the
     random generators' states, and the resumed run ends on the very weights of a run never
