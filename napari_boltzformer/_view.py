@@ -82,6 +82,8 @@ class CanvasLabels:
         viewer.dims.events.current_step.connect(self.update)
         viewer.dims.events.order.connect(self.update)
         viewer.dims.events.ndisplay.connect(self.update)
+        viewer.dims.events.order.connect(self.keep_leading_axes_hidden)
+        viewer.dims.events.ndisplay.connect(self.keep_leading_axes_hidden)
         _camera(viewer).events.orientation.connect(self.update)
         viewer.layers.events.inserted.connect(self.update)
         viewer.layers.events.removed.connect(self.update)
@@ -93,6 +95,8 @@ class CanvasLabels:
                        _camera(viewer).events.orientation, viewer.layers.events.inserted,
                        viewer.layers.events.removed):
             signal.disconnect(self.update)
+        for signal in (viewer.dims.events.order, viewer.dims.events.ndisplay):
+            signal.disconnect(self.keep_leading_axes_hidden)
         for key in [*(_edge_key(e) for e in EDGES), SLICE_KEY, LEGEND_KEY]:
             if key in viewer.canvas.overlays:
                 viewer.canvas.overlays[key].visible = False
@@ -113,6 +117,18 @@ class CanvasLabels:
                 if layer.metadata.get(ROLE_KEY) in roles:
                     return layer
         return None
+
+    def keep_leading_axes_hidden(self, event=None):
+        """Rolling the axes (Ctrl-E) or transposing rolls the heatmap's "decoder layer" axis
+        along with the image's, and the canvas then showed decoder layer against slice. The
+        leading axes stay first (never displayed); the image's axes keep the order asked for."""
+        image = self.image_layer()
+        dims = self.viewer.dims
+        leading = dims.ndim - image.ndim if image is not None else 0
+        if leading <= 0 or not any(a < leading for a in dims.displayed):
+            return
+        order = list(dims.order)
+        dims.order = tuple(a for a in order if a < leading) + tuple(a for a in order if a >= leading)
 
     def update(self, event=None):
         viewer = self.viewer

@@ -2,7 +2,7 @@
 table's arrow keys jump, Tab leaves the table, the slices keep the arrow keys after a run, Enter
 in an open completion list picks and does not run, Escape stops, the focus stays on the panel's
 buttons, "current slice" in a sagittal view, Restore view across 2D and 3D, the layers that take
-review keys, and names for screen readers."""
+review keys, names for screen readers, and rolling the axes (Ctrl-E)."""
 
 from __future__ import annotations
 
@@ -154,3 +154,21 @@ def test_the_heatmap_line_names_the_axial_slice_in_other_views(reviewing, qtbot)
     panel.heatmap.update_info()
     z = int(viewer.dims.current_step[-3])
     assert f"axial slice {z} (not the plane on screen)" in panel.heatmap.info_label.text()
+
+
+def test_rolling_the_axes_never_puts_the_decoder_layer_on_screen(reviewing, qtbot):
+    """Ctrl-E (roll axes) twice showed decoder layer against slice: the heatmap's leading axis
+    rolled along with the image's. It stays first; the image's axes roll among themselves."""
+    viewer, panel = reviewing
+    seen = []
+    for _ in range(4):
+        viewer.dims.roll()
+        assert 0 not in viewer.dims.displayed, viewer.dims.order
+        seen.append(tuple(viewer.dims.displayed))
+    assert len(set(seen)) == 3  # axial, and the two other planes of the image
+    viewer.dims.ndisplay = 3
+    viewer.dims.roll()
+    assert sorted(viewer.dims.displayed) == [1, 2, 3]
+    viewer.dims.ndisplay = 2
+    viewer.dims.transpose()
+    assert 0 not in viewer.dims.displayed
