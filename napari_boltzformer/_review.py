@@ -24,8 +24,8 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ._layers import layer_array
-from ._review_keys import KEYS, TableKeys, keys_taken_by
-from ._view import shown_voxel
+from ._review_keys import KEYS, LOOK_KEY, TableKeys, keys_taken_by
+from ._view import pointed_position, shown_voxel
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,10 @@ class ReviewPanel:
             self.buttons[action] = button
         self.look_button = QPushButton("Look here")
         self.look_button.setCheckable(True)
-        self.look_button.setToolTip("Then click the canvas (or Alt-click at any time): the slices there are "
-                                    "segmented again with the model's sampling pulled toward the click; what it "
-                                    "finds is added as a candidate to accept or reject")
+        self.look_button.setToolTip("Then click the canvas (or Alt-click at any time, or press H: under the "
+                                    "pointer, else at the centre of the view): the slices there are segmented "
+                                    "again with the model's sampling pulled toward the spot; what it finds is "
+                                    "added as a candidate to accept or reject")
         self.look_button.toggled.connect(self._on_look_toggled)
         buttons.addWidget(self.look_button, 3)
         lay.addLayout(buttons)
@@ -135,6 +136,7 @@ class ReviewPanel:
 
         for action, (key, _) in KEYS.items():
             viewer.bind_key(key, on_key(action), overwrite=True)
+        viewer.bind_key(LOOK_KEY, on_key("look"), overwrite=True)
 
         def on_mouse(_viewer, event):
             me = ref()
@@ -288,7 +290,7 @@ class ReviewPanel:
                 "the review: select the image or the mask layer to review with the keys (the buttons always work)")
 
     def act(self, action: str):
-        """next | previous | accept | reject | undo (a key, a button or a table shortcut)."""
+        """next | previous | accept | reject | undo | look (a key, a button or a table shortcut)."""
         from napari.utils.notifications import show_error, show_info
 
         if self.view() is None:
@@ -304,6 +306,9 @@ class ReviewPanel:
                 self.step(+1 if action == "next" else -1)
             elif action == "undo":
                 self.undo()
+            elif action == "look":  # H on the canvas: look here without the mouse click
+                self.look_button.setChecked(False)
+                self.look_here_at(pointed_position(self.panel.viewer))
             else:
                 self.decide("accepted" if action == "accept" else "rejected")
         except ValueError as exc:  # a row that vanished under an edit, etc.: say so, never raise into Qt
@@ -417,7 +422,8 @@ class ReviewPanel:
         viewer = self.panel.viewer
         if checked:
             viewer.cursor.style = "crosshair"
-            self.panel.status_label.setText("look here: click the spot on the canvas (the button again: cancel)")
+            self.panel.status_label.setText("look here: click the spot on the canvas, or press H for the centre of the view "
+                                            "(the button again: cancel)")
             return
         active = viewer.layers.selection.active  # back to what the active layer's mode shows
         viewer.cursor.style = getattr(active, "cursor", "standard") if active is not None else "standard"

@@ -1,6 +1,6 @@
 """The review's keys: N / Shift-N next / previous, A accept, R reject, U undo, on the canvas (viewer
 key bindings) and on the focused lesion table (an event filter, before the table's type-to-search),
-and which of them an active layer takes for itself.
+H (look here) on the canvas, and which of them an active layer takes for itself.
 
 napari gives a layer's own key bindings precedence over the viewer's: with a Points layer active,
 A selects all its points in the slice; with a Shapes layer active, A selects shapes and R draws
@@ -16,6 +16,8 @@ from qtpy.QtCore import QEvent, QObject, Qt
 # action -> (key on the canvas, as napari names it; Qt key on the focused table)
 KEYS = {"next": ("n", Qt.Key.Key_N), "previous": ("Shift-N", Qt.Key.Key_N), "accept": ("a", Qt.Key.Key_A),
         "reject": ("r", Qt.Key.Key_R), "undo": ("u", Qt.Key.Key_U)}
+# look here on the canvas, under the pointer or at the view's centre (L is napari's label picker)
+LOOK_KEY = "h"
 
 
 def keys_taken_by(layer) -> list[str]:
@@ -29,7 +31,7 @@ def keys_taken_by(layer) -> list[str]:
         actions = action_manager._actions
     except (ImportError, AttributeError):
         return []
-    ours = {key.replace("-", "+").upper(): key for key, _ in KEYS.values()}
+    ours = {key.replace("-", "+").upper(): key for key in [k for k, _ in KEYS.values()] + [LOOK_KEY]}
     taken = set()
     for name, shortcuts in default_shortcuts.items():
         action = actions.get(name)

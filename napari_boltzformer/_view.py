@@ -176,6 +176,19 @@ def _camera(viewer):
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
+def pointed_position(viewer) -> tuple:
+    """The world position a key press on the canvas means: under the mouse pointer when it is on
+    the canvas, else the centre of the view (the shown slice, the camera's centre in plane),
+    which a reader without a mouse reaches by jumping, zooming and stepping slices."""
+    if getattr(viewer, "mouse_over_canvas", False):
+        return tuple(viewer.cursor.position)
+    point = list(viewer.dims.point)
+    displayed = list(viewer.dims.displayed)
+    for axis, value in zip(displayed, tuple(_camera(viewer).center)[-len(displayed):]):
+        point[axis] = float(value)
+    return tuple(point)
+
+
 class SavedView:
     """The camera (centre, zoom) and the 2D or 3D display of before the first jump to a lesion,
     for Restore view. It is put back in the display it was kept in only: a 2D camera's centre

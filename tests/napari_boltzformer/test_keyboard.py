@@ -172,3 +172,26 @@ def test_rolling_the_axes_never_puts_the_decoder_layer_on_screen(reviewing, qtbo
     viewer.dims.ndisplay = 2
     viewer.dims.transpose()
     assert 0 not in viewer.dims.displayed
+
+
+def test_h_looks_here_under_the_pointer_or_at_the_centre_of_the_view(reviewing, qtbot, monkeypatch):
+    """Look here needed a mouse click. H on the canvas looks under the pointer, or, with the
+    pointer off the canvas, at the centre of the view, where a jump to a lesion puts it."""
+    from napari_boltzformer._view import shown_voxel
+
+    viewer, panel = reviewing
+    asked = []
+    monkeypatch.setattr(panel.reviewer, "look_here_at", asked.append)
+    panel.reviewer.select(1)  # jumps: the camera is centred on row 1's lesion
+    lesion = panel.table.lesion_at(1)
+    canvas = viewer.window._qt_viewer.canvas.native
+    viewer.mouse_over_canvas = False
+    qtbot.keyClick(canvas, Qt.Key.Key_H)
+    mask = panel._mask_layer_of(panel._active_run)
+    voxel = np.asarray(shown_voxel(viewer, mask, asked[-1]), float)
+    np.testing.assert_allclose(voxel, lesion["centroid_voxel_zyx"], atol=1.0)
+    viewer.mouse_over_canvas = True
+    viewer.cursor.position = tuple(viewer.dims.point[:-2]) + (1.5, 2.5)
+    panel.reviewer.look_button.setChecked(True)  # armed, then H: H decides, and disarms
+    qtbot.keyClick(canvas, Qt.Key.Key_H)
+    assert asked[-1] == viewer.cursor.position and not panel.reviewer.look_button.isChecked()
