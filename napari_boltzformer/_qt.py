@@ -28,6 +28,16 @@ class PanelScroll(QScrollArea):
         super().showEvent(event)
 
 
+def scroll_to(widget: QWidget) -> None:
+    """Scroll the PanelScroll holding `widget` so that it shows (on a 1280 x 720 screen the lesion
+    table lies below the fold); nothing when it already shows or is in no PanelScroll."""
+    holder = widget.parentWidget()
+    while holder is not None and not isinstance(holder, PanelScroll):
+        holder = holder.parentWidget()
+    if holder is not None:
+        holder.ensureWidgetVisible(widget, 0, 0)
+
+
 def compact(combo: QComboBox, chars: int = 8) -> None:
     """A combo box that asks for the width of `chars` characters, not of its longest item."""
     combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)

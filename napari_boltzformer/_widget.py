@@ -28,6 +28,7 @@ from ._job import SEGMENTERS, JobOutcome, JobStatus, RunRequest, format_seconds,
 from ._layers import GEOMETRY_KEY, layer_array, to_layer_shape
 from ._lesion_table import intensity_header, lesion_totals, organ_totals
 from ._panel_ui import THRESHOLD_STEPS, build_ui
+from ._qt import scroll_to
 from ._request import NOT_STARTED, build_request, usable_image
 from ._result_layers import (RUN_KEY, keep_ground_truth_on_top, layer_of, outline_ground_truth, put_layers,
                              result_layers, wanted_layers)
@@ -317,8 +318,7 @@ class BoltzFormerWidget(QWidget):
             where = f"slices {kept[0]}..{kept[1] - 1}" if kept else "axial slices, counted from the canonical first"
             show_info(f"BoltzFormer: cancelled; showing the {finished} finished {where}")
         else:
-            # No count here: the threshold, the filters and the detector switch change it later,
-            # and the Lesions box above the table always shows the current one.
+            # No count here: the threshold and filters change it; the Lesions box shows the current one
             passes = (", each slice also mirrored" if result.mirror else "") + (", in three planes" if result.planes == "three" else "")
             self.status_label.setText(f"done in {format_seconds(elapsed)} on {outcome.device}{passes}")
         if self._post_settings() != (result.threshold, result.min_lesion_mm3, result.fp_reduction,
@@ -327,14 +327,15 @@ class BoltzFormerWidget(QWidget):
             result.rethreshold(threshold, min_mm3, fp_reduction=fp_on, nodule_detector=detector_on)
             show_info("BoltzFormer: applied the threshold and filter settings changed during the run")
         self.show_result(result, request, num_queries=outcome.num_queries, target=outcome.target, kind=outcome.kind)
+        if outcome.kind == "lesion":
+            scroll_to(self.table)  # the reader's next step: the table, below the fold on a small screen
 
     def _on_finished(self):
         self._worker = None
         self._set_running(False)
 
     def wait(self, timeout_s: float = 60.0):
-        """Block (processing Qt events) until the running job, and the 3D detector's candidate
-        pass, end; for scripts and tests."""
+        """Block (processing Qt events) until the run and the 3D detector's pass end (scripts, tests)."""
         from qtpy.QtWidgets import QApplication
 
         deadline = time.perf_counter() + timeout_s

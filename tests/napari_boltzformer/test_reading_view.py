@@ -401,6 +401,18 @@ def test_progress_footer_names_and_the_one_line_total(make_napari_viewer, qtbot,
     assert panel.result_label.toolTip().endswith("mL") and "\n" not in panel.result_label.text()
 
 
+def test_on_a_720p_screen_a_run_brings_the_lesion_table_into_view(make_napari_viewer, qtbot, reading_segmenter):
+    """At 1280 x 720 the table lay below the fold of the panel after a run: the reader had to
+    find it by scrolling. The panel now scrolls to it when a lesion run ends."""
+    viewer = shown_viewer(make_napari_viewer, size=(1280, 720))
+    add_volume(viewer, ct_volume(shape=(12, 96, 80)))
+    panel = panel_on(viewer, reading_segmenter)
+    run_and_wait(panel, qtbot)  # the heatmap's controls appear and push the table down
+    shown = lambda: panel.table.visibleRegion().boundingRect().height()  # noqa: E731
+    qtbot.waitUntil(lambda: shown() == panel.table.height(), timeout=2000)  # all of it (was: 19 px of it)
+    stop(panel)
+
+
 def test_ground_truth_is_an_outline_above_the_result(make_napari_viewer, qtbot, reading_segmenter):
     viewer = make_napari_viewer()
     image, truth = viewer.open_sample("napari-boltzformer", "chest_ct")
