@@ -45,9 +45,17 @@ def apply_nifti_geometry(volume: Volume, p: Path) -> Volume:
     return volume
 
 
-def read_sheared_nifti(p: Path) -> Volume:
-    """A NIfTI file ITK refuses to read ("orthonormal direction cosines": a sheared sform and no
-    qform), read by nibabel and placed by `apply_nifti_geometry`."""
+def nifti_version(p: Path) -> int | None:
+    """1 or 2 (NIfTI-1 or NIfTI-2, by the header size the file starts with), None if neither."""
+    raw = _raw_header(p)
+    return None if raw is None else raw[1]
+
+
+def read_nifti_by_nibabel(p: Path) -> Volume:
+    """A NIfTI file ITK refuses to read, read by nibabel and placed by `apply_nifti_geometry`:
+    a sheared sform and no qform ("orthonormal direction cosines"), or a NIfTI-2 file (ITK 5.4
+    reads NIfTI-1 only; NIfTI-2 is what a volume over 32767 voxels along an axis, or some
+    tools' defaults, give)."""
     import nibabel as nib
 
     try:

@@ -16,7 +16,8 @@ from ..errors import ITK_ASCII_ONLY, InputError, itk_cannot_name, not_utf8, why_
 from .dicom import read_dicom_file, read_dicom_folder
 from .formats import DICOM_EXTENSIONS, extension_of, file_kind, has_dicom_preamble, INPUT_EXTENSIONS, INPUT_FORMATS, starts_with
 from .itk import detail, itk_quiet
-from .nifti import GzipCheck, apply_nifti_geometry, check_nifti_complete, check_nifti_finite, read_sheared_nifti
+from .nifti import (GzipCheck, apply_nifti_geometry, check_nifti_complete, check_nifti_finite, nifti_version,
+                    read_nifti_by_nibabel)
 from .volume import Volume
 
 
@@ -99,10 +100,11 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         with itk_quiet() as printed:
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        if "orthonormal direction cosines" in str(exc) and format_name == "NIfTI":  # a sheared sform, no qform
+        if format_name == "NIfTI" and ("orthonormal direction cosines" in str(exc)  # a sheared sform, no qform
+                                       or nifti_version(p) == 2):
             check_nifti_complete(p)
             check_nifti_finite(p)
-            return read_sheared_nifti(p)
+            return read_nifti_by_nibabel(p)
         if "orthonormal direction cosines" in str(exc):  # a valid file, a geometry ITK cannot hold
             raise InputError(p, "its orientation matrix is sheared (not a rotation and voxel sizes), which ITK "
                                 "cannot read; resample it onto an orthonormal grid first") from None

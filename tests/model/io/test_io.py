@@ -116,6 +116,22 @@ def test_nibabel_written_nifti_reads_with_matching_affine(tmp_path):
     np.testing.assert_array_equal(vol.array, data.transpose(2, 1, 0))
 
 
+@pytest.mark.parametrize("name", ["ext2.nii", "ext2.nii.gz"])
+def test_a_nifti2_file_reads_as_its_nifti1_copy(tmp_path, name):
+    """ITK 5.4 reads NIfTI-1 only: a NIfTI-2 file (nibabel, AFNI and some converters write them)
+    was refused as "not a valid NIfTI file or corrupt"."""
+    affine = np.eye(4)
+    affine[:3, :3] = rotation(0, 0, 15) @ np.diag([0.9, 0.8, 3.0])
+    affine[:3, 3] = [40.0, -60.0, 12.0]
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)  # (x, y, z)
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "ext1.nii.gz"))
+    nib.save(nib.Nifti2Image(data, affine), str(tmp_path / name))
+    one, two = read_volume(tmp_path / "ext1.nii.gz"), read_volume(tmp_path / name)
+    np.testing.assert_array_equal(two.array, one.array)
+    assert two.array.dtype == one.array.dtype
+    np.testing.assert_allclose(two.affine_ras(), one.affine_ras(), atol=1e-5)
+
+
 def test_2d_round_trip(tmp_path):
     image = sitk.GetImageFromArray(np.arange(20, dtype=np.uint8).reshape(4, 5))
     image.SetSpacing((0.5, 0.6))
