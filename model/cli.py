@@ -195,6 +195,7 @@ def cmd_segment(args) -> int:
 
             bar = tqdm(total=None, unit="slice", desc="segmenting", file=sys.stderr, dynamic_ncols=True)
         t0 = time.perf_counter()
+        warned: set[str] = set()
         try:
             while True:
                 try:
@@ -202,6 +203,13 @@ def cmd_segment(args) -> int:
                 except StopIteration as stop:
                     result = stop.value
                     break
+                for w in p.warnings:  # the input's, before the run (a long one must not keep them to its end)
+                    if w not in warned:
+                        warned.add(w)
+                        if bar is None:
+                            _warn(w)
+                        else:  # above the progress bar, which stays at the bottom
+                            bar.write(f"boltzformer: warning: {w}", file=sys.stderr)
                 if bar is not None:
                     bar.total = p.slices_total
                     bar.update(p.slices_done - bar.n)
@@ -209,7 +217,8 @@ def cmd_segment(args) -> int:
             if bar is not None:
                 bar.close()
         for w in result.warnings:
-            _warn(w)
+            if w not in warned:
+                _warn(w)
         # all outputs to temporary files, checked; renamed together when the block ends
         outputs.write_volume("-o", result.mask_volume())
         if args.probabilities:

@@ -140,6 +140,12 @@ def to_canonical(volume: Volume) -> tuple[Volume, Reorientation, list[str]]:
     r = find_reorientation(volume.direction)
     d = np.asarray(volume.direction, float)
     warnings: list[str] = []
+    if volume.shape[0] == 1 and not r.keeps_slices:
+        # one sagittal or coronal slice: axial "slices" across it would be rows of one pixel
+        plane = "sagittal" if list(r.source_axis).index(2) == 0 else "coronal"
+        warnings.append(f"a single {plane} slice: segmented in its own plane, as stored; the model learnt axial "
+                        "slices, so treat the result as unverified")
+        return volume, IDENTITY, warnings
     tilt = slice_tilt_deg(d, r)
     if tilt > OBLIQUE_TILT_DEG:
         warnings.append(

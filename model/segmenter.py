@@ -5,8 +5,8 @@
     result.mask, result.probabilities, result.lesions
 
 `iter_segment` is the same work as a generator that yields `Progress` after every batch of
-slices and returns the `SegmentationResult`: GUIs run it in a worker thread and can stop it
-between batches.
+slices (and a first one, at 0 slices, carrying the warnings known before the network runs) and
+returns the `SegmentationResult`: GUIs run it in a worker thread and can stop it between batches.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ class Progress:
     slices_done: int
     slices_total: int  # slices x runs (with three planes, the coronal and sagittal slices too)
     elapsed_s: float
+    # the warnings about the input and the options, known before the network runs: the first
+    # Progress (0 slices done) carries them, so that a long run is not silent about them till its end
+    warnings: tuple[str, ...] = ()
 
     @property
     def fraction(self) -> float:
@@ -535,6 +538,7 @@ class Segmenter:
         click_yx = None if prior is None else prior.yx_fraction(reo, volume.shape, frame.shape)
         timings["inference"] = 0.0
         sweep = _Sweep(frame.shape, stop - start, runs, extra=sum(c.n_slices for c in cuts))
+        yield Progress(0, sweep.total_steps, time.perf_counter() - t_start, tuple(warnings))
         with runtime.network_heap():  # the tuned heap for the network, given back after it
             yield from self._run_slices(sweep, prepared, lo, start, frame, embedding, click_yx, prior, seed,
                                         batch_size or self.default_batch_size(), return_attention, should_stop,

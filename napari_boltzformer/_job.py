@@ -73,6 +73,7 @@ class JobOutcome:
     device: str | None = None
     num_queries: int | None = None  # of the network: the largest possible attention count
     notes: list[str] = field(default_factory=list)
+    warned: list[str] = field(default_factory=list)  # the result's warnings already shown as the run began
     target: str | None = None  # the vocabulary target the prompt names (boltzformer.synth.prompts)
     kind: str = "lesion"  # 'organ' (one structure) or 'lesion' (a candidate list): the default view
 
@@ -104,9 +105,9 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
         outcome.num_queries = int(segmenter.config.num_queries)
         yield JobStatus(f"segmenting on {outcome.device}", model=model_description(segmenter))
         try:
-            outcome.result = yield from segmenter.iter_segment(
+            outcome.result = yield from _warning_early(segmenter.iter_segment(
                 request.volume, request.prompt, should_stop=should_stop, **request.options
-            )
+            ), outcome)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory on an accelerator is retried
             if not is_out_of_memory(exc) or segmenter.device.type == "cpu":
                 raise
@@ -117,9 +118,9 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
             segmenter = load_segmenter("cpu")
             outcome.device = "cpu"
             yield JobStatus(f"segmenting on {outcome.device}", model=model_description(segmenter))
-            outcome.result = yield from segmenter.iter_segment(
+            outcome.result = yield from _warning_early(segmenter.iter_segment(
                 request.volume, request.prompt, should_stop=should_stop, **request.options
-            )
+            ), outcome)
         if outcome.result is not None:
             outcome.target, outcome.kind = prompt_kind(outcome.result.prompt)
     except BoltzformerError as exc:
@@ -128,6 +129,25 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
         log.exception("BoltzFormer run failed")
         outcome.error = f"BoltzFormer failed: {type(exc).__name__}: {exc}".splitlines()[0]
     return outcome
+
+
+def _warning_early(progress, outcome: JobOutcome):
+    """`progress` (Segmenter.iter_segment) passed on, with the warnings its first Progress carries
+    yielded as warning JobStatus items as the run begins (and noted in outcome.warned); returns
+    what it returns."""
+    try:
+        while True:
+            try:
+                item = next(progress)
+            except StopIteration as stop:
+                return stop.value
+            for text in item.warnings:
+                if text not in outcome.warned:
+                    outcome.warned.append(text)
+                    yield JobStatus(text, level="warning")
+            yield item
+    finally:
+        progress.close()
 
 
 def prompt_kind(prompt: str) -> tuple[str | None, str]:

@@ -305,7 +305,7 @@ class BoltzFormerWidget(QWidget):
         result = outcome.result
         if result is None:
             return
-        for text in result.warnings:
+        for text in (w for w in result.warnings if w not in outcome.warned):
             show_warning(text)
         elapsed = time.perf_counter() - self._run_started
         if not result.complete:

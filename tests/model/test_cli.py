@@ -277,6 +277,19 @@ def test_a_slice_range_past_the_end_is_segmented_up_to_the_end_with_a_warning(ct
     assert code == 0 and "slice range 2:100 reaches past the volume's 6 slices; slices 2:6 were segmented" in err
 
 
+def test_the_inputs_warnings_come_before_the_run_and_once(ct_path, tmp_path, tiny_weights, capsys, monkeypatch):
+    """A run of 10 000 slices said that its 1 x 1 pixel slices were too small only after its
+    282 s: the warnings known before the network runs were kept to the end."""
+    from boltzformer.segmenter import Segmenter
+
+    said, predict = [], Segmenter.predict_batch
+    monkeypatch.setattr(cli, "_warn", said.append)
+    monkeypatch.setattr(Segmenter, "predict_batch", lambda *a, **k: said.append("<batch>") or predict(*a, **k))
+    code, _, _ = run(segment_args(ct_path, tmp_path / "o.nii.gz", tiny_weights, "--slices", "2:100"), capsys)
+    past = [w for w in said if "reaches past the volume's 6 slices" in w]
+    assert code == 0 and len(past) == 1 and said.index(past[0]) < said.index("<batch>")
+
+
 def test_empty_prompt(ct_path, tmp_path, tiny_weights, capsys):
     code, _, err = run(["segment", ct_path, "-p", "  ", "-o", tmp_path / "o.nii.gz", "--weights", tiny_weights], capsys)
     # the library's message (options.check_prompt_text), checked before the volume is read

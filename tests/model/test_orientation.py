@@ -72,6 +72,20 @@ def test_the_warning_names_the_world_axis_the_slices_are_stacked_along(slice_axi
     assert f"acquired along {named}" in warnings[0]
 
 
+@pytest.mark.parametrize("normal, plane", [((1.0, 0.0, 0.0), "sagittal"), ((0.0, 1.0, 0.0), "coronal")])
+def test_a_single_sagittal_or_coronal_slice_is_segmented_in_its_own_plane(normal, plane):
+    """One sagittal slice was cut into axial "slices" one pixel wide: 256 rows of 256 x 1 pixels,
+    and lesions were reported along them. A single slice is segmented as the image it is."""
+    normal = np.array(normal)
+    in_plane = [np.array(v) for v in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)) if not np.allclose(v, normal)]
+    direction = np.stack([in_plane[0], in_plane[1], normal], axis=1)
+    full = _volume(direction)
+    volume = Volume(full.array[2:3].copy(), full.spacing_mm, full.origin_mm, direction, "CT", None, {})
+    canon, reo, warnings = to_canonical(volume)
+    assert reo.is_identity and canon is volume
+    assert len(warnings) == 1 and f"a single {plane} slice: segmented in its own plane" in warnings[0]
+
+
 def _rotation(axis: int, degrees: float) -> np.ndarray:
     t = np.deg2rad(degrees)
     i, j = [a for a in range(3) if a != axis]

@@ -153,9 +153,11 @@ def test_a_stopped_run_names_its_finished_slices_on_the_input_grid(segmenter, vo
 
 
 def test_progress_is_reported_per_batch(segmenter, volume):
+    """A first Progress at 0 slices (with the warnings known before the network runs), then one
+    per batch."""
     gen = segmenter.iter_segment(volume, "lung nodule", batch_size=2)
     done = [p.slices_done for p in gen]
-    assert done == [2, 4, 5]
+    assert done == [0, 2, 4, 5]
 
 
 def test_bad_arguments_are_user_errors(segmenter, volume):

@@ -39,6 +39,19 @@ def test_the_job_yields_status_then_progress_and_returns_the_result(tiny_segment
     assert progress[-1].slices_done == progress[-1].slices_total
 
 
+def test_the_inputs_warnings_are_yielded_as_the_run_begins_and_noted(tiny_segmenter):
+    """The panel showed the input's warnings (a range past the end, a tiny matrix...) only once
+    the whole run had ended; now as it begins, and not again at its end."""
+    request = _request()
+    request.options["slices"] = (2, 100)
+    items, outcome = _drain(segmentation_job(request, lambda device: tiny_segmenter, lambda: False))
+    warned = [i for i in items if isinstance(i, JobStatus) and i.level == "warning"]
+    first_batch = next(k for k, i in enumerate(items) if getattr(i, "slices_done", 0) > 0)
+    assert warned and all(items.index(w) < first_batch for w in warned)
+    assert any("reaches past the volume" in w.text for w in warned)
+    assert outcome.warned == [w.text for w in warned] and set(outcome.warned) <= set(outcome.result.warnings)
+
+
 def test_out_of_memory_on_an_accelerator_runs_again_on_the_cpu(tiny_segmenter):
     devices, released = [], []
 
