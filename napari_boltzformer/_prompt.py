@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qtpy.QtCore import QStringListModel, Qt
 from qtpy.QtWidgets import QCompleter, QLineEdit
 
@@ -79,3 +81,35 @@ class PromptEdit(QLineEdit):
 
     def _update(self):
         self._model.setStringList(list(dict.fromkeys([*PromptEdit.recent, *self._known])))
+
+
+def known_prompts(segmenter, weights) -> tuple[list[str], str, str]:
+    """(the prompts a model knows, the panel's model line, its tooltip) for a ready Segmenter, else
+    for the weights source (read from its config: no torch); the training vocabulary when neither
+    can say."""
+    known: list[str] = []
+    label = tip = ""
+    if segmenter is not None:
+        known = list(segmenter.known_prompts)
+        source = segmenter.info.get("weights_path")
+        label, tip = f"model: {Path(source).stem if source else 'injected'} on {segmenter.device}", str(source or "")
+    else:
+        from boltzformer import weights as weights_mod
+        from boltzformer.errors import BoltzformerError
+
+        try:
+            source = weights_mod.resolve(weights)
+            known = list(weights_mod.read_config(source.config_path).get("prompts", []))
+            where = "bundled" if source.description == "bundled" else str(Path(source.weights_path).parent)
+            label = f"model: {Path(source.weights_path).stem} ({where}); loads on first run"
+            tip = str(source.weights_path)
+        except BoltzformerError as exc:
+            label = f"model: {exc}"
+    if not known:  # no weights to ask: offer the training vocabulary
+        try:
+            from boltzformer.synth.prompts import all_prompts
+
+            known = list(all_prompts())
+        except ImportError:
+            pass
+    return known, label, tip

@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from pathlib import Path
 
 from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import QFormLayout, QWidget
@@ -28,6 +27,7 @@ from ._job import SEGMENTERS, JobOutcome, JobStatus, RunRequest, format_seconds,
 from ._layers import GEOMETRY_KEY, layer_array, to_layer_shape
 from ._lesion_table import intensity_header, lesion_totals, organ_totals
 from ._panel_ui import THRESHOLD_STEPS, build_ui
+from ._prompt import known_prompts
 from ._qt import scroll_to
 from ._request import NOT_STARTED, build_request, usable_image
 from ._result_layers import (RUN_KEY, keep_ground_truth_on_top, layer_of, outline_ground_truth, put_layers,
@@ -93,32 +93,9 @@ class BoltzFormerWidget(QWidget):
 
     def _load_prompt_list(self):
         """Completion list: prompts the model knows (read from its config, no torch) + recent."""
-        known: list[str] = []
-        if self._segmenter is not None:
-            known = list(self._segmenter.known_prompts)
-            source = self._segmenter.info.get("weights_path")
-            name = Path(source).stem if source else "injected"
-            self.model_label.setText(f"model: {name} on {self._segmenter.device}")
-            self.model_label.setToolTip(str(source or ""))
-        else:
-            from boltzformer import weights as weights_mod
-            from boltzformer.errors import BoltzformerError
-
-            try:
-                source = weights_mod.resolve(self._weights)
-                known = list(weights_mod.read_config(source.config_path).get("prompts", []))
-                where = "bundled" if source.description == "bundled" else str(Path(source.weights_path).parent)
-                self.model_label.setText(f"model: {Path(source.weights_path).stem} ({where}); loads on first run")
-                self.model_label.setToolTip(str(source.weights_path))
-            except BoltzformerError as exc:
-                self.model_label.setText(f"model: {exc}")
-        if not known:  # no weights to ask: offer the training vocabulary
-            try:
-                from boltzformer.synth.prompts import all_prompts
-
-                known = list(all_prompts())
-            except ImportError:
-                pass
+        known, label, tip = known_prompts(self._segmenter, self._weights)
+        self.model_label.setText(label)
+        self.model_label.setToolTip(tip)
         self.prompt_edit.set_known(known)
 
     # ---- viewer bookkeeping -------------------------------------------------------------------
@@ -129,13 +106,18 @@ class BoltzFormerWidget(QWidget):
         outline_ground_truth(self.viewer)
         self.prompt_edit.suggest_from(self.viewer)  # a sample opened: its prompt, ready to run
         self._refresh_images()
-        live = {(layer.metadata or {}).get(RUN_KEY) for layer in self.viewer.layers}
-        for run_id in list(self._results):
-            if run_id not in live:  # all its layers were deleted: forget its arrays
-                del self._results[run_id]
-                self._run_info.pop(run_id, None)
+        self._forget_runs_without_layers()
         if self._active_run not in self._results:
             self._set_active_run(None)
+
+    def _forget_runs_without_layers(self):
+        """Drop the arrays of runs no layer shows any more: all their layers deleted, or taken
+        over by a re-run of the same prompt (its layers are updated in place, with no layer event:
+        each re-run kept its predecessor's arrays, about 9 bytes a voxel)."""
+        live = {(layer.metadata or {}).get(RUN_KEY) for layer in self.viewer.layers}
+        for run_id in [r for r in self._results if r not in live]:
+            del self._results[run_id]
+            self._run_info.pop(run_id, None)
 
     def _refresh_images(self):
         images = self._image_layers()
@@ -368,6 +350,7 @@ class BoltzFormerWidget(QWidget):
         self._results[run_id] = (result, request)
         self._organ_cache = None
         put_layers(self.viewer, run_id, result, wanted, existing, self.heatmap.update_legend)
+        self._forget_runs_without_layers()
         self.reviewer.attach(run_id, result, request, self._run_info[run_id])
         keep_ground_truth_on_top(self.viewer)
         if request.image_name in self.viewer.layers:  # in the window the network saw

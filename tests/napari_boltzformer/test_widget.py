@@ -61,9 +61,12 @@ def test_rerunning_a_prompt_updates_its_layers_and_prompts_coexist(panel, viewer
     panel.seed_spin.setValue(5)
     run_and_wait(panel, qtbot)
     assert len(viewer.layers) == n_layers and viewer.layers[PROMPT] is first
+    run_and_wait(panel, qtbot)
+    assert len(panel._results) == 1  # each re-run kept its predecessor's arrays (9 bytes a voxel)
     panel.prompt_edit.setText("Brain  Lesion")
     run_and_wait(panel, qtbot)
     assert {PROMPT, "brain lesion"} <= {layer.name for layer in viewer.layers}
+    assert len(panel._results) == 2
     assert panel.prompt_edit.recent[:2] == ["brain lesion", PROMPT]
     assert "brain lesion" in panel.prompt_edit.completions()
 
