@@ -57,6 +57,8 @@ class RunRequest:
     want_probability: bool = True
     want_attention: bool = True
     keep_partial: bool = False
+    # the napari layer run on: at the end the result goes to it only if it is still that scan
+    image_layer: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -80,7 +80,29 @@ def build_request(panel) -> RunRequest | None:
         want_probability=panel.probability_check.isChecked(),
         want_attention=panel.attention_check.isChecked(),
         keep_partial=panel.keep_partial_check.isChecked(),
+        image_layer=layer,
     )
+
+
+def scan_changed_during(viewer, request: RunRequest) -> str | None:
+    """Why the result of `request` must not be shown (its image layer was closed, or given
+    other data or another placement, during the run), else None; an image layer renamed meanwhile
+    is followed (request.image_name takes its new name). The result layers are found and labelled
+    by that name: it went to whichever layer held the name at the end."""
+    layer = request.image_layer
+    if layer is None:  # a request made by hand (scripts, tests): its name is all there is
+        return None
+    if not any(other is layer for other in viewer.layers):
+        return f"the image '{request.image_name}' was closed during the run; its result was not shown"
+    try:
+        same = geometry_from_layer(layer) == request.geometry
+    except ValueError:
+        same = False
+    if not same:
+        return (f"the image '{layer.name}' was given other data or another placement during the run; its result "
+                "was not shown: run again")
+    request.image_name = layer.name
+    return None
 
 
 def scope_slices(panel, layer) -> tuple[int, int] | None:

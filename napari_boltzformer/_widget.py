@@ -29,7 +29,7 @@ from ._lesion_table import intensity_header, lesion_totals, organ_totals
 from ._panel_ui import THRESHOLD_STEPS, build_ui
 from ._prompt import known_prompts
 from ._qt import scroll_to
-from ._request import NOT_STARTED, build_request, usable_image
+from ._request import NOT_STARTED, build_request, scan_changed_during, usable_image
 from ._result_layers import (RUN_KEY, keep_ground_truth_on_top, layer_of, outline_ground_truth, put_layers,
                              result_layers, wanted_layers)
 from ._view import CanvasLabels, SavedView, zoom_to
@@ -286,6 +286,11 @@ class BoltzFormerWidget(QWidget):
             return
         result = outcome.result
         if result is None:
+            return
+        changed = scan_changed_during(self.viewer, request)
+        if changed:
+            self.status_label.setText("the image changed during the run; no layer was changed")
+            show_warning(f"BoltzFormer: {changed}")
             return
         for text in (w for w in result.warnings if w not in outcome.warned):
             show_warning(text)

@@ -164,6 +164,38 @@ def test_closing_the_dock_during_a_run_stops_it_and_changes_no_layer(panel, view
     assert any("panel was closed during the run" in m for _, m in notifications)
 
 
+def test_a_scan_renamed_during_the_run_keeps_its_result_and_a_new_one_under_its_name_gets_none(
+        panel, viewer, qtbot, tiny_segmenter, monkeypatch):
+    """The result went to whichever layer held the image's name when the run ended: renamed to
+    'ct A' with another scan opened as 'ct', A's mask was labelled as the other scan's."""
+    from napari_boltzformer._layers import GEOMETRY_KEY, SOURCE_KEY
+
+    calls = _count_batches(monkeypatch, tiny_segmenter, delay_s=0.3)
+    panel.batch_size = 2
+    first = viewer.layers["ct"]
+    panel.run()
+    qtbot.waitUntil(lambda: len(calls) >= 1, timeout=30_000)
+    first.name = "ct A"
+    add_volume(viewer, ct_volume(shape=(10, 30, 30)), name="ct")
+    qtbot.waitUntil(lambda: not panel.running, timeout=60_000)
+    mask = _roles(viewer)["mask"]
+    assert mask.metadata[SOURCE_KEY] == "ct A" and mask.data.shape == first.data.shape
+    assert mask.metadata[GEOMETRY_KEY] == first.metadata[GEOMETRY_KEY]
+
+
+def test_a_scan_closed_during_the_run_gets_no_result_layers(panel, viewer, qtbot, tiny_segmenter, monkeypatch,
+                                                           notifications):
+    calls = _count_batches(monkeypatch, tiny_segmenter, delay_s=0.3)
+    panel.batch_size = 2
+    panel.run()
+    qtbot.waitUntil(lambda: len(calls) >= 1, timeout=30_000)
+    viewer.layers.remove("ct")
+    add_volume(viewer, ct_volume(shape=(10, 30, 30)), name="ct")  # another scan, the same name
+    qtbot.waitUntil(lambda: not panel.running, timeout=60_000)
+    assert set(_roles(viewer)) == {"image"}
+    assert any("was closed during the run; its result was not shown" in m for _, m in notifications)
+
+
 def test_current_slice_scope_runs_one_slice(panel, viewer, qtbot, tiny_segmenter, monkeypatch):
     calls = _count_batches(monkeypatch, tiny_segmenter)
     panel.scope_combo.setCurrentText("current slice")
