@@ -56,8 +56,9 @@ class Exports:
         if layer is None:
             show_error("no mask to export: run a prompt first or select a labels layer")
             return None
-        if path is None:
-            path = self.ask_save_path("Save mask as NIfTI", self._default_folder() / f"{self._default_stem()}.nii.gz",
+        if path is None:  # named after the layer written: a labels layer of no run is not the active result
+            stem = self._default_stem() if layer is panel._mask_layer_of(panel._active_run) else _slug(layer.name)
+            path = self.ask_save_path("Save mask as NIfTI", self._default_folder() / f"{stem}.nii.gz",
                                       "NIfTI (*.nii.gz *.nii)", (".nii.gz", ".nii"))
             if path is None:
                 return None

@@ -364,6 +364,11 @@ class BoltzFormerWidget(QWidget):
             self._saved_view.restore(forget=True)
             self.restore_view_button.setEnabled(False)
         self._set_active_run(run_id)
+        # the panel shows the result whose layer is selected, and exports take the selected mask: a
+        # re-run updates its layers in place and left another run's layer selected
+        selected = self.viewer.layers.selection.active
+        if selected is not None and (selected.metadata or {}).get(RUN_KEY) not in (None, run_id):
+            self.viewer.layers.selection.active = self._mask_layer_of(run_id)
 
     def _layer_of(self, run_id: str | None, role: str):
         return layer_of(self.viewer, run_id, role)

@@ -265,6 +265,32 @@ def test_lesion_table_click_moves_the_viewer_to_the_lesion(panel, viewer, qtbot)
     assert np.allclose(_camera(viewer).center[-2:], world[-2:], atol=1e-6)
 
 
+def test_the_mask_export_writes_the_selected_layer_under_its_own_name(panel, viewer, qtbot, tmp_path, monkeypatch):
+    """Run on ct, run on ct2, select ct's mask, run ct2 again: the table showed ct2 while ct's
+    mask stayed selected, and Mask -> NIfTI offered ct2_lung_nodule.nii.gz holding ct's mask. A
+    run now selects its own mask; a labels layer of no run is offered under its own name."""
+    from qtpy.QtWidgets import QFileDialog
+
+    add_volume(viewer, ct_volume(shape=(10, 30, 30)), name="ct2")
+    panel.min_lesion_spin.setValue(0.0)
+    panel.image_combo.setCurrentText("ct")
+    run_and_wait(panel, qtbot)
+    first_mask = viewer.layers.selection.active = panel._mask_layer_of(panel._active_run)
+    panel.image_combo.setCurrentText("ct2")
+    run_and_wait(panel, qtbot)
+    viewer.layers.selection.active = first_mask  # back to ct's result
+    assert panel.active_result().mask.shape == first_mask.data.shape
+    run_and_wait(panel, qtbot)  # ct2 again: its layers are updated in place
+    assert viewer.layers.selection.active is panel._mask_layer_of(panel._active_run)
+    offered = []
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda parent, title, start, *a, **k: offered.append(start) or ("", ""))
+    panel.exports.mask_button.click()
+    assert Path(offered[-1]).name == "ct2_lung_nodule.nii.gz"
+    viewer.add_labels(np.zeros((12, 48, 40), np.uint8), name="my roi")  # drawn by hand: selected
+    panel.exports.mask_button.click()
+    assert Path(offered[-1]).name == "my_roi.nii.gz"
+
+
 def test_exports_round_trip(panel, viewer, qtbot, tmp_path, monkeypatch):
     import csv
 
