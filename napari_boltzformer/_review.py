@@ -498,6 +498,10 @@ class ReviewPanel:
             self.panel.status_label.setText("look here failed")
             show_error(error)
             return
+        if self.panel._mask_layer_of(session.run_id) is None:  # deleted meanwhile: the review went with it
+            self.panel.status_label.setText("")
+            show_info(f"look here: the '{session.result.prompt}' mask layer was closed meanwhile; nothing added")
+            return
         start, stop = found.slices
         where = f"slice {start}" if stop - start == 1 else f"slices {start}–{stop - 1}"
         if found.candidate is None:

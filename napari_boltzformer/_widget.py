@@ -76,6 +76,8 @@ class BoltzFormerWidget(QWidget):
         outline_ground_truth(napari_viewer)
         self.prompt_edit.suggest_from(napari_viewer)  # a sample opened before the panel: its prompt
         self._refresh_images()
+        self._gone = threading.Event()  # set once Qt has deleted the panel (a closed viewer)
+        self.destroyed.connect(self._gone.set)
         self.destroyed.connect(self._stop.set)  # a closed viewer stops a running job
         self.reviewer.connect()
         self.reviewer.adopt()  # a reopened panel takes over the reviewed results of its viewer
@@ -462,11 +464,15 @@ class BoltzFormerWidget(QWidget):
         self.status_label.setText("finding 3D nodule candidates…")
 
         def done(*_):
+            if self._gone.is_set():  # the viewer closed meanwhile: no label or layer left to update
+                return
             self._finder = None
             self.status_label.setText(status)
             self.apply_threshold(force=True)
 
         def failed(exc):
+            if self._gone.is_set():
+                return
             self.detector_check.setChecked(False)  # off again: the result stays as it was shown
             show_error(f"BoltzFormer: the 3D nodule detector failed: {type(exc).__name__}: {exc}".splitlines()[0])
 

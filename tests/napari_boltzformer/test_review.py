@@ -293,6 +293,16 @@ def test_look_here_on_nothing_adds_nothing_and_bad_clicks_are_notifications(revi
     assert any("organ mode shows one structure, nothing to accept or reject" in m for _, m in notifications)
 
 
+def test_look_here_ending_after_its_mask_layer_was_deleted_adds_nothing_and_raises_nothing(reviewing, notifications):
+    """The mask deleted while look here ran: its end raised AttributeError ('NoneType' object has
+    no attribute 'voxels') into Qt. Whatever it found (any object here) is not used."""
+    viewer, panel = reviewing
+    session = panel.reviewer.session()
+    viewer.layers.remove(mask_layer(viewer))
+    panel.reviewer._looked(session, (object(), None))
+    assert any("mask layer was closed meanwhile; nothing added" in m for _, m in notifications)
+
+
 def test_rejected_lesions_leave_the_total_and_a_key_right_after_a_stroke_is_kept(reviewing, qtbot):
     """The total above the table counts what the mask holds; R pressed within the edit delay of
     an erase stroke is kept (the stroke used to be taken in after it, and undid it)."""

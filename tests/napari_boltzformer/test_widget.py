@@ -196,6 +196,23 @@ def test_a_scan_closed_during_the_run_gets_no_result_layers(panel, viewer, qtbot
     assert any("was closed during the run; its result was not shown" in m for _, m in notifications)
 
 
+def test_closing_the_viewer_during_the_detectors_pass_raises_nothing(panel, viewer, qtbot):
+    """The 3D detector's candidate pass ended after the viewer had closed and its callback wrote
+    to the deleted status label: 'wrapped C/C++ object of type QLabel has been deleted'."""
+    add_volume(viewer, ct_volume(shape=(16, 48, 40)), name="ct16")  # 40 mm: the detector needs 32
+    panel.image_combo.setCurrentText("ct16")
+    run_and_wait(panel, qtbot)
+    result = panel.active_result()
+    find = result.find_detector_candidates
+    result.find_detector_candidates = lambda: time.sleep(1.0) or find()
+    panel.fp_check.setChecked(True)
+    panel.detector_check.setChecked(True)
+    panel.apply_threshold()
+    assert panel._finder is not None
+    viewer.close()
+    qtbot.wait(2500)  # the pass ends; pytest-qt fails the test on an exception in its callback
+
+
 def test_current_slice_scope_runs_one_slice(panel, viewer, qtbot, tiny_segmenter, monkeypatch):
     calls = _count_batches(monkeypatch, tiny_segmenter)
     panel.scope_combo.setCurrentText("current slice")
