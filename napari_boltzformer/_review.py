@@ -3,14 +3,14 @@
 A reader goes through the lesion table with the keyboard (on the canvas, or with the table
 focused): N / Shift-N next and previous lesion (the view jumps and zooms to it), A accept,
 R reject, U undo. Painting or erasing in the mask layer with napari's own tools updates the
-table (the layer's paint and data events, debounced). Alt-click on the canvas, or "Look here"
-then a click, re-runs the slices there with the sampling pulled toward the click
-(boltzformer.look_here) and adds what it finds as a candidate to accept or reject.
+table (the layer's paint and data events, debounced). Alt-click, "Look here" then a click, or
+H re-runs the slices there with the sampling pulled toward the spot (boltzformer.look_here) and
+adds what it finds as a candidate to accept or reject.
 
 Everything that decides (statuses, the undo stack, the threshold/edit merge rule, the sidecar)
-is boltzformer.review, which is tested without a viewer; this module only wires Qt and napari
-to it. The review of a mask layer lives in its metadata (REVIEW_KEY), so it survives
-re-thresholding and closing and reopening the panel.
+is boltzformer.review, tested without a viewer; this module wires Qt and napari to it. The
+review of a mask layer lives in its metadata (REVIEW_KEY): it survives re-thresholding and
+closing and reopening the panel, not deleting the layer.
 """
 
 from __future__ import annotations
@@ -145,12 +145,23 @@ class ReviewPanel:
 
         viewer.mouse_drag_callbacks.append(on_mouse)
 
+        def removed(event):  # napari cannot undo a deletion: at least say what went with it
+            session = (getattr(event.value, "metadata", None) or {}).get(REVIEW_KEY)
+            if ref() is not None and isinstance(session, ReviewSession) and session.review.has_decisions:
+                from napari.utils.notifications import show_warning
+
+                show_warning(f"the review of '{session.result.prompt}' was kept in the deleted mask layer "
+                             f"'{event.value.name}' and went with it; export reviewed masks before deleting them")
+
+        viewer.layers.events.removed.connect(removed)
+
         def closed(*_):
             me = ref()
             if me is not None:
                 me.alive = False
             if on_mouse in viewer.mouse_drag_callbacks:
                 viewer.mouse_drag_callbacks.remove(on_mouse)
+            viewer.layers.events.removed.disconnect(removed)
 
         self.panel.destroyed.connect(closed)
 
@@ -238,8 +249,7 @@ class ReviewPanel:
         return self._view_cache[1]
 
     def split_rows(self, min_diameter_mm: float) -> tuple[list[dict], list[dict]]:
-        """(rows shown, rows hidden by the size filter); reviewed and hand-made lesions are never
-        hidden by size: a reader's decision outranks a display filter."""
+        """(rows shown, rows hidden by the size filter); reviewed and hand-made lesions always shown."""
         view = self.view()
         if view is None:
             return [], []
@@ -294,7 +304,9 @@ class ReviewPanel:
         from napari.utils.notifications import show_error, show_info
 
         if self.view() is None:
-            show_info("review: nothing to review yet; run a lesion prompt first")
+            deleted = self.panel.active_result() is not None  # the mask layer, and the review in it
+            show_info("review: this result's mask layer was deleted, and its review with it; run the prompt "
+                      "again" if deleted else "review: nothing to review yet; run a lesion prompt first")
             return
         if self.panel.current_mode() != "lesion":
             show_info("review: organ mode shows one structure, nothing to accept or reject; switch the mode to lesions")
@@ -422,8 +434,8 @@ class ReviewPanel:
         viewer = self.panel.viewer
         if checked:
             viewer.cursor.style = "crosshair"
-            self.panel.status_label.setText("look here: click the spot on the canvas, or press H for the centre of the view "
-                                            "(the button again: cancel)")
+            self.panel.status_label.setText("look here: click the spot on the canvas, or press H for the centre "
+                                            "of the view (the button again: cancel)")
             return
         active = viewer.layers.selection.active  # back to what the active layer's mode shows
         viewer.cursor.style = getattr(active, "cursor", "standard") if active is not None else "standard"

@@ -303,6 +303,18 @@ def test_look_here_ending_after_its_mask_layer_was_deleted_adds_nothing_and_rais
     assert any("mask layer was closed meanwhile; nothing added" in m for _, m in notifications)
 
 
+def test_deleting_a_reviewed_mask_layer_says_the_review_went_with_it(reviewing, qtbot, notifications):
+    """The decisions live in the mask layer's metadata; deleting the layer dropped them without a
+    word, and the review keys then said "nothing to review yet" beside a full table."""
+    viewer, panel = reviewing
+    panel.reviewer.select(0)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    viewer.layers.remove(mask_layer(viewer))
+    assert any(s == "warning" and "was kept in the deleted mask layer" in m for s, m in notifications)
+    key(viewer, qtbot, Qt.Key.Key_N)
+    assert any("this result's mask layer was deleted, and its review with it" in m for _, m in notifications)
+
+
 def test_rejected_lesions_leave_the_total_and_a_key_right_after_a_stroke_is_kept(reviewing, qtbot):
     """The total above the table counts what the mask holds; R pressed within the edit delay of
     an erase stroke is kept (the stroke used to be taken in after it, and undid it)."""
