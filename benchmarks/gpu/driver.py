@@ -267,9 +267,8 @@ def bench_decoder():
 def bench_volume():
     """The 300 x 512^2 CT of `bench volume` (a 3D phantom chest), segmented in memory (no SimpleITK
     here: the read and write stages are timed on the CPU machine)."""
-    import resource
-
     from boltzformer.bench.volume import bench_ct
+    from boltzformer.runtime import peak_rss_mb
     from boltzformer.segmenter import Segmenter
 
     slices, size = (12, 128) if SMOKE else (300, 512)
@@ -298,7 +297,7 @@ def bench_volume():
                "timings_s": {k: float(v) for k, v in r.timings_s.items() if isinstance(v, (int, float))},
                "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None,
                "gpu_reserved_peak_mb": torch.cuda.max_memory_reserved() / 2**20 if DEVICE == "cuda" else None,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_rss_mb": peak_rss_mb(),
                "lesions": int(len(r.lesions)) if hasattr(r, "lesions") else None}
         res["runs"].append(row)
         say(f"volume {slices}x{size}^2 impl={impl} detector={detector} mirror={mirror}: {s:.2f} s segment "
