@@ -104,6 +104,24 @@ def stated_modality(volume) -> str | None:
     return None
 
 
+# A label map (a mask or a segmentation's labels) holds few small non-negative integers, mostly 0
+MAX_LABEL_VALUE = 255
+MAX_LABELS = 64
+
+
+def looks_like_label_map(array: np.ndarray) -> bool:
+    """True for a mask or label map, not a scan: integers in [0, MAX_LABEL_VALUE], at most
+    MAX_LABELS distinct non-zero values and at least half the voxels 0 (an empty mask included).
+    A CT in HU has negative values; an 8-bit image has hundreds of grey levels."""
+    if array.size == 0 or array.dtype.kind not in "iub":
+        return False
+    lo, hi = int(array.min()), int(array.max())
+    if lo < 0 or hi > MAX_LABEL_VALUE:
+        return False
+    counts = np.bincount(array.ravel().astype(np.uint8, copy=False), minlength=1)
+    return int(np.count_nonzero(counts[1:])) <= MAX_LABELS and counts[0] >= 0.5 * array.size
+
+
 def detect_modality(volume) -> str:
     """"CT" or "MR" for a :class:`~boltzformer.io.Volume`.
 

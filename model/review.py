@@ -364,6 +364,23 @@ def sidecar_path(path) -> Path:
     return path.with_name(name + ".review.json")
 
 
+def record_summary(mask_path) -> str | None:
+    """One sentence on the review record beside an exported mask ('x.nii.gz' -> 'x.review.json':
+    the prompt, threshold, statuses and what the mask holds), or None when there is none for it."""
+    side = sidecar_path(mask_path)
+    try:
+        record = json.loads(side.read_text(encoding="utf-8"))
+        mask = Path(str(record["files"]["mask"]))
+        counts = {s: int(record["counts"][s]) for s in STATUSES}
+        said = f"'{record['prompt']}' at threshold {float(record['threshold']):.2f}"
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable or not ours
+        return None
+    if record.get("format") != SIDECAR_FORMAT or mask.name != Path(mask_path).name:
+        return None
+    return (f"{side.name} records its review of {said}: {counts['accepted']} accepted, {counts['rejected']} "
+            f"rejected, {counts['unreviewed']} unreviewed; the mask holds {record.get('mask_holds', 'its lesions')}")
+
+
 def sidecar_owner(path) -> str | None:
     """Another existing file that the sidecar `path` would be written for already records
     (a mask 'x.nii.gz' and a table 'x.csv' share 'x.review.json'), else None.

@@ -183,17 +183,8 @@ def image_layer_data(volume, name: str | None = None, window: str | None = None)
     axial (vispy fails on the singular 2D transform). Its geometry keeps the file's grid as
     ``file_geometry``, so masks drawn or found on it are written back on that grid (`mask_volume`)."""
     from boltzformer import intensity
-    from boltzformer.orientation import find_reorientation, to_canonical
 
-    modality = intensity.detect_modality(volume)  # the file's own modality wins
-    file_geom = None
-    if not find_reorientation(volume.direction).keeps_slices:
-        file_geom = dict(volume.geometry_dict(), modality=modality)
-        volume = to_canonical(volume)[0]
-    geom = volume.geometry_dict()
-    geom["modality"] = modality
-    if file_geom is not None:
-        geom[FILE_GEOMETRY] = file_geom
+    volume, geom = _shown_axially(volume, intensity.detect_modality(volume))  # the file's own modality wins
     window_name, limits = display_window(volume, window)
     kwargs = {
         "name": name or layer_name_for(volume),
@@ -220,6 +211,38 @@ def mask_colormap(color: str):
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: color})
+
+
+def _shown_axially(volume, modality: str | None) -> tuple:
+    """(the volume napari is given, its geometry dict): a volume acquired sagittally or coronally
+    on its canonical axial grid, the file's own grid kept as FILE_GEOMETRY (see image_layer_data)."""
+    from boltzformer.orientation import find_reorientation, to_canonical
+
+    file_geom = None
+    if not find_reorientation(volume.direction).keeps_slices:
+        file_geom = dict(volume.geometry_dict(), modality=modality)
+        volume = to_canonical(volume)[0]
+    geom = volume.geometry_dict()
+    geom["modality"] = modality
+    if file_geom is not None:
+        geom[FILE_GEOMETRY] = file_geom
+    return volume, geom
+
+
+def label_map_layer_data(volume, name: str | None = None) -> tuple:
+    """A Labels layer for a mask or label map read from a file (a BoltzFormer export, another
+    tool's segmentation), placed as its scan would be, so that it lies over it; its geometry
+    writes it back on the file's grid. No role: it is nobody's result."""
+    volume, geom = _shown_axially(volume, None)
+    kwargs = {
+        "name": name or layer_name_for(volume, "mask"),
+        "metadata": {GEOMETRY_KEY: geom},
+        "opacity": 0.7,
+        "axis_labels": ("z", "y", "x"),
+        "units": "mm",
+        **volume.napari_transform(),
+    }
+    return np.asarray(volume.array), kwargs, "labels"
 
 
 def labels_layer_data(mask: np.ndarray, geom: dict, name: str, prompt: str | None = None, source: str | None = None,

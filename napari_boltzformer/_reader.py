@@ -169,15 +169,18 @@ def read_layers(path, series: str | None = None):
 
     from boltzformer.errors import BoltzformerError
 
-    from ._layers import FILE_GEOMETRY, GEOMETRY_KEY, image_layer_data
+    from ._layers import FILE_GEOMETRY, GEOMETRY_KEY, image_layer_data, label_map_layer_data
 
     if isinstance(path, (list, tuple)):
         path = path[0]
     try:
+        from boltzformer.intensity import looks_like_label_map, stated_modality
         from boltzformer.io import read_volume
 
         volume = read_volume(path, series=series)
-        layer = image_layer_data(volume)
+        # a mask (an export, another tool's segmentation) lies over its scan as labels, not as a grey image
+        labels = stated_modality(volume) is None and looks_like_label_map(volume.array)
+        layer = label_map_layer_data(volume) if labels else image_layer_data(volume)
     except BoltzformerError as exc:
         show_error(str(exc))
         return [(None,)]
@@ -187,6 +190,13 @@ def read_layers(path, series: str | None = None):
         return [(None,)]
     for warning in volume.metadata.get("warnings", []):
         show_warning(warning)
+    if labels:
+        from boltzformer.review import record_summary
+
+        record = record_summary(path)
+        show_info(f"{path}: opened as a labels layer (a mask: few whole values, mostly 0)"
+                  + (f"; {record}. The review itself is not reopened: run the prompt on the scan to review "
+                     "again" if record else ""))
     if FILE_GEOMETRY in layer[1]["metadata"][GEOMETRY_KEY]:
         show_info(f"{path}: acquired sagittally or coronally; shown in axial slices (the same voxels, reordered). "
                   "Masks saved from it are written on the file's own grid.")

@@ -197,3 +197,20 @@ def test_a_custom_window_is_named_by_its_values_in_warnings():
     _, info = prepare_slices(np.linspace(0, 1, 512, dtype=np.float32).reshape(2, 16, 16), modality="CT",
                              window=Window(-600, 1500))
     assert info["warnings"][0].endswith("; the requested window custom (center -600 HU, width 1500 HU) is not applied")
+
+
+def test_a_mask_or_label_map_is_told_from_a_scan():
+    """The napari reader opens masks as labels: few whole values in [0, 255], mostly 0."""
+    from boltzformer.intensity import looks_like_label_map
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((4, 32, 32), np.uint8)
+    mask[1:3, 5:9, 5:9] = 1
+    labels = mask.astype(np.int16) * rng.integers(1, 6, mask.shape).astype(np.int16)
+    assert looks_like_label_map(mask) and looks_like_label_map(labels)
+    assert looks_like_label_map(np.zeros((2, 8, 8), np.uint8))  # an empty mask (no lesion found)
+    ct = rng.normal(-600, 300, (4, 32, 32)).astype(np.int16)
+    grey = rng.integers(0, 256, (4, 32, 32)).astype(np.uint8)  # an 8-bit image: hundreds of grey levels
+    assert not looks_like_label_map(ct) and not looks_like_label_map(grey)
+    assert not looks_like_label_map(np.ones((2, 8, 8), np.uint8))  # mostly 1: not a lesion mask
+    assert not looks_like_label_map(mask.astype(np.float32))  # floats: probabilities, not labels

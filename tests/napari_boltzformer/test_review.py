@@ -210,6 +210,24 @@ def test_exports_hold_the_review_and_read_back(reviewing, qtbot, tmp_path, tiny_
     missing = tmp_path / "no_such_folder" / "m.nii.gz"
     assert panel.exports.mask(missing) is None and not missing.parent.exists()
 
+def test_an_exported_mask_reopens_as_labels_over_its_scan_and_says_what_its_record_holds(
+        reviewing, qtbot, tmp_path, notifications):
+    """An exported mask opened in napari came back as a grey image layer over the scan (hiding
+    it), and said nothing of the review recorded beside it."""
+    from napari.layers import Labels
+
+    viewer, panel = reviewing
+    panel.reviewer.select(0)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    written = panel.exports.mask(tmp_path / "reviewed.nii.gz")
+    image = next(la for la in viewer.layers if la.name == "synthetic chest CT")
+    [opened] = viewer.open(written, plugin="napari-boltzformer")
+    assert isinstance(opened, Labels)
+    np.testing.assert_allclose(opened.data_to_world((3, 10, 20)), image.data_to_world((3, 10, 20)), atol=1e-4)
+    assert any("opened as a labels layer" in m and "reviewed.review.json records its review of 'lung nodule'" in m
+               and "1 accepted" in m for _, m in notifications)
+
+
 def test_an_export_never_overwrites_another_files_review_record(reviewing, qtbot, tmp_path, notifications):
     """A mask 'x.nii.gz' and a table 'x.csv' would share 'x.review.json': the second export is
     refused with a message, the first one's record stays; the message names the real sidecar."""
