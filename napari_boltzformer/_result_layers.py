@@ -40,6 +40,32 @@ def result_layers(viewer, prompt: str, source: str) -> dict:
     return out
 
 
+def follow_renamed_images(viewer, seen: dict, requests) -> None:
+    """Result layers name their image layer (SOURCE_KEY), and a re-run finds and updates them by
+    that name: once an image layer was renamed, a re-run added a second set beside the first.
+    The image layers renamed since `seen` ({id(layer): (layer, name)}, kept by the caller and
+    updated here) give their new name to their result layers and to `requests` (RunRequests)."""
+    from napari.layers import Image
+
+    renamed = {}
+    for key, (layer, name) in list(seen.items()):
+        if not any(other is layer for other in viewer.layers):
+            del seen[key]
+        elif layer.name != name:
+            renamed[name] = layer.name
+    for layer in viewer.layers:
+        if isinstance(layer, Image) and (layer.metadata or {}).get(ROLE_KEY) not in RESULT_ROLES:
+            seen[id(layer)] = (layer, layer.name)
+    if not renamed:
+        return
+    for layer in viewer.layers:
+        md = layer.metadata or {}
+        if md.get(ROLE_KEY) in RESULT_ROLES and md.get(SOURCE_KEY) in renamed:
+            md[SOURCE_KEY] = renamed[md[SOURCE_KEY]]
+    for request in requests:
+        request.image_name = renamed.get(request.image_name, request.image_name)
+
+
 def layer_of(viewer, run_id: str | None, role: str):
     """The layer of role `role` showing run `run_id`, or None."""
     for layer in viewer.layers:

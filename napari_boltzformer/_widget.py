@@ -30,8 +30,8 @@ from ._panel_ui import THRESHOLD_STEPS, build_ui
 from ._prompt import known_prompts
 from ._qt import scroll_to
 from ._request import NOT_STARTED, build_request, scan_changed_during, usable_image
-from ._result_layers import (RUN_KEY, keep_ground_truth_on_top, layer_of, outline_ground_truth, put_layers,
-                             result_layers, wanted_layers)
+from ._result_layers import (RUN_KEY, follow_renamed_images, keep_ground_truth_on_top, layer_of, outline_ground_truth,
+                             put_layers, result_layers, wanted_layers)
 from ._view import CanvasLabels, SavedView, zoom_to
 from ._windowing import apply_window, follow_window
 
@@ -60,6 +60,7 @@ class BoltzFormerWidget(QWidget):
         self._saved_view = SavedView(napari_viewer)  # the view before the first jump to a lesion
         self._organ_cache: tuple | None = None  # (key, summary): organ_summary of the active view
         self._chosen_image = None  # the layer picked in the Image box (it follows a rename)
+        self._images_seen: dict = {}  # id -> (image layer, its name when last seen): follow_renamed_images
         self._finder = None  # the worker finding the 3D detector's candidates, while it runs
         self._run_started = 0.0
         self._closed_mid_run = False  # the dock was closed while a run went on: it stops, shows nothing
@@ -108,6 +109,7 @@ class BoltzFormerWidget(QWidget):
         outline_ground_truth(self.viewer)
         self.prompt_edit.suggest_from(self.viewer)  # a sample opened: its prompt, ready to run
         self._refresh_images()
+        follow_renamed_images(self.viewer, self._images_seen, [request for _, request in self._results.values()])
         self._forget_runs_without_layers()
         if self._active_run not in self._results:
             self._set_active_run(None)
@@ -413,8 +415,7 @@ class BoltzFormerWidget(QWidget):
 
     def _post_settings(self) -> tuple[float, float, bool, bool]:
         """(threshold, min. lesion mm³, FP filter on, nodule detector on) as the panel shows them."""
-        return (self.threshold(), self.min_lesion_spin.value(), self.fp_check.isChecked(),
-                self.detector_check.isChecked())
+        return self.threshold(), self.min_lesion_spin.value(), self.fp_check.isChecked(), self.detector_check.isChecked()
 
     def apply_threshold(self, force: bool = False):
         """Re-threshold the active result's stored probabilities (no inference) and redraw.

@@ -183,6 +183,19 @@ def test_a_scan_renamed_during_the_run_keeps_its_result_and_a_new_one_under_its_
     assert mask.metadata[GEOMETRY_KEY] == first.metadata[GEOMETRY_KEY]
 
 
+def test_a_scan_renamed_after_its_run_has_its_layers_updated_by_the_next_run(panel, viewer, qtbot):
+    """Renamed after a run, the next run added a second set of layers ('lung nodule [1]', a second
+    heatmap) beside the first, whose review it did not carry over."""
+    from napari_boltzformer._layers import SOURCE_KEY
+
+    run_and_wait(panel, qtbot)
+    n_layers, mask = len(viewer.layers), _roles(viewer)["mask"]
+    viewer.layers["ct"].name = "ct, arterial"
+    assert mask.metadata[SOURCE_KEY] == "ct, arterial"
+    run_and_wait(panel, qtbot)
+    assert len(viewer.layers) == n_layers and _roles(viewer)["mask"] is mask
+
+
 def test_a_scan_closed_during_the_run_gets_no_result_layers(panel, viewer, qtbot, tiny_segmenter, monkeypatch,
                                                            notifications):
     calls = _count_batches(monkeypatch, tiny_segmenter, delay_s=0.3)
