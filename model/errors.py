@@ -59,6 +59,35 @@ def itk_cannot_name(path) -> bool:
     return sys.platform == "win32" and not os.fspath(path).isascii()
 
 
+# Windows' MAX_PATH: a path of 260 characters or more fails in programs (and libraries) that are
+# not long-path aware, unless the system enables long paths (LongPathsEnabled)
+WINDOWS_MAX_PATH = 260
+
+
+def windows_path_too_long(path, spare: int = 0) -> str | None:
+    """On Windows without long paths enabled, why `path` (plus `spare` characters, e.g. for a
+    temporary name) is too long for the image libraries; else None. They failed on such paths
+    with a 'cannot be read' or 'could not be written' that named no cause."""
+    if sys.platform != "win32":
+        return None
+    length = len(os.fspath(path)) + spare
+    if length < WINDOWS_MAX_PATH or _windows_long_paths_enabled():
+        return None
+    return (f"its path is {length} characters long{' with the temporary name written first' if spare else ''}; "
+            f"Windows allows {WINDOWS_MAX_PATH - 1} unless long paths are enabled (LongPathsEnabled in the "
+            "registry): move it to a shorter folder (e.g. C:\\scans\\)")
+
+
+def _windows_long_paths_enabled() -> bool:
+    try:
+        import winreg
+
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"SYSTEM\CurrentControlSet\Control\FileSystem") as key:
+            return winreg.QueryValueEx(key, "LongPathsEnabled")[0] == 1
+    except (ImportError, OSError):  # not Windows, or no such value: not enabled
+        return False
+
+
 ITK_ASCII_ONLY = ("holds characters outside ASCII, which the image libraries (SimpleITK, ITK, GDCM) cannot "
                   "open on Windows; move or rename it to a path of plain letters and digits (e.g. C:\\scans\\)")
 

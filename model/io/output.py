@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import ITK_ASCII_ONLY, InputError, itk_cannot_name, not_utf8, os_problem, OutputError, why_unnamed
+from ..errors import (ITK_ASCII_ONLY, InputError, itk_cannot_name, not_utf8, os_problem, OutputError, why_unnamed,
+                      windows_path_too_long)
 from .formats import extension_of, file_kind, OUTPUT_EXTENSIONS
 from .itk import detail, itk_quiet
 from .nifti import check_nifti_complete
@@ -63,6 +64,8 @@ def check_output_path(path, overwrite: bool = False) -> Path:
         raise OutputError(p, f"its name is {why_unnamed([p])}, which the image writers cannot write; give another name")
     if itk_cannot_name(p.absolute()) and extension_of(p.name) in OUTPUT_EXTENSIONS:
         raise OutputError(p, f"its path {ITK_ASCII_ONLY}")
+    if (too_long := windows_path_too_long(p.absolute(), spare=TEMPORARY_NAME_BYTES)):
+        raise OutputError(p, too_long)
     name_bytes = len(os.fsencode(p.name))
     if name_bytes > MAX_NAME_BYTES - TEMPORARY_NAME_BYTES:  # checked now, not after the whole run
         raise OutputError(p, f"its name is {name_bytes} bytes long; file systems allow {MAX_NAME_BYTES}, less "

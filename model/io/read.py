@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import ITK_ASCII_ONLY, InputError, itk_cannot_name, not_utf8, why_unnamed
+from ..errors import ITK_ASCII_ONLY, InputError, itk_cannot_name, not_utf8, why_unnamed, windows_path_too_long
 from .dicom import read_dicom_file, read_dicom_folder
 from .formats import DICOM_EXTENSIONS, extension_of, file_kind, has_dicom_preamble, INPUT_EXTENSIONS, INPUT_FORMATS, starts_with
 from .itk import detail, itk_quiet
@@ -49,6 +49,8 @@ def read_volume(path, series: str | int | None = None, *, allow_gaps: bool = Fal
         raise InputError(p, f"its name is {why_unnamed([p])}, which the image readers cannot open; rename it")
     if itk_cannot_name(p.absolute()):
         raise InputError(p, f"its path {ITK_ASCII_ONLY}")
+    if (too_long := windows_path_too_long(p.absolute())):
+        raise InputError(p, too_long)
     if not p.exists():
         if p.is_symlink():
             raise InputError(p, f"is a symbolic link to {os.readlink(p)}, which does not exist")

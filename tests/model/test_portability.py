@@ -137,3 +137,23 @@ def test_a_non_ascii_path_is_refused_on_windows_before_the_image_libraries_fail(
         write_volume(_volume(), tmp_path / "r\u00e9sultat.nii.gz")
     monkeypatch.undo()
     assert read_volume(scan).shape == (2, 4, 4)  # elsewhere such names are fine
+
+
+def test_paths_past_windows_max_path_are_refused_before_any_work(tmp_path, monkeypatch):
+    """Without long paths enabled, Windows' image libraries fail on a path of 260 characters or
+    more with 'cannot be read' or 'could not be written', naming no cause (and the output's
+    temporary file is longer still); now refused at once, saying why, unless long paths are on."""
+    from boltzformer import errors
+    from boltzformer.io import check_output_path, read_volume
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / ("f" * 60)
+    scan, mask = deep / ("scan" * 10 + ".nii.gz"), deep / ("mask" * 6 + ".nii.gz")
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(errors, "_windows_long_paths_enabled", lambda: False)
+    with pytest.raises(InputError, match=r"its path is \d+ characters long; Windows allows 259"):
+        read_volume(scan)
+    with pytest.raises(OutputError, match="with the temporary name written first; Windows allows 259"):
+        check_output_path(mask)
+    monkeypatch.setattr(errors, "_windows_long_paths_enabled", lambda: True)
+    with pytest.raises(InputError, match="does not exist"):  # long paths on: on to the usual checks
+        read_volume(scan)
