@@ -258,7 +258,7 @@ class OutputSet:
             except BaseException as exc:
                 self._undo()
                 if isinstance(exc, OSError):
-                    raise OutputError(current.path, f"could not be written: {os_problem(exc)}; "
+                    raise OutputError(current.path, f"could not be written: {os_problem(exc)}{_held_open(exc, current)}; "
                                                     "no output of this run was kept") from None
                 if not signalled():
                     raise
@@ -365,6 +365,14 @@ def same_file(a, b) -> bool:
         return os.path.normcase(real).casefold() if sys.platform in ("darwin", "win32") else real
 
     return key(a) == key(b)
+
+
+def _held_open(exc: OSError, out: _Output) -> str:
+    """The likely cause of a refused rename over an existing file on Windows, as a hint."""
+    if sys.platform == "win32" and isinstance(exc, PermissionError) and os.path.lexists(out.path):
+        return (" (Windows cannot replace a file that another program holds open, e.g. a viewer showing it: "
+                "close it there and run again)")
+    return ""
 
 
 def _umask_now() -> int:

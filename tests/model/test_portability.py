@@ -157,3 +157,23 @@ def test_paths_past_windows_max_path_are_refused_before_any_work(tmp_path, monke
     monkeypatch.setattr(errors, "_windows_long_paths_enabled", lambda: True)
     with pytest.raises(InputError, match="does not exist"):  # long paths on: on to the usual checks
         read_volume(scan)
+
+
+def test_a_windows_rename_over_a_file_held_open_says_so(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program holds open ('permission denied'): the
+    message now names the likely cause; the old file stays and no temporary is left."""
+    target = tmp_path / "mask.nii.gz"
+    target.write_bytes(b"open in a viewer")
+    real_replace = os.replace
+
+    def windows_replace(src, dst):
+        if os.fspath(dst) == os.fspath(target):
+            raise PermissionError(errno.EACCES, "Access is denied")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", windows_replace)
+    monkeypatch.setattr(sys, "platform", "win32")
+    with pytest.raises(OutputError, match="holds open, e.g. a viewer showing it: close it there"):
+        write_volume(_volume(), target, overwrite=True)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"open in a viewer" and [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
