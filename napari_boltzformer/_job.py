@@ -59,6 +59,7 @@ class RunRequest:
     keep_partial: bool = False
     # the napari layer run on: at the end the result goes to it only if it is still that scan
     image_layer: object = field(default=None, compare=False, repr=False)
+    ran_on: str | None = None  # the device that ran it (set by the job): "auto" cannot replay a run
 
 
 @dataclass
@@ -103,7 +104,7 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
     try:
         yield JobStatus(f"loading the model ({request.device})")
         segmenter = load_segmenter(request.device)
-        outcome.device = str(segmenter.device)
+        outcome.device = request.ran_on = str(segmenter.device)
         outcome.num_queries = int(segmenter.config.num_queries)
         yield JobStatus(f"segmenting on {outcome.device}", model=model_description(segmenter))
         try:
@@ -118,7 +119,7 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
             outcome.notes.append(note)
             yield JobStatus(note, level="warning")
             segmenter = load_segmenter("cpu")
-            outcome.device = "cpu"
+            outcome.device = request.ran_on = "cpu"
             yield JobStatus(f"segmenting on {outcome.device}", model=model_description(segmenter))
             outcome.result = yield from _warning_early(segmenter.iter_segment(
                 request.volume, request.prompt, should_stop=should_stop, **request.options

@@ -191,6 +191,8 @@ def test_exports_hold_the_review_and_read_back(reviewing, qtbot, tmp_path, tiny_
     assert np.array_equal(back.array, view.mask(accepted))  # accepted lesions only
     side = json.loads((tmp_path / "review.review.json").read_text())
     assert side["prompt"] == PROMPT and side["weights_sha256"] == sha256(tiny_weights)
+    # what replays it: the device that ran (the panel asked for "auto") and the batch size (the noise's)
+    assert (side["device"], side["batch_size"], side["seed"]) == ("cpu", 8, 0)
     assert side["threshold"] == pytest.approx(panel.active_result().threshold)
     assert side["mask_holds"] == "accepted lesions only" and side["counts"]["rejected"] == 1
     assert [a["action"] for a in side["actions"]] == ["accept", "reject"]
