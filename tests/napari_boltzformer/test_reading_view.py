@@ -108,10 +108,11 @@ def test_heatmap_info_calls_a_flat_slice_flat(reader, qtbot):
     viewer, panel = reader
     run_and_wait(panel, qtbot)
     stats = panel.heatmap._stats(panel.active_result().attention)
-    stats["spread"][:] = 1.0
+    stats["spread"] = np.full_like(stats["spread"], 1.0)  # the maps' own spread is read-only (cached)
     panel.heatmap.update_info()
     assert "the sampling is flat (spread over 100 % of the frame): no cell stands out" in panel.heatmap.info_label.text()
-    stats["spread"][:], stats["area"][:], stats["mass"][:] = 0.4, 0.00024, 0.013
+    stats["spread"] = np.full_like(stats["spread"], 0.4)
+    stats["area"][:], stats["mass"][:] = 0.00024, 0.013
     panel.heatmap.update_info()
     assert "the hottest 0.024 % of cells hold 1.3 % of the mass" in panel.heatmap.info_label.text()
 
