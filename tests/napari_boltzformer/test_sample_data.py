@@ -92,3 +92,17 @@ def test_bundled_model_segments_the_sample_lesions(viewer, qtbot, key):
     if key == "chest_ct":  # the switch re-thresholds the stored result, no new run
         panel.detector_check.setChecked(False)
         assert dice(viewer.layers[prompt].data, truth.data) < score
+
+
+def test_a_sample_is_built_once_and_each_opening_owns_its_arrays():
+    """The chest phantom was built again, 1.3 s on the main thread, at every opening; built once,
+    an edit in one opening's layers must not reach the next."""
+    from napari_boltzformer._sample_data import _case, chest_ct
+
+    first = chest_ct()
+    hits = _case.cache_info().hits
+    first[0][0][:] = 0
+    first[1][0][:] = 1  # painted over
+    second = chest_ct()
+    assert _case.cache_info().hits == hits + 1
+    assert second[0][0].any() and not second[1][0].all()
