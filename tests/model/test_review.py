@@ -266,3 +266,21 @@ def test_sidecar_owner_names_another_existing_file_that_the_sidecar_records(tmp_
     assert rv.sidecar_owner(mask) is None  # its own record
     (tmp_path / "x.review.json").write_text("not json")
     assert rv.sidecar_owner(table) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_sparse_labelling_of_decided_voxels_is_ndimage_s(seed):
+    """The review labels its decided voxels from their flat indices (whole-volume labelling made
+    each accept or reject take 1-2 s on a 224 x 512² CT): the same components, numbered alike."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    mask = rng.random((9, 17, 23)) > 0.8  # many components touching along faces, edges and corners
+    mask[0, 0, 0] = mask[-1, -1, -1] = True  # at the volume's corners
+    expected, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    flat = np.flatnonzero(mask)
+    labels, m = rv._label_indices(flat, mask.shape)
+    assert m == n and np.array_equal(labels, expected.reshape(-1)[flat])
+    touching = rv._labels_touching(expected, np.array([np.ravel_multi_index((4, 8, 11), mask.shape)]))
+    near = expected[3:6, 7:10, 10:13]
+    assert touching == set(np.unique(near[near > 0]).tolist())
