@@ -21,7 +21,7 @@ from ._windowing import WINDOW_KEY, display_window
 
 GEOMETRY_KEY = "boltzformer_volume"  # Volume.geometry_dict of the source volume
 FILE_GEOMETRY = "file_geometry"  # in a geometry dict: the file's own grid, when shown reoriented
-ROLE_KEY = "boltzformer_role"  # image | mask | probability | uncertainty | attention
+ROLE_KEY = "boltzformer_role"  # image | mask | probability | uncertainty | attention | ground truth | label map
 GROUND_TRUTH_PREFIX = "ground truth: "  # a sample's mask layer: this, then the prompt it answers
 PROMPT_KEY = "boltzformer_prompt"  # the (normalised) prompt of a result layer
 SOURCE_KEY = "boltzformer_source"  # name of the image layer a result layer was computed from
@@ -232,11 +232,11 @@ def _shown_axially(volume, modality: str | None) -> tuple:
 def label_map_layer_data(volume, name: str | None = None) -> tuple:
     """A Labels layer for a mask or label map read from a file (a BoltzFormer export, another
     tool's segmentation), placed as its scan would be, so that it lies over it; its geometry
-    writes it back on the file's grid. No role: it is nobody's result."""
+    writes it back on the file's grid. Role "label map": nobody's result."""
     volume, geom = _shown_axially(volume, None)
     kwargs = {
         "name": name or layer_name_for(volume, "mask"),
-        "metadata": {GEOMETRY_KEY: geom},
+        "metadata": {GEOMETRY_KEY: geom, ROLE_KEY: "label map"},
         "opacity": 0.7,
         "axis_labels": ("z", "y", "x"),
         "units": "mm",

@@ -109,10 +109,10 @@ class CanvasLabels:
 
     def image_layer(self):
         """The bottom-most image layer this plugin placed (LPS world coordinates); when the image
-        was closed, a mask, probability or ground-truth layer on its grid; else None. (Heatmaps
+        was closed, a mask, probability, ground-truth or opened label-map layer on its grid; else None. (Heatmaps
         have an extra leading axis, the decoder layer, and are not used.)"""
         placed = [layer for layer in self.viewer.layers if GEOMETRY_KEY in (layer.metadata or {})]
-        for roles in (("image",), ("mask", "probability", "uncertainty", "ground truth")):
+        for roles in (("image",), ("mask", "probability", "uncertainty", "ground truth", "label map")):
             for layer in placed:
                 if layer.metadata.get(ROLE_KEY) in roles:
                     return layer

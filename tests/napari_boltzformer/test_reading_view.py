@@ -366,8 +366,9 @@ def test_orientation_letters_and_slice_position(reader, qtbot, tmp_path):
     assert labels.text("slice").startswith("axial ")
     # a file that says nothing of its orientation: the letters are marked as assumed
     nrrd = tmp_path / "nospace.nrrd"
+    scan = np.random.default_rng(0).integers(-1000, 400, 20 * 24 * 6).astype("<i2")  # (all zeros would read as a mask)
     nrrd.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 20 24 6\nencoding: raw\nendian: little\n\n"
-                     + bytes(2 * 20 * 24 * 6))
+                     + scan.tobytes())
     viewer.layers.clear()
     viewer.open(nrrd, plugin="napari-boltzformer")
     assert [labels.text(e) for e in ("left", "right", "top", "bottom")] == ["R?", "L?", "A?", "P?"]
