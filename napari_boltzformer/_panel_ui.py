@@ -47,10 +47,36 @@ MODES = (("auto", None), ("lesions", "lesion"), ("organ", "organ"))
 MIN_DIAMETERS_MM = (0.0, 3.0, 4.0, 6.0, 8.0)
 
 
+def _check_devices_in_the_background(panel) -> None:
+    """Grey out the devices torch cannot use here, once a worker thread has asked it: importing
+    torch to ask held the first opening of the panel for 1.8 s (the GPUs stay offered until then,
+    and a run on one that is missing says so)."""
+    from napari.qt.threading import thread_worker
+
+    def ask():
+        from boltzformer.devices import available_devices
+
+        return available_devices()
+
+    def grey_out(available: dict):
+        if getattr(panel, "_gone", None) is not None and panel._gone.is_set():
+            return  # the panel was closed meanwhile
+        model = panel.device_combo.model()
+        for row in range(panel.device_combo.count()):
+            value = panel.device_combo.itemData(row)
+            if value != "auto" and not available.get(value, False):
+                model.item(row).setEnabled(False)
+                model.item(row).setToolTip(f"{panel.device_combo.itemText(row)} is not available on this machine")
+
+    worker = thread_worker(ask, start_thread=False, ignore_errors=True)()
+    worker.returned.connect(grey_out)
+    panel._device_check = worker  # kept: a worker nobody holds may be collected mid-run
+    worker.start()
+
+
 def build_ui(panel) -> None:
     """The controls of a BoltzFormerWidget, laid out in `panel` and wired to its methods."""
     from boltzformer import intensity
-    from boltzformer.devices import available_devices
     from boltzformer.options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES
 
     # Everything in a scroll area: a short window scrolls the panel instead of squeezing its
@@ -94,13 +120,9 @@ def build_ui(panel) -> None:
     panel.window_combo.currentIndexChanged.connect(panel._on_window_changed)
     form.addRow("CT window", panel.window_combo)
     panel.device_combo = QComboBox()
-    avail = available_devices()
     for text, value in DEVICES:
         panel.device_combo.addItem(text, value)
-        if value != "auto" and not avail.get(value, False):
-            item = panel.device_combo.model().item(panel.device_combo.count() - 1)
-            item.setEnabled(False)
-            item.setToolTip(f"{text} is not available on this machine")
+    _check_devices_in_the_background(panel)
     panel.device_combo.setToolTip("Where the model runs: auto takes a GPU when there is one, else the CPU")
     compact(panel.modality_combo, 4)
     compact(panel.device_combo, 4)

@@ -381,6 +381,13 @@ def test_panel_opens_from_the_plugin_menu(make_napari_viewer, qtbot):
     assert widget.image_combo.currentText() == "ct"
     devices = widget.device_combo.model()
     assert devices.item(3).isEnabled()  # CPU always
+    # the GPUs torch cannot use are greyed out once a worker thread has asked (it held the first
+    # opening of the panel for 1.8 s on the main thread)
+    import torch
+
+    if not torch.cuda.is_available():
+        qtbot.waitUntil(lambda: not devices.item(1).isEnabled(), timeout=30_000)
+        assert "not available on this machine" in devices.item(1).toolTip()
 
 
 def test_prompt_warnings_become_notifications(panel, qtbot, tiny_segmenter, monkeypatch, notifications):
