@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel
 
+from ._job import TOP_FRACTION
 from ._layers import ROLE_KEY, attention_contrast, attention_legend
 from ._qt import compact
 from ._view import slicing_axes
 
 HEAT_VALUES = (("queries per cell", "counts"), ("sampling probability", "probabilities"))
-TOP_FRACTION = 0.5
 
 
 class HeatmapControls(QGroupBox):

@@ -81,6 +81,10 @@ class JobOutcome:
     kind: str = "lesion"  # 'organ' (one structure) or 'lesion' (a candidate list): the default view
 
 
+# the share of the sampling mass the heatmap's "hottest cells" hold (its default view, _heatmap)
+TOP_FRACTION = 0.5
+
+
 def format_seconds(seconds: float) -> str:
     """'42 s', '3 min 05 s'; '…' while unknown (an ETA before the first batch)."""
     if not math.isfinite(seconds):
@@ -126,6 +130,8 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
             ), outcome)
         if outcome.result is not None:
             outcome.target, outcome.kind = prompt_kind(outcome.result.prompt)
+            if outcome.result.attention is not None:  # the heatmap's first view, made here, not on the main
+                outcome.result.attention.top_mass(TOP_FRACTION)  # thread (0.5-1.3 s on a 224 x 512² CT)
     except BoltzformerError as exc:
         outcome.error = str(exc)
     except Exception as exc:  # noqa: BLE001 - anything else is reported, never raised into Qt
