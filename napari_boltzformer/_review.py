@@ -278,7 +278,9 @@ class ReviewPanel(LookHere):
         return self.view().mask(rows)
 
     def displayed(self, mask_zyx: np.ndarray | None):
-        """The panel put `mask_zyx` ((z, y, x), or None in organ mode) in the active mask layer."""
+        """The panel put `mask_zyx` ((z, y, x), or None in organ mode) in the active mask layer: the
+        data event that started the edit take-in was its own (a whole-volume compare for nothing)."""
+        self._edit_timer.stop()
         session = self.session()
         if session is not None:
             session.displayed = None if mask_zyx is None else np.asarray(mask_zyx) != 0
@@ -410,10 +412,14 @@ class ReviewPanel(LookHere):
         return None
 
     # ---- hand edits --------------------------------------------------------------------------------
-    def flush_edits(self, session: ReviewSession | None = None) -> bool:
-        """Take a painted or erased mask layer into the review (and the table); True if it changed."""
+    def flush_edits(self, session: ReviewSession | None = None, pending_only: bool = False) -> bool:
+        """Take a painted or erased mask layer into the review (and the table); True if it changed.
+        pending_only: only when an edit event is waiting (every edit starts the timer), sparing the
+        whole-volume compare otherwise."""
         from napari.utils.notifications import show_error
 
+        if pending_only and not self._edit_timer.isActive():
+            return False
         self._edit_timer.stop()
         session = session or self.session()
         if session is None or session.displayed is None or not self.alive:

@@ -533,7 +533,7 @@ class BoltzFormerWidget(QWidget):
             request = self._results[self._active_run][1]
             reviewed = mode == "lesion" and self.reviewer.view() is not None
             if reviewed:
-                self.reviewer.flush_edits()  # paint not yet taken in must not be drawn over
+                self.reviewer.flush_edits(pending_only=True)  # paint not yet taken in must not be drawn over
             if mode == "organ":
                 summary = self.organ_summary()
                 ids = [] if summary is None else summary["lesion_ids"]

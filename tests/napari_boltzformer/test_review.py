@@ -351,6 +351,21 @@ def test_stepping_through_slices_does_not_take_in_an_edit(reviewing, qtbot, monk
     assert flushed == []
 
 
+def test_a_decision_redraws_the_mask_without_taking_it_in_as_an_edit(reviewing, qtbot, monkeypatch):
+    """Accept redrew the mask layer, and its own data event started the edit take-in: two
+    whole-volume compares (about 0.3 s on a 224 x 512² CT) for nothing."""
+    viewer, panel = reviewing
+    compared = []
+    layer_mask = panel.reviewer._layer_mask
+    monkeypatch.setattr(panel.reviewer, "_layer_mask", lambda layer: compared.append(1) or layer_mask(layer))
+    qtbot.wait(400)
+    panel.reviewer.select(0)
+    key(viewer, qtbot, Qt.Key.Key_A)
+    qtbot.wait(400)
+    assert panel.reviewer.view().counts()["accepted"] == 1
+    assert compared == []
+
+
 def test_rejected_lesions_leave_the_total_and_a_key_right_after_a_stroke_is_kept(reviewing, qtbot):
     """The total above the table counts what the mask holds; R pressed within the edit delay of
     an erase stroke is kept (the stroke used to be taken in after it, and undid it)."""
