@@ -206,18 +206,15 @@ class Exports:
         return lines
 
     def _settings(self, session) -> dict:
-        from boltzformer.options import DEFAULT_BATCH_ACCELERATOR, DEFAULT_BATCH_CPU
-
         request = session.request
         options = request.options
         path, sha = self._weights()
-        # what replays the run: the sampling noise depends on the seed, the device and the batch size
-        device = request.ran_on or request.device
-        default_batch = DEFAULT_BATCH_CPU if device == "cpu" else DEFAULT_BATCH_ACCELERATOR
         return {
             "image": request.image_name, "image_path": request.geometry.get("path"),
-            "weights_path": path, "weights_sha256": sha, "seed": options.get("seed"), "device": device,
-            "batch_size": options.get("batch_size") or default_batch, "force_prompt": options.get("force_prompt"),
+            "weights_path": path, "weights_sha256": sha,
+            # what replays the run: the sampling noise depends on the seed, the device and the batch size
+            "seed": options.get("seed"), "device": request.ran_on or request.device,
+            "batch_size": request.ran_batch_size or options.get("batch_size"), "force_prompt": options.get("force_prompt"),
             "size_filter_min_mean_diameter_mm": self.panel.min_diameter_mm(),
             # a sagittal or coronal file is shown (and reviewed) in axial slices; its mask is
             # written on its own grid, where these voxel indices do not point

@@ -59,7 +59,9 @@ class RunRequest:
     keep_partial: bool = False
     # the napari layer run on: at the end the result goes to it only if it is still that scan
     image_layer: object = field(default=None, compare=False, repr=False)
-    ran_on: str | None = None  # the device that ran it (set by the job): "auto" cannot replay a run
+    # what ran it (set by the job; with the seed they replay the sampling noise, which "auto" cannot)
+    ran_on: str | None = None  # the device
+    ran_batch_size: int | None = None  # slices per network batch (the Segmenter's default when none was asked)
 
 
 @dataclass
@@ -108,7 +110,7 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
     try:
         yield JobStatus(f"loading the model ({request.device})")
         segmenter = load_segmenter(request.device)
-        outcome.device = request.ran_on = str(segmenter.device)
+        outcome.device = _ran_on(request, segmenter)
         outcome.num_queries = int(segmenter.config.num_queries)
         yield JobStatus(f"segmenting on {outcome.device}", model=model_description(segmenter))
         try:
@@ -123,7 +125,7 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
             outcome.notes.append(note)
             yield JobStatus(note, level="warning")
             segmenter = load_segmenter("cpu")
-            outcome.device = request.ran_on = "cpu"
+            outcome.device = _ran_on(request, segmenter)
             yield JobStatus(f"segmenting on {outcome.device}", model=model_description(segmenter))
             outcome.result = yield from _warning_early(segmenter.iter_segment(
                 request.volume, request.prompt, should_stop=should_stop, **request.options
@@ -139,6 +141,13 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
         log.exception("BoltzFormer run failed")
         outcome.error = f"BoltzFormer failed: {type(exc).__name__}: {exc}".splitlines()[0]
     return outcome
+
+
+def _ran_on(request: RunRequest, segmenter) -> str:
+    """Note on `request` the device and batch size `segmenter` runs it with; returns the device."""
+    request.ran_on = str(segmenter.device)
+    request.ran_batch_size = request.options.get("batch_size") or segmenter.default_batch_size()
+    return request.ran_on
 
 
 def _warning_early(progress, outcome: JobOutcome):

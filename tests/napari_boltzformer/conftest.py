@@ -168,6 +168,11 @@ def out_of_memory_gpu(segmenter, released: list):
         def release_memory(self):
             released.append(True)
 
+        def default_batch_size(self):
+            from boltzformer.options import DEFAULT_BATCH_ACCELERATOR
+
+            return DEFAULT_BATCH_ACCELERATOR
+
     return FakeGpu()
 
 
