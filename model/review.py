@@ -461,11 +461,11 @@ _FORWARD = [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1
 _AROUND = [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
 
-def _shifted(flat: np.ndarray, shape: tuple, offset: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """(which of the flat indices `flat` have a neighbour at `offset` inside `shape`, its flat index)."""
-    coords = np.unravel_index(flat, shape)
+def _shifted(coords: tuple, shape: tuple, offset: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(which of the voxels at `coords` (np.unravel_index of flat indices in `shape`) have a
+    neighbour at `offset` inside `shape`, its flat index)."""
     moved = [c + d for c, d in zip(coords, offset)]
-    inside = np.ones(flat.size, bool)
+    inside = np.ones(coords[0].size, bool)
     for m, n in zip(moved, shape):
         inside &= (m >= 0) & (m < n)
     return inside, np.ravel_multi_index([m[inside] for m in moved], shape)
@@ -479,8 +479,9 @@ def _label_indices(flat: np.ndarray, shape: tuple) -> tuple[np.ndarray, int]:
     from scipy.sparse.csgraph import connected_components
 
     source, target = [], []
+    coords = np.unravel_index(flat, shape)
     for offset in _FORWARD:
-        inside, neighbour = _shifted(flat, shape, offset)
+        inside, neighbour = _shifted(coords, shape, offset)
         at = np.searchsorted(flat, neighbour)
         found = at < flat.size
         found[found] = flat[at[found]] == neighbour[found]
@@ -502,8 +503,9 @@ def _labels_at(flat: np.ndarray, labels: np.ndarray, near: np.ndarray, shape: tu
     found = set()
     if near.size == 0 or flat.size == 0:
         return found
+    coords = np.unravel_index(near, shape)
     for offset in _AROUND:
-        _, neighbour = _shifted(near, shape, offset)
+        _, neighbour = _shifted(coords, shape, offset)
         at = np.searchsorted(flat, neighbour)
         hit = at < flat.size
         hit[hit] = flat[at[hit]] == neighbour[hit]
@@ -515,8 +517,9 @@ def _labels_touching(labels: np.ndarray, flat: np.ndarray) -> set:
     """Labels (non-zero) of `labels` at or next to (26-neighbourhood) the voxels at flat indices `flat`."""
     found = set()
     values = labels.reshape(-1)
+    coords = np.unravel_index(flat, labels.shape)
     for offset in _AROUND:
-        _, neighbour = _shifted(flat, labels.shape, offset)
+        _, neighbour = _shifted(coords, labels.shape, offset)
         found.update(np.unique(values[neighbour]).tolist())
     found.discard(0)
     return {int(v) for v in found}
