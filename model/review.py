@@ -471,6 +471,15 @@ def _shifted(coords: tuple, shape: tuple, offset: tuple) -> tuple[np.ndarray, np
     return inside, np.ravel_multi_index([m[inside] for m in moved], shape)
 
 
+def _found_in(flat: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which of the flat indices `wanted` are among the sorted flat indices `flat`, their positions
+    there; a position is meaningful only where found)."""
+    at = np.searchsorted(flat, wanted)
+    found = at < flat.size
+    found[found] = flat[at[found]] == wanted[found]
+    return found, at
+
+
 def _label_indices(flat: np.ndarray, shape: tuple) -> tuple[np.ndarray, int]:
     """26-connected components of the voxels at sorted flat indices `flat`: (their labels 1..n, n),
     numbered in raster order of each component's first voxel, as ndimage.label numbers them; the
@@ -482,9 +491,7 @@ def _label_indices(flat: np.ndarray, shape: tuple) -> tuple[np.ndarray, int]:
     coords = np.unravel_index(flat, shape)
     for offset in _FORWARD:
         inside, neighbour = _shifted(coords, shape, offset)
-        at = np.searchsorted(flat, neighbour)
-        found = at < flat.size
-        found[found] = flat[at[found]] == neighbour[found]
+        found, at = _found_in(flat, neighbour)
         source.append(np.flatnonzero(inside)[found])
         target.append(at[found])
     source, target = np.concatenate(source), np.concatenate(target)
@@ -506,9 +513,7 @@ def _labels_at(flat: np.ndarray, labels: np.ndarray, near: np.ndarray, shape: tu
     coords = np.unravel_index(near, shape)
     for offset in _AROUND:
         _, neighbour = _shifted(coords, shape, offset)
-        at = np.searchsorted(flat, neighbour)
-        hit = at < flat.size
-        hit[hit] = flat[at[hit]] == neighbour[hit]
+        hit, at = _found_in(flat, neighbour)
         found.update(np.unique(labels[at[hit]]).tolist())
     return {int(v) for v in found}
 
