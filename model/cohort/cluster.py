@@ -79,8 +79,12 @@ class LocalClusterClient:
                               "distributed.scheduler.worker-saturation": 1.0}), _children_ignore_ctrl_c():
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                                         # any free port: None still takes 8787, and a second cohort
-                                        # on the machine warned that it was in use
-                                        dashboard_address=":0", silence_logs=logging.ERROR)
+                                        # on the machine warned that it was in use; the worker
+                                        # processes' own log lines silenced up to ERROR: a worker
+                                        # whose scheduler closed after a Ctrl-C printed "Failed to
+                                        # communicate with scheduler during heartbeat" with a
+                                        # traceback (a scan's failure reaches the cohort's report)
+                                        dashboard_address=":0", silence_logs=logging.CRITICAL)
         self.client = Client(self.cluster)
         # A lost worker's scan is said once, by the cohort ("worker lost; running it again"), not
         # also as the scheduler's ERROR line about the task it marks as failed.
