@@ -61,8 +61,8 @@ class SeriesInfo:
 def list_dicom_series(folder) -> list[SeriesInfo]:
     """The DICOM series directly inside ``folder`` (not sub-folders), by series number then UID.
 
-    Files of each series are sorted along the slice normal (GDCM's order). A folder holding a
-    FIFO, socket or device is refused (GDCM would block opening it).
+    Files of each series are sorted along the slice normal (else by InstanceNumber, else by
+    name). A folder holding a FIFO, socket or device is refused (opening one would block).
     """
     folder = os.fspath(folder)
     refuse_special_files(Path(folder))
@@ -90,30 +90,82 @@ def _folder_state(folder: str):
 
 
 def _scan_series(folder: str) -> list[SeriesInfo]:
-    """GDCM's scan of `folder` for series (list_dicom_series without the cache)."""
+    """The series of `folder` (list_dicom_series without the cache), each file's header read by
+    pydicom. GDCM's own folder scan is not used: a file with thousands of nested sequences crashes
+    the process there (a segfault, not an error), and it re-read the folder once per series. Only
+    files that pydicom could read reach GDCM."""
     try:
-        with itk_quiet() as printed:  # "No Series were found" is reported by us
-            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
-    except RuntimeError as exc:
-        raise InputError(folder, f"cannot be scanned for DICOM files{detail(exc, printed)}") from None
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+    except OSError as exc:
+        raise InputError(folder, f"cannot be scanned for DICOM files ({exc.strerror or exc})") from None
+    members: dict[str, list] = {}
+    for entry in entries:
+        if entry.name.startswith("._") or not _regular(entry):  # ._name: macOS's resource-fork copy
+            continue
+        ds = _scanned_header(entry.path)
+        if ds is not None:
+            members.setdefault(str(ds.get("SeriesInstanceUID") or "").strip(), []).append((entry.path, ds))
     infos = []
-    for uid in uids:
-        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
-        tags = _dicom_tags(files[0]) if files else {}
-        number = tags.get("SeriesNumber")
-        frames = tags.get("NumberOfFrames")
+    for uid, found in members.items():
+        files = _stacking_order(found)
+        ds = dict(found)[files[0]]
+        tags = _tags_of(ds)
+        number, frames = tags.get("SeriesNumber"), tags.get("NumberOfFrames")
         infos.append(SeriesInfo(
             uid=uid,
             description=str(tags.get("SeriesDescription", "")),
             n_files=len(files),
             modality=tags.get("Modality"),
             series_number=int(number) if isinstance(number, (int, float)) else None,
-            files=files,
+            files=tuple(files),
             n_images=len(files) * int(frames) if isinstance(frames, (int, float)) and frames > 1 else 0,
             localizer="LOCALIZER" in _image_type(tags.get("ImageType")),
         ))
     infos.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.uid))
     return infos
+
+
+def _scanned_header(path: str):
+    """The header (pixels not loaded) of a DICOM image file, or None: not DICOM, unreadable (told
+    apart later by `_unreadable_dicom_files`), or a DICOM object that holds no image (DICOMDIR,
+    a report). A file without the preamble is tried when it begins as a DICOM data set does."""
+    import pydicom
+
+    try:
+        with open(path, "rb") as f:
+            start = f.read(132)
+    except OSError:
+        return None
+    if start[128:132] != b"DICM" and start[:2] not in (b"\x02\x00", b"\x08\x00"):  # group 0002 or 0008
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=1024, force=True)
+    except Exception:  # noqa: BLE001 - RecursionError included: not part of any series
+        return None
+    if "Rows" not in ds or not _holds_image(ds):
+        return None
+    return ds
+
+
+def _stacking_order(found: list[tuple[str, object]]) -> list[str]:
+    """The files of one series in the order GDCM stacks them: along the first slice's normal when
+    every file has ImagePositionPatient and ImageOrientationPatient, else by InstanceNumber when
+    every file has one, else by file name (`_plan_slices` checks and re-sorts placed slices)."""
+    def floats(ds, name, n):
+        return _floats(ds.get(name), n)
+
+    placed = [(floats(ds, "ImagePositionPatient", 3), floats(ds, "ImageOrientationPatient", 6)) for _, ds in found]
+    if all(p is not None and o is not None for p, o in placed):
+        normal = np.cross(placed[0][1][:3], placed[0][1][3:])
+        keys = [float(p @ normal) for p, _ in placed]
+    else:
+        numbers = [_floats([ds.get("InstanceNumber")], 1) for _, ds in found]
+        keys = [float(n[0]) for n in numbers] if all(n is not None for n in numbers) else [0.0] * len(found)
+    order = sorted(range(len(found)), key=lambda i: (keys[i], os.path.basename(found[i][0])))
+    return [found[i][0] for i in order]
 
 
 def read_dicom_file(p: Path, context: str = "", allow_gaps: bool = False) -> Volume:
@@ -346,9 +398,9 @@ def _regular(entry: os.DirEntry) -> bool:
 
 
 def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: SeriesInfo | None = None) -> list[tuple[str, bool]]:
-    """Files that look like DICOM (extension or preamble) but belong to no series GDCM found:
-    those pydicom cannot read either, as (path, False), and those pydicom places in ``chosen``
-    although GDCM left them out (a truncated slice), as (path, True). Other DICOM objects
+    """Files that look like DICOM (extension or preamble) but belong to no series the scan found:
+    those pydicom cannot read, as (path, False), and those pydicom places in ``chosen`` although
+    the scan left them out (a slice truncated before its image size), as (path, True). Other DICOM objects
     (DICOMDIR, reports, other series) are skipped."""
     import pydicom
 
@@ -514,8 +566,8 @@ def _plan_slices(headers: list[_SliceHeader], folder: Path, label: str, allow_ga
         thickness = headers[0].thickness_mm
         said = f"{thickness:g} mm apart (its slice thickness)" if thickness else "1 mm apart (no slice thickness either)"
         plan = _SlicePlan(files, step=thickness, pixel_spacing_xy=spacing_xy, warnings=[
-            f"{folder}: {where}: slices without ImagePositionPatient/ImageOrientationPatient; stacked in GDCM's order "
-            f"and taken as {said}: gaps and the order cannot be checked"])
+            f"{folder}: {where}: slices without ImagePositionPatient/ImageOrientationPatient; stacked by "
+            f"InstanceNumber (else file name) and taken as {said}: gaps and the order cannot be checked"])
         plan.warnings += [f"{folder}: {spacing_warning}"] if spacing_warning else []
         return plan
     ref = headers[0].orientation

@@ -4,6 +4,8 @@ images whose frames are not a plain stack, and which series of a folder is read.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
@@ -202,6 +204,30 @@ def test_a_folder_scanned_twice_is_scanned_once_until_its_files_change(tmp_path,
     os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))  # rewritten in place
     list_dicom_series(tmp_path / "s")
     assert len(scans) == 3
+
+
+def test_series_are_listed_by_pydicom_and_unplaced_slices_stacked_by_instance_number(tmp_path):
+    """The folder scan is pydicom's (GDCM's crashed on a deeply nested file and re-read the
+    folder once per series): series by number, other objects left out, and slices without
+    positions in InstanceNumber order, though their file names run the other way."""
+    from boltzformer.io import list_dicom_series
+
+    folder = tmp_path / "mixed"
+    first, _ = write_ct_series(folder, _flat(3, (16, 16)), series_number=7, prefix="a")
+    hu = np.stack([np.full((16, 16), 10 * k, np.int16) for k in range(4)])
+
+    def unplaced(ds, k):
+        del ds.ImagePositionPatient
+
+    second, _ = write_ct_series(folder, hu, series_number=3, prefix="b", edit=unplaced)
+    (folder / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 8)  # an empty DICOM object: in no series
+    (folder / "notes.txt").write_text("not DICOM")
+    infos = list_dicom_series(folder)
+    assert [(s.uid, s.series_number, s.n_files) for s in infos] == [(second, 3, 4), (first, 7, 3)]
+    assert [os.path.basename(f) for f in infos[0].files] == ["b004.dcm", "b003.dcm", "b002.dcm", "b001.dcm"]
+    vol = read_volume(folder, series=0)
+    assert [int(v) for v in vol.array[:, 0, 0]] == [0, 10, 20, 30]
+    assert "stacked by InstanceNumber" in " ".join(vol.metadata["warnings"])
 
 
 @pytest.mark.parametrize("shape", [(1, 56), (48, 1), (1, 1)])

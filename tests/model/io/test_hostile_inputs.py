@@ -166,6 +166,33 @@ def test_a_link_loop_in_a_dicom_folder_is_left_out(tmp_path):
     assert read_volume(tmp_path / "s").shape == (3, 16, 16)
 
 
+def test_a_dicom_file_of_deeply_nested_sequences_beside_a_series_is_refused_not_a_crash(tmp_path):
+    """GDCM's folder scan segfaulted on a file of 30 000 nested sequences among valid slices: the
+    process (napari with it) went. The folder is now scanned by pydicom, which refuses the file."""
+    import pydicom
+
+    from .test_io import write_ct_series
+
+    folder = tmp_path / "s"
+    write_ct_series(folder, np.zeros((3, 16, 16), np.int16))
+    ds = pydicom.dcmread(sorted(folder.iterdir())[0])
+    del ds.PixelData
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(folder / "nested.dcm", enforce_file_format=True)
+    depth = 30_000  # (0040,A730) SQ of undefined length holding one item, nested; then their ends
+    opening = (struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+               + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF))
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    with open(folder / "nested.dcm", "ab") as f:
+        f.write(opening * depth + closing * depth)
+    code = f"from boltzformer.io import read_volume\nread_volume({str(folder)!r})\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.returncode  # -11: the segfault
+    assert "nested.dcm in the folder cannot be read as DICOM" in proc.stderr
+    (folder / "nested.dcm").unlink()
+    assert read_volume(folder).shape == (3, 16, 16)
+
+
 @pytest.mark.parametrize("name, header, said", [
     ("nan_matrix.mhd", "TransformMatrix = nan 0 0 0 1 0 0 0 1\n", "(its geometry is invalid|cannot be read)"),
     ("sheared.mhd", "TransformMatrix = 1 0 0 1 1 0 0 0 1\n", "its orientation matrix is sheared"),
