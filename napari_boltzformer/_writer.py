@@ -45,7 +45,7 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
         if moved:
             show_warning(f"{path}: the layer was moved or rescaled after it was made; the file puts the mask where "
                          "the viewer shows it, not on the source scan's grid")
-        elif _no_physical_size(meta):
+        elif _no_physical_size(meta) and _unplaced(meta, np.ndim(data)):
             spacing = " x ".join(f"{v:g}" for v in volume.spacing_mm)
             show_warning(f"{path}: the layer has no physical voxel size (its napari units are pixels): written with "
                          f"{spacing} mm voxels at the origin, so it lines up with no scan. Segment a scan opened with "
@@ -68,6 +68,16 @@ def _no_physical_size(meta: dict) -> bool:
     if (meta.get("metadata") or {}).get(GEOMETRY_KEY) is not None:
         return False
     return only_pixel_units(meta.get("units") or ())
+
+
+def _unplaced(meta: dict, ndim: int) -> bool:
+    """True when nothing places the layer (no scale, translate, rotation or affine): its voxels
+    are written as 1 mm at the origin. A layer in pixel units given another image's scale and
+    translate is where that image is, in its numbers (mm for an image read by this plugin)."""
+    try:
+        return bool(np.allclose(layer_matrix(ndim, meta), np.eye(ndim + 1)))
+    except ValueError:  # a layer that cannot be written: its own message comes
+        return False
 
 
 def labels_volume(data: np.ndarray, meta: dict):

@@ -55,7 +55,7 @@ def test_reader_places_the_volume_at_its_physical_position(viewer, tmp_path, dir
 
 @pytest.mark.parametrize("direction", ["axis-aligned", "oblique"])
 @pytest.mark.parametrize("with_metadata", [True, False])
-def test_writer_restores_the_source_geometry(viewer, tmp_path, direction, with_metadata):
+def test_writer_restores_the_source_geometry(viewer, tmp_path, direction, with_metadata, notifications):
     from boltzformer.io import read_volume, write_volume
 
     volume = ct_volume(direction=oblique_direction() if direction == "oblique" else None)
@@ -71,6 +71,8 @@ def test_writer_restores_the_source_geometry(viewer, tmp_path, direction, with_m
     assert np.array_equal(back.array, mask)
     assert back.same_geometry(volume, atol=1e-4)
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
+    # placed by the scan's scale, translate and affine: no "at the origin, lines up with no scan"
+    assert not [m for m in _messages(notifications, "warning") if "no physical voxel size" in m]
 
 
 def test_reader_ignores_what_it_does_not_handle(tmp_path):
