@@ -130,6 +130,18 @@ def slice_tilt_deg(direction: np.ndarray, r: Reorientation) -> float:
     return float(np.degrees(np.arccos(min(1.0, cos))))
 
 
+def canonical_reorientation(volume: Volume) -> Reorientation:
+    """The reorientation `to_canonical` applies to `volume`: `find_reorientation`'s, except
+    IDENTITY for a single sagittal or coronal slice (segmented in its own plane)."""
+    r = find_reorientation(volume.direction)
+    return IDENTITY if _single_plane_slice(volume, r) else r
+
+
+def _single_plane_slice(volume: Volume, r: Reorientation) -> bool:
+    """One sagittal or coronal slice: axial "slices" across it would be rows of one pixel."""
+    return volume.shape[0] == 1 and not r.keeps_slices
+
+
 def to_canonical(volume: Volume) -> tuple[Volume, Reorientation, list[str]]:
     """-> (the volume on the canonical axial grid, the mapping back, warnings).
 
@@ -140,8 +152,7 @@ def to_canonical(volume: Volume) -> tuple[Volume, Reorientation, list[str]]:
     r = find_reorientation(volume.direction)
     d = np.asarray(volume.direction, float)
     warnings: list[str] = []
-    if volume.shape[0] == 1 and not r.keeps_slices:
-        # one sagittal or coronal slice: axial "slices" across it would be rows of one pixel
+    if _single_plane_slice(volume, r):
         plane = "sagittal" if list(r.source_axis).index(2) == 0 else "coronal"
         warnings.append(f"a single {plane} slice: segmented in its own plane, as stored; the model learnt axial "
                         "slices, so treat the result as unverified")

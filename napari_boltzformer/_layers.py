@@ -131,6 +131,8 @@ def volume_from_layer(layer, modality: str | None = None):
     array = np.asarray(layer_array(layer))
     if array.ndim == 2:
         array = array[None]
+    if is_shown_flat(geom) and geometry_shape(geom[FILE_GEOMETRY]) == array.shape:
+        geom = geom[FILE_GEOMETRY]  # the same voxels where the patient is: lesion positions in mm are true
     return geometry_volume(geom, array, modality=modality)
 
 
@@ -148,9 +150,9 @@ def mask_volume(array: np.ndarray, geom: dict):
     file_geom = geom.get(FILE_GEOMETRY)
     if file_geom is None:
         return geometry_volume(geom, array)
-    from boltzformer.orientation import find_reorientation
+    from boltzformer.orientation import canonical_reorientation
 
-    reorientation = find_reorientation(geometry_volume(file_geom).direction)  # the one to_canonical used
+    reorientation = canonical_reorientation(geometry_volume(file_geom))  # the one to_canonical used
     return geometry_volume(file_geom, np.ascontiguousarray(reorientation.from_canonical(array)))
 
 
@@ -216,17 +218,38 @@ def mask_colormap(color: str):
 def _shown_axially(volume, modality: str | None) -> tuple:
     """(the volume napari is given, its geometry dict): a volume acquired sagittally or coronally
     on its canonical axial grid, the file's own grid kept as FILE_GEOMETRY (see image_layer_data)."""
-    from boltzformer.orientation import find_reorientation, to_canonical
+    from boltzformer.orientation import canonical_reorientation, find_reorientation, to_canonical
 
     file_geom = None
     if not find_reorientation(volume.direction).keeps_slices:
         file_geom = dict(volume.geometry_dict(), modality=modality)
-        volume = to_canonical(volume)[0]
+        if canonical_reorientation(volume).keeps_slices:  # one such slice, segmented as stored: shown flat
+            volume = shown_flat(volume)
+        else:
+            volume = to_canonical(volume)[0]
     geom = volume.geometry_dict()
     geom["modality"] = modality
     if file_geom is not None:
         geom[FILE_GEOMETRY] = file_geom
     return volume, geom
+
+
+def shown_flat(volume):
+    """A single sagittal or coronal slice as napari can draw it: its own plane on the screen,
+    at its origin (vispy cannot draw a plane turned out of the screen). The core segments it as
+    stored (`orientation.canonical_reorientation`); its file geometry places results in 3D."""
+    from boltzformer.io import Volume
+
+    return Volume(volume.array, volume.spacing_mm, volume.origin_mm, np.eye(3), volume.modality, volume.path,
+                  dict(volume.metadata))
+
+
+def is_shown_flat(geom: dict) -> bool:
+    """True when `geom` is a single sagittal or coronal slice shown flat (`shown_flat`)."""
+    from boltzformer.orientation import canonical_reorientation
+
+    file_geom = geom.get(FILE_GEOMETRY)
+    return file_geom is not None and canonical_reorientation(geometry_volume(file_geom)).keeps_slices
 
 
 def label_map_layer_data(volume, name: str | None = None) -> tuple:

@@ -169,7 +169,7 @@ def read_layers(path, series: str | None = None):
 
     from boltzformer.errors import BoltzformerError
 
-    from ._layers import FILE_GEOMETRY, GEOMETRY_KEY, image_layer_data, label_map_layer_data
+    from ._layers import FILE_GEOMETRY, GEOMETRY_KEY, image_layer_data, is_shown_flat, label_map_layer_data
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -197,7 +197,10 @@ def read_layers(path, series: str | None = None):
         show_info(f"{path}: opened as a labels layer (a mask: few whole values, mostly 0)"
                   + (f"; {record}. The review itself is not reopened: run the prompt on the scan to review "
                      "again" if record else ""))
-    if FILE_GEOMETRY in layer[1]["metadata"][GEOMETRY_KEY]:
+    if is_shown_flat(layer[1]["metadata"][GEOMETRY_KEY]):
+        show_info(f"{path}: a single sagittal or coronal slice, shown flat: the viewer's mm positions are in its "
+                  "own plane. Lesion positions in mm and masks saved from it are where the file puts it.")
+    elif FILE_GEOMETRY in layer[1]["metadata"][GEOMETRY_KEY]:
         show_info(f"{path}: acquired sagittally or coronally; shown in axial slices (the same voxels, reordered). "
                   "Masks saved from it are written on the file's own grid.")
     tilt = _tilt_deg(volume)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._layers import GEOMETRY_KEY, ROLE_KEY, data_to_world_matrix
+from ._layers import FILE_GEOMETRY, GEOMETRY_KEY, ROLE_KEY, data_to_world_matrix, geometry_volume, is_shown_flat
 
 # world axis (z, y, x) -> (letter at its negative end, letter at its positive end), LPS
 LPS_ENDS = (("I", "S"), ("A", "P"), ("R", "L"))
@@ -36,33 +36,51 @@ def lps_axis(world_axis: int, ndim: int, spatial: int = 3) -> int | None:
 
 
 def orientation_letters(displayed: tuple[int, int], ndim: int, orientation2d=("down", "right"),
-                        spatial: int = 3) -> dict | None:
+                        spatial: int = 3, ends=LPS_ENDS) -> dict | None:
     """{'top', 'bottom', 'left', 'right'} -> patient direction letter for a 2D view of world
-    axes `displayed` (vertical, horizontal) of `ndim`; None when one is not a spatial axis."""
+    axes `displayed` (vertical, horizontal) of `ndim`; None when one is not a spatial axis.
+    `ends`: the letters at each end of world z, y, x (`flat_axes` for a slice shown flat)."""
     vertical, horizontal = (lps_axis(a, ndim, spatial) for a in displayed)
     if vertical is None or horizontal is None:
         return None
     down, right = (str(getattr(o, "value", o)) for o in orientation2d)
-    v_neg, v_pos = LPS_ENDS[vertical]
-    h_neg, h_pos = LPS_ENDS[horizontal]
+    v_neg, v_pos = ends[vertical]
+    h_neg, h_pos = ends[horizontal]
     top, bottom = (v_neg, v_pos) if down == "down" else (v_pos, v_neg)
     left, right_letter = (h_neg, h_pos) if right == "right" else (h_pos, h_neg)
     return {"top": top, "bottom": bottom, "left": left, "right": right_letter}
 
 
 def slice_text(axis: int, ndim: int, position_mm: float, index: int | None, count: int | None,
-               spatial: int = 3) -> str:
+               spatial: int = 3, across: int | None = None) -> str:
     """'axial 17 of 0–47\n12.5 mm S': the plane, the slice of the image and, on a line of its own (the
     top corner of a narrow canvas also holds an orientation letter), its world position. The slice
-    is 0-based, as napari's slider and the lesion table's slices count it."""
+    is 0-based, as napari's slider and the lesion table's slices count it. `across`: the LPS world
+    axis (z, y, x as 0, 1, 2) the slices cross when it is not world `axis` (a slice shown flat)."""
     lps = lps_axis(axis, ndim, spatial)
     if lps is None:
         return ""
+    lps = lps if across is None else across
     neg, pos = LPS_ENDS[lps]
     where = f"{abs(position_mm):.1f} mm {pos if position_mm >= 0 else neg}"
     if index is None or count is None:
         return f"{PLANE_OF_AXIS[lps]}\n{where}"
     return f"{PLANE_OF_AXIS[lps]} {index} of 0–{count - 1}\n{where}"
+
+
+def flat_axes(file_geom: dict) -> tuple[tuple, int, float]:
+    """For a single sagittal or coronal slice shown flat (`_layers.shown_flat`): the letters at
+    each end of the screen's z, y, x axes (the file's slice normal, columns, rows in the patient),
+    the LPS world axis (z, y, x as 0, 1, 2) the slice crosses, and its position along it (mm)."""
+    volume = geometry_volume(file_geom)
+    ends = []
+    for image_axis in (2, 1, 0):  # the direction's columns are the image's x, y, z in LPS x, y, z
+        v = np.asarray(volume.direction, float)[:, image_axis]
+        c = int(np.argmax(np.abs(v)))
+        neg, pos = LPS_ENDS[2 - c]
+        ends.append((neg, pos) if v[c] > 0 else (pos, neg))
+    normal = int(np.argmax(np.abs(np.asarray(volume.direction, float)[:, 2])))
+    return tuple(ends), 2 - normal, float(volume.origin_mm[normal])
 
 
 class CanvasLabels:
@@ -137,8 +155,11 @@ class CanvasLabels:
         image = self.image_layer()
         letters = None
         spatial = image.ndim if image is not None else 3
+        flat = image is not None and is_shown_flat(image.metadata[GEOMETRY_KEY])
+        ends, across, flat_mm = flat_axes(image.metadata[GEOMETRY_KEY][FILE_GEOMETRY]) if flat else (LPS_ENDS, None, 0)
         if image is not None and dims.ndisplay == 2:
-            letters = orientation_letters(tuple(dims.displayed), dims.ndim, _camera(viewer).orientation2d, spatial)
+            letters = orientation_letters(tuple(dims.displayed), dims.ndim, _camera(viewer).orientation2d, spatial,
+                                          ends)
         # a file that gave no orientation: the letters are our assumption (the reader warned)
         doubt = "?" if image is not None and image.metadata[GEOMETRY_KEY].get("orientation_unknown") else ""
         for edge in EDGES:
@@ -156,7 +177,10 @@ class CanvasLabels:
                 count = int(shape[data_axis])
                 position = image.world_to_data(dims.point[offset:])
                 index = min(max(int(round(float(position[data_axis]))), 0), count - 1)
-                text = slice_text(axis, dims.ndim, float(dims.point[axis]), index, count)
+                if flat and data_axis == 0:  # the one slice: named and placed by the file's geometry
+                    text = slice_text(axis, dims.ndim, flat_mm, index, count, across=across)
+                elif not flat:
+                    text = slice_text(axis, dims.ndim, float(dims.point[axis]), index, count)
         overlays[SLICE_KEY].text = text
         overlays[SLICE_KEY].visible = bool(text)
 

@@ -453,3 +453,28 @@ def test_saving_a_labels_layer_with_no_physical_size_warns(viewer, tmp_path, not
     assert (tmp_path / "drawn.nii.gz").exists()
     [said] = [m for m in _messages(notifications, "warning") if "no physical voxel size" in m]
     assert said.startswith(f"{tmp_path / 'drawn.nii.gz'}: the layer has no physical voxel size") and "1 x 1 x 1 mm" in said
+
+
+def test_a_single_sagittal_slice_is_shown_and_written_back_on_its_own_grid(viewer, tmp_path, notifications):
+    """The core segments one sagittal slice as stored; the layer and its exported mask kept
+    a reorientation for it that was never applied, and the mask came out transposed."""
+    from boltzformer.io import Volume, read_volume, write_volume
+
+    direction = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)  # rows S->I, columns A->P
+    hu = np.random.default_rng(0).integers(-1000, 400, (1, 40, 30)).astype(np.int16)
+    write_volume(Volume(hu, (0.8, 0.9, 3.0), (10.0, 20.0, 30.0), direction, modality="CT"), tmp_path / "sag.nii.gz")
+    [image] = viewer.open(tmp_path / "sag.nii.gz", plugin=PLUGIN)
+    assert image.data.shape == (1, 40, 30) and np.array_equal(image.data, hu)
+    assert [m for m in _messages(notifications, "info") if "a single sagittal or coronal slice, shown flat" in m]
+    viewer.layers.selection.active = image
+    viewer.screenshot(canvas_only=True)  # drawn: vispy failed on its plane turned out of the screen
+    mask = np.zeros((1, 40, 30), np.uint8)
+    mask[0, 5:8, 10:12] = 1
+    labels = viewer.add_labels(mask, scale=image.scale, translate=image.translate, affine=image.affine,
+                               metadata=dict(image.metadata))
+    labels.save(str(tmp_path / "m.nii.gz"), plugin=PLUGIN)
+    back, scan = read_volume(tmp_path / "m.nii.gz"), read_volume(tmp_path / "sag.nii.gz")
+    assert back.same_geometry(scan, atol=1e-4) and np.array_equal(back.array, mask)
+    from napari_boltzformer._layers import volume_from_layer
+
+    assert volume_from_layer(image).same_geometry(scan, atol=1e-4)  # what the panel segments: lesions in true mm

@@ -458,3 +458,18 @@ def test_clicks_and_jumps_on_an_oblique_scan_use_the_voxel_napari_draws(make_nap
     assert round(float(layer._data_slice.point[0])) == 9  # the slice napari draws is the lesion's
     centre = shown_voxel(viewer, layer, [*viewer.dims.point[:-2], *_camera(viewer).center[-2:]])
     assert round(centre[0]) == 9 and np.allclose(centre[1:], voxel[1:])  # napari snaps the slider to its steps
+
+
+def test_a_single_sagittal_slice_shown_flat_is_lettered_by_its_own_plane():
+    """Shown flat (napari cannot draw a plane turned out of the screen), the letters and the
+    slice caption come from the file's direction, not the screen's axial ones."""
+    from boltzformer.io import Volume
+
+    from napari_boltzformer._view import flat_axes, orientation_letters, slice_text
+
+    direction = np.stack([[0, 1, 0], [0, 0, -1], [-1, 0, 0]], axis=1).astype(float)  # rows A->P, columns S->I
+    file_geom = Volume(np.zeros((1, 4, 5), np.int16), (1.0, 1.0, 3.0), (-12.5, 0.0, 0.0), direction).geometry_dict()
+    ends, across, position_mm = flat_axes(file_geom)
+    assert ends == (("L", "R"), ("S", "I"), ("A", "P")) and across == 2 and position_mm == -12.5
+    assert orientation_letters((1, 2), 3, ends=ends) == {"top": "S", "bottom": "I", "left": "A", "right": "P"}
+    assert slice_text(0, 3, position_mm, 0, 1, across=across) == "sagittal 0 of 0–0\n12.5 mm R"
