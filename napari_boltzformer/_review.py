@@ -65,7 +65,8 @@ class ReviewPanel(LookHere):
         self._edit_timer = QTimer(panel)
         self._edit_timer.setSingleShot(True)
         self._edit_timer.setInterval(EDIT_DELAY_MS)
-        self._edit_timer.timeout.connect(lambda: self.flush_edits())
+        self._edit_timer.timeout.connect(self.flush_pending)
+        self._pending = weakref.WeakSet()  # mask layers painted since their last take-in (one timer serves all)
 
     # ---- construction ---------------------------------------------------------------------------
     def _build(self):
@@ -229,6 +230,7 @@ class ReviewPanel(LookHere):
             me = ref()
             if me is not None and me.alive:
                 seen[0] = _edit_history(layer)
+                me._pending.add(layer)
                 me._edit_timer.start()
 
         def redrawn(_event=None):
@@ -280,10 +282,12 @@ class ReviewPanel(LookHere):
     def displayed(self, mask_zyx: np.ndarray | None):
         """The panel put `mask_zyx` ((z, y, x), or None in organ mode) in the active mask layer: the
         data event that started the edit take-in was its own (a whole-volume compare for nothing)."""
-        self._edit_timer.stop()
         session = self.session()
         if session is not None:
             session.displayed = None if mask_zyx is None else np.asarray(mask_zyx) != 0
+            self._pending.discard(self.panel._mask_layer_of(session.run_id))
+        if not self._pending:
+            self._edit_timer.stop()
 
     def update(self, shown: list[dict]):
         """Counter and controls after the table was filled."""
@@ -325,8 +329,7 @@ class ReviewPanel(LookHere):
         if self.panel.current_mode() != "lesion":
             show_info("review: organ mode shows one structure, nothing to accept or reject; switch the mode to lesions")
             return
-        if self._edit_timer.isActive():  # a stroke still waiting to be taken in: first, or it would undo this
-            self.flush_edits()
+        self.flush_edits(pending_only=True)  # a stroke still waiting to be taken in: first, or it would undo this
         try:
             if action in ("next", "previous"):
                 self.step(+1 if action == "next" else -1)
@@ -414,19 +417,19 @@ class ReviewPanel(LookHere):
     # ---- hand edits --------------------------------------------------------------------------------
     def flush_edits(self, session: ReviewSession | None = None, pending_only: bool = False) -> bool:
         """Take a painted or erased mask layer into the review (and the table); True if it changed.
-        pending_only: only when an edit event is waiting (every edit starts the timer), sparing the
+        pending_only: only when the session's layer was edited since its last take-in, sparing the
         whole-volume compare otherwise."""
         from napari.utils.notifications import show_error
 
-        if pending_only and not self._edit_timer.isActive():
-            return False
-        self._edit_timer.stop()
         session = session or self.session()
         if session is None or session.displayed is None or not self.alive:
             return False
         layer = self.panel._mask_layer_of(session.run_id)
-        if layer is None:
+        if layer is None or (pending_only and layer not in self._pending):
             return False
+        self._pending.discard(layer)
+        if not self._pending:
+            self._edit_timer.stop()
         after = self._layer_mask(layer)
         if after.shape != session.displayed.shape or np.array_equal(after, session.displayed):
             return False
@@ -445,6 +448,16 @@ class ReviewPanel(LookHere):
                     self.panel.table.setCurrentCell(row, 0)
                     self.panel.table.selectRow(row)
         return True
+
+    def flush_pending(self):
+        """Take in every mask layer painted since its last take-in (the edit timer's end), the
+        active result's or not: a stroke in one result is not lost when another becomes active."""
+        for layer in list(self._pending):
+            session = (layer.metadata or {}).get(REVIEW_KEY)
+            if isinstance(session, ReviewSession) and self.panel._mask_layer_of(session.run_id) is layer:
+                self.flush_edits(session)
+            else:
+                self._pending.discard(layer)
 
     # ---- which layer is under review (the exports ask) ------------------------------------------------
     def handles(self, layer) -> bool:

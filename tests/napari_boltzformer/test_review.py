@@ -18,7 +18,7 @@ from napari_boltzformer._review import REVIEW_KEY
 from napari_boltzformer._view import _camera
 from napari_boltzformer._widget import BoltzFormerWidget
 
-from .conftest import PROMPT, run_and_wait
+from .conftest import OTHER_PROMPT, PROMPT, run_and_wait
 
 
 def key(viewer, qtbot, k, shift=False):
@@ -471,3 +471,24 @@ def test_look_here_is_armed_visibly_and_refused_in_3d(reviewing, qtbot, notifica
     viewer.dims.ndisplay = 3
     panel.reviewer.look_here_at(viewer.dims.point)
     assert not panel.reviewer.looking and any("switch the viewer to 2D" in m for _, m in notifications)
+
+
+def test_a_stroke_in_one_result_is_kept_when_another_becomes_active_at_once(panel, viewer, qtbot):
+    """One edit timer served every result: a stroke in B, then A made active within 250 ms,
+    stopped it, and B's mask was redrawn from its review without the stroke when B came back."""
+    panel.min_lesion_spin.setValue(0.0)
+    run_and_wait(panel, qtbot)
+    run_a = panel._active_run
+    panel.prompt_edit.setText(OTHER_PROMPT)
+    run_and_wait(panel, qtbot)
+    mask_a, mask_b = panel._mask_layer_of(run_a), panel._mask_layer_of(panel._active_run)
+    viewer.layers.selection.active = mask_b
+    qtbot.wait(50)
+    mask_b.brush_size = 5
+    mask_b.paint((viewer.dims.current_step[0], 24, 20), 1)  # napari's paint event, as a stroke gives
+    painted = np.asarray(mask_b.data).copy()
+    viewer.layers.selection.active = mask_a  # at once to the other result ...
+    viewer.layers.selection.active = mask_b  # ... and back
+    qtbot.wait(600)
+    assert np.array_equal(np.asarray(mask_b.data), painted)
+    assert [a for a in mask_b.metadata[REVIEW_KEY].review.actions if a["action"] == "edit"]
