@@ -104,9 +104,7 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
     except RuntimeError as exc:
         if format_name == "NIfTI" and ("orthonormal direction cosines" in str(exc)  # a sheared sform, no qform
                                        or nifti_version(p) == 2):
-            check_nifti_complete(p)
-            check_nifti_finite(p)
-            return read_nifti_by_nibabel(p)
+            return _read_by_nibabel(p)
         if "orthonormal direction cosines" in str(exc):  # a valid file, a geometry ITK cannot hold
             raise InputError(p, "its orientation matrix is sheared (not a rotation and voxel sizes), which ITK "
                                 "cannot read; resample it onto an orthonormal grid first") from None
@@ -124,10 +122,10 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         extra = " x ".join(str(s) for s in size[3:])
         what = f"{size[3]} volumes, a time series?" if len(size) == 4 else f"{extra} beyond x, y, z: a vector image?"
         raise InputError(p, f"is {len(size)}D ({what}); a single 3D volume is needed")
+    _check_memory_for(p, size, reader.GetPixelID())
     if format_name == "NIfTI":
         check_nifti_complete(p)  # ITK silently reads truncated NIfTI files as zeros
         check_nifti_finite(p)  # ... and NaN voxels as zeros
-    _check_memory_for(p, size, reader.GetPixelID())
     gzip_check = GzipCheck(p) if format_name == "NIfTI" and p.name.lower().endswith(".gz") else None
     try:
         with itk_quiet() as printed:
@@ -138,7 +136,7 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
     finally:
         intact = gzip_check.intact() if gzip_check is not None else True
     if not intact:  # ITK reads a damaged deflate stream or a wrong CRC as garbage or zeros, without a word
-        raise InputError(p, "is corrupt: its gzip data fail their checksum (a damaged copy or download)")
+        raise InputError(p, GZIP_DAMAGED)
     n = image.GetDimension()
     direction = np.asarray(image.GetDirection(), float).reshape(n, n)
     if format_name != "NIfTI" and np.isfinite(direction).all() and not np.allclose(direction.T @ direction, np.eye(n),
@@ -220,13 +218,45 @@ def _check_nrrd_dimension(p: Path) -> None:
             return
 
 
+GZIP_DAMAGED = "is corrupt: its gzip data fail their checksum (a damaged copy or download)"
+
+
+def _read_by_nibabel(p: Path) -> Volume:
+    """`read_nifti_by_nibabel` with the checks ITK's path has: free memory, completeness, finite
+    voxels and the gzip checksums (nibabel too reads a damaged deflate stream as data)."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(p)).header
+        _check_memory_bytes(p, header.get_data_shape(), np.dtype(header.get_data_dtype()).itemsize)
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - an unreadable header: read_nifti_by_nibabel says so
+        pass
+    check_nifti_complete(p)
+    check_nifti_finite(p)
+    gzip_check = GzipCheck(p) if p.name.lower().endswith(".gz") else None
+    try:
+        volume = read_nifti_by_nibabel(p)
+    finally:
+        intact = gzip_check.intact() if gzip_check is not None else True
+    if not intact:
+        raise InputError(p, GZIP_DAMAGED)
+    return volume
+
+
 def _check_memory_for(p: Path, size: tuple[int, ...], pixel_id: int) -> None:
+    """`_check_memory_bytes` for an ITK pixel type."""
+    bits = re.match(r"(\d+)-bit", sitk.GetPixelIDValueAsString(pixel_id))  # "16-bit signed integer"
+    _check_memory_bytes(p, size, int(bits.group(1)) // 8 if bits else 4)
+
+
+def _check_memory_bytes(p: Path, size: tuple[int, ...], bytes_per_voxel: int) -> None:
     """InputError when reading the image would need more memory than the machine has free (the
     reader and the array it is copied into: about twice its unpacked size); a corrupt or hostile
     header claiming 2048 x 2048 x 1024 voxels otherwise ran until the memory ran out."""
     voxels = int(np.prod([max(int(s), 1) for s in size], dtype=np.float64))
-    bits = re.match(r"(\d+)-bit", sitk.GetPixelIDValueAsString(pixel_id))  # "16-bit signed integer"
-    bytes_needed = 2 * voxels * (int(bits.group(1)) // 8 if bits else 4)
+    bytes_needed = 2 * voxels * bytes_per_voxel
     free = available_memory_bytes()
     if free is not None and bytes_needed > free:
         shape = " x ".join(str(int(s)) for s in size)

@@ -75,9 +75,21 @@ def test_an_nrrd_of_many_dimensions_is_refused_before_simpleitk_crashes(tmp_path
     assert proc.returncode == 1 and "is an NRRD of dimension 12; a 2D or 3D volume is needed" in proc.stderr
 
 
-def test_a_nii_gz_with_a_damaged_stream_or_checksum_is_refused(tmp_path):
-    """ITK read a wrong CRC or corrupted deflate bytes as data (zeros or garbage), without a word."""
+def _as_nifti2(path: Path) -> Path:
+    """`path` (NIfTI-1) rewritten as NIfTI-2 (read by nibabel, not ITK: its own path to check)."""
+    import nibabel as nib
+
+    one = nib.load(str(path))
+    nib.save(nib.Nifti2Image(np.asanyarray(one.dataobj), one.affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_nii_gz_with_a_damaged_stream_or_checksum_is_refused(tmp_path, version):
+    """ITK read a wrong CRC or corrupted deflate bytes as data (zeros or garbage), without a word;
+    so did nibabel, which reads NIfTI-2."""
     good = _ct(tmp_path, shape=(40, 128, 128))
+    good = _as_nifti2(good) if version == 2 else good
     data = good.read_bytes()
     crc = bytearray(data)
     crc[-5] ^= 0xFF  # the CRC-32 in the trailer (the size after it still matches)
@@ -208,10 +220,12 @@ def test_headers_with_impossible_geometry_are_refused(tmp_path, name, header, sa
         read_volume(path)
 
 
-def test_an_image_larger_than_the_free_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_image_larger_than_the_free_memory_is_refused_before_it_is_read(tmp_path, monkeypatch, version):
     from boltzformer.io import read
 
     ct = _ct(tmp_path)
+    ct = _as_nifti2(ct) if version == 2 else ct
     monkeypatch.setattr(read, "available_memory_bytes", lambda: 1000)
     with pytest.raises(InputError, match=r"its header gives 16 x 16 x 4 voxels: reading it needs about"):
         read_volume(ct)

@@ -370,6 +370,24 @@ def test_nan_voxels(tmp_path):
     _input_error(tmp_path / "nan.mha", "4 NaN or infinite")
 
 
+@pytest.mark.parametrize("name", ["nan.nii", "nan.nii.gz"])
+def test_nan_voxels_of_a_nifti_are_found_in_every_slab(tmp_path, monkeypatch, name):
+    """A float NIfTI is checked for NaN slab by slab (it was loaded whole, on top of the reader's
+    copy): voxels in the first and the last slab are all counted."""
+    import nibabel as nib
+
+    from boltzformer.io import nifti
+
+    monkeypatch.setattr(nifti, "_FINITE_SLAB_BYTES", 4 * 5 * 4 * 2)  # two slices of 4 x 5 float32 a slab
+    xyz = np.zeros((4, 5, 7), np.float32)
+    xyz[0, 0, 0], xyz[1, 2, 6], xyz[3, 4, 6] = np.nan, np.inf, -np.inf
+    nib.save(nib.Nifti1Image(xyz, np.eye(4)), str(tmp_path / name))
+    _input_error(tmp_path / name, "3 NaN or infinite voxels \\(of 140\\)")
+    xyz[:] = 1.0
+    nib.save(nib.Nifti1Image(xyz, np.eye(4)), str(tmp_path / name))
+    assert read_volume(tmp_path / name).shape == (7, 5, 4)
+
+
 def test_empty_folder_and_folder_without_dicom(tmp_path):
     (tmp_path / "empty").mkdir()
     _input_error(tmp_path / "empty", "no DICOM series")
