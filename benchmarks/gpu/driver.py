@@ -216,6 +216,8 @@ def run_stage(name, out_name, cfg, net, deadline):
     try:
         # ~40 s of setup inside train() (real slices, model) come before its clock starts
         train_mod.train(cfg, run_dir, max_minutes=max(0.1, (deadline - time.time() - 40) / 60))
+    except train_mod.Unfinished as stopped:  # the deadline ended this leg: expected, the summary follows
+        say(f"{name}: {stopped}")
     finally:
         stop.set()
         th.join()
