@@ -59,6 +59,7 @@ class RunRequest:
     keep_partial: bool = False
     # the napari layer run on: at the end the result goes to it only if it is still that scan
     image_layer: object = field(default=None, compare=False, repr=False)
+    image_data: object = field(default=None, compare=False, repr=False)  # its data then: other voxels are another scan
     # what ran it (set by the job; with the seed they replay the sampling noise, which "auto" cannot)
     ran_on: str | None = None  # the device
     ran_batch_size: int | None = None  # slices per network batch (the Segmenter's default when none was asked)

@@ -81,6 +81,7 @@ def build_request(panel) -> RunRequest | None:
         want_attention=panel.attention_check.isChecked(),
         keep_partial=panel.keep_partial_check.isChecked(),
         image_layer=layer,
+        image_data=layer.data,
     )
 
 
@@ -98,6 +99,7 @@ def scan_changed_during(viewer, request: RunRequest) -> str | None:
         same = geometry_from_layer(layer) == request.geometry
     except ValueError:
         same = False
+    same = same and (request.image_data is None or layer.data is request.image_data)
     if not same:
         return (f"the image '{layer.name}' was given other data or another placement during the run; its result "
                 "was not shown: run again")

@@ -209,6 +209,20 @@ def test_a_scan_closed_during_the_run_gets_no_result_layers(panel, viewer, qtbot
     assert any("was closed during the run; its result was not shown" in m for _, m in notifications)
 
 
+def test_a_scan_given_other_voxels_during_the_run_gets_no_result_layers(panel, viewer, qtbot, tiny_segmenter,
+                                                                        monkeypatch, notifications):
+    """Only the shape and placement were compared: other voxels of the same shape (another
+    series pasted in by a script or plugin) were labelled with a result not computed on them."""
+    calls = _count_batches(monkeypatch, tiny_segmenter, delay_s=0.3)
+    panel.batch_size = 2
+    panel.run()
+    qtbot.waitUntil(lambda: len(calls) >= 1, timeout=30_000)
+    viewer.layers["ct"].data = np.full_like(np.asarray(viewer.layers["ct"].data), -1000)
+    qtbot.waitUntil(lambda: not panel.running, timeout=60_000)
+    assert set(_roles(viewer)) == {"image"}
+    assert any("was given other data or another placement during the run" in m for _, m in notifications)
+
+
 def test_closing_the_viewer_during_the_detectors_pass_raises_nothing(panel, viewer, qtbot):
     """The 3D detector's candidate pass ended after the viewer had closed and its callback wrote
     to the deleted status label: 'wrapped C/C++ object of type QLabel has been deleted'."""
