@@ -40,11 +40,12 @@ def result_layers(viewer, prompt: str, source: str) -> dict:
     return out
 
 
-def follow_renamed_images(viewer, seen: dict, requests) -> None:
+def follow_renamed_images(viewer, seen: dict, requests) -> dict:
     """Result layers name their image layer (SOURCE_KEY), and a re-run finds and updates them by
     that name: once an image layer was renamed, a re-run added a second set beside the first.
     The image layers renamed since `seen` ({id(layer): (layer, name)}, kept by the caller and
-    updated here) give their new name to their result layers and to `requests` (RunRequests)."""
+    updated here) give their new name to their result layers and to `requests` (RunRequests).
+    Returns `seen` (a panel starts from the names its viewer holds, or missed a rename)."""
     from napari.layers import Image
 
     renamed = {}
@@ -57,13 +58,14 @@ def follow_renamed_images(viewer, seen: dict, requests) -> None:
         if isinstance(layer, Image) and (layer.metadata or {}).get(ROLE_KEY) not in RESULT_ROLES:
             seen[id(layer)] = (layer, layer.name)
     if not renamed:
-        return
+        return seen
     for layer in viewer.layers:
         md = layer.metadata or {}
         if md.get(ROLE_KEY) in RESULT_ROLES and md.get(SOURCE_KEY) in renamed:
             md[SOURCE_KEY] = renamed[md[SOURCE_KEY]]
     for request in requests:
         request.image_name = renamed.get(request.image_name, request.image_name)
+    return seen
 
 
 def layer_of(viewer, run_id: str | None, role: str):

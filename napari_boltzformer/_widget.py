@@ -60,7 +60,7 @@ class BoltzFormerWidget(QWidget):
         self._saved_view = SavedView(napari_viewer)  # the view before the first jump to a lesion
         self._organ_cache: tuple | None = None  # (key, summary): organ_summary of the active view
         self._chosen_image = None  # the layer picked in the Image box (it follows a rename)
-        self._images_seen: dict = {}  # id -> (image layer, its name when last seen): follow_renamed_images
+        self._images_seen = follow_renamed_images(napari_viewer, {}, [])  # id -> (image layer, name when seen)
         self._finder = None  # the worker finding the 3D detector's candidates, while it runs
         self._run_started = 0.0
         self._closed_mid_run = False  # the dock was closed while a run went on: it stops, shows nothing

@@ -196,6 +196,27 @@ def test_a_scan_renamed_after_its_run_has_its_layers_updated_by_the_next_run(pan
     assert len(viewer.layers) == n_layers and _roles(viewer)["mask"] is mask
 
 
+def test_a_scan_renamed_after_the_panel_was_reopened_keeps_its_result_layers(panel, viewer, qtbot, tiny_segmenter):
+    """A reopened panel learnt the image names at its first layer event: a rename before that
+    was missed, and the next run added a second set of result layers."""
+    from napari_boltzformer._layers import SOURCE_KEY
+    from napari_boltzformer._widget import BoltzFormerWidget
+
+    run_and_wait(panel, qtbot)
+    n_layers, mask = len(viewer.layers), _roles(viewer)["mask"]
+    viewer.window.remove_dock_widget(panel)
+    panel.deleteLater()
+    qtbot.wait(50)
+    again = BoltzFormerWidget(viewer, segmenter=tiny_segmenter)
+    viewer.window.add_dock_widget(again, name="BoltzFormer again", area="right")
+    viewer.layers["ct"].name = "patient 7"
+    assert mask.metadata[SOURCE_KEY] == "patient 7"
+    again.prompt_edit.setText(PROMPT)
+    again.image_combo.setCurrentText("patient 7")
+    run_and_wait(again, qtbot)
+    assert len(viewer.layers) == n_layers and _roles(viewer)["mask"] is mask
+
+
 def test_a_scan_closed_during_the_run_gets_no_result_layers(panel, viewer, qtbot, tiny_segmenter, monkeypatch,
                                                            notifications):
     calls = _count_batches(monkeypatch, tiny_segmenter, delay_s=0.3)
