@@ -1,5 +1,5 @@
 """What the panel's settings ask for: the `RunRequest` of a run, or a notification saying why
-none can start (no usable image, an empty prompt, NaN voxels), and a warning where a run would
+none can start (look here running, no usable image, an empty prompt, NaN voxels), and a warning where a run would
 rest on a guess (an image layer with no physical voxel size).
 
 Reads the panel it is given (its Image box, prompt, options and switches); of the plugin it
@@ -24,6 +24,9 @@ def build_request(panel) -> RunRequest | None:
     from boltzformer.io import require_finite
     from napari.utils.notifications import show_error, show_warning
 
+    if panel.reviewer.looking:  # it runs the model on the result a run would replace
+        show_error("look here is still running; press Run when it ends")
+        return None
     prompt = panel.prompt_edit.text().strip()
     layer = panel.image_layer()
     if layer is None:

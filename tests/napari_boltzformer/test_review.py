@@ -492,3 +492,15 @@ def test_a_stroke_in_one_result_is_kept_when_another_becomes_active_at_once(pane
     qtbot.wait(600)
     assert np.array_equal(np.asarray(mask_b.data), painted)
     assert [a for a in mask_b.metadata[REVIEW_KEY].review.actions if a["action"] == "edit"]
+
+
+def test_run_is_refused_while_look_here_runs(reviewing, notifications):
+    """A Run pressed during look here ran the model beside it and replaced the result it was
+    adding to; look here then said the mask layer 'was closed meanwhile'."""
+    viewer, panel = reviewing
+    calls = panel.model_calls
+    panel.reviewer.looking = True  # as look_here_at sets it until its worker ends
+    panel.run()
+    assert not panel.running and panel.model_calls == calls
+    assert any("look here is still running; press Run when it ends" in m for _, m in notifications)
+    panel.reviewer.looking = False
