@@ -124,7 +124,7 @@ def test_spread_and_the_sharpest_layer():
     assert spread[2, :2].tolist() == pytest.approx([1 / 16, 1.0])
     # geometric means 1, 0.5, 0.25: the layer sharp on one slice wins (an arithmetic mean: 0.53 > 0.5)
     assert att.sharpest_layer() == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
         att.top_mass(0.0)
 
 
@@ -140,7 +140,7 @@ def test_view_picks_values_query_and_top_mass():
     top = att.view("counts", top_fraction=0.5)
     assert top[0, 0, 1, 2] == 3 and top.sum() == 3  # only the cell holding the mass
     assert att.view("probabilities")[0, 0, 1, 2] == np.float16(6.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="values must be 'counts' or 'probabilities', not 'entropy'"):
         att.view("entropy")
 
 

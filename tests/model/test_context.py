@@ -49,7 +49,7 @@ def test_widened_warm_start_computes_what_the_2d_model_did():
 def test_config_keeps_channels_and_offsets_consistent():
     cfg = get_config("boltzformer-test", context_offsets_mm=(-5, -2.5, 2.5, 5))
     assert cfg.in_channels == 5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"in_channels \(3\) must be 1 \+ the number of context offsets"):
         cfg.replace(in_channels=3)
 
 

@@ -114,7 +114,7 @@ def test_mr_normalisation():
     mr[0, 16:48] *= 0.5
     out, _ = prepare_slices(mr, modality="MR")
     assert np.median(out[0, 16:48]) < np.median(out[1, 16:48]) - 0.2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="modality must be 'CT' or 'MR', got 'PET'"):
         prepare_slices(mr, modality="PET")
 
 

@@ -129,8 +129,13 @@ def test_write_csv(tmp_path, rows):
         read = list(csv.DictReader(f))
     assert tuple(read[0]) == CSV_COLUMNS
     assert [int(r["lesion_id"]) for r in read] == [1, 2]
-    assert float(read[0]["centroid_z"]) == pytest.approx(rows[0]["centroid_voxel_zyx"][0])
-    assert float(read[1]["centroid_x_mm"]) == pytest.approx(rows[1]["centroid_world_mm"][0], abs=1e-4)
+    # lesion 2 is mask[3, 10:12, 10:14] on 0.5 x 0.5 x 2 mm voxels from (1, 2, 3) mm: every centroid
+    # column differs, so a swapped or misnamed one fails (worked out by hand, not by the code)
+    centroid = {k: float(read[1][k]) for k in ("centroid_z", "centroid_y", "centroid_x",
+                                               "centroid_x_mm", "centroid_y_mm", "centroid_z_mm")}
+    assert centroid == pytest.approx({"centroid_z": 3.0, "centroid_y": 10.5, "centroid_x": 11.5,
+                                      "centroid_x_mm": 6.75, "centroid_y_mm": 7.25, "centroid_z_mm": 9.0})
+    assert [float(read[0][k]) for k in ("centroid_z", "centroid_y", "centroid_x")] == [1.5, 3.5, 3.5]
     assert float(read[0]["volume_mm3"]) == pytest.approx(32 * 0.5)
     assert [p.name for p in tmp_path.iterdir()] == ["lesions.csv"]
     # an empty table is a header only
@@ -178,7 +183,7 @@ def test_dice():
     assert dice(a, b) == pytest.approx(0.5)
     assert dice(a, empty) == 0.0
     assert dice(a, a.astype(np.uint8)) == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"mask shapes differ: \(2, 4, 4\) vs \(1, 4, 4\)"):
         dice(a, np.zeros((1, 4, 4)))
 
 

@@ -108,8 +108,9 @@ def test_attention_maps_have_one_entry_per_decoder_layer(segmenter, volume):
         assert att.counts[layer, 0].astype(np.float64).sum() == pytest.approx(k * cfg.num_queries * cell)
 
 
-def test_rethreshold_changes_mask_without_inference(segmenter, volume):
+def test_rethreshold_changes_mask_without_inference(segmenter, volume, monkeypatch):
     r = segmenter.segment_volume(volume, "lung nodule", fp_reduction=False)  # rethreshold alone, no 3D filter
+    monkeypatch.setattr(type(segmenter), "predict_batch", lambda *a, **k: pytest.fail("rethreshold ran the network"))
     r.rethreshold(0.0, min_lesion_mm3=0)
     assert r.mask.all()
     r.rethreshold(1.0)

@@ -126,3 +126,23 @@ def test_has_dicom_preamble(tmp_path):
 @pytest.mark.parametrize("name, expected", [("MRI", "MR"), ("mr", "MR"), ("ct", "CT"), (None, ""), ("PT", "PT")])
 def test_normalise_modality(name, expected):
     assert normalise_modality(name) == expected
+
+
+def test_same_geometry_tells_every_kind_of_difference():
+    """Twenty round-trip tests rest on same_geometry: it must say False for each difference."""
+    a = np.radians(20.0)
+    turned = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    base = Volume(np.zeros((4, 5, 6), np.int16), (0.7, 0.8, 2.5), (-10.0, 20.0, 30.0), turned)
+    assert base.same_geometry(Volume(np.ones((4, 5, 6), np.uint8), base.spacing_mm, base.origin_mm, turned))
+    flipped = turned.copy()
+    flipped[:, 0] *= -1
+    others = {
+        "shape": Volume(np.zeros((4, 6, 5), np.int16), base.spacing_mm, base.origin_mm, turned),
+        "origin": Volume(base.array, base.spacing_mm, (-10.0, 20.0, 30.1), turned),
+        "spacing": Volume(base.array, (0.7, 0.8, 2.4), base.origin_mm, turned),
+        "flipped axis": Volume(base.array, base.spacing_mm, base.origin_mm, flipped),
+        "axis-aligned": Volume(base.array, base.spacing_mm, base.origin_mm, np.eye(3)),
+        "just over atol": Volume(base.array, base.spacing_mm, (-10.0, 20.0, 30.0 + 2e-5), turned),
+    }
+    assert [name for name, other in others.items() if base.same_geometry(other)] == []
+    assert base.same_geometry(others["just over atol"], atol=1e-4)
