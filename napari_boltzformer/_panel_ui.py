@@ -33,7 +33,7 @@ from ._export import Exports
 from ._heatmap import HeatmapControls
 from ._lesion_table import LesionTable
 from ._prompt import PromptEdit
-from ._qt import PanelScroll, compact, name_controls
+from ._qt import PanelScroll, SeedBox, compact, name_controls
 from ._review import ReviewPanel
 
 SCOPES = ("all slices", "current slice", "slice range")
@@ -77,7 +77,7 @@ def _check_devices_in_the_background(panel) -> None:
 def build_ui(panel) -> None:
     """The controls of a BoltzFormerWidget, laid out in `panel` and wired to its methods."""
     from boltzformer import intensity
-    from boltzformer.options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES
+    from boltzformer.options import DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR, DEFAULT_PLANES, MAX_SEED
 
     # Everything in a scroll area: a short window scrolls the panel instead of squeezing its
     # rows into each other.
@@ -170,9 +170,9 @@ def build_ui(panel) -> None:
     panel.min_lesion_spin.setToolTip("Connected components smaller than this are dropped")
     rform.addRow("Min. lesion", panel.min_lesion_spin)
     seed_row = QHBoxLayout()
-    panel.seed_spin = QSpinBox()
-    panel.seed_spin.setRange(0, 2**31 - 1)
-    panel.seed_spin.setToolTip("Seed of the Boltzmann sampling")
+    panel.seed_spin = SeedBox(MAX_SEED)
+    panel.seed_spin.setToolTip("Seed of the Boltzmann sampling, 0 to 2**63-1 as on the command line (the same "
+                               "seed, device and batch size give the same result)")
     panel.runs_spin = QSpinBox()
     panel.runs_spin.setRange(1, 32)
     panel.runs_spin.setToolTip("Sampling runs with seeds seed, seed+1, ...; more than one gives an uncertainty layer")

@@ -1,9 +1,11 @@
 """Small Qt pieces the panel's parts share: a scroll area as wide as its panel, compact combos,
-names for screen readers."""
+a 64-bit seed box, names for screen readers."""
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QScrollArea, QWidget
+from qtpy.QtCore import QRegularExpression
+from qtpy.QtGui import QRegularExpressionValidator
+from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QLineEdit, QScrollArea, QWidget
 
 
 class PanelScroll(QScrollArea):
@@ -36,6 +38,25 @@ def scroll_to(widget: QWidget) -> None:
         holder = holder.parentWidget()
     if holder is not None:
         holder.ensureWidgetVisible(widget, 0, 0)
+
+
+class SeedBox(QLineEdit):
+    """A whole number from 0 to `maximum`, with a spin box's value() and setValue(): the command
+    line takes 64-bit seeds, and a QSpinBox stops at 2**31 - 1, so a seed from a review record or
+    a script could not be typed in to replay a run."""
+
+    def __init__(self, maximum: int):
+        super().__init__("0")
+        self.maximum = int(maximum)
+        self.setValidator(QRegularExpressionValidator(QRegularExpression(r"[0-9]{1,%d}" % len(str(self.maximum)))))
+        self.editingFinished.connect(lambda: self.setValue(self.value()))  # an empty or too large entry, shown as used
+
+    def value(self) -> int:
+        text = self.text().strip()
+        return min(int(text), self.maximum) if text else 0
+
+    def setValue(self, value: int) -> None:
+        self.setText(str(min(max(int(value), 0), self.maximum)))
 
 
 def compact(combo: QComboBox, chars: int = 8) -> None:

@@ -71,6 +71,27 @@ def test_rerunning_a_prompt_updates_its_layers_and_prompts_coexist(panel, viewer
     assert "brain lesion" in panel.prompt_edit.completions()
 
 
+def test_the_seed_box_takes_every_seed_the_command_line_takes(panel, qtbot):
+    """A QSpinBox stopped at 2**31 - 1: a 64-bit seed from the command line or a review record
+    could not be typed in to replay a run."""
+    from qtpy.QtCore import Qt
+
+    from boltzformer.options import MAX_SEED
+    from napari_boltzformer._request import build_request
+
+    box = panel.seed_spin
+    box.clear()
+    qtbot.keyClicks(box, str(2**40 + 3))
+    qtbot.keyClick(box, Qt.Key.Key_Return)
+    assert build_request(panel).options["seed"] == 2**40 + 3
+    box.setText("99999999999999999999")  # over 2**63 - 1: the largest seed, shown as used
+    box.editingFinished.emit()
+    assert box.text() == str(MAX_SEED) and build_request(panel).options["seed"] == MAX_SEED
+    box.clear()
+    qtbot.keyClicks(box, "-1x")  # only digits are typed in
+    assert box.text() == "1"
+
+
 @pytest.mark.parametrize("direction", ["axis-aligned", "oblique"])
 def test_attention_heatmaps_one_per_decoder_layer_and_aligned_with_the_image(make_napari_viewer, qtbot, tiny_segmenter, direction):
     viewer = make_napari_viewer()
