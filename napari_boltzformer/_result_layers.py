@@ -109,12 +109,15 @@ def put_layers(viewer, run_id: str, result, wanted: dict, existing: dict, on_hea
     sharpest (AttentionMaps.sharpest_layer); `on_heatmap_visible` is called when it is shown or
     hidden (its legend follows it).
     """
+    heatmap = existing.get("attention")
     for role, (data, kwargs, kind) in wanted.items():
         kwargs["metadata"][RUN_KEY] = run_id
         layer = existing.get(role)
         if layer is None:
             ndim_before, last_used_before = viewer.dims.ndim, viewer.dims.last_used
             layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
+            if heatmap is not None and heatmap in viewer.layers:  # a layer deleted and made again: under the
+                viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(heatmap))  # heatmap, as at first
             if role == "attention":
                 _keep_arrow_keys_on_the_slices(viewer, ndim_before, last_used_before)
                 layer.colorbar.visible = True

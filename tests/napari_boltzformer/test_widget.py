@@ -71,6 +71,16 @@ def test_rerunning_a_prompt_updates_its_layers_and_prompts_coexist(panel, viewer
     assert "brain lesion" in panel.prompt_edit.completions()
 
 
+def test_a_mask_deleted_and_made_again_by_a_re_run_lies_under_the_heatmap(panel, viewer, qtbot):
+    """The re-run's new mask went on top, over the heatmap, whose hottest cells it then hid."""
+    run_and_wait(panel, qtbot)
+    viewer.layers.remove(_roles(viewer)["mask"])
+    run_and_wait(panel, qtbot)
+    roles = _roles(viewer)
+    assert viewer.layers.index(roles["mask"]) == viewer.layers.index(roles["attention"]) - 1
+    assert viewer.layers[-1] is roles["attention"]
+
+
 def test_the_seed_box_takes_every_seed_the_command_line_takes(panel, qtbot):
     """A QSpinBox stopped at 2**31 - 1: a 64-bit seed from the command line or a review record
     could not be typed in to replay a run."""
