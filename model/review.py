@@ -113,6 +113,13 @@ class ReviewView:
         rows = self.rows if rows is None else rows
         shape = next(m.shape for m in (self.auto_labels, self.kept_labels, self.rejected_labels) if m is not None)
         out = np.zeros(shape, np.uint8)
+        shown = [r for r in rows if r["_ref"][0] in ("auto", "kept")]
+        per_slice = int(np.prod(shape[1:]))
+        if sum((abs(r["slice_end"] - r["slice_start"]) + 1) * per_slice for r in shown) <= out.size:
+            flat = out.reshape(-1)  # a few lesions: their slices scanned, not the whole volume twice
+            for row in shown:      # (0.45 s of each accept or reject on a 224 x 512² CT)
+                flat[self.voxels(row)] = 1
+            return out
         for kind in ("auto", "kept"):
             ids = [r["_ref"][1] for r in rows if r["_ref"][0] == kind]
             if ids:

@@ -284,3 +284,27 @@ def test_the_sparse_labelling_of_decided_voxels_is_ndimage_s(seed):
     touching = rv._labels_touching(expected, np.array([np.ravel_multi_index((4, 8, 11), mask.shape)]))
     near = expected[3:6, 7:10, 10:13]
     assert touching == set(np.unique(near[near > 0]).tolist())
+
+
+def test_a_view_s_mask_of_some_rows_is_their_labels_union_by_either_path():
+    """mask(rows) sets the rows' voxels from their own slices (a whole-volume look-up of both label
+    maps took 0.45 s of each accept on a 224 x 512² CT); with rows spanning more voxels than the
+    volume it looks the labels up: both give the union of the rows' labels, rejected rows left out."""
+    from boltzformer import postprocess
+
+    result = make_result()
+    view = decided(result, A="accepted", B="rejected").view(result)
+    kinds = {r["_ref"][0] for r in view.rows}
+    assert {"auto", "kept", "rejected"} <= kinds
+
+    def union(rows):
+        out = np.zeros(SHAPE, np.uint8)
+        for kind in ("auto", "kept"):
+            out |= postprocess.select_labels(view._map(kind), [r["_ref"][1] for r in rows if r["_ref"][0] == kind])
+        return out
+
+    for rows in (view.rows, view.rows[::2], view.rows[1:], []):
+        assert np.array_equal(view.mask(rows), union(rows))
+    assert view.mask().any() and not view.mask([r for r in view.rows if r["_ref"][0] == "rejected"]).any()
+    wide = [dict(r, slice_start=0, slice_end=SHAPE[0] - 1) for r in view.rows] * 3  # over the volume: look-up
+    assert np.array_equal(view.mask(wide), union(view.rows))
