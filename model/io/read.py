@@ -137,6 +137,8 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         intact = gzip_check.intact() if gzip_check is not None else True
     if not intact:  # ITK reads a damaged deflate stream or a wrong CRC as garbage or zeros, without a word
         raise InputError(p, GZIP_DAMAGED)
+    if "Uncompress failed" in printed.text:  # MetaIO says so on the terminal, and returns what it inflated
+        raise InputError(p, "is corrupt: its compressed data cannot be inflated (a damaged copy or download)")
     n = image.GetDimension()
     direction = np.asarray(image.GetDirection(), float).reshape(n, n)
     if format_name != "NIfTI" and np.isfinite(direction).all() and not np.allclose(direction.T @ direction, np.eye(n),

@@ -102,6 +102,22 @@ def test_a_nii_gz_with_a_damaged_stream_or_checksum_is_refused(tmp_path, version
     assert read_volume(good).array.max() == 999
 
 
+@pytest.mark.parametrize("name, data", [("ct.mha", "ct.mha"), ("ct.mhd", "ct.zraw")])
+def test_a_compressed_metaimage_with_damaged_data_is_refused(tmp_path, name, data):
+    """MetaIO printed 'Uncompress failed' and ITK returned what it had inflated: garbage, read
+    as a scan without an error."""
+    import SimpleITK as sitk
+
+    hu = (np.arange(40 * 128 * 128) % 1000).astype(np.int16).reshape(40, 128, 128)
+    sitk.WriteImage(sitk.GetImageFromArray(hu), str(tmp_path / name), useCompression=True)
+    assert np.array_equal(read_volume(tmp_path / name).array, hu)
+    damaged = bytearray((tmp_path / data).read_bytes())
+    damaged[len(damaged) // 2] ^= 0x55  # one byte of the deflate stream
+    (tmp_path / data).write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match=f"{name}: is corrupt: its compressed data cannot be inflated"):
+        read_volume(tmp_path / name)
+
+
 def test_a_gzip_bomb_is_inflated_in_bounded_memory(tmp_path):
     import tracemalloc
 
