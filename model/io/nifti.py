@@ -31,11 +31,8 @@ def apply_nifti_geometry(volume: Volume, p: Path) -> Volume:
     affine whose slice axis is tilted against the slice plane (gantry tilt) is straightened onto
     an orthogonal grid, as a tilted DICOM series is: the returned volume is then a new one.
     """
-    import nibabel as nib
-
     try:
-        with _nibabel_quiet():
-            header = nib.load(str(p)).header
+        header = load_nifti(p).header
     except Exception:  # noqa: BLE001 - nibabel cannot parse what ITK accepted: keep ITK's geometry
         return volume
     warnings: list[str] = []
@@ -43,6 +40,28 @@ def apply_nifti_geometry(volume: Volume, p: Path) -> Volume:
     if warnings:
         volume.metadata.setdefault("warnings", []).extend(warnings)
     return volume
+
+
+def load_nifti(p: Path, keep_file_open: bool = False):
+    """nibabel's image of NIfTI file `p`, its data not loaded. A header whose extensions nibabel
+    cannot parse (a damaged extension size, which ITK passes over) is read without them, from
+    its first 348 (NIfTI-2: 540) bytes: a failed load skipped the NaN check and the sform, and
+    ITK read NaN as 0 and placed the scan by its qform, without a word."""
+    import nibabel as nib
+
+    try:
+        with _nibabel_quiet():
+            return nib.load(str(p), keep_file_open=keep_file_open)
+    except Exception:  # noqa: BLE001 - retried without the extensions; raised again if that fails too
+        raw = _raw_header(p)
+        if raw is None:
+            raise
+    order, version, head = raw
+    klass = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    with _nibabel_quiet():
+        header = klass.header_class(binaryblock=head[:348 if version == 1 else 540], endianness=order, check=False)
+        proxy = nib.arrayproxy.ArrayProxy(str(p), header, keep_file_open=keep_file_open)  # vox_offset, scaling, gzip
+        return klass(proxy, None, header)
 
 
 def nifti_version(p: Path) -> int | None:
@@ -56,11 +75,9 @@ def read_nifti_by_nibabel(p: Path) -> Volume:
     a sheared sform and no qform ("orthonormal direction cosines"), or a NIfTI-2 file (ITK 5.4
     reads NIfTI-1 only; NIfTI-2 is what a volume over 32767 voxels along an axis, or some
     tools' defaults, give)."""
-    import nibabel as nib
-
     try:
         with _nibabel_quiet():
-            image = nib.load(str(p))
+            image = load_nifti(p)
             shape = tuple(int(v) for v in image.shape)
             while len(shape) > 3 and shape[-1] == 1:
                 shape = shape[:-1]
@@ -222,11 +239,8 @@ def check_nifti_complete(p: Path) -> None:
     For .nii.gz the gzip trailer (uncompressed size mod 2**32) is compared with the size the
     header promises; only when they differ is the whole stream inflated to check it.
     """
-    import nibabel as nib
-
     try:
-        with _nibabel_quiet():
-            image = nib.load(str(p))
+        image = load_nifti(p)
         # the data offset of the file (the loaded header's own get_data_offset() is reset to 0)
         offset = int(getattr(image.dataobj, "offset", image.header["vox_offset"]))
         header = image.header
@@ -260,11 +274,9 @@ def check_nifti_finite(p: Path) -> None:
     """Float NIfTI voxels must be finite (ITK's reader turns NaN into 0 without a word). Read in
     slabs of slices, one file handle going forward: the whole volume loaded here, then again by
     the reader, doubled the peak memory."""
-    import nibabel as nib
-
     try:
         with _nibabel_quiet():
-            img = nib.load(str(p), keep_file_open=True)
+            img = load_nifti(p, keep_file_open=True)
             if np.dtype(img.get_data_dtype()).kind != "f":
                 return
             proxy = img.dataobj

@@ -16,8 +16,8 @@ from ..errors import ITK_ASCII_ONLY, InputError, itk_cannot_name, not_utf8, why_
 from .dicom import read_dicom_file, read_dicom_folder
 from .formats import DICOM_EXTENSIONS, extension_of, file_kind, has_dicom_preamble, INPUT_EXTENSIONS, INPUT_FORMATS, starts_with
 from .itk import detail, itk_quiet
-from .nifti import (GzipCheck, apply_nifti_geometry, check_nifti_complete, check_nifti_finite, nifti_version,
-                    read_nifti_by_nibabel)
+from .nifti import (GzipCheck, apply_nifti_geometry, check_nifti_complete, check_nifti_finite, load_nifti,
+                    nifti_version, read_nifti_by_nibabel)
 from .volume import Volume
 
 
@@ -226,10 +226,8 @@ GZIP_DAMAGED = "is corrupt: its gzip data fail their checksum (a damaged copy or
 def _read_by_nibabel(p: Path) -> Volume:
     """`read_nifti_by_nibabel` with the checks ITK's path has: free memory, completeness, finite
     voxels and the gzip checksums (nibabel too reads a damaged deflate stream as data)."""
-    import nibabel as nib
-
     try:
-        header = nib.load(str(p)).header
+        header = load_nifti(p).header
         _check_memory_bytes(p, header.get_data_shape(), np.dtype(header.get_data_dtype()).itemsize)
     except InputError:
         raise

@@ -118,6 +118,41 @@ def test_a_compressed_metaimage_with_damaged_data_is_refused(tmp_path, name, dat
         read_volume(tmp_path / name)
 
 
+@pytest.mark.parametrize("name", ["ext.nii", "ext.nii.gz"])
+def test_a_nifti_with_a_damaged_header_extension_is_still_checked_and_placed_by_its_sform(tmp_path, name):
+    """ITK passes over a damaged extension size; nibabel refused the header, and with it the NaN
+    check (ITK read NaN as 0) and the sform (ITK placed the scan by its qform), without a word."""
+    import gzip
+
+    import nibabel as nib
+
+    def write(xyz):
+        image = nib.Nifti1Image(xyz, np.diag([1.0, 1.0, 2.0, 1.0]))
+        image.set_qform(np.diag([1.0, 1.0, 2.0, 1.0]), code=1)
+        sform = np.diag([1.0, 1.0, 2.0, 1.0])
+        sform[:3, 3] = [50.0, 60.0, 70.0]  # where the sform puts it: 50-70 mm from the qform
+        image.set_sform(sform, code=2)
+        image.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"hello world 1234" * 2))
+        nib.save(image, str(tmp_path / name))
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(tmp_path / name, "rb") as f:
+            raw = bytearray(f.read())
+        struct.pack_into("<i", raw, 352, 20)  # the extension's size: 20, not a multiple of 16
+        with opener(tmp_path / name, "wb") as f:
+            f.write(bytes(raw))
+
+    xyz = np.random.default_rng(0).normal(100, 10, size=(16, 16, 8)).astype(np.float32)
+    write(xyz)
+    with pytest.raises(nib.spatialimages.HeaderDataError), pytest.warns(UserWarning, match="not a multiple of 16"):
+        nib.load(str(tmp_path / name))  # the damage nibabel refuses
+    volume = read_volume(tmp_path / name)
+    assert np.allclose(volume.origin_mm, (-50.0, -60.0, 70.0)) and np.allclose(volume.array, xyz.T)
+    xyz[3, 3, 3] = np.nan
+    write(xyz)
+    with pytest.raises(InputError, match=f"{name}: has 1 NaN or infinite voxels"):
+        read_volume(tmp_path / name)
+
+
 def test_a_gzip_bomb_is_inflated_in_bounded_memory(tmp_path):
     import tracemalloc
 
