@@ -297,7 +297,7 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
         raise InputError(folder, f"DICOM series {label}: {_names(unreadable)} in the folder cannot be read as DICOM "
                                  "(corrupt, truncated or not DICOM), so the series may be incomplete; fix or remove "
                                  f"{'it' if len(unreadable) == 1 else 'them'}")
-    warnings: list[str] = []
+    warnings: list[str] = _empty_files(folder)
     headers = [_slice_header(f, f"; it is a slice of DICOM series {label} in {folder}") for f in chosen.files]
     headers, left_out = _images_of_series(headers, label, folder)
     warnings += left_out
@@ -325,6 +325,18 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
     if warnings:
         volume.metadata.setdefault("warnings", []).extend(warnings)
     return volume
+
+
+def _empty_files(folder) -> list[str]:
+    """A warning naming the empty files (0 bytes) of a DICOM folder, if any: not DICOM, so left
+    out, but an empty IM0006 beside IM0001-IM0005 is more likely a slice lost in a copy."""
+    with os.scandir(folder) as entries:
+        empty = sorted(e.name for e in entries if not e.name.startswith(".") and _regular(e) and e.stat().st_size == 0)
+    if not empty:
+        return []
+    return [f"{folder}: {_names(empty)} {'is' if len(empty) == 1 else 'are'} empty (0 bytes) and left out: if "
+            f"{'it was a slice' if len(empty) == 1 else 'they were slices'} (a copy cut short?), the series is "
+            "incomplete"]
 
 
 def _images_of_series(headers: list[_SliceHeader], label: str, folder) -> tuple[list[_SliceHeader], list[str]]:
@@ -412,12 +424,18 @@ def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: Serie
         if not (entry.name.lower().endswith(DICOM_EXTENSIONS) or has_dicom_preamble(Path(entry.path))):
             continue
         try:
-            ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
+            with warnings.catch_warnings():  # pydicom's words on a file cut short: ours name it
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - any parse failure is "cannot be read"
             bad.append((entry.path, False))
             continue
-        if chosen is not None and str(ds.get("SeriesInstanceUID", "")) == chosen.uid and _holds_image(ds):
+        if not _holds_image(ds):
+            continue
+        if chosen is not None and str(ds.get("SeriesInstanceUID", "")) == chosen.uid:
             bad.append((entry.path, True))
+        elif "SeriesInstanceUID" not in ds or "Rows" not in ds:  # an image cut short before its series or size:
+            bad.append((entry.path, False))                      # which series it belongs to cannot be told
     return bad
 
 
@@ -749,7 +767,7 @@ def _dicom_tags(file: str) -> dict:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(file, stop_before_pixels=True)
+        ds = pydicom.dcmread(file, stop_before_pixels=True, force=True)  # force: files without the preamble too
     except Exception:  # noqa: BLE001 - tags are a bonus; the pixels were read by GDCM
         return {}
     return _tags_of(ds)

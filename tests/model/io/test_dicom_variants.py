@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -220,7 +221,13 @@ def test_series_are_listed_by_pydicom_and_unplaced_slices_stacked_by_instance_nu
         del ds.ImagePositionPatient
 
     second, _ = write_ct_series(folder, hu, series_number=3, prefix="b", edit=unplaced)
-    (folder / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 8)  # an empty DICOM object: in no series
+    index = Dataset()  # a DICOMDIR: a DICOM object of no series, holding no image
+    index.file_meta = Dataset()
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory
+    index.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    index.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    index.FileSetID = "STUDY"
+    index.save_as(str(folder / "DICOMDIR"), enforce_file_format=True)
     (folder / "notes.txt").write_text("not DICOM")
     infos = list_dicom_series(folder)
     assert [(s.uid, s.series_number, s.n_files) for s in infos] == [(second, 3, 4), (first, 7, 3)]
@@ -228,6 +235,42 @@ def test_series_are_listed_by_pydicom_and_unplaced_slices_stacked_by_instance_nu
     vol = read_volume(folder, series=0)
     assert [int(v) for v in vol.array[:, 0, 0]] == [0, 10, 20, 30]
     assert "stacked by InstanceNumber" in " ".join(vol.metadata["warnings"])
+
+
+@pytest.mark.parametrize("which", [0, -1])
+def test_an_end_slice_cut_short_before_its_series_uid_is_refused_not_dropped(tmp_path, which):
+    """Cut inside its header, the first or last slice named no series and no size: it was passed
+    over as 'another DICOM object', and the series read one slice short without a word."""
+    folder = tmp_path / "ct"
+    write_ct_series(folder, _flat(5, (16, 16)))
+    victim = sorted(folder.iterdir())[which]
+    victim.write_bytes(victim.read_bytes()[:300])  # the file meta and the first tags only
+    with pytest.raises(InputError, match=f"{victim.name} in the folder cannot be read as DICOM"):
+        read_volume(folder)
+
+
+def test_a_series_without_the_preamble_keeps_its_tags_and_names_an_empty_file(tmp_path):
+    """Files without the 128-byte preamble (raw data sets, no extension) lost every tag
+    (Modality, SeriesDescription): an MR series was then guessed from its values. An empty file
+    among them (a slice lost in a copy?) is named."""
+    folder = tmp_path / "raw"
+
+    def raw(ds, k):
+        ds.Modality, ds.SeriesDescription = "MR", "T2 FLAIR axial"
+
+    write_ct_series(folder, _flat(4, (16, 16)), edit=raw)
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        path.unlink()
+        del ds.file_meta  # a raw data set: no preamble, no file meta
+        ds.preamble = None
+        ds.save_as(str(path.with_suffix("")), implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert not any(p.read_bytes()[128:132] == b"DICM" for p in folder.iterdir())
+    (folder / "s000").write_bytes(b"")
+    vol = read_volume(folder)
+    assert vol.shape == (4, 16, 16) and vol.modality == "MR"
+    assert vol.metadata["SeriesDescription"] == "T2 FLAIR axial"
+    assert any("s000 is empty (0 bytes) and left out" in w for w in vol.metadata["warnings"])
 
 
 @pytest.mark.parametrize("shape", [(1, 56), (48, 1), (1, 1)])
