@@ -256,10 +256,11 @@ class OutputSet:
                 if signalled():
                     raise KeyboardInterrupt
             except BaseException as exc:
-                self._undo()
+                kept = self._undo()
                 if isinstance(exc, OSError):
                     raise OutputError(current.path, f"could not be written: {os_problem(exc)}{_held_open(exc, current)}; "
-                                                    "no output of this run was kept") from None
+                                                    f"no {'other ' if kept else ''}output of this run was kept"
+                                                    + "".join(f"; but {note}" for note in kept)) from None
                 if not signalled():
                     raise
                 # else: the held signal goes to its handler as the block ends (KeyboardInterrupt)
@@ -295,13 +296,21 @@ class OutputSet:
         with _signals_deferred():
             self._undo()
 
-    def _undo(self) -> None:
+    def _undo(self) -> list[str]:
+        """Put the previous files back and remove the new ones; returns a note for each previous
+        file that could not be put back, which is then kept under its backup name, not removed."""
+        kept = []
         for out in reversed(list(self._outputs.values())):
+            stranded = None
             if out.placed:
                 if out.backup is not None:
-                    with contextlib.suppress(OSError):
+                    try:
                         os.replace(out.backup, out.path)
                         out.backup = None
+                    except OSError:  # the only copy of the previous file: never removed
+                        stranded, out.backup = out.backup, None
+                        kept.append(f"{out.path.name} could not be set back and holds this run's file; the previous "
+                                    f"one is kept as {stranded}")
                 else:
                     _remove(out.path)
                 out.placed = False
@@ -312,6 +321,7 @@ class OutputSet:
                 _remove(out.backup)
                 out.backup = None
         self.state = "discarded"
+        return kept
 
     def __enter__(self) -> "OutputSet":
         return self

@@ -499,3 +499,31 @@ def test_outputs_get_the_usual_permissions_whatever_their_writer_chose(tmp_path)
     finally:
         os.umask(previous)
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_previous_file_that_cannot_be_put_back_is_kept_and_named(tmp_path, monkeypatch):
+    """A rollback whose own rename failed (EIO on a network share) removed the backup, the only
+    copy of the user's previous mask, and said no output of the run was kept."""
+    from boltzformer.io import OutputSet, output
+
+    (tmp_path / "mask.nii.gz").write_text("previous mask")
+    (tmp_path / "lesions.csv").write_text("previous table")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        calls.append(src)
+        if len(calls) >= 2:  # the second output's rename fails, and so does putting the first back
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(output.os, "replace", replace)
+    with pytest.raises(OutputError) as err:
+        with OutputSet(overwrite=True) as outputs:
+            for name in ("mask.nii.gz", "lesions.csv"):
+                outputs.add(tmp_path / name)
+                outputs.write_bytes(str(tmp_path / name), b"new")
+    monkeypatch.setattr(output.os, "replace", real_replace)
+    [kept] = [p for p in tmp_path.iterdir() if p.name.startswith(".mask.nii.gz.old-")]
+    assert kept.read_text() == "previous mask" and (tmp_path / "lesions.csv").read_text() == "previous table"
+    assert f"mask.nii.gz could not be set back and holds this run's file; the previous one is kept as {kept}" in str(
+        err.value)
