@@ -231,10 +231,17 @@ def load_cache(cache: Path) -> data_mod.ExampleSet:
 
     try:
         return data_mod.ExampleSet.load(cache)
+    except MemoryError:
+        raise  # the machine's trouble, not the file's: deleting it would not help
     except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, KeyError, ValueError: all one cure
-        raise BoltzformerError(f"{cache}: the cached examples cannot be read ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'}); delete the file "
-                               "and the run makes it again") from None
+        raise BoltzformerError(f"{cache}: the cached examples cannot be read ({type(exc).__name__}"
+                               f"{_first_line(exc) or ': truncated?'}); delete the file and the run makes it again") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """': ' and the first line of an exception's message (at most 120 characters), or '' when it has none."""
+    lines = str(exc).splitlines()
+    return f": {lines[0][:120]}" if lines and lines[0].strip() else ""
 
 
 def save_cache(examples: data_mod.ExampleSet, cache: Path) -> None:
@@ -702,9 +709,11 @@ def _read_checkpoint(ckpt: Path, cfg: TrainConfig) -> dict:
 
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain tensors and numbers
+    except MemoryError:
+        raise  # the machine's trouble, not the file's: the advice below would be wrong
     except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, another torch's format
-        raise BoltzformerError(f"{ckpt}: cannot be read as a training checkpoint ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:120]}); move it away to start the run again") from None
+        raise BoltzformerError(f"{ckpt}: cannot be read as a training checkpoint ({type(exc).__name__}"
+                               f"{_first_line(exc)}); move it away to start the run again") from None
     if "config" in state:
         # an option added since the checkpoint was written had its default then (json: lists, not tuples)
         defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
