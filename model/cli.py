@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ._version import __version__
-from .errors import BoltzformerError, Terminated
+from .errors import MEMORY_NEEDED, BoltzformerError, Terminated, out_of_memory
 from .options import (DEFAULT_BATCH_ACCELERATOR, DEFAULT_BATCH_CPU, DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR,
                       DEFAULT_PLANES, MAX_SEED, PLANES)
 
@@ -685,9 +685,8 @@ def _out_of_memory(args) -> str:
         advice = f"a smaller --batch-size (it is {batch}; the CPU default is {DEFAULT_BATCH_CPU}) or "
     else:
         advice = ""
-    return (f"{where + ': ' if isinstance(where, str) else ''}out of memory (a run's peak is about 0.35 GB plus six "
-            f"to seven times the scan's unpacked size, in post-processing); try {advice}segment part of it with "
-            "--slices START:STOP, or use a machine with more memory")
+    return (f"{where + ': ' if isinstance(where, str) else ''}out of memory ({MEMORY_NEEDED}); try {advice}segment "
+            "part of it with --slices START:STOP, or use a machine with more memory")
 
 
 def _run(args) -> int:
@@ -717,14 +716,15 @@ def _run(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen failure: still no traceback by default
         if args.debug:
             raise
-        # torch.OutOfMemoryError on CUDA; MPS says "MPS backend out of memory" in a plain RuntimeError
-        if type(exc).__name__ == "OutOfMemoryError" or "MPS backend out of memory" in str(exc):
+        if out_of_memory(exc) == "device":
             _err(f"{getattr(args, 'device', 'the device')} ran out of memory; try --batch-size 4 or --device cpu")
             return EXIT_USER_ERROR
-        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
+        if out_of_memory(exc) == "machine":
             _err(_out_of_memory(args))
             return EXIT_USER_ERROR
-        _err(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        where = getattr(args, "input", None)  # a bug met on one scan: which one, for the report
+        _err(f"{where + ': ' if isinstance(where, str) else ''}unexpected {type(exc).__name__}: {exc} "
+             "(rerun with --debug for the traceback)")
         return EXIT_INTERNAL_ERROR
 
 

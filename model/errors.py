@@ -142,6 +142,21 @@ def os_problem(exc: OSError) -> str:
     return str(exc.strerror or exc).rstrip(".").lower() or type(exc).__name__
 
 
+# what a run needs, for the message of a run the machine's memory cannot hold (measured: 300 x 512² CT)
+MEMORY_NEEDED = ("a run's peak is about 0.35 GB plus six to seven times the scan's unpacked size, in "
+                 "post-processing")
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """'machine' when `exc` says the computer's memory ran out (MemoryError, torch's CPU allocator),
+    'device' when an accelerator's did (torch.OutOfMemoryError on CUDA; MPS's RuntimeError), else None."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
+        return "machine"
+    if type(exc).__name__ == "OutOfMemoryError" or "MPS backend out of memory" in str(exc):
+        return "device"
+    return None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, a batch system's time limit) during a command: handled like Ctrl-C, but the
     command exits 143 (128 + 15), as a shell reports a command SIGTERM killed."""

@@ -100,6 +100,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
+def _failure(exc: BaseException) -> str:
+    """The one line a run's unforeseen failure is reported with."""
+    from boltzformer.errors import MEMORY_NEEDED, out_of_memory
+
+    if out_of_memory(exc) == "machine":  # MemoryError says nothing; torch's CPU allocator, too much
+        return (f"BoltzFormer ran out of memory ({MEMORY_NEEDED}): segment part of the scan (Scope: slice "
+                "range), close other layers, or use a machine with more memory")
+    return f"BoltzFormer failed: {type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def segmentation_job(request: RunRequest, load_segmenter, should_stop):
     """Generator: yields JobStatus and boltzformer Progress; returns a JobOutcome (never raises).
 
@@ -140,7 +150,7 @@ def segmentation_job(request: RunRequest, load_segmenter, should_stop):
         outcome.error = str(exc)
     except Exception as exc:  # noqa: BLE001 - anything else is reported, never raised into Qt
         log.exception("BoltzFormer run failed")
-        outcome.error = f"BoltzFormer failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        outcome.error = _failure(exc)
     return outcome
 
 

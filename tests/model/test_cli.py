@@ -374,6 +374,7 @@ def test_unexpected_failure_is_reported_without_a_traceback(ct_path, tmp_path, t
     monkeypatch.setattr(segmenter.Segmenter, "iter_segment", broken)
     code, _, err = run(segment_args(ct_path, tmp_path / "o.nii.gz", tiny_weights), capsys)
     assert code == 1 and "boom" in err and "--debug" in err and "Traceback" not in err
+    assert f"{ct_path}: unexpected RuntimeError: boom" in err  # the scan it met: a report can name it
     assert not (tmp_path / "o.nii.gz").exists()
 
 
