@@ -7,6 +7,7 @@ mask under its final name is always one that report.csv lists.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -205,6 +206,9 @@ def segment_scan(plugin_name: str, scan: Scan, options: ScanOptions, out_dir: st
                 seg.release_memory()  # the worker's next scans start from an empty cache
         else:
             row["reason"] = f"{scan.path}: unexpected {type(exc).__name__}: {exc}"
+    if row["status"] != "ok":  # failed after its mask was written: no file of a failed scan stays
+        with contextlib.suppress(OSError):
+            staged.unlink(missing_ok=True)
     row["reason"] = one_line(row["reason"])
     row["seconds"] = round(time.perf_counter() - t0, 2)
     row["worker_peak_rss_mb"] = _peak_rss_mb()

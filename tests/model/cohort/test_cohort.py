@@ -519,3 +519,24 @@ def test_ctrl_c_in_a_terminal_gives_one_line_not_the_workers_tracebacks(tmp_path
     text = err.read_text()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert text.strip().splitlines()[-1].startswith("boltzformer: error: interrupted;")
+
+
+def test_a_scan_failing_after_its_mask_was_written_leaves_no_file(tmp_path, monkeypatch):
+    """A failure after the staged mask was written (a bug building the lesion rows) reported the
+    scan as failed and left its finished mask in the output folder."""
+    from types import SimpleNamespace
+
+    from boltzformer.cohort import worker
+    from boltzformer.cohort.scans import Scan, ScanOptions
+    from boltzformer.io import Volume, write_volume
+
+    volume = Volume(np.zeros((3, 8, 8), np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3), modality="CT")
+    scan = write_volume(volume, tmp_path / "ct.nii.gz")
+    result = SimpleNamespace(warnings=[], mask_volume=lambda: volume.with_array(np.zeros(volume.shape, np.uint8)))
+    segmenter = SimpleNamespace(device="cpu", segment_volume=lambda *a, **k: result)
+    monkeypatch.setattr(worker, "_plugin", lambda name: SimpleNamespace(worker=None, segmenter=lambda: (segmenter, "x")))
+    monkeypatch.setattr(worker, "_lesion_rows", lambda case_id, result: {}["centroid_mm"])
+    (tmp_path / "out").mkdir()
+    done = worker.segment_scan("p", Scan("case1", str(scan), "liver lesion"), ScanOptions(), str(tmp_path / "out"))
+    assert done["report"]["status"] == "failed" and "unexpected KeyError" in done["report"]["reason"]
+    assert done["staged"] == "" and list((tmp_path / "out").iterdir()) == []
