@@ -323,11 +323,11 @@ def _short_axis_mm(section: np.ndarray, sy: float, sx: float, axis_mm) -> float:
 
 def _hull_points(points: np.ndarray) -> np.ndarray:
     """Convex hull vertices of 2D points; the two end points when they are collinear."""
-    from scipy.spatial import ConvexHull
+    from scipy.spatial import ConvexHull, QhullError
 
     try:
         return points[ConvexHull(points).vertices]
-    except Exception:  # noqa: BLE001 - Qhull refuses collinear input: the ends are the extremes
+    except QhullError:  # collinear (or fewer than 3) points: the ends are the extremes
         order = np.lexsort((points[:, 1], points[:, 0]))
         return points[[order[0], order[-1]]]
 
