@@ -20,6 +20,11 @@ class NativeOutput:
 
     text: str = ""
 
+    def echo(self) -> None:
+        """Write what was printed to stderr (what `itk_quiet` does itself unless told not to)."""
+        if self.text:
+            os.write(2, self.text.encode("utf-8", "replace"))
+
     def summary(self) -> str:
         """Its first line, without the library's 'MetaImage: M_Read:' prefixes; may be ""."""
         for line in self.text.splitlines():
@@ -30,11 +35,12 @@ class NativeOutput:
 
 
 @contextlib.contextmanager
-def itk_quiet() -> Iterator[NativeOutput]:
+def itk_quiet(echo: bool = True) -> Iterator[NativeOutput]:
     """Silence ITK's own warnings (e.g. 'Non uniform sampling': these readers check and report),
     and capture what its libraries print on file descriptors 1 and 2: kept out of the terminal
     when the call fails (its reason goes into our one-line message, see `detail`), written back
-    to stderr when it succeeds (other threads' output of the moment is not lost)."""
+    to stderr when it succeeds (other threads' output of the moment is not lost) unless `echo`
+    is False (the caller reads it first: `NativeOutput.echo`)."""
     captured = NativeOutput()
     warnings_on = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -68,7 +74,7 @@ def itk_quiet() -> Iterator[NativeOutput]:
                 sink.seek(0)
                 data = sink.read()
                 captured.text = data.decode("utf-8", "replace")
-                if data and not failed:
+                if data and not failed and echo:
                     os.write(2, data)
 
 

@@ -128,7 +128,7 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         check_nifti_finite(p)  # ... and NaN voxels as zeros
     gzip_check = GzipCheck(p) if format_name == "NIfTI" and p.name.lower().endswith(".gz") else None
     try:
-        with itk_quiet() as printed:
+        with itk_quiet(echo=False) as printed:
             image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(p, f"cannot be read: corrupt or truncated {format_name} file"
@@ -137,8 +137,9 @@ def _read_itk_file(p: Path, format_name: str) -> Volume:
         intact = gzip_check.intact() if gzip_check is not None else True
     if not intact:  # ITK reads a damaged deflate stream or a wrong CRC as garbage or zeros, without a word
         raise InputError(p, GZIP_DAMAGED)
-    if "Uncompress failed" in printed.text:  # MetaIO says so on the terminal, and returns what it inflated
+    if "Uncompress failed" in printed.text:  # MetaIO prints it, and returns what it inflated
         raise InputError(p, "is corrupt: its compressed data cannot be inflated (a damaged copy or download)")
+    printed.echo()
     n = image.GetDimension()
     direction = np.asarray(image.GetDirection(), float).reshape(n, n)
     if format_name != "NIfTI" and np.isfinite(direction).all() and not np.allclose(direction.T @ direction, np.eye(n),
