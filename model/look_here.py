@@ -169,7 +169,7 @@ def look_here(segmenter, volume, prompt: str, point_zyx, *, z_range=None, margin
             # the intensities the run read: a CT stored as HU + 1024 is back in HU there
             volume = volume.with_array(result.reorientation.from_canonical(result.frame.array))
         (row,) = postprocess.lesion_table(full, volume, probabilities=result.probabilities)
-        if source == "half maximum" and fp_filter.applies(prompt, result.modality, result.window):
+        if source == "half maximum" and fp_filter.applies(result.rule_prompt, result.modality, result.window):
             clf = fp_classifier.bundled()
             skipped = fp_filter.classifier_skipped(volume)  # a scan thinner than its patch: no score
             if skipped:

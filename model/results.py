@@ -251,6 +251,9 @@ class SegmentationResult:
     # drop candidates the false-positive filters reject: lung prompts on HU CT (fp_filter), MS lesion
     # prompts on MR (polarity_filter)
     fp_reduction: bool = True
+    # the known phrasing whose target's filters and rules apply: a free-text prompt's nearest known
+    # prompt (Segmenter.rules_prompt; "lesion" → 'ms lesion'); None: the prompt itself
+    rules_prompt: str | None = None
     min_nodule_score: float | None = None  # the 3D classifier's threshold; None = the one shipped with it
     rejected: list[dict] = field(default_factory=list)  # candidates the filter dropped, with their scores
     # With fp_reduction, for lung nodule prompts on HU CT: the 3D nodule detector decides which
@@ -265,6 +268,11 @@ class SegmentationResult:
                 f"lesions={len(self.lesions)}, threshold={self.threshold}, modality={self.modality!r}, "
                 f"attention={'yes' if self.attention is not None else 'no'}, warnings={len(self.warnings)})")
 
+    @property
+    def rule_prompt(self) -> str:
+        """The prompt the target-specific rules (lung filter, nodule detector, MS polarity) read."""
+        return self.rules_prompt or self.prompt
+
     def _detector_skipped(self, frame: Volume) -> str | None:
         """Why the 3D nodule detector, asked for, does not run on this result (None: it runs). It
         needs its classifier, a lung nodule prompt on CT in HU and a scan as deep as the
@@ -272,7 +280,7 @@ class SegmentationResult:
         head = "the 3D nodule detector was not applied: "
         if detector.bundled() is None:
             return head + f"its weights ({detector.DETECTOR_WEIGHTS_NAME}) are not installed"
-        if not detector.applies(self.prompt, self.modality, self.window):
+        if not detector.applies(self.rule_prompt, self.modality, self.window):
             return head + (f"it serves lung nodule prompts on CT in Hounsfield units, not '{self.prompt}' on "
                            f"{self.modality or 'this image'}" + ("" if self.window or self.modality != "CT"
                                                                  else " without HU values"))
@@ -335,14 +343,14 @@ class SegmentationResult:
         boxes = postprocess.find_objects(labels)  # one pass over the scan, for the table and the filter
         rows = postprocess.lesion_table(labels, frame, probabilities=probabilities, boxes=boxes)
         self.rejected = []
-        if self.fp_reduction and n and fp_filter.applies(self.prompt, self.modality, self.window):
+        if self.fp_reduction and n and fp_filter.applies(self.rule_prompt, self.modality, self.window):
             labels, rows, self.rejected = fp_filter.filter_candidates(
                 labels, rows, frame, probabilities, min_nodule_score=self.min_nodule_score,
-                nodules=fp_filter.is_nodule_prompt(self.prompt), in_place=True, boxes=boxes)
+                nodules=fp_filter.is_nodule_prompt(self.rule_prompt), in_place=True, boxes=boxes)
             skipped = fp_filter.classifier_skipped(frame)
             if skipped and skipped not in self.warnings:
                 self.warnings.append(skipped)
-        if self.fp_reduction and n and polarity_filter.applies(self.prompt, self.modality):
+        if self.fp_reduction and n and polarity_filter.applies(self.rule_prompt, self.modality):
             labels, rows, self.rejected = polarity_filter.filter_candidates(
                 labels, rows, frame, in_place=True, sequence=intensity.mr_sequence(self.volume))
         skipped = self._detector_skipped(frame) if self.fp_reduction and self.nodule_detector else "off"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from . import intensity, polarity_filter, runtime
+from . import fp_filter, intensity, polarity_filter, runtime
 from . import planes as planes_mod  # `planes` is iter_segment's argument
 from .checkpoint import load_model
 from .context import context_margin, context_stack
@@ -163,10 +163,11 @@ def _warn_implausible(frame: Volume, warnings: list) -> None:
         warnings.append("the image holds only two values: a mask or a thresholded image, not a scan?")
 
 
-def _warn_untrained_sequence(volume: Volume, prompt: str, modality: str, warnings: list) -> None:
-    """MS lesions on a series the file calls T1-weighted: the bundled model never saw one (on 20
-    held-out T1 slices it found almost nothing; model card, Dice by sequence)."""
-    if modality != "MR" or not polarity_filter.applies(prompt, modality):
+def _warn_untrained_sequence(volume: Volume, prompt: str, rules: str, modality: str, warnings: list) -> None:
+    """MS lesions (`rules`: Segmenter.rules_prompt) on a series the file calls T1-weighted: the
+    bundled model never saw one (on 20 held-out T1 slices it found almost nothing; model card,
+    Dice by sequence)."""
+    if modality != "MR" or not polarity_filter.applies(rules, modality):
         return
     sequence, said = intensity.stated_mr_sequence(volume)
     if sequence == "T1":
@@ -314,12 +315,20 @@ class Segmenter:
         """The modality ("CT" or "MR") the target a prompt names was trained on: its own target
         when it is a known phrasing, else that of the nearest known prompt when it is near enough
         (MIN_PROMPT_SIMILARITY); None for a prompt that names nothing known."""
-        target = target_of_prompt(text)
-        if target is None:
-            near = self.nearest_prompts(text, n=1)
-            if near and near[0][1] >= MIN_PROMPT_SIMILARITY:
-                target = target_of_prompt(near[0][0])
+        target = target_of_prompt(self.rules_prompt(text)[0])
         return TARGETS[target].modality if target in TARGETS else None
+
+    def rules_prompt(self, text: str) -> tuple[str, float | None]:
+        """(the phrasing whose target's rules apply to prompt `text`, its cosine similarity): `text`
+        itself (None) when it names a known target, or when nothing known is near enough; else its
+        nearest known prompt. 'lesion' is nearest 'ms lesion' (0.80), and the network, given it,
+        finds what 'ms lesion' finds: its filters (MS contrast polarity) must apply as well."""
+        if target_of_prompt(text) is not None or not self.prompt_bank:
+            return text, None
+        near = self.nearest_prompts(text, n=1)
+        if near and near[0][1] >= MIN_PROMPT_SIMILARITY and target_of_prompt(near[0][0]) is not None:
+            return near[0][0], near[0][1]
+        return text, None
 
     def _modality_of(self, volume: Volume, text: str, warnings: list) -> str:
         """The modality of a volume whose caller did not give one: the file's, else what its
@@ -513,6 +522,13 @@ class Segmenter:
             flags=dict(return_attention=return_attention, fp_reduction=fp_reduction, force_prompt=force_prompt,
                        nodule_detector=nodule_detector, mirror=mirror))
         text, warnings = self.check_prompt(prompt, force=force_prompt)
+        rules, similarity = self.rules_prompt(text)
+        if rules != text:
+            filtered = target_of_prompt(rules) in fp_filter.LUNG_TARGETS + polarity_filter.BRIGHT_TARGETS
+            warnings.append(f"'{text}' is not a phrasing the model was trained on; its nearest known prompt is "
+                            f"'{rules}' (cosine similarity {similarity:.2f})" + (
+                                ", whose false-positive filter applies" if filtered else "")
+                            + "; name the target to be sure of it")
         planes_mod.check_planes(planes)
         _refuse_bad_values(volume)
         # 1. the canonical axial grid (the orientation the network was trained in) and the range on it
@@ -523,7 +539,7 @@ class Segmenter:
         _warn_constant(frame, warnings)
         _warn_implausible(frame, warnings)
         self._warn_modality(text, modality, warnings)
-        _warn_untrained_sequence(volume, text, modality, warnings)
+        _warn_untrained_sequence(volume, text, rules, modality, warnings)
         t = time.perf_counter()
         native, lo, window = self._prepare(frame, start, stop, modality, window, text, warnings)
         offsets = self.model.cfg.context_offsets_mm
@@ -561,6 +577,7 @@ class Segmenter:
             finished_slices=None if sweep.complete else _finished_input_range(reo, input_range, done),
             frame=frame, reorientation=reo, fp_reduction=fp_reduction, min_nodule_score=min_nodule_score,
             nodule_detector=nodule_detector, mirror=mirror, planes="three" if cuts and sweep.complete else "axial",
+            rules_prompt=None if rules == text else rules,
         )
         del sweep, uncertainty  # a reoriented input's result holds copies on its grid: the canonical ones go
         result.rethreshold(threshold)

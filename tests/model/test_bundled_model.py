@@ -73,6 +73,21 @@ def test_prompts_that_name_nothing_are_refused(segmenter, prompt):
         segmenter.check_prompt(prompt)
 
 
+def test_a_free_text_prompt_takes_the_rules_of_its_nearest_known_prompt(segmenter):
+    """The target-specific filters follow the known prompt a free-text one is nearest to, and a
+    run says so; known phrasings and prompts near nothing keep their own text."""
+    rules, similarity = segmenter.rules_prompt("lesion")
+    assert rules == "ms lesion" and similarity == pytest.approx(0.80, abs=0.02)
+    assert segmenter.rules_prompt("nodule")[0] == "lung nodule"
+    assert segmenter.rules_prompt("multiple sclerosis lesion") == ("multiple sclerosis lesion", None)
+    assert segmenter.rules_prompt("breast lesion") == ("breast lesion", None)  # nothing known near enough
+    case = SAMPLES["brain_mri"]()
+    result = segmenter.segment_volume(case.volume(), "lesion", seed=0, slices=(10, 12))
+    assert result.rules_prompt == "ms lesion" and result.prompt == "lesion"
+    assert any("its nearest known prompt is 'ms lesion' (cosine similarity 0.80), whose false-positive filter "
+               "applies" in w for w in result.warnings)
+
+
 def test_bundled_model_is_small_and_knows_its_prompts(segmenter):
     src = weights.bundled_weights()
     assert src.weights_path.stat().st_size <= 40 * 2**20

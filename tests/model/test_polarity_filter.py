@@ -91,6 +91,23 @@ def test_the_result_filters_by_default_and_the_switch_turns_it_off():
     assert len(brain_tumour.rethreshold(0.5).lesions) == 4
 
 
+def test_a_free_text_prompt_takes_the_filter_of_its_nearest_known_prompt():
+    """'lesion' is nearest 'ms lesion' (0.80 with the bundled model), and the network finds what
+    'ms lesion' finds; the MS contrast filter, keyed to the literal text, did not run."""
+    vol, candidates, spots = _brain(lesion_value=100.0, putamen_value=45.0)
+    probabilities = np.where(candidates, 0.9, 0.0).astype(np.float32)
+
+    def result(rules_prompt):
+        return SegmentationResult(volume=vol, prompt="lesion", rules_prompt=rules_prompt, probabilities=probabilities,
+                                  mask=None, threshold=0.5, min_lesion_mm3=0.0, slices=(0, vol.shape[0]), runs=1,
+                                  modality="MR").rethreshold(0.5)
+
+    assert len(result(None).lesions) == 4  # no known target, no filter
+    near = result("ms lesion")
+    np.testing.assert_array_equal(near.mask > 0, spots)
+    assert near.prompt == "lesion" and [r["fp_verdict"] for r in near.rejected] == [pf.DARKER]
+
+
 def test_a_series_the_file_calls_t1_keeps_every_candidate():
     vol, candidates, _ = _brain(lesion_value=100.0, putamen_value=45.0)
     labels, rows = _labelled(vol, candidates)
@@ -112,7 +129,7 @@ def test_ms_lesions_on_a_t1_series_are_warned_about():
     for (description, prompt, modality), warned in cases.items():
         vol = Volume(image, (1.0, 1.0, 1.0), metadata={"SeriesDescription": description} if description else {})
         warnings = []
-        _warn_untrained_sequence(vol, prompt, modality, warnings)
+        _warn_untrained_sequence(vol, prompt, prompt, modality, warnings)
         assert bool(warnings) == warned, (description, prompt)
         if warned:
             assert "t1_mprage_sag" in warnings[0] and "FLAIR or T2 series" in warnings[0]
