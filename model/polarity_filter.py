@@ -80,6 +80,19 @@ def bright_scan(contrast: np.ndarray) -> bool:
     return len(known) >= MIN_CANDIDATES and np.mean(known > 0) >= 0.5
 
 
+def dark_scan_warning(rows: list[dict], sequence: str | None) -> str | None:
+    """A warning when most of a scan's candidates (rows with ``local_contrast``, at least
+    MIN_CANDIDATES) are darker than their surroundings, as on a T1-weighted image, and the file
+    does not already say T1 (the segmenter warns then): nothing is dropped there, and a T1 scan
+    got a confident table of sulci and fissures without a word."""
+    known = np.array([r["local_contrast"] for r in rows if np.isfinite(r.get("local_contrast", np.nan))])
+    if sequence == "T1" or len(known) < MIN_CANDIDATES or np.mean(known < 0) <= 0.5:
+        return None
+    return ("most candidates are darker than the tissue around them, as on a T1-weighted image: MS lesions are "
+            "bright on FLAIR and T2, which the model learnt, and on T1 it finds almost none (model card: held-out "
+            "Dice by sequence); check the sequence, and treat these candidates as unverified")
+
+
 def filter_candidates(labels: np.ndarray, rows: list[dict], volume: Volume, in_place: bool = False,
                       sequence: str | None = None):
     """-> (labels with dropped candidates removed and the rest renumbered 1..n, kept rows,

@@ -351,8 +351,12 @@ class SegmentationResult:
             if skipped and skipped not in self.warnings:
                 self.warnings.append(skipped)
         if self.fp_reduction and n and polarity_filter.applies(self.rule_prompt, self.modality):
-            labels, rows, self.rejected = polarity_filter.filter_candidates(
-                labels, rows, frame, in_place=True, sequence=intensity.mr_sequence(self.volume))
+            sequence = intensity.mr_sequence(self.volume)
+            labels, rows, self.rejected = polarity_filter.filter_candidates(labels, rows, frame, in_place=True,
+                                                                            sequence=sequence)
+            dark = polarity_filter.dark_scan_warning(rows, sequence)
+            if dark and dark not in self.warnings:
+                self.warnings.append(dark)
         skipped = self._detector_skipped(frame) if self.fp_reduction and self.nodule_detector else "off"
         if skipped not in (None, "off") and skipped not in self.warnings:
             self.warnings.append(skipped)

@@ -91,6 +91,28 @@ def test_the_result_filters_by_default_and_the_switch_turns_it_off():
     assert len(brain_tumour.rethreshold(0.5).lesions) == 4
 
 
+def test_a_scan_whose_candidates_are_mostly_dark_is_warned_about_as_t1_like():
+    """On a T1 slice the model outlined sulci and the fissure, all darker than their surroundings,
+    and nothing was said: the filter drops nothing there (neither polarity can be ruled out)."""
+    def run(lesion_value, description=None):
+        vol, candidates, _ = _brain(lesion_value=lesion_value, putamen_value=45.0)
+        if description:
+            vol = Volume(vol.array, vol.spacing_mm, modality="MR", metadata={"SeriesDescription": description})
+        return SegmentationResult(volume=vol, prompt="multiple sclerosis lesion", mask=None, threshold=0.5,
+                                  probabilities=np.where(candidates, 0.9, 0.0).astype(np.float32), min_lesion_mm3=0.0,
+                                  slices=(0, vol.shape[0]), runs=1, modality="MR").rethreshold(0.5)
+
+    def warned(result):
+        return [w for w in result.warnings if w.startswith("most candidates are darker than the tissue around them")]
+
+    dark = run(lesion_value=20.0)
+    assert len(dark.lesions) == 4 and len(warned(dark)) == 1
+    dark.rethreshold(0.6)
+    assert len(warned(dark)) == 1  # said once
+    assert warned(run(lesion_value=100.0)) == []  # bright lesions: FLAIR-like, the dark one dropped, no warning
+    assert warned(run(lesion_value=20.0, description="t1_mprage_sag")) == []  # the file says T1: warned elsewhere
+
+
 def test_a_free_text_prompt_takes_the_filter_of_its_nearest_known_prompt():
     """'lesion' is nearest 'ms lesion' (0.80 with the bundled model), and the network finds what
     'ms lesion' finds; the MS contrast filter, keyed to the literal text, did not run."""
