@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ._version import __version__
-from .errors import MEMORY_NEEDED, BoltzformerError, Terminated, out_of_memory
+from .errors import ESTIMATE_NOTE, MEMORY_NEEDED, BoltzformerError, Terminated, out_of_memory
 from .options import (DEFAULT_BATCH_ACCELERATOR, DEFAULT_BATCH_CPU, DEFAULT_MIN_LESION_MM3, DEFAULT_MIRROR,
                       DEFAULT_PLANES, MAX_SEED, PLANES)
 
@@ -238,6 +238,8 @@ def cmd_segment(args) -> int:
             outputs.write_bytes("--lesions", lesion_table_bytes(result.lesions, args.lesions))
     args.committed = True
     print(summary_line(result, time.perf_counter() - t0, seg.device, args.output))
+    if not args.quiet and result.lesions:  # the numbers a reader takes away: say what they are
+        print(f"boltzformer: note: {ESTIMATE_NOTE}", file=sys.stderr)
     return 0
 
 

@@ -142,6 +142,10 @@ def os_problem(exc: OSError) -> str:
     return str(exc.strerror or exc).rstrip(".").lower() or type(exc).__name__
 
 
+# said beside every lesion count and volume (the panel's totals, the CLI's summary)
+ESTIMATE_NOTE = ("a research model's estimate, not a medical device: review every lesion (held-out accuracy: "
+                 "the model card)")
+
 # what a run needs, for the message of a run the machine's memory cannot hold (measured: 300 x 512² CT)
 MEMORY_NEEDED = ("a run's peak is about 0.35 GB plus six to seven times the scan's unpacked size, in "
                  "post-processing")

@@ -110,7 +110,10 @@ def lesion_totals(result, shown: list[dict], hidden: list[dict], min_diameter_mm
         details.append(f"{len(result.rejected)} dropped by the false-positive filter")
     if not result.complete:
         details.append("cancelled: finished slices only")
-    return f"{len(shown)} {noun} · {total_ml:.2f} mL", " · ".join(details)
+    # the count and volume a reader takes away are a model's estimate (the CLI says it in full:
+    # errors.ESTIMATE_NOTE); said on the total's own line, which a 720p screen has room for
+    estimate = " (model estimate)" if shown else ""
+    return f"{len(shown)} {noun} · {total_ml:.2f} mL{estimate}", " · ".join(details)
 
 
 def organ_totals(result, summary: dict | None, target: str | None) -> tuple[str, str]:

@@ -509,6 +509,15 @@ def test_a_closed_output_pipe_is_one_line_and_exit_141(tmp_path):
     assert "no output file was written" in lines[0] and "Traceback" not in proc.stderr
 
 
+def test_a_run_that_finds_lesions_says_they_are_an_estimate_unless_quiet(ct_path, tmp_path, tiny_weights, capsys):
+    args = segment_args(ct_path, tmp_path / "m.nii.gz", tiny_weights, "--threshold", "0.0", "--min-nodule-score", "0")
+    code, stdout, err = run(args, capsys)  # --quiet
+    assert code == 0 and "not a medical device" not in err
+    code, stdout, err = run([a for a in args if a != "--quiet"] + ["--overwrite"], capsys)
+    assert code == 0 and not stdout.startswith("0 lesion(s)")
+    assert "boltzformer: note: a research model's estimate, not a medical device: review every lesion" in err
+
+
 def test_the_summary_line_says_what_the_filters_dropped_and_which_passes_ran():
     from types import SimpleNamespace
 

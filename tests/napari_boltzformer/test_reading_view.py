@@ -400,7 +400,7 @@ def test_progress_footer_names_and_the_one_line_total(make_napari_viewer, qtbot,
     assert "ms lesion attention" in names  # the prompt's shortest synonym, not "multiple scler…sion attention"
     assert result_layer_name("a very long prompt about something unknown", "attention").endswith("… attention")
     assert not panel.result_label.wordWrap()  # the total stays on one line (cut with … if need be)
-    assert panel.result_label.toolTip().endswith("mL") and "\n" not in panel.result_label.text()
+    assert panel.result_label.toolTip().endswith("mL (model estimate)") and "\n" not in panel.result_label.text()
 
 
 def test_on_a_720p_screen_a_run_brings_the_lesion_table_into_view(make_napari_viewer, qtbot, reading_segmenter):

@@ -52,6 +52,8 @@ def test_a_run_makes_the_result_layers(panel, viewer, qtbot, notifications):
     assert viewer.layers[-1] is roles["attention"] and viewer.layers[-2] is mask
     assert panel.progress_bar.value() == panel.progress_bar.maximum() == 2 * image.data.shape[0]
     assert panel.table.rowCount() == len(panel.active_result().lesions)
+    # beside the count and volume, what they are: said while lesions are shown, and only then
+    assert panel.result_label.toolTip().endswith(" mL (model estimate)") == (panel.table.rowCount() > 0)
 
 
 def test_rerunning_a_prompt_updates_its_layers_and_prompts_coexist(panel, viewer, qtbot):
