@@ -30,7 +30,7 @@ __all__ = [
 CSV_COLUMNS = (
     "lesion_id", "voxels", "volume_mm3", "longest_axial_diameter_mm", "short_axis_diameter_mm",
     "mean_axial_diameter_mm",
-    "centroid_z", "centroid_y", "centroid_x", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+    "centroid_z", "centroid_y", "centroid_x", "centroid_lps_x_mm", "centroid_lps_y_mm", "centroid_lps_z_mm",
     "slice_start", "slice_end", "mean_intensity", "mean_probability", "max_probability",
 )
 
@@ -486,7 +486,7 @@ def flat_lesion_row(row: dict) -> dict:
     if "centroid_voxel_zyx" in row:
         flat["centroid_z"], flat["centroid_y"], flat["centroid_x"] = row["centroid_voxel_zyx"]
     if "centroid_world_mm" in row:
-        flat["centroid_x_mm"], flat["centroid_y_mm"], flat["centroid_z_mm"] = row["centroid_world_mm"]
+        flat["centroid_lps_x_mm"], flat["centroid_lps_y_mm"], flat["centroid_lps_z_mm"] = row["centroid_world_mm"]
     return {k: (round(float(v), 4) if isinstance(v, (float, np.floating)) else v) for k, v in flat.items()}
 
 

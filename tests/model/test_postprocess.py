@@ -132,9 +132,9 @@ def test_write_csv(tmp_path, rows):
     # lesion 2 is mask[3, 10:12, 10:14] on 0.5 x 0.5 x 2 mm voxels from (1, 2, 3) mm: every centroid
     # column differs, so a swapped or misnamed one fails (worked out by hand, not by the code)
     centroid = {k: float(read[1][k]) for k in ("centroid_z", "centroid_y", "centroid_x",
-                                               "centroid_x_mm", "centroid_y_mm", "centroid_z_mm")}
+                                               "centroid_lps_x_mm", "centroid_lps_y_mm", "centroid_lps_z_mm")}
     assert centroid == pytest.approx({"centroid_z": 3.0, "centroid_y": 10.5, "centroid_x": 11.5,
-                                      "centroid_x_mm": 6.75, "centroid_y_mm": 7.25, "centroid_z_mm": 9.0})
+                                      "centroid_lps_x_mm": 6.75, "centroid_lps_y_mm": 7.25, "centroid_lps_z_mm": 9.0})
     assert [float(read[0][k]) for k in ("centroid_z", "centroid_y", "centroid_x")] == [1.5, 3.5, 3.5]
     assert float(read[0]["volume_mm3"]) == pytest.approx(32 * 0.5)
     assert [p.name for p in tmp_path.iterdir()] == ["lesions.csv"]

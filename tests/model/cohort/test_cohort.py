@@ -118,7 +118,7 @@ def test_folder_segments_every_good_scan_like_segment_and_reports_the_broken_one
         mine = [r for r in lesions if r["case_id"] == case_id]
         assert int(row["lesions"]) == len(mine) == len(expected_lesions)
         for got, want in zip(mine, expected_lesions):
-            for column in ("volume_mm3", "longest_axial_diameter_mm", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+            for column in ("volume_mm3", "longest_axial_diameter_mm", "centroid_lps_x_mm", "centroid_lps_y_mm", "centroid_lps_z_mm",
                            "slice_start", "slice_end"):
                 assert got[column] == want[column], column
             assert 0.0 <= float(got["score"]) <= 1.0 and got["score"] == want["mean_probability"]
