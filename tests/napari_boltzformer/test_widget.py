@@ -69,6 +69,8 @@ def test_rerunning_a_prompt_updates_its_layers_and_prompts_coexist(panel, viewer
     run_and_wait(panel, qtbot)
     assert {PROMPT, "brain lesion"} <= {layer.name for layer in viewer.layers}
     assert len(panel._results) == 2
+    heatmaps = [layer for layer in viewer.layers if layer.metadata.get(ROLE_KEY) == "attention"]
+    assert [h.visible for h in heatmaps] == [False, True]  # the new prompt's shown, the other's hidden
     assert panel.prompt_edit.recent[:2] == ["brain lesion", PROMPT]
     assert "brain lesion" in panel.prompt_edit.completions()
 
