@@ -434,9 +434,9 @@ def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: Serie
             continue
         if chosen is not None and str(ds.get("SeriesInstanceUID", "")) == chosen.uid:
             bad.append((entry.path, True))
-        elif "SeriesInstanceUID" not in ds or "Rows" not in ds:  # an image cut short before its series or size:
-            bad.append((entry.path, False))                      # which series it belongs to cannot be told
-    return bad
+        elif "SeriesInstanceUID" not in ds and _holds_image(ds, unknown=False):  # an image cut short before
+            bad.append((entry.path, False))  # its series: which one it belongs to cannot be told (a vendor's
+    return bad                               # private object without pixels, say Siemens CSA, has a series)
 
 
 @dataclass
@@ -542,17 +542,17 @@ def _thickness_of(ds) -> float | None:
     return None
 
 
-def _holds_image(ds) -> bool:
+def _holds_image(ds, unknown: bool = True) -> bool:
     """False for DICOM objects that hold no image (structured reports, presentation states, raw
-    data, ...), told by their SOP Class; True for images and whenever that cannot be told (a
-    damaged image must not be skipped as 'not an image')."""
+    data, ...), told by their SOP Class; True for images, and (`unknown`) whenever that cannot be
+    told: a damaged image must not be skipped as 'not an image', nor a vendor's private class."""
     import pydicom
 
     sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     if not sop:
-        return True
+        return unknown
     name = pydicom.uid.UID(str(sop)).name
-    return "Image" in name or name == str(sop)  # an unknown class: treated as an image
+    return "Image" in name or (unknown and name == str(sop))  # an unknown (private) class
 
 
 def _floats(value, n: int) -> np.ndarray | None:

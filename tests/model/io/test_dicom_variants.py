@@ -249,6 +249,23 @@ def test_an_end_slice_cut_short_before_its_series_uid_is_refused_not_dropped(tmp
         read_volume(folder)
 
 
+@pytest.mark.parametrize("sop", ["1.3.12.2.1107.5.9.1", "1.3.46.670589.11.0.0.12.2"])  # Siemens CSA, Philips
+def test_a_vendor_private_object_without_pixels_beside_a_series_is_left_out(tmp_path, sop):
+    """Flat Siemens and Philips MR exports hold private non-image objects in series of their
+    own: taken for slices cut short, they made the whole folder 'cannot be read'."""
+    folder = tmp_path / "ct"
+    write_ct_series(folder, _flat(3, (16, 16)))
+    private = Dataset()
+    private.file_meta = Dataset()
+    private.file_meta.MediaStorageSOPClassUID = sop
+    private.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    private.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    private.SOPClassUID, private.SOPInstanceUID = sop, private.file_meta.MediaStorageSOPInstanceUID
+    private.SeriesInstanceUID, private.Modality, private.SeriesNumber = generate_uid(), "MR", 99
+    private.save_as(str(folder / "XX_0001"), enforce_file_format=True)
+    assert read_volume(folder).shape == (3, 16, 16)
+
+
 def test_a_series_without_the_preamble_keeps_its_tags_and_names_an_empty_file(tmp_path):
     """Files without the 128-byte preamble (raw data sets, no extension) lost every tag
     (Modality, SeriesDescription): an MR series was then guessed from its values. An empty file
