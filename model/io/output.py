@@ -301,19 +301,19 @@ class OutputSet:
         file that could not be put back, which is then kept under its backup name, not removed."""
         kept = []
         for out in reversed(list(self._outputs.values())):
-            stranded = None
-            if out.placed:
-                if out.backup is not None:
-                    try:
-                        os.replace(out.backup, out.path)
-                        out.backup = None
-                    except OSError:  # the only copy of the previous file: never removed
-                        stranded, out.backup = out.backup, None
-                        kept.append(f"{out.path.name} could not be set back and holds this run's file; the previous "
-                                    f"one is kept as {stranded}")
-                else:
-                    _remove(out.path)
-                out.placed = False
+            # placed, or moved aside (no hard links) with the new file's rename failing after
+            if out.backup is not None and (out.placed or not os.path.lexists(out.path)):
+                try:
+                    os.replace(out.backup, out.path)
+                    out.backup = None
+                except OSError:  # the only copy of the previous file: never removed
+                    kept.append(f"{out.path.name} could not be set back"
+                                + (" and holds this run's file" if out.placed else "")
+                                + f"; the previous one is kept as {out.backup}")
+                    out.backup = None
+            elif out.placed:
+                _remove(out.path)
+            out.placed = False
             if out.tmp is not None:
                 _remove(out.tmp)
                 out.tmp = None

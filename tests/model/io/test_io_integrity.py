@@ -527,3 +527,30 @@ def test_a_previous_file_that_cannot_be_put_back_is_kept_and_named(tmp_path, mon
     assert kept.read_text() == "previous mask" and (tmp_path / "lesions.csv").read_text() == "previous table"
     assert f"mask.nii.gz could not be set back and holds this run's file; the previous one is kept as {kept}" in str(
         err.value)
+
+
+def test_a_previous_file_moved_aside_is_put_back_when_the_new_one_cannot_be_renamed(tmp_path, monkeypatch):
+    """Without hard links (exFAT, some SMB shares) the previous file is moved aside; when the new
+    file's rename then failed (a virus scanner holding it on Windows), the undo removed the moved
+    copy, the only one, and said no output of the run was kept."""
+    from boltzformer.io import OutputSet, output
+
+    (tmp_path / "lesions.csv").write_text("previous results")
+    real_replace = os.replace
+
+    def no_link(*args, **kwargs):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    def replace(src, dst, *args, **kwargs):
+        if ".tmp-" in os.fspath(src):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(output.os, "link", no_link)
+    monkeypatch.setattr(output.os, "replace", replace)
+    with pytest.raises(OutputError, match="no output of this run was kept"):
+        with OutputSet(overwrite=True) as outputs:
+            outputs.add(tmp_path / "lesions.csv")
+            outputs.write_bytes(str(tmp_path / "lesions.csv"), b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["lesions.csv"]
+    assert (tmp_path / "lesions.csv").read_text() == "previous results"
