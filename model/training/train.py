@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from ..checkpoint import save_model
 from ..devices import fast_layout
-from ..errors import Terminated
+from ..errors import Terminated, out_of_memory
 from ..io import write_text
 from ..network.boltzformer import BoltzFormer, build_model, count_parameters
 from ..network.config import get_config
@@ -231,9 +231,9 @@ def load_cache(cache: Path) -> data_mod.ExampleSet:
 
     try:
         return data_mod.ExampleSet.load(cache)
-    except MemoryError:
-        raise  # the machine's trouble, not the file's: deleting it would not help
     except Exception as exc:  # noqa: BLE001 - BadZipFile, EOFError, KeyError, ValueError: all one cure
+        if out_of_memory(exc) == "machine":  # the machine's trouble, not the file's: deleting it would not help
+            raise
         raise BoltzformerError(f"{cache}: the cached examples cannot be read ({type(exc).__name__}"
                                f"{_first_line(exc) or ': truncated?'}); delete the file and the run makes it again") from None
 
@@ -709,9 +709,9 @@ def _read_checkpoint(ckpt: Path, cfg: TrainConfig) -> dict:
 
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain tensors and numbers
-    except MemoryError:
-        raise  # the machine's trouble, not the file's: the advice below would be wrong
     except Exception as exc:  # noqa: BLE001 - truncated, not a checkpoint, another torch's format
+        if out_of_memory(exc) == "machine":  # MemoryError, torch's CPU allocator: the machine's trouble,
+            raise                            # not the file's (moving it away would restart the training)
         raise BoltzformerError(f"{ckpt}: cannot be read as a training checkpoint ({type(exc).__name__}"
                                f"{_first_line(exc)}); move it away to start the run again") from None
     if "config" in state:

@@ -173,6 +173,17 @@ def test_bad_training_input_is_one_line_before_any_work(cfg, tmp_path, monkeypat
         (tmp_path / "broken" / "last.pt").write_bytes(broken)
         with pytest.raises(BoltzformerError, match="last.pt: cannot be read as a training checkpoint"):
             train(cfg, tmp_path / "broken")
+    from boltzformer.training import train as train_module
+
+    allocator = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    for machine_short in (MemoryError(), allocator):  # the machine's memory, not the file: not "move it away"
+        def load(*args, error=machine_short, **kwargs):
+            raise error
+
+        monkeypatch.setattr(train_module.torch, "load", load)
+        with pytest.raises(type(machine_short)):
+            train_module._read_checkpoint(tmp_path / "broken" / "last.pt", cfg)
+    monkeypatch.undo()
     monkeypatch.setenv("BOLTZFORMER_REAL_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(BoltzformerError, match="BOLTZFORMER_REAL_DATA=.*nowhere: no cases.csv"):
         train(TrainConfig(**{**cfg.__dict__, "use_real": True}), tmp_path / "real")
