@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QMessageBox, QPushButton
 
-from ._layers import FILE_GEOMETRY, geometry_from_layer, layer_array, mask_volume, to_layer_shape
+from ._layers import FILE_GEOMETRY, geometry_from_layer, is_shown_flat, layer_array, mask_volume, to_layer_shape
 
 
 class Exports:
@@ -219,7 +219,7 @@ class Exports:
             # a sagittal or coronal file is shown (and reviewed) in axial slices; its mask is
             # written on its own grid, where these voxel indices do not point
             "voxel_grid": ("the axial grid the panel showed, not the file's own (stored sagittally or coronally): "
-                           "place lesions by centroid_world_mm (LPS)" if FILE_GEOMETRY in session.request.geometry
+                           "place lesions by centroid_world_mm (LPS)" if _shown_reoriented(session.request.geometry)
                            else "the file's own grid (z, y, x)"),
         }
 
@@ -324,3 +324,9 @@ def _png_text(lines: list[str]):
     info.add_text("Description", "\n".join(lines))
     info.add_text("Software", "napari-boltzformer")
     return info
+
+
+def _shown_reoriented(geometry: dict) -> bool:
+    """A file stored sagittally or coronally, shown (and reviewed) on its axial grid; not a single
+    such slice, which is shown flat on its own grid (`_layers.shown_flat`)."""
+    return FILE_GEOMETRY in geometry and not is_shown_flat(geometry)

@@ -478,3 +478,11 @@ def test_a_single_sagittal_slice_is_shown_and_written_back_on_its_own_grid(viewe
     from napari_boltzformer._layers import volume_from_layer
 
     assert volume_from_layer(image).same_geometry(scan, atol=1e-4)  # what the panel segments: lesions in true mm
+    from napari_boltzformer._export import _shown_reoriented
+
+    # the review record's voxel indices are on the file's own grid here, not on an axial one
+    assert not _shown_reoriented(image.metadata[GEOMETRY_KEY])
+    stack = Volume(np.zeros((3, 40, 30), np.int16), (0.8, 0.9, 3.0), (10.0, 20.0, 30.0), direction, modality="CT")
+    write_volume(stack, tmp_path / "sag3.nii.gz")
+    [several] = viewer.open(tmp_path / "sag3.nii.gz", plugin=PLUGIN)
+    assert _shown_reoriented(several.metadata[GEOMETRY_KEY])
