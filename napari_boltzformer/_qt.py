@@ -48,7 +48,8 @@ class SeedBox(QLineEdit):
     def __init__(self, maximum: int):
         super().__init__("0")
         self.maximum = int(maximum)
-        self.setValidator(QRegularExpressionValidator(QRegularExpression(r"[0-9]{1,%d}" % len(str(self.maximum)))))
+        # digits only; empty is acceptable too, or Qt would never finish the edit of a cleared box
+        self.setValidator(QRegularExpressionValidator(QRegularExpression(r"[0-9]{0,%d}" % len(str(self.maximum)))))
         self.editingFinished.connect(lambda: self.setValue(self.value()))  # an empty or too large entry, shown as used
 
     def value(self) -> int:

@@ -104,6 +104,9 @@ def test_the_seed_box_takes_every_seed_the_command_line_takes(panel, qtbot):
     box.clear()
     qtbot.keyClicks(box, "-1x")  # only digits are typed in
     assert box.text() == "1"
+    box.clear()
+    qtbot.keyClick(box, Qt.Key.Key_Return)  # a cleared box shows the seed a run uses
+    assert box.text() == "0" and build_request(panel).options["seed"] == 0
 
 
 @pytest.mark.parametrize("direction", ["axis-aligned", "oblique"])
