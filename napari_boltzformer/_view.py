@@ -70,7 +70,7 @@ def slice_text(axis: int, ndim: int, position_mm: float, index: int | None, coun
 
 def flat_axes(file_geom: dict) -> tuple[tuple, int, float]:
     """For a single sagittal or coronal slice shown flat (`_layers.shown_flat`): the letters at
-    each end of the screen's z, y, x axes (the file's slice normal, columns, rows in the patient),
+    each end of the screen's z, y, x axes (the file's slice normal, its image y and x axes),
     the LPS world axis (z, y, x as 0, 1, 2) the slice crosses, and its position along it (mm)."""
     volume = geometry_volume(file_geom)
     ends = []

@@ -154,10 +154,8 @@ def _stacking_order(found: list[tuple[str, object]]) -> list[str]:
     """The files of one series in the order GDCM stacks them: along the first slice's normal when
     every file has ImagePositionPatient and ImageOrientationPatient, else by InstanceNumber when
     every file has one, else by file name (`_plan_slices` checks and re-sorts placed slices)."""
-    def floats(ds, name, n):
-        return _floats(ds.get(name), n)
-
-    placed = [(floats(ds, "ImagePositionPatient", 3), floats(ds, "ImageOrientationPatient", 6)) for _, ds in found]
+    placed = [(_floats(ds.get("ImagePositionPatient"), 3), _floats(ds.get("ImageOrientationPatient"), 6))
+              for _, ds in found]
     if all(p is not None and o is not None for p, o in placed):
         normal = np.cross(placed[0][1][:3], placed[0][1][3:])
         keys = [float(p @ normal) for p, _ in placed]
