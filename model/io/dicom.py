@@ -262,6 +262,10 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
     infos = list_dicom_series(folder)
     if not infos:
         problem = "contains no DICOM series"
+        objects = _objects_without_image(folder)
+        if objects:  # a SEG, an RT dose, a report: say what it is, not just that no series was found
+            problem = "contains no DICOM image: " + "; ".join(f"{name} is of class '{kind}'"
+                                                               for name, kind in objects[:4])
         unreadable = [f for f, _ in _unreadable_dicom_files(folder, infos)]
         if unreadable:
             problem += f"; {_names(unreadable)} cannot be read as DICOM (corrupt, truncated or not DICOM)"
@@ -432,9 +436,39 @@ def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: Serie
             continue
         if chosen is not None and str(ds.get("SeriesInstanceUID", "")) == chosen.uid:
             bad.append((entry.path, True))
-        elif "SeriesInstanceUID" not in ds and _holds_image(ds, unknown=False):  # an image cut short before
-            bad.append((entry.path, False))  # its series: which one it belongs to cannot be told (a vendor's
-    return bad                               # private object without pixels, say Siemens CSA, has a series)
+        elif _cut_before_its_series(ds):  # which series it belongs to cannot be told
+            bad.append((entry.path, False))
+    return bad
+
+
+def _objects_without_image(folder: Path) -> list[tuple[str, str]]:
+    """(file name, SOP class name) of the DICOM objects in `folder` that hold no image (a
+    segmentation, an RT dose or structure set, a report), by name."""
+    import pydicom
+
+    found = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not _regular(entry) or entry.name.startswith("._") or not (
+                entry.name.lower().endswith(DICOM_EXTENSIONS) or has_dicom_preamble(Path(entry.path))):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - unreadable: `_unreadable_dicom_files` names it
+            continue
+        if not _holds_image(ds):
+            sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+            found.append((entry.name, pydicom.uid.UID(str(sop)).name))
+    return found
+
+
+def _cut_before_its_series(ds) -> bool:
+    """An image file whose data set ends before its SeriesInstanceUID (0020,000E): cut short.
+    Not a vendor's private object (Siemens CSA, Philips private data: no image class, a series of
+    their own), nor an object that simply lacks the tag but goes on past it."""
+    return ("SeriesInstanceUID" not in ds and _holds_image(ds, unknown=False)
+            and (len(ds) == 0 or max(int(tag) for tag in ds.keys()) < 0x0020000E))
 
 
 @dataclass

@@ -266,6 +266,23 @@ def test_a_vendor_private_object_without_pixels_beside_a_series_is_left_out(tmp_
     assert read_volume(folder).shape == (3, 16, 16)
 
 
+def test_a_folder_of_objects_without_images_says_what_they_are(tmp_path):
+    """A segmentation or RT dose alone in a folder: 'contains no DICOM series' said nothing of
+    what was there (GDCM's scan listed some such files and refused others with its own text)."""
+    folder = tmp_path / "seg"
+    folder.mkdir()
+    seg = Dataset()
+    seg.file_meta = Dataset()
+    seg.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    seg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    seg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    seg.SOPClassUID, seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPClassUID, seg.file_meta.MediaStorageSOPInstanceUID
+    seg.SeriesInstanceUID, seg.Modality = generate_uid(), "SEG"
+    seg.save_as(str(folder / "liver_seg.dcm"), enforce_file_format=True)
+    with pytest.raises(InputError, match="contains no DICOM image: liver_seg.dcm is of class 'Segmentation Storage'"):
+        read_volume(folder)
+
+
 def test_a_series_without_the_preamble_keeps_its_tags_and_names_an_empty_file(tmp_path):
     """Files without the 128-byte preamble (raw data sets, no extension) lost every tag
     (Modality, SeriesDescription): an MR series was then guessed from its values. An empty file
