@@ -137,8 +137,8 @@ def _scanned_header(path: str):
             start = f.read(132)
     except OSError:
         return None
-    if start[128:132] != b"DICM" and start[:2] not in (b"\x02\x00", b"\x08\x00"):  # group 0002 or 0008
-        return None
+    if start[128:132] != b"DICM" and start[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):  # group 0002
+        return None                                                                   # or 0008 (either byte order)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -414,10 +414,8 @@ def _regular(entry: os.DirEntry) -> bool:
 def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: SeriesInfo | None = None) -> list[tuple[str, bool]]:
     """Files that look like DICOM (extension or preamble) but belong to no series the scan found:
     those pydicom cannot read, as (path, False), and those pydicom places in ``chosen`` although
-    the scan left them out (a slice truncated before its image size), as (path, True). Other DICOM objects
-    (DICOMDIR, reports, other series) are skipped."""
-    import pydicom
-
+    the scan left them out (a slice truncated before its image size), as (path, True). Other
+    DICOM objects (DICOMDIR, reports, other series) are skipped."""
     listed = {os.path.realpath(f) for s in infos for f in s.files}
     bad = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
@@ -426,9 +424,7 @@ def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: Serie
         if not (entry.name.lower().endswith(DICOM_EXTENSIONS) or has_dicom_preamble(Path(entry.path))):
             continue
         try:
-            with warnings.catch_warnings():  # pydicom's words on a file cut short: ours name it
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
+            ds = _read_loosely(entry.path)
         except Exception:  # noqa: BLE001 - any parse failure is "cannot be read"
             bad.append((entry.path, False))
             continue
@@ -452,15 +448,32 @@ def _objects_without_image(folder: Path) -> list[tuple[str, str]]:
                 entry.name.lower().endswith(DICOM_EXTENSIONS) or has_dicom_preamble(Path(entry.path))):
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
+            ds = _read_loosely(entry.path)
         except Exception:  # noqa: BLE001 - unreadable: `_unreadable_dicom_files` names it
             continue
         if not _holds_image(ds):
             sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
             found.append((entry.name, pydicom.uid.UID(str(sop)).name))
     return found
+
+
+def _read_loosely(path: str):
+    """A DICOM file's header (pixels not loaded), as the folder scan reads it: a file without the
+    preamble (a raw data set: an RT structure set exported so, say) is read too, when what comes
+    out names a SOP class or a series; pydicom's own error otherwise."""
+    import pydicom
+
+    with warnings.catch_warnings():  # pydicom's words on a file cut short: ours name it
+        warnings.simplefilter("ignore")
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - tried again without the preamble, raised again below if need be
+            if has_dicom_preamble(Path(path)):
+                raise
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
+        raise ValueError(f"{path}: not DICOM")
+    return ds
 
 
 def _cut_before_its_series(ds) -> bool:

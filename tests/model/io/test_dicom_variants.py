@@ -283,6 +283,21 @@ def test_a_folder_of_objects_without_images_says_what_they_are(tmp_path):
         read_volume(folder)
 
 
+def test_an_rt_structure_set_without_the_preamble_beside_a_series_is_left_out(tmp_path):
+    """Raw data sets (no preamble) of objects without images, exported beside the scan: pydicom
+    read without force failed on them, and the whole folder was 'cannot be read'."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    folder = tmp_path / "ct"
+    write_ct_series(folder, _flat(3, (16, 16)))
+    rtstruct = get_testdata_file("rtstruct.dcm")  # pydicom's own test file: no preamble
+    assert open(rtstruct, "rb").read(132)[128:132] != b"DICM"
+    shutil.copy(rtstruct, folder / "rtstruct.dcm")
+    assert read_volume(folder).shape == (3, 16, 16)
+
+
 def test_a_series_without_the_preamble_keeps_its_tags_and_names_an_empty_file(tmp_path):
     """Files without the 128-byte preamble (raw data sets, no extension) lost every tag
     (Modality, SeriesDescription): an MR series was then guessed from its values. An empty file
