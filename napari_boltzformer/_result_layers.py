@@ -120,10 +120,6 @@ def put_layers(viewer, run_id: str, result, wanted: dict, existing: dict, on_hea
                 viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(heatmap))  # heatmap, as at first
             if role == "attention":
                 _keep_arrow_keys_on_the_slices(viewer, ndim_before, last_used_before)
-                for other in viewer.layers:  # one heatmap shown at a time: five prompts' heatmaps overlapped
-                    md = other.metadata or {}
-                    if other is not layer and md.get(ROLE_KEY) == "attention" and md.get(RUN_KEY) != run_id:
-                        other.visible = False
                 layer.colorbar.visible = True
                 layer.colorbar.position = "bottom_right"
                 layer.events.visible.connect(lambda _=None: on_heatmap_visible())
