@@ -416,21 +416,13 @@ def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: Serie
     those pydicom cannot read, as (path, False), and those pydicom places in ``chosen`` although
     the scan left them out (a slice truncated before its image size), as (path, True). Other
     DICOM objects (DICOMDIR, reports, other series) are skipped."""
-    listed = {os.path.realpath(f) for s in infos for f in s.files}
     bad = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not _regular(entry) or os.path.realpath(entry.path) in listed or entry.name.startswith("._"):
-            continue  # ._name: macOS's resource-fork copy of a file, not DICOM
-        if not (entry.name.lower().endswith(DICOM_EXTENSIONS) or has_dicom_preamble(Path(entry.path))):
-            continue
-        try:
-            ds = _read_loosely(entry.path)
-        except Exception:  # noqa: BLE001 - any parse failure is "cannot be read"
+    for entry, ds in _dicom_looking(folder, skip={os.path.realpath(f) for s in infos for f in s.files}):
+        if ds is None:
             bad.append((entry.path, False))
+        elif not _holds_image(ds):
             continue
-        if not _holds_image(ds):
-            continue
-        if chosen is not None and str(ds.get("SeriesInstanceUID", "")) == chosen.uid:
+        elif chosen is not None and str(ds.get("SeriesInstanceUID", "")) == chosen.uid:
             bad.append((entry.path, True))
         elif _cut_before_its_series(ds):  # which series it belongs to cannot be told
             bad.append((entry.path, False))
@@ -440,21 +432,24 @@ def _unreadable_dicom_files(folder: Path, infos: list[SeriesInfo], chosen: Serie
 def _objects_without_image(folder: Path) -> list[tuple[str, str]]:
     """(file name, SOP class name) of the DICOM objects in `folder` that hold no image (a
     segmentation, an RT dose or structure set, a report), by name."""
-    import pydicom
+    return [(entry.name, _sop_class(ds).name) for entry, ds in _dicom_looking(folder)
+            if ds is not None and not _holds_image(ds)]
 
-    found = []
+
+def _dicom_looking(folder: Path, skip=frozenset()):
+    """(entry, its header by `_read_loosely`, or None when it cannot be read) for each file of
+    `folder` that looks like DICOM (extension or preamble), by name; files whose real path is in
+    `skip` and macOS's '._name' resource-fork copies are passed over."""
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not _regular(entry) or entry.name.startswith("._") or not (
-                entry.name.lower().endswith(DICOM_EXTENSIONS) or has_dicom_preamble(Path(entry.path))):
+        if not _regular(entry) or entry.name.startswith("._") or os.path.realpath(entry.path) in skip:
+            continue
+        if not (entry.name.lower().endswith(DICOM_EXTENSIONS) or has_dicom_preamble(Path(entry.path))):
             continue
         try:
             ds = _read_loosely(entry.path)
-        except Exception:  # noqa: BLE001 - unreadable: `_unreadable_dicom_files` names it
-            continue
-        if not _holds_image(ds):
-            sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
-            found.append((entry.name, pydicom.uid.UID(str(sop)).name))
-    return found
+        except Exception:  # noqa: BLE001 - any parse failure is "cannot be read"
+            ds = None
+        yield entry, ds
 
 
 def _read_loosely(path: str):
@@ -591,13 +586,18 @@ def _holds_image(ds, unknown: bool = True) -> bool:
     """False for DICOM objects that hold no image (structured reports, presentation states, raw
     data, ...), told by their SOP Class; True for images, and (`unknown`) whenever that cannot be
     told: a damaged image must not be skipped as 'not an image', nor a vendor's private class."""
+    sop = _sop_class(ds)
+    if sop is None:
+        return unknown
+    return "Image" in sop.name or (unknown and sop.name == str(sop))  # an unknown (private) class
+
+
+def _sop_class(ds):
+    """The SOP Class UID of a data set (its file meta's when the data set has none), or None."""
     import pydicom
 
     sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
-    if not sop:
-        return unknown
-    name = pydicom.uid.UID(str(sop)).name
-    return "Image" in name or (unknown and name == str(sop))  # an unknown (private) class
+    return pydicom.uid.UID(str(sop)) if sop else None
 
 
 def _floats(value, n: int) -> np.ndarray | None:
