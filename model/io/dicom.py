@@ -317,7 +317,7 @@ def read_dicom_folder(folder: Path, series: str | int | None, allow_gaps: bool =
         except RuntimeError as exc:
             raise InputError(folder, f"DICOM series {label} cannot be read{detail(exc, printed)}") from None
         image = _as_stack(image, headers[0], len(plan.files), folder)
-        tags = _dicom_tags(plan.files[0])
+        tags = _tags_of(_read_header(plan.files[0])[1])  # read as its slice header was
         volume = _apply_plan(Volume.from_sitk(image, path=folder, modality=_modality_of(tags.get("Modality")),
                                               metadata=tags), plan)
     volume.metadata["n_series"] = len(infos)
@@ -807,19 +807,8 @@ def _select_series(folder: Path, infos: list[SeriesInfo], series: str | int) -> 
     raise InputError(folder, f"no DICOM series matches {text!r}; available: {listing}")
 
 
-def _dicom_tags(file: str) -> dict:
-    """Selected tags of one DICOM file as plain Python values ({} if pydicom cannot read it)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(file, stop_before_pixels=True, force=True)  # force: files without the preamble too
-    except Exception:  # noqa: BLE001 - tags are a bonus; the pixels were read by GDCM
-        return {}
-    return _tags_of(ds)
-
-
 def _tags_of(ds) -> dict:
-    """`_dicom_tags` of a dataset already read."""
+    """The tags of `_DICOM_TAGS` a data set holds, as plain Python values."""
     tags = {}
     for name in _DICOM_TAGS:
         value = ds.get(name)
