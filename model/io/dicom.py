@@ -130,8 +130,6 @@ def _scanned_header(path: str):
     """The header (pixels not loaded) of a DICOM image file, or None: not DICOM, unreadable (told
     apart later by `_unreadable_dicom_files`), or a DICOM object that holds no image (DICOMDIR,
     a report). A file without the preamble is tried when it begins as a DICOM data set does."""
-    import pydicom
-
     try:
         with open(path, "rb") as f:
             start = f.read(132)
@@ -140,9 +138,7 @@ def _scanned_header(path: str):
     if start[128:132] != b"DICM" and start[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):  # group 0002
         return None                                                                   # or 0008 (either byte order)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=1024, force=True)
+        ds = _read_loosely(path)
     except Exception:  # noqa: BLE001 - RecursionError included: not part of any series
         return None
     if "Rows" not in ds or not _holds_image(ds):
@@ -460,12 +456,12 @@ def _read_loosely(path: str):
 
     with warnings.catch_warnings():  # pydicom's words on a file cut short: ours name it
         warnings.simplefilter("ignore")
-        try:
-            return pydicom.dcmread(path, stop_before_pixels=True)
+        try:  # large values (private headers) are not loaded: a scan reads every file of a folder
+            return pydicom.dcmread(path, stop_before_pixels=True, defer_size=1024)
         except Exception:  # noqa: BLE001 - tried again without the preamble, raised again below if need be
             if has_dicom_preamble(Path(path)):
                 raise
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=1024, force=True)
     if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
         raise ValueError(f"{path}: not DICOM")
     return ds
